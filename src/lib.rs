@@ -1,0 +1,141 @@
+//! task-executor: a node agent that runs short-lived tasks for a sandbox pod.
+//!
+//! Data flows one way: request (`api`) → manager (`task`) → runtime (`runtime`) → store;
+//! exit events flow back runtime → manager. See README.md for the API.
+#![deny(unsafe_code)]
+
+#[forbid(unsafe_code)]
+pub mod api;
+#[forbid(unsafe_code)]
+pub mod config;
+pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
+#[forbid(unsafe_code)]
+pub mod task;
+#[forbid(unsafe_code)]
+pub mod telemetry;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::api::handlers::AppState;
+use crate::config::Config;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::sidecar::{EnvLocator, MainContainerLocator, SidecarRuntime};
+use crate::runtime::{Runtime, Runtimes};
+use crate::task::manager::{Manager, ManagerConfig};
+use crate::task::store::Store;
+
+/// Errors that stop the agent from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Task(#[from] task::TaskError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// How long in-flight requests may take to finish once shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs the agent until `shutdown` resolves. Tasks keep running after it returns; the next
+/// start re-adopts them.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    runtime::reaper::start()?;
+    let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let runtimes = build_runtimes(&config)?;
+    let manager = Manager::new(
+        store,
+        runtimes,
+        ManagerConfig {
+            stop_grace: config.stop_grace_period,
+            max_concurrent: (config.max_concurrent_tasks > 0)
+                .then_some(config.max_concurrent_tasks),
+        },
+    );
+    manager.recover().await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| AppError::Bind {
+            addr: config.listen_addr.to_string(),
+            source,
+        })?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        sidecar = config.enable_sidecar_mode,
+        container = config.enable_container_mode,
+        "task-executor listening"
+    );
+    let state = Arc::new(AppState {
+        manager,
+        max_body: config.max_body_bytes,
+    });
+    let stop = CancellationToken::new();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down; tasks keep running and are re-adopted on the next start");
+        stop.cancel();
+    });
+    let drained = stopped.clone();
+    let server = warp::serve(api::routes(state))
+        .incoming(listener)
+        .graceful(async move { drained.cancelled().await })
+        .run();
+    tokio::select! {
+        () = server => {}
+        () = async { stopped.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!("connections still open after {:?}; closing them", SHUTDOWN_GRACE);
+        }
+    }
+    Ok(())
+}
+
+fn build_runtimes(config: &Config) -> Result<Runtimes, AppError> {
+    let exe = std::env::current_exe()?;
+    let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
+    let process: Arc<dyn Runtime> = if config.enable_sidecar_mode {
+        let locator: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
+            container: config.main_container_name.clone(),
+        });
+        Arc::new(SidecarRuntime::new(
+            process,
+            locator,
+            config.main_container_name.clone(),
+            config.sidecar_join_cgroup,
+            config.sidecar_run_as_target_user,
+        ))
+    } else {
+        Arc::new(process)
+    };
+    let container: Option<Arc<dyn Runtime>> = if config.enable_container_mode {
+        return Err(AppError::Config("container mode is being wired in".into()));
+    } else {
+        None
+    };
+    Ok(Runtimes { process, container })
+}

@@ -1,1 +1,70 @@
-fn main(){}
+//! The `task-executor` binary: the agent, plus its `shim` role (one supervisor per task).
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use task_executor::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "task-executor",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: Config,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Supervise one task (started by the agent; not for direct use).
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        task_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Shim { task_dir }) => {
+            std::process::exit(task_executor::runtime::shim::run(&task_dir))
+        }
+        None => serve(cli.config),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    task_executor::telemetry::init(&config.log_level, config.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the async runtime")?;
+    let result = rt.block_on(task_executor::run(config, shutdown_signal()));
+    // Exit waiters block in flock(2) on threads of their own; don't wait for them.
+    rt.shutdown_background();
+    result.context("task-executor failed")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

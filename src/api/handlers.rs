@@ -1,0 +1,111 @@
+//! Handlers: decode, call the manager, encode. No business rules live here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+
+use super::error::ApiError;
+use super::wire::{Health, TaskRequest, TaskResponse};
+use crate::runtime::Readiness;
+use crate::task::manager::Manager;
+
+pub struct AppState {
+    pub manager: Arc<Manager>,
+    pub max_body: usize,
+}
+
+/// A JSON body with a trailing newline, like Go's `json.Encoder`.
+pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    let mut body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    body.push(b'\n');
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+pub fn health() -> Response {
+    json_response(
+        StatusCode::OK,
+        &Health {
+            status: "healthy",
+            reason: None,
+        },
+    )
+}
+
+pub async fn readyz(state: &AppState) -> Response {
+    match state.manager.readiness().await {
+        Readiness::Ready => json_response(
+            StatusCode::OK,
+            &Health {
+                status: "ready",
+                reason: None,
+            },
+        ),
+        Readiness::NotReady(why) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Health {
+                status: "notReady",
+                reason: Some(why),
+            },
+        ),
+    }
+}
+
+pub async fn create(state: &AppState, body: Bytes) -> Result<Response, ApiError> {
+    let req: TaskRequest = decode(&body)?;
+    let (name, spec) = req.into_parts().map_err(ApiError::bad_request)?;
+    let view = state.manager.create(name, spec).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &TaskResponse::from(view),
+    ))
+}
+
+pub fn get(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    let view = state.manager.get(name)?;
+    Ok(json_response(StatusCode::OK, &TaskResponse::from(view)))
+}
+
+pub async fn delete(state: &AppState, name: &str) -> Result<Response, ApiError> {
+    state.manager.delete(name).await?;
+    let mut resp = Response::new(Vec::new().into());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}
+
+pub fn list(state: &AppState) -> Response {
+    let tasks: Vec<TaskResponse> = state
+        .manager
+        .list()
+        .into_iter()
+        .map(TaskResponse::from)
+        .collect();
+    json_response(StatusCode::OK, &tasks)
+}
+
+pub async fn sync(state: &AppState, body: Bytes) -> Result<Response, ApiError> {
+    // `null` means "no tasks", as upstream decodes it.
+    let reqs: Option<Vec<TaskRequest>> = decode(&body)?;
+    let desired = reqs
+        .unwrap_or_default()
+        .into_iter()
+        .map(TaskRequest::into_parts)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::bad_request)?;
+    let views = state.manager.sync(desired).await?;
+    let tasks: Vec<TaskResponse> = views.into_iter().map(TaskResponse::from).collect();
+    Ok(json_response(StatusCode::OK, &tasks))
+}

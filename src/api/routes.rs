@@ -1,0 +1,115 @@
+//! Routing. One filter takes method, path and body and dispatches by hand, so every
+//! path answers a wrong method with 405 + `Allow`, and every miss with a JSON 404.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use percent_encoding::percent_decode_str;
+use warp::http::{Method, StatusCode};
+use warp::reply::Response;
+use warp::{Buf, Filter};
+
+use super::error::ApiError;
+use super::handlers::{self, AppState};
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(move |method, path: warp::path::FullPath, len, body| {
+            let state = state.clone();
+            async move {
+                let resp = dispatch(state, method, path.as_str(), len, body)
+                    .await
+                    .unwrap_or_else(ApiError::into_response);
+                Ok::<_, Infallible>(resp)
+            }
+        })
+        // A header that fails to parse (e.g. a bogus Content-Length) lands here.
+        .recover(|_| async {
+            Ok::<_, Infallible>(ApiError::bad_request("malformed request headers").into_response())
+        })
+        .unify()
+}
+
+async fn dispatch<S, B>(
+    state: Arc<AppState>,
+    method: Method,
+    path: &str,
+    len: Option<u64>,
+    body: S,
+) -> Result<Response, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
+    B: Buf,
+{
+    let segments: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let get = method == Method::GET || method == Method::HEAD;
+    match segs.as_slice() {
+        ["health"] if get => Ok(handlers::health()),
+        ["health"] => Err(ApiError::method_not_allowed("GET, HEAD")),
+        ["readyz"] if get => Ok(handlers::readyz(&state).await),
+        ["readyz"] => Err(ApiError::method_not_allowed("GET, HEAD")),
+        ["getTasks"] if get => Ok(handlers::list(&state)),
+        ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
+        ["setTasks"] if method == Method::POST => {
+            handlers::sync(&state, read_body(body, len, state.max_body).await?).await
+        }
+        ["setTasks"] => Err(ApiError::method_not_allowed("POST")),
+        ["tasks"] if method == Method::POST => {
+            handlers::create(&state, read_body(body, len, state.max_body).await?).await
+        }
+        ["tasks"] => Err(ApiError::method_not_allowed("POST")),
+        ["tasks", name] if !name.is_empty() => match method {
+            Method::GET | Method::HEAD => handlers::get(&state, name),
+            Method::DELETE => handlers::delete(&state, name).await,
+            _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
+        },
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no route for {path}"),
+        )),
+    }
+}
+
+/// Reads the body up to `max` bytes; 413 beyond, whether announced or streamed.
+async fn read_body<S, B>(mut body: S, len: Option<u64>, max: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
+    B: Buf,
+{
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds {max} bytes"),
+        )
+    };
+    if len.is_some_and(|l| l > max as u64) {
+        return Err(too_large());
+    }
+    let mut buf = Vec::with_capacity(len.unwrap_or(0).min(max as u64) as usize);
+    while let Some(chunk) = body.next().await {
+        let mut chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("reading request body: {e}")))?;
+        if buf.len() + chunk.remaining() > max {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(Bytes::from(buf))
+}

@@ -1,0 +1,90 @@
+//! Wire shapes. Requests may use the seed's shape (`spec`) or upstream's (`process`);
+//! every response carries both, so the BatchSandbox controller and curl users agree.
+
+use serde::{Deserialize, Serialize};
+
+use crate::task::manager::TaskView;
+use crate::task::model::{ProcessSpec, TaskSpec, TaskState, TaskStatus};
+use crate::task::time::Time;
+
+/// A task as a client sends it. Output-only fields (status, processStatus, ...) are ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRequest {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub spec: Option<TaskSpec>,
+    /// Upstream's wire format: the process at the top level.
+    #[serde(default)]
+    pub process: Option<ProcessSpec>,
+    #[serde(default)]
+    pub pod_template_spec: Option<serde_json::Value>,
+}
+
+impl TaskRequest {
+    /// Folds both shapes into one spec; a message for a 400 when they can't be combined.
+    pub fn into_parts(self) -> Result<(String, TaskSpec), String> {
+        if self
+            .pod_template_spec
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(format!(
+                "task {:?}: podTemplateSpec tasks are not supported; use spec.container",
+                self.name
+            ));
+        }
+        let mut spec = self.spec.unwrap_or_default();
+        match (spec.process.as_ref(), self.process) {
+            (None, Some(p)) => spec.process = Some(p),
+            (Some(a), Some(b)) if *a != b => {
+                return Err(format!(
+                    "task {:?}: process and spec.process disagree",
+                    self.name
+                ));
+            }
+            _ => {}
+        }
+        Ok((self.name, spec))
+    }
+}
+
+/// A task as the agent returns it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResponse {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Time>,
+    pub spec: TaskSpec,
+    pub status: TaskStatus,
+    /// Upstream's shape of the same facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessSpec>,
+    pub process_status: TaskState,
+}
+
+impl From<TaskView> for TaskResponse {
+    fn from(v: TaskView) -> Self {
+        let process = v.spec.process.clone().map(|mut p| {
+            p.timeout_seconds = v.spec.effective_timeout();
+            p
+        });
+        TaskResponse {
+            name: v.name,
+            deletion_timestamp: v.deletion_timestamp,
+            process,
+            process_status: v.state.clone(),
+            status: TaskStatus { state: v.state },
+            spec: v.spec,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

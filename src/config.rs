@@ -1,0 +1,150 @@
+//! Configuration: every flag also reads its environment variable (flags win), with the
+//! upstream names and defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "task-executor",
+    version,
+    about = "Runs short-lived tasks for a sandbox pod over a JSON HTTP API"
+)]
+pub struct Config {
+    /// Directory for task state and logs.
+    #[arg(long, env = "DATA_DIR", default_value = "/var/lib/sandbox/tasks")]
+    pub data_dir: PathBuf,
+
+    /// Address and port of the HTTP API.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:5758")]
+    pub listen_addr: SocketAddr,
+
+    /// Run process tasks inside the main container's namespaces.
+    #[arg(long, env = "ENABLE_SIDECAR_MODE", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_sidecar_mode: bool,
+
+    /// The main container (Kubernetes container name, and the value of
+    /// SANDBOX_MAIN_CONTAINER that upstream's env scan looks for).
+    #[arg(long, env = "MAIN_CONTAINER_NAME", default_value = "main")]
+    pub main_container_name: String,
+
+    /// Run `spec.container` tasks as containers through CRI.
+    #[arg(long, env = "ENABLE_CONTAINER_MODE", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub enable_container_mode: bool,
+
+    /// CRI socket of the node's container runtime.
+    #[arg(
+        long,
+        env = "CRI_SOCKET",
+        default_value = "/var/run/containerd/containerd.sock"
+    )]
+    pub cri_socket: PathBuf,
+
+    /// Fallback poll interval where no event source exists (container status without CRI
+    /// events). Process tasks are event-driven and never polled.
+    #[arg(long, env = "RECONCILE_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// Time between SIGTERM and SIGKILL when a task is deleted or times out.
+    #[arg(long, env = "STOP_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace_period: Duration,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most tasks running at once (0: unlimited); more answer 429.
+    #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 0)]
+    pub max_concurrent_tasks: usize,
+
+    /// Log budget per task and stream (stdout, stderr), in bytes; older output rotates out.
+    #[arg(long, env = "MAX_LOG_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_log_bytes: u64,
+
+    /// Sidecar mode: also join the main container's cgroups (its limits and accounting).
+    #[arg(long, env = "SIDECAR_JOIN_CGROUP", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub sidecar_join_cgroup: bool,
+
+    /// Sidecar mode: run tasks as the main container's uid/gid instead of the sidecar's.
+    #[arg(long, env = "SIDECAR_RUN_AS_TARGET_USER", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub sidecar_run_as_target_user: bool,
+
+    /// Container mode outside a cluster: map a volume name to a host path (NAME=HOSTPATH).
+    #[arg(long = "volume", env = "VOLUMES", value_delimiter = ',')]
+    pub volumes: Vec<String>,
+
+    /// Watch Task custom resources addressed to this pod and run them.
+    #[arg(long, env = "WATCH_TASKS", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set)]
+    pub watch_tasks: bool,
+
+    /// This pod's name (downward API); enables the Kubernetes integrations.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// This pod's namespace (downward API).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Log filter (RUST_LOG syntax), e.g. "info" or "task_executor=debug".
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Parses `--volume` entries.
+    pub fn volume_map(&self) -> Result<Vec<(String, PathBuf)>, String> {
+        self.volumes
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| match v.split_once('=') {
+                Some((n, p)) if !n.is_empty() && p.starts_with('/') => {
+                    Ok((n.to_string(), PathBuf::from(p)))
+                }
+                _ => Err(format!("--volume {v:?}: expected NAME=/absolute/host/path")),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("task-executor").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn defaults_match_upstream() {
+        let c = parse(&[]);
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:5758");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/sandbox/tasks"));
+        assert_eq!(c.reconcile_interval, Duration::from_millis(500));
+        assert!(!c.enable_sidecar_mode && !c.enable_container_mode);
+    }
+
+    #[test]
+    fn booleans_take_bare_and_explicit_forms() {
+        assert!(parse(&["--enable-sidecar-mode"]).enable_sidecar_mode);
+        assert!(parse(&["--enable-sidecar-mode=true"]).enable_sidecar_mode);
+        assert!(!parse(&["--enable-sidecar-mode=false"]).enable_sidecar_mode);
+    }
+}

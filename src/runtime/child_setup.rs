@@ -1,0 +1,120 @@
+//! What a task's process does between fork and exec: reset the signal state it inherited
+//! from the shim (which blocks signals for its signalfd), and for sidecar tasks enter the
+//! main container: cgroups, then namespaces, then working dir and identity.
+//!
+//! This is the only module of the crate allowed `unsafe`: `CommandExt::pre_exec` is
+//! unsafe because the closure runs between fork and exec. The shim that calls it is
+//! single-threaded, and the closure only makes raw syscalls (sigprocmask, sigaction, open,
+//! write, setns, chdir, setgroups, setgid, setuid) on data prepared before the fork: no
+//! allocation, no locks.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::fcntl::{OFlag, open};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal, sigprocmask};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid, chdir, setgid, setgroups, setuid, write};
+
+/// Everything the child does before exec, prepared in the parent.
+pub struct Join {
+    /// `cgroup.procs` files of the target's cgroups (joined before leaving our mount ns).
+    pub cgroup_procs: Vec<CString>,
+    /// Namespace fds opened from /proc/TARGET/ns, joined in this order (mnt last).
+    pub namespaces: Vec<(OwnedFd, CloneFlags)>,
+    pub working_dir: Option<CString>,
+    pub user: Option<(Uid, Gid)>,
+}
+
+/// Installs the hook on `cmd`; `join` is set for sidecar tasks.
+pub fn install(cmd: &mut Command, join: Option<Join>) {
+    // SAFETY: the closure runs in the single-threaded child of the (single-threaded) shim
+    // between fork and exec, which is what `reset_signals` requires. It owns `join`, which
+    // was fully built before the fork, and only calls async-signal-safe syscalls through
+    // nix wrappers that take borrowed C strings and fds; errors are returned as
+    // `io::Error::from(Errno)`, which does not allocate. std reports a returned error to
+    // the parent and the child exits.
+    unsafe {
+        cmd.pre_exec(move || {
+            reset_signals()?;
+            match &join {
+                Some(j) => enter(j),
+                None => Ok(()),
+            }
+        });
+    }
+}
+
+/// A task starts with no blocked and no ignored signals, whatever the shim (or whoever
+/// started the agent, e.g. a shell that ignores SIGINT for background jobs) had.
+///
+/// # Safety
+/// Only for the child between fork and exec: it changes process-wide signal state.
+unsafe fn reset_signals() -> io::Result<()> {
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+    for sig in Signal::iterator() {
+        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+            // SAFETY: SIG_DFL installs no handler, so no Rust code can run in signal
+            // context; sigaction is async-signal-safe.
+            unsafe { signal(sig, SigHandler::SigDfl) }?;
+        }
+    }
+    Ok(())
+}
+
+fn enter(join: &Join) -> io::Result<()> {
+    for procs in &join.cgroup_procs {
+        let fd = open(
+            procs.as_c_str(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        // "0" moves the writing process itself.
+        write(&fd, b"0")?;
+    }
+    for (fd, flag) in &join.namespaces {
+        setns(fd.as_fd(), *flag)?;
+    }
+    if let Some(dir) = &join.working_dir {
+        chdir(dir.as_c_str())?;
+    }
+    if let Some((uid, gid)) = join.user {
+        setgroups(&[gid])?;
+        setgid(gid)?;
+        setuid(uid)?;
+    }
+    Ok(())
+}
+
+/// Makes the calling process's future children start in the PID namespace `fd`.
+/// Only children are affected, which is why the shim forks the task after this.
+pub fn join_pid_namespace_for_children(fd: &OwnedFd) -> io::Result<()> {
+    setns(fd.as_fd(), CloneFlags::CLONE_NEWPID)?;
+    Ok(())
+}
+
+/// Marks every inherited descriptor above stderr close-on-exec, so tasks never receive
+/// whatever the agent's parent leaked to it. Called once by the shim at start.
+pub fn cloexec_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds.into_iter().filter(|fd| *fd > 2) {
+        // SAFETY: the fd was listed as open a moment ago and the shim is single-threaded,
+        // so nothing closes it meanwhile; the borrow ends with this statement. A stale
+        // entry (the directory's own fd) just makes fcntl fail with EBADF.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! Host-mode process tasks: each task runs under its own shim (see `shim`), and the agent
+//! learns of its exit by waiting on the shim's `running.lock`, never by polling.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+
+use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
+use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
+use crate::task::fsutil;
+use crate::task::model::{Terminated, reason};
+use crate::task::time::Time;
+
+/// How long a freshly spawned shim may take to report the task started.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct ProcessRuntime {
+    exe: PathBuf,
+    grace: Duration,
+    max_log_bytes: u64,
+}
+
+impl ProcessRuntime {
+    /// `exe` is the agent's own binary, started again in its `shim` role.
+    pub fn new(exe: PathBuf, grace: Duration, max_log_bytes: u64) -> Self {
+        ProcessRuntime {
+            exe,
+            grace,
+            max_log_bytes,
+        }
+    }
+
+    /// Writes the launch record, starts the shim and waits until the task runs or failed.
+    pub(crate) async fn launch(
+        &self,
+        task: TaskRef,
+        target: Option<Target>,
+        events: EventSink,
+    ) -> Result<Observed, RuntimeError> {
+        let p = task
+            .spec
+            .process
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Invalid("not a process task".into()))?;
+        let launch = Launch {
+            argv: p.command.iter().chain(&p.args).cloned().collect(),
+            // Marks the task's processes as ours (the sidecar env scan skips them); a task
+            // may override it like any other variable.
+            env: std::iter::once(crate::task::model::EnvVar {
+                name: "TASK_EXECUTOR_TASK".into(),
+                value: task.name.clone(),
+            })
+            .chain(p.env.iter().cloned())
+            .collect(),
+            working_dir: p.working_dir.clone(),
+            timeout_ms: task.spec.effective_timeout().map(|s| s as u64 * 1000),
+            grace_ms: self.grace.as_millis() as u64,
+            max_log_bytes: self.max_log_bytes,
+            target,
+        };
+        // Not fsynced: after a crash it is rewritten from task.json if the shim never started.
+        let bytes = serde_json::to_vec(&launch).map_err(io::Error::other)?;
+        write_private(&task.dir.join(records::LAUNCH), &bytes)?;
+
+        let shim_log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(task.dir.join(records::SHIM_LOG))?;
+        let mut child = Command::new(&self.exe)
+            .arg("shim")
+            .arg("--task-dir")
+            .arg(&task.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(shim_log)
+            .spawn()
+            .map_err(RuntimeError::Launch)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("shim stdout missing"))?;
+        // The agent's reaper collects the shim when it exits; its status is not needed.
+        drop(child);
+        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
+        let mut sink = Vec::new();
+        if tokio::time::timeout(LAUNCH_TIMEOUT, rx.read_to_end(&mut sink))
+            .await
+            .is_err()
+        {
+            tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
+        }
+        self.observe(task, events).await
+    }
+
+    /// Reads the records and, for a running task, starts waiting for its exit.
+    async fn observe(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
+        let dir = task.dir.clone();
+        if let Some(t) = read_exit(&task)? {
+            return Ok(Observed::Terminated(t));
+        }
+        let shim: Option<ShimRecord> = read(&dir, records::SHIM)?;
+        match shim {
+            None => Err(RuntimeError::Launch(io::Error::other(format!(
+                "the supervisor exited before starting the task: {}",
+                shim_log_tail(&dir)
+            )))),
+            Some(ShimRecord { main: None, .. }) => Ok(Observed::Terminated(lost(&task, None))),
+            Some(ShimRecord {
+                main: Some(main),
+                started_at,
+                ..
+            }) => {
+                if !lock_held(&dir.join(records::RUNNING_LOCK)) {
+                    // The shim is gone: either it just wrote the exit record, or it died.
+                    return Ok(Observed::Terminated(match read_exit(&task)? {
+                        Some(t) => t,
+                        None => lost(&task, Some(main.pid)),
+                    }));
+                }
+                spawn_exit_waiter(task, main.pid, events);
+                Ok(Observed::Running {
+                    started_at: started_at.unwrap_or_else(Time::now),
+                })
+            }
+        }
+    }
+
+    /// True when no shim ever recorded itself for this task, so it never ran.
+    pub(crate) async fn never_started(dir: &Path) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if dir.join(records::SHIM).exists() || dir.join(records::EXIT).exists() {
+                return false;
+            }
+            // A shim that holds its lock but has not written its record yet is starting.
+            if !lock_held(&dir.join(records::SHIM_LOCK)) || Instant::now() >= deadline {
+                return !dir.join(records::SHIM).exists();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) async fn adopt_existing(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> Result<Observed, RuntimeError> {
+        self.observe(task, events).await
+    }
+
+    pub(crate) fn stop_task(
+        &self,
+        task: TaskRef,
+        grace: Duration,
+    ) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || stop_blocking(&task.dir, grace))
+                .await
+                .map_err(|e| RuntimeError::Io(io::Error::other(e)))??;
+            Ok(())
+        })
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn kind(&self) -> &'static str {
+        "process"
+    }
+
+    fn validate(&self, _spec: &crate::task::model::TaskSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
+        let rt = self.clone();
+        Box::pin(async move { rt.launch(task, None, events).await })
+    }
+
+    fn adopt(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
+        let rt = self.clone();
+        Box::pin(async move {
+            if ProcessRuntime::never_started(&task.dir).await {
+                return rt.launch(task, None, events).await;
+            }
+            rt.adopt_existing(task, events).await
+        })
+    }
+
+    fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        self.stop_task(task, grace)
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    fs::rename(&tmp, path)
+}
+
+fn read<T: serde::de::DeserializeOwned>(dir: &Path, file: &str) -> Result<Option<T>, RuntimeError> {
+    let path = dir.join(file);
+    fsutil::read_json(&path).map_err(|source| RuntimeError::Record {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn read_exit(task: &TaskRef) -> Result<Option<Terminated>, RuntimeError> {
+    Ok(read::<ExitRecord>(&task.dir, records::EXIT)?.map(|r| terminated_from(&r, task)))
+}
+
+/// Maps the shim's exit record to the status the API shows.
+pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
+    if let Some(err) = &rec.start_error {
+        let (why, msg) = if rec.target_gone {
+            (
+                reason::TARGET_RESTARTED,
+                format!("main container is gone: {err}"),
+            )
+        } else {
+            (reason::START_ERROR, err.clone())
+        };
+        let mut t = Terminated::failed_to_start(why, rec.exit_code.unwrap_or(128), msg);
+        t.finished_at = rec.finished_at.unwrap_or(t.finished_at);
+        return t;
+    }
+    let mut t = Terminated::from_exit(
+        rec.exit_code,
+        rec.signal,
+        rec.started_at,
+        rec.finished_at.unwrap_or_else(Time::now),
+    );
+    if rec.timed_out {
+        t.reason = reason::TIMEOUT.into();
+        t.message = Some(format!(
+            "Task exceeded timeout of {} seconds",
+            task.spec.effective_timeout().unwrap_or_default()
+        ));
+    } else if rec.target_gone {
+        t.reason = reason::TARGET_RESTARTED.into();
+        t.message = Some("the main container restarted while the task ran".into());
+    }
+    t
+}
+
+/// The supervisor died without recording an exit: say so, and leave nothing running.
+fn lost(task: &TaskRef, main_pid: Option<i32>) -> Terminated {
+    if let Some(pid) = main_pid.filter(|p| *p > 1) {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
+    Terminated {
+        exit_code: 137,
+        signal: None,
+        reason: reason::SUPERVISOR_LOST.into(),
+        message: Some(
+            "the task's supervisor died before recording an exit status; the task was stopped"
+                .into(),
+        ),
+        started_at: None,
+        finished_at: Time::now(),
+    }
+}
+
+fn spawn_exit_waiter(task: TaskRef, main_pid: i32, events: EventSink) {
+    tokio::spawn(async move {
+        let lock_path = task.dir.join(records::RUNNING_LOCK);
+        let waited = tokio::task::spawn_blocking(move || wait_unlocked(&lock_path)).await;
+        if let Err(e) = waited.map_err(io::Error::other).and_then(|r| r) {
+            tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
+        }
+        let t = match read_exit(&task) {
+            Ok(Some(t)) => t,
+            Ok(None) if !task.dir.exists() => return, // deleted meanwhile
+            Ok(None) => lost(&task, Some(main_pid)),
+            Err(e) => {
+                tracing::error!(task = %task.name, error = %e, "unreadable exit record");
+                lost(&task, Some(main_pid))
+            }
+        };
+        let _ = events.send(RuntimeEvent {
+            name: task.name,
+            uid: task.uid,
+            observed: Observed::Terminated(t),
+        });
+    });
+}
+
+/// Blocks until nobody holds an exclusive lock on `path`.
+fn wait_unlocked(path: &Path) -> io::Result<()> {
+    let f = File::open(path)?;
+    let _held = Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
+    Ok(())
+}
+
+pub(crate) fn lock_held(path: &Path) -> bool {
+    match File::open(path) {
+        Err(_) => false,
+        Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_err(),
+    }
+}
+
+fn stop_blocking(dir: &Path, grace: Duration) -> io::Result<()> {
+    let deadline = Instant::now() + grace + Duration::from_secs(5);
+    let shim_lock = dir.join(records::SHIM_LOCK);
+    let mut signalled = false;
+    let mut rec: Option<ShimRecord> = fsutil::read_json(&dir.join(records::SHIM)).unwrap_or(None);
+    while lock_held(&shim_lock) {
+        if rec.is_none() {
+            rec = fsutil::read_json(&dir.join(records::SHIM)).unwrap_or(None);
+        }
+        if !signalled {
+            if let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
+                // The shim turns this into TERM for the task tree, grace, then KILL.
+                let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGTERM);
+                signalled = true;
+            }
+        }
+        if Instant::now() >= deadline {
+            if let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
+                tracing::warn!(dir = %dir.display(), "supervisor ignored the stop request; killing it");
+                let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGKILL);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Whatever outlived a dead supervisor goes too.
+    if let Some(main) = rec.and_then(|r| r.main).filter(|m| m.is_alive()) {
+        let _ = killpg(Pid::from_raw(main.pid), Signal::SIGKILL);
+    }
+    Ok(())
+}
+
+fn shim_log_tail(dir: &Path) -> String {
+    let text = fs::read_to_string(dir.join(records::SHIM_LOG)).unwrap_or_default();
+    let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join("; ");
+    if tail.is_empty() {
+        "no diagnostics".into()
+    } else {
+        tail
+    }
+}

@@ -1,0 +1,120 @@
+//! Reading /proc: process identity (pid + start time) and the process tree.
+
+use std::collections::HashMap;
+use std::fs;
+
+/// A process as it was when recorded: the pid alone could be reused, the start time can't.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcIdentity {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat (clock ticks after boot).
+    pub start_time: u64,
+}
+
+impl ProcIdentity {
+    pub fn of(pid: i32) -> Option<Self> {
+        stat(pid).map(|s| ProcIdentity {
+            pid,
+            start_time: s.start_time,
+        })
+    }
+
+    /// True when the same process (not a reused pid, not a zombie) is still there.
+    pub fn is_alive(&self) -> bool {
+        matches!(stat(self.pid), Some(s) if s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Stat {
+    pub state: char,
+    pub ppid: i32,
+    pub pgrp: i32,
+    pub start_time: u64,
+}
+
+pub fn stat(pid: i32) -> Option<Stat> {
+    if pid <= 0 {
+        return None;
+    }
+    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_stat(text: &str) -> Option<Stat> {
+    // comm may contain spaces and ')', so split after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
+}
+
+/// All live pids.
+pub fn pids() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Every descendant of `root` (children, grandchildren, ...), found by walking ppid links.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for pid in pids() {
+        if let Some(s) = stat(pid) {
+            children.entry(s.ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(p) = stack.pop() {
+        if let Some(kids) = children.get(&p) {
+            for &k in kids {
+                out.push(k);
+                stack.push(k);
+            }
+        }
+    }
+    out
+}
+
+/// The NUL-separated environment a process was exec'ed with.
+pub fn environ(pid: i32) -> std::io::Result<Vec<(String, String)>> {
+    let raw = fs::read(format!("/proc/{pid}/environ"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let s = String::from_utf8_lossy(kv);
+            let (k, v) = s.split_once('=')?;
+            (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_comm_with_parens() {
+        let line = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.state, s.ppid, s.pgrp, s.start_time), ('S', 1, 42, 98765));
+    }
+
+    #[test]
+    fn own_identity_is_alive() {
+        let me = ProcIdentity::of(std::process::id() as i32).unwrap();
+        assert!(me.is_alive());
+        let reused = ProcIdentity {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.is_alive());
+    }
+}

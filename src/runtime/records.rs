@@ -1,0 +1,83 @@
+//! The files a process task's directory holds, and who writes each:
+//! the agent writes `task.json` and `launch.json`; the shim writes `shim.json` and
+//! `exit.json` and holds the two locks. Logs go to `stdout.log`/`stderr.log`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::procfs::ProcIdentity;
+use crate::task::model::EnvVar;
+use crate::task::time::Time;
+
+pub const LAUNCH: &str = "launch.json";
+pub const SHIM: &str = "shim.json";
+pub const EXIT: &str = "exit.json";
+/// Held (exclusive) by the shim for its whole life: free means no supervisor is left.
+pub const SHIM_LOCK: &str = "shim.lock";
+/// Held (exclusive) by the shim until the exit record is written: free means "finished".
+pub const RUNNING_LOCK: &str = "running.lock";
+pub const STDOUT: &str = "stdout.log";
+pub const STDERR: &str = "stderr.log";
+pub const SHIM_LOG: &str = "shim.log";
+
+/// Everything the shim needs to start the task; written by the agent, mode 0600 since it
+/// holds the task's environment.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Launch {
+    pub argv: Vec<String>,
+    pub env: Vec<EnvVar>,
+    pub working_dir: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub grace_ms: u64,
+    /// Per stream; the log keeps at most this much (current file plus one rotated file).
+    pub max_log_bytes: u64,
+    /// Sidecar mode: run inside this process's namespaces, with its environment as base.
+    pub target: Option<Target>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    pub container: String,
+    pub process: ProcIdentity,
+    /// Also join the target's cgroups (limits and accounting of the main container).
+    #[serde(default)]
+    pub join_cgroup: bool,
+    /// Run as the target's uid/gid instead of the sidecar's.
+    #[serde(default)]
+    pub run_as_target_user: bool,
+}
+
+/// The shim's identity, and the task's main process once it exists.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShimRecord {
+    pub shim: ProcIdentity,
+    pub main: Option<ProcIdentity>,
+    pub started_at: Option<Time>,
+}
+
+/// How the task ended, written once, atomically, by the shim.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitRecord {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at: Option<Time>,
+    pub finished_at: Option<Time>,
+    #[serde(default)]
+    pub timed_out: bool,
+    #[serde(default)]
+    pub stop_requested: bool,
+    /// The sidecar target died while the task ran (main container restarted).
+    #[serde(default)]
+    pub target_gone: bool,
+    /// The program could not be started (exec or working-dir failure).
+    pub start_error: Option<String>,
+}
+
+pub fn path(dir: &Path, file: &str) -> PathBuf {
+    dir.join(file)
+}

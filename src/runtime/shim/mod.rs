@@ -1,0 +1,408 @@
+//! The per-task supervisor: `task-executor shim --task-dir DIR`.
+//!
+//! One shim per process task, like containerd's shims or conmon. It outlives the agent, so
+//! a task's exit code is recorded even while the agent is down. It is deliberately
+//! single-threaded and synchronous: joining a mount namespace requires that.
+//!
+//! Protocol with the agent: the shim's stdout is a pipe the agent reads; the shim closes it
+//! once `shim.json` names the running task (or `exit.json` records a start failure), so EOF
+//! means "look at the records". `running.lock` is held until `exit.json` is written and
+//! `shim.lock` until the shim exits; the kernel drops both if the shim dies.
+
+mod kill;
+mod logs;
+mod target;
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use self::logs::CappedLog;
+use super::child_setup;
+use super::procfs::ProcIdentity;
+use super::records::{self, ExitRecord, Launch, ShimRecord};
+use crate::task::fsutil;
+use crate::task::time::Time;
+
+/// How often a sidecar task's shim checks that the main container is still there.
+const TARGET_CHECK: Duration = Duration::from_secs(1);
+
+/// Runs the shim; returns the shim's own exit code.
+pub fn run(dir: &Path) -> i32 {
+    match supervise(dir) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("task-executor shim: {e}");
+            1
+        }
+    }
+}
+
+fn lock(dir: &Path, name: &str) -> io::Result<Flock<File>> {
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(name))?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("{name} is held by another supervisor: {e}"),
+        )
+    })
+}
+
+fn supervise(dir: &Path) -> io::Result<()> {
+    let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
+    child_setup::cloexec_inherited_fds();
+    let _shim_lock = lock(dir, records::SHIM_LOCK)?;
+    let running_lock = lock(dir, records::RUNNING_LOCK)?;
+    let launch: Launch = fsutil::read_json(&dir.join(records::LAUNCH))?
+        .ok_or_else(|| io::Error::other("launch.json is missing"))?;
+    nix::sys::prctl::set_child_subreaper(true)?;
+
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block()?;
+    let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+
+    let me = ProcIdentity::of(std::process::id() as i32)
+        .ok_or_else(|| io::Error::other("no /proc/self"))?;
+    let mut shim_rec = ShimRecord {
+        shim: me,
+        main: None,
+        started_at: None,
+    };
+    // Durable before the fork: a recorded shim without a main process means "may have run".
+    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
+
+    let (out_r, out_w) = io::pipe()?;
+    let (err_r, err_w) = io::pipe()?;
+    let mut cmd = Command::new(&launch.argv[0]);
+    cmd.args(&launch.argv[1..])
+        .stdin(Stdio::null())
+        .stdout(out_w)
+        .stderr(err_w)
+        .process_group(0);
+    let mut target_pid_ns = None;
+    match &launch.target {
+        None => {
+            cmd.envs(task_env(std::env::vars().collect(), &launch));
+            if let Some(d) = launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
+                cmd.current_dir(d);
+            }
+            child_setup::install(&mut cmd, None);
+        }
+        Some(t) => match target::prepare(t, launch.working_dir.as_deref()) {
+            Ok(p) => {
+                cmd.env_clear().envs(task_env(p.env, &launch));
+                child_setup::install(&mut cmd, Some(p.join));
+                target_pid_ns = Some(p.pid_ns);
+            }
+            Err(e) => return finish_start_error(dir, running_lock, &e, &launch),
+        },
+    }
+    if let Some(ns) = &target_pid_ns {
+        child_setup::join_pid_namespace_for_children(ns)?;
+    }
+    let spawned = cmd.spawn();
+    drop(cmd); // closes our copies of the pipes' write ends so EOF can arrive
+    let child = match spawned {
+        Ok(c) => c,
+        Err(e) => return finish_start_error(dir, running_lock, &e, &launch),
+    };
+    let main_pid = child.id() as i32;
+    let started = Time::now();
+    shim_rec.main = ProcIdentity::of(main_pid).or(Some(ProcIdentity {
+        pid: main_pid,
+        start_time: 0,
+    }));
+    shim_rec.started_at = Some(started);
+    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
+    release_agent();
+
+    let mut sup = Supervisor {
+        dir,
+        launch: &launch,
+        main_pid,
+        started,
+        deadline: launch
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms)),
+        kill_at: None,
+        target_check: launch
+            .target
+            .as_ref()
+            .map(|_| Instant::now() + TARGET_CHECK),
+        target_gone: false,
+        timed_out: false,
+        stop_requested: false,
+        main_done: false,
+        children_gone: false,
+        running_lock: Some(running_lock),
+        stdout: CappedLog::open(dir.join(records::STDOUT), launch.max_log_bytes)?,
+        stderr: CappedLog::open(dir.join(records::STDERR), launch.max_log_bytes)?,
+    };
+    drop(child); // reaped through waitpid(-1) like every other descendant
+    sup.run(&sigfd, out_r, err_r)
+}
+
+/// Closes stdout, which the agent reads until EOF.
+fn release_agent() {
+    if let Ok(null) = File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(null.as_fd());
+    }
+}
+
+fn task_env(base: Vec<(String, String)>, launch: &Launch) -> Vec<(String, String)> {
+    let mut env = base;
+    for e in &launch.env {
+        env.retain(|(k, _)| k != &e.name);
+        env.push((e.name.clone(), e.value.clone()));
+    }
+    env
+}
+
+fn finish_start_error(
+    dir: &Path,
+    running_lock: Flock<File>,
+    e: &io::Error,
+    launch: &Launch,
+) -> io::Result<()> {
+    let rec = ExitRecord {
+        exit_code: Some(match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+            Errno::ENOENT => 127, // as shells report "command not found"
+            Errno::EACCES => 126,
+            _ => 128,
+        }),
+        finished_at: Some(Time::now()),
+        // A sidecar target that vanished is reported as a restart, not as a bad command.
+        target_gone: launch
+            .target
+            .as_ref()
+            .is_some_and(|t| !t.process.is_alive()),
+        start_error: Some(format!("failed to start {:?}: {e}", launch.argv[0])),
+        ..Default::default()
+    };
+    fsutil::write_json_atomic(&dir.join(records::EXIT), &rec, 0o644)?;
+    drop(running_lock);
+    release_agent();
+    Ok(())
+}
+
+struct Supervisor<'a> {
+    dir: &'a Path,
+    launch: &'a Launch,
+    main_pid: i32,
+    started: Time,
+    deadline: Option<Instant>,
+    kill_at: Option<Instant>,
+    /// Sidecar tasks: when to next check that the main container still runs.
+    target_check: Option<Instant>,
+    target_gone: bool,
+    timed_out: bool,
+    stop_requested: bool,
+    main_done: bool,
+    children_gone: bool,
+    running_lock: Option<Flock<File>>,
+    stdout: CappedLog,
+    stderr: CappedLog,
+}
+
+impl Supervisor<'_> {
+    fn run(
+        &mut self,
+        sigfd: &SignalFd,
+        out: io::PipeReader,
+        err: io::PipeReader,
+    ) -> io::Result<()> {
+        let mut pipes = [Some(out), Some(err)];
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            self.reap()?;
+            if self.main_done && self.children_gone {
+                // Nobody is left to write; give the pipes a moment to drain, then leave.
+                let until =
+                    *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
+                if pipes.iter().all(Option::is_none) || Instant::now() >= until {
+                    return Ok(());
+                }
+            }
+            self.check_timers();
+
+            let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+            for p in pipes.iter().flatten() {
+                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, self.poll_timeout(drain_until)) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(false)).collect();
+            drop(fds);
+            if ready[0] {
+                while let Ok(Some(info)) = sigfd.read_signal() {
+                    let sig = info.ssi_signo as i32;
+                    if sig != Signal::SIGCHLD as i32 {
+                        self.request_stop();
+                    }
+                }
+            }
+            let mut idx = 1;
+            for (i, slot) in pipes.iter_mut().enumerate() {
+                if slot.is_none() {
+                    continue;
+                }
+                if ready[idx] {
+                    let n = slot.as_mut().map(|p| p.read(&mut buf)).unwrap_or(Ok(0))?;
+                    if n == 0 {
+                        *slot = None;
+                    } else {
+                        let log = if i == 0 {
+                            &mut self.stdout
+                        } else {
+                            &mut self.stderr
+                        };
+                        // A full disk must not kill the supervisor; the output is lost.
+                        let _ = log.write(&buf[..n]);
+                    }
+                }
+                idx += 1;
+            }
+        }
+    }
+
+    fn poll_timeout(&self, drain_until: Option<Instant>) -> PollTimeout {
+        let next = [
+            self.deadline.filter(|_| !self.main_done && !self.timed_out),
+            self.kill_at,
+            self.target_check.filter(|_| !self.main_done),
+            drain_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        match next {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let ms = t
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(60_000) as u16;
+                PollTimeout::from(ms.max(1))
+            }
+        }
+    }
+
+    fn request_stop(&mut self) {
+        if self.kill_at.is_none() {
+            self.stop_requested = true;
+            self.begin_kill();
+        }
+    }
+
+    fn begin_kill(&mut self) {
+        kill::signal_tree(Some(self.main_pid), Signal::SIGTERM);
+        self.kill_at = Some(Instant::now() + Duration::from_millis(self.launch.grace_ms));
+    }
+
+    fn check_timers(&mut self) {
+        let now = Instant::now();
+        if !self.main_done && !self.timed_out && self.deadline.is_some_and(|d| now >= d) {
+            self.timed_out = true;
+            if self.kill_at.is_none() {
+                self.begin_kill();
+            }
+        }
+        if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref()) {
+            if now >= t && !self.main_done {
+                self.target_check = Some(now + TARGET_CHECK);
+                if !target.process.is_alive() && !self.target_gone {
+                    // The container the task lives in restarted: the task goes with it.
+                    self.target_gone = true;
+                    if self.kill_at.is_none() {
+                        self.begin_kill();
+                    }
+                }
+            }
+        }
+        if let Some(k) = self.kill_at {
+            if now >= k {
+                // Grace is over: SIGKILL everything left, again every 100 ms until none is.
+                kill::signal_tree(Some(self.main_pid), Signal::SIGKILL);
+                self.kill_at = Some(now + Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Reaps every exited descendant; records the main process's exit.
+    fn reap(&mut self) -> io::Result<()> {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return Ok(()),
+                Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == self.main_pid => {
+                    self.main_exited(Some(code), None)?
+                }
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == self.main_pid => {
+                    self.main_exited(None, Some(sig as i32))?
+                }
+                Ok(_) => {}
+                Err(Errno::ECHILD) => {
+                    self.children_gone = true;
+                    if !self.main_done {
+                        // Should not happen: the main process was reaped elsewhere.
+                        self.main_exited(None, None)?;
+                    }
+                    return Ok(());
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn main_exited(&mut self, code: Option<i32>, signal: Option<i32>) -> io::Result<()> {
+        self.main_done = true;
+        let target_gone = self.target_gone
+            || self
+                .launch
+                .target
+                .as_ref()
+                .is_some_and(|t| !t.process.is_alive());
+        let rec = ExitRecord {
+            exit_code: code,
+            signal,
+            started_at: Some(self.started),
+            finished_at: Some(Time::now()),
+            timed_out: self.timed_out,
+            stop_requested: self.stop_requested,
+            target_gone,
+            start_error: None,
+        };
+        fsutil::write_json_atomic(&self.dir.join(records::EXIT), &rec, 0o644)?;
+        // Releasing the lock is what tells the agent the task finished.
+        self.running_lock = None;
+        Ok(())
+    }
+}

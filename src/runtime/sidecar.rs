@@ -1,0 +1,181 @@
+//! Sidecar mode: process tasks run inside the pod's main container. The shim joins the
+//! container's namespaces itself (see `child_setup`), so no nsenter or shell is needed there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use super::process::ProcessRuntime;
+use super::procfs::{self, ProcIdentity};
+use super::records::Target;
+use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
+use crate::task::model::TaskSpec;
+
+/// Finds the main container's init process. Implementations: Kubernetes Pod status
+/// (in `crate::kube`), then the upstream env-var scan below.
+pub trait MainContainerLocator: Send + Sync + 'static {
+    /// The main container's PID 1 as this agent sees it, or why it can't be found.
+    fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>>;
+}
+
+/// Upstream's way: the process whose environment holds `SANDBOX_MAIN_CONTAINER=<name>`.
+/// Prefers the oldest such process that is not a task of ours (tasks inherit the env).
+pub struct EnvLocator {
+    pub container: String,
+}
+
+impl MainContainerLocator for EnvLocator {
+    fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
+        let container = self.container.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || scan_env(&container))
+                .await
+                .map_err(|e| e.to_string())?
+        })
+    }
+}
+
+fn scan_env(container: &str) -> Result<ProcIdentity, String> {
+    let want = format!("SANDBOX_MAIN_CONTAINER={container}");
+    let me = std::process::id() as i32;
+    let mut best: Option<(u64, i32)> = None;
+    for pid in procfs::pids() {
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !raw.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            continue;
+        }
+        // Our tasks carry TASK_EXECUTOR_TASK; they are never the main container itself.
+        if raw
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(b"TASK_EXECUTOR_TASK="))
+        {
+            continue;
+        }
+        if let Some(s) = procfs::stat(pid) {
+            if best.is_none_or(|(t, _)| s.start_time < t) {
+                best = Some((s.start_time, pid));
+            }
+        }
+    }
+    let (_, pid) = best.ok_or_else(|| format!("no process has {want} in its environment"))?;
+    ProcIdentity::of(pid).ok_or_else(|| format!("process {pid} exited"))
+}
+
+/// Tries each locator in order; the first that answers wins.
+pub struct ChainLocator(pub Vec<Arc<dyn MainContainerLocator>>);
+
+impl MainContainerLocator for ChainLocator {
+    fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
+        Box::pin(async move {
+            let mut why = Vec::new();
+            for l in &self.0 {
+                match l.locate().await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => why.push(e),
+                }
+            }
+            Err(why.join("; "))
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct SidecarRuntime {
+    process: ProcessRuntime,
+    locator: Arc<dyn MainContainerLocator>,
+    container: String,
+    join_cgroup: bool,
+    run_as_target_user: bool,
+}
+
+impl SidecarRuntime {
+    pub fn new(
+        process: ProcessRuntime,
+        locator: Arc<dyn MainContainerLocator>,
+        container: String,
+        join_cgroup: bool,
+        run_as_target_user: bool,
+    ) -> Self {
+        SidecarRuntime {
+            process,
+            locator,
+            container,
+            join_cgroup,
+            run_as_target_user,
+        }
+    }
+
+    async fn launch(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
+        // Resolved on every start: a PID is never trusted past its container's life.
+        let process =
+            self.locator
+                .locate()
+                .await
+                .map_err(|detail| RuntimeError::TargetNotFound {
+                    name: self.container.clone(),
+                    detail,
+                })?;
+        let target = Target {
+            container: self.container.clone(),
+            process,
+            join_cgroup: self.join_cgroup,
+            run_as_target_user: self.run_as_target_user,
+        };
+        self.process.launch(task, Some(target), events).await
+    }
+}
+
+impl Runtime for SidecarRuntime {
+    fn kind(&self) -> &'static str {
+        "sidecar"
+    }
+
+    fn validate(&self, _spec: &TaskSpec) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    fn start(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
+        let rt = self.clone();
+        Box::pin(async move { rt.launch(task, events).await })
+    }
+
+    fn adopt(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
+        let rt = self.clone();
+        Box::pin(async move {
+            if ProcessRuntime::never_started(&task.dir).await {
+                return rt.launch(task, events).await;
+            }
+            rt.process.adopt_existing(task, events).await
+        })
+    }
+
+    fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        self.process.stop_task(task, grace)
+    }
+
+    fn readiness(&self) -> BoxFuture<'static, Readiness> {
+        let rt = self.clone();
+        Box::pin(async move {
+            match rt.locator.locate().await {
+                Ok(_) => Readiness::Ready,
+                Err(e) => {
+                    Readiness::NotReady(format!("main container {:?} not found: {e}", rt.container))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,353 @@
+//! The task model shared by the HTTP API, the store, the runtimes and the Task CRD.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::time::Time;
+
+/// What to run. Exactly one of `process` or `container` is set.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+    /// Stop the task after this many seconds (upstream's CRD keeps it beside `process`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProcessSpec {
+    /// argv[0] and leading arguments; executed directly, no shell.
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Upstream's wire format carries the timeout inside `process`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSpec {
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Share this container's PID namespace (like `kubectl debug --target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_container: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvVar {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount_path: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// The observed state, shaped like Kubernetes' ContainerState: one member is set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum TaskState {
+    Waiting(Waiting),
+    Running(Running),
+    Terminated(Terminated),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Waiting {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Running {
+    pub started_at: Time,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Terminated {
+    pub exit_code: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `null` when the task never started, as metav1.Time encodes a zero time.
+    pub started_at: Option<Time>,
+    pub finished_at: Time,
+}
+
+/// Reasons a terminated task carries.
+pub mod reason {
+    pub const INITIALIZED: &str = "Initialized";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const FAILED: &str = "Failed";
+    pub const TIMEOUT: &str = "TaskTimeout";
+    pub const START_ERROR: &str = "StartError";
+    pub const SUPERVISOR_LOST: &str = "SupervisorLost";
+    pub const TARGET_RESTARTED: &str = "TargetRestarted";
+    pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
+    pub const RUNTIME_ERROR: &str = "RuntimeError";
+    pub const IMAGE_PULL_ERROR: &str = "ErrImagePull";
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskStatus {
+    pub state: TaskState,
+}
+
+impl TaskState {
+    pub fn initialized() -> Self {
+        TaskState::Waiting(Waiting {
+            reason: Some(reason::INITIALIZED.into()),
+            message: None,
+        })
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        matches!(self, TaskState::Terminated(_))
+    }
+
+    /// Waiting < Running < Terminated: a state never moves backwards.
+    pub fn rank(&self) -> u8 {
+        match self {
+            TaskState::Waiting(_) => 0,
+            TaskState::Running(_) => 1,
+            TaskState::Terminated(_) => 2,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TaskState::Waiting(_) => "waiting",
+            TaskState::Running(_) => "running",
+            TaskState::Terminated(_) => "terminated",
+        }
+    }
+}
+
+impl Terminated {
+    /// The terminated state for a process that exited with `code` or died of `signal`.
+    pub fn from_exit(
+        code: Option<i32>,
+        signal: Option<i32>,
+        started: Option<Time>,
+        finished: Time,
+    ) -> Self {
+        let (exit_code, reason, message) = match (code, signal) {
+            (_, Some(sig)) => (
+                128 + sig,
+                reason::FAILED,
+                Some(format!("terminated by signal {}", signal_name(sig))),
+            ),
+            (Some(0), None) => (0, reason::SUCCEEDED, None),
+            (Some(c), None) => (c, reason::FAILED, None),
+            (None, None) => (128, reason::FAILED, Some("exit status unknown".into())),
+        };
+        Terminated {
+            exit_code,
+            signal,
+            reason: reason.into(),
+            message,
+            started_at: started,
+            finished_at: finished,
+        }
+    }
+
+    /// A task that could not be started at all.
+    pub fn failed_to_start(reason: &str, exit_code: i32, message: String) -> Self {
+        Terminated {
+            exit_code,
+            signal: None,
+            reason: reason.into(),
+            message: Some(message),
+            started_at: None,
+            finished_at: Time::now(),
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("{sig}"))
+}
+
+impl TaskSpec {
+    /// The timeout in effect: `spec.timeoutSeconds`, else `process.timeoutSeconds`.
+    pub fn effective_timeout(&self) -> Option<i64> {
+        self.timeout_seconds
+            .or_else(|| self.process.as_ref().and_then(|p| p.timeout_seconds))
+    }
+
+    /// Checks the spec on its own; returns a message for a 400.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.process, &self.container) {
+            (None, None) => return Err("spec must set either process or container".into()),
+            (Some(_), Some(_)) => {
+                return Err("spec must set only one of process or container".into());
+            }
+            (Some(p), None) => {
+                if p.command.is_empty() {
+                    return Err("process.command must not be empty".into());
+                }
+                check_argv(&p.command, &p.args, "process")?;
+                check_env(&p.env, "process")?;
+                check_dir(p.working_dir.as_deref(), "process")?;
+            }
+            (None, Some(c)) => {
+                if c.image.trim().is_empty() {
+                    return Err("container.image must not be empty".into());
+                }
+                check_argv(&c.command, &c.args, "container")?;
+                check_env(&c.env, "container")?;
+                check_dir(c.working_dir.as_deref(), "container")?;
+                for m in &c.volume_mounts {
+                    if m.name.is_empty() || !m.mount_path.starts_with('/') {
+                        return Err(format!(
+                            "container.volumeMounts entry {:?} needs a name and an absolute mountPath",
+                            m.name
+                        ));
+                    }
+                }
+            }
+        }
+        for t in [
+            self.timeout_seconds,
+            self.process.as_ref().and_then(|p| p.timeout_seconds),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if t <= 0 {
+                return Err(format!("timeoutSeconds must be positive, got {t}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_argv(command: &[String], args: &[String], what: &str) -> Result<(), String> {
+    if command.iter().chain(args).any(|a| a.contains('\0')) {
+        return Err(format!(
+            "{what}.command and args must not contain NUL bytes"
+        ));
+    }
+    if command.first().is_some_and(|c| c.is_empty()) {
+        return Err(format!("{what}.command[0] must not be empty"));
+    }
+    Ok(())
+}
+
+fn check_env(env: &[EnvVar], what: &str) -> Result<(), String> {
+    for e in env {
+        if e.name.is_empty()
+            || e.name.contains('=')
+            || e.name.contains('\0')
+            || e.value.contains('\0')
+        {
+            return Err(format!(
+                "{what}.env entry {:?} is invalid: names must be non-empty without '=' or NUL",
+                e.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_dir(dir: Option<&str>, what: &str) -> Result<(), String> {
+    match dir {
+        Some(d) if d.contains('\0') => Err(format!("{what}.workingDir must not contain NUL bytes")),
+        Some(d) if !d.is_empty() && !d.starts_with('/') => Err(format!(
+            "{what}.workingDir must be an absolute path, got {d:?}"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_serializes_with_one_member() {
+        let s = TaskState::initialized();
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"waiting":{"reason":"Initialized"}}"#
+        );
+        let t = TaskState::Terminated(Terminated {
+            exit_code: 0,
+            signal: None,
+            reason: "Succeeded".into(),
+            message: None,
+            started_at: None,
+            finished_at: Time::from_unix_millis(0),
+        });
+        assert_eq!(
+            serde_json::to_string(&t).unwrap(),
+            r#"{"terminated":{"exitCode":0,"reason":"Succeeded","startedAt":null,"finishedAt":"1970-01-01T00:00:00Z"}}"#
+        );
+    }
+
+    #[test]
+    fn signal_exit_is_128_plus_n() {
+        let t = Terminated::from_exit(None, Some(9), None, Time::now());
+        assert_eq!(
+            (t.exit_code, t.signal, t.reason.as_str()),
+            (137, Some(9), "Failed")
+        );
+        assert_eq!(t.message.as_deref(), Some("terminated by signal SIGKILL"));
+    }
+
+    #[test]
+    fn validation_messages() {
+        let bad = TaskSpec::default();
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("either process or container")
+        );
+        let p = TaskSpec {
+            process: Some(ProcessSpec {
+                command: vec!["true".into()],
+                ..Default::default()
+            }),
+            timeout_seconds: Some(0),
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().contains("timeoutSeconds"));
+    }
+}

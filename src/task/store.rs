@@ -1,0 +1,114 @@
+//! The durable task store: `<data-dir>/<name>/task.json`, written atomically, plus
+//! whatever the runtime keeps beside it (shim records, logs).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::fsutil;
+use super::model::{TaskSpec, Terminated};
+use super::name;
+use super::time::Time;
+
+pub const TASK_FILE: &str = "task.json";
+
+/// What the agent itself persists about a task.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub name: String,
+    pub uid: String,
+    pub spec: TaskSpec,
+    pub created_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_timestamp: Option<Time>,
+    /// Set when the task ended without a runtime record (e.g. its main container was
+    /// never found), so the reason survives restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_status: Option<Terminated>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data dir and checks that it is writable.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        fs::create_dir_all(root)?;
+        let probe = root.join(".write-test");
+        fs::write(&probe, b"ok")?;
+        fs::remove_file(&probe)?;
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The task's directory; `name` must already be validated.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Creates the task's directory and its record; durable when this returns.
+    pub fn create(&self, rec: &TaskRecord) -> io::Result<PathBuf> {
+        let dir = self.dir(&rec.name);
+        fs::create_dir(&dir)?;
+        let written = fsutil::write_json_atomic(&dir.join(TASK_FILE), rec, 0o600)
+            .and_then(|()| fsutil::sync_dir(&self.root));
+        if let Err(e) = written {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(dir)
+    }
+
+    pub fn update(&self, rec: &TaskRecord) -> io::Result<()> {
+        fsutil::write_json_atomic(&self.dir(&rec.name).join(TASK_FILE), rec, 0o600)
+    }
+
+    /// Removes the task's directory (records and logs).
+    pub fn remove(&self, name: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.dir(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fsutil::sync_dir(&self.root)
+    }
+
+    /// Every stored task. A directory without a record is what a crash during creation
+    /// leaves (the request was never answered), so it is removed.
+    pub fn load_all(&self) -> io::Result<Vec<TaskRecord>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let fname = entry.file_name();
+            let Some(n) = fname.to_str() else { continue };
+            if !entry.file_type()?.is_dir() || name::invalid_reason(n).is_some() {
+                continue;
+            }
+            let path = entry.path().join(TASK_FILE);
+            match fsutil::read_json::<TaskRecord>(&path) {
+                Ok(Some(rec)) if rec.name == n => out.push(rec),
+                Ok(Some(_)) | Err(_) => {
+                    // Never delete what we can't read: it may hold a result.
+                    tracing::error!(task = n, path = %path.display(), "unreadable task record; leaving it alone");
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        task = n,
+                        "removing a task directory left by an interrupted create"
+                    );
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        Ok(out)
+    }
+}
