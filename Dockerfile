@@ -6,7 +6,7 @@
 # inside this container, still find /bin/sh and coreutils.
 
 FROM rust:1.95-bookworm AS build
-# protoc: the CRI gRPC bindings are generated at build time.
+# protoc: the k8s-cri crate generates its CRI gRPC bindings in build.rs.
 # Not version-pinned: Debian security updates replace exact revisions, which would
 # break the build; the bookworm suite itself is the pin.
 # hadolint ignore=DL3008
