@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1
+# task-executor image: build with cargo, run on debian:bookworm-slim.
+#   docker build -t task-executor:dev .
+# The agent needs no shell and no nsenter (sidecar mode enters namespaces itself);
+# bookworm-slim is kept rather than distroless so that host-mode tasks, which run
+# inside this container, still find /bin/sh and coreutils.
+
+FROM rust:1.95-bookworm AS build
+# protoc: the k8s-cri crate generates its CRI gRPC bindings in build.rs.
+# Not version-pinned: Debian security updates replace exact revisions, which would
+# break the build; the bookworm suite itself is the pin.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# --locked: the image must build exactly the dependency set in Cargo.lock.
+RUN cargo build --release --locked \
+    && install -D -m 0755 target/release/task-executor /out/task-executor
+
+FROM debian:bookworm-slim
+COPY --from=build /out/task-executor /usr/local/bin/task-executor
+# Default data dir, writable by the unprivileged default user. Sidecar and container
+# modes run the container as root (see charts/task-executor) and mount a volume here.
+RUN mkdir -p /var/lib/sandbox/tasks \
+    && chown -R 65532:65532 /var/lib/sandbox
+USER 65532:65532
+EXPOSE 5758
+# No HEALTHCHECK: the image has no HTTP client. Kubernetes probes the agent with
+# httpGet on :5758 — /health for liveness, /readyz for readiness (see the chart).
+ENTRYPOINT ["task-executor"]

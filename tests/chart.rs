@@ -1,0 +1,759 @@
+//! Checks of the Helm chart (charts/task-executor), its examples and the Dockerfile with
+//! the real tools: helm v4 (lint, template), kubernetes-validate (the API schemas of
+//! Kubernetes 1.33, offline) and hadolint. `scripts/install-helm-tools` puts them in
+//! `.tools/bin`. A missing tool fails the test instead of skipping it, so a run cannot
+//! pass without having checked anything.
+
+use serde_yaml::{Mapping, Value};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const CHART: &str = "charts/task-executor";
+const KUBE_VERSION: &str = "1.33.0";
+const RELEASE: &str = "sandbox";
+const NAMESPACE: &str = "sandbox-ns";
+const PORT: u64 = 5758;
+const SIDECAR_CAPS: [&str; 3] = ["SYS_ADMIN", "SYS_PTRACE", "SYS_CHROOT"];
+
+/// Every values combination that is linted, rendered and schema-validated.
+const CASES: &[(&str, &[&str])] = &[
+    (
+        "host mode",
+        &["--set", "mode=host", "--set", "service.enabled=true"],
+    ),
+    (
+        "sidecar mode",
+        &["--set", "mode=sidecar", "--set", "service.enabled=true"],
+    ),
+    (
+        "container mode",
+        &["--set", "mode=container", "--set", "service.enabled=true"],
+    ),
+    (
+        "privileged sidecar",
+        &["--set", "mode=sidecar", "--set", "executor.privileged=true"],
+    ),
+    ("workload None", &["--set", "workload=None"]),
+    ("values-sidecar", &["-f", "examples/values-sidecar.yaml"]),
+    (
+        "values-batchsandbox-pool",
+        &["-f", "examples/values-batchsandbox-pool.yaml"],
+    ),
+];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A tool from `$VAR`, else `.tools/bin/NAME`.
+fn tool(var: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".tools/bin").join(name));
+    assert!(
+        path.is_file(),
+        "{name} not found at {} (set ${var}, or run scripts/install-helm-tools)",
+        path.display()
+    );
+    path
+}
+
+/// A scratch directory, removed on drop (std only: unique by pid and a counter).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("te-chart-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_ok(out: Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Runs helm in the repository with its cache, config and data homes in a scratch dir, so
+/// the user's repositories and plugins cannot change the result and $HOME stays clean.
+fn helm<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    let home = Scratch::new();
+    Command::new(tool("HELM", "helm"))
+        .args(args)
+        .current_dir(repo())
+        .env("HELM_CACHE_HOME", home.0.join("cache"))
+        .env("HELM_CONFIG_HOME", home.0.join("config"))
+        .env("HELM_DATA_HOME", home.0.join("data"))
+        .output()
+        .expect("run helm")
+}
+
+/// `helm template` of `chart` with extra arguments, as text.
+fn template_text(chart: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["template", RELEASE];
+    args.push(chart.to_str().unwrap());
+    args.extend(["--namespace", NAMESPACE, "--kube-version", KUBE_VERSION]);
+    args.extend(extra);
+    run_ok(helm(&args), &format!("helm {}", args.join(" ")))
+}
+
+fn render(extra: &[&str]) -> Vec<Value> {
+    docs(&template_text(&repo().join(CHART), extra))
+}
+
+/// The YAML documents of a multi-document stream, empty ones dropped.
+fn docs(text: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for line in text.lines().chain(["---"]) {
+        if line.trim_end() == "---" {
+            let v: Value = serde_yaml::from_str(&cur).expect("helm output is YAML");
+            if !v.is_null() {
+                out.push(v);
+            }
+            cur.clear();
+        } else {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    out
+}
+
+static NULL: Value = Value::Null;
+
+/// `v` at a dotted path of mapping keys; Null where anything is missing.
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.')
+        .fold(v, |v, key| v.get(key).unwrap_or(&NULL))
+}
+
+fn text<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path).as_str().unwrap_or("")
+}
+
+fn seq<'a>(v: &'a Value, path: &str) -> &'a [Value] {
+    at(v, path).as_sequence().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn strings<'a>(v: &'a Value, path: &str) -> Vec<&'a str> {
+    seq(v, path).iter().filter_map(Value::as_str).collect()
+}
+
+/// The only document of `kind`.
+fn doc<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<_> = docs.iter().filter(|d| text(d, "kind") == kind).collect();
+    assert_eq!(found.len(), 1, "expected one {kind}, found {}", found.len());
+    found[0]
+}
+
+fn pod_spec(docs: &[Value]) -> &Value {
+    at(doc(docs, "Deployment"), "spec.template.spec")
+}
+
+fn container<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    seq(pod, "containers")
+        .iter()
+        .find(|c| text(c, "name") == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn agent(pod: &Value) -> &Value {
+    container(pod, "task-executor")
+}
+
+fn env<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    seq(c, "env").iter().find(|e| text(e, "name") == name)
+}
+
+fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
+    env(c, name).map(|e| text(e, "value")).unwrap_or("")
+}
+
+/// Whether a boolean agent flag is on, set either way the agent accepts it.
+fn flag_on(c: &Value, var: &str, flag: &str) -> bool {
+    let args = strings(c, "args");
+    env_value(c, var) == "true"
+        || args.contains(&flag)
+        || args.contains(&format!("{flag}=true").as_str())
+}
+
+/// The pod volume mounted at `path` in container `c`.
+fn volume_at<'a>(pod: &'a Value, c: &Value, path: &str) -> &'a Value {
+    let mount = seq(c, "volumeMounts")
+        .iter()
+        .find(|m| text(m, "mountPath") == path)
+        .unwrap_or_else(|| panic!("{} mounts nothing at {path}", text(c, "name")));
+    seq(pod, "volumes")
+        .iter()
+        .find(|v| text(v, "name") == text(mount, "name"))
+        .unwrap_or_else(|| panic!("no pod volume {}", text(mount, "name")))
+}
+
+/// The container port a probe targets (by number or by port name).
+fn probe_port(c: &Value, probe: &str) -> u64 {
+    let port = at(c, &format!("{probe}.httpGet.port"));
+    if let Some(n) = port.as_u64() {
+        return n;
+    }
+    seq(c, "ports")
+        .iter()
+        .find(|p| p.get("name") == Some(port))
+        .and_then(|p| at(p, "containerPort").as_u64())
+        .unwrap_or_else(|| panic!("{probe} port {port:?} is not a container port"))
+}
+
+/// What every mode must give the agent.
+fn check_common(docs: &[Value]) {
+    let pod = pod_spec(docs);
+    let a = agent(pod);
+    for (var, field) in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_NAMESPACE", "metadata.namespace"),
+        ("POD_UID", "metadata.uid"),
+    ] {
+        let e = env(a, var).unwrap_or_else(|| panic!("agent lacks {var}"));
+        assert_eq!(text(e, "valueFrom.fieldRef.fieldPath"), field, "{var}");
+    }
+    let data_dir = env_value(a, "DATA_DIR");
+    assert!(data_dir.starts_with('/'), "DATA_DIR = {data_dir:?}");
+    volume_at(pod, a, data_dir);
+    assert!(env_value(a, "LISTEN_ADDR").ends_with(&format!(":{PORT}")));
+    assert_eq!(text(a, "livenessProbe.httpGet.path"), "/health");
+    assert_eq!(text(a, "readinessProbe.httpGet.path"), "/readyz");
+    assert_eq!(probe_port(a, "livenessProbe"), PORT);
+    assert_eq!(probe_port(a, "readinessProbe"), PORT);
+    let main = container(pod, "main");
+    assert_eq!(env_value(main, "SANDBOX_MAIN_CONTAINER"), "main");
+    let sa = text(doc(docs, "ServiceAccount"), "metadata.name");
+    assert_eq!(text(pod, "serviceAccountName"), sa);
+}
+
+#[test]
+fn helm_lint_strict_passes() {
+    for (name, extra) in CASES {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend(*extra);
+        run_ok(helm(&args), &format!("helm lint ({name})"));
+    }
+}
+
+/// kubernetes-validate has schemas for built-in kinds only: custom resources are left
+/// out, except that a Pool's pod template is checked as a core/v1 PodTemplate.
+fn validatable(d: &Value) -> Option<Value> {
+    let api = text(d, "apiVersion");
+    if text(d, "kind") == "Pool" {
+        let wrapped = format!(
+            "{{apiVersion: v1, kind: PodTemplate, metadata: {{name: {}}}}}",
+            text(d, "metadata.name")
+        );
+        let mut v: Value = serde_yaml::from_str(&wrapped).unwrap();
+        v.as_mapping_mut()
+            .unwrap()
+            .insert("template".into(), at(d, "spec.template").clone());
+        return Some(v);
+    }
+    let custom = api.contains(".opensandbox.io/") || api.starts_with("task-executor.io/");
+    (!custom && text(d, "kind") != "CustomResourceDefinition").then(|| d.clone())
+}
+
+fn kubernetes_validate(docs: &[Value], what: &str) {
+    let checked: Vec<Value> = docs.iter().filter_map(validatable).collect();
+    assert!(!checked.is_empty(), "{what}: nothing to validate");
+    let dir = Scratch::new();
+    let file = dir.0.join("rendered.yaml");
+    let body: Vec<String> = checked
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    fs::write(&file, body.join("---\n")).unwrap();
+    let out = Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate"))
+        .args(["--strict", "-k", KUBE_VERSION, "--quiet"])
+        .arg(&file)
+        .output()
+        .expect("run kubernetes-validate");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A WARN means a document was not checked (no schema); that must not pass silently.
+    assert!(
+        out.status.success() && !report.contains("WARN"),
+        "{what}: kubernetes-validate:\n{report}"
+    );
+}
+
+#[test]
+fn renderings_pass_kubernetes_validate() {
+    for (name, extra) in CASES {
+        kubernetes_validate(&render(extra), name);
+    }
+}
+
+#[test]
+fn kubernetes_validate_rejects_unknown_fields() {
+    // Proves the validator really checks: a misspelt pod field must fail.
+    let mut deploy = doc(&render(&[]), "Deployment").clone();
+    let spec = deploy["spec"]["template"]["spec"].as_mapping_mut().unwrap();
+    spec.insert("sharedProcessNamespace".into(), true.into());
+    let dir = Scratch::new();
+    let file = dir.0.join("bad.yaml");
+    fs::write(&file, serde_yaml::to_string(&deploy).unwrap()).unwrap();
+    let out = Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate"))
+        .args(["--strict", "-k", KUBE_VERSION, "--quiet"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an unknown pod field passed validation"
+    );
+}
+
+#[test]
+fn sidecar_mode_shares_pids_and_has_the_capabilities() {
+    let docs = render(&["--set", "mode=sidecar"]);
+    check_common(&docs);
+    let pod = pod_spec(&docs);
+    let a = agent(pod);
+    assert_eq!(at(pod, "shareProcessNamespace"), &Value::Bool(true));
+    assert!(flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
+    assert_eq!(env_value(a, "MAIN_CONTAINER_NAME"), "main");
+    assert_eq!(at(a, "securityContext.runAsUser").as_u64(), Some(0));
+    let added = strings(a, "securityContext.capabilities.add");
+    for cap in SIDECAR_CAPS {
+        assert!(added.contains(&cap), "sidecar agent lacks {cap}: {added:?}");
+    }
+    // The data dir is the same volume at the same path in the main container.
+    let data_dir = env_value(a, "DATA_DIR");
+    assert_eq!(
+        volume_at(pod, a, data_dir),
+        volume_at(pod, container(pod, "main"), data_dir)
+    );
+
+    let docs = render(&["--set", "mode=sidecar", "--set", "executor.privileged=true"]);
+    let a = agent(pod_spec(&docs));
+    assert_eq!(at(a, "securityContext.privileged"), &Value::Bool(true));
+}
+
+#[test]
+fn container_mode_mounts_the_cri_socket() {
+    let docs = render(&["--set", "mode=container"]);
+    check_common(&docs);
+    let pod = pod_spec(&docs);
+    let a = agent(pod);
+    assert!(flag_on(
+        a,
+        "ENABLE_CONTAINER_MODE",
+        "--enable-container-mode"
+    ));
+    let socket = env_value(a, "CRI_SOCKET");
+    assert_eq!(socket, "/var/run/containerd/containerd.sock");
+    let vol = volume_at(pod, a, socket);
+    assert_eq!(text(vol, "hostPath.path"), socket);
+    assert_eq!(text(vol, "hostPath.type"), "Socket");
+    assert_eq!(at(a, "securityContext.runAsUser").as_u64(), Some(0));
+    assert!(!flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
+}
+
+#[test]
+fn host_mode_runs_as_non_root() {
+    let docs = render(&["--set", "mode=host"]);
+    check_common(&docs);
+    let pod = pod_spec(&docs);
+    let sc = at(agent(pod), "securityContext");
+    assert_eq!(at(sc, "runAsNonRoot"), &Value::Bool(true));
+    assert!(at(sc, "runAsUser").as_u64().is_some_and(|u| u != 0));
+    assert_eq!(at(sc, "allowPrivilegeEscalation"), &Value::Bool(false));
+    assert_eq!(strings(sc, "capabilities.drop"), ["ALL"]);
+    assert!(seq(sc, "capabilities.add").is_empty());
+    assert_eq!(at(sc, "readOnlyRootFilesystem"), &Value::Bool(true));
+    assert_ne!(at(pod, "shareProcessNamespace"), &Value::Bool(true));
+    assert!(
+        seq(pod, "volumes")
+            .iter()
+            .all(|v| at(v, "hostPath").is_null())
+    );
+    let a = agent(pod);
+    assert!(!flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
+    assert!(!flag_on(
+        a,
+        "ENABLE_CONTAINER_MODE",
+        "--enable-container-mode"
+    ));
+}
+
+#[test]
+fn role_grants_pods_and_tasks_to_the_service_account() {
+    let docs = render(&[]);
+    let role = doc(&docs, "Role");
+    let grants = |group: &str, resource: &str, verbs: &[&str]| {
+        seq(role, "rules").iter().any(|r| {
+            strings(r, "apiGroups").contains(&group)
+                && strings(r, "resources").contains(&resource)
+                && verbs.iter().all(|v| strings(r, "verbs").contains(v))
+        })
+    };
+    assert!(grants("", "pods", &["get", "watch", "list"]));
+    for resource in ["tasks", "tasks/status"] {
+        assert!(
+            grants(
+                "task-executor.io",
+                resource,
+                &["get", "list", "watch", "patch", "update"]
+            ),
+            "{resource}"
+        );
+    }
+    let binding = doc(&docs, "RoleBinding");
+    assert_eq!(text(binding, "roleRef.name"), text(role, "metadata.name"));
+    let subject = &seq(binding, "subjects")[0];
+    assert_eq!(
+        text(subject, "name"),
+        text(doc(&docs, "ServiceAccount"), "metadata.name")
+    );
+    assert_eq!(text(subject, "namespace"), NAMESPACE);
+}
+
+#[test]
+fn bad_values_are_refused() {
+    for (extra, message) in [
+        (
+            ["--set", "mode=bogus"],
+            "mode must be host, sidecar or container",
+        ),
+        (
+            ["--set", "workload=Job"],
+            "workload must be Deployment, Pool or None",
+        ),
+    ] {
+        let out = helm(["template", RELEASE, CHART].into_iter().chain(extra));
+        assert!(!out.status.success(), "{extra:?} rendered");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(message),
+            "{extra:?}"
+        );
+    }
+    let out = helm([
+        "template",
+        RELEASE,
+        CHART,
+        "--set",
+        "mode=sidecar",
+        "--set",
+        "main.enabled=false",
+    ]);
+    assert!(
+        !out.status.success(),
+        "sidecar mode without a main container rendered"
+    );
+}
+
+#[test]
+fn sidecar_template_defaults_match_values_yaml() {
+    // With `executor` removed, _sidecar.tpl's own defaults apply; they must render the
+    // same as values.yaml, which is what other charts including the template rely on.
+    for mode in ["host", "sidecar", "container"] {
+        let m = format!("mode={mode}");
+        let with_values = template_text(&repo().join(CHART), &["--set", &m]);
+        let with_defaults = template_text(
+            &repo().join(CHART),
+            &["--set", &m, "--set", "executor=null"],
+        );
+        assert_eq!(
+            with_values, with_defaults,
+            "{mode}: values.yaml and executorDefaults disagree"
+        );
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else {
+            fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn other_charts_can_include_the_sidecar() {
+    // A parent chart with this chart as a subchart (workload: None), whose own Pod uses
+    // the named templates as README.md shows.
+    let dir = Scratch::new();
+    let parent = dir.0.join("parent");
+    copy_dir(&repo().join(CHART), &parent.join("charts/task-executor"));
+    fs::create_dir_all(parent.join("templates")).unwrap();
+    fs::write(
+        parent.join("Chart.yaml"),
+        "apiVersion: v2\nname: parent\nversion: 0.1.0\n",
+    )
+    .unwrap();
+    fs::write(
+        parent.join("values.yaml"),
+        "mode: sidecar\ntask-executor:\n  workload: None\n",
+    )
+    .unwrap();
+    fs::write(
+        parent.join("templates/pod.yaml"),
+        r#"{{- $te := dict "mode" .Values.mode "executor" (dict "image" (dict "repository" "registry.example.com/task-executor" "tag" "0.1.0")) }}
+apiVersion: v1
+kind: Pod
+metadata:
+  name: sandbox
+spec:
+  serviceAccountName: {{ .Release.Name }}-task-executor
+  shareProcessNamespace: {{ eq .Values.mode "sidecar" }}
+  containers:
+    - name: main
+      image: python:3.12-slim-bookworm
+      env: {{- include "task-executor.mainEnv" $te | nindent 8 }}
+      volumeMounts: {{- include "task-executor.mainVolumeMounts" $te | nindent 8 }}
+    {{- include "task-executor.sidecar" $te | nindent 4 }}
+  volumes: {{- include "task-executor.volumes" $te | nindent 4 }}
+"#,
+    )
+    .unwrap();
+    let docs = docs(&template_text(&parent, &[]));
+    kubernetes_validate(&docs, "parent chart");
+    assert!(
+        docs.iter().all(|d| text(d, "kind") != "Deployment"),
+        "workload: None rendered a Deployment"
+    );
+    let pod = at(doc(&docs, "Pod"), "spec");
+    assert_eq!(
+        text(pod, "serviceAccountName"),
+        text(doc(&docs, "ServiceAccount"), "metadata.name")
+    );
+    let a = agent(pod);
+    assert_eq!(text(a, "image"), "registry.example.com/task-executor:0.1.0");
+    assert!(flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
+    let data_dir = env_value(a, "DATA_DIR");
+    assert_eq!(
+        volume_at(pod, a, data_dir),
+        volume_at(pod, container(pod, "main"), data_dir)
+    );
+}
+
+#[test]
+fn pool_example_matches_the_chart() {
+    let rendered = render(&["-f", "examples/values-batchsandbox-pool.yaml"]);
+    let pool = doc(&rendered, "Pool");
+    let example =
+        docs(&fs::read_to_string(repo().join("examples/pool-with-task-executor.yaml")).unwrap());
+    let example_pool = doc(&example, "Pool");
+    assert_eq!(
+        text(example_pool, "apiVersion"),
+        "sandbox.opensandbox.io/v1alpha1"
+    );
+    assert_eq!(
+        text(example_pool, "metadata.name"),
+        text(pool, "metadata.name")
+    );
+    assert!(
+        at(example_pool, "spec") == at(pool, "spec"),
+        "examples/pool-with-task-executor.yaml is stale; the chart renders:\n{}",
+        serde_yaml::to_string(at(pool, "spec")).unwrap()
+    );
+    let batch = doc(&example, "BatchSandbox");
+    assert_eq!(text(batch, "spec.poolRef"), text(pool, "metadata.name"));
+    assert!(!seq(batch, "spec.taskTemplate.spec.process.command").is_empty());
+}
+
+/// `*.yaml` files of a directory by name (empty when it does not exist).
+fn yaml_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some(OsStr::new("yaml")))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn chart_crds_equal_top_level_crds() {
+    let top = yaml_files(&repo().join("crds"));
+    let chart = yaml_files(&repo().join(CHART).join("crds"));
+    if !repo().join("crds").is_dir() {
+        // Nothing generated yet: the chart must not carry CRDs of its own making.
+        assert!(
+            chart.is_empty(),
+            "chart crds/ has files but top-level crds/ does not exist"
+        );
+        return;
+    }
+    assert!(!top.is_empty(), "top-level crds/ has no *.yaml");
+    assert_eq!(
+        chart.keys().collect::<Vec<_>>(),
+        top.keys().collect::<Vec<_>>(),
+        "run scripts/sync-chart-crds"
+    );
+    for (name, bytes) in &top {
+        assert!(
+            chart[name] == *bytes,
+            "charts/task-executor/crds/{name} differs: run scripts/sync-chart-crds"
+        );
+    }
+}
+
+/// Every field set in `v` is declared by the OpenAPI `schema` (unless it allows unknown
+/// fields), so an example cannot drift from the generated CRD.
+fn check_against_schema(v: &Value, schema: &Value, path: &str) {
+    if at(schema, "x-kubernetes-preserve-unknown-fields") == &Value::Bool(true) {
+        return;
+    }
+    match v {
+        Value::Mapping(m) => {
+            for (k, child) in m {
+                let k = k.as_str().unwrap();
+                let sub = at(schema, "properties").get(k).or_else(|| {
+                    schema
+                        .get("additionalProperties")
+                        .filter(|a| a.is_mapping())
+                });
+                let sub = sub.unwrap_or_else(|| {
+                    panic!("examples/task.yaml: {path}.{k} is not in the CRD schema")
+                });
+                check_against_schema(child, sub, &format!("{path}.{k}"));
+            }
+        }
+        Value::Sequence(items) => items
+            .iter()
+            .for_each(|i| check_against_schema(i, at(schema, "items"), path)),
+        _ => {}
+    }
+}
+
+#[test]
+fn task_example_is_a_task_for_a_pod() {
+    let task: Value =
+        serde_yaml::from_str(&fs::read_to_string(repo().join("examples/task.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(text(&task, "apiVersion"), "task-executor.io/v1alpha1");
+    assert_eq!(text(&task, "kind"), "Task");
+    assert!(!text(&task, "spec.podName").is_empty());
+    assert!(!seq(&task, "spec.process.command").is_empty());
+    let crd_file = repo().join("crds/tasks.task-executor.io.yaml");
+    if !crd_file.exists() {
+        return; // The CRD is generated by the Rust code; until then only the shape is checked.
+    }
+    let crd: Value = serde_yaml::from_str(&fs::read_to_string(crd_file).unwrap()).unwrap();
+    assert_eq!(text(&crd, "spec.group"), "task-executor.io");
+    assert_eq!(text(&crd, "spec.names.kind"), "Task");
+    let version = seq(&crd, "spec.versions")
+        .iter()
+        .find(|v| text(v, "name") == "v1alpha1")
+        .expect("CRD has v1alpha1");
+    let schema = at(version, "schema.openAPIV3Schema");
+    let mut body = Mapping::new();
+    body.insert("spec".into(), at(&task, "spec").clone());
+    check_against_schema(&Value::Mapping(body), schema, "");
+}
+
+#[test]
+fn dockerfile_passes_hadolint() {
+    let out = Command::new(tool("HADOLINT", "hadolint"))
+        .arg("Dockerfile")
+        .current_dir(repo())
+        .output()
+        .expect("run hadolint");
+    run_ok(out, "hadolint Dockerfile");
+    let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    for line in [
+        "RUN cargo build --release --locked",
+        "USER 65532:65532",
+        "EXPOSE 5758",
+        r#"ENTRYPOINT ["task-executor"]"#,
+    ] {
+        assert!(dockerfile.contains(line), "Dockerfile lacks {line:?}");
+    }
+}
+
+/// Dotted paths of the leaves of values.yaml (empty mappings count as leaves).
+fn leaves(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    match v.as_mapping() {
+        Some(m) if !m.is_empty() => {
+            for (k, child) in m {
+                let key = k.as_str().unwrap();
+                let path = if prefix.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                leaves(child, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn readme_documents_every_value() {
+    let values: Value =
+        serde_yaml::from_str(&fs::read_to_string(repo().join(CHART).join("values.yaml")).unwrap())
+            .unwrap();
+    let readme = fs::read_to_string(repo().join(CHART).join("README.md")).unwrap();
+    // Keys of the values table: the first cell of rows like "| `executor.port` | ...".
+    let table = readme
+        .split("\n## Values\n")
+        .nth(1)
+        .expect("README.md has a ## Values section");
+    let documented: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+        .collect();
+    let mut paths = Vec::new();
+    leaves(&values, "", &mut paths);
+    for path in &paths {
+        // A leaf is documented itself or through a documented parent (e.g. executor.resources).
+        let mut covered = false;
+        let mut p = path.as_str();
+        loop {
+            covered |= documented.contains(&p);
+            match p.rfind('.') {
+                Some(i) => p = &p[..i],
+                None => break,
+            }
+        }
+        assert!(covered, "README.md values table lacks {path}");
+    }
+    for key in &documented {
+        assert!(
+            paths
+                .iter()
+                .any(|p| p == key || p.starts_with(&format!("{key}."))),
+            "README.md documents {key}, which values.yaml does not have"
+        );
+    }
+}
