@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 use super::TaskError;
 use super::model::{TaskSpec, TaskState, Terminated};
@@ -86,6 +86,8 @@ pub struct Manager {
     tasks: RwLock<HashMap<String, Arc<Entry>>>,
     events: EventSink,
     uid_seq: AtomicU64,
+    /// Names of tasks whose view changed (state, deletion mark, removal).
+    changes: broadcast::Sender<String>,
 }
 
 impl Manager {
@@ -99,6 +101,7 @@ impl Manager {
             tasks: RwLock::new(HashMap::new()),
             events: tx,
             uid_seq: AtomicU64::new(0),
+            changes: broadcast::channel(1024).0,
         });
         tokio::spawn(event_loop(Arc::downgrade(&mgr), rx));
         mgr
@@ -106,6 +109,15 @@ impl Manager {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Names of tasks as their view changes; a lagging receiver should re-list.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self, name: &str) {
+        let _ = self.changes.send(name.to_string());
     }
 
     /// Loads every stored task and re-attaches to it (or finishes its deletion).
@@ -245,6 +257,7 @@ impl Manager {
             .await
             .map_err(std::io::Error::other)??;
         tracing::info!(task = name, "deletion requested");
+        self.changed(name);
         self.spawn_finalize(entry);
         Ok(())
     }
@@ -395,6 +408,8 @@ impl Manager {
             }
         }
         *state = new;
+        drop(state);
+        self.changed(&name);
     }
 
     fn on_event(&self, ev: RuntimeEvent) {
@@ -442,6 +457,7 @@ impl Manager {
             tasks.remove(&name);
         }
         tracing::info!(task = %name, "task deleted");
+        self.changed(&name);
     }
 
     fn task_ref(&self, entry: &Entry) -> TaskRef {
