@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 
+use super::procfs::ProcIdentity;
 use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
 use crate::task::fsutil;
@@ -124,10 +125,10 @@ impl ProcessRuntime {
                     // The shim is gone: either it just wrote the exit record, or it died.
                     return Ok(Observed::Terminated(match read_exit(&task)? {
                         Some(t) => t,
-                        None => lost(&task, Some(main.pid)),
+                        None => lost(&task, Some(main)),
                     }));
                 }
-                spawn_exit_waiter(task, main.pid, events);
+                spawn_exit_waiter(task, main, events);
                 Ok(Observed::Running {
                     started_at: started_at.unwrap_or_else(Time::now),
                 })
@@ -270,9 +271,10 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
 }
 
 /// The supervisor died without recording an exit: say so, and leave nothing running.
-fn lost(task: &TaskRef, main_pid: Option<i32>) -> Terminated {
-    if let Some(pid) = main_pid.filter(|p| *p > 1) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+/// The task's group is only signalled while its leader is provably the recorded process.
+fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
+    if let Some(m) = main.filter(|m| m.pid > 1 && m.is_alive()) {
+        let _ = killpg(Pid::from_raw(m.pid), Signal::SIGKILL);
     }
     tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
     Terminated {
@@ -288,7 +290,7 @@ fn lost(task: &TaskRef, main_pid: Option<i32>) -> Terminated {
     }
 }
 
-fn spawn_exit_waiter(task: TaskRef, main_pid: i32, events: EventSink) {
+fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink) {
     tokio::spawn(async move {
         let lock_path = task.dir.join(records::RUNNING_LOCK);
         let waited = tokio::task::spawn_blocking(move || wait_unlocked(&lock_path)).await;

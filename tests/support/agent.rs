@@ -1,0 +1,214 @@
+//! Runs the real `task-executor` binary on a temp data dir and a free loopback port.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::http::{self, Response};
+use super::wait_for;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_task-executor");
+
+pub struct Agent {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Starts an agent with extra flags, on a fresh data dir.
+    pub fn start(args: &[&str]) -> Agent {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
+        let tmp = tempfile::Builder::new().prefix("te-test-").tempdir().expect("tempdir");
+        let mut a = Agent {
+            addr: free_addr(),
+            data_dir: tmp.path().join("data"),
+            log: tmp.path().join("agent.log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            child: None,
+            _tmp: Some(tmp),
+        };
+        a.launch();
+        a
+    }
+
+    fn launch(&mut self) {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-addr")
+            .arg(self.addr.to_string())
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env("LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+        let addr = self.addr;
+        let log_path = self.log.clone();
+        wait_for(Duration::from_secs(20), "agent /health", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("agent exited with {status}: {}", fs::read_to_string(&log_path).unwrap_or_default());
+                }
+            }
+            http::request(addr, "GET", "/health", None).ok().filter(|r| r.status == 200)
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// `kill -9` of the agent alone (its shims live on).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns how long the agent took to exit.
+    pub fn sigterm(&mut self) -> Duration {
+        let mut c = self.child.take().expect("agent running");
+        let t = std::time::Instant::now();
+        Command::new("kill").arg("-TERM").arg(c.id().to_string()).status().expect("kill");
+        let status = c.wait().expect("wait");
+        assert!(status.success(), "agent exited with {status} after SIGTERM");
+        t.elapsed()
+    }
+
+    /// Starts the agent again on the same data dir and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the agent first");
+        self.launch();
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+        http::request(self.addr, method, path, bytes.as_deref()).expect("http request")
+    }
+
+    pub fn create(&self, task: Value) -> Response {
+        self.request("POST", "/tasks", Some(&task))
+    }
+
+    /// Creates `{name, spec.process: {command}}` and asserts 201.
+    pub fn run(&self, name: &str, command: &[&str]) -> Value {
+        let r = self.create(json!({"name": name, "spec": {"process": {"command": command}}}));
+        assert_eq!(r.status, 201, "create {name}: {}", r.text());
+        r.json()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Value> {
+        let r = self.request("GET", &format!("/tasks/{name}"), None);
+        match r.status {
+            200 => Some(r.json()),
+            404 => None,
+            s => panic!("GET {name}: {s} {}", r.text()),
+        }
+    }
+
+    pub fn delete(&self, name: &str) {
+        let r = self.request("DELETE", &format!("/tasks/{name}"), None);
+        assert_eq!(r.status, 204, "delete {name}: {}", r.text());
+    }
+
+    /// Waits until the task's state (waiting/running/terminated) is `state`; returns its body.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(timeout, &format!("{name} to be {state}"), || {
+            let t = self.get(name)?;
+            t["status"]["state"].get(state).map(|s| s.clone())
+        })
+    }
+
+    pub fn wait_gone(&self, name: &str, timeout: Duration) {
+        wait_for(timeout, &format!("{name} to disappear"), || self.get(name).is_none().then_some(()));
+    }
+
+    pub fn task_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join(name)
+    }
+
+    pub fn stdout(&self, name: &str) -> String {
+        fs::read_to_string(self.task_dir(name).join("stdout.log")).unwrap_or_default()
+    }
+
+    /// The task's main process pid, from the shim's record.
+    pub fn main_pid(&self, name: &str) -> i32 {
+        let rec = fs::read_to_string(self.task_dir(name).join("shim.json")).expect("shim.json");
+        let v: Value = serde_json::from_str(&rec).unwrap();
+        v["main"]["pid"].as_i64().expect("main pid") as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+        kill_leftover_shims(&self.data_dir);
+    }
+}
+
+/// Kills what a test's tasks left running: every shim recorded under `data_dir`, and its
+/// task's process group, when the recorded start time still matches.
+pub fn kill_leftover_shims(data_dir: &Path) {
+    let Ok(dir) = fs::read_dir(data_dir) else { return };
+    for e in dir.flatten() {
+        let Ok(text) = fs::read_to_string(e.path().join("shim.json")) else { continue };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+        for key in ["main", "shim"] {
+            let pid = v[key]["pid"].as_i64().filter(|p| *p > 1);
+            let same = pid.is_some_and(|p| start_time(p as i32) == v[key]["startTime"].as_u64());
+            if let Some(pid) = pid.filter(|_| same) {
+                let target = if key == "main" { format!("-{pid}") } else { pid.to_string() };
+                let _ = Command::new("kill").args(["-KILL", "--", &target]).stderr(Stdio::null()).status();
+            }
+        }
+    }
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+}
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// Replaces the RFC 3339 timestamps of a task body with a fixed marker, for golden checks.
+pub fn normalize_times(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                if (k.ends_with("At") || k == "deletionTimestamp") && val.is_string() {
+                    *val = Value::String("<time>".into());
+                } else {
+                    normalize_times(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_times),
+        _ => {}
+    }
+}
