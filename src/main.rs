@@ -29,6 +29,17 @@ enum Command {
         #[arg(long)]
         task_dir: PathBuf,
     },
+    /// Measure latency, throughput, list time and memory against a raw spawn loop.
+    Bench {
+        #[arg(long, default_value_t = 10_000)]
+        held_tasks: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 300)]
+        latency_samples: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +47,21 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Shim { task_dir }) => {
             std::process::exit(task_executor::runtime::shim::run(&task_dir))
+        }
+        Some(Command::Bench {
+            held_tasks,
+            clients,
+            duration,
+            latency_samples,
+        }) => {
+            let opts = task_executor::bench::BenchOptions {
+                held_tasks,
+                clients,
+                duration,
+                latency_samples,
+            };
+            print!("{}", task_executor::bench::run(&opts)?);
+            Ok(())
         }
         None => serve(cli.config),
     }

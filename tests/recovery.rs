@@ -14,14 +14,29 @@ const T: Duration = Duration::from_secs(15);
 fn exit_while_agent_is_dead_is_reported_after_restart() {
     let mut a = Agent::start(&[]);
     let runs = a.data_dir.parent().unwrap().join("runs");
-    a.run("finishes-alone", &["sh", "-c", &format!("echo run >> {}; sleep 1; exit 7", runs.display())]);
+    a.run(
+        "finishes-alone",
+        &[
+            "sh",
+            "-c",
+            &format!("echo run >> {}; sleep 1; exit 7", runs.display()),
+        ],
+    );
     a.wait_state("finishes-alone", "running", T);
     a.kill9();
     std::thread::sleep(Duration::from_millis(1800)); // the task ends while nobody watches
     a.restart();
     let t = a.wait_state("finishes-alone", "terminated", T);
-    assert_eq!((t["exitCode"].as_i64(), t["reason"].as_str()), (Some(7), Some("Failed")), "{t}");
-    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "not re-run");
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(7), Some("Failed")),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "not re-run"
+    );
 }
 
 #[test]
@@ -42,7 +57,10 @@ fn running_task_is_readopted_and_its_later_exit_seen() {
 #[test]
 fn readopted_task_can_still_be_deleted_with_its_tree() {
     let mut a = Agent::start(&["--stop-grace-period", "1s"]);
-    a.run("stubborn", &["sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000"]);
+    a.run(
+        "stubborn",
+        &["sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000"],
+    );
     a.wait_state("stubborn", "running", T);
     let pid = a.main_pid("stubborn");
     a.kill9();
@@ -51,23 +69,33 @@ fn readopted_task_can_still_be_deleted_with_its_tree() {
     a.delete("stubborn");
     a.wait_gone("stubborn", T);
     assert!(!pid_alive(pid));
-    let leftovers = std::process::Command::new("pgrep").args(["-f", "^sleep 1000$", "-P", &pid.to_string()]).output().unwrap();
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "^sleep 1000$", "-P", &pid.to_string()])
+        .output()
+        .unwrap();
     assert!(leftovers.stdout.is_empty());
 }
 
 #[test]
 fn deletion_interrupted_by_a_crash_finishes_after_restart() {
     let mut a = Agent::start(&["--stop-grace-period", "4s"]);
-    a.run("half-deleted", &["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"]);
+    a.run(
+        "half-deleted",
+        &["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
+    );
     a.wait_state("half-deleted", "running", T);
     let pid = a.main_pid("half-deleted");
     a.delete("half-deleted"); // the task ignores TERM, so this takes the whole grace
     a.kill9();
     a.restart();
-    let t = a.get("half-deleted").expect("still there, still being deleted");
+    let t = a
+        .get("half-deleted")
+        .expect("still there, still being deleted");
     assert!(t["deletionTimestamp"].is_string(), "{t}");
     // The new agent resumes the deletion instead of forgetting it.
-    wait_for(Duration::from_secs(20), "deleted", || a.get("half-deleted").is_none().then_some(()));
+    wait_for(Duration::from_secs(20), "deleted", || {
+        a.get("half-deleted").is_none().then_some(())
+    });
     assert!(!pid_alive(pid));
 }
 
@@ -98,7 +126,10 @@ fn sigterm_exits_quickly_and_tasks_keep_running() {
     a.wait_state("survivor", "running", T);
     let pid = a.main_pid("survivor");
     let took = a.sigterm();
-    assert!(took < Duration::from_secs(4), "graceful shutdown took {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "graceful shutdown took {took:?}"
+    );
     assert!(pid_alive(pid), "tasks are not stopped by an agent shutdown");
     let t0 = Instant::now();
     a.restart();
@@ -119,12 +150,16 @@ fn a_dead_pid_reused_never_looks_alive() {
     a.kill9();
     let dir = a.task_dir("reused");
     let shim_pid = {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("shim.json")).unwrap()).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("shim.json")).unwrap()).unwrap();
         v["shim"]["pid"].as_i64().unwrap() as i32
     };
     // Kill the shim and its task so no exit record is written, then forge the record to
     // name our own (live) test process with a wrong start time.
-    std::process::Command::new("kill").args(["-KILL", &shim_pid.to_string()]).status().unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim_pid.to_string()])
+        .status()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let me = std::process::id();
     let forged = json!({"shim": {"pid": me, "startTime": 1}, "main": {"pid": me, "startTime": 1}, "startedAt": "2026-01-01T00:00:00Z"});
@@ -132,5 +167,8 @@ fn a_dead_pid_reused_never_looks_alive() {
     a.restart();
     let t = a.wait_state("reused", "terminated", T);
     assert_eq!(t["reason"], "SupervisorLost", "{t}");
-    assert!(pid_alive(me as i32), "the agent never signals a process it doesn't own");
+    assert!(
+        pid_alive(me as i32),
+        "the agent never signals a process it doesn't own"
+    );
 }

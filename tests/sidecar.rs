@@ -17,7 +17,11 @@ fn unique(prefix: &str) -> String {
 }
 
 fn sidecar_agent(container: &str, extra: &[&str]) -> Agent {
-    let mut args = vec!["--enable-sidecar-mode=true", "--main-container-name", container];
+    let mut args = vec![
+        "--enable-sidecar-mode=true",
+        "--main-container-name",
+        container,
+    ];
     args.extend_from_slice(extra);
     Agent::start(&args)
 }
@@ -48,7 +52,12 @@ fn task_runs_in_the_main_containers_namespaces_env_and_fs() {
     ];
     assert_eq!(lines, want, "agent log:\n{}", a.log_text());
     // The agent itself stays outside.
-    assert_ne!(std::fs::read_link("/proc/self/ns/mnt").unwrap().to_string_lossy(), main.ns("mnt"));
+    assert_ne!(
+        std::fs::read_link("/proc/self/ns/mnt")
+            .unwrap()
+            .to_string_lossy(),
+        main.ns("mnt")
+    );
     assert_eq!(a.request("GET", "/readyz", None).status, 200);
 }
 
@@ -57,7 +66,14 @@ fn delete_kills_a_term_ignoring_task_inside_the_container() {
     let name = unique("main-del");
     let _main = MainContainer::start(&name, "del-host");
     let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
-    a.run("stubborn", &["sh", "-c", "trap '' TERM; sleep 1000 & while true; do sleep 0.2; done"]);
+    a.run(
+        "stubborn",
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 1000 & while true; do sleep 0.2; done",
+        ],
+    );
     a.wait_state("stubborn", "running", T);
     let pid = a.main_pid("stubborn");
     assert!(pid_alive(pid));
@@ -90,7 +106,11 @@ fn missing_main_container_is_reported_not_retried() {
     let t = a.wait_state("orphan", "terminated", T);
     assert_eq!(t["reason"], "TargetNotFound");
     assert!(t["message"].as_str().unwrap().contains(&name), "{t}");
-    assert_eq!(a.request("GET", "/health", None).status, 200, "liveness is not readiness");
+    assert_eq!(
+        a.request("GET", "/health", None).status,
+        200,
+        "liveness is not readiness"
+    );
 }
 
 #[test]

@@ -92,19 +92,25 @@ impl ProcessRuntime {
             .ok_or_else(|| io::Error::other("shim stdout missing"))?;
         // The agent's reaper collects the shim when it exits; its status is not needed.
         drop(child);
-        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
-        let mut sink = Vec::new();
-        if tokio::time::timeout(LAUNCH_TIMEOUT, rx.read_to_end(&mut sink))
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
+        // The first byte (or EOF) means the records say how the start went.
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first))
             .await
             .is_err()
         {
             tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
         }
-        self.observe(task, events).await
+        self.observe(task, events, ExitWatch::Pipe(pipe)).await
     }
 
     /// Reads the records and, for a running task, starts waiting for its exit.
-    async fn observe(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
+    async fn observe(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+        watch: ExitWatch,
+    ) -> Result<Observed, RuntimeError> {
         let dir = task.dir.clone();
         if let Some(t) = read_exit(&task)? {
             return Ok(Observed::Terminated(t));
@@ -128,7 +134,7 @@ impl ProcessRuntime {
                         None => lost(&task, Some(main)),
                     }));
                 }
-                spawn_exit_waiter(task, main, events);
+                spawn_exit_waiter(task, main, events, watch);
                 Ok(Observed::Running {
                     started_at: started_at.unwrap_or_else(Time::now),
                 })
@@ -156,7 +162,7 @@ impl ProcessRuntime {
         task: TaskRef,
         events: EventSink,
     ) -> Result<Observed, RuntimeError> {
-        self.observe(task, events).await
+        self.observe(task, events, ExitWatch::Lock).await
     }
 
     pub(crate) fn stop_task(
@@ -290,11 +296,44 @@ fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
     }
 }
 
-fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink) {
+/// How the agent learns that a running task finished.
+enum ExitWatch {
+    /// EOF on the stdout pipe of a shim this agent started: no thread, no polling.
+    Pipe(tokio::net::unix::pipe::Receiver),
+    /// A shim adopted after a restart: wait for its `running.lock` on a small thread of
+    /// its own (never on the shared blocking pool, which a thousand tasks would exhaust).
+    Lock,
+}
+
+fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink, watch: ExitWatch) {
     tokio::spawn(async move {
-        let lock_path = task.dir.join(records::RUNNING_LOCK);
-        let waited = tokio::task::spawn_blocking(move || wait_unlocked(&lock_path)).await;
-        if let Err(e) = waited.map_err(io::Error::other).and_then(|r| r) {
+        let waited = match watch {
+            ExitWatch::Pipe(mut pipe) => {
+                let mut sink = [0u8; 64];
+                loop {
+                    match pipe.read(&mut sink).await {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            ExitWatch::Lock => {
+                let lock_path = task.dir.join(records::RUNNING_LOCK);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("exit-wait".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let _ = tx.send(wait_unlocked(&lock_path));
+                    });
+                match spawned {
+                    Ok(_) => rx.await.unwrap_or_else(|e| Err(io::Error::other(e))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
         let t = match read_exit(&task) {

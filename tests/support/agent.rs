@@ -30,13 +30,19 @@ impl Agent {
     }
 
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
-        let tmp = tempfile::Builder::new().prefix("te-test-").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("te-test-")
+            .tempdir()
+            .expect("tempdir");
         let mut a = Agent {
             addr: free_addr(),
             data_dir: tmp.path().join("data"),
             log: tmp.path().join("agent.log"),
             args: args.iter().map(|s| s.to_string()).collect(),
-            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             _tmp: Some(tmp),
         };
@@ -45,7 +51,11 @@ impl Agent {
     }
 
     fn launch(&mut self) {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
         let child = Command::new(BIN)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -65,10 +75,15 @@ impl Agent {
         wait_for(Duration::from_secs(20), "agent /health", || {
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("agent exited with {status}: {}", fs::read_to_string(&log_path).unwrap_or_default());
+                    panic!(
+                        "agent exited with {status}: {}",
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                 }
             }
-            http::request(addr, "GET", "/health", None).ok().filter(|r| r.status == 200)
+            http::request(addr, "GET", "/health", None)
+                .ok()
+                .filter(|r| r.status == 200)
         });
     }
 
@@ -88,7 +103,11 @@ impl Agent {
     pub fn sigterm(&mut self) -> Duration {
         let mut c = self.child.take().expect("agent running");
         let t = std::time::Instant::now();
-        Command::new("kill").arg("-TERM").arg(c.id().to_string()).status().expect("kill");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill");
         let status = c.wait().expect("wait");
         assert!(status.success(), "agent exited with {status} after SIGTERM");
         t.elapsed()
@@ -139,7 +158,9 @@ impl Agent {
     }
 
     pub fn wait_gone(&self, name: &str, timeout: Duration) {
-        wait_for(timeout, &format!("{name} to disappear"), || self.get(name).is_none().then_some(()));
+        wait_for(timeout, &format!("{name} to disappear"), || {
+            self.get(name).is_none().then_some(())
+        });
     }
 
     pub fn task_dir(&self, name: &str) -> PathBuf {
@@ -172,16 +193,29 @@ impl Drop for Agent {
 /// Kills what a test's tasks left running: every shim recorded under `data_dir`, and its
 /// task's process group, when the recorded start time still matches.
 pub fn kill_leftover_shims(data_dir: &Path) {
-    let Ok(dir) = fs::read_dir(data_dir) else { return };
+    let Ok(dir) = fs::read_dir(data_dir) else {
+        return;
+    };
     for e in dir.flatten() {
-        let Ok(text) = fs::read_to_string(e.path().join("shim.json")) else { continue };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else { continue };
+        let Ok(text) = fs::read_to_string(e.path().join("shim.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
         for key in ["main", "shim"] {
             let pid = v[key]["pid"].as_i64().filter(|p| *p > 1);
             let same = pid.is_some_and(|p| start_time(p as i32) == v[key]["startTime"].as_u64());
             if let Some(pid) = pid.filter(|_| same) {
-                let target = if key == "main" { format!("-{pid}") } else { pid.to_string() };
-                let _ = Command::new("kill").args(["-KILL", "--", &target]).stderr(Stdio::null()).status();
+                let target = if key == "main" {
+                    format!("-{pid}")
+                } else {
+                    pid.to_string()
+                };
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &target])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
@@ -189,11 +223,19 @@ pub fn kill_leftover_shims(data_dir: &Path) {
 
 fn start_time(pid: i32) -> Option<u64> {
     let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Replaces the RFC 3339 timestamps of a task body with a fixed marker, for golden checks.

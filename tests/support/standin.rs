@@ -22,7 +22,18 @@ impl MainContainer {
              exec env SANDBOX_MAIN_CONTAINER={name} TARGET_VAR=hello-from-target sleep 100000"
         );
         let child = Command::new("unshare")
-            .args(["--pid", "--fork", "--mount", "--uts", "--ipc", "--net", "--mount-proc", "sh", "-c", &script])
+            .args([
+                "--pid",
+                "--fork",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--net",
+                "--mount-proc",
+                "sh",
+                "-c",
+                &script,
+            ])
             .stdin(Stdio::null())
             .spawn()
             .expect("unshare (util-linux) must be installed and the tests run as root");
@@ -31,20 +42,31 @@ impl MainContainer {
             std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
                 let pid: i32 = e.file_name().to_str()?.parse().ok()?;
                 let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-                env.split(|b| *b == 0).any(|kv| kv == marker.as_bytes()).then_some(pid)
+                env.split(|b| *b == 0)
+                    .any(|kv| kv == marker.as_bytes())
+                    .then_some(pid)
             })
         });
-        MainContainer { child, pid, hostname: hostname.to_string() }
+        MainContainer {
+            child,
+            pid,
+            hostname: hostname.to_string(),
+        }
     }
 
     /// The namespace link (e.g. "uts:[4026532123]") of the stand-in.
     pub fn ns(&self, kind: &str) -> String {
-        std::fs::read_link(format!("/proc/{}/ns/{kind}", self.pid)).unwrap().to_string_lossy().into_owned()
+        std::fs::read_link(format!("/proc/{}/ns/{kind}", self.pid))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
     }
 
     /// Ends the container: its PID 1 dies, and the kernel kills its whole PID namespace.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-KILL", &self.pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
