@@ -47,8 +47,9 @@ pub mod labels {
 /// Kubelet's container-name label, used to find a `targetContainer` in the pod.
 pub const KUBE_CONTAINER_NAME_LABEL: &str = "io.kubernetes.container.name";
 
-/// Written to the task dir once the container exists, so a recovery can tell "never
-/// created" (start it) from "created, then removed behind our back" (report it lost).
+/// Written to the task dir (empty) before CreateContainer and (with the id) after it, so a
+/// recovery can tell "never created" (start it) from "created, then removed behind our
+/// back" (report it lost), and a stop of a task that never got a container needs no CRI.
 const CONTAINER_ID_FILE: &str = "container.id";
 
 #[derive(Clone, Debug)]
@@ -320,6 +321,8 @@ impl Inner {
         let mut sandbox_config = sb.config.clone();
         // The runtime writes the log at <log_directory>/<log_path>: the task dir.
         sandbox_config.log_directory = task.dir.display().to_string();
+        // An empty marker first: from here on a container may exist.
+        write_container_id(&task.dir, "")?;
         let id = self
             .cri
             .create_container(&sb.id, config, sandbox_config)
@@ -399,7 +402,7 @@ impl Inner {
     async fn adopt(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
         let found = self.find(&task).await?;
         let Some(newest) = found.first() else {
-            if task.dir.join(CONTAINER_ID_FILE).exists() {
+            if read_container_id(&task.dir).is_some_and(|id| !id.is_empty()) {
                 tracing::warn!(task = %task.name, "the task's container is gone");
                 let mut t = Terminated::failed_to_start(
                     reason::RUNTIME_ERROR,
@@ -428,6 +431,11 @@ impl Inner {
     }
 
     async fn stop(&self, task: TaskRef, grace: Duration) -> Result<(), RuntimeError> {
+        if read_container_id(&task.dir).is_none() {
+            // CreateContainer was never called for this task: nothing to stop, and no
+            // need to reach the runtime (which may be the reason it never ran).
+            return Ok(());
+        }
         for c in self.find(&task).await? {
             self.monitor.unwatch(&c.id);
             if c.state != ContainerState::ContainerExited as i32 {
@@ -471,6 +479,12 @@ impl Inner {
             }
         }
     }
+}
+
+fn read_container_id(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(CONTAINER_ID_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 fn write_container_id(dir: &Path, id: &str) -> Result<(), RuntimeError> {
