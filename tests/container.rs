@@ -25,7 +25,10 @@ struct Env {
 
 fn setup(extra: &[&str]) -> Env {
     let cd = containerd::shared();
-    let tmp = tempfile::Builder::new().prefix("te-cri-").tempdir().unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("te-cri-")
+        .tempdir()
+        .unwrap();
     let vol = tmp.path().join("vol");
     let data = tmp.path().join("data");
     fs::create_dir_all(&vol).unwrap();
@@ -106,9 +109,15 @@ fn exit_codes_env_command_and_args() {
     let ok = a.wait_state("ok", "terminated", T);
     assert_eq!(ok["exitCode"], 0, "{ok}");
     assert_eq!(ok["reason"], "Succeeded");
-    assert!(ok["startedAt"].is_string() && ok["finishedAt"].is_string(), "{ok}");
+    assert!(
+        ok["startedAt"].is_string() && ok["finishedAt"].is_string(),
+        "{ok}"
+    );
     let bad = a.wait_state("fails", "terminated", T);
-    assert_eq!((bad["exitCode"].as_i64(), bad["reason"].as_str()), (Some(7), Some("Failed")));
+    assert_eq!(
+        (bad["exitCode"].as_i64(), bad["reason"].as_str()),
+        (Some(7), Some("Failed"))
+    );
     let d = a.wait_state("default-entry", "terminated", T);
     assert_eq!(d["exitCode"], 3, "{d}");
 
@@ -142,7 +151,10 @@ fn volume_mounts_reach_the_host() {
         "written-inside\n"
     );
     let r = a.wait_state("reader", "terminated", T);
-    assert_ne!(r["exitCode"], 0, "a read-only mount must refuse writes: {r}");
+    assert_ne!(
+        r["exitCode"], 0,
+        "a read-only mount must refuse writes: {r}"
+    );
     let log = fs::read_to_string(env.data.join("reader/container.log")).unwrap();
     assert!(log.contains("from-host"), "{log}");
     assert!(!env.vol.join("denied").exists());
@@ -164,7 +176,11 @@ fn unknown_volume_is_a_400() {
         ),
     );
     assert_eq!(r.status, 400, "{}", r.body);
-    assert!(r.body.contains("nope") && r.body.contains("data"), "{}", r.body);
+    assert!(
+        r.body.contains("nope") && r.body.contains("data"),
+        "{}",
+        r.body
+    );
     assert!(env.agent.task("v").is_none());
     env.finish();
 }
@@ -183,7 +199,11 @@ fn delete_stops_and_removes_a_running_container() {
     a.wait_gone("sleeper", T);
     // sleep as PID 1 ignores SIGTERM: the stop waits out the 2 s grace, then kills.
     assert!(started.elapsed() < Duration::from_secs(15));
-    assert_eq!(env.containers_of("sleeper"), 0, "container left after delete");
+    assert_eq!(
+        env.containers_of("sleeper"),
+        0,
+        "container left after delete"
+    );
     env.finish();
 }
 
@@ -207,7 +227,10 @@ fn missing_image_is_err_image_pull() {
     let env = setup(&[]);
     let a = &env.agent;
     let image = "localhost:1/task-executor/no-such-image:v1";
-    a.create(&container_task("pull", json!({"image": image, "command": ["true"]})));
+    a.create(&container_task(
+        "pull",
+        json!({"image": image, "command": ["true"]}),
+    ));
     let t = a.wait_state("pull", "terminated", T);
     assert_eq!(t["reason"], "ErrImagePull", "{t}");
     assert!(t["message"].as_str().unwrap().contains(image), "{t}");
@@ -230,7 +253,10 @@ fn agent_kill9_and_restart_readopts_containers() {
     let short = env.agent.wait_state("short", "terminated", T);
     assert_eq!(short["exitCode"], 9, "{short}");
     let again = env.agent.wait_state("long", "running", T);
-    assert_eq!(again["startedAt"], started["startedAt"], "the same container");
+    assert_eq!(
+        again["startedAt"], started["startedAt"],
+        "the same container"
+    );
     let long = env.agent.wait_state("long", "terminated", T);
     assert_eq!(long["exitCode"], 4, "{long}");
     assert_eq!(long["reason"], "Failed");
@@ -266,7 +292,10 @@ fn target_container_shares_the_pid_namespace() {
                "targetContainer": "main"}),
     ));
     let t = a.wait_state("debug", "terminated", T);
-    assert_eq!(t["exitCode"], 0, "the target's processes must be visible: {t}");
+    assert_eq!(
+        t["exitCode"], 0,
+        "the target's processes must be visible: {t}"
+    );
     // Without a target the same check fails: PID namespaces are per container.
     a.create(&sh("isolated", "ps | grep -v grep | grep -q 'sleep 300'"));
     let t = a.wait_state("isolated", "terminated", T);
@@ -284,7 +313,10 @@ fn target_container_shares_the_pid_namespace() {
 fn container_log_is_capped() {
     let env = setup(&["--max-log-bytes", "4096"]);
     let a = &env.agent;
-    a.create(&sh("chatty", "for i in $(seq 1 3000); do echo line-$i; done"));
+    a.create(&sh(
+        "chatty",
+        "for i in $(seq 1 3000); do echo line-$i; done",
+    ));
     let t = a.wait_state("chatty", "terminated", T);
     assert_eq!(t["exitCode"], 0, "{t}");
     let dir = env.data.join("chatty");
@@ -292,7 +324,10 @@ fn container_log_is_capped() {
     let rotated = fs::read(dir.join("container.log.1")).map_or(0, |b| b.len());
     assert!(live.len() + rotated <= 4096, "{} + {rotated}", live.len());
     assert!(live.contains("line-3000"), "newest output kept");
-    assert!(live.contains("[task-executor]"), "a marker shows the cut: {live}");
+    assert!(
+        live.contains("[task-executor]"),
+        "a marker shows the cut: {live}"
+    );
     env.finish();
 }
 

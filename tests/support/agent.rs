@@ -72,7 +72,10 @@ impl Agent {
                 }
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {st} while starting:\n{}", self.log_tail());
+                panic!(
+                    "agent exited with {st} while starting:\n{}",
+                    self.log_tail()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -131,7 +134,13 @@ impl Agent {
     /// POST /tasks; panics unless 201.
     pub fn create(&self, task: &Value) -> Value {
         let r = self.call("POST", "/tasks", Some(&task.to_string()));
-        assert_eq!(r.status, 201, "create {task}: {}\n{}", r.body, self.log_tail());
+        assert_eq!(
+            r.status,
+            201,
+            "create {task}: {}\n{}",
+            r.body,
+            self.log_tail()
+        );
         r.json()
     }
 

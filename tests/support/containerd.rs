@@ -36,9 +36,9 @@ pub const BUSYBOX: &str = "localhost/busybox:test";
 pub const PAUSE: &str = "localhost/pause:test";
 const BUSYBOX_BIN: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
-    "sh", "sleep", "echo", "cat", "true", "false", "env", "ls", "pwd", "touch", "mkdir",
-    "printf", "test", "kill", "ps", "id", "head", "tail", "wc", "sync", "rm", "date",
-    "hostname", "grep", "seq",
+    "sh", "sleep", "echo", "cat", "true", "false", "env", "ls", "pwd", "touch", "mkdir", "printf",
+    "test", "kill", "ps", "id", "head", "tail", "wc", "sync", "rm", "date", "hostname", "grep",
+    "seq",
 ];
 
 pub struct Containerd {
@@ -325,7 +325,10 @@ fn oci_archive() -> Result<Vec<u8>, String> {
     let mut blobs: Vec<(String, Vec<u8>)> = vec![(layer_digest.clone(), layer_gz.clone())];
     let mut manifests = Vec::new();
     for (name, cfg) in [
-        (BUSYBOX, serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]})),
+        (
+            BUSYBOX,
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
+        ),
         (
             PAUSE,
             serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "2147483647"]}),
@@ -406,10 +409,8 @@ pub fn leftovers(
         .unwrap();
     rt.block_on(async {
         let cri = GrpcCri::new(socket).unwrap();
-        let sel = std::collections::HashMap::from([(
-            labels::AGENT.to_string(),
-            agent_id.to_string(),
-        )]);
+        let sel =
+            std::collections::HashMap::from([(labels::AGENT.to_string(), agent_id.to_string())]);
         let containers = cri
             .list_containers(k8s_cri::v1::ContainerFilter {
                 label_selector: sel.clone(),

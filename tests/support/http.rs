@@ -16,7 +16,12 @@ impl Response {
     }
 }
 
-pub fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> std::io::Result<Response> {
+pub fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or("");
@@ -40,7 +45,11 @@ pub fn request(port: u16, method: &str, path: &str, body: Option<&str>) -> std::
     let chunked = head
         .lines()
         .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Ok(Response { status, body })
 }
 

@@ -438,17 +438,16 @@ impl Inner {
         }
         for c in self.find(&task).await? {
             self.monitor.unwatch(&c.id);
-            if c.state != ContainerState::ContainerExited as i32 {
-                if let Err(s) = self.cri.stop_container(&c.id, grace).await {
-                    if !is_not_found(&s) {
-                        return Err(self.unreachable("StopContainer", &s));
-                    }
-                }
+            if c.state != ContainerState::ContainerExited as i32
+                && let Err(s) = self.cri.stop_container(&c.id, grace).await
+                && !is_not_found(&s)
+            {
+                return Err(self.unreachable("StopContainer", &s));
             }
-            if let Err(s) = self.cri.remove_container(&c.id).await {
-                if !is_not_found(&s) {
-                    return Err(self.unreachable("RemoveContainer", &s));
-                }
+            if let Err(s) = self.cri.remove_container(&c.id).await
+                && !is_not_found(&s)
+            {
+                return Err(self.unreachable("RemoveContainer", &s));
             }
             tracing::info!(task = %task.name, container = %c.id, "container removed");
         }

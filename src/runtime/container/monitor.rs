@@ -37,7 +37,7 @@ pub struct Watch {
 }
 
 enum Cmd {
-    Watch(Watch),
+    Watch(Box<Watch>),
     Unwatch(String),
     /// Look at this container now (an event, or a timeout stop that finished).
     Check(String),
@@ -80,7 +80,7 @@ impl Monitor {
     }
 
     pub fn watch(&self, w: Watch) {
-        let _ = self.tx.send(Cmd::Watch(w));
+        let _ = self.tx.send(Cmd::Watch(Box::new(w)));
     }
 
     pub fn unwatch(&self, container_id: &str) {
@@ -116,7 +116,7 @@ impl State {
                     Some(Cmd::Watch(w)) => {
                         let id = w.container_id.clone();
                         tracing::debug!(task = %w.task.name, container = %id, "watching container");
-                        self.watches.insert(id, Entry { watch: w, timed_out: false });
+                        self.watches.insert(id, Entry { watch: *w, timed_out: false });
                     }
                     Some(Cmd::Unwatch(id)) => { self.watches.remove(&id); }
                     Some(Cmd::Check(id)) => self.check(&id).await,
@@ -284,10 +284,8 @@ impl State {
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or(false);
-            if rotated {
-                if let Err(s) = self.cri.reopen_container_log(&id).await {
-                    tracing::warn!(container = %id, error = %s.message(), "reopening the container log failed");
-                }
+            if rotated && let Err(s) = self.cri.reopen_container_log(&id).await {
+                tracing::warn!(container = %id, error = %s.message(), "reopening the container log failed");
             }
         }
     }
