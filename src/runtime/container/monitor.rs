@@ -24,6 +24,8 @@ use crate::task::time::Time;
 
 /// How often running containers' log files are checked against the budget.
 const LOG_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// First look at a new container when polling.
+const FIRST_POLL: Duration = Duration::from_millis(10);
 /// Wait before re-subscribing to a broken event stream.
 const RESUBSCRIBE_DELAY: Duration = Duration::from_secs(2);
 
@@ -91,6 +93,11 @@ impl Monitor {
 struct Entry {
     watch: Watch,
     timed_out: bool,
+    /// Polling only: when this container is next looked at, and the step after that.
+    /// A new container is looked at soon (most short tasks end quickly), then less and
+    /// less often, up to the poll interval.
+    next_poll: Instant,
+    backoff: Duration,
 }
 
 struct State {
@@ -105,10 +112,9 @@ struct State {
 
 impl State {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>, cancel: CancellationToken) {
-        let mut next_poll = Instant::now();
         let mut next_log_check = Instant::now() + LOG_CHECK_INTERVAL;
         loop {
-            let wake = self.next_wake(next_poll, next_log_check);
+            let wake = self.next_wake(next_log_check);
             tokio::select! {
                 () = cancel.cancelled() => return,
                 cmd = rx.recv() => match cmd {
@@ -116,7 +122,13 @@ impl State {
                     Some(Cmd::Watch(w)) => {
                         let id = w.container_id.clone();
                         tracing::debug!(task = %w.task.name, container = %id, "watching container");
-                        self.watches.insert(id, Entry { watch: *w, timed_out: false });
+                        let backoff = FIRST_POLL.min(self.cfg.poll_interval);
+                        self.watches.insert(id, Entry {
+                            watch: *w,
+                            timed_out: false,
+                            next_poll: Instant::now() + backoff,
+                            backoff,
+                        });
                     }
                     Some(Cmd::Unwatch(id)) => { self.watches.remove(&id); }
                     Some(Cmd::Check(id)) => self.check(&id).await,
@@ -139,9 +151,13 @@ impl State {
                 },
                 () = sleep_until(wake) => {
                     let now = Instant::now();
-                    if !self.events_live && now >= next_poll {
+                    if !self.events_live && self.watches.values().any(|e| e.next_poll <= now) {
                         self.poll().await;
-                        next_poll = now + self.cfg.poll_interval;
+                        let max = self.cfg.poll_interval;
+                        for e in self.watches.values_mut().filter(|e| e.next_poll <= now) {
+                            e.backoff = (e.backoff * 2).min(max);
+                            e.next_poll = now + e.backoff;
+                        }
                     }
                     if now >= next_log_check {
                         self.check_logs().await;
@@ -154,13 +170,15 @@ impl State {
     }
 
     /// The next time there is work: a poll, a log check or a deadline; none when idle.
-    fn next_wake(&self, next_poll: Instant, next_log_check: Instant) -> Option<Instant> {
+    fn next_wake(&self, next_log_check: Instant) -> Option<Instant> {
         if self.watches.is_empty() {
             return None;
         }
         let mut wake = next_log_check;
         if !self.events_live {
-            wake = wake.min(next_poll);
+            if let Some(p) = self.watches.values().map(|e| e.next_poll).min() {
+                wake = wake.min(p);
+            }
         }
         let now_wall = Time::now().unix_millis();
         for e in self.watches.values().filter(|e| !e.timed_out) {
