@@ -531,3 +531,6 @@ impl Runtime for ContainerRuntime {
         Box::pin(async move { inner.readiness().await })
     }
 }
+
+#[cfg(test)]
+mod tests;

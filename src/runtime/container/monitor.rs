@@ -175,10 +175,10 @@ impl State {
             return None;
         }
         let mut wake = next_log_check;
-        if !self.events_live {
-            if let Some(p) = self.watches.values().map(|e| e.next_poll).min() {
-                wake = wake.min(p);
-            }
+        if !self.events_live
+            && let Some(p) = self.watches.values().map(|e| e.next_poll).min()
+        {
+            wake = wake.min(p);
         }
         let now_wall = Time::now().unix_millis();
         for e in self.watches.values().filter(|e| !e.timed_out) {
