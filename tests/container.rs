@@ -223,6 +223,23 @@ fn timeout_stops_the_container_as_task_timeout() {
 }
 
 #[test]
+fn timeout_survives_an_agent_restart() {
+    let mut env = setup(&[]);
+    let mut t = sh("deadline", "sleep 300");
+    t["spec"]["timeoutSeconds"] = json!(3);
+    env.agent.create(&t);
+    env.agent.wait_state("deadline", "running", T);
+    env.agent.kill9();
+    // The deadline passes while no agent runs; the next one enforces it at once.
+    std::thread::sleep(Duration::from_secs(4));
+    env.agent.restart();
+    let term = env.agent.wait_state("deadline", "terminated", T);
+    assert_eq!(term["reason"], "TaskTimeout", "{term}");
+    assert_eq!(term["message"], "Task exceeded timeout of 3 seconds");
+    env.finish();
+}
+
+#[test]
 fn missing_image_is_err_image_pull() {
     let env = setup(&[]);
     let a = &env.agent;
@@ -313,9 +330,10 @@ fn target_container_shares_the_pid_namespace() {
 fn container_log_is_capped() {
     let env = setup(&["--max-log-bytes", "4096"]);
     let a = &env.agent;
+    // The sleep lets the running container's log be rotated (ReopenContainerLog) first.
     a.create(&sh(
         "chatty",
-        "for i in $(seq 1 3000); do echo line-$i; done",
+        "for i in $(seq 1 3000); do echo line-$i; done; sleep 3; echo after-rotation",
     ));
     let t = a.wait_state("chatty", "terminated", T);
     assert_eq!(t["exitCode"], 0, "{t}");
@@ -323,7 +341,11 @@ fn container_log_is_capped() {
     let live = fs::read_to_string(dir.join("container.log")).unwrap();
     let rotated = fs::read(dir.join("container.log.1")).map_or(0, |b| b.len());
     assert!(live.len() + rotated <= 4096, "{} + {rotated}", live.len());
-    assert!(live.contains("line-3000"), "newest output kept");
+    assert!(
+        live.contains("after-rotation"),
+        "newest output kept: {live}"
+    );
+    assert!(rotated > 0, "the running container's log was rotated");
     assert!(
         live.contains("[task-executor]"),
         "a marker shows the cut: {live}"
