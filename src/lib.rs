@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::handlers::AppState;
 use crate::config::Config;
+use crate::runtime::container::volumes::StaticVolumes;
+use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::sidecar::{EnvLocator, MainContainerLocator, SidecarRuntime};
 use crate::runtime::{Runtime, Runtimes};
@@ -69,7 +71,7 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let runtimes = build_runtimes(&config)?;
+    let (runtimes, container) = build_runtimes(&config)?;
     let manager = Manager::new(
         store,
         runtimes,
@@ -117,10 +119,13 @@ pub async fn run(
             tracing::warn!("connections still open after {:?}; closing them", SHUTDOWN_GRACE);
         }
     }
+    if let Some(c) = container {
+        c.shutdown().await;
+    }
     Ok(())
 }
 
-fn build_runtimes(config: &Config) -> Result<Runtimes, AppError> {
+fn build_runtimes(config: &Config) -> Result<(Runtimes, Option<ContainerRuntime>), AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
     let process: Arc<dyn Runtime> = if config.enable_sidecar_mode {
@@ -137,10 +142,23 @@ fn build_runtimes(config: &Config) -> Result<Runtimes, AppError> {
     } else {
         Arc::new(process)
     };
-    let container: Option<Arc<dyn Runtime>> = if config.enable_container_mode {
-        return Err(AppError::Config("container mode is being wired in".into()));
+    let container = if config.enable_container_mode {
+        let volumes: StaticVolumes = config
+            .volume_map()
+            .map_err(AppError::Config)?
+            .into_iter()
+            .collect();
+        let cfg = ContainerRuntimeConfig::from_config(config);
+        Some(
+            ContainerRuntime::connect(cfg, Arc::new(volumes))
+                .map_err(|e| AppError::Config(e.to_string()))?,
+        )
     } else {
         None
     };
-    Ok(Runtimes { process, container })
+    let runtimes = Runtimes {
+        process,
+        container: container.clone().map(|c| Arc::new(c) as Arc<dyn Runtime>),
+    };
+    Ok((runtimes, container))
 }

@@ -3,6 +3,8 @@
 
 pub mod child_setup; // the crate's only `unsafe`: the fork-time hook (signals, setns)
 #[forbid(unsafe_code)]
+pub mod container;
+#[forbid(unsafe_code)]
 pub mod error;
 #[forbid(unsafe_code)]
 pub mod process;

@@ -50,6 +50,22 @@ impl Agent {
         a
     }
 
+    /// Starts an agent on a data dir the test owns (its log goes beside it).
+    pub fn start_in(data_dir: &Path, args: &[&str]) -> Agent {
+        fs::create_dir_all(data_dir).expect("data dir");
+        let mut a = Agent {
+            addr: free_addr(),
+            data_dir: data_dir.to_path_buf(),
+            log: data_dir.with_extension("log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: Vec::new(),
+            child: None,
+            _tmp: None,
+        };
+        a.launch();
+        a
+    }
+
     fn launch(&mut self) {
         let log = fs::OpenOptions::new()
             .create(true)
@@ -63,6 +79,9 @@ impl Agent {
             .arg(self.addr.to_string())
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            // Tests outside a pod must not pick up the runner's pod identity.
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
             .env("LOG_LEVEL", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -113,10 +132,69 @@ impl Agent {
         t.elapsed()
     }
 
-    /// Starts the agent again on the same data dir and port.
+    /// Starts the agent again on the same data dir and port (killing it first if running).
     pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "stop the agent first");
+        self.kill9();
         self.launch();
+    }
+
+    /// SIGTERM and wait (up to 30 s) for the agent to exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().ok().flatten() {
+                return Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last 40 lines of the agent's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// A request with a raw string body.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        http::request(self.addr, method, path, body.map(str::as_bytes))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log_tail()))
+    }
+
+    /// POST /tasks; panics unless 201; returns the created task.
+    pub fn create_ok(&self, task: &Value) -> Value {
+        let r = self.create(task.clone());
+        assert_eq!(r.status, 201, "create {task}: {}\n{}", r.text(), self.log_tail());
+        r.json()
+    }
+
+    /// Deletes every task, waits until they are gone, then stops the agent (SIGTERM).
+    pub fn delete_all_and_stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        let list = self.request("GET", "/getTasks", None).json();
+        let names: Vec<String> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .collect();
+        for n in &names {
+            self.delete(n);
+        }
+        for n in &names {
+            self.wait_gone(n, Duration::from_secs(60));
+        }
+        let st = self.terminate();
+        assert!(st.is_some_and(|s| s.success()), "agent exit: {st:?}\n{}", self.log_tail());
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
@@ -185,6 +263,13 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("agent log tail:\n{}", self.log_tail());
+        }
+        // Containers outlive the agent: let it remove them before it goes.
+        if self.child.is_some() && self.args.iter().any(|a| a.starts_with("--enable-container-mode")) {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.delete_all_and_stop()));
+        }
         self.kill9();
         kill_leftover_shims(&self.data_dir);
     }

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod agent;
+pub mod containerd;
 pub mod http;
 pub mod standin;
 

@@ -1,0 +1,430 @@
+//! A private containerd (with its CRI plugin) for tests, shared by every test process.
+//!
+//! nextest runs each test in its own process, so one instance is shared through files
+//! under `/tmp/task-executor-containerd`:
+//! - `lock`: held exclusively while an instance is checked, started or torn down;
+//! - `users`: every test process holds a shared flock on it for its whole life (the kernel
+//!   drops it when the process dies, even on SIGKILL);
+//! - `run/`: the instance (config, root, state, socket, logs, the image tarball).
+//!
+//! The first process starts a small guardian shell script in its own process group; the
+//! guardian starts containerd and, once nobody has held `users` for ~10 s, takes `lock`,
+//! kills what runs in the instance, stops containerd, unmounts and deletes `run/`. So a
+//! test run leaves nothing behind, and consecutive test processes reuse one warm instance
+//! instead of paying ~1 s start plus an image import each.
+//!
+//! Images are built here from the host's busybox-static: `localhost/busybox:test` (a
+//! shell image) and `localhost/pause:test` (the sandbox image), imported with `ctr`.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sha2::{Digest, Sha256};
+
+pub const BASE: &str = "/tmp/task-executor-containerd";
+pub const BUSYBOX: &str = "localhost/busybox:test";
+pub const PAUSE: &str = "localhost/pause:test";
+const BUSYBOX_BIN: &str = "/bin/busybox";
+const APPLETS: &[&str] = &[
+    "sh", "sleep", "echo", "cat", "true", "false", "env", "ls", "pwd", "touch", "mkdir", "printf",
+    "test", "kill", "ps", "id", "head", "tail", "wc", "sync", "rm", "date", "hostname", "grep",
+    "seq",
+];
+
+pub struct Containerd {
+    pub socket: PathBuf,
+    pub dir: PathBuf,
+}
+
+static SHARED: OnceLock<Containerd> = OnceLock::new();
+static USER_LOCK: OnceLock<Flock<File>> = OnceLock::new();
+
+/// The shared instance, started if needed. Panics (the test fails) when containerd can't
+/// be run: these tests never skip.
+pub fn shared() -> &'static Containerd {
+    SHARED.get_or_init(|| {
+        start_or_join().unwrap_or_else(|e| {
+            panic!(
+                "cannot run the test containerd under {BASE}: {e}\n\
+                 (needs root, /usr/bin/containerd, ctr, runc and busybox-static; \
+                 see the logs in {BASE}/run)"
+            )
+        })
+    })
+}
+
+fn start_or_join() -> Result<Containerd, String> {
+    let base = PathBuf::from(BASE);
+    fs::create_dir_all(&base).map_err(|e| format!("mkdir {BASE}: {e}"))?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(base.join("lock"))
+        .map_err(|e| format!("lock file: {e}"))?;
+    let setup = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e.to_string())?;
+    let run = base.join("run");
+    let socket = run.join("containerd.sock");
+    if !healthy(&run, &socket) {
+        teardown_stale(&run);
+        setup_instance(&base, &run, &socket)?;
+    }
+    let users = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(base.join("users"))
+        .map_err(|e| format!("users file: {e}"))?;
+    let users = Flock::lock(users, FlockArg::LockShared).map_err(|(_, e)| e.to_string())?;
+    let _ = USER_LOCK.set(users);
+    drop(setup);
+    Ok(Containerd { socket, dir: run })
+}
+
+fn pid_alive(path: &Path) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    kill(Pid::from_raw(pid), None).ok().map(|_| pid)
+}
+
+fn ctr(socket: &Path) -> Command {
+    let mut c = Command::new("ctr");
+    c.arg("-a").arg(socket).arg("-n").arg("k8s.io");
+    c
+}
+
+fn ctr_ok(socket: &Path, args: &[&str]) -> bool {
+    ctr(socket)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn healthy(run: &Path, socket: &Path) -> bool {
+    run.join("ready").exists()
+        && pid_alive(&run.join("guardian.pid")).is_some()
+        && ctr_ok(socket, &["version"])
+}
+
+/// Removes what a crashed earlier instance left (nothing when run/ does not exist).
+fn teardown_stale(run: &Path) {
+    if !run.exists() {
+        return;
+    }
+    for f in ["guardian.pid", "containerd.pid"] {
+        if let Some(pid) = pid_alive(&run.join(f)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let prefix = format!("{}/", run.display());
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by(|a, b| b.cmp(a));
+    for m in mounts {
+        let _ = Command::new("umount").arg("-l").arg(&m).status();
+    }
+    let _ = fs::remove_dir_all(run);
+}
+
+const GUARDIAN: &str = r#"#!/bin/sh
+# Runs the shared test containerd; stops it once no test process has used it for a while.
+BASE="$1"; RUN="$BASE/run"; SOCK="$RUN/containerd.sock"
+containerd --config "$RUN/config.toml" >"$RUN/containerd.log" 2>&1 &
+CPID=$!
+echo "$CPID" > "$RUN/containerd.pid"
+cleanup() {
+  for t in $(ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
+    ctr -a "$SOCK" -n k8s.io tasks kill -s SIGKILL "$t" >/dev/null 2>&1
+  done
+  sleep 1
+  for t in $(ctr -a "$SOCK" -n k8s.io tasks ls -q 2>/dev/null); do
+    ctr -a "$SOCK" -n k8s.io tasks rm -f "$t" >/dev/null 2>&1
+  done
+  kill "$CPID" 2>/dev/null
+  for i in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$CPID" 2>/dev/null || break; sleep 0.5; done
+  kill -9 "$CPID" 2>/dev/null
+  wait "$CPID" 2>/dev/null
+  awk -v r="$RUN/" 'index($5, r) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+    while read -r m; do umount -l "$m"; done
+  rm -rf "$RUN"
+}
+idle=0
+while kill -0 "$CPID" 2>/dev/null; do
+  sleep 2
+  if flock -n -x "$BASE/users" true; then idle=$((idle+1)); else idle=0; fi
+  if [ "$idle" -ge 5 ]; then
+    exec 9>"$BASE/lock"
+    flock -x 9
+    if flock -n -x "$BASE/users" true; then cleanup; exit 0; fi
+    exec 9>&-
+    idle=0
+  fi
+done
+"#;
+
+fn setup_instance(base: &Path, run: &Path, socket: &Path) -> Result<(), String> {
+    for d in ["root", "state"] {
+        fs::create_dir_all(run.join(d)).map_err(|e| format!("mkdir: {e}"))?;
+    }
+    let default = Command::new("containerd")
+        .args(["config", "default"])
+        .output()
+        .map_err(|e| format!("containerd config default: {e}"))?;
+    let mut config = String::from_utf8_lossy(&default.stdout).into_owned();
+    for (from, to) in [
+        (
+            "root = \"/var/lib/containerd\"".to_string(),
+            format!("root = \"{}/root\"", run.display()),
+        ),
+        (
+            "state = \"/run/containerd\"".to_string(),
+            format!("state = \"{}/state\"", run.display()),
+        ),
+        (
+            "address = \"/run/containerd/containerd.sock\"".to_string(),
+            format!("address = \"{}\"", socket.display()),
+        ),
+        (
+            "sandbox_image = \"registry.k8s.io/pause:3.6\"".to_string(),
+            format!("sandbox_image = \"{PAUSE}\""),
+        ),
+        (
+            "restrict_oom_score_adj = false".to_string(),
+            "restrict_oom_score_adj = true".to_string(),
+        ),
+    ] {
+        if !config.contains(&from) {
+            return Err(format!(
+                "`containerd config default` has no line {from:?}; unknown containerd version?"
+            ));
+        }
+        config = config.replacen(&from, &to, 1);
+    }
+    fs::write(run.join("config.toml"), config).map_err(|e| e.to_string())?;
+    fs::write(run.join("guardian.sh"), GUARDIAN).map_err(|e| e.to_string())?;
+    let log = File::create(run.join("guardian.log")).map_err(|e| e.to_string())?;
+    let guardian = Command::new("sh")
+        .arg(run.join("guardian.sh"))
+        .arg(base)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting the guardian: {e}"))?;
+    fs::write(run.join("guardian.pid"), guardian.id().to_string()).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ctr_ok(socket, &["version"]) {
+        if Instant::now() > deadline {
+            let log = fs::read_to_string(run.join("containerd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            return Err(format!(
+                "containerd did not answer on {} within 30s; log tail:\n{}",
+                socket.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tarball = run.join("images.tar");
+    fs::write(&tarball, oci_archive()?).map_err(|e| e.to_string())?;
+    let out = ctr(socket)
+        .args(["images", "import"])
+        .arg(&tarball)
+        .output()
+        .map_err(|e| format!("ctr images import: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ctr images import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    fs::write(run.join("ready"), b"").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+fn layer_tar() -> Result<Vec<u8>, String> {
+    let busybox =
+        fs::read(BUSYBOX_BIN).map_err(|e| format!("{BUSYBOX_BIN} (busybox-static): {e}"))?;
+    let mut b = tar::Builder::new(Vec::new());
+    let dir = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(mode);
+        h.set_size(0);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, std::io::empty())
+    };
+    for (d, mode) in [
+        ("bin/", 0o755),
+        ("etc/", 0o755),
+        ("tmp/", 0o1777),
+        ("proc/", 0o555),
+        ("sys/", 0o555),
+        ("dev/", 0o755),
+        ("root/", 0o700),
+    ] {
+        dir(&mut b, d, mode).map_err(|e| e.to_string())?;
+    }
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o755);
+    h.set_size(busybox.len() as u64);
+    h.set_mtime(0);
+    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
+        .map_err(|e| e.to_string())?;
+    for applet in APPLETS {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_mode(0o777);
+        h.set_size(0);
+        h.set_mtime(0);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .map_err(|e| e.to_string())?;
+    }
+    let mut h = tar::Header::new_gnu();
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(passwd.len() as u64);
+    h.set_mtime(0);
+    b.append_data(&mut h, "etc/passwd", &passwd[..])
+        .map_err(|e| e.to_string())?;
+    b.into_inner().map_err(|e| e.to_string())
+}
+
+/// An OCI image layout (as a tar) holding both test images over one busybox layer.
+fn oci_archive() -> Result<Vec<u8>, String> {
+    let layer = layer_tar()?;
+    let diff_id = sha256_hex(&layer);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    gz.write_all(&layer).map_err(|e| e.to_string())?;
+    let layer_gz = gz.finish().map_err(|e| e.to_string())?;
+    let layer_digest = sha256_hex(&layer_gz);
+
+    let mut blobs: Vec<(String, Vec<u8>)> = vec![(layer_digest.clone(), layer_gz.clone())];
+    let mut manifests = Vec::new();
+    for (name, cfg) in [
+        (
+            BUSYBOX,
+            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
+        ),
+        (
+            PAUSE,
+            serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "2147483647"]}),
+        ),
+    ] {
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": cfg,
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
+        }))
+        .map_err(|e| e.to_string())?;
+        let config_digest = sha256_hex(&config);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": format!("sha256:{config_digest}"),
+                "size": config.len(),
+            },
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": format!("sha256:{layer_digest}"),
+                "size": layer_gz.len(),
+            }],
+        }))
+        .map_err(|e| e.to_string())?;
+        let manifest_digest = sha256_hex(&manifest);
+        manifests.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest.len(),
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": "test",
+            },
+        }));
+        blobs.push((config_digest, config));
+        blobs.push((manifest_digest, manifest));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": manifests,
+    }))
+    .map_err(|e| e.to_string())?;
+
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_mtime(0);
+        b.append_data(&mut h, path, data)
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
+    add("index.json", &index).map_err(|e| e.to_string())?;
+    blobs.sort_by(|a, b| a.0.cmp(&b.0));
+    blobs.dedup_by(|a, b| a.0 == b.0);
+    for (digest, data) in &blobs {
+        add(&format!("blobs/sha256/{digest}"), data).map_err(|e| e.to_string())?;
+    }
+    b.into_inner().map_err(|e| e.to_string())
+}
+
+/// The containers and sandboxes carrying the agent label `agent_id`, read through CRI.
+pub fn leftovers(
+    socket: &Path,
+    agent_id: &str,
+) -> (Vec<k8s_cri::v1::Container>, Vec<k8s_cri::v1::PodSandbox>) {
+    use task_executor::runtime::container::cri::{Cri, GrpcCri};
+    use task_executor::runtime::container::labels;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cri = GrpcCri::new(socket).unwrap();
+        let sel =
+            std::collections::HashMap::from([(labels::AGENT.to_string(), agent_id.to_string())]);
+        let containers = cri
+            .list_containers(k8s_cri::v1::ContainerFilter {
+                label_selector: sel.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("ListContainers");
+        let sandboxes = cri
+            .list_pod_sandbox(k8s_cri::v1::PodSandboxFilter {
+                label_selector: sel,
+                ..Default::default()
+            })
+            .await
+            .expect("ListPodSandbox");
+        (containers, sandboxes)
+    })
+}
