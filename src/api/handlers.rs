@@ -99,8 +99,10 @@ pub fn list(state: &AppState) -> Response {
     });
     body.extend_from_slice(b"]\n");
     let mut resp = Response::new(body.into());
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     resp
 }
 

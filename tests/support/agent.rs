@@ -141,7 +141,10 @@ impl Agent {
     /// SIGTERM and wait (up to 30 s) for the agent to exit.
     pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = c.try_wait().ok().flatten() {
@@ -171,7 +174,13 @@ impl Agent {
     /// POST /tasks; panics unless 201; returns the created task.
     pub fn create_ok(&self, task: &Value) -> Value {
         let r = self.create(task.clone());
-        assert_eq!(r.status, 201, "create {task}: {}\n{}", r.text(), self.log_tail());
+        assert_eq!(
+            r.status,
+            201,
+            "create {task}: {}\n{}",
+            r.text(),
+            self.log_tail()
+        );
         r.json()
     }
 
@@ -194,7 +203,11 @@ impl Agent {
             self.wait_gone(n, Duration::from_secs(60));
         }
         let st = self.terminate();
-        assert!(st.is_some_and(|s| s.success()), "agent exit: {st:?}\n{}", self.log_tail());
+        assert!(
+            st.is_some_and(|s| s.success()),
+            "agent exit: {st:?}\n{}",
+            self.log_tail()
+        );
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
@@ -267,8 +280,15 @@ impl Drop for Agent {
             eprintln!("agent log tail:\n{}", self.log_tail());
         }
         // Containers outlive the agent: let it remove them before it goes.
-        if self.child.is_some() && self.args.iter().any(|a| a.starts_with("--enable-container-mode")) {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.delete_all_and_stop()));
+        if self.child.is_some()
+            && self
+                .args
+                .iter()
+                .any(|a| a.starts_with("--enable-container-mode"))
+        {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.delete_all_and_stop()
+            }));
         }
         self.kill9();
         kill_leftover_shims(&self.data_dir);

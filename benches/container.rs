@@ -2,9 +2,10 @@
 //! create→terminated of a busybox `true` task through the agent's HTTP API, beside the
 //! same steps made as raw CRI calls in the same run.
 //!
-//! Run: `cargo nextest run --test container_bench --run-ignored only --no-capture`
-//! (BENCH_N sets the iterations, default 10).
+//! Run (as root, like the tests): `cargo bench --bench container` (BENCH_N sets the
+//! iterations, default 10). It shares the tests' containerd set-up.
 
+#[path = "../tests/support/mod.rs"]
 mod support;
 
 use std::collections::HashMap;
@@ -129,9 +130,7 @@ fn via_agent(n: usize, interval: &str) -> (Stats, Stats) {
     (Stats(running), Stats(done))
 }
 
-#[test]
-#[ignore = "benchmark: run with --run-ignored"]
-fn bench_container_mode() {
+fn main() {
     let n: usize = std::env::var("BENCH_N")
         .ok()
         .and_then(|v| v.parse().ok())
