@@ -29,6 +29,8 @@ enum Command {
         #[arg(long)]
         task_dir: PathBuf,
     },
+    /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
+    Crd,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +38,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Shim { task_dir }) => {
             std::process::exit(task_executor::runtime::shim::run(&task_dir))
+        }
+        Some(Command::Crd) => {
+            print!("{}", task_executor::kube::crd::crd_yaml()?);
+            Ok(())
         }
         None => serve(cli.config),
     }
