@@ -156,19 +156,19 @@ fn build_runtimes(config: &Config) -> Result<(Runtimes, Option<SidecarRuntime>),
         let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
             container: config.main_container_name.clone(),
         });
-        let locator: Arc<dyn MainContainerLocator> =
-            match (&config.pod_name, &config.pod_namespace) {
-                (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
-                    Arc::new(crate::kube::locator::KubeLocator::new(
-                        ns.clone(),
-                        pod.clone(),
-                        config.main_container_name.clone(),
-                        vec![Arc::new(crate::kube::locator::CgroupScanResolver)],
-                    )),
-                    env,
-                ])),
-                _ => env,
-            };
+        let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace)
+        {
+            (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
+                Arc::new(crate::kube::locator::KubeLocator::new(
+                    ns.clone(),
+                    pod.clone(),
+                    config.main_container_name.clone(),
+                    vec![Arc::new(crate::kube::locator::CgroupScanResolver)],
+                )),
+                env,
+            ])),
+            _ => env,
+        };
         let rt = SidecarRuntime::new(
             process,
             locator,

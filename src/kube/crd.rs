@@ -34,7 +34,11 @@ pub const CRD_FILE: &str = "tasks.task-executor.io.yaml";
     printcolumn(name = "Pod", type_ = "string", json_path = ".spec.podName"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Exit code", type_ = "integer", json_path = ".status.exitCode"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCrSpec {
@@ -207,8 +211,8 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("crds")
             .join(CRD_FILE);
-        let on_disk = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let on_disk =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert!(
             on_disk == crd_yaml().unwrap(),
             "{} is stale: run `cargo run -- crd > crds/{CRD_FILE}` and scripts/sync-chart-crds",

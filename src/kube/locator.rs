@@ -216,7 +216,9 @@ mod tests {
     fn cgroup_lines_of_common_layouts() {
         for line in [
             format!("4:pids:/kubepods/burstable/pod1234-5678/{ID}"),
-            format!("0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/cri-containerd-{ID}.scope"),
+            format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12.slice/cri-containerd-{ID}.scope"
+            ),
             format!("0::/system.slice/docker-{ID}.scope"),
             format!("0::/kubepods.slice/crio-{ID}.scope/container"),
             format!("0::/../cri-containerd:{ID}"),

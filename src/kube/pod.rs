@@ -20,10 +20,7 @@ impl ContainerId {
         let (runtime, id) = s.split_once("://").ok_or_else(bad)?;
         // IDs are hex (containerd, docker, cri-o); allow any alphanumerics, nothing that
         // could match a path separator or a partial cgroup name.
-        if runtime.is_empty()
-            || id.len() < 8
-            || !id.bytes().all(|b| b.is_ascii_alphanumeric())
-        {
+        if runtime.is_empty() || id.len() < 8 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(bad());
         }
         Ok(ContainerId {
@@ -101,7 +98,10 @@ mod tests {
             ("cri-o://0123456789abcdef", "cri-o"),
         ] {
             let c = ContainerId::parse(s).unwrap();
-            assert_eq!((c.runtime.as_str(), c.id.as_str()), (rt, "0123456789abcdef"));
+            assert_eq!(
+                (c.runtime.as_str(), c.id.as_str()),
+                (rt, "0123456789abcdef")
+            );
             assert_eq!(c.to_string(), s);
         }
         for bad in [

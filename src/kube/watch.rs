@@ -65,6 +65,28 @@ struct Known {
     uid: Option<String>,
     status: Option<TaskCrStatus>,
     generation: Option<i64>,
+    /// Of the newest copy seen; an older event (one that crossed our own patch) must not
+    /// replace a newer status.
+    resource_version: Option<u64>,
+}
+
+impl Known {
+    /// Takes `t`'s status unless a newer copy was already seen.
+    fn update(&mut self, t: &Task) {
+        let rv = t
+            .metadata
+            .resource_version
+            .as_deref()
+            .and_then(|v| v.parse().ok());
+        if let (Some(seen), Some(new)) = (self.resource_version, rv) {
+            if new < seen {
+                return;
+            }
+        }
+        self.resource_version = rv;
+        self.status = t.status.clone();
+        self.generation = t.metadata.generation;
+    }
 }
 
 #[derive(Default)]
@@ -85,6 +107,8 @@ pub struct TaskWatcher {
     pod: String,
     manager: Arc<Manager>,
     state: Mutex<State>,
+    /// Serialises status writes, so two writers never both patch the same change.
+    reporting: tokio::sync::Mutex<()>,
 }
 
 impl TaskWatcher {
@@ -94,6 +118,7 @@ impl TaskWatcher {
             pod,
             manager,
             state: Mutex::new(State::default()),
+            reporting: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -193,8 +218,7 @@ impl TaskWatcher {
                 *known = Known::default();
             }
             known.uid = t.metadata.uid.clone();
-            known.status = t.status.clone();
-            known.generation = t.metadata.generation;
+            known.update(&t);
         }
         if t.metadata.deletion_timestamp.is_some() {
             if has_finalizer(&t) {
@@ -299,18 +323,15 @@ impl TaskWatcher {
                         _ => crate::task::model::reason::RUNTIME_ERROR,
                     };
                     tracing::warn!(task = %name, error = %e, "Task refused");
-                    let failed = TaskState::Terminated(Terminated::failed_to_start(
-                        why,
-                        128,
-                        e.to_string(),
-                    ));
+                    let failed =
+                        TaskState::Terminated(Terminated::failed_to_start(why, 128, e.to_string()));
                     self.report(&name, &failed).await;
                     break;
                 }
             }
         }
+        // Running/terminated reach the status through the manager's change events.
         self.state().creating.remove(&name);
-        self.sync_status(&name).await;
     }
 
     fn still_wanted(&self, name: &str) -> bool {
@@ -457,6 +478,7 @@ impl TaskWatcher {
 
     /// Writes `state` into the Task's status unless it already shows it.
     async fn report(&self, name: &str, state: &TaskState) {
+        let _one_at_a_time = self.reporting.lock().await;
         let Some(known) = self.state().known.get(name).cloned() else {
             return;
         };
@@ -481,7 +503,7 @@ impl TaskWatcher {
                 tracing::info!(task = name, phase = desired.phase.as_deref().unwrap_or(""), exit_code = ?desired.exit_code, "Task status reported");
                 let mut st = self.state();
                 if let Some(k) = st.known.get_mut(name) {
-                    k.status = obj.status;
+                    k.update(&obj);
                 }
             }
             Err(::kube::Error::Api(s)) if s.code == 404 => {
