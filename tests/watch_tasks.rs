@@ -135,9 +135,25 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     assert_eq!(stdout_of(tmp.path(), "t1"), "ran\n");
     let t1_now = api.get_task(NS, "t1").unwrap();
     assert_eq!(t1_now["metadata"]["generation"], 2);
+    assert_eq!(t1_now["metadata"]["labels"]["task-executor.io/pod"], POD);
+    assert!(
+        agent.log_text().contains("the change is ignored"),
+        "the agent did not see the update"
+    );
     assert_eq!(t1_now["status"], t1["status"], "t1's status changed");
     assert!(agent.task("other").is_none() && agent.task("mislabelled").is_none());
     assert!(api.get_task(NS, "other").unwrap()["metadata"]["finalizers"].is_null());
+
+    // A Task the agent refuses reports why, and is not retried.
+    api.create_task(task("bad", POD, json!({"command": []})));
+    let bad = wait_task(&api, "bad", "phase Failed", |t| phase(t) == "Failed");
+    let why = &bad["status"]["state"]["terminated"];
+    assert_eq!(why["reason"], "InvalidSpec", "{bad}");
+    assert!(
+        why["message"].as_str().unwrap().contains("process.command"),
+        "{bad}"
+    );
+    assert!(agent.task("bad").is_none());
 
     // A task created over HTTP is not mirrored into the cluster.
     let r = http::post(
@@ -282,6 +298,11 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     assert_eq!(stdout_of(tmp.path(), "done"), "once\n");
     assert_eq!(api.get_task(NS, "done").unwrap()["status"], done["status"]);
     assert!(agent.task("done").is_some());
+    assert!(
+        agent
+            .log_text()
+            .contains("adopted task for its Task object")
+    );
 
     // Adopted tasks are finalized like new ones.
     api.delete_task(NS, "done");
@@ -289,4 +310,6 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
         api.get_task(NS, "done").is_none().then_some(())
     });
     assert!(agent.task("done").is_none());
+    // The finalizer's removal (and the DELETED event it causes) deletes nothing twice.
+    assert!(!agent.log_text().contains("Task object is gone"));
 }

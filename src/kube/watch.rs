@@ -206,6 +206,7 @@ impl TaskWatcher {
 
     async fn apply(self: &Arc<Self>, t: Task) {
         let name = t.name_any();
+        tracing::debug!(task = %name, generation = ?t.metadata.generation, resource_version = ?t.metadata.resource_version, deleting = t.metadata.deletion_timestamp.is_some(), "Task event");
         if t.spec.pod_name != self.pod {
             tracing::debug!(task = %name, pod = %t.spec.pod_name, "Task is for another pod");
             return;
@@ -351,6 +352,8 @@ impl TaskWatcher {
                 let _ = tokio::time::timeout(Duration::from_secs(1), changes.recv()).await;
             }
         }
+        // Before the finalizer goes: the DELETED event that follows finds nothing to do.
+        self.state().owned.remove(&name);
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.remove_finalizer(&name).await {

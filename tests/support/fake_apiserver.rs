@@ -422,7 +422,9 @@ impl State {
                 );
             }
         }
-        if let Some(m) = patch["metadata"].as_object_mut() {
+        // (`get_mut`, not `patch["metadata"]`: indexing would insert a `null` that deletes
+        // the whole metadata.)
+        if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
             m.remove("resourceVersion");
         }
         if status_sub {
