@@ -60,6 +60,10 @@ pub struct Config {
     #[arg(long, env = "STOP_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_grace_period: Duration,
 
+    /// Time allowed to receive a request body (408 after it), like upstream's ReadTimeout.
+    #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
     /// Largest accepted request body, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

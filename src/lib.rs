@@ -7,6 +7,10 @@
 #[forbid(unsafe_code)]
 pub mod api;
 #[forbid(unsafe_code)]
+pub mod bench;
+#[forbid(unsafe_code)]
+pub mod client;
+#[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod kube;
@@ -96,6 +100,7 @@ pub async fn run(
     let state = Arc::new(AppState {
         manager,
         max_body: config.max_body_bytes,
+        body_timeout: config.request_timeout,
     });
     let stop = CancellationToken::new();
     let stopped = stop.clone();

@@ -31,6 +31,17 @@ enum Command {
     },
     /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
     Crd,
+    /// Measure latency, throughput, list time and memory against a raw spawn loop.
+    Bench {
+        #[arg(long, default_value_t = 10_000)]
+        held_tasks: usize,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 300)]
+        latency_samples: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +52,21 @@ fn main() -> anyhow::Result<()> {
         }
         Some(Command::Crd) => {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
+            Ok(())
+        }
+        Some(Command::Bench {
+            held_tasks,
+            clients,
+            duration,
+            latency_samples,
+        }) => {
+            let opts = task_executor::bench::BenchOptions {
+                held_tasks,
+                clients,
+                duration,
+                latency_samples,
+            };
+            print!("{}", task_executor::bench::run(&opts)?);
             Ok(())
         }
         None => serve(cli.config),

@@ -15,9 +15,9 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
-use support::agent::{Agent, TaskReaper, pids_with_cmdline, wait_for};
+use support::agent::Agent;
 use support::fake_apiserver::FakeApiServer;
-use support::http;
+use support::wait_for;
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-7";
@@ -27,15 +27,15 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup/pids";
 
 /// A stand-in for the main container: `unshare`d namespaces, pid 1 `sleep`, placed in
 /// `/sys/fs/cgroup/pids/task-executor-test-<id>`. Drop kills it and removes the cgroup.
-struct MainContainer {
+struct PodContainer {
     id: String,
     pid: i32,
     cgroup: PathBuf,
     unshare: Child,
 }
 
-impl MainContainer {
-    fn start(hostname: &str) -> MainContainer {
+impl PodContainer {
+    fn start(hostname: &str) -> PodContainer {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -76,7 +76,7 @@ impl MainContainer {
                 panic!("unshare: {e}");
             }
         };
-        let mut mc = MainContainer {
+        let mut mc = PodContainer {
             id,
             pid: 0,
             cgroup,
@@ -109,7 +109,7 @@ impl MainContainer {
     }
 }
 
-impl Drop for MainContainer {
+impl Drop for PodContainer {
     fn drop(&mut self) {
         // Killing pid 1 of the namespace kills everything in it (tasks included).
         if self.pid > 0 {
@@ -137,7 +137,7 @@ fn ns_link(pid: impl std::fmt::Display, name: &str) -> String {
         .to_string()
 }
 
-fn pod(main: &MainContainer, restarts: i32) -> Value {
+fn pod(main: &PodContainer, restarts: i32) -> Value {
     let status = |name: &str, id: String, restarts: i32| {
         json!({"name": name, "image": "example/image", "imageID": "", "ready": true,
                "started": true, "restartCount": restarts, "containerID": id,
@@ -155,25 +155,31 @@ fn pod(main: &MainContainer, restarts: i32) -> Value {
     })
 }
 
-const PROBE: &str = "hostname; for n in uts ipc net mnt pid; do readlink /proc/self/ns/$n; done";
-
-fn probe(agent: &Agent, data: &Path, name: &str) -> Vec<String> {
-    let r = http::post(
-        agent.addr,
-        "/tasks",
-        &json!({"name": name, "spec": {"process": {"command": ["sh", "-c", PROBE]}}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let t = agent.wait_state(name, "terminated", T);
-    assert_eq!(t["exitCode"], 0, "{t}");
-    std::fs::read_to_string(data.join(name).join("stdout.log"))
-        .unwrap()
-        .lines()
-        .map(str::to_string)
+/// Pids of live (non-zombie) processes whose argv is exactly `argv`.
+fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
+    let want = argv.join("\0");
+    task_executor::runtime::procfs::pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
+                raw == want.as_bytes()
+            })
+        })
+        .filter(|pid| support::pid_alive(*pid))
         .collect()
 }
 
-fn expected(main: &MainContainer, hostname: &str) -> Vec<String> {
+const PROBE: &str = "hostname; for n in uts ipc net mnt pid; do readlink /proc/self/ns/$n; done";
+
+fn probe(agent: &Agent, name: &str) -> Vec<String> {
+    agent.run(name, &["sh", "-c", PROBE]);
+    let t = agent.wait_state(name, "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    agent.stdout(name).lines().map(str::to_string).collect()
+}
+
+fn expected(main: &PodContainer, hostname: &str) -> Vec<String> {
     std::iter::once(hostname.to_string())
         .chain(["uts", "ipc", "net", "mnt", "pid"].map(|n| main.ns(n)))
         .collect()
@@ -183,46 +189,39 @@ fn expected(main: &MainContainer, hostname: &str) -> Vec<String> {
 fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     assert!(nix::unistd::geteuid().is_root(), "this test needs root");
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
     let api = FakeApiServer::start();
     let kubeconfig = tmp.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, NS);
 
-    // Drop order (reverse): agent, its tasks, then the stand-ins and their cgroups.
-    let first = MainContainer::start("main-a");
-    let _reaper = TaskReaper {
-        data_dir: data.clone(),
-    };
-    let agent = Agent::start(
-        env!("CARGO_BIN_EXE_task-executor"),
+    // Dropped in reverse: the agent (and its tasks' leftovers), then the stand-in.
+    let first = PodContainer::start("main-a");
+    let agent = Agent::start_with_env(
         &[
-            format!("--data-dir={}", data.display()),
-            "--enable-sidecar-mode=true".into(),
-            "--main-container-name".into(),
-            "main".into(),
-            "--stop-grace-period=2s".into(),
+            "--enable-sidecar-mode=true",
+            "--main-container-name",
+            "main",
+            "--stop-grace-period=2s",
         ],
         &[
-            ("POD_NAME", POD.into()),
-            ("POD_NAMESPACE", NS.into()),
-            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
         ],
-        &tmp.path().join("agent.log"),
     );
 
     // No Pod yet, and no process has SANDBOX_MAIN_CONTAINER=main: not ready.
-    let r = http::get(agent.addr, "/readyz");
-    assert_eq!(r.status, 503, "{}", r.body);
-    assert!(r.body.contains("main container"), "{}", r.body);
+    let r = agent.request("GET", "/readyz", None);
+    let body = r.text();
+    assert_eq!(r.status, 503, "{body}");
+    assert!(body.contains("main container"), "{body}");
     assert!(
-        r.body.contains("not found") && r.body.contains("SANDBOX_MAIN_CONTAINER"),
-        "{}",
-        r.body
+        body.contains("not found") && body.contains("SANDBOX_MAIN_CONTAINER"),
+        "{body}"
     );
 
     api.put_pod(pod(&first, 0));
     wait_for(T, "/readyz to say ready", || {
-        (http::get(agent.addr, "/readyz").status == 200).then_some(())
+        (agent.request("GET", "/readyz", None).status == 200).then_some(())
     });
     api.wait_for_request(T, "a GET of the own Pod", |r| {
         r.method == "GET" && r.path == format!("/api/v1/namespaces/{NS}/pods/{POD}")
@@ -230,16 +229,11 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
 
     // A task runs in the main container's namespaces.
     assert_ne!(first.ns("uts"), ns_link("self", "uts"));
-    assert_eq!(probe(&agent, &data, "probe-a"), expected(&first, "main-a"));
+    assert_eq!(probe(&agent, "probe-a"), expected(&first, "main-a"));
 
     // A long task in the first container; then the container is replaced (new ID, one
     // restart) while the old process is still there, so only the Pod watch can tell.
-    let r = http::post(
-        agent.addr,
-        "/tasks",
-        &json!({"name": "long", "spec": {"process": {"command": ["sleep", "4545"]}}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    agent.run("long", &["sleep", "4545"]);
     agent.wait_state("long", "running", T);
     assert_eq!(pids_with_cmdline(&["sleep", "4545"]).len(), 1);
     let watch = api.wait_for_request(T, "a watch of the own Pod", |r| {
@@ -253,7 +247,7 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
         watch.query
     );
 
-    let second = MainContainer::start("main-b");
+    let second = PodContainer::start("main-b");
     api.put_pod(pod(&second, 1));
     let t = agent.wait_state("long", "terminated", T);
     assert_eq!(t["reason"], "TargetRestarted", "{t}");
@@ -262,7 +256,7 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
         first.alive(),
         "the old stand-in must outlive the test of the watch path"
     );
-    assert!(data.join("long").join("target-restarted").exists());
+    assert!(agent.task_dir("long").join("target-restarted").exists());
     assert!(
         agent.log_text().contains("main container replaced"),
         "{}",
@@ -270,9 +264,9 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     );
 
     // New tasks run in the new container.
-    assert_eq!(probe(&agent, &data, "probe-b"), expected(&second, "main-b"));
+    assert_eq!(probe(&agent, "probe-b"), expected(&second, "main-b"));
     // Finished tasks were not touched by the restart.
-    let a = agent.task("probe-a").unwrap();
+    let a = agent.get("probe-a").unwrap();
     assert_eq!(
         a["status"]["state"]["terminated"]["reason"], "Succeeded",
         "{a}"

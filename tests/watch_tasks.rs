@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::agent::{Agent, TaskReaper, pids_with_cmdline, wait_for};
+use support::agent::Agent;
 use support::fake_apiserver::{FakeApiServer, Gone};
-use support::http;
+use support::wait_for;
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-1";
@@ -27,23 +27,34 @@ fn task(name: &str, pod: &str, process: Value) -> Value {
     })
 }
 
+/// The agent (own temp data dir, free port) with `--watch-tasks`, talking to `api` through
+/// a kubeconfig written into `dir`.
 fn start_agent(api: &FakeApiServer, dir: &Path) -> Agent {
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, NS);
-    Agent::start(
-        env!("CARGO_BIN_EXE_task-executor"),
+    Agent::start_with_env(
+        &["--watch-tasks", "--stop-grace-period=2s"],
         &[
-            format!("--data-dir={}", dir.join("data").display()),
-            "--watch-tasks".into(),
-            "--stop-grace-period=2s".into(),
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
         ],
-        &[
-            ("POD_NAME", POD.into()),
-            ("POD_NAMESPACE", NS.into()),
-            ("KUBECONFIG", kubeconfig.display().to_string()),
-        ],
-        &dir.join("agent.log"),
     )
+}
+
+/// Pids of live (non-zombie) processes whose argv is exactly `argv`.
+fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
+    let want = argv.join("\0");
+    task_executor::runtime::procfs::pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
+                raw == want.as_bytes()
+            })
+        })
+        .filter(|pid| support::pid_alive(*pid))
+        .collect()
 }
 
 /// Waits until the fake's copy of the Task satisfies `cond`.
@@ -72,16 +83,9 @@ fn lists(api: &FakeApiServer) -> usize {
         .count()
 }
 
-fn stdout_of(dir: &Path, name: &str) -> String {
-    std::fs::read_to_string(dir.join("data").join(name).join("stdout.log")).unwrap_or_default()
-}
-
 #[test]
 fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = TaskReaper {
-        data_dir: tmp.path().join("data"),
-    };
     let api = FakeApiServer::start();
     let agent = start_agent(&api, tmp.path());
 
@@ -112,7 +116,7 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         .collect();
     assert_eq!(phases, ["Running", "Failed"], "status patches");
     assert_eq!(
-        agent.task("t1").unwrap()["status"]["state"]["terminated"]["exitCode"],
+        agent.get("t1").unwrap()["status"]["state"]["terminated"]["exitCode"],
         3
     );
 
@@ -132,7 +136,7 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     // Events are handled in order: once t2 runs, the update has been seen.
     api.create_task(task("t2", POD, json!({"command": ["sleep", "4242"]})));
     wait_task(&api, "t2", "phase Running", |t| phase(t) == "Running");
-    assert_eq!(stdout_of(tmp.path(), "t1"), "ran\n");
+    assert_eq!(agent.stdout("t1"), "ran\n");
     let t1_now = api.get_task(NS, "t1").unwrap();
     assert_eq!(t1_now["metadata"]["generation"], 2);
     assert_eq!(t1_now["metadata"]["labels"]["task-executor.io/pod"], POD);
@@ -141,7 +145,7 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         "the agent did not see the update"
     );
     assert_eq!(t1_now["status"], t1["status"], "t1's status changed");
-    assert!(agent.task("other").is_none() && agent.task("mislabelled").is_none());
+    assert!(agent.get("other").is_none() && agent.get("mislabelled").is_none());
     assert!(api.get_task(NS, "other").unwrap()["metadata"]["finalizers"].is_null());
 
     // A Task the agent refuses reports why, and is not retried.
@@ -153,15 +157,10 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         why["message"].as_str().unwrap().contains("process.command"),
         "{bad}"
     );
-    assert!(agent.task("bad").is_none());
+    assert!(agent.get("bad").is_none());
 
     // A task created over HTTP is not mirrored into the cluster.
-    let r = http::post(
-        agent.addr,
-        "/tasks",
-        &json!({"name": "via-http", "spec": {"process": {"command": ["true"]}}}),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    agent.run("via-http", &["true"]);
     agent.wait_state("via-http", "terminated", T);
 
     // Deleting t2 stops its process before the finalizer goes, then the Task is gone.
@@ -174,7 +173,7 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         pids_with_cmdline(&["sleep", "4242"]).is_empty(),
         "the finalizer was removed while the task still ran"
     );
-    assert!(agent.task("t2").is_none());
+    assert!(agent.get("t2").is_none());
     let finalizer_patches: Vec<Value> = api
         .requests()
         .into_iter()
@@ -214,9 +213,6 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
 #[test]
 fn ended_watches_and_410_gone_lead_to_a_relist() {
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = TaskReaper {
-        data_dir: tmp.path().join("data"),
-    };
     let api = FakeApiServer::start();
     let agent = start_agent(&api, tmp.path());
     wait_for(T, "the first Task watch", || {
@@ -252,7 +248,7 @@ fn ended_watches_and_410_gone_lead_to_a_relist() {
     api.create_task(task("d", POD, json!({"command": ["sh", "-c", "exit 7"]})));
     wait_task(&api, "d", "Failed", |t| phase(t) == "Failed");
     assert_eq!(
-        agent.task("d").unwrap()["status"]["state"]["terminated"]["exitCode"],
+        agent.get("d").unwrap()["status"]["state"]["terminated"]["exitCode"],
         7
     );
 }
@@ -260,9 +256,6 @@ fn ended_watches_and_410_gone_lead_to_a_relist() {
 #[test]
 fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     let tmp = tempfile::tempdir().unwrap();
-    let _reaper = TaskReaper {
-        data_dir: tmp.path().join("data"),
-    };
     let api = FakeApiServer::start();
     let mut agent = start_agent(&api, tmp.path());
     api.create_task(task(
@@ -274,7 +267,7 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     let done = wait_task(&api, "done", "Succeeded", |t| phase(t) == "Succeeded");
     wait_task(&api, "long", "Running", |t| phase(t) == "Running");
 
-    agent.stop();
+    agent.sigterm();
     // While the agent is down: a new Task, and a delete of a running one.
     api.create_task(task(
         "new",
@@ -288,16 +281,16 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     );
     assert_eq!(pids_with_cmdline(&["sleep", "4343"]).len(), 1);
 
-    let agent = start_agent(&api, tmp.path());
+    agent.restart();
     wait_task(&api, "new", "Succeeded", |t| phase(t) == "Succeeded");
     wait_for(T, "Task long to be finalized", || {
         api.get_task(NS, "long").is_none().then_some(())
     });
     assert!(pids_with_cmdline(&["sleep", "4343"]).is_empty());
     // The finished task was adopted, not run again.
-    assert_eq!(stdout_of(tmp.path(), "done"), "once\n");
+    assert_eq!(agent.stdout("done"), "once\n");
     assert_eq!(api.get_task(NS, "done").unwrap()["status"], done["status"]);
-    assert!(agent.task("done").is_some());
+    assert!(agent.get("done").is_some());
     assert!(
         agent
             .log_text()
@@ -309,7 +302,7 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     wait_for(T, "Task done to be finalized", || {
         api.get_task(NS, "done").is_none().then_some(())
     });
-    assert!(agent.task("done").is_none());
+    assert!(agent.get("done").is_none());
     // The finalizer's removal (and the DELETED event it causes) deletes nothing twice.
     assert!(!agent.log_text().contains("Task object is gone"));
 }

@@ -15,6 +15,7 @@ use crate::task::manager::Manager;
 pub struct AppState {
     pub manager: Arc<Manager>,
     pub max_body: usize,
+    pub body_timeout: std::time::Duration,
 }
 
 /// A JSON body with a trailing newline, like Go's `json.Encoder`.

@@ -63,11 +63,11 @@ where
         ["getTasks"] if get => Ok(handlers::list(&state)),
         ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["setTasks"] if method == Method::POST => {
-            handlers::sync(&state, read_body(body, len, state.max_body).await?).await
+            handlers::sync(&state, read_body(body, len, &state).await?).await
         }
         ["setTasks"] => Err(ApiError::method_not_allowed("POST")),
         ["tasks"] if method == Method::POST => {
-            handlers::create(&state, read_body(body, len, state.max_body).await?).await
+            handlers::create(&state, read_body(body, len, &state).await?).await
         }
         ["tasks"] => Err(ApiError::method_not_allowed("POST")),
         ["tasks", name] if !name.is_empty() => match method {
@@ -82,8 +82,24 @@ where
     }
 }
 
-/// Reads the body up to `max` bytes; 413 beyond, whether announced or streamed.
-async fn read_body<S, B>(mut body: S, len: Option<u64>, max: usize) -> Result<Bytes, ApiError>
+/// Reads the body within the request timeout (408 after it) and up to the size limit
+/// (413 beyond, whether announced or streamed).
+async fn read_body<S, B>(body: S, len: Option<u64>, state: &AppState) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
+    B: Buf,
+{
+    tokio::time::timeout(state.body_timeout, read_limited(body, len, state.max_body))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            ))
+        })
+}
+
+async fn read_limited<S, B>(mut body: S, len: Option<u64>, max: usize) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf,

@@ -14,6 +14,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 
+use super::procfs::ProcIdentity;
 use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
 use crate::task::fsutil;
@@ -91,19 +92,25 @@ impl ProcessRuntime {
             .ok_or_else(|| io::Error::other("shim stdout missing"))?;
         // The agent's reaper collects the shim when it exits; its status is not needed.
         drop(child);
-        let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
-        let mut sink = Vec::new();
-        if tokio::time::timeout(LAUNCH_TIMEOUT, rx.read_to_end(&mut sink))
+        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
+        // The first byte (or EOF) means the records say how the start went.
+        let mut first = [0u8; 1];
+        if tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first))
             .await
             .is_err()
         {
             tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
         }
-        self.observe(task, events).await
+        self.observe(task, events, ExitWatch::Pipe(pipe)).await
     }
 
     /// Reads the records and, for a running task, starts waiting for its exit.
-    async fn observe(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
+    async fn observe(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+        watch: ExitWatch,
+    ) -> Result<Observed, RuntimeError> {
         let dir = task.dir.clone();
         if let Some(t) = read_exit(&task)? {
             return Ok(Observed::Terminated(t));
@@ -124,10 +131,10 @@ impl ProcessRuntime {
                     // The shim is gone: either it just wrote the exit record, or it died.
                     return Ok(Observed::Terminated(match read_exit(&task)? {
                         Some(t) => t,
-                        None => lost(&task, Some(main.pid)),
+                        None => lost(&task, Some(main)),
                     }));
                 }
-                spawn_exit_waiter(task, main.pid, events);
+                spawn_exit_waiter(task, main, events, watch);
                 Ok(Observed::Running {
                     started_at: started_at.unwrap_or_else(Time::now),
                 })
@@ -155,7 +162,7 @@ impl ProcessRuntime {
         task: TaskRef,
         events: EventSink,
     ) -> Result<Observed, RuntimeError> {
-        self.observe(task, events).await
+        self.observe(task, events, ExitWatch::Lock).await
     }
 
     pub(crate) fn stop_task(
@@ -272,9 +279,10 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
 }
 
 /// The supervisor died without recording an exit: say so, and leave nothing running.
-fn lost(task: &TaskRef, main_pid: Option<i32>) -> Terminated {
-    if let Some(pid) = main_pid.filter(|p| *p > 1) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+/// The task's group is only signalled while its leader is provably the recorded process.
+fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
+    if let Some(m) = main.filter(|m| m.pid > 1 && m.is_alive()) {
+        let _ = killpg(Pid::from_raw(m.pid), Signal::SIGKILL);
     }
     tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
     Terminated {
@@ -290,11 +298,44 @@ fn lost(task: &TaskRef, main_pid: Option<i32>) -> Terminated {
     }
 }
 
-fn spawn_exit_waiter(task: TaskRef, main_pid: i32, events: EventSink) {
+/// How the agent learns that a running task finished.
+enum ExitWatch {
+    /// EOF on the stdout pipe of a shim this agent started: no thread, no polling.
+    Pipe(tokio::net::unix::pipe::Receiver),
+    /// A shim adopted after a restart: wait for its `running.lock` on a small thread of
+    /// its own (never on the shared blocking pool, which a thousand tasks would exhaust).
+    Lock,
+}
+
+fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink, watch: ExitWatch) {
     tokio::spawn(async move {
-        let lock_path = task.dir.join(records::RUNNING_LOCK);
-        let waited = tokio::task::spawn_blocking(move || wait_unlocked(&lock_path)).await;
-        if let Err(e) = waited.map_err(io::Error::other).and_then(|r| r) {
+        let waited = match watch {
+            ExitWatch::Pipe(mut pipe) => {
+                let mut sink = [0u8; 64];
+                loop {
+                    match pipe.read(&mut sink).await {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            ExitWatch::Lock => {
+                let lock_path = task.dir.join(records::RUNNING_LOCK);
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("exit-wait".into())
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let _ = tx.send(wait_unlocked(&lock_path));
+                    });
+                match spawned {
+                    Ok(_) => rx.await.unwrap_or_else(|e| Err(io::Error::other(e))),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
         let t = match read_exit(&task) {

@@ -20,17 +20,24 @@ impl ProcIdentity {
         })
     }
 
-    /// True when the same process (not a reused pid, not a zombie) is still there.
+    /// True when the same process (not a reused pid, not a zombie, not exiting) is still
+    /// there. An exiting PID-namespace init lingers while its namespace is torn down, so
+    /// `PF_EXITING` counts as gone.
     pub fn is_alive(&self) -> bool {
-        matches!(stat(self.pid), Some(s) if s.start_time == self.start_time && s.state != 'Z' && s.state != 'X')
+        matches!(stat(self.pid), Some(s) if s.start_time == self.start_time
+            && s.state != 'Z' && s.state != 'X' && s.flags & PF_EXITING == 0)
     }
 }
+
+/// Kernel task flag: the process is exiting.
+const PF_EXITING: u64 = 0x4;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Stat {
     pub state: char,
     pub ppid: i32,
     pub pgrp: i32,
+    pub flags: u64,
     pub start_time: u64,
 }
 
@@ -49,6 +56,7 @@ fn parse_stat(text: &str) -> Option<Stat> {
         state: f.first()?.chars().next()?,
         ppid: f.get(1)?.parse().ok()?,
         pgrp: f.get(2)?.parse().ok()?,
+        flags: f.get(6)?.parse().ok()?,
         start_time: f.get(19)?.parse().ok()?,
     })
 }

@@ -11,6 +11,12 @@ use serde::de::DeserializeOwned;
 /// Writes `bytes` to `path` atomically: a temp file is written and fsynced, renamed over
 /// `path`, and the directory is fsynced so the rename itself survives a crash.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replace(path, bytes, mode, true)
+}
+
+/// Like `write_atomic`; with `durable = false` readers still never see a partial file, but
+/// an OS crash may lose it (fine for facts that die with the processes they describe).
+pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     let result = (|| {
@@ -21,9 +27,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        if durable { sync_dir(dir) } else { Ok(()) }
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

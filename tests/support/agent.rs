@@ -1,197 +1,256 @@
-//! Running the real agent binary in a test, and cleaning up after it: the agent, every
-//! task supervisor (shim) under its data dir and everything they started, even when the
-//! test fails (Drop).
+//! Runs the real `task-executor` binary on a temp data dir and a free loopback port.
 
+use std::fs;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use task_executor::runtime::procfs;
+use serde_json::{Value, json};
 
-use super::http;
+use super::http::{self, Response};
+use super::wait_for;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub const BIN: &str = env!("CARGO_BIN_EXE_task-executor");
 
-/// Polls `cond` every 50 ms until it returns `Some`, or panics after `timeout`.
-pub fn wait_for<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = cond() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The agent process. Drop kills it (tasks are killed by `TaskReaper`).
 pub struct Agent {
     pub addr: SocketAddr,
+    pub data_dir: PathBuf,
     pub log: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
     child: Option<Child>,
+    _tmp: Option<tempfile::TempDir>,
 }
 
 impl Agent {
-    /// Starts `task-executor` with `args`, `env` (the rest of the environment is inherited,
-    /// minus in-cluster and kubeconfig variables) and its log in `log`.
-    pub fn start(bin: &str, args: &[String], env: &[(&str, String)], log: &Path) -> Agent {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .arg(format!("--listen-addr={addr}"))
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("KUBERNETES_SERVICE_PORT")
-            .env_remove("KUBECONFIG")
-            .env("LOG_LEVEL", "task_executor=debug,info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("start the agent");
-        let agent = Agent {
-            addr,
-            log: log.to_path_buf(),
-            child: Some(child),
-        };
-        wait_for(
-            Duration::from_secs(20),
-            "the agent to answer /health",
-            || {
-                http::request(addr, "GET", "/health", None)
-                    .ok()
-                    .filter(|r| r.status == 200)
-            },
-        );
-        agent
+    /// Starts an agent with extra flags, on a fresh data dir.
+    pub fn start(args: &[&str]) -> Agent {
+        Self::start_with_env(args, &[])
     }
 
-    /// SIGTERM, then wait (SIGKILL after 10 s). Tasks keep running, as in production.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
+    pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
+        let tmp = tempfile::Builder::new()
+            .prefix("te-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut a = Agent {
+            addr: free_addr(),
+            data_dir: tmp.path().join("data"),
+            log: tmp.path().join("agent.log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            _tmp: Some(tmp),
+        };
+        a.launch();
+        a
+    }
+
+    fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-addr")
+            .arg(self.addr.to_string())
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .env("LOG_LEVEL", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn agent");
+        self.child = Some(child);
+        let addr = self.addr;
+        let log_path = self.log.clone();
+        wait_for(Duration::from_secs(20), "agent /health", || {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "agent exited with {status}: {}",
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    );
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
+            http::request(addr, "GET", "/health", None)
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// `kill -9` of the agent alone (its shims live on).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+    /// SIGTERM and wait; returns how long the agent took to exit.
+    pub fn sigterm(&mut self) -> Duration {
+        let mut c = self.child.take().expect("agent running");
+        let t = std::time::Instant::now();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .expect("kill");
+        let status = c.wait().expect("wait");
+        assert!(status.success(), "agent exited with {status} after SIGTERM");
+        t.elapsed()
     }
 
-    /// GET /tasks/{name} as JSON, or None on 404.
-    pub fn task(&self, name: &str) -> Option<serde_json::Value> {
-        let r = http::get(self.addr, &format!("/tasks/{name}"));
+    /// Starts the agent again on the same data dir and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the agent first");
+        self.launch();
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Response {
+        let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+        http::request(self.addr, method, path, bytes.as_deref()).expect("http request")
+    }
+
+    pub fn create(&self, task: Value) -> Response {
+        self.request("POST", "/tasks", Some(&task))
+    }
+
+    /// Creates `{name, spec.process: {command}}` and asserts 201.
+    pub fn run(&self, name: &str, command: &[&str]) -> Value {
+        let r = self.create(json!({"name": name, "spec": {"process": {"command": command}}}));
+        assert_eq!(r.status, 201, "create {name}: {}", r.text());
+        r.json()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Value> {
+        let r = self.request("GET", &format!("/tasks/{name}"), None);
         match r.status {
             200 => Some(r.json()),
             404 => None,
-            s => panic!("GET /tasks/{name}: {s} {}", r.body),
+            s => panic!("GET {name}: {s} {}", r.text()),
         }
     }
 
-    /// Waits until the task's state has the member `state` ("running", "terminated").
-    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> serde_json::Value {
-        wait_for(timeout, &format!("task {name} to be {state}"), || {
-            let t = self.task(name)?;
-            let s = t["status"]["state"][state].clone();
-            (!s.is_null()).then_some(s)
+    pub fn delete(&self, name: &str) {
+        let r = self.request("DELETE", &format!("/tasks/{name}"), None);
+        assert_eq!(r.status, 204, "delete {name}: {}", r.text());
+    }
+
+    /// Waits until the task's state (waiting/running/terminated) is `state`; returns its body.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        wait_for(timeout, &format!("{name} to be {state}"), || {
+            let t = self.get(name)?;
+            t["status"]["state"].get(state).map(|s| s.clone())
         })
+    }
+
+    pub fn wait_gone(&self, name: &str, timeout: Duration) {
+        wait_for(timeout, &format!("{name} to disappear"), || {
+            self.get(name).is_none().then_some(())
+        });
+    }
+
+    pub fn task_dir(&self, name: &str) -> PathBuf {
+        self.data_dir.join(name)
+    }
+
+    pub fn stdout(&self, name: &str) -> String {
+        fs::read_to_string(self.task_dir(name).join("stdout.log")).unwrap_or_default()
+    }
+
+    /// The task's main process pid, from the shim's record.
+    pub fn main_pid(&self, name: &str) -> i32 {
+        let rec = fs::read_to_string(self.task_dir(name).join("shim.json")).expect("shim.json");
+        let v: Value = serde_json::from_str(&rec).unwrap();
+        v["main"]["pid"].as_i64().expect("main pid") as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill9();
+        kill_leftover_shims(&self.data_dir);
     }
 }
 
-/// Kills every shim whose `--task-dir` is under `data_dir`, and all their descendants.
-/// Create it before the agent so it drops after it.
-pub struct TaskReaper {
-    pub data_dir: PathBuf,
-}
-
-impl TaskReaper {
-    pub fn shims(&self) -> Vec<i32> {
-        let dir = self.data_dir.to_string_lossy().into_owned();
-        procfs::pids()
-            .into_iter()
-            .filter(|pid| {
-                let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                    return false;
+/// Kills what a test's tasks left running: every shim recorded under `data_dir`, and its
+/// task's process group, when the recorded start time still matches.
+pub fn kill_leftover_shims(data_dir: &Path) {
+    let Ok(dir) = fs::read_dir(data_dir) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(text) = fs::read_to_string(e.path().join("shim.json")) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
+        for key in ["main", "shim"] {
+            let pid = v[key]["pid"].as_i64().filter(|p| *p > 1);
+            let same = pid.is_some_and(|p| start_time(p as i32) == v[key]["startTime"].as_u64());
+            if let Some(pid) = pid.filter(|_| same) {
+                let target = if key == "main" {
+                    format!("-{pid}")
+                } else {
+                    pid.to_string()
                 };
-                let args: Vec<String> = raw
-                    .split(|b| *b == 0)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                args.iter().any(|a| a == "shim") && args.iter().any(|a| a.starts_with(&dir))
-            })
-            .collect()
-    }
-
-    pub fn kill_all(&self) {
-        for _ in 0..3 {
-            let shims = self.shims();
-            if shims.is_empty() {
-                return;
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &target])
+                    .stderr(Stdio::null())
+                    .status();
             }
-            for shim in shims {
-                for pid in procfs::descendants(shim) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                }
-                let _ = kill(Pid::from_raw(shim), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
 
-impl Drop for TaskReaper {
-    fn drop(&mut self) {
-        self.kill_all();
-    }
+fn start_time(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
-/// True while a process with exactly this command line (NUL-joined argv) runs.
-pub fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
-    let want = argv.join("\0");
-    procfs::pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
-                raw == want.as_bytes()
-            })
-        })
-        .filter(|pid| procfs::stat(*pid).is_some_and(|s| s.state != 'Z'))
-        .collect()
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Replaces the RFC 3339 timestamps of a task body with a fixed marker, for golden checks.
+pub fn normalize_times(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m.iter_mut() {
+                if (k.ends_with("At") || k == "deletionTimestamp") && val.is_string() {
+                    *val = Value::String("<time>".into());
+                } else {
+                    normalize_times(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalize_times),
+        _ => {}
+    }
 }

@@ -1,6 +1,38 @@
-//! Shared test support. Each test binary uses only part of it.
-#![allow(dead_code)]
+//! Shared test support: a harness around the real agent binary and a tiny HTTP client.
+#![allow(dead_code)] // each test binary uses a different part
 
 pub mod agent;
 pub mod fake_apiserver;
 pub mod http;
+pub mod standin;
+
+use std::time::{Duration, Instant};
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while a process with this pid exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            let state = s
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}

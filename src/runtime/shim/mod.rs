@@ -4,10 +4,12 @@
 //! a task's exit code is recorded even while the agent is down. It is deliberately
 //! single-threaded and synchronous: joining a mount namespace requires that.
 //!
-//! Protocol with the agent: the shim's stdout is a pipe the agent reads; the shim closes it
-//! once `shim.json` names the running task (or `exit.json` records a start failure), so EOF
-//! means "look at the records". `running.lock` is held until `exit.json` is written and
-//! `shim.lock` until the shim exits; the kernel drops both if the shim dies.
+//! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
+//! `started` once `shim.json` names the running task, and closes the pipe once `exit.json`
+//! is written (or a start failure recorded), so each message means "look at the records"
+//! and EOF means "finished" (or "the shim died"). An agent restarted later has no pipe: it
+//! waits on `running.lock`, held until `exit.json` is written; `shim.lock` is held for the
+//! shim's life. The kernel drops both locks and the pipe if the shim dies.
 
 mod kill;
 mod logs;
@@ -138,8 +140,10 @@ fn supervise(dir: &Path) -> io::Result<()> {
         start_time: 0,
     }));
     shim_rec.started_at = Some(started);
-    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
-    release_agent();
+    // Not fsynced: the pid only matters while processes exist, and an OS crash ends them.
+    let bytes = serde_json::to_vec_pretty(&shim_rec).map_err(io::Error::other)?;
+    fsutil::write_replace(&dir.join(records::SHIM), &bytes, 0o644, false)?;
+    notify_agent(b"started\n");
 
     let mut sup = Supervisor {
         dir,
@@ -167,7 +171,14 @@ fn supervise(dir: &Path) -> io::Result<()> {
     sup.run(&sigfd, out_r, err_r)
 }
 
-/// Closes stdout, which the agent reads until EOF.
+/// Tells the agent (reading our stdout) something changed; it may be gone (EPIPE is fine).
+fn notify_agent(msg: &[u8]) {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(msg);
+    let _ = std::io::stdout().flush();
+}
+
+/// Closes stdout: the agent reads EOF as "finished".
 fn release_agent() {
     if let Ok(null) = File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdout(null.as_fd());
@@ -401,8 +412,9 @@ impl Supervisor<'_> {
             start_error: None,
         };
         fsutil::write_json_atomic(&self.dir.join(records::EXIT), &rec, 0o644)?;
-        // Releasing the lock is what tells the agent the task finished.
+        // Releasing the lock and closing the pipe is what tells the agent the task finished.
         self.running_lock = None;
+        release_agent();
         Ok(())
     }
 }

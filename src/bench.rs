@@ -1,0 +1,281 @@
+//! `task-executor bench`: starts an agent on a temp dir and measures it against a raw
+//! spawn+wait loop of /bin/true in the same run. Prints a Markdown table.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::client;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Tasks held for the list and memory figures.
+    pub held_tasks: usize,
+    pub clients: usize,
+    pub duration: Duration,
+    pub latency_samples: usize,
+}
+
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
+    let agent = start_agent()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_rss = rss_kib(agent.child.id())?;
+
+    let raw = raw_spawn(1000)?;
+    let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
+
+    let mut lat = Vec::with_capacity(opts.latency_samples);
+    for i in 0..opts.latency_samples {
+        lat.push(create_and_wait(agent.addr, &format!("lat-{i}"))?);
+    }
+    let tput = throughput(agent.addr, opts.clients, opts.duration)?;
+    let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
+    std::thread::sleep(Duration::from_secs(1));
+    let mut list = Vec::new();
+    let mut list_bytes = 0;
+    for _ in 0..30 {
+        let t = Instant::now();
+        let r = client::request(agent.addr, "GET", "/getTasks", None)?;
+        list.push(t.elapsed());
+        list_bytes = r.body.len();
+    }
+    let held_rss = rss_kib(agent.child.id())?;
+    let cpu0 = cpu_ticks(agent.child.id())?;
+    std::thread::sleep(Duration::from_secs(5));
+    let idle_cpu = cpu_ticks(agent.child.id())? - cpu0;
+
+    let (raw50, raw99) = (pct(&raw, 50.0), pct(&raw, 99.0));
+    let (l50, l99) = (pct(&lat, 50.0), pct(&lat, 99.0));
+    let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
+    let ratio = |a: f64, b: f64| format!("{:.2}x", a / b);
+    let mut out = String::new();
+    out.push_str(
+        "| measure | task-executor | raw spawn+wait of /bin/true | ratio |\n|---|---|---|---|\n",
+    );
+    out.push_str(&format!(
+        "| create→terminated p50 (`true`, full durability) | {} | {} | {} |\n",
+        ms(l50),
+        ms(raw50),
+        ratio(l50.as_secs_f64(), raw50.as_secs_f64())
+    ));
+    out.push_str(&format!(
+        "| create→terminated p99 | {} | {} | {} |\n",
+        ms(l99),
+        ms(raw99),
+        ratio(l99.as_secs_f64(), raw99.as_secs_f64())
+    ));
+    out.push_str(&format!(
+        "| sustained tasks/s ({} clients, {:?}) | {:.0} | {:.0} | {:.0}% |\n",
+        opts.clients,
+        opts.duration,
+        tput,
+        raw_rate,
+        100.0 * tput / raw_rate
+    ));
+    out.push_str(&format!(
+        "| GET /getTasks with {filled} tasks, p50 / p99 ({} KiB) | {} / {} | | |\n",
+        list_bytes / 1024,
+        ms(pct(&list, 50.0)),
+        ms(pct(&list, 99.0))
+    ));
+    out.push_str(&format!(
+        "| agent RSS idle | {:.1} MiB | | |\n",
+        idle_rss as f64 / 1024.0
+    ));
+    out.push_str(&format!(
+        "| agent RSS with {filled} finished tasks | {:.1} MiB | | |\n",
+        held_rss as f64 / 1024.0
+    ));
+    out.push_str(&format!(
+        "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
+    ));
+    Ok(out)
+}
+
+fn start_agent() -> Result<Agent, BenchError> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("task-executor-bench-{}", std::process::id()));
+    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let child = Command::new(exe)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--listen-addr")
+        .arg(addr.to_string())
+        .env("LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let agent = Agent { child, addr, dir };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client::request(addr, "GET", "/health", None)
+        .map(|r| r.status)
+        .ok()
+        != Some(200)
+    {
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup("agent did not become healthy".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(agent)
+}
+
+fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        Command::new("/bin/true").status()?;
+        out.push(t.elapsed());
+    }
+    Ok(out)
+}
+
+/// POST a `true` task and poll until it is terminated; returns the elapsed time.
+fn create_and_wait(addr: SocketAddr, name: &str) -> Result<Duration, BenchError> {
+    let body = json!({"name": name, "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
+    let t = Instant::now();
+    let r = client::request(addr, "POST", "/tasks", Some(body.as_bytes()))?;
+    if r.status != 201 {
+        return Err(BenchError::Setup(format!(
+            "create {name}: {} {}",
+            r.status,
+            r.text()
+        )));
+    }
+    let mut done = r.text().contains("\"terminated\"");
+    while !done {
+        std::thread::sleep(Duration::from_micros(200));
+        done = client::request(addr, "GET", &format!("/tasks/{name}"), None)?
+            .text()
+            .contains("\"terminated\"");
+    }
+    Ok(t.elapsed())
+}
+
+fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, BenchError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let workers: Vec<_> = (0..clients)
+        .map(|c| {
+            let (stop, done) = (stop.clone(), done.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    create_and_wait(addr, &format!("tp-{c}-{i}")).map_err(|e| e.to_string())?;
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    std::thread::sleep(dur);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join()
+            .map_err(|_| BenchError::Setup("client panicked".into()))?
+            .map_err(BenchError::Setup)?;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Creates tasks until the agent holds `n`; returns how many it holds.
+fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError> {
+    let held = client::request(addr, "GET", "/getTasks", None)?
+        .json()
+        .as_array()
+        .map_or(0, |a| a.len());
+    let next = Arc::new(AtomicUsize::new(held));
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let next = next.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        return Ok(());
+                    }
+                    let body = json!({"name": format!("held-{i}"), "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
+                    let r = client::request(addr, "POST", "/tasks", Some(body.as_bytes())).map_err(|e| e.to_string())?;
+                    if r.status != 201 {
+                        return Err(format!("create: {} {}", r.status, r.text()));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| BenchError::Setup("client panicked".into()))?
+            .map_err(BenchError::Setup)?;
+    }
+    // Wait until all are terminated so the memory figure is for finished tasks.
+    loop {
+        let list = client::request(addr, "GET", "/getTasks", None)?.json();
+        let arr = list.as_array().cloned().unwrap_or_default();
+        if arr
+            .iter()
+            .all(|t| t["status"]["state"].get("terminated").is_some())
+        {
+            return Ok(arr.len());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pct(v: &[Duration], p: f64) -> Duration {
+    let mut s = v.to_vec();
+    s.sort();
+    s.get(((s.len() as f64 - 1.0) * p / 100.0).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn rss_kib(pid: u32) -> Result<u64, BenchError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| BenchError::Setup("no VmRSS".into()))
+}
+
+fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(n(11) + n(12)) // utime + stime
+}

@@ -1,0 +1,423 @@
+//! The HTTP contract: shapes (both wire formats), status codes, names, setTasks.
+//! Real agent binary, real processes.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::agent::{Agent, normalize_times};
+use support::http;
+
+const T: Duration = Duration::from_secs(10);
+
+#[test]
+fn seed_shape_create_get_list_golden() {
+    let a = Agent::start(&[]);
+    let body = json!({"name": "my-first-task", "spec": {"process": {
+        "command": ["sh", "-c"], "args": ["exit 0"],
+        "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"}}});
+    let r = a.create(body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(
+        r.body.ends_with(b"\n"),
+        "JSON bodies end with a newline like Go's encoder"
+    );
+    let created = r.json();
+    assert!(
+        created["status"]["state"].get("running").is_some()
+            || created["status"]["state"].get("terminated").is_some()
+    );
+
+    a.wait_state("my-first-task", "terminated", T);
+    let mut got = a.get("my-first-task").unwrap();
+    normalize_times(&mut got);
+    let golden = json!({
+        "name": "my-first-task",
+        "spec": {"process": {"command": ["sh", "-c"], "args": ["exit 0"],
+                 "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"}},
+        "status": {"state": {"terminated": {"exitCode": 0, "reason": "Succeeded",
+                   "startedAt": "<time>", "finishedAt": "<time>"}}},
+        "process": {"command": ["sh", "-c"], "args": ["exit 0"],
+                    "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"},
+        "processStatus": {"terminated": {"exitCode": 0, "reason": "Succeeded",
+                          "startedAt": "<time>", "finishedAt": "<time>"}}
+    });
+    assert_eq!(got, golden);
+
+    let list = a.request("GET", "/getTasks", None);
+    assert_eq!(list.status, 200);
+    let mut list = list.json();
+    normalize_times(&mut list);
+    assert_eq!(list, json!([golden]));
+}
+
+#[test]
+fn upstream_wire_format_round_trips() {
+    let a = Agent::start(&[]);
+    // Exactly what the BatchSandbox controller sends: setTasks with a top-level process.
+    let sent = json!([{"name": "bs-0", "process": {"command": ["/bin/sh"], "args": ["-c", "sleep 30"],
+        "env": [{"name": "A", "value": "b"}], "timeoutSeconds": 60}}]);
+    let r = a.request("POST", "/setTasks", Some(&sent));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let running = a.wait_state("bs-0", "running", T);
+    assert!(running["startedAt"].as_str().unwrap().ends_with('Z'));
+
+    let mut got = a.request("GET", "/getTasks", None).json();
+    normalize_times(&mut got);
+    let t = &got[0];
+    // The controller reads `name`, `process` and `processStatus`.
+    assert_eq!(t["name"], "bs-0");
+    assert_eq!(
+        t["process"],
+        json!({"command": ["/bin/sh"], "args": ["-c", "sleep 30"],
+        "env": [{"name": "A", "value": "b"}], "timeoutSeconds": 60})
+    );
+    assert_eq!(
+        t["processStatus"],
+        json!({"running": {"startedAt": "<time>"}})
+    );
+    assert_eq!(t["status"]["state"], t["processStatus"]);
+    // spec.timeoutSeconds (upstream's CRD place) is accepted too and shows up in `process`.
+    let r = a.create(json!({"name": "crd-shape", "spec": {"timeoutSeconds": 5, "process": {"command": ["true"]}}}));
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json()["process"]["timeoutSeconds"], 5);
+    // Clearing with [] deletes everything, as Client.Set(nil) expects.
+    assert_eq!(a.request("POST", "/setTasks", Some(&json!([]))).status, 200);
+    a.wait_gone("bs-0", T);
+    a.wait_gone("crd-shape", T);
+}
+
+#[test]
+fn status_codes() {
+    let a = Agent::start(&["--max-body-bytes", "2048"]);
+    let check = |r: http::Response, status: u16, code: &str| {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["code"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    };
+    let raw = |method: &str, path: &str, body: &[u8]| {
+        http::request(a.addr, method, path, Some(body)).unwrap()
+    };
+
+    check(raw("POST", "/tasks", b"{not json"), 400, "Bad Request");
+    check(raw("POST", "/tasks", b""), 400, "Bad Request");
+    check(
+        raw("POST", "/tasks", br#"{"name":"x"}"#),
+        400,
+        "Bad Request",
+    ); // no spec
+    check(
+        raw(
+            "POST",
+            "/tasks",
+            br#"{"name":"x","spec":{"process":{"command":[]}}}"#,
+        ),
+        400,
+        "Bad Request",
+    );
+    check(
+        raw(
+            "POST",
+            "/tasks",
+            br#"{"name":"x","spec":{"process":{"command":["a"]},"container":{"image":"i"}}}"#,
+        ),
+        400,
+        "Bad Request",
+    );
+    check(
+        raw(
+            "POST",
+            "/tasks",
+            br#"{"name":"x","spec":{"process":{"command":["a"],"timeoutSeconds":0}}}"#,
+        ),
+        400,
+        "Bad Request",
+    );
+    check(
+        raw(
+            "POST",
+            "/tasks",
+            br#"{"name":"x","spec":{"container":{"image":"busybox"}}}"#,
+        ),
+        400,
+        "Bad Request",
+    );
+    check(
+        raw("POST", "/setTasks", br#"{"name":"x"}"#),
+        400,
+        "Bad Request",
+    );
+    check(a.request("GET", "/tasks/nope", None), 404, "Not Found");
+    check(a.request("GET", "/nowhere", None), 404, "Not Found");
+    check(a.request("GET", "/tasks/", None), 404, "Not Found");
+
+    let r = a.request("GET", "/setTasks", None);
+    assert_eq!(r.header("allow"), Some("POST"));
+    check(r, 405, "Method Not Allowed");
+    let r = a.request("POST", "/health", None);
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    check(r, 405, "Method Not Allowed");
+    let r = a.request("PUT", "/tasks/x", None);
+    assert_eq!(r.header("allow"), Some("GET, HEAD, DELETE"));
+    check(r, 405, "Method Not Allowed");
+    let r = a.request("GET", "/tasks", None);
+    assert_eq!(r.header("allow"), Some("POST"));
+    check(r, 405, "Method Not Allowed");
+
+    a.run("dup", &["sleep", "30"]);
+    check(
+        a.create(json!({"name": "dup", "spec": {"process": {"command": ["true"]}}})),
+        409,
+        "Conflict",
+    );
+
+    let big = format!(
+        r#"{{"name":"big","spec":{{"process":{{"command":["echo","{}"]}}}}}}"#,
+        "x".repeat(4096)
+    );
+    check(
+        raw("POST", "/tasks", big.as_bytes()),
+        413,
+        "Request Entity Too Large",
+    );
+    // A body streamed without Content-Length is held to the same limit.
+    let chunk = "x".repeat(3000);
+    let req = format!(
+        "POST /tasks HTTP/1.1\r\nHost: t\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len()
+    );
+    check(
+        http::raw(a.addr, req.as_bytes()).unwrap(),
+        413,
+        "Request Entity Too Large",
+    );
+
+    // DELETE is idempotent: unknown names are fine.
+    assert_eq!(
+        a.request("DELETE", "/tasks/never-existed", None).status,
+        204
+    );
+    assert_eq!(
+        a.request("GET", "/health", None).json(),
+        json!({"status": "healthy"})
+    );
+    assert_eq!(a.request("HEAD", "/health", None).status, 200);
+}
+
+#[test]
+fn concurrency_limit_answers_429() {
+    let a = Agent::start(&["--max-concurrent-tasks", "1"]);
+    a.run("one", &["sleep", "30"]);
+    let r = a.create(json!({"name": "two", "spec": {"process": {"command": ["true"]}}}));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["code"], "Too Many Requests");
+    a.delete("one");
+    a.wait_gone("one", T);
+    assert_eq!(
+        a.create(json!({"name": "two", "spec": {"process": {"command": ["true"]}}}))
+            .status,
+        201
+    );
+}
+
+#[test]
+fn names_follow_kubernetes_rules() {
+    let a = Agent::start(&[]);
+    for bad in [
+        "UPPER",
+        "a_b",
+        "-a",
+        "a-",
+        "..",
+        ".",
+        "a/b",
+        "/etc/passwd",
+        "a..b",
+        &"a".repeat(254),
+    ] {
+        let r = a.create(json!({"name": bad, "spec": {"process": {"command": ["true"]}}}));
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+    }
+    // Encoded traversal in the path never reaches the file system.
+    for path in ["/tasks/%2E%2E", "/tasks/a%2Fb", "/tasks/..%2F..%2Fetc"] {
+        assert_eq!(a.request("GET", path, None).status, 404, "{path}");
+        assert_eq!(a.request("DELETE", path, None).status, 204, "{path}");
+    }
+    for good in ["a", "bs-0", "x.y-z", &"a".repeat(253)] {
+        let r = a.create(json!({"name": good, "spec": {"process": {"command": ["true"]}}}));
+        assert_eq!(r.status, 201, "{good:?}: {}", r.text());
+    }
+    // Nothing but the valid tasks' directories exists in the data dir.
+    let mut dirs: Vec<String> = std::fs::read_dir(&a.data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    dirs.sort();
+    let mut want = vec![
+        "a".to_string(),
+        "bs-0".into(),
+        "x.y-z".into(),
+        "a".repeat(253),
+    ];
+    want.sort();
+    assert_eq!(dirs, want);
+}
+
+#[test]
+fn set_tasks_is_declarative_and_never_reruns() {
+    let a = Agent::start(&[]);
+    let marker = a.data_dir.parent().unwrap().join("runs");
+    let counting = |name: &str| json!({"name": name, "process": {"command": ["sh", "-c", format!("echo {name} >> {}", marker.display())]}});
+    let r = a.request(
+        "POST",
+        "/setTasks",
+        Some(&json!([counting("a1"), counting("a2")])),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let names: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().into())
+        .collect();
+    assert_eq!(names, ["a1", "a2"]);
+    a.wait_state("a1", "terminated", T);
+    a.wait_state("a2", "terminated", T);
+
+    // Same list again, twice: nothing re-runs.
+    for _ in 0..2 {
+        assert_eq!(
+            a.request(
+                "POST",
+                "/setTasks",
+                Some(&json!([counting("a1"), counting("a2")]))
+            )
+            .status,
+            200
+        );
+    }
+    // a2 dropped, a3 added; a1 stays as it was.
+    let before = a.get("a1").unwrap();
+    let r = a.request(
+        "POST",
+        "/setTasks",
+        Some(&json!([counting("a1"), counting("a3")])),
+    );
+    assert_eq!(r.status, 200);
+    a.wait_gone("a2", T);
+    a.wait_state("a3", "terminated", T);
+    assert_eq!(a.get("a1").unwrap()["status"], before["status"]);
+    let mut runs: Vec<String> = std::fs::read_to_string(&marker)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    runs.sort();
+    assert_eq!(runs, ["a1", "a2", "a3"], "each task ran exactly once");
+
+    // A bad element rejects the whole request and changes nothing.
+    let r = a.request(
+        "POST",
+        "/setTasks",
+        Some(&json!([counting("a4"), {"name": "Bad Name", "process": {"command": ["true"]}}])),
+    );
+    assert_eq!(r.status, 400);
+    assert!(a.get("a4").is_none());
+    assert!(a.get("a1").is_some() && a.get("a3").is_some());
+    // `null` clears, like upstream.
+    assert_eq!(
+        http::request(a.addr, "POST", "/setTasks", Some(b"null"))
+            .unwrap()
+            .status,
+        200
+    );
+    a.wait_gone("a1", T);
+    a.wait_gone("a3", T);
+}
+
+#[test]
+fn delete_shows_deletion_timestamp_then_disappears() {
+    let a = Agent::start(&["--stop-grace-period", "5s"]);
+    a.run(
+        "victim",
+        &[
+            "sh",
+            "-c",
+            "trap 'sleep 1; exit 0' TERM; while true; do sleep 0.1; done",
+        ],
+    );
+    a.wait_state("victim", "running", T);
+    a.delete("victim");
+    let t = a.get("victim").expect("still visible while stopping");
+    assert!(t["deletionTimestamp"].as_str().is_some(), "{t}");
+    a.wait_gone("victim", T);
+    assert!(
+        !a.task_dir("victim").exists(),
+        "state and logs are removed with the task"
+    );
+}
+
+#[test]
+fn malformed_input_sweep_leaves_agent_healthy() {
+    let a = Agent::start(&["--max-body-bytes", "65536", "--request-timeout", "1s"]);
+    let bodies: Vec<Vec<u8>> = vec![
+        b"".to_vec(), b"{".to_vec(), b"[".to_vec(), b"null".to_vec(), b"42".to_vec(), b"\"s\"".to_vec(),
+        b"{\"name\":1}".to_vec(), b"{\"name\":\"a\",\"spec\":[]}".to_vec(),
+        b"{\"name\":\"a\",\"spec\":{\"process\":{\"command\":\"true\"}}}".to_vec(),
+        b"{\"name\":\"a\",\"spec\":{\"process\":{\"command\":[\"a\\u0000b\"]}}}".to_vec(),
+        b"{\"name\":\"a\",\"spec\":{\"process\":{\"command\":[\"true\"],\"env\":[{\"name\":\"\"}]}}}".to_vec(),
+        b"{\"name\":\"a\",\"spec\":{\"process\":{\"command\":[\"true\"],\"workingDir\":\"rel\"}}}".to_vec(),
+        b"{\"name\":\"a\",\"podTemplateSpec\":{\"spec\":{}}}".to_vec(),
+        vec![0xff, 0xfe, 0x00, 0x01],
+        "[".repeat(10_000).into_bytes(),
+        format!("{{\"name\":\"{}\"}}", "a".repeat(60_000)).into_bytes(),
+    ];
+    for body in &bodies {
+        for path in ["/tasks", "/setTasks"] {
+            if path == "/setTasks" && body == b"null" {
+                continue; // upstream's way of saying "no tasks"
+            }
+            let r = http::request(a.addr, "POST", path, Some(body)).unwrap();
+            assert!(
+                (400..500).contains(&r.status),
+                "{path} {:?}: {} {}",
+                String::from_utf8_lossy(&body[..body.len().min(40)]),
+                r.status,
+                r.text()
+            );
+            r.json(); // always a JSON error body
+        }
+    }
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET /tasks/%ZZ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\nConnection: close\r\n\r\n",
+    ] {
+        let _ = http::raw(a.addr, raw); // any answer, or a closed connection, is fine
+    }
+    // A body that never arrives in full is cut off (slowloris), not waited for forever.
+    let t0 = std::time::Instant::now();
+    let r = http::raw(
+        a.addr,
+        b"POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\n{\"a\"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(a.request("GET", "/health", None).status, 200);
+    assert_eq!(a.request("GET", "/getTasks", None).json(), json!([]));
+    a.run("still-works", &["true"]);
+    let t = a.wait_state("still-works", "terminated", T);
+    assert_eq!(t["exitCode"], 0);
+    let leftover: Vec<Value> = a
+        .request("GET", "/getTasks", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(leftover.len(), 1);
+}

@@ -1,0 +1,275 @@
+//! Process tasks on the host: real children, exit codes, signals, timeouts, tree kill.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::agent::Agent;
+use support::{pid_alive, wait_for};
+
+const T: Duration = Duration::from_secs(15);
+
+#[test]
+fn exit_codes_signals_and_start_failures() {
+    let a = Agent::start(&[]);
+    a.run("ok", &["true"]);
+    a.run("three", &["sh", "-c", "exit 3"]);
+    a.run("killed", &["sh", "-c", "kill -KILL $$"]);
+    a.run("missing", &["/definitely/not/here"]);
+    let r = a.create(json!({"name": "baddir", "spec": {"process": {"command": ["true"], "workingDir": "/no/such/dir"}}}));
+    assert_eq!(
+        r.status, 201,
+        "a start failure is a task that says so, not an HTTP error"
+    );
+
+    let ok = a.wait_state("ok", "terminated", T);
+    assert_eq!(
+        (ok["exitCode"].as_i64(), ok["reason"].as_str()),
+        (Some(0), Some("Succeeded"))
+    );
+    assert!(ok.get("signal").is_none());
+    let three = a.wait_state("three", "terminated", T);
+    assert_eq!(
+        (three["exitCode"].as_i64(), three["reason"].as_str()),
+        (Some(3), Some("Failed"))
+    );
+    let killed = a.wait_state("killed", "terminated", T);
+    assert_eq!(
+        (killed["exitCode"].as_i64(), killed["signal"].as_i64()),
+        (Some(137), Some(9))
+    );
+    assert_eq!(killed["message"], "terminated by signal SIGKILL");
+    let missing = a.wait_state("missing", "terminated", T);
+    assert_eq!(
+        (missing["exitCode"].as_i64(), missing["reason"].as_str()),
+        (Some(127), Some("StartError"))
+    );
+    assert!(
+        missing["message"]
+            .as_str()
+            .unwrap()
+            .contains("/definitely/not/here"),
+        "{missing}"
+    );
+    assert!(missing["startedAt"].is_null());
+    let baddir = a.wait_state("baddir", "terminated", T);
+    assert_eq!(baddir["reason"], "StartError");
+    assert!(
+        baddir["message"].as_str().unwrap().contains("No such file"),
+        "{baddir}"
+    );
+}
+
+#[test]
+fn argv_is_exec_not_shell_and_env_overlays_agent_env() {
+    let a = Agent::start_with_env(
+        &[],
+        &[("AGENT_ONLY", "from-agent"), ("OVERRIDDEN", "agent")],
+    );
+    let r = a.create(json!({"name": "env", "spec": {"process": {
+        "command": ["sh", "-c", "echo \"$AGENT_ONLY $OVERRIDDEN $TASK_VAR\"; printf '%s|' \"$@\"; pwd", "argv0"],
+        "args": ["two words", "$HOME", "*"],
+        "env": [{"name": "OVERRIDDEN", "value": "task"}, {"name": "TASK_VAR", "value": "x y"}],
+        "workingDir": "/usr/share"}}}));
+    assert_eq!(r.status, 201);
+    assert_eq!(a.wait_state("env", "terminated", T)["exitCode"], 0);
+    assert_eq!(
+        a.stdout("env"),
+        "from-agent task x y\ntwo words|$HOME|*|/usr/share\n"
+    );
+}
+
+#[test]
+fn stdout_and_stderr_go_to_capped_logs() {
+    let a = Agent::start(&["--max-log-bytes", "20000"]);
+    a.run(
+        "chatty",
+        &[
+            "sh",
+            "-c",
+            "i=0; while [ $i -lt 3000 ]; do echo line-$i; echo err-$i >&2; i=$((i+1)); done",
+        ],
+    );
+    a.wait_state("chatty", "terminated", T);
+    let dir = a.task_dir("chatty");
+    let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size("stdout.log") + size("stdout.log.1") <= 20000,
+        "stdout over the cap"
+    );
+    assert!(
+        size("stderr.log") + size("stderr.log.1") <= 20000,
+        "stderr over the cap"
+    );
+    assert!(
+        a.stdout("chatty").ends_with("line-2999\n"),
+        "the newest output is kept"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("stderr.log"))
+            .unwrap()
+            .ends_with("err-2999\n")
+    );
+}
+
+#[test]
+fn timeout_stops_the_task_with_task_timeout() {
+    let a = Agent::start(&[]);
+    let r = a.create(json!({"name": "slow", "spec": {"process": {"command": ["sleep", "30"], "timeoutSeconds": 1}}}));
+    assert_eq!(r.status, 201);
+    let t0 = Instant::now();
+    let t = a.wait_state("slow", "terminated", T);
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopped soon after the timeout"
+    );
+    assert_eq!(t["reason"], "TaskTimeout");
+    assert_eq!(t["message"], "Task exceeded timeout of 1 seconds");
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["signal"].as_i64()),
+        (Some(143), Some(15))
+    );
+    // Upstream's wire shape carries the timeout inside `process`.
+    let r = a.request("POST", "/setTasks", Some(&json!([{"name": "slow2", "process": {"command": ["sleep", "30"], "timeoutSeconds": 1}}])));
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        a.wait_state("slow2", "terminated", T)["reason"],
+        "TaskTimeout"
+    );
+}
+
+#[test]
+fn delete_kills_the_whole_tree_including_term_ignorers_and_daemons() {
+    let a = Agent::start(&["--stop-grace-period", "1s"]);
+    let pids = a.data_dir.parent().unwrap().join("pids");
+    let script = format!(
+        "trap '' TERM; \
+         (trap '' TERM; exec sleep 1001) & echo $! >> {p}; \
+         setsid sh -c 'echo $$ >> {p}; exec sleep 1002' & \
+         sh -c 'sleep 1003 & echo $! >> {p}' ; \
+         echo $$ >> {p}; while true; do sleep 1; done",
+        p = pids.display()
+    );
+    a.run("tree", &["sh", "-c", &script]);
+    let read = || -> Vec<i32> {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.parse().ok())
+            .collect()
+    };
+    let all = wait_for(T, "four pids", || Some(read()).filter(|p| p.len() == 4));
+    assert!(all.iter().all(|p| pid_alive(*p)));
+    let t0 = Instant::now();
+    a.delete("tree");
+    a.wait_gone("tree", T);
+    assert!(
+        t0.elapsed() < Duration::from_secs(6),
+        "grace 1s, then SIGKILL"
+    );
+    wait_for(
+        Duration::from_secs(3),
+        "every process of the task to be gone",
+        || all.iter().all(|p| !pid_alive(*p)).then_some(()),
+    );
+}
+
+#[test]
+fn background_children_outlive_a_finished_task_until_it_is_deleted() {
+    // Upstream's pool sandboxes run `bootstrap.sh ... &`: the task "succeeds" while its
+    // daemon keeps running; deleting the task must still stop the daemon.
+    let a = Agent::start(&["--stop-grace-period", "1s"]);
+    let pidfile = a.data_dir.parent().unwrap().join("daemon");
+    a.run(
+        "boot",
+        &[
+            "sh",
+            "-c",
+            &format!("sleep 1000 & echo $! > {}", pidfile.display()),
+        ],
+    );
+    let t = a.wait_state("boot", "terminated", T);
+    assert_eq!(t["exitCode"], 0);
+    let daemon: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        pid_alive(daemon),
+        "the daemon keeps running after the task finished"
+    );
+    a.delete("boot");
+    a.wait_gone("boot", T);
+    wait_for(Duration::from_secs(3), "daemon gone", || {
+        (!pid_alive(daemon)).then_some(())
+    });
+}
+
+#[test]
+fn two_hundred_concurrent_tasks_report_their_own_exit_codes() {
+    let a = Agent::start(&[]);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| json!({"name": format!("t{i}"), "process": {"command": ["sh", "-c", format!("sleep 0.5; exit {}", i % 256)]}}))
+        .collect();
+    let r = a.request("POST", "/setTasks", Some(&json!(tasks)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().unwrap().len(), 200);
+    let running = a.request("GET", "/getTasks", None).json();
+    let n_running = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["status"]["state"].get("running").is_some())
+        .count();
+    assert!(
+        n_running > 1,
+        "tasks run concurrently (saw {n_running} running)"
+    );
+    wait_for(Duration::from_secs(60), "all 200 terminated", || {
+        let list = a.request("GET", "/getTasks", None).json();
+        let arr = list.as_array().unwrap().clone();
+        arr.iter()
+            .all(|t| t["status"]["state"].get("terminated").is_some())
+            .then_some(arr)
+    })
+    .iter()
+    .for_each(|t| {
+        let i: i64 = t["name"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(
+            t["status"]["state"]["terminated"]["exitCode"].as_i64(),
+            Some(i % 256),
+            "{t}"
+        );
+    });
+}
+
+#[test]
+fn orphans_are_reaped_not_left_as_zombies() {
+    let a = Agent::start(&[]);
+    // The task's child exits while its parent (the task) has already gone: it is
+    // re-parented to the shim (a subreaper) and must be reaped.
+    a.run(
+        "orphans",
+        &["sh", "-c", "(sleep 0.3 &) ; (sleep 0.3 &); exit 0"],
+    );
+    a.wait_state("orphans", "terminated", T);
+    std::thread::sleep(Duration::from_millis(800));
+    let zombies: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter(|s| {
+            let rest: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            rest.first() == Some(&"Z")
+                && rest.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(a.pid())
+        })
+        .collect();
+    assert!(zombies.is_empty(), "zombies under the agent: {zombies:?}");
+}

@@ -1,0 +1,174 @@
+//! Nothing accepted is lost: `kill -9` of the agent, restarts, graceful shutdown.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::agent::Agent;
+use support::{pid_alive, wait_for};
+
+const T: Duration = Duration::from_secs(15);
+
+#[test]
+fn exit_while_agent_is_dead_is_reported_after_restart() {
+    let mut a = Agent::start(&[]);
+    let runs = a.data_dir.parent().unwrap().join("runs");
+    a.run(
+        "finishes-alone",
+        &[
+            "sh",
+            "-c",
+            &format!("echo run >> {}; sleep 1; exit 7", runs.display()),
+        ],
+    );
+    a.wait_state("finishes-alone", "running", T);
+    a.kill9();
+    std::thread::sleep(Duration::from_millis(1800)); // the task ends while nobody watches
+    a.restart();
+    let t = a.wait_state("finishes-alone", "terminated", T);
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(7), Some("Failed")),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "not re-run"
+    );
+}
+
+#[test]
+fn running_task_is_readopted_and_its_later_exit_seen() {
+    let mut a = Agent::start(&[]);
+    a.run("long", &["sh", "-c", "sleep 2; exit 5"]);
+    let started = a.wait_state("long", "running", T);
+    let pid = a.main_pid("long");
+    a.kill9();
+    assert!(pid_alive(pid), "the task survives the agent");
+    a.restart();
+    let again = a.wait_state("long", "running", T);
+    assert_eq!(again["startedAt"], started["startedAt"]);
+    let t = a.wait_state("long", "terminated", T);
+    assert_eq!(t["exitCode"], 5);
+}
+
+#[test]
+fn readopted_task_can_still_be_deleted_with_its_tree() {
+    let mut a = Agent::start(&["--stop-grace-period", "1s"]);
+    a.run(
+        "stubborn",
+        &["sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000"],
+    );
+    a.wait_state("stubborn", "running", T);
+    let pid = a.main_pid("stubborn");
+    a.kill9();
+    a.restart();
+    a.wait_state("stubborn", "running", T);
+    a.delete("stubborn");
+    a.wait_gone("stubborn", T);
+    assert!(!pid_alive(pid));
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "^sleep 1000$", "-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(leftovers.stdout.is_empty());
+}
+
+#[test]
+fn deletion_interrupted_by_a_crash_finishes_after_restart() {
+    let mut a = Agent::start(&["--stop-grace-period", "4s"]);
+    a.run(
+        "half-deleted",
+        &["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
+    );
+    a.wait_state("half-deleted", "running", T);
+    let pid = a.main_pid("half-deleted");
+    a.delete("half-deleted"); // the task ignores TERM, so this takes the whole grace
+    a.kill9();
+    a.restart();
+    let t = a
+        .get("half-deleted")
+        .expect("still there, still being deleted");
+    assert!(t["deletionTimestamp"].is_string(), "{t}");
+    // The new agent resumes the deletion instead of forgetting it.
+    wait_for(Duration::from_secs(20), "deleted", || {
+        a.get("half-deleted").is_none().then_some(())
+    });
+    assert!(!pid_alive(pid));
+}
+
+#[test]
+fn accepted_but_never_started_task_is_started_after_restart() {
+    // Simulate a crash between "task.json is durable" and "the shim started": the record
+    // exists without any shim record. The task was accepted, so it must run.
+    let mut a = Agent::start(&[]);
+    a.kill9();
+    let dir = a.data_dir.join("accepted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    // And a directory without a record (crash before the record was written) is cleaned up.
+    std::fs::create_dir_all(a.data_dir.join("never-accepted")).unwrap();
+    a.restart();
+    let t = a.wait_state("accepted", "terminated", T);
+    assert_eq!(t["exitCode"], 4);
+    assert!(a.get("never-accepted").is_none());
+    assert!(!a.data_dir.join("never-accepted").exists());
+}
+
+#[test]
+fn sigterm_exits_quickly_and_tasks_keep_running() {
+    let mut a = Agent::start(&[]);
+    a.run("survivor", &["sleep", "30"]);
+    a.wait_state("survivor", "running", T);
+    let pid = a.main_pid("survivor");
+    let took = a.sigterm();
+    assert!(
+        took < Duration::from_secs(4),
+        "graceful shutdown took {took:?}"
+    );
+    assert!(pid_alive(pid), "tasks are not stopped by an agent shutdown");
+    let t0 = Instant::now();
+    a.restart();
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    a.wait_state("survivor", "running", T);
+    a.delete("survivor");
+    a.wait_gone("survivor", T);
+    assert!(!pid_alive(pid));
+}
+
+#[test]
+fn a_dead_pid_reused_never_looks_alive() {
+    // The shim record names a process by pid and start time. Point it at a live process
+    // with the wrong start time: the task must not be reported running.
+    let mut a = Agent::start(&[]);
+    a.run("reused", &["sh", "-c", "sleep 1; exit 2"]);
+    a.wait_state("reused", "running", T);
+    a.kill9();
+    let dir = a.task_dir("reused");
+    let shim_pid = {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("shim.json")).unwrap()).unwrap();
+        v["shim"]["pid"].as_i64().unwrap() as i32
+    };
+    // Kill the shim and its task so no exit record is written, then forge the record to
+    // name our own (live) test process with a wrong start time.
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim_pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let me = std::process::id();
+    let forged = json!({"shim": {"pid": me, "startTime": 1}, "main": {"pid": me, "startTime": 1}, "startedAt": "2026-01-01T00:00:00Z"});
+    std::fs::write(dir.join("shim.json"), forged.to_string()).unwrap();
+    a.restart();
+    let t = a.wait_state("reused", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    assert!(
+        pid_alive(me as i32),
+        "the agent never signals a process it doesn't own"
+    );
+}

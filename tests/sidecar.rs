@@ -1,0 +1,131 @@
+//! Sidecar mode with upstream's lookup (SANDBOX_MAIN_CONTAINER in a process's env), against
+//! a stand-in main container in real namespaces. Needs root, as the agent does in a pod.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::agent::Agent;
+use support::pid_alive;
+use support::standin::MainContainer;
+
+const T: Duration = Duration::from_secs(15);
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
+
+fn sidecar_agent(container: &str, extra: &[&str]) -> Agent {
+    let mut args = vec![
+        "--enable-sidecar-mode=true",
+        "--main-container-name",
+        container,
+    ];
+    args.extend_from_slice(extra);
+    Agent::start(&args)
+}
+
+#[test]
+fn task_runs_in_the_main_containers_namespaces_env_and_fs() {
+    let name = unique("main-ns");
+    let main = MainContainer::start(&name, "main-host");
+    let a = sidecar_agent(&name, &[]);
+    let r = a.create(json!({"name": "inside", "spec": {"process": {
+        "command": ["sh", "-c", "hostname; readlink /proc/self/ns/uts /proc/self/ns/ipc /proc/self/ns/net /proc/self/ns/mnt /proc/self/ns/pid; echo \"$TARGET_VAR $TASK_VAR\"; pwd; exit 9"],
+        "env": [{"name": "TASK_VAR", "value": "from-task"}],
+        "workingDir": "/mnt/only-here"}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = a.wait_state("inside", "terminated", T);
+    assert_eq!(t["exitCode"], 9, "{t}");
+    let out = a.stdout("inside");
+    let lines: Vec<&str> = out.lines().collect();
+    let want = [
+        main.hostname.clone(),
+        main.ns("uts"),
+        main.ns("ipc"),
+        main.ns("net"),
+        main.ns("mnt"),
+        main.ns("pid"),
+        "hello-from-target from-task".into(),
+        "/mnt/only-here".into(),
+    ];
+    assert_eq!(lines, want, "agent log:\n{}", a.log_text());
+    // The agent itself stays outside.
+    assert_ne!(
+        std::fs::read_link("/proc/self/ns/mnt")
+            .unwrap()
+            .to_string_lossy(),
+        main.ns("mnt")
+    );
+    assert_eq!(a.request("GET", "/readyz", None).status, 200);
+}
+
+#[test]
+fn delete_kills_a_term_ignoring_task_inside_the_container() {
+    let name = unique("main-del");
+    let _main = MainContainer::start(&name, "del-host");
+    let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
+    a.run(
+        "stubborn",
+        &[
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 1000 & while true; do sleep 0.2; done",
+        ],
+    );
+    a.wait_state("stubborn", "running", T);
+    let pid = a.main_pid("stubborn");
+    assert!(pid_alive(pid));
+    a.delete("stubborn");
+    a.wait_gone("stubborn", T);
+    assert!(!pid_alive(pid));
+}
+
+#[test]
+fn agent_kill9_and_restart_readopts_a_sidecar_task() {
+    let name = unique("main-adopt");
+    let _main = MainContainer::start(&name, "adopt-host");
+    let mut a = sidecar_agent(&name, &[]);
+    a.run("adopted", &["sh", "-c", "sleep 2; exit 6"]);
+    a.wait_state("adopted", "running", T);
+    a.kill9();
+    a.restart();
+    a.wait_state("adopted", "running", T);
+    assert_eq!(a.wait_state("adopted", "terminated", T)["exitCode"], 6);
+}
+
+#[test]
+fn missing_main_container_is_reported_not_retried() {
+    let name = unique("nobody-home");
+    let a = sidecar_agent(&name, &[]);
+    let r = a.request("GET", "/readyz", None);
+    assert_eq!(r.status, 503);
+    assert!(r.json()["reason"].as_str().unwrap().contains(&name));
+    a.run("orphan", &["true"]);
+    let t = a.wait_state("orphan", "terminated", T);
+    assert_eq!(t["reason"], "TargetNotFound");
+    assert!(t["message"].as_str().unwrap().contains(&name), "{t}");
+    assert_eq!(
+        a.request("GET", "/health", None).status,
+        200,
+        "liveness is not readiness"
+    );
+}
+
+#[test]
+fn main_container_restart_terminates_its_tasks_with_target_restarted() {
+    let name = unique("main-restart");
+    let mut main = MainContainer::start(&name, "first-host");
+    let a = sidecar_agent(&name, &[]);
+    a.run("victim", &["sleep", "1000"]);
+    a.wait_state("victim", "running", T);
+    main.stop();
+    let t = a.wait_state("victim", "terminated", T);
+    assert_eq!(t["reason"], "TargetRestarted", "{t}");
+    // New tasks go to the new container.
+    let second = MainContainer::start(&name, "second-host");
+    a.run("after", &["hostname"]);
+    assert_eq!(a.wait_state("after", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("after").trim(), second.hostname);
+}
