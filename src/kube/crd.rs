@@ -20,6 +20,8 @@ pub const CRD_FILE: &str = "tasks.task-executor.io.yaml";
 
 /// A task for the agent in pod `podName`. The agent selects Tasks by the label
 /// `task-executor.io/pod=<podName>` and checks `spec.podName` too.
+// The lint mistakes the repeated `type_ = "string"` of two print columns for a duplicate.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "task-executor.io",

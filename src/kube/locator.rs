@@ -56,10 +56,10 @@ fn scan_cgroups(id: &str) -> Result<ProcIdentity, String> {
         if !text.lines().any(|l| cgroup_line_names(l, id)) {
             continue;
         }
-        if let Some(p) = ProcIdentity::of(pid) {
-            if best.is_none_or(|b| p.start_time < b.start_time) {
-                best = Some(p);
-            }
+        if let Some(p) = ProcIdentity::of(pid)
+            && best.is_none_or(|b| p.start_time < b.start_time)
+        {
+            best = Some(p);
         }
     }
     best.ok_or_else(|| format!("no visible process is in a cgroup of container {id}"))
@@ -186,17 +186,17 @@ where
             let Ok(now) = main_container(&pod_obj, &container) else {
                 continue;
             };
-            if let Some(before) = &last {
-                if now.replaced(before) {
-                    tracing::info!(
-                        container = %container,
-                        from = %before.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                        to = %now.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                        restart_count = now.restart_count,
-                        "main container replaced"
-                    );
-                    on_replaced(&now);
-                }
+            if let Some(before) = &last
+                && now.replaced(before)
+            {
+                tracing::info!(
+                    container = %container,
+                    from = %before.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                    to = %now.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+                    restart_count = now.restart_count,
+                    "main container replaced"
+                );
+                on_replaced(&now);
             }
             // An ID that vanished (status briefly without it) keeps the last known one.
             if now.id.is_some() || last.is_none() {

@@ -78,10 +78,10 @@ impl Known {
             .resource_version
             .as_deref()
             .and_then(|v| v.parse().ok());
-        if let (Some(seen), Some(new)) = (self.resource_version, rv) {
-            if new < seen {
-                return;
-            }
+        if let (Some(seen), Some(new)) = (self.resource_version, rv)
+            && new < seen
+        {
+            return;
         }
         self.resource_version = rv;
         self.status = t.status.clone();

@@ -59,10 +59,10 @@ fn scan_env(container: &str) -> Result<ProcIdentity, String> {
         {
             continue;
         }
-        if let Some(s) = procfs::stat(pid) {
-            if best.is_none_or(|(t, _)| s.start_time < t) {
-                best = Some((s.start_time, pid));
-            }
+        if let Some(s) = procfs::stat(pid)
+            && best.is_none_or(|(t, _)| s.start_time < t)
+        {
+            best = Some((s.start_time, pid));
         }
     }
     let (_, pid) = best.ok_or_else(|| format!("no process has {want} in its environment"))?;
