@@ -306,3 +306,30 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
     // The finalizer's removal (and the DELETED event it causes) deletes nothing twice.
     assert!(!agent.log_text().contains("Task object is gone"));
 }
+
+#[test]
+fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    let _agent = Agent::start_with_env(
+        &["--watch-tasks", "--max-concurrent-tasks=1"],
+        &[
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+    api.create_task(task("hold", POD, json!({"command": ["sleep", "4646"]})));
+    wait_task(&api, "hold", "Running", |t| phase(t) == "Running");
+    api.create_task(task("queued", POD, json!({"command": ["true"]})));
+    let q = wait_task(&api, "queued", "Waiting", |t| phase(t) == "Waiting");
+    assert_eq!(
+        q["status"]["state"]["waiting"]["reason"], "TooManyTasks",
+        "{q}"
+    );
+    api.delete_task(NS, "hold");
+    wait_task(&api, "queued", "Succeeded", |t| phase(t) == "Succeeded");
+    assert!(pids_with_cmdline(&["sleep", "4646"]).is_empty());
+}

@@ -147,9 +147,22 @@ impl KubeLocator {
     }
 }
 
+/// Longest a lookup may take: readiness probes call it, and the client's own read timeout
+/// is minutes.
+const LOCATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl MainContainerLocator for KubeLocator {
     fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
-        Box::pin(self.find())
+        Box::pin(async move {
+            tokio::time::timeout(LOCATE_TIMEOUT, self.find())
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "pod {}/{}: no answer from the API server within {LOCATE_TIMEOUT:?}",
+                        self.namespace, self.pod
+                    ))
+                })
+        })
     }
 }
 

@@ -246,6 +246,13 @@ impl FakeApiServer {
     }
 }
 
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        // Open watch streams would otherwise hold the graceful shutdown forever.
+        self.state().watchers.clear();
+    }
+}
+
 fn status(code: StatusCode, reason: &str, message: &str) -> Value {
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
