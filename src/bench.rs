@@ -52,8 +52,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
 
     let mut lat = Vec::with_capacity(opts.latency_samples);
+    let mut conn = client::Conn::new(agent.addr);
     for i in 0..opts.latency_samples {
-        lat.push(create_and_wait(agent.addr, &format!("lat-{i}"))?);
+        lat.push(create_and_wait(&mut conn, &format!("lat-{i}"))?);
     }
     let tput = throughput(agent.addr, opts.clients, opts.duration)?;
     let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
@@ -157,11 +158,12 @@ fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
     Ok(out)
 }
 
-/// POST a `true` task and poll until it is terminated; returns the elapsed time.
-fn create_and_wait(addr: SocketAddr, name: &str) -> Result<Duration, BenchError> {
+/// POST a `true` task and poll (every 0.5 ms, on a kept-alive connection) until it is
+/// terminated; returns the elapsed time.
+fn create_and_wait(conn: &mut client::Conn, name: &str) -> Result<Duration, BenchError> {
     let body = json!({"name": name, "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
     let t = Instant::now();
-    let r = client::request(addr, "POST", "/tasks", Some(body.as_bytes()))?;
+    let r = conn.request("POST", "/tasks", Some(body.as_bytes()))?;
     if r.status != 201 {
         return Err(BenchError::Setup(format!(
             "create {name}: {} {}",
@@ -170,9 +172,11 @@ fn create_and_wait(addr: SocketAddr, name: &str) -> Result<Duration, BenchError>
         )));
     }
     let mut done = r.text().contains("\"terminated\"");
+    let path = format!("/tasks/{name}");
     while !done {
-        std::thread::sleep(Duration::from_micros(200));
-        done = client::request(addr, "GET", &format!("/tasks/{name}"), None)?
+        std::thread::sleep(Duration::from_micros(500));
+        done = conn
+            .request("GET", &path, None)?
             .text()
             .contains("\"terminated\"");
     }
@@ -188,8 +192,10 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
             let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut i = 0;
+                let mut conn = client::Conn::new(addr);
                 while !stop.load(Ordering::Relaxed) {
-                    create_and_wait(addr, &format!("tp-{c}-{i}")).map_err(|e| e.to_string())?;
+                    create_and_wait(&mut conn, &format!("tp-{c}-{i}"))
+                        .map_err(|e| e.to_string())?;
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -218,13 +224,14 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
         .map(|_| {
             let next = next.clone();
             std::thread::spawn(move || -> Result<(), String> {
+                let mut conn = client::Conn::new(addr);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return Ok(());
                     }
                     let body = json!({"name": format!("held-{i}"), "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
-                    let r = client::request(addr, "POST", "/tasks", Some(body.as_bytes())).map_err(|e| e.to_string())?;
+                    let r = conn.request("POST", "/tasks", Some(body.as_bytes())).map_err(|e| e.to_string())?;
                     if r.status != 201 {
                         return Err(format!("create: {} {}", r.status, r.text()));
                     }

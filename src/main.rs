@@ -77,6 +77,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
     task_executor::telemetry::init(&config.log_level, config.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Only short file-system writes run there; few threads keep few malloc arenas.
+        .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("building the async runtime")?;

@@ -88,13 +88,20 @@ pub async fn delete(state: &AppState, name: &str) -> Result<Response, ApiError> 
 }
 
 pub fn list(state: &AppState) -> Response {
-    let tasks: Vec<TaskResponse> = state
-        .manager
-        .list()
-        .into_iter()
-        .map(TaskResponse::from)
-        .collect();
-    json_response(StatusCode::OK, &tasks)
+    // Serialised one task at a time: thousands of tasks never exist twice in memory.
+    let mut body = Vec::with_capacity(64 * 1024);
+    body.push(b'[');
+    state.manager.for_each_sorted(|v| {
+        if body.len() > 1 {
+            body.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut body, &TaskResponse::from(v));
+    });
+    body.extend_from_slice(b"]\n");
+    let mut resp = Response::new(body.into());
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 pub async fn sync(state: &AppState, body: Bytes) -> Result<Response, ApiError> {

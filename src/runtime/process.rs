@@ -171,9 +171,7 @@ impl ProcessRuntime {
         grace: Duration,
     ) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || stop_blocking(&task.dir, grace))
-                .await
-                .map_err(|e| RuntimeError::Io(io::Error::other(e)))??;
+            stop(&task.dir, grace).await;
             Ok(())
         })
     }
@@ -369,21 +367,23 @@ pub(crate) fn lock_held(path: &Path) -> bool {
     }
 }
 
-fn stop_blocking(dir: &Path, grace: Duration) -> io::Result<()> {
+/// Asks the shim to stop the task's tree (it applies the grace period, then SIGKILL) and
+/// waits until the shim is gone. Only cheap non-blocking checks run between sleeps.
+async fn stop(dir: &Path, grace: Duration) {
     let deadline = Instant::now() + grace + Duration::from_secs(5);
     let shim_lock = dir.join(records::SHIM_LOCK);
+    let read_rec = || fsutil::read_json::<ShimRecord>(&dir.join(records::SHIM)).unwrap_or(None);
+    let mut rec = read_rec();
     let mut signalled = false;
-    let mut rec: Option<ShimRecord> = fsutil::read_json(&dir.join(records::SHIM)).unwrap_or(None);
+    let mut pause = Duration::from_millis(2);
     while lock_held(&shim_lock) {
         if rec.is_none() {
-            rec = fsutil::read_json(&dir.join(records::SHIM)).unwrap_or(None);
+            rec = read_rec();
         }
-        if !signalled {
-            if let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
-                // The shim turns this into TERM for the task tree, grace, then KILL.
-                let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGTERM);
-                signalled = true;
-            }
+        if !signalled && let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
+            // The shim turns this into TERM for the task tree, grace, then KILL.
+            let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGTERM);
+            signalled = true;
         }
         if Instant::now() >= deadline {
             if let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
@@ -392,13 +392,13 @@ fn stop_blocking(dir: &Path, grace: Duration) -> io::Result<()> {
             }
             break;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
     }
     // Whatever outlived a dead supervisor goes too.
     if let Some(main) = rec.and_then(|r| r.main).filter(|m| m.is_alive()) {
         let _ = killpg(Pid::from_raw(main.pid), Signal::SIGKILL);
     }
-    Ok(())
 }
 
 fn shim_log_tail(dir: &Path) -> String {

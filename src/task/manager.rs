@@ -169,10 +169,22 @@ impl Manager {
 
     /// All tasks, ordered by name.
     pub fn list(&self) -> Vec<TaskView> {
-        let entries: Vec<Arc<Entry>> = self.read_tasks().values().cloned().collect();
-        let mut out: Vec<TaskView> = entries.iter().map(|e| e.view()).collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::new();
+        self.for_each_sorted(|v| out.push(v));
         out
+    }
+
+    /// Visits every task in name order, one view at a time (no copy of the whole set).
+    pub fn for_each_sorted(&self, mut f: impl FnMut(TaskView)) {
+        let mut entries: Vec<(String, Arc<Entry>)> = self
+            .read_tasks()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (_, e) in entries {
+            f(e.view());
+        }
     }
 
     pub async fn create(
@@ -287,10 +299,10 @@ impl Manager {
         if tasks.contains_key(name) {
             return Err(TaskError::AlreadyExists(name.to_string()));
         }
-        if let Some(max) = self.cfg.max_concurrent {
-            if tasks.values().filter(|e| e.is_active()).count() >= max {
-                return Err(TaskError::TooManyTasks(max));
-            }
+        if let Some(max) = self.cfg.max_concurrent
+            && tasks.values().filter(|e| e.is_active()).count() >= max
+        {
+            return Err(TaskError::TooManyTasks(max));
         }
         let seq = self.uid_seq.fetch_add(1, Ordering::Relaxed);
         let rec = TaskRecord {

@@ -73,13 +73,13 @@ impl Agent {
         let addr = self.addr;
         let log_path = self.log.clone();
         wait_for(Duration::from_secs(20), "agent /health", || {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "agent exited with {status}: {}",
-                        fs::read_to_string(&log_path).unwrap_or_default()
-                    );
-                }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "agent exited with {status}: {}",
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
             }
             http::request(addr, "GET", "/health", None)
                 .ok()
@@ -153,7 +153,7 @@ impl Agent {
     pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
         wait_for(timeout, &format!("{name} to be {state}"), || {
             let t = self.get(name)?;
-            t["status"]["state"].get(state).map(|s| s.clone())
+            t["status"]["state"].get(state).cloned()
         })
     }
 

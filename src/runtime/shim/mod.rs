@@ -346,24 +346,25 @@ impl Supervisor<'_> {
                 self.begin_kill();
             }
         }
-        if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref()) {
-            if now >= t && !self.main_done {
-                self.target_check = Some(now + TARGET_CHECK);
-                if !target.process.is_alive() && !self.target_gone {
-                    // The container the task lives in restarted: the task goes with it.
-                    self.target_gone = true;
-                    if self.kill_at.is_none() {
-                        self.begin_kill();
-                    }
+        if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref())
+            && now >= t
+            && !self.main_done
+        {
+            self.target_check = Some(now + TARGET_CHECK);
+            if !target.process.is_alive() && !self.target_gone {
+                // The container the task lives in restarted: the task goes with it.
+                self.target_gone = true;
+                if self.kill_at.is_none() {
+                    self.begin_kill();
                 }
             }
         }
-        if let Some(k) = self.kill_at {
-            if now >= k {
-                // Grace is over: SIGKILL everything left, again every 100 ms until none is.
-                kill::signal_tree(Some(self.main_pid), Signal::SIGKILL);
-                self.kill_at = Some(now + Duration::from_millis(100));
-            }
+        if let Some(k) = self.kill_at
+            && now >= k
+        {
+            // Grace is over: SIGKILL everything left, again every 100 ms until none is.
+            kill::signal_tree(Some(self.main_pid), Signal::SIGKILL);
+            self.kill_at = Some(now + Duration::from_millis(100));
         }
     }
 
