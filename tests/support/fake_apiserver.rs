@@ -297,7 +297,7 @@ fn merge_apply(target: &mut Value, patch: &Value) {
     }
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<String> {
+fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
         (k == key).then(|| {
@@ -417,17 +417,17 @@ impl State {
             );
         };
         let mut patch = patch.clone();
-        if let Some(want) = patch["metadata"]["resourceVersion"].as_str() {
-            if obj["metadata"]["resourceVersion"].as_str() != Some(want) {
-                return (
+        if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
+            && obj["metadata"]["resourceVersion"].as_str() != Some(want)
+        {
+            return (
+                StatusCode::CONFLICT,
+                status(
                     StatusCode::CONFLICT,
-                    status(
-                        StatusCode::CONFLICT,
-                        "Conflict",
-                        "the object has been modified; please apply your changes to the latest version and try again",
-                    ),
-                );
-            }
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ),
+            );
         }
         // (`get_mut`, not `patch["metadata"]`: indexing would insert a `null` that deletes
         // the whole metadata.)
