@@ -12,6 +12,8 @@ pub mod bench;
 pub mod client;
 #[forbid(unsafe_code)]
 pub mod config;
+#[forbid(unsafe_code)]
+pub mod kube;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
 pub mod task;
@@ -29,7 +31,7 @@ use crate::config::Config;
 use crate::runtime::container::volumes::StaticVolumes;
 use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::sidecar::{EnvLocator, MainContainerLocator, SidecarRuntime};
+use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
 use crate::runtime::{Runtime, Runtimes};
 use crate::task::manager::{Manager, ManagerConfig};
 use crate::task::store::Store;
@@ -71,7 +73,11 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let (runtimes, container) = build_runtimes(&config)?;
+    let Built {
+        runtimes,
+        container,
+        sidecar,
+    } = build_runtimes(&config).await?;
     let manager = Manager::new(
         store,
         runtimes,
@@ -82,6 +88,7 @@ pub async fn run(
         },
     );
     manager.recover().await?;
+    start_kube_integrations(&config, &manager, sidecar)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -125,20 +132,75 @@ pub async fn run(
     Ok(())
 }
 
-fn build_runtimes(config: &Config) -> Result<(Runtimes, Option<ContainerRuntime>), AppError> {
+/// The Pod watch (sidecar mode with POD_NAME/POD_NAMESPACE) and the Task watch
+/// (`--watch-tasks`). Both run in the background and retry on their own.
+fn start_kube_integrations(
+    config: &Config,
+    manager: &Arc<Manager>,
+    sidecar: Option<SidecarRuntime>,
+) -> Result<(), AppError> {
+    let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
+    if let (Some(sidecar), Some((pod, ns))) = (sidecar, pod.clone()) {
+        crate::kube::locator::spawn_pod_watch(
+            ns,
+            pod,
+            config.main_container_name.clone(),
+            move |_| {
+                let sidecar = sidecar.clone();
+                tokio::spawn(async move { sidecar.target_changed().await });
+            },
+        );
+    }
+    if config.watch_tasks {
+        let Some((pod, ns)) = pod else {
+            return Err(AppError::Config(
+                "--watch-tasks needs POD_NAME and POD_NAMESPACE".into(),
+            ));
+        };
+        crate::kube::watch::spawn(ns, pod, manager.clone());
+    }
+    Ok(())
+}
+
+/// The runtimes, plus the concrete handles that need more than the trait.
+struct Built {
+    runtimes: Runtimes,
+    /// For removing an agent-owned sandbox at shutdown.
+    container: Option<ContainerRuntime>,
+    /// For the Pod watch to stop tasks of a restarted main container.
+    sidecar: Option<SidecarRuntime>,
+}
+
+async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
+    let mut sidecar = None;
     let process: Arc<dyn Runtime> = if config.enable_sidecar_mode {
-        let locator: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
+        let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
             container: config.main_container_name.clone(),
         });
-        Arc::new(SidecarRuntime::new(
+        let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace)
+        {
+            (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
+                Arc::new(crate::kube::locator::KubeLocator::new(
+                    ns.clone(),
+                    pod.clone(),
+                    config.main_container_name.clone(),
+                    vec![Arc::new(crate::kube::locator::CgroupScanResolver)],
+                )),
+                env,
+            ])),
+            _ => env,
+        };
+        let rt = SidecarRuntime::new(
             process,
             locator,
             config.main_container_name.clone(),
             config.sidecar_join_cgroup,
             config.sidecar_run_as_target_user,
-        ))
+        );
+        sidecar = Some(rt.clone());
+        Arc::new(rt)
     } else {
         Arc::new(process)
     };
@@ -160,5 +222,9 @@ fn build_runtimes(config: &Config) -> Result<(Runtimes, Option<ContainerRuntime>
         process,
         container: container.clone().map(|c| Arc::new(c) as Arc<dyn Runtime>),
     };
-    Ok((runtimes, container))
+    Ok(Built {
+        runtimes,
+        container,
+        sidecar,
+    })
 }

@@ -29,6 +29,8 @@ enum Command {
         #[arg(long)]
         task_dir: PathBuf,
     },
+    /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
+    Crd,
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
     Bench {
         #[arg(long, default_value_t = 10_000)]
@@ -47,6 +49,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Shim { task_dir }) => {
             std::process::exit(task_executor::runtime::shim::run(&task_dir))
+        }
+        Some(Command::Crd) => {
+            print!("{}", task_executor::kube::crd::crd_yaml()?);
+            Ok(())
         }
         Some(Command::Bench {
             held_tasks,

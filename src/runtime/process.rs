@@ -267,7 +267,9 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
             "Task exceeded timeout of {} seconds",
             task.spec.effective_timeout().unwrap_or_default()
         ));
-    } else if rec.target_gone {
+    } else if rec.target_gone
+        || (rec.stop_requested && task.dir.join(records::TARGET_RESTARTED).exists())
+    {
         t.reason = reason::TARGET_RESTARTED.into();
         t.message = Some("the main container restarted while the task ran".into());
     }

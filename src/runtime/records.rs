@@ -20,6 +20,9 @@ pub const RUNNING_LOCK: &str = "running.lock";
 pub const STDOUT: &str = "stdout.log";
 pub const STDERR: &str = "stderr.log";
 pub const SHIM_LOG: &str = "shim.log";
+/// Written by the agent before it stops a sidecar task because the main container was
+/// replaced; the exit then reads as `TargetRestarted`.
+pub const TARGET_RESTARTED: &str = "target-restarted";
 
 /// Everything the shim needs to start the task; written by the agent, mode 0600 since it
 /// holds the task's environment.

@@ -1,14 +1,16 @@
 //! Sidecar mode: process tasks run inside the pod's main container. The shim joins the
 //! container's namespaces itself (see `child_setup`), so no nsenter or shell is needed there.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use super::process::ProcessRuntime;
 use super::procfs::{self, ProcIdentity};
-use super::records::Target;
+use super::records::{self, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
 use crate::task::model::TaskSpec;
 
@@ -92,6 +94,8 @@ pub struct SidecarRuntime {
     container: String,
     join_cgroup: bool,
     run_as_target_user: bool,
+    /// Directories of tasks started or adopted here, for `target_changed`.
+    tasks: Arc<Mutex<HashSet<PathBuf>>>,
 }
 
 impl SidecarRuntime {
@@ -108,7 +112,55 @@ impl SidecarRuntime {
             container,
             join_cgroup,
             run_as_target_user,
+            tasks: Arc::default(),
         }
+    }
+
+    fn track(&self, dir: &std::path::Path, on: bool) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if on {
+            tasks.insert(dir.to_path_buf());
+        } else {
+            tasks.remove(dir);
+        }
+    }
+
+    /// The main container was replaced (the Pod watch saw a new container ID or restart):
+    /// stops every running task whose target is not the current main container, so it is
+    /// reported `TargetRestarted` instead of living on in a dead container's namespaces.
+    /// Returns how many tasks were signalled.
+    pub async fn target_changed(&self) -> usize {
+        let current = self.locator.locate().await.ok();
+        let dirs: Vec<PathBuf> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        let container = self.container.clone();
+        let (signalled, finished) = tokio::task::spawn_blocking(move || {
+            let mut signalled = 0;
+            let mut finished = Vec::new();
+            for dir in dirs {
+                match stop_if_stale(&dir, current.as_ref()) {
+                    Some(true) => signalled += 1,
+                    Some(false) => {}
+                    None => finished.push(dir),
+                }
+            }
+            (signalled, finished)
+        })
+        .await
+        .unwrap_or_default();
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            for d in &finished {
+                tasks.remove(d);
+            }
+        }
+        tracing::info!(container = %container, stopped = signalled, "main container replaced; stopped tasks in the old one");
+        signalled
     }
 
     async fn launch(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
@@ -127,6 +179,7 @@ impl SidecarRuntime {
             join_cgroup: self.join_cgroup,
             run_as_target_user: self.run_as_target_user,
         };
+        self.track(&task.dir, true);
         self.process.launch(task, Some(target), events).await
     }
 }
@@ -159,11 +212,13 @@ impl Runtime for SidecarRuntime {
             if ProcessRuntime::never_started(&task.dir).await {
                 return rt.launch(task, events).await;
             }
+            rt.track(&task.dir, true);
             rt.process.adopt_existing(task, events).await
         })
     }
 
     fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        self.track(&task.dir, false);
         self.process.stop_task(task, grace)
     }
 
@@ -178,4 +233,34 @@ impl Runtime for SidecarRuntime {
             }
         })
     }
+}
+
+/// Stops the task in `dir` if it runs in a container other than `current`: writes the
+/// `target-restarted` marker, then SIGTERMs the shim (which stops the task tree).
+/// `None`: the task has finished (or never started) and needs no more tracking.
+fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Option<bool> {
+    use crate::task::fsutil::read_json;
+    if dir.join(records::EXIT).exists() || !dir.exists() {
+        return None;
+    }
+    // Records not written yet: the task is starting; keep tracking it.
+    let Ok(Some(shim)) = read_json::<ShimRecord>(&dir.join(records::SHIM)) else {
+        return Some(false);
+    };
+    let Ok(Some(launch)) = read_json::<Launch>(&dir.join(records::LAUNCH)) else {
+        return Some(false);
+    };
+    let target = launch.target?;
+    if current == Some(&target.process) || !shim.shim.is_alive() {
+        return Some(false);
+    }
+    if let Err(e) = std::fs::write(dir.join(records::TARGET_RESTARTED), b"") {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot mark the task as target-restarted");
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim.shim.pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    tracing::info!(dir = %dir.display(), shim = shim.shim.pid, "stopping a task whose main container was replaced");
+    Some(true)
 }

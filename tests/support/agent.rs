@@ -78,10 +78,11 @@ impl Agent {
             .arg("--listen-addr")
             .arg(self.addr.to_string())
             .args(&self.args)
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            // Tests outside a pod must not pick up the runner's pod identity.
+            // Tests outside a pod must not pick up the runner's pod identity; a test
+            // that wants one passes it in `envs`.
             .env_remove("POD_NAME")
             .env_remove("POD_NAMESPACE")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("LOG_LEVEL", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

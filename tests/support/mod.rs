@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod containerd;
+pub mod fake_apiserver;
 pub mod http;
 pub mod standin;
 
