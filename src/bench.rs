@@ -158,7 +158,7 @@ fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
     Ok(out)
 }
 
-/// POST a `true` task and poll (every 0.5 ms, on a kept-alive connection) until it is
+/// POST a `true` task and long-poll (`?wait=`, on a kept-alive connection) until it is
 /// terminated; returns the elapsed time.
 fn create_and_wait(conn: &mut client::Conn, name: &str) -> Result<Duration, BenchError> {
     let body = json!({"name": name, "spec": {"process": {"command": ["/bin/true"]}}}).to_string();

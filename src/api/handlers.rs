@@ -9,6 +9,8 @@ use warp::reply::Response;
 
 use super::error::ApiError;
 use super::wire::{Health, TaskRequest, TaskResponse};
+use tokio::sync::broadcast::error::RecvError;
+
 use crate::runtime::Readiness;
 use crate::task::manager::Manager;
 
@@ -78,6 +80,37 @@ pub async fn create(state: &AppState, body: Bytes) -> Result<Response, ApiError>
 pub fn get(state: &AppState, name: &str) -> Result<Response, ApiError> {
     let view = state.manager.get(name)?;
     Ok(json_response(StatusCode::OK, &TaskResponse::from(view)))
+}
+
+/// Long-poll: answers as soon as the task has terminated or is being deleted
+/// (immediately if it already is; 404 once it is gone), else after `wait`. Clients see an
+/// exit the moment it happens instead of polling.
+pub async fn get_when_settled(
+    state: &AppState,
+    name: &str,
+    wait: std::time::Duration,
+) -> Result<Response, ApiError> {
+    // Subscribe before looking, so a change between the two is not missed.
+    let mut changes = state.manager.subscribe();
+    let settled = |v: &crate::task::manager::TaskView| {
+        v.state.is_terminated() || v.deletion_timestamp.is_some()
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let view = state.manager.get(name)?;
+        if settled(&view) {
+            return Ok(json_response(StatusCode::OK, &TaskResponse::from(view)));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, changes.recv()).await {
+                // Timed out (or the agent is going away): answer with the task as it is.
+                Err(_) | Ok(Err(RecvError::Closed)) => return get(state, name),
+                Ok(Ok(changed)) if changed != name => continue,
+                // Our task changed, or we lagged behind: look again.
+                Ok(Ok(_)) | Ok(Err(RecvError::Lagged(_))) => break,
+            }
+        }
+    }
 }
 
 pub async fn delete(state: &AppState, name: &str) -> Result<Response, ApiError> {

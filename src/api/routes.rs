@@ -19,17 +19,20 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     warp::method()
         .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
-        .and_then(move |method, path: warp::path::FullPath, len, body| {
-            let state = state.clone();
-            async move {
-                let resp = dispatch(state, method, path.as_str(), len, body)
-                    .await
-                    .unwrap_or_else(ApiError::into_response);
-                Ok::<_, Infallible>(resp)
-            }
-        })
+        .and_then(
+            move |method, path: warp::path::FullPath, query: String, len, body| {
+                let state = state.clone();
+                async move {
+                    let resp = dispatch(state, method, path.as_str(), &query, len, body)
+                        .await
+                        .unwrap_or_else(ApiError::into_response);
+                    Ok::<_, Infallible>(resp)
+                }
+            },
+        )
         // A header that fails to parse (e.g. a bogus Content-Length) lands here.
         .recover(|_| async {
             Ok::<_, Infallible>(ApiError::bad_request("malformed request headers").into_response())
@@ -41,6 +44,7 @@ async fn dispatch<S, B>(
     state: Arc<AppState>,
     method: Method,
     path: &str,
+    query: &str,
     len: Option<u64>,
     body: S,
 ) -> Result<Response, ApiError>
@@ -71,7 +75,10 @@ where
         }
         ["tasks"] => Err(ApiError::method_not_allowed("POST")),
         ["tasks", name] if !name.is_empty() => match method {
-            Method::GET | Method::HEAD => handlers::get(&state, name),
+            Method::GET | Method::HEAD => match wait_param(query)? {
+                Some(wait) => handlers::get_when_settled(&state, name, wait).await,
+                None => handlers::get(&state, name),
+            },
             Method::DELETE => handlers::delete(&state, name).await,
             _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
         },
@@ -80,6 +87,17 @@ where
             format!("no route for {path}"),
         )),
     }
+}
+
+/// `?wait=30s`: long-poll until the task has terminated (at most 5 minutes).
+fn wait_param(query: &str) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(raw) = query.split('&').find_map(|kv| kv.strip_prefix("wait=")) else {
+        return Ok(None);
+    };
+    let text = percent_decode_str(raw).decode_utf8_lossy();
+    let d = humantime::parse_duration(&text)
+        .map_err(|e| ApiError::bad_request(format!("wait={text}: {e} (e.g. wait=30s)")))?;
+    Ok(Some(d.min(std::time::Duration::from_secs(300))))
 }
 
 /// Reads the body within the request timeout (408 after it) and up to the size limit

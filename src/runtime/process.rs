@@ -1,7 +1,7 @@
 //! Host-mode process tasks: each task runs under its own shim (see `shim`), and the agent
 //! learns of its exit by waiting on the shim's `running.lock`, never by polling.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -73,17 +73,13 @@ impl ProcessRuntime {
         let bytes = serde_json::to_vec(&launch).map_err(io::Error::other)?;
         write_private(&task.dir.join(records::LAUNCH), &bytes)?;
 
-        let shim_log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(task.dir.join(records::SHIM_LOG))?;
         let mut child = Command::new(&self.exe)
             .arg("shim")
             .arg("--task-dir")
             .arg(&task.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(shim_log)
+            .stderr(Stdio::inherit()) // the shim's diagnostics join the agent's log
             .spawn()
             .map_err(RuntimeError::Launch)?;
         let stdout = child
@@ -93,12 +89,21 @@ impl ProcessRuntime {
         // The agent's reaper collects the shim when it exits; its status is not needed.
         drop(child);
         let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
-        // The first byte (or EOF) means the records say how the start went.
-        let mut first = [0u8; 1];
-        if tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first))
-            .await
-            .is_err()
-        {
+        // The first line (or EOF) means the records say how the start went; a shim that
+        // failed before starting anything says why.
+        let mut first = [0u8; 512];
+        let got = tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first)).await;
+        if let Ok(Ok(n)) = got {
+            if let Some(err) = std::str::from_utf8(&first[..n])
+                .ok()
+                .and_then(|m| m.strip_prefix("error: "))
+            {
+                return Err(RuntimeError::Launch(io::Error::other(
+                    err.trim().to_string(),
+                )));
+            }
+        }
+        if got.is_err() {
             tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
         }
         self.observe(task, events, ExitWatch::Pipe(pipe)).await
@@ -118,8 +123,7 @@ impl ProcessRuntime {
         let shim: Option<ShimRecord> = read(&dir, records::SHIM)?;
         match shim {
             None => Err(RuntimeError::Launch(io::Error::other(format!(
-                "the supervisor exited before starting the task: {}",
-                shim_log_tail(&dir)
+                "the supervisor exited before starting the task (see the agent's log)"
             )))),
             Some(ShimRecord { main: None, .. }) => Ok(Observed::Terminated(lost(&task, None))),
             Some(ShimRecord {
@@ -127,7 +131,7 @@ impl ProcessRuntime {
                 started_at,
                 ..
             }) => {
-                if !lock_held(&dir.join(records::RUNNING_LOCK)) {
+                if !lock_held(&records::running_lock(&dir)) {
                     // The shim is gone: either it just wrote the exit record, or it died.
                     return Ok(Observed::Terminated(match read_exit(&task)? {
                         Some(t) => t,
@@ -150,7 +154,7 @@ impl ProcessRuntime {
                 return false;
             }
             // A shim that holds its lock but has not written its record yet is starting.
-            if !lock_held(&dir.join(records::SHIM_LOCK)) || Instant::now() >= deadline {
+            if !lock_held(&records::shim_lock(dir)) || Instant::now() >= deadline {
                 return !dir.join(records::SHIM).exists();
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -214,18 +218,18 @@ impl Runtime for ProcessRuntime {
     }
 }
 
+/// Written in place (no temp file): nothing reads it before the shim, which this agent
+/// starts only after the write, and an interrupted write is redone from task.json.
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    fs::rename(&tmp, path)
+        .open(path)?;
+    f.write_all(bytes)
 }
 
 fn read<T: serde::de::DeserializeOwned>(dir: &Path, file: &str) -> Result<Option<T>, RuntimeError> {
@@ -319,7 +323,7 @@ fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink, w
                 }
             }
             ExitWatch::Lock => {
-                let lock_path = task.dir.join(records::RUNNING_LOCK);
+                let lock_path = records::running_lock(&task.dir);
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let spawned = std::thread::Builder::new()
                     .name("exit-wait".into())
@@ -371,7 +375,7 @@ pub(crate) fn lock_held(path: &Path) -> bool {
 /// waits until the shim is gone. Only cheap non-blocking checks run between sleeps.
 async fn stop(dir: &Path, grace: Duration) {
     let deadline = Instant::now() + grace + Duration::from_secs(5);
-    let shim_lock = dir.join(records::SHIM_LOCK);
+    let shim_lock = records::shim_lock(dir);
     let read_rec = || fsutil::read_json::<ShimRecord>(&dir.join(records::SHIM)).unwrap_or(None);
     let mut rec = read_rec();
     let mut signalled = false;
@@ -398,15 +402,5 @@ async fn stop(dir: &Path, grace: Duration) {
     // Whatever outlived a dead supervisor goes too.
     if let Some(main) = rec.and_then(|r| r.main).filter(|m| m.is_alive()) {
         let _ = killpg(Pid::from_raw(main.pid), Signal::SIGKILL);
-    }
-}
-
-fn shim_log_tail(dir: &Path) -> String {
-    let text = fs::read_to_string(dir.join(records::SHIM_LOG)).unwrap_or_default();
-    let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join("; ");
-    if tail.is_empty() {
-        "no diagnostics".into()
-    } else {
-        tail
     }
 }

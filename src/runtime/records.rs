@@ -1,6 +1,8 @@
 //! The files a process task's directory holds, and who writes each:
 //! the agent writes `task.json` and `launch.json`; the shim writes `shim.json` and
-//! `exit.json` and holds the two locks. Logs go to `stdout.log`/`stderr.log`.
+//! `exit.json`, and `stdout.log`/`stderr.log` on the task's first output. The shim's two
+//! locks live on files that exist anyway (creating a file is the costliest step of a
+//! task's start on ext4): the task directory itself, and `launch.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,13 +15,19 @@ use crate::task::time::Time;
 pub const LAUNCH: &str = "launch.json";
 pub const SHIM: &str = "shim.json";
 pub const EXIT: &str = "exit.json";
-/// Held (exclusive) by the shim for its whole life: free means no supervisor is left.
-pub const SHIM_LOCK: &str = "shim.lock";
-/// Held (exclusive) by the shim until the exit record is written: free means "finished".
-pub const RUNNING_LOCK: &str = "running.lock";
 pub const STDOUT: &str = "stdout.log";
 pub const STDERR: &str = "stderr.log";
-pub const SHIM_LOG: &str = "shim.log";
+
+/// Locked (flock, exclusive) by the shim for its whole life: free means no supervisor.
+pub fn shim_lock(dir: &Path) -> PathBuf {
+    dir.to_path_buf()
+}
+
+/// Locked (flock, exclusive) by the shim until the exit record is written: free means the
+/// task finished (or its supervisor died).
+pub fn running_lock(dir: &Path) -> PathBuf {
+    dir.join(LAUNCH)
+}
 /// Written by the agent before it stops a sidecar task because the main container was
 /// replaced; the exit then reads as `TargetRestarted`.
 pub const TARGET_RESTARTED: &str = "target-restarted";

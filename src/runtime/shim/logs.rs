@@ -1,5 +1,6 @@
 //! A size-capped log file: when the current file reaches half the budget it is rotated
-//! to `NAME.1` (replacing the older one), so a task's log never exceeds the cap.
+//! to `NAME.1` (replacing the older one), so a task's log never exceeds the cap. The file
+//! is created on the first write: a silent task costs no file.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -7,31 +8,42 @@ use std::path::PathBuf;
 
 pub struct CappedLog {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
     written: u64,
     per_file: u64,
 }
 
 impl CappedLog {
-    pub fn open(path: PathBuf, cap: u64) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
-        let written = file.metadata()?.len();
-        Ok(CappedLog {
+    pub fn new(path: PathBuf, cap: u64) -> Self {
+        CappedLog {
             path,
-            file,
-            written,
+            file: None,
+            written: 0,
             per_file: (cap / 2).max(1),
-        })
+        }
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.written = f.metadata()?.len();
+            self.file = Some(f);
+        }
+        Ok(self.file.as_mut().expect("opened above"))
     }
 
     pub fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        self.file()?;
         while !buf.is_empty() {
             if self.written >= self.per_file {
                 self.rotate()?;
             }
             let room = (self.per_file - self.written) as usize;
             let n = room.min(buf.len());
-            self.file.write_all(&buf[..n])?;
+            self.file()?.write_all(&buf[..n])?;
             self.written += n as u64;
             buf = &buf[n..];
         }
@@ -42,13 +54,14 @@ impl CappedLog {
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
         fs::rename(&self.path, &old)?;
-        self.file = OpenOptions::new()
+        let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
         let marker = b"[task-executor: log rotated, earlier output is in the .1 file]\n";
-        self.file.write_all(marker)?;
+        f.write_all(marker)?;
         self.written = marker.len() as u64;
+        self.file = Some(f);
         Ok(())
     }
 }
@@ -61,7 +74,8 @@ mod tests {
     fn never_exceeds_the_cap_and_keeps_the_tail() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("stdout.log");
-        let mut log = CappedLog::open(p.clone(), 1000).unwrap();
+        let mut log = CappedLog::new(p.clone(), 1000);
+        assert!(!p.exists(), "no file before the first write");
         for i in 0..500 {
             log.write(format!("line {i:04}\n").as_bytes()).unwrap();
         }

@@ -15,7 +15,7 @@ mod kill;
 mod logs;
 mod target;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
@@ -46,22 +46,20 @@ pub fn run(dir: &Path) -> i32 {
     match supervise(dir) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("task-executor shim: {e}");
+            // stderr is the agent's log; stdout reaches the agent waiting for the start.
+            eprintln!("task-executor shim {}: {e}", dir.display());
+            notify_agent(format!("error: {e}\n").as_bytes());
             1
         }
     }
 }
 
-fn lock(dir: &Path, name: &str) -> io::Result<Flock<File>> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join(name))?;
+fn lock(path: &Path) -> io::Result<Flock<File>> {
+    let f = File::open(path)?; // flock needs no write access; directories work too
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         io::Error::new(
             io::ErrorKind::WouldBlock,
-            format!("{name} is held by another supervisor: {e}"),
+            format!("{} is locked by another supervisor: {e}", path.display()),
         )
     })
 }
@@ -69,8 +67,8 @@ fn lock(dir: &Path, name: &str) -> io::Result<Flock<File>> {
 fn supervise(dir: &Path) -> io::Result<()> {
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     child_setup::cloexec_inherited_fds();
-    let _shim_lock = lock(dir, records::SHIM_LOCK)?;
-    let running_lock = lock(dir, records::RUNNING_LOCK)?;
+    let _shim_lock = lock(&records::shim_lock(dir))?;
+    let running_lock = lock(&records::running_lock(dir))?;
     let launch: Launch = fsutil::read_json(&dir.join(records::LAUNCH))?
         .ok_or_else(|| io::Error::other("launch.json is missing"))?;
     nix::sys::prctl::set_child_subreaper(true)?;
@@ -95,8 +93,6 @@ fn supervise(dir: &Path) -> io::Result<()> {
         main: None,
         started_at: None,
     };
-    // Durable before the fork: a recorded shim without a main process means "may have run".
-    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
 
     let (out_r, out_w) = io::pipe()?;
     let (err_r, err_w) = io::pipe()?;
@@ -140,9 +136,9 @@ fn supervise(dir: &Path) -> io::Result<()> {
         start_time: 0,
     }));
     shim_rec.started_at = Some(started);
-    // Not fsynced: the pid only matters while processes exist, and an OS crash ends them.
-    let bytes = serde_json::to_vec_pretty(&shim_rec).map_err(io::Error::other)?;
-    fsutil::write_replace(&dir.join(records::SHIM), &bytes, 0o644, false)?;
+    // Durable: after a reboot that keeps the data dir, "it started" must not be forgotten
+    // (the task would run twice). Written once the task exists, so it names it.
+    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
     notify_agent(b"started\n");
 
     let mut sup = Supervisor {
@@ -164,8 +160,8 @@ fn supervise(dir: &Path) -> io::Result<()> {
         main_done: false,
         children_gone: false,
         running_lock: Some(running_lock),
-        stdout: CappedLog::open(dir.join(records::STDOUT), launch.max_log_bytes)?,
-        stderr: CappedLog::open(dir.join(records::STDERR), launch.max_log_bytes)?,
+        stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes),
+        stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes),
     };
     drop(child); // reaped through waitpid(-1) like every other descendant
     sup.run(&sigfd, out_r, err_r)
