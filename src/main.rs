@@ -31,6 +31,9 @@ enum Command {
     },
     /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
     Crd,
+    /// Fork server that starts shims (started by the agent; not for direct use).
+    #[command(hide = true)]
+    ShimServer,
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
     Bench {
         #[arg(long, default_value_t = 10_000)]
@@ -53,6 +56,9 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Crd) => {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
             Ok(())
+        }
+        Some(Command::ShimServer) => {
+            std::process::exit(task_executor::runtime::shim::server::serve())
         }
         Some(Command::Bench {
             held_tasks,

@@ -118,3 +118,57 @@ pub fn cloexec_inherited_fds() {
         );
     }
 }
+
+/// Runs `f` in a new process that is not our child: fork, fork again, and let the middle
+/// process exit, so the grandchild is re-parented to the nearest child subreaper (the
+/// agent) instead of accumulating under the shim server. Returns once the middle process
+/// has been reaped; `f`'s return value is the grandchild's exit code.
+///
+/// Refuses (with an error) unless the calling process is single-threaded: after `fork` the
+/// child runs arbitrary Rust code, which is only sound when no other thread could have
+/// held a lock (malloc, stdio) at the moment of the fork.
+pub fn spawn_detached(f: impl FnOnce() -> i32) -> io::Result<()> {
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{ForkResult, fork};
+    if thread_count()? != 1 {
+        return Err(io::Error::other(
+            "spawn_detached needs a single-threaded process",
+        ));
+    }
+    // SAFETY: the process has exactly one thread (checked above, and nothing in it starts
+    // threads concurrently: the caller is that one thread).
+    match unsafe { fork() }? {
+        ForkResult::Parent { child } => {
+            waitpid(child, None)?;
+            Ok(())
+        }
+        ForkResult::Child => {
+            // SAFETY: still single-threaded: we are the only thread of the forked child.
+            let code = match unsafe { fork() } {
+                Ok(ForkResult::Child) => f(),
+                Ok(ForkResult::Parent { .. }) => 0,
+                Err(_) => 1,
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Threads of this process, from /proc/self/stat (field 20).
+fn thread_count() -> io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().nth(17))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| io::Error::other("unreadable /proc/self/stat"))
+}
+
+/// Takes ownership of a descriptor the kernel just installed in this process through
+/// `SCM_RIGHTS`.
+pub fn adopt_received_fd(fd: std::os::fd::RawFd) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `recvmsg` created this descriptor for us a moment ago; nothing else in the
+    // process knows its number, so this is its only owner.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}

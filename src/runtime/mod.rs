@@ -7,6 +7,8 @@ pub mod container;
 #[forbid(unsafe_code)]
 pub mod error;
 #[forbid(unsafe_code)]
+pub mod launcher;
+#[forbid(unsafe_code)]
 pub mod process;
 #[forbid(unsafe_code)]
 pub mod procfs;

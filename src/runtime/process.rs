@@ -3,9 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
@@ -14,6 +12,7 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 
+use super::launcher::Launcher;
 use super::procfs::ProcIdentity;
 use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
@@ -24,9 +23,9 @@ use crate::task::time::Time;
 /// How long a freshly spawned shim may take to report the task started.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProcessRuntime {
-    exe: PathBuf,
+    launcher: std::sync::Arc<Launcher>,
     grace: Duration,
     max_log_bytes: u64,
 }
@@ -35,7 +34,7 @@ impl ProcessRuntime {
     /// `exe` is the agent's own binary, started again in its `shim` role.
     pub fn new(exe: PathBuf, grace: Duration, max_log_bytes: u64) -> Self {
         ProcessRuntime {
-            exe,
+            launcher: std::sync::Arc::new(Launcher::new(exe)),
             grace,
             max_log_bytes,
         }
@@ -73,35 +72,23 @@ impl ProcessRuntime {
         let bytes = serde_json::to_vec(&launch).map_err(io::Error::other)?;
         write_private(&task.dir.join(records::LAUNCH), &bytes)?;
 
-        let mut child = Command::new(&self.exe)
-            .arg("shim")
-            .arg("--task-dir")
-            .arg(&task.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit()) // the shim's diagnostics join the agent's log
-            .spawn()
+        let mut pipe = self
+            .launcher
+            .launch(&task.dir)
+            .await
             .map_err(RuntimeError::Launch)?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| io::Error::other("shim stdout missing"))?;
-        // The agent's reaper collects the shim when it exits; its status is not needed.
-        drop(child);
-        let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?;
         // The first line (or EOF) means the records say how the start went; a shim that
         // failed before starting anything says why.
         let mut first = [0u8; 512];
         let got = tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first)).await;
-        if let Ok(Ok(n)) = got {
-            if let Some(err) = std::str::from_utf8(&first[..n])
+        if let Ok(Ok(n)) = got
+            && let Some(err) = std::str::from_utf8(&first[..n])
                 .ok()
                 .and_then(|m| m.strip_prefix("error: "))
-            {
-                return Err(RuntimeError::Launch(io::Error::other(
-                    err.trim().to_string(),
-                )));
-            }
+        {
+            return Err(RuntimeError::Launch(io::Error::other(
+                err.trim().to_string(),
+            )));
         }
         if got.is_err() {
             tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
@@ -122,9 +109,9 @@ impl ProcessRuntime {
         }
         let shim: Option<ShimRecord> = read(&dir, records::SHIM)?;
         match shim {
-            None => Err(RuntimeError::Launch(io::Error::other(format!(
-                "the supervisor exited before starting the task (see the agent's log)"
-            )))),
+            None => Err(RuntimeError::Launch(io::Error::other(
+                "the supervisor exited before starting the task (see the agent's log)".to_string(),
+            ))),
             Some(ShimRecord { main: None, .. }) => Ok(Observed::Terminated(lost(&task, None))),
             Some(ShimRecord {
                 main: Some(main),

@@ -13,6 +13,7 @@
 
 mod kill;
 mod logs;
+pub mod server;
 mod target;
 
 use std::fs::File;
