@@ -149,11 +149,9 @@ fn a_dead_pid_reused_never_looks_alive() {
     a.wait_state("reused", "running", T);
     a.kill9();
     let dir = a.task_dir("reused");
-    let shim_pid = {
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("shim.json")).unwrap()).unwrap();
-        v["shim"]["pid"].as_i64().unwrap() as i32
-    };
+    let shim_pid = support::agent::started_record(&dir).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
     // Kill the shim and its task so no exit record is written, then forge the record to
     // name our own (live) test process with a wrong start time.
     std::process::Command::new("kill")
@@ -162,8 +160,10 @@ fn a_dead_pid_reused_never_looks_alive() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let me = std::process::id();
-    let forged = json!({"shim": {"pid": me, "startTime": 1}, "main": {"pid": me, "startTime": 1}, "startedAt": "2026-01-01T00:00:00Z"});
-    std::fs::write(dir.join("shim.json"), forged.to_string()).unwrap();
+    let journal = std::fs::read_to_string(dir.join("run.jsonl")).unwrap();
+    let launch = journal.lines().next().unwrap();
+    let forged = json!({"started": {"shim": {"pid": me, "startTime": 1}, "main": {"pid": me, "startTime": 1}, "startedAt": "2026-01-01T00:00:00Z"}});
+    std::fs::write(dir.join("run.jsonl"), format!("{launch}\n{forged}\n")).unwrap();
     a.restart();
     let t = a.wait_state("reused", "terminated", T);
     assert_eq!(t["reason"], "SupervisorLost", "{t}");

@@ -1,7 +1,7 @@
 //! Host-mode process tasks: each task runs under its own shim (see `shim`), and the agent
 //! learns of its exit by waiting on the shim's `running.lock`, never by polling.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,7 +16,6 @@ use super::launcher::Launcher;
 use super::procfs::ProcIdentity;
 use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
-use crate::task::fsutil;
 use crate::task::model::{Terminated, reason};
 use crate::task::time::Time;
 
@@ -68,9 +67,7 @@ impl ProcessRuntime {
             max_log_bytes: self.max_log_bytes,
             target,
         };
-        // Not fsynced: after a crash it is rewritten from task.json if the shim never started.
-        let bytes = serde_json::to_vec(&launch).map_err(io::Error::other)?;
-        write_private(&task.dir.join(records::LAUNCH), &bytes)?;
+        records::write_launch(&task.dir, &launch)?;
 
         let mut pipe = self
             .launcher
@@ -107,8 +104,7 @@ impl ProcessRuntime {
         if let Some(t) = read_exit(&task)? {
             return Ok(Observed::Terminated(t));
         }
-        let shim: Option<ShimRecord> = read(&dir, records::SHIM)?;
-        match shim {
+        match read_run(&dir)?.started {
             None => Err(RuntimeError::Launch(io::Error::other(
                 "the supervisor exited before starting the task (see the agent's log)".to_string(),
             ))),
@@ -137,12 +133,15 @@ impl ProcessRuntime {
     pub(crate) async fn never_started(dir: &Path) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if dir.join(records::SHIM).exists() || dir.join(records::EXIT).exists() {
+            let run = records::read_run(dir).unwrap_or_default();
+            if run.started.is_some() || run.exit.is_some() {
                 return false;
             }
             // A shim that holds its lock but has not written its record yet is starting.
             if !lock_held(&records::shim_lock(dir)) || Instant::now() >= deadline {
-                return !dir.join(records::SHIM).exists();
+                return records::read_run(dir)
+                    .map(|r| r.started.is_none())
+                    .unwrap_or(true);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -205,30 +204,15 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// Written in place (no temp file): nothing reads it before the shim, which this agent
-/// starts only after the write, and an interrupted write is redone from task.json.
-fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)
-}
-
-fn read<T: serde::de::DeserializeOwned>(dir: &Path, file: &str) -> Result<Option<T>, RuntimeError> {
-    let path = dir.join(file);
-    fsutil::read_json(&path).map_err(|source| RuntimeError::Record {
-        path: path.display().to_string(),
+fn read_run(dir: &Path) -> Result<records::Run, RuntimeError> {
+    records::read_run(dir).map_err(|source| RuntimeError::Record {
+        path: dir.join(records::RUN).display().to_string(),
         source,
     })
 }
 
 fn read_exit(task: &TaskRef) -> Result<Option<Terminated>, RuntimeError> {
-    Ok(read::<ExitRecord>(&task.dir, records::EXIT)?.map(|r| terminated_from(&r, task)))
+    Ok(read_run(&task.dir)?.exit.map(|r| terminated_from(&r, task)))
 }
 
 /// Maps the shim's exit record to the status the API shows.
@@ -363,7 +347,7 @@ pub(crate) fn lock_held(path: &Path) -> bool {
 async fn stop(dir: &Path, grace: Duration) {
     let deadline = Instant::now() + grace + Duration::from_secs(5);
     let shim_lock = records::shim_lock(dir);
-    let read_rec = || fsutil::read_json::<ShimRecord>(&dir.join(records::SHIM)).unwrap_or(None);
+    let read_rec = || records::read_run(dir).ok().and_then(|r| r.started);
     let mut rec = read_rec();
     let mut signalled = false;
     let mut pause = Duration::from_millis(2);

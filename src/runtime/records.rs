@@ -1,9 +1,15 @@
-//! The files a process task's directory holds, and who writes each:
-//! the agent writes `task.json` and `launch.json`; the shim writes `shim.json` and
-//! `exit.json`, and `stdout.log`/`stderr.log` on the task's first output. The shim's two
-//! locks live on files that exist anyway (creating a file is the costliest step of a
-//! task's start on ext4): the task directory itself, and `launch.json`.
+//! The files a process task's directory holds. Besides the agent's `task.json`, a run is
+//! one append-only journal, `run.jsonl`, one JSON object per line: the agent writes the
+//! `launch` line; the shim appends `started` (its identity and the task's) and `exit`
+//! (how the task ended), each fdatasync'ed. Appending creates no inode, which matters:
+//! creating files is the costliest step of a task's start on ext4. A torn last line (a
+//! crash mid-write) is not valid JSON and is ignored. `stdout.log`/`stderr.log` appear on
+//! the task's first output.
+//!
+//! The shim's two locks live on files that exist anyway: the task directory (held for the
+//! shim's life) and `run.jsonl` (held until the exit line is written).
 
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -12,9 +18,7 @@ use super::procfs::ProcIdentity;
 use crate::task::model::EnvVar;
 use crate::task::time::Time;
 
-pub const LAUNCH: &str = "launch.json";
-pub const SHIM: &str = "shim.json";
-pub const EXIT: &str = "exit.json";
+pub const RUN: &str = "run.jsonl";
 pub const STDOUT: &str = "stdout.log";
 pub const STDERR: &str = "stderr.log";
 
@@ -26,7 +30,69 @@ pub fn shim_lock(dir: &Path) -> PathBuf {
 /// Locked (flock, exclusive) by the shim until the exit record is written: free means the
 /// task finished (or its supervisor died).
 pub fn running_lock(dir: &Path) -> PathBuf {
-    dir.join(LAUNCH)
+    dir.join(RUN)
+}
+
+/// One line of `run.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Entry {
+    Launch(Launch),
+    Started(ShimRecord),
+    Exit(ExitRecord),
+}
+
+/// What the journal says so far.
+#[derive(Clone, Debug, Default)]
+pub struct Run {
+    pub launch: Option<Launch>,
+    pub started: Option<ShimRecord>,
+    pub exit: Option<ExitRecord>,
+}
+
+/// Reads the journal; a missing file is an empty run.
+pub fn read_run(dir: &Path) -> io::Result<Run> {
+    let text = match std::fs::read(dir.join(RUN)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Run::default()),
+        Err(e) => return Err(e),
+    };
+    let mut run = Run::default();
+    for line in text.split(|b| *b == b'\n') {
+        // Only complete, valid lines count: a torn write is not a record.
+        match serde_json::from_slice::<Entry>(line) {
+            Ok(Entry::Launch(l)) => run.launch = Some(l),
+            Ok(Entry::Started(s)) => run.started = Some(s),
+            Ok(Entry::Exit(x)) => run.exit = Some(x),
+            Err(_) => {}
+        }
+    }
+    Ok(run)
+}
+
+/// Starts the journal with the launch line (truncating an earlier, never-started one).
+/// Not fsynced: after a crash it is rewritten from task.json if the shim never started.
+pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600) // holds the task's environment
+        .open(dir.join(RUN))?;
+    f.write_all(&line(&Entry::Launch(launch.clone()))?)
+}
+
+/// Appends a line and makes it durable (the file itself already is).
+pub fn append(file: &mut std::fs::File, entry: &Entry) -> io::Result<()> {
+    file.write_all(&line(entry)?)?;
+    file.sync_data()
+}
+
+fn line(entry: &Entry) -> io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec(entry).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 /// Written by the agent before it stops a sidecar task because the main container was
 /// replaced; the exit then reads as `TargetRestarted`.
@@ -89,6 +155,39 @@ pub struct ExitRecord {
     pub start_error: Option<String>,
 }
 
-pub fn path(dir: &Path, file: &str) -> PathBuf {
-    dir.join(file)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_last_line_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let launch = Launch {
+            argv: vec!["true".into()],
+            env: vec![],
+            working_dir: None,
+            timeout_ms: None,
+            grace_ms: 1,
+            max_log_bytes: 1,
+            target: None,
+        };
+        write_launch(dir.path(), &launch).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(RUN))
+            .unwrap();
+        append(
+            &mut f,
+            &Entry::Exit(ExitRecord {
+                exit_code: Some(3),
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        f.write_all(b"{\"exit\":{\"exitCode\":4").unwrap(); // crash mid-write
+        let run = read_run(dir.path()).unwrap();
+        assert_eq!(run.launch.unwrap().argv, ["true"]);
+        assert_eq!(run.exit.unwrap().exit_code, Some(3));
+        assert!(run.started.is_none());
+    }
 }

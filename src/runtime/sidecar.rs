@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 
 use super::process::ProcessRuntime;
 use super::procfs::{self, ProcIdentity};
-use super::records::{self, Launch, ShimRecord, Target};
+use super::records::{self, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
 use crate::task::model::TaskSpec;
 
@@ -239,15 +239,12 @@ impl Runtime for SidecarRuntime {
 /// `target-restarted` marker, then SIGTERMs the shim (which stops the task tree).
 /// `None`: the task has finished (or never started) and needs no more tracking.
 fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Option<bool> {
-    use crate::task::fsutil::read_json;
-    if dir.join(records::EXIT).exists() || !dir.exists() {
+    let run = records::read_run(dir).ok()?;
+    if run.exit.is_some() || !dir.exists() {
         return None;
     }
     // Records not written yet: the task is starting; keep tracking it.
-    let Ok(Some(shim)) = read_json::<ShimRecord>(&dir.join(records::SHIM)) else {
-        return Some(false);
-    };
-    let Ok(Some(launch)) = read_json::<Launch>(&dir.join(records::LAUNCH)) else {
+    let (Some(shim), Some(launch)) = (run.started, run.launch) else {
         return Some(false);
     };
     let target = launch.target?;

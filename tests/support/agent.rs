@@ -263,10 +263,9 @@ impl Agent {
         fs::read_to_string(self.task_dir(name).join("stdout.log")).unwrap_or_default()
     }
 
-    /// The task's main process pid, from the shim's record.
+    /// The task's main process pid, from the shim's `started` record.
     pub fn main_pid(&self, name: &str) -> i32 {
-        let rec = fs::read_to_string(self.task_dir(name).join("shim.json")).expect("shim.json");
-        let v: Value = serde_json::from_str(&rec).unwrap();
+        let v = started_record(&self.task_dir(name)).expect("no started record in run.jsonl");
         v["main"]["pid"].as_i64().expect("main pid") as i32
     }
 
@@ -303,10 +302,7 @@ pub fn kill_leftover_shims(data_dir: &Path) {
         return;
     };
     for e in dir.flatten() {
-        let Ok(text) = fs::read_to_string(e.path().join("shim.json")) else {
-            continue;
-        };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        let Some(v) = started_record(&e.path()) else {
             continue;
         };
         for key in ["main", "shim"] {
@@ -325,6 +321,14 @@ pub fn kill_leftover_shims(data_dir: &Path) {
             }
         }
     }
+}
+
+/// The shim's `started` line of a task's run journal (`run.jsonl`).
+pub fn started_record(task_dir: &Path) -> Option<Value> {
+    let text = fs::read_to_string(task_dir.join("run.jsonl")).ok()?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v.get("started").cloned())
 }
 
 fn start_time(pid: i32) -> Option<u64> {

@@ -5,18 +5,19 @@
 //! single-threaded and synchronous: joining a mount namespace requires that.
 //!
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
-//! `started` once `shim.json` names the running task, and closes the pipe once `exit.json`
-//! is written (or a start failure recorded), so each message means "look at the records"
-//! and EOF means "finished" (or "the shim died"). An agent restarted later has no pipe: it
-//! waits on `running.lock`, held until `exit.json` is written; `shim.lock` is held for the
-//! shim's life. The kernel drops both locks and the pipe if the shim dies.
+//! `started` once the journal (`run.jsonl`) names the running task, and closes the pipe
+//! once the exit line is written (or a start failure recorded), so each message means
+//! "look at the journal" and EOF means "finished" (or "the shim died"). An agent restarted
+//! later has no pipe: it waits on the journal's flock, held until the exit line is
+//! written; the task directory's flock is held for the shim's life. The kernel drops both
+//! locks and the pipe if the shim dies.
 
 mod kill;
 mod logs;
 pub mod server;
 mod target;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
@@ -35,8 +36,7 @@ use nix::unistd::Pid;
 use self::logs::CappedLog;
 use super::child_setup;
 use super::procfs::ProcIdentity;
-use super::records::{self, ExitRecord, Launch, ShimRecord};
-use crate::task::fsutil;
+use super::records::{self, Entry, ExitRecord, Launch, ShimRecord};
 use crate::task::time::Time;
 
 /// How often a sidecar task's shim checks that the main container is still there.
@@ -55,8 +55,13 @@ pub fn run(dir: &Path) -> i32 {
     }
 }
 
-fn lock(path: &Path) -> io::Result<Flock<File>> {
-    let f = File::open(path)?; // flock needs no write access; directories work too
+/// flock needs no write access (directories work too); the journal is opened for appends.
+fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
+    let f = if append {
+        OpenOptions::new().append(true).open(path)?
+    } else {
+        File::open(path)?
+    };
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         io::Error::new(
             io::ErrorKind::WouldBlock,
@@ -68,10 +73,12 @@ fn lock(path: &Path) -> io::Result<Flock<File>> {
 fn supervise(dir: &Path) -> io::Result<()> {
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     child_setup::cloexec_inherited_fds();
-    let _shim_lock = lock(&records::shim_lock(dir))?;
-    let running_lock = lock(&records::running_lock(dir))?;
-    let launch: Launch = fsutil::read_json(&dir.join(records::LAUNCH))?
-        .ok_or_else(|| io::Error::other("launch.json is missing"))?;
+    let _shim_lock = lock(&records::shim_lock(dir), false)?;
+    // Also the journal we append to: the lock is released by closing it after the exit line.
+    let mut running_lock = lock(&records::running_lock(dir), true)?;
+    let launch: Launch = records::read_run(dir)?
+        .launch
+        .ok_or_else(|| io::Error::other("the run journal has no launch record"))?;
     nix::sys::prctl::set_child_subreaper(true)?;
 
     let mut mask = SigSet::empty();
@@ -118,7 +125,7 @@ fn supervise(dir: &Path) -> io::Result<()> {
                 child_setup::install(&mut cmd, Some(p.join));
                 target_pid_ns = Some(p.pid_ns);
             }
-            Err(e) => return finish_start_error(dir, running_lock, &e, &launch),
+            Err(e) => return finish_start_error(running_lock, &e, &launch),
         },
     }
     if let Some(ns) = &target_pid_ns {
@@ -128,7 +135,7 @@ fn supervise(dir: &Path) -> io::Result<()> {
     drop(cmd); // closes our copies of the pipes' write ends so EOF can arrive
     let child = match spawned {
         Ok(c) => c,
-        Err(e) => return finish_start_error(dir, running_lock, &e, &launch),
+        Err(e) => return finish_start_error(running_lock, &e, &launch),
     };
     let main_pid = child.id() as i32;
     let started = Time::now();
@@ -139,11 +146,10 @@ fn supervise(dir: &Path) -> io::Result<()> {
     shim_rec.started_at = Some(started);
     // Durable: after a reboot that keeps the data dir, "it started" must not be forgotten
     // (the task would run twice). Written once the task exists, so it names it.
-    fsutil::write_json_atomic(&dir.join(records::SHIM), &shim_rec, 0o644)?;
+    records::append(&mut running_lock, &Entry::Started(shim_rec))?;
     notify_agent(b"started\n");
 
     let mut sup = Supervisor {
-        dir,
         launch: &launch,
         main_pid,
         started,
@@ -192,8 +198,7 @@ fn task_env(base: Vec<(String, String)>, launch: &Launch) -> Vec<(String, String
 }
 
 fn finish_start_error(
-    dir: &Path,
-    running_lock: Flock<File>,
+    mut running_lock: Flock<File>,
     e: &io::Error,
     launch: &Launch,
 ) -> io::Result<()> {
@@ -212,14 +217,13 @@ fn finish_start_error(
         start_error: Some(format!("failed to start {:?}: {e}", launch.argv[0])),
         ..Default::default()
     };
-    fsutil::write_json_atomic(&dir.join(records::EXIT), &rec, 0o644)?;
+    records::append(&mut running_lock, &Entry::Exit(rec))?;
     drop(running_lock);
     release_agent();
     Ok(())
 }
 
 struct Supervisor<'a> {
-    dir: &'a Path,
     launch: &'a Launch,
     main_pid: i32,
     started: Time,
@@ -409,7 +413,9 @@ impl Supervisor<'_> {
             target_gone,
             start_error: None,
         };
-        fsutil::write_json_atomic(&self.dir.join(records::EXIT), &rec, 0o644)?;
+        if let Some(journal) = self.running_lock.as_mut() {
+            records::append(journal, &Entry::Exit(rec))?;
+        }
         // Releasing the lock and closing the pipe is what tells the agent the task finished.
         self.running_lock = None;
         release_agent();
