@@ -86,7 +86,8 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub sidecar_run_as_target_user: bool,
 
-    /// Container mode outside a cluster: map a volume name to a host path (NAME=HOSTPATH).
+    /// Container mode: map a volume name to a host path (NAME=HOSTPATH). In a pod
+    /// (POD_NAME/POD_NAMESPACE set) the own Pod's volumes are known too; these entries win.
     #[arg(long = "volume", env = "VOLUMES", value_delimiter = ',')]
     pub volumes: Vec<String>,
 

@@ -20,7 +20,9 @@ pub mod task;
 #[forbid(unsafe_code)]
 pub mod telemetry;
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::handlers::AppState;
 use crate::config::Config;
-use crate::runtime::container::volumes::StaticVolumes;
+use crate::runtime::container::volumes::{
+    POD_VOLUMES_TIMEOUT, PodVolumes, StaticVolumes, VolumeResolver,
+};
 use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
@@ -186,7 +190,7 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
                     ns.clone(),
                     pod.clone(),
                     config.main_container_name.clone(),
-                    vec![Arc::new(crate::kube::locator::CgroupScanResolver)],
+                    crate::kube::locator::default_resolvers(&config.cri_socket),
                 )),
                 env,
             ])),
@@ -205,16 +209,24 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
         Arc::new(process)
     };
     let container = if config.enable_container_mode {
-        let volumes: StaticVolumes = config
+        let flags: HashMap<String, PathBuf> = config
             .volume_map()
             .map_err(AppError::Config)?
             .into_iter()
             .collect();
+        // In a pod, volume names are also those of the own Pod (read on demand).
+        let volumes: Arc<dyn VolumeResolver> = match (&config.pod_name, &config.pod_namespace) {
+            (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
+                Arc::new(PodVolumes::new(
+                    flags,
+                    Arc::new(crate::kube::pod::OwnPod::new(ns.clone(), pod.clone())),
+                    POD_VOLUMES_TIMEOUT,
+                ))
+            }
+            _ => Arc::new(StaticVolumes::new(flags)),
+        };
         let cfg = ContainerRuntimeConfig::from_config(config);
-        Some(
-            ContainerRuntime::connect(cfg, Arc::new(volumes))
-                .map_err(|e| AppError::Config(e.to_string()))?,
-        )
+        Some(ContainerRuntime::connect(cfg, volumes).map_err(|e| AppError::Config(e.to_string()))?)
     } else {
         None
     };

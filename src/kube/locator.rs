@@ -2,7 +2,9 @@
 //! (`containerStatuses[].containerID`) and then a PID resolver, and a watch on the Pod that
 //! reports when the main container is replaced.
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use ::kube::{Api, Client};
 use futures::future::BoxFuture;
@@ -12,11 +14,13 @@ use tokio::sync::OnceCell;
 use super::KubeError;
 use super::listwatch::{self, Event, Selector};
 use super::pod::{ContainerId, MainContainer, fetch_main_container, main_container};
+use crate::runtime::container::cri::{Cri, GrpcCri};
 use crate::runtime::procfs::{self, ProcIdentity};
 use crate::runtime::sidecar::MainContainerLocator;
 
 /// Finds a container's process from its ID. The locator tries resolvers in order: the
-/// `/proc/*/cgroup` scan below, and (where a CRI socket is mounted) the runtime's own answer.
+/// runtime's own answer through CRI (where a CRI socket is mounted), then the
+/// `/proc/*/cgroup` scan (see [`default_resolvers`]).
 pub trait ContainerPidResolver: Send + Sync + 'static {
     /// Short name for logs.
     fn name(&self) -> &'static str;
@@ -40,6 +44,113 @@ impl ContainerPidResolver for CgroupScanResolver {
                 .await
                 .map_err(|e| e.to_string())?
         })
+    }
+}
+
+/// The resolvers a `KubeLocator` tries, in order: CRI first when `cri_socket` exists (one
+/// RPC, and right even where cgroup paths hide container IDs), then the cgroup scan.
+pub fn default_resolvers(cri_socket: &Path) -> Vec<Arc<dyn ContainerPidResolver>> {
+    let mut out: Vec<Arc<dyn ContainerPidResolver>> = Vec::new();
+    if cri_socket.exists() {
+        out.push(Arc::new(CriPidResolver::new(cri_socket.to_path_buf())));
+    }
+    out.push(Arc::new(CgroupScanResolver));
+    out
+}
+
+/// Asks the node's CRI runtime: `ContainerStatus` (verbose) reports the container's init
+/// PID in `info.pid`. That PID is one of the runtime's PID namespace, so the answer is
+/// only taken when the runtime (the peer on the socket) lives in the agent's own PID
+/// namespace, i.e. the agent sees host PIDs (`hostPID`, or no container at all).
+/// An unreachable or slow socket only means this resolver can't answer.
+pub struct CriPidResolver {
+    socket: PathBuf,
+    timeout: Duration,
+    /// Made on first use (tonic's lazy channel needs a runtime), then reused.
+    cri: OnceLock<GrpcCri>,
+}
+
+/// How long one CRI lookup may take: the whole lookup (Pod GET included) has 5 s, and
+/// the cgroup scan must still get its turn.
+pub const CRI_PID_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl CriPidResolver {
+    pub fn new(socket: PathBuf) -> Self {
+        Self::with_timeout(socket, CRI_PID_TIMEOUT)
+    }
+
+    pub fn with_timeout(socket: PathBuf, timeout: Duration) -> Self {
+        CriPidResolver {
+            socket,
+            timeout,
+            cri: OnceLock::new(),
+        }
+    }
+
+    fn client(&self) -> Result<&GrpcCri, String> {
+        if let Some(c) = self.cri.get() {
+            return Ok(c);
+        }
+        let c = GrpcCri::new(&self.socket).map_err(|e| e.to_string())?;
+        Ok(self.cri.get_or_init(|| c))
+    }
+
+    async fn find(&self, id: &str) -> Result<ProcIdentity, String> {
+        let socket = self.socket.clone();
+        tokio::task::spawn_blocking(move || runtime_shares_pid_namespace(&socket))
+            .await
+            .map_err(|e| e.to_string())??;
+        let cri = self.client()?;
+        let pid = tokio::time::timeout(self.timeout, cri.container_pid(id))
+            .await
+            .map_err(|_| {
+                format!(
+                    "no answer from {} within {:?}",
+                    self.socket.display(),
+                    self.timeout
+                )
+            })?
+            .map_err(|e| e.to_string())?;
+        ProcIdentity::of(pid).ok_or_else(|| {
+            format!("the runtime reports pid {pid} for container {id}, which is not running here")
+        })
+    }
+}
+
+impl ContainerPidResolver for CriPidResolver {
+    fn name(&self) -> &'static str {
+        "cri"
+    }
+
+    fn container_pid(&self, id: &ContainerId) -> BoxFuture<'_, Result<ProcIdentity, String>> {
+        let id = id.id.clone();
+        Box::pin(async move { self.find(&id).await })
+    }
+}
+
+/// `Ok` when the process listening on the unix socket `socket` is in this process's PID
+/// namespace, so PIDs it reports are PIDs here. The kernel gives the listener's PID as
+/// seen from the caller's namespace (`SO_PEERCRED`), 0 when it is not visible at all.
+pub fn runtime_shares_pid_namespace(socket: &Path) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .map_err(|e| format!("CRI socket {}: {e}", socket.display()))?;
+    let peer = getsockopt(&stream, PeerCredentials)
+        .map_err(|e| format!("CRI socket {}: SO_PEERCRED: {e}", socket.display()))?
+        .pid();
+    let hidden = || {
+        format!(
+            "the runtime behind {} is not in this agent's PID namespace; its PIDs mean nothing here",
+            socket.display()
+        )
+    };
+    if peer <= 0 {
+        return Err(hidden());
+    }
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    match (ns("self"), ns(&peer.to_string())) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        _ => Err(hidden()),
     }
 }
 
@@ -251,6 +362,53 @@ mod tests {
             assert!(!cgroup_line_names(&line, ID), "{line}");
         }
         assert!(!cgroup_line_names("0::/a/", ""));
+    }
+
+    #[test]
+    fn cri_goes_first_when_its_socket_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = |p: &Path| -> Vec<&'static str> {
+            default_resolvers(p).iter().map(|r| r.name()).collect()
+        };
+        assert_eq!(names(&dir.path().join("absent.sock")), ["cgroup-scan"]);
+        let sock = dir.path().join("cri.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert_eq!(names(&sock), ["cri", "cgroup-scan"]);
+    }
+
+    #[test]
+    fn a_listener_in_our_own_process_shares_our_pid_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("cri.sock");
+        let e = runtime_shares_pid_namespace(&sock).unwrap_err();
+        assert!(e.contains("cri.sock"), "{e}");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        runtime_shares_pid_namespace(&sock).unwrap();
+    }
+
+    fn id(s: &str) -> ContainerId {
+        ContainerId::parse(&format!("containerd://{s}")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn cri_resolver_without_a_runtime_cannot_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = CriPidResolver::new(dir.path().join("absent.sock"));
+        let e = r.container_pid(&id(ID)).await.unwrap_err();
+        assert!(e.contains("absent.sock"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn cri_resolver_gives_up_on_a_silent_socket() {
+        // Accepts connections (the kernel does, up to the backlog) but never speaks gRPC.
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("silent.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let r = CriPidResolver::with_timeout(sock, Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let e = r.container_pid(&id(ID)).await.unwrap_err();
+        assert!(e.contains("no answer"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[test]

@@ -2,10 +2,13 @@
 
 use std::fmt;
 
-use ::kube::Api;
+use ::kube::{Api, Client};
+use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
+use tokio::sync::OnceCell;
 
 use super::KubeError;
+use crate::runtime::container::volumes::PodSource;
 
 /// A container ID as the kubelet reports it: `containerd://<id>`, `docker://`, `cri-o://`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -84,6 +87,40 @@ pub async fn fetch_main_container(
 ) -> Result<MainContainer, KubeError> {
     let pod = api.get(pod).await?;
     main_container(&pod, container)
+}
+
+/// The agent's own Pod, read with `GET pods/<name>`; the client is made on first use, so
+/// a missing kubeconfig is an error of that read, not of start-up.
+pub struct OwnPod {
+    namespace: String,
+    name: String,
+    client: OnceCell<Client>,
+}
+
+impl OwnPod {
+    pub fn new(namespace: String, name: String) -> Self {
+        OwnPod {
+            namespace,
+            name,
+            client: OnceCell::new(),
+        }
+    }
+
+    pub async fn get(&self) -> Result<Pod, KubeError> {
+        let client = self.client.get_or_try_init(super::client).await?;
+        let api: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
+        Ok(api.get(&self.name).await?)
+    }
+}
+
+impl PodSource for OwnPod {
+    fn fetch(&self) -> BoxFuture<'_, Result<Pod, String>> {
+        Box::pin(async move {
+            self.get()
+                .await
+                .map_err(|e| format!("pod {}/{}: {e}", self.namespace, self.name))
+        })
+    }
 }
 
 #[cfg(test)]

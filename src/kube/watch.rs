@@ -96,6 +96,9 @@ struct State {
     known: HashMap<String, Known>,
     /// Deleted Tasks whose processes are being stopped.
     finalizing: HashSet<String>,
+    /// UIDs of deleted Tasks already finalized, until the object is gone: a late event
+    /// still carrying our finalizer must not finalize (and patch) it a second time.
+    finalized: HashSet<String>,
     /// Tasks whose start is in flight.
     creating: HashSet<String>,
     /// Last generation whose spec change was reported as ignored.
@@ -158,6 +161,11 @@ impl TaskWatcher {
         match ev {
             Event::Listed(items) => {
                 let names: HashSet<String> = items.iter().map(|t| t.name_any()).collect();
+                let uids: HashSet<String> = items
+                    .iter()
+                    .filter_map(|t| t.metadata.uid.clone())
+                    .collect();
+                self.state().finalized.retain(|u| uids.contains(u));
                 tracing::debug!(tasks = items.len(), "listed Task objects");
                 for t in items {
                     self.apply(t).await;
@@ -178,6 +186,9 @@ impl TaskWatcher {
             }
             Event::Applied(t) => self.apply(t).await,
             Event::Deleted(t) => {
+                if let Some(uid) = &t.metadata.uid {
+                    self.state().finalized.remove(uid);
+                }
                 if t.metadata.deletion_timestamp.is_none() && has_finalizer(&t) {
                     // Still exists but no longer carries our label: not ours any more.
                     tracing::warn!(task = %t.name_any(), "Task no longer selects this pod; its task is left as it is");
@@ -223,9 +234,12 @@ impl TaskWatcher {
         }
         if t.metadata.deletion_timestamp.is_some() {
             if has_finalizer(&t) {
-                if self.state().finalizing.insert(name.clone()) {
+                let uid = t.metadata.uid.clone().unwrap_or_default();
+                let mut st = self.state();
+                if !st.finalized.contains(&uid) && st.finalizing.insert(name.clone()) {
+                    drop(st);
                     let me = self.clone();
-                    tokio::spawn(async move { me.finalize(name).await });
+                    tokio::spawn(async move { me.finalize(name, uid).await });
                 }
             } else {
                 self.forget_and_delete(&name).await;
@@ -341,7 +355,7 @@ impl TaskWatcher {
     }
 
     /// Stops a deleted Task's task, then removes the finalizer.
-    async fn finalize(self: Arc<Self>, name: String) {
+    async fn finalize(self: Arc<Self>, name: String, uid: String) {
         let mut changes = self.manager.subscribe();
         if self.manager.get(&name).is_ok() {
             tracing::info!(task = %name, "Task deleted; stopping its task");
@@ -367,6 +381,7 @@ impl TaskWatcher {
         }
         {
             let mut st = self.state();
+            st.finalized.insert(uid);
             st.finalizing.remove(&name);
             st.owned.remove(&name);
             st.known.remove(&name);

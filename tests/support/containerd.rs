@@ -428,3 +428,125 @@ pub fn leftovers(
         (containers, sandboxes)
     })
 }
+
+/// A pod as kubelet would make it, through raw CRI calls: a host-network sandbox carrying
+/// kubelet's pod labels (so an agent with that POD_NAME/POD_NAMESPACE joins it) and, if
+/// asked, a running "main" container. Drop stops and removes the sandbox, which removes
+/// its containers, also when the test failed.
+pub struct KubeletPod {
+    pub name: String,
+    pub namespace: String,
+    pub sandbox_id: String,
+    /// The main container's CRI id, when one was started.
+    pub main_id: Option<String>,
+    pub cri: task_executor::runtime::container::cri::GrpcCri,
+    rt: tokio::runtime::Runtime,
+    _logs: tempfile::TempDir,
+}
+
+impl KubeletPod {
+    /// `main`: the command of a `main` container (image `BUSYBOX`), or none.
+    pub fn start(name: &str, namespace: &str, main: Option<&[&str]>) -> KubeletPod {
+        use k8s_cri::v1::{
+            ContainerConfig, ContainerMetadata, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+            NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+        };
+        use std::collections::HashMap;
+        use task_executor::runtime::container::cri::{Cri, GrpcCri, image_spec};
+
+        let cd = shared();
+        let logs = tempfile::Builder::new()
+            .prefix("te-kubelet-")
+            .tempdir()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cri = {
+            let _in_rt = rt.enter(); // tonic's lazy channel spawns onto the current runtime
+            GrpcCri::new(&cd.socket).unwrap()
+        };
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            log_directory: logs.path().display().to_string(),
+            labels: HashMap::from([
+                ("io.kubernetes.pod.name".into(), name.into()),
+                ("io.kubernetes.pod.namespace".into(), namespace.into()),
+            ]),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Node as i32,
+                        pid: NamespaceMode::Container as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sandbox_id = rt
+            .block_on(cri.run_pod_sandbox(config.clone()))
+            .expect("RunPodSandbox");
+        let mut pod = KubeletPod {
+            name: name.into(),
+            namespace: namespace.into(),
+            sandbox_id,
+            main_id: None,
+            cri,
+            rt,
+            _logs: logs,
+        };
+        if let Some(command) = main {
+            let container = ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "main".into(),
+                    attempt: 0,
+                }),
+                image: Some(image_spec(BUSYBOX)),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                labels: HashMap::from([("io.kubernetes.container.name".into(), "main".into())]),
+                log_path: "main.log".into(),
+                ..Default::default()
+            };
+            let id = pod
+                .rt
+                .block_on(pod.cri.create_container(&pod.sandbox_id, container, config))
+                .expect("CreateContainer main");
+            pod.main_id = Some(id.clone());
+            pod.rt
+                .block_on(pod.cri.start_container(&id))
+                .expect("StartContainer main");
+        }
+        pod
+    }
+
+    /// The main container's host PID, from CRI's verbose status.
+    pub fn main_pid(&self) -> i32 {
+        use task_executor::runtime::container::cri::Cri;
+        let id = self.main_id.as_deref().expect("no main container");
+        self.rt
+            .block_on(self.cri.container_pid(id))
+            .expect("main container pid")
+    }
+}
+
+impl Drop for KubeletPod {
+    fn drop(&mut self) {
+        use task_executor::runtime::container::cri::Cri;
+        let id = self.sandbox_id.clone();
+        let stop = self.rt.block_on(self.cri.stop_pod_sandbox(&id));
+        let remove = self.rt.block_on(self.cri.remove_pod_sandbox(&id));
+        if let Some(e) = stop.err().or(remove.err()) {
+            eprintln!("cleaning up pod sandbox {id}: {e}");
+        }
+    }
+}

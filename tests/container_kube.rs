@@ -1,0 +1,153 @@
+//! Container mode inside a "cluster": the agent has POD_NAME/POD_NAMESPACE, joins the
+//! pod's sandbox (made here through raw CRI, as kubelet would, on the shared test
+//! containerd) and resolves `volumeMounts` names from its own Pod, served by the fake API
+//! server, merged with `--volume` entries (which win).
+
+mod support;
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::agent::Agent;
+use support::containerd::{self, BUSYBOX, KubeletPod};
+use support::fake_apiserver::FakeApiServer;
+
+const NS: &str = "tests";
+const T: Duration = Duration::from_secs(30);
+
+fn pod(name: &str, volumes: Value) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}")},
+        "spec": {"containers": [{"name": "task-executor", "image": "example/agent"}],
+                 "volumes": volumes},
+        "status": {"phase": "Running"}
+    })
+}
+
+fn writer(name: &str, volume: &str) -> Value {
+    json!({"name": name, "spec": {"container": {
+        "image": BUSYBOX,
+        "command": ["sh", "-c", format!("echo {name} > /mnt/v/{name}.txt")],
+        "volumeMounts": [{"name": volume, "mountPath": "/mnt/v"}]}}})
+}
+
+#[test]
+fn volume_names_come_from_the_own_pod() {
+    let cd = containerd::shared();
+    let pod_name = format!("volumes-{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let [host, late, shadowed, flag] = ["host", "late", "shadowed", "flag"].map(|d| {
+        let p = tmp.path().join(d);
+        fs::create_dir_all(&p).unwrap();
+        p
+    });
+    // Dropped last: the sandbox goes even if the test fails.
+    let _sandbox = KubeletPod::start(&pod_name, NS, None);
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    let socket = cd.socket.display().to_string();
+    let flag_volume = format!("both={}", flag.display());
+    let agent = Agent::start_with_env(
+        &[
+            "--enable-container-mode=true",
+            "--cri-socket",
+            &socket,
+            "--volume",
+            &flag_volume,
+            "--reconcile-interval",
+            "100ms",
+            "--stop-grace-period",
+            "2s",
+        ],
+        &[
+            ("POD_NAME", &pod_name),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+
+    // The Pod is not there yet (not readable at start-up): only --volume names are known.
+    let r = agent.call(
+        "POST",
+        "/tasks",
+        Some(&writer("w-early", "data").to_string()),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("known volumes: both)"), "{}", r.text());
+
+    // Once it is, its volumes are read on the next unknown name.
+    api.put_pod(pod(
+        &pod_name,
+        json!([
+            {"name": "data", "hostPath": {"path": host}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "both", "hostPath": {"path": shadowed}}
+        ]),
+    ));
+
+    // A hostPath volume of the Pod: what the container writes is on the host.
+    agent.create_ok(&writer("w-data", "data"));
+    let t = agent.wait_state("w-data", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert_eq!(
+        fs::read_to_string(host.join("w-data.txt")).unwrap(),
+        "w-data\n"
+    );
+    let pod_path = format!("/api/v1/namespaces/{NS}/pods/{pod_name}");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == pod_path),
+        "the Pod was read"
+    );
+
+    // A name both in --volume and in the Pod: the flag wins.
+    agent.create_ok(&writer("w-both", "both"));
+    let t = agent.wait_state("w-both", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert!(flag.join("w-both.txt").exists());
+    assert!(!shadowed.join("w-both.txt").exists());
+
+    // An unknown name is a 400 that lists the known ones (the Pod's emptyDir too).
+    let r = agent.call(
+        "POST",
+        "/tasks",
+        Some(&writer("w-nope", "nope").to_string()),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        msg.contains("unknown volume \"nope\" (known volumes: both, data, scratch)"),
+        "{msg}"
+    );
+    assert!(agent.get("w-nope").is_none());
+
+    // A volume added by a new Pod revision is found: an unknown name reads the Pod again.
+    api.put_pod(pod(
+        &pod_name,
+        json!([
+            {"name": "data", "hostPath": {"path": host}},
+            {"name": "late", "hostPath": {"path": late}}
+        ]),
+    ));
+    agent.create_ok(&writer("w-late", "late"));
+    let t = agent.wait_state("w-late", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert_eq!(
+        fs::read_to_string(late.join("w-late.txt")).unwrap(),
+        "w-late\n"
+    );
+
+    // Every task container ran in the pod's sandbox; the agent made none of its own.
+    let agent_id = task_executor::runtime::container::agent_id(&format!("pod:{NS}/{pod_name}"));
+    let (ours, owned) = containerd::leftovers(&cd.socket, &agent_id);
+    assert_eq!(ours.len(), 3, "{ours:?}");
+    assert!(ours.iter().all(|c| c.pod_sandbox_id == _sandbox.sandbox_id));
+    assert!(owned.is_empty());
+    let mut agent = agent;
+    agent.delete_all_and_stop();
+    assert!(containerd::leftovers(&cd.socket, &agent_id).0.is_empty());
+}

@@ -1,0 +1,79 @@
+//! The BatchSandbox controller's traffic, as shipped in `examples/`: the exact bytes its Go
+//! client's `Set` POSTs to `/setTasks` (`json.Marshal` of `[task]`: compact, upstream's
+//! wire shape with a top-level `process`), and what this agent answers to its `GET
+//! /getTasks` once that task has finished (both shapes). The files are read here, so the
+//! examples can't drift from what the agent really does. Times differ per run and are
+//! compared normalized.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::agent::{Agent, normalize_times};
+
+const REQUEST: &str = include_str!("../examples/controller-set-tasks-request.json");
+const RESPONSE: &str = include_str!("../examples/controller-get-tasks-response.json");
+const T: Duration = Duration::from_secs(30);
+
+/// Every `...At` string is a `metav1.Time`: UTC RFC 3339, second precision.
+fn assert_times_are_metav1(v: &Value) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                if let (true, Some(s)) = (k.ends_with("At"), val.as_str()) {
+                    let t: jiff::Timestamp = s.parse().unwrap_or_else(|e| panic!("{k}: {s}: {e}"));
+                    assert_eq!(t.to_string(), s, "{k}");
+                    assert!(s.len() == 20 && s.ends_with('Z'), "{k}: {s}");
+                } else {
+                    assert_times_are_metav1(val);
+                }
+            }
+        }
+        Value::Array(a) => a.iter().for_each(assert_times_are_metav1),
+        _ => {}
+    }
+}
+
+#[test]
+fn controller_examples_are_what_the_agent_takes_and_answers() {
+    // Go's json.Marshal output: one line, no trailing newline.
+    assert!(
+        !REQUEST.contains('\n'),
+        "the request example must stay compact"
+    );
+    let request: Value = serde_json::from_str(REQUEST).unwrap();
+    let mut expected: Value = serde_json::from_str(RESPONSE).unwrap();
+    assert_times_are_metav1(&expected);
+    let name = request[0]["name"].as_str().unwrap();
+
+    let agent = Agent::start(&[]);
+    let r = agent.call("POST", "/setTasks", Some(REQUEST));
+    assert_eq!(r.status, 200, "{}", r.text());
+    // `Client.Set` returns the element with the task's name; it echoes the process.
+    let set = r.json();
+    let mine = set
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {set}"));
+    assert_eq!(mine["process"], request[0]["process"]);
+
+    agent.wait_state(name, "terminated", T);
+    let r = agent.call("GET", "/getTasks", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut got = r.json();
+    assert_times_are_metav1(&got);
+    normalize_times(&mut got);
+    normalize_times(&mut expected);
+    assert_eq!(
+        got,
+        expected,
+        "GET /getTasks answered\n{}",
+        serde_json::to_string_pretty(&got).unwrap()
+    );
+    // The request's process comes back verbatim in upstream's shape, and it really ran.
+    assert_eq!(expected[0]["process"], request[0]["process"]);
+    assert_eq!(agent.stdout(name), "hello from-controller from /tmp\n");
+}
