@@ -421,3 +421,50 @@ fn malformed_input_sweep_leaves_agent_healthy() {
         .clone();
     assert_eq!(leftover.len(), 1);
 }
+
+#[test]
+fn get_with_wait_answers_when_the_task_terminates() {
+    let a = Agent::start(&[]);
+    a.run("short", &["sleep", "1"]);
+    a.run("long", &["sleep", "30"]);
+    let t0 = std::time::Instant::now();
+    let r = a.request("GET", "/tasks/short?wait=20s", None);
+    assert_eq!(r.status, 200);
+    assert!(
+        r.json()["status"]["state"].get("terminated").is_some(),
+        "{}",
+        r.text()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "answered at the exit, not at the deadline"
+    );
+    // Already terminated: answers at once.
+    let t0 = std::time::Instant::now();
+    assert_eq!(a.request("GET", "/tasks/short?wait=20s", None).status, 200);
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // Still running at the deadline: answers with the running task.
+    let t0 = std::time::Instant::now();
+    let r = a.request("GET", "/tasks/long?wait=300ms", None);
+    assert!(
+        r.json()["status"]["state"].get("running").is_some(),
+        "{}",
+        r.text()
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    // A deletion mark also ends the wait.
+    let addr = a.addr;
+    let waiter = std::thread::spawn(move || {
+        http::request(addr, "GET", "/tasks/long?wait=20s", None).unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    a.delete("long");
+    let r = waiter.join().unwrap();
+    assert!(
+        r.status == 404 || r.json()["deletionTimestamp"].is_string(),
+        "{}",
+        r.text()
+    );
+    assert_eq!(a.request("GET", "/tasks/short?wait=soon", None).status, 400);
+    assert_eq!(a.request("GET", "/tasks/nope?wait=1s", None).status, 404);
+}
