@@ -387,77 +387,11 @@ fn unreachable_cri_socket_fails_tasks_and_readiness() {
 /// through CRI directly, and the agent is given its pod's name and namespace.
 #[test]
 fn pod_mode_joins_the_pods_sandbox_and_targets_kubelet_containers() {
-    use k8s_cri::v1::{
-        ContainerConfig, ContainerFilter, ContainerMetadata, LinuxPodSandboxConfig,
-        LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig,
-        PodSandboxMetadata,
-    };
-    use std::collections::HashMap;
-    use task_executor::runtime::container::cri::{Cri, GrpcCri};
-
     let cd = containerd::shared();
     let tmp = tempfile::tempdir().unwrap();
     let pod = format!("pod-{}", std::process::id());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _in_rt = rt.enter(); // tonic's lazy channel spawns onto the current runtime
-    let cri = GrpcCri::new(&cd.socket).unwrap();
-    let sandbox_config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: pod.clone(),
-            uid: format!("uid-{pod}"),
-            namespace: "tests".into(),
-            attempt: 0,
-        }),
-        log_directory: tmp.path().join("kubelet-logs").display().to_string(),
-        labels: HashMap::from([
-            ("io.kubernetes.pod.name".into(), pod.clone()),
-            ("io.kubernetes.pod.namespace".into(), "tests".into()),
-        ]),
-        linux: Some(LinuxPodSandboxConfig {
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Node as i32,
-                    pid: NamespaceMode::Container as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let (sandbox_id, main_id) = rt.block_on(async {
-        let sb = cri
-            .run_pod_sandbox(sandbox_config.clone())
-            .await
-            .expect("RunPodSandbox");
-        let main = cri
-            .create_container(
-                &sb,
-                ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "main".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(task_executor::runtime::container::cri::image_spec(BUSYBOX)),
-                    command: vec!["sleep".into(), "301".into()],
-                    labels: HashMap::from([("io.kubernetes.container.name".into(), "main".into())]),
-                    log_path: "main.log".into(),
-                    ..Default::default()
-                },
-                sandbox_config.clone(),
-            )
-            .await
-            .expect("CreateContainer main");
-        cri.start_container(&main)
-            .await
-            .expect("StartContainer main");
-        (sb, main)
-    });
+    // Stands in for kubelet: the pod's sandbox and its `main` container.
+    let kp = containerd::KubeletPod::start(&pod, "tests", Some(&["sleep", "301"]));
 
     let data = tmp.path().join("data");
     let mut a = Agent::start_in(
@@ -485,25 +419,15 @@ fn pod_mode_joins_the_pods_sandbox_and_targets_kubelet_containers() {
     let (ours, owned) = containerd::leftovers(&cd.socket, &agent_id);
     assert_eq!(ours.len(), 1);
     assert_eq!(
-        ours[0].pod_sandbox_id, sandbox_id,
+        ours[0].pod_sandbox_id, kp.sandbox_id,
         "runs in the pod's sandbox"
     );
     assert!(owned.is_empty(), "no sandbox of its own in a pod");
     a.delete_all_and_stop();
     assert!(containerd::leftovers(&cd.socket, &agent_id).0.is_empty());
 
-    rt.block_on(async {
-        // The pod's sandbox and main container are kubelet's: still there.
-        let left = cri
-            .list_containers(ContainerFilter {
-                pod_sandbox_id: sandbox_id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(left.len(), 1);
-        assert_eq!(left[0].id, main_id);
-        cri.stop_pod_sandbox(&sandbox_id).await.unwrap();
-        cri.remove_pod_sandbox(&sandbox_id).await.unwrap();
-    });
+    // The pod's sandbox and main container are kubelet's: still there (removed on drop).
+    let left = kp.containers();
+    assert_eq!(left.len(), 1);
+    assert_eq!(Some(&left[0].id), kp.main_id.as_ref());
 }

@@ -155,21 +155,6 @@ fn pod(main: &PodContainer, restarts: i32) -> Value {
     })
 }
 
-/// Pids of live (non-zombie) processes whose argv is exactly `argv`.
-fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
-    let want = argv.join("\0");
-    task_executor::runtime::procfs::pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
-                raw == want.as_bytes()
-            })
-        })
-        .filter(|pid| support::pid_alive(*pid))
-        .collect()
-}
-
 const PROBE: &str = "hostname; for n in uts ipc net mnt pid; do readlink /proc/self/ns/$n; done";
 
 fn probe(agent: &Agent, name: &str) -> Vec<String> {
@@ -235,7 +220,7 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     // restart) while the old process is still there, so only the Pod watch can tell.
     agent.run("long", &["sleep", "4545"]);
     agent.wait_state("long", "running", T);
-    assert_eq!(pids_with_cmdline(&["sleep", "4545"]).len(), 1);
+    assert_eq!(support::pids_with_cmdline(&["sleep", "4545"]).len(), 1);
     let watch = api.wait_for_request(T, "a watch of the own Pod", |r| {
         r.is_watch() && r.path == format!("/api/v1/namespaces/{NS}/pods")
     });
@@ -251,7 +236,7 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     api.put_pod(pod(&second, 1));
     let t = agent.wait_state("long", "terminated", T);
     assert_eq!(t["reason"], "TargetRestarted", "{t}");
-    assert!(pids_with_cmdline(&["sleep", "4545"]).is_empty());
+    assert!(support::pids_with_cmdline(&["sleep", "4545"]).is_empty());
     assert!(
         first.alive(),
         "the old stand-in must outlive the test of the watch path"

@@ -42,21 +42,6 @@ fn start_agent(api: &FakeApiServer, dir: &Path) -> Agent {
     )
 }
 
-/// Pids of live (non-zombie) processes whose argv is exactly `argv`.
-fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
-    let want = argv.join("\0");
-    task_executor::runtime::procfs::pids()
-        .into_iter()
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
-                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
-                raw == want.as_bytes()
-            })
-        })
-        .filter(|pid| support::pid_alive(*pid))
-        .collect()
-}
-
 /// Waits until the fake's copy of the Task satisfies `cond`.
 fn wait_task(api: &FakeApiServer, name: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
     wait_for(T, &format!("Task {name}: {what}"), || {
@@ -164,13 +149,13 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     agent.wait_state("via-http", "terminated", T);
 
     // Deleting t2 stops its process before the finalizer goes, then the Task is gone.
-    assert_eq!(pids_with_cmdline(&["sleep", "4242"]).len(), 1);
+    assert_eq!(support::pids_with_cmdline(&["sleep", "4242"]).len(), 1);
     api.delete_task(NS, "t2");
     wait_for(T, "Task t2 to be removed", || {
         api.get_task(NS, "t2").is_none().then_some(())
     });
     assert!(
-        pids_with_cmdline(&["sleep", "4242"]).is_empty(),
+        support::pids_with_cmdline(&["sleep", "4242"]).is_empty(),
         "the finalizer was removed while the task still ran"
     );
     assert!(agent.get("t2").is_none());
@@ -279,14 +264,14 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
         api.get_task(NS, "long").is_some(),
         "the finalizer holds the Task"
     );
-    assert_eq!(pids_with_cmdline(&["sleep", "4343"]).len(), 1);
+    assert_eq!(support::pids_with_cmdline(&["sleep", "4343"]).len(), 1);
 
     agent.restart();
     wait_task(&api, "new", "Succeeded", |t| phase(t) == "Succeeded");
     wait_for(T, "Task long to be finalized", || {
         api.get_task(NS, "long").is_none().then_some(())
     });
-    assert!(pids_with_cmdline(&["sleep", "4343"]).is_empty());
+    assert!(support::pids_with_cmdline(&["sleep", "4343"]).is_empty());
     // The finished task was adopted, not run again.
     assert_eq!(agent.stdout("done"), "once\n");
     assert_eq!(api.get_task(NS, "done").unwrap()["status"], done["status"]);
@@ -331,5 +316,5 @@ fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
     );
     api.delete_task(NS, "hold");
     wait_task(&api, "queued", "Succeeded", |t| phase(t) == "Succeeded");
-    assert!(pids_with_cmdline(&["sleep", "4646"]).is_empty());
+    assert!(support::pids_with_cmdline(&["sleep", "4646"]).is_empty());
 }

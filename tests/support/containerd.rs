@@ -539,6 +539,20 @@ impl KubeletPod {
     }
 }
 
+impl KubeletPod {
+    /// The containers in the pod's sandbox right now.
+    pub fn containers(&self) -> Vec<k8s_cri::v1::Container> {
+        use task_executor::runtime::container::cri::Cri;
+        let filter = k8s_cri::v1::ContainerFilter {
+            pod_sandbox_id: self.sandbox_id.clone(),
+            ..Default::default()
+        };
+        self.rt
+            .block_on(self.cri.list_containers(filter))
+            .expect("ListContainers")
+    }
+}
+
 impl Drop for KubeletPod {
     fn drop(&mut self) {
         use task_executor::runtime::container::cri::Cri;

@@ -37,3 +37,18 @@ pub fn pid_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Pids of live (non-zombie) processes whose argv is exactly `argv`.
+pub fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
+    let want = argv.join("\0");
+    task_executor::runtime::procfs::pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                let raw = raw.strip_suffix(b"\0").unwrap_or(&raw);
+                raw == want.as_bytes()
+            })
+        })
+        .filter(|pid| pid_alive(*pid))
+        .collect()
+}
