@@ -110,13 +110,29 @@ fn accepted_but_never_started_task_is_started_after_restart() {
     let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
                      "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
     std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
-    // And a directory without a record (crash before the record was written) is cleaned up.
+    // A directory without a record (crash before the record was written) and one with
+    // only a torn record (crash while writing it) are cleaned up: neither was answered.
     std::fs::create_dir_all(a.data_dir.join("never-accepted")).unwrap();
+    std::fs::create_dir_all(a.data_dir.join("torn")).unwrap();
+    std::fs::write(
+        a.data_dir.join("torn/task.json"),
+        b"{\"name\": \"torn\", \"uid\": \"x",
+    )
+    .unwrap();
+    // But an unreadable record beside a run journal belonged to a started task: kept.
+    std::fs::create_dir_all(a.data_dir.join("damaged")).unwrap();
+    std::fs::write(a.data_dir.join("damaged/task.json"), b"garbage").unwrap();
+    std::fs::write(a.data_dir.join("damaged/run.jsonl"), b"").unwrap();
     a.restart();
     let t = a.wait_state("accepted", "terminated", T);
     assert_eq!(t["exitCode"], 4);
     assert!(a.get("never-accepted").is_none());
     assert!(!a.data_dir.join("never-accepted").exists());
+    assert!(!a.data_dir.join("torn").exists());
+    assert!(
+        a.data_dir.join("damaged/run.jsonl").exists(),
+        "never delete what may hold a result"
+    );
 }
 
 #[test]

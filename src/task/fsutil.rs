@@ -44,6 +44,18 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T, mode: u32) -> io:
     write_atomic(path, &bytes, mode)
 }
 
+/// Writes a new file (it must not exist) and fsyncs it; the caller fsyncs the directory.
+pub fn write_new<T: Serialize>(path: &Path, value: &T, mode: u32) -> io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    f.write_all(&bytes)?;
+    f.sync_all()
+}
+
 /// Reads a JSON file; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {

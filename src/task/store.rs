@@ -57,10 +57,15 @@ impl Store {
     }
 
     /// Creates the task's directory and its record; durable when this returns.
+    ///
+    /// The record is written in place, not through a temp file (one file creation less
+    /// per task): the directory is new, and a crash mid-write leaves a torn record beside
+    /// nothing else, which recovery recognises as a create that was never answered.
     pub fn create(&self, rec: &TaskRecord) -> io::Result<PathBuf> {
         let dir = self.dir(&rec.name);
         fs::create_dir(&dir)?;
-        let written = fsutil::write_json_atomic(&dir.join(TASK_FILE), rec, 0o600)
+        let written = fsutil::write_new(&dir.join(TASK_FILE), rec, 0o600)
+            .and_then(|()| fsutil::sync_dir(&dir))
             .and_then(|()| fsutil::sync_dir(&self.root));
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&dir);
@@ -96,6 +101,12 @@ impl Store {
             let path = entry.path().join(TASK_FILE);
             match fsutil::read_json::<TaskRecord>(&path) {
                 Ok(Some(rec)) if rec.name == n => out.push(rec),
+                Err(e) if only_entry(&entry.path(), TASK_FILE) => {
+                    // A torn record alone in its directory: the create it belonged to was
+                    // interrupted before anything started, so it was never answered.
+                    tracing::warn!(task = n, error = %e, "removing a torn record of an interrupted create");
+                    let _ = fs::remove_dir_all(entry.path());
+                }
                 Ok(Some(_)) | Err(_) => {
                     // Never delete what we can't read: it may hold a result.
                     tracing::error!(task = n, path = %path.display(), "unreadable task record; leaving it alone");
@@ -111,4 +122,12 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// True when `file` is the only entry of `dir`.
+fn only_entry(dir: &Path, file: &str) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
+        names.len() == 1 && names[0] == file
+    })
 }
