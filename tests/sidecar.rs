@@ -129,3 +129,73 @@ fn main_container_restart_terminates_its_tasks_with_target_restarted() {
     assert_eq!(a.wait_state("after", "terminated", T)["exitCode"], 0);
     assert_eq!(a.stdout("after").trim(), second.hostname);
 }
+
+/// A v1 `pids` cgroup for a stand-in container; removed when dropped.
+struct TestCgroup(std::path::PathBuf);
+
+impl TestCgroup {
+    fn new(tag: &str) -> TestCgroup {
+        let dir = std::path::PathBuf::from(format!(
+            "/sys/fs/cgroup/pids/task-executor-{tag}-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir(&dir)
+            .expect("create a test cgroup (needs root and the cgroup v1 pids hierarchy)");
+        TestCgroup(dir)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("could not remove {}", self.0.display());
+    }
+}
+
+#[test]
+fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
+    let cg = TestCgroup::new("join");
+    let name = unique("main-hardened");
+    let procs = cg.0.join("cgroup.procs");
+    let mut main = MainContainer::start_as(&name, "hard-host", Some(1000), Some(&procs));
+    let probe = ["sh", "-c", "id -u; id -g; grep ':pids:' /proc/self/cgroup"];
+    {
+        // Default: the sidecar's identity and cgroup, as upstream does.
+        let a = sidecar_agent(&name, &[]);
+        a.run("default", &probe);
+        assert_eq!(a.wait_state("default", "terminated", T)["exitCode"], 0);
+        let out = a.stdout("default");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(&lines[..2], ["0", "0"], "{out}");
+        assert!(
+            !lines[2].contains(cg.0.file_name().unwrap().to_str().unwrap()),
+            "{out}"
+        );
+    }
+    {
+        let a = sidecar_agent(
+            &name,
+            &["--sidecar-run-as-target-user", "--sidecar-join-cgroup"],
+        );
+        a.run("hardened", &probe);
+        let t = a.wait_state("hardened", "terminated", T);
+        assert_eq!(t["exitCode"], 0, "{t} {}", a.log_tail());
+        let out = a.stdout("hardened");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            &lines[..2],
+            ["1000", "1000"],
+            "runs as the container's uid/gid: {out}"
+        );
+        assert!(
+            lines[2].ends_with(&format!("/{}", cg.0.file_name().unwrap().to_str().unwrap())),
+            "in the container's cgroup: {out}"
+        );
+    }
+    main.stop();
+}

@@ -17,9 +17,26 @@ pub struct MainContainer {
 impl MainContainer {
     /// `name` goes into SANDBOX_MAIN_CONTAINER, so tests running in parallel don't collide.
     pub fn start(name: &str, hostname: &str) -> MainContainer {
+        Self::start_as(name, hostname, None, None)
+    }
+
+    /// Like `start`, with the container's PID 1 running as `uid` (gid the same) and moved
+    /// into the cgroup whose `cgroup.procs` file is `cgroup_procs`.
+    pub fn start_as(
+        name: &str,
+        hostname: &str,
+        uid: Option<u32>,
+        cgroup_procs: Option<&std::path::Path>,
+    ) -> MainContainer {
+        let join = cgroup_procs
+            .map(|p| format!("echo 0 > {} && ", p.display()))
+            .unwrap_or_default();
+        let user = uid
+            .map(|u| format!("setpriv --reuid={u} --regid={u} --clear-groups "))
+            .unwrap_or_default();
         let script = format!(
-            "hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
-             exec env SANDBOX_MAIN_CONTAINER={name} TARGET_VAR=hello-from-target sleep 100000"
+            "{join}hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
+             exec {user}env SANDBOX_MAIN_CONTAINER={name} TARGET_VAR=hello-from-target sleep 100000"
         );
         let child = Command::new("unshare")
             .args([
