@@ -119,16 +119,15 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Runs `f` in a new process that is not our child: fork, fork again, and let the middle
-/// process exit, so the grandchild is re-parented to the nearest child subreaper (the
-/// agent) instead of accumulating under the shim server. Returns once the middle process
-/// has been reaped; `f`'s return value is the grandchild's exit code.
+/// Runs `f` in a forked child whose exit code is `f`'s return value. The caller (the shim
+/// server) ignores SIGCHLD (see `auto_reap_children`), so children never linger as zombies
+/// and need no wait; the child gets the default SIGCHLD back before `f` runs, as a shim
+/// must reap its own children.
 ///
 /// Refuses (with an error) unless the calling process is single-threaded: after `fork` the
 /// child runs arbitrary Rust code, which is only sound when no other thread could have
 /// held a lock (malloc, stdio) at the moment of the fork.
 pub fn spawn_detached(f: impl FnOnce() -> i32) -> io::Result<()> {
-    use nix::sys::wait::waitpid;
     use nix::unistd::{ForkResult, fork};
     if thread_count()? != 1 {
         return Err(io::Error::other(
@@ -138,20 +137,23 @@ pub fn spawn_detached(f: impl FnOnce() -> i32) -> io::Result<()> {
     // SAFETY: the process has exactly one thread (checked above, and nothing in it starts
     // threads concurrently: the caller is that one thread).
     match unsafe { fork() }? {
-        ForkResult::Parent { child } => {
-            waitpid(child, None)?;
-            Ok(())
-        }
+        ForkResult::Parent { .. } => Ok(()),
         ForkResult::Child => {
-            // SAFETY: still single-threaded: we are the only thread of the forked child.
-            let code = match unsafe { fork() } {
-                Ok(ForkResult::Child) => f(),
-                Ok(ForkResult::Parent { .. }) => 0,
+            // SAFETY: SIG_DFL installs no handler; we are the only thread.
+            let code = match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
+                Ok(_) => f(),
                 Err(_) => 1,
             };
             std::process::exit(code)
         }
     }
+}
+
+/// Children of this process are reaped by the kernel as they exit (SIGCHLD ignored).
+pub fn auto_reap_children() -> io::Result<()> {
+    // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
+    unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
+    Ok(())
 }
 
 /// Threads of this process, from /proc/self/stat (field 20).

@@ -6,9 +6,9 @@
 //!
 //! Its stdin is a SOCK_SEQPACKET socket to the agent. A request is one message: the task
 //! directory as bytes, with the write end of the agent's notify pipe attached
-//! (SCM_RIGHTS). The shim is double-forked, so it is re-parented to the agent (a child
-//! subreaper) exactly like a shim the agent spawned itself; the notify pipe becomes its
-//! stdout. The server exits when the agent's end closes.
+//! (SCM_RIGHTS). The shim is forked once (the server lets the kernel reap its children);
+//! the notify pipe becomes its stdout. The server exits when the agent's end closes; the
+//! shims live on.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -23,6 +23,10 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use crate::runtime::child_setup;
 
 pub fn serve() -> i32 {
+    if let Err(e) = child_setup::auto_reap_children() {
+        eprintln!("task-executor shim-server: {e}");
+        return 1;
+    }
     loop {
         let mut buf = vec![0u8; 8192];
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
