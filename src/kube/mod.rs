@@ -5,8 +5,10 @@ pub mod crd;
 pub mod error;
 pub mod listwatch;
 pub mod locator;
+pub mod merge_patch;
 pub mod pod;
 pub mod watch;
+mod watch_status;
 
 pub use error::KubeError;
 

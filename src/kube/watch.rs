@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use ::kube::api::{Patch, PatchParams};
 use ::kube::{Api, ResourceExt};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::KubeError;
@@ -61,10 +61,10 @@ pub fn spawn(namespace: String, pod: String, manager: Arc<Manager>) {
 
 /// The Task object as last seen (watch event or our own patch's answer).
 #[derive(Clone, Debug, Default)]
-struct Known {
+pub(super) struct Known {
     uid: Option<String>,
-    status: Option<TaskCrStatus>,
-    generation: Option<i64>,
+    pub(super) status: Option<TaskCrStatus>,
+    pub(super) generation: Option<i64>,
     /// Of the newest copy seen; an older event (one that crossed our own patch) must not
     /// replace a newer status.
     resource_version: Option<u64>,
@@ -72,7 +72,7 @@ struct Known {
 
 impl Known {
     /// Takes `t`'s status unless a newer copy was already seen.
-    fn update(&mut self, t: &Task) {
+    pub(super) fn update(&mut self, t: &Task) {
         let rv = t
             .metadata
             .resource_version
@@ -90,12 +90,12 @@ impl Known {
 }
 
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     /// Manager tasks that a Task object stands for.
-    owned: HashSet<String>,
-    known: HashMap<String, Known>,
+    pub(super) owned: HashSet<String>,
+    pub(super) known: HashMap<String, Known>,
     /// Deleted Tasks whose processes are being stopped.
-    finalizing: HashSet<String>,
+    pub(super) finalizing: HashSet<String>,
     /// UIDs of deleted Tasks already finalized, until the object is gone: a late event
     /// still carrying our finalizer must not finalize (and patch) it a second time.
     finalized: HashSet<String>,
@@ -106,12 +106,12 @@ struct State {
 }
 
 pub struct TaskWatcher {
-    api: Api<Task>,
+    pub(super) api: Api<Task>,
     pod: String,
-    manager: Arc<Manager>,
+    pub(super) manager: Arc<Manager>,
     state: Mutex<State>,
     /// Serialises status writes, so two writers never both patch the same change.
-    reporting: tokio::sync::Mutex<()>,
+    pub(super) reporting: tokio::sync::Mutex<()>,
 }
 
 impl TaskWatcher {
@@ -125,7 +125,7 @@ impl TaskWatcher {
         })
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub(super) fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -439,171 +439,8 @@ impl TaskWatcher {
             }
         }
     }
-
-    /// Patches the Task's status to show the manager's view of the task.
-    async fn sync_status(&self, name: &str) {
-        let (owned, finalizing, known) = {
-            let st = self.state();
-            (
-                st.owned.contains(name),
-                st.finalizing.contains(name),
-                st.known.get(name).cloned(),
-            )
-        };
-        let Some(known) = known.filter(|_| owned) else {
-            return;
-        };
-        match self.manager.get(name) {
-            Ok(view) => self.report(name, &view.state).await,
-            Err(_) if finalizing => {}
-            Err(_) => {
-                // Deleted through the HTTP API; the Task object keeps a final word.
-                let terminated = matches!(
-                    known.status.as_ref().and_then(|s| s.state.as_ref()),
-                    Some(TaskState::Terminated(_))
-                );
-                if !terminated && known.status.as_ref().is_some_and(TaskCrStatus::has_run) {
-                    let t = TaskState::Terminated(Terminated::failed_to_start(
-                        reason::DELETED,
-                        137,
-                        "the task was deleted through the HTTP API".into(),
-                    ));
-                    self.report(name, &t).await;
-                }
-            }
-        }
-    }
-
-    /// A Task whose status says it ran, unknown to this agent (data dir lost): not run again.
-    async fn mark_lost(&self, t: &Task) {
-        let name = t.name_any();
-        let terminated = matches!(
-            t.status.as_ref().and_then(|s| s.state.as_ref()),
-            Some(TaskState::Terminated(_))
-        );
-        if terminated {
-            return;
-        }
-        tracing::warn!(task = %name, "Task says it ran but this agent has no record of it; not running it again");
-        let lost = TaskState::Terminated(Terminated::failed_to_start(
-            reason::TASK_LOST,
-            137,
-            "the agent has no record of this task (its data dir was lost); it is not run again"
-                .into(),
-        ));
-        self.report(&name, &lost).await;
-    }
-
-    /// Writes `state` into the Task's status unless it already shows it.
-    async fn report(&self, name: &str, state: &TaskState) {
-        let _one_at_a_time = self.reporting.lock().await;
-        let Some(known) = self.state().known.get(name).cloned() else {
-            return;
-        };
-        let generation = known
-            .status
-            .as_ref()
-            .and_then(|s| s.observed_generation)
-            .or(known.generation);
-        let desired = TaskCrStatus::from_state(state, generation);
-        if known.status.as_ref() == Some(&desired) {
-            return;
-        }
-        let old = serde_json::to_value(&known.status).unwrap_or(Value::Null);
-        let new = serde_json::to_value(&desired).unwrap_or(Value::Null);
-        let patch = json!({ "status": merge_diff(&old, &new) });
-        match self
-            .api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(obj) => {
-                tracing::info!(task = name, phase = desired.phase.as_deref().unwrap_or(""), exit_code = ?desired.exit_code, "Task status reported");
-                let mut st = self.state();
-                if let Some(k) = st.known.get_mut(name) {
-                    k.update(&obj);
-                }
-            }
-            Err(::kube::Error::Api(s)) if s.code == 404 => {
-                tracing::debug!(task = name, "Task is gone; status not reported");
-            }
-            Err(e) => tracing::warn!(task = name, error = %e, "cannot report the Task's status"),
-        }
-    }
 }
 
 fn has_finalizer(t: &Task) -> bool {
     t.finalizers().iter().any(|f| f == FINALIZER)
-}
-
-/// The JSON merge patch (RFC 7386) that turns `old` into `new`: changed members, and `null`
-/// for members `new` lacks (a merge patch would otherwise keep them, e.g. `state.running`
-/// next to a new `state.terminated`).
-pub fn merge_diff(old: &Value, new: &Value) -> Value {
-    match (old, new) {
-        (Value::Object(o), Value::Object(n)) => {
-            let mut out = Map::new();
-            for (k, nv) in n {
-                match o.get(k) {
-                    Some(ov) if ov == nv => {}
-                    Some(ov @ Value::Object(_)) if nv.is_object() => {
-                        out.insert(k.clone(), merge_diff(ov, nv));
-                    }
-                    _ => {
-                        out.insert(k.clone(), nv.clone());
-                    }
-                }
-            }
-            for k in o.keys() {
-                if !n.contains_key(k) {
-                    out.insert(k.clone(), Value::Null);
-                }
-            }
-            Value::Object(out)
-        }
-        _ => new.clone(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// RFC 7386 apply, to check that the diff round-trips.
-    fn merge_apply(target: &Value, patch: &Value) -> Value {
-        match patch {
-            Value::Object(p) => {
-                let mut t = match target {
-                    Value::Object(t) => t.clone(),
-                    _ => Map::new(),
-                };
-                for (k, v) in p {
-                    if v.is_null() {
-                        t.remove(k);
-                    } else {
-                        let cur = t.get(k).cloned().unwrap_or(Value::Null);
-                        t.insert(k.clone(), merge_apply(&cur, v));
-                    }
-                }
-                Value::Object(t)
-            }
-            _ => patch.clone(),
-        }
-    }
-
-    #[test]
-    fn merge_diff_replaces_the_state_member() {
-        let old = json!({"phase": "Running", "state": {"running": {"startedAt": "x"}}, "observedGeneration": 1});
-        let new = json!({"phase": "Failed", "exitCode": 3, "observedGeneration": 1,
-                         "state": {"terminated": {"exitCode": 3, "reason": "Failed"}}});
-        let d = merge_diff(&old, &new);
-        assert_eq!(
-            d,
-            json!({"phase": "Failed", "exitCode": 3,
-                   "state": {"terminated": {"exitCode": 3, "reason": "Failed"}, "running": null}})
-        );
-        assert_eq!(merge_apply(&old, &d), new);
-        assert_eq!(merge_diff(&Value::Null, &new), new);
-        assert_eq!(merge_diff(&new, &new), json!({}));
-    }
 }

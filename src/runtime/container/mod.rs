@@ -1,11 +1,12 @@
 //! Container mode: `spec.container` tasks run as containers through the node's CRI
 //! runtime, in the agent's pod sandbox (or one the agent owns outside a cluster).
 //!
-//! Files: `cri` (the RPCs used, as a trait), `sandbox` (which sandbox), `spec` (the
+//! Files: `config` (settings, labels, the agent's id), `cri` (the RPCs used, as a trait), `sandbox` (which sandbox), `spec` (the
 //! container config), `status` (CRI status → task state), `monitor` (one watcher for all
 //! containers: exits, timeouts, log budget), `volumes` (volume names → host paths),
 //! `logs` (the log file in the task dir).
 
+pub mod config;
 pub mod cri;
 pub mod logs;
 pub mod monitor;
@@ -23,6 +24,7 @@ use futures::future::BoxFuture;
 use k8s_cri::v1::{Container, ContainerFilter, ContainerState, ContainerStateValue};
 use tokio_util::sync::CancellationToken;
 
+pub use self::config::{ContainerRuntimeConfig, KUBE_CONTAINER_NAME_LABEL, agent_id, labels};
 use self::cri::{Cri, GrpcCri, cri_error, is_not_found};
 use self::monitor::{Monitor, MonitorConfig, Watch};
 use self::sandbox::{SandboxMode, Sandboxes};
@@ -32,74 +34,10 @@ use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
 use crate::task::model::{ContainerSpec, TaskSpec, Terminated, reason};
 use crate::task::time::Time;
 
-/// Labels on everything the agent creates through CRI.
-pub mod labels {
-    /// The task's name.
-    pub const TASK: &str = "task-executor.io/task";
-    /// The task incarnation's uid.
-    pub const UID: &str = "task-executor.io/uid";
-    /// Which agent made it (a stable hash of its pod, or of its data dir).
-    pub const AGENT: &str = "task-executor.io/agent";
-    /// On a sandbox the agent created itself.
-    pub const OWNED_SANDBOX: &str = "task-executor.io/owned-sandbox";
-}
-
-/// Kubelet's container-name label, used to find a `targetContainer` in the pod.
-pub const KUBE_CONTAINER_NAME_LABEL: &str = "io.kubernetes.container.name";
-
 /// Written to the task dir (empty) before CreateContainer and (with the id) after it, so a
 /// recovery can tell "never created" (start it) from "created, then removed behind our
 /// back" (report it lost), and a stop of a task that never got a container needs no CRI.
 const CONTAINER_ID_FILE: &str = "container.id";
-
-#[derive(Clone, Debug)]
-pub struct ContainerRuntimeConfig {
-    pub socket: PathBuf,
-    pub sandbox: SandboxMode,
-    /// Fallback poll interval when the runtime has no event stream.
-    pub poll_interval: Duration,
-    /// Grace of a timeout stop.
-    pub grace: Duration,
-    pub max_log_bytes: u64,
-}
-
-impl ContainerRuntimeConfig {
-    /// From the agent's flags: the pod's sandbox when POD_NAME/POD_NAMESPACE are set,
-    /// else an agent-owned sandbox keyed by the data dir.
-    pub fn from_config(c: &crate::config::Config) -> Self {
-        let sandbox = match (&c.pod_name, &c.pod_namespace) {
-            (Some(name), Some(namespace)) if !name.is_empty() && !namespace.is_empty() => {
-                SandboxMode::Pod {
-                    name: name.clone(),
-                    namespace: namespace.clone(),
-                }
-            }
-            _ => {
-                let dir = std::fs::canonicalize(&c.data_dir).unwrap_or_else(|_| c.data_dir.clone());
-                SandboxMode::Owned {
-                    agent_id: agent_id(&dir.display().to_string()),
-                }
-            }
-        };
-        ContainerRuntimeConfig {
-            socket: c.cri_socket.clone(),
-            sandbox,
-            poll_interval: c.reconcile_interval,
-            grace: c.stop_grace_period,
-            max_log_bytes: c.max_log_bytes,
-        }
-    }
-}
-
-/// A stable 16-hex-digit id (FNV-1a 64): the same input gives the same id in every build.
-pub fn agent_id(key: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
-}
 
 #[derive(Clone)]
 pub struct ContainerRuntime {
