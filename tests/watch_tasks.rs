@@ -165,10 +165,23 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         .filter(|r| r.method == "PATCH" && r.path.ends_with("/tasks/t2"))
         .map(|r| serde_json::from_str(&r.body).unwrap())
         .collect();
-    assert_eq!(
-        finalizer_patches.len(),
-        2,
-        "add and remove: {finalizer_patches:?}"
+    // Added once, then removed (a removal may be sent again after a 409 Conflict with a
+    // concurrent status write: finalizer patches carry the resourceVersion they saw), and
+    // never added back.
+    let adds: Vec<usize> = finalizer_patches
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| {
+            p["metadata"]["finalizers"]
+                .as_array()
+                .is_some_and(|f| !f.is_empty())
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(adds, [0], "one add, first: {finalizer_patches:?}");
+    assert!(
+        finalizer_patches.len() >= 2,
+        "and a removal: {finalizer_patches:?}"
     );
     assert_eq!(
         finalizer_patches[1]["metadata"]["finalizers"],

@@ -45,37 +45,40 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(record: TaskRecord, state: TaskState) -> Arc<Entry> {
+        Arc::new(Entry {
+            record: Mutex::new(record),
+            state: Mutex::new(state),
+            lifecycle: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The record; a panic elsewhere while it was held leaves it usable (no poisoning).
+    fn record(&self) -> std::sync::MutexGuard<'_, TaskRecord> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TaskState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn view(&self) -> TaskView {
-        let rec = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = self.record();
         TaskView {
             name: rec.name.clone(),
             spec: rec.spec.clone(),
-            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            state: self.state().clone(),
             deletion_timestamp: rec.deletion_timestamp,
         }
     }
 
     fn uid(&self) -> String {
-        self.record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .uid
-            .clone()
+        self.record().uid.clone()
     }
 
     fn is_active(&self) -> bool {
-        let deleting = self
-            .record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .deletion_timestamp
-            .is_some();
-        !deleting
-            && !self
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_terminated()
+        let deleting = self.record().deletion_timestamp.is_some();
+        !deleting && !self.state().is_terminated()
     }
 }
 
@@ -135,11 +138,7 @@ impl Manager {
             };
             let deleting = rec.deletion_timestamp.is_some();
             let has_final = rec.final_status.is_some();
-            let entry = Arc::new(Entry {
-                record: Mutex::new(rec.clone()),
-                state: Mutex::new(state),
-                lifecycle: tokio::sync::Mutex::new(()),
-            });
+            let entry = Entry::new(rec.clone(), state);
             self.write_tasks().insert(rec.name.clone(), entry.clone());
             if deleting {
                 self.spawn_finalize(entry);
@@ -256,7 +255,7 @@ impl Manager {
             return Ok(());
         };
         let rec = {
-            let mut rec = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rec = entry.record();
             if rec.deletion_timestamp.is_some() {
                 return Ok(());
             }
@@ -317,22 +316,13 @@ impl Manager {
             deletion_timestamp: None,
             final_status: None,
         };
-        let entry = Arc::new(Entry {
-            record: Mutex::new(rec),
-            state: Mutex::new(TaskState::initialized()),
-            lifecycle: tokio::sync::Mutex::new(()),
-        });
+        let entry = Entry::new(rec, TaskState::initialized());
         tasks.insert(name.to_string(), entry.clone());
         Ok(entry)
     }
 
     fn unreserve(&self, entry: &Arc<Entry>) {
-        let name = entry
-            .record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .name
-            .clone();
+        let name = entry.record().name.clone();
         let mut tasks = self.write_tasks();
         if tasks.get(&name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             tasks.remove(&name);
@@ -342,11 +332,7 @@ impl Manager {
     /// Persists a reserved entry, then starts it. The record is durable before any answer.
     async fn start_reserved(self: &Arc<Self>, entry: Arc<Entry>) -> Result<TaskView, TaskError> {
         let _life = entry.lifecycle.lock().await;
-        let rec = entry
-            .record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let rec = entry.record().clone();
         let store = self.store.clone();
         let created = tokio::task::spawn_blocking(move || store.create(&rec))
             .await
@@ -382,7 +368,7 @@ impl Manager {
     async fn fail(&self, entry: &Arc<Entry>, err: &RuntimeError) {
         let t = Terminated::failed_to_start(err.task_reason(), 128, err.to_string());
         let rec = {
-            let mut rec = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+            let mut rec = entry.record();
             rec.final_status = Some(t.clone());
             rec.clone()
         };
@@ -400,16 +386,11 @@ impl Manager {
             }
             Observed::Terminated(t) => TaskState::Terminated(t),
         };
-        let mut state = entry.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = entry.state();
         if new.rank() <= state.rank() {
             return; // states only move forward; a late "running" never hides an exit
         }
-        let name = entry
-            .record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .name
-            .clone();
+        let name = entry.record().name.clone();
         match &new {
             TaskState::Terminated(t) => tracing::info!(
                 task = %name, from = state.name(), to = "terminated",
@@ -473,7 +454,7 @@ impl Manager {
     }
 
     fn task_ref(&self, entry: &Entry) -> TaskRef {
-        let rec = entry.record.lock().unwrap_or_else(|e| e.into_inner());
+        let rec = entry.record();
         TaskRef {
             name: rec.name.clone(),
             uid: rec.uid.clone(),
