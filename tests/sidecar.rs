@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::agent::Agent;
 use support::pid_alive;
-use support::standin::MainContainer;
+use support::standin::{MainContainer, Options, TestCgroup};
 
 const T: Duration = Duration::from_secs(15);
 
@@ -130,39 +130,16 @@ fn main_container_restart_terminates_its_tasks_with_target_restarted() {
     assert_eq!(a.stdout("after").trim(), second.hostname);
 }
 
-/// A v1 `pids` cgroup for a stand-in container; removed when dropped.
-struct TestCgroup(std::path::PathBuf);
-
-impl TestCgroup {
-    fn new(tag: &str) -> TestCgroup {
-        let dir = std::path::PathBuf::from(format!(
-            "/sys/fs/cgroup/pids/task-executor-{tag}-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir(&dir)
-            .expect("create a test cgroup (needs root and the cgroup v1 pids hierarchy)");
-        TestCgroup(dir)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.0).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("could not remove {}", self.0.display());
-    }
-}
-
 #[test]
 fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
-    let cg = TestCgroup::new("join");
+    let cg = TestCgroup::new(&unique("task-executor-join"));
     let name = unique("main-hardened");
-    let procs = cg.0.join("cgroup.procs");
-    let mut main = MainContainer::start_as(&name, "hard-host", Some(1000), Some(&procs));
+    let opts = Options {
+        marker: Some(&name),
+        uid: Some(1000),
+        cgroup: Some(&cg),
+    };
+    let mut main = MainContainer::start_with("hard-host", opts);
     let probe = ["sh", "-c", "id -u; id -g; grep ':pids:' /proc/self/cgroup"];
     {
         // Default: the sidecar's identity and cgroup, as upstream does.
@@ -173,7 +150,7 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(&lines[..2], ["0", "0"], "{out}");
         assert!(
-            !lines[2].contains(cg.0.file_name().unwrap().to_str().unwrap()),
+            !lines[2].contains(cg.dir().file_name().unwrap().to_str().unwrap()),
             "{out}"
         );
     }
@@ -193,7 +170,10 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
             "runs as the container's uid/gid: {out}"
         );
         assert!(
-            lines[2].ends_with(&format!("/{}", cg.0.file_name().unwrap().to_str().unwrap())),
+            lines[2].ends_with(&format!(
+                "/{}",
+                cg.dir().file_name().unwrap().to_str().unwrap()
+            )),
             "in the container's cgroup: {out}"
         );
     }

@@ -8,30 +8,24 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::{Value, json};
 use support::agent::Agent;
 use support::fake_apiserver::FakeApiServer;
+use support::standin::{MainContainer, Options, TestCgroup};
 use support::wait_for;
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-7";
 const T: Duration = Duration::from_secs(30);
-/// A v1 hierarchy that every kernel here mounts.
-const CGROUP_ROOT: &str = "/sys/fs/cgroup/pids";
-
-/// A stand-in for the main container: `unshare`d namespaces, pid 1 `sleep`, placed in
-/// `/sys/fs/cgroup/pids/task-executor-test-<id>`. Drop kills it and removes the cgroup.
+/// A stand-in for the main container, without upstream's env marker (so only the Pod path
+/// can find it), in a cgroup whose path names its container id, as runc's do.
 struct PodContainer {
     id: String,
-    pid: i32,
-    cgroup: PathBuf,
-    unshare: Child,
+    // Declared before the cgroup: the container must be gone before the cgroup goes.
+    main: MainContainer,
+    _cgroup: TestCgroup,
 }
 
 impl PodContainer {
@@ -47,53 +41,19 @@ impl PodContainer {
             hostname.len()
         );
         let id: String = seed.chars().cycle().take(64).collect();
-        let cgroup = Path::new(CGROUP_ROOT).join(format!("task-executor-test-{id}"));
-        std::fs::create_dir(&cgroup).expect("create a test cgroup (needs root and cgroup v1 pids)");
-        let procs = cgroup.join("cgroup.procs");
-        let script = format!(
-            "echo $$ > {} && hostname {hostname} && exec sleep 1000",
-            procs.display()
-        );
-        let spawned = Command::new("unshare")
-            .args([
-                "--pid",
-                "--fork",
-                "--mount",
-                "--uts",
-                "--ipc",
-                "--net",
-                "--mount-proc",
-                "sh",
-                "-c",
-                &script,
-            ])
-            .stdin(Stdio::null())
-            .spawn();
-        let unshare = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir(&cgroup);
-                panic!("unshare: {e}");
-            }
-        };
-        let mut mc = PodContainer {
-            id,
-            pid: 0,
-            cgroup,
-            unshare,
-        };
-        mc.pid = wait_for(
-            Duration::from_secs(10),
-            "the stand-in to enter its cgroup",
-            || {
-                let text = std::fs::read_to_string(&procs).ok()?;
-                let pid: i32 = text.lines().next()?.trim().parse().ok()?;
-                // Wait for the exec, so its namespaces and hostname are final.
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-                (comm.trim() == "sleep").then_some(pid)
+        let cgroup = TestCgroup::new(&format!("task-executor-test-{id}"));
+        let main = MainContainer::start_with(
+            hostname,
+            Options {
+                cgroup: Some(&cgroup),
+                ..Default::default()
             },
         );
-        mc
+        PodContainer {
+            id,
+            main,
+            _cgroup: cgroup,
+        }
     }
 
     fn container_id(&self) -> String {
@@ -101,32 +61,11 @@ impl PodContainer {
     }
 
     fn ns(&self, name: &str) -> String {
-        ns_link(self.pid, name)
+        self.main.ns(name)
     }
 
     fn alive(&self) -> bool {
-        task_executor::runtime::procfs::stat(self.pid).is_some_and(|s| s.state != 'Z')
-    }
-}
-
-impl Drop for PodContainer {
-    fn drop(&mut self) {
-        // Killing pid 1 of the namespace kills everything in it (tasks included).
-        if self.pid > 0 {
-            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
-        }
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-        for _ in 0..100 {
-            let empty = std::fs::read_to_string(self.cgroup.join("cgroup.procs"))
-                .map(|t| t.trim().is_empty())
-                .unwrap_or(true);
-            if empty && std::fs::remove_dir(&self.cgroup).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!("could not remove {}", self.cgroup.display());
+        self.main.alive()
     }
 }
 

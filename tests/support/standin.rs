@@ -1,8 +1,11 @@
 //! A stand-in for a pod's main container: a process in fresh PID, mount, UTS, IPC and
-//! network namespaces (via util-linux `unshare`, as root), with its own hostname, a
-//! directory that exists only in its mount namespace, and upstream's marker env var.
+//! network namespaces (via util-linux `unshare`, as root), with its own hostname and a
+//! directory that exists only in its mount namespace; optionally upstream's marker env
+//! var, another uid, and a cgroup of its own.
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use super::wait_for;
@@ -14,29 +17,53 @@ pub struct MainContainer {
     pub hostname: String,
 }
 
+/// How a stand-in is set up beyond its hostname.
+#[derive(Default)]
+pub struct Options<'a> {
+    /// The value of SANDBOX_MAIN_CONTAINER (upstream's lookup); none: findable only
+    /// through the Pod.
+    pub marker: Option<&'a str>,
+    /// Run PID 1 as this uid (and gid).
+    pub uid: Option<u32>,
+    /// Put PID 1 into this cgroup.
+    pub cgroup: Option<&'a TestCgroup>,
+}
+
 impl MainContainer {
     /// `name` goes into SANDBOX_MAIN_CONTAINER, so tests running in parallel don't collide.
     pub fn start(name: &str, hostname: &str) -> MainContainer {
-        Self::start_as(name, hostname, None, None)
+        Self::start_with(
+            hostname,
+            Options {
+                marker: Some(name),
+                ..Default::default()
+            },
+        )
     }
 
-    /// Like `start`, with the container's PID 1 running as `uid` (gid the same) and moved
-    /// into the cgroup whose `cgroup.procs` file is `cgroup_procs`.
-    pub fn start_as(
-        name: &str,
-        hostname: &str,
-        uid: Option<u32>,
-        cgroup_procs: Option<&std::path::Path>,
-    ) -> MainContainer {
-        let join = cgroup_procs
-            .map(|p| format!("echo 0 > {} && ", p.display()))
+    pub fn start_with(hostname: &str, opts: Options<'_>) -> MainContainer {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        // Finds our PID 1 among all processes, whatever else the options say.
+        let tag = format!(
+            "{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let join = opts
+            .cgroup
+            .map(|c| format!("echo 0 > {} && ", c.procs().display()))
             .unwrap_or_default();
-        let user = uid
+        let user = opts
+            .uid
             .map(|u| format!("setpriv --reuid={u} --regid={u} --clear-groups "))
+            .unwrap_or_default();
+        let marker = opts
+            .marker
+            .map(|m| format!("SANDBOX_MAIN_CONTAINER={m} "))
             .unwrap_or_default();
         let script = format!(
             "{join}hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
-             exec {user}env SANDBOX_MAIN_CONTAINER={name} TARGET_VAR=hello-from-target sleep 100000"
+             exec {user}env {marker}STANDIN_TAG={tag} TARGET_VAR=hello-from-target sleep 100000"
         );
         let child = Command::new("unshare")
             .args([
@@ -54,13 +81,13 @@ impl MainContainer {
             .stdin(Stdio::null())
             .spawn()
             .expect("unshare (util-linux) must be installed and the tests run as root");
-        let marker = format!("SANDBOX_MAIN_CONTAINER={name}");
+        let want = format!("STANDIN_TAG={tag}");
         let pid = wait_for(Duration::from_secs(10), "stand-in main container", || {
             std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
                 let pid: i32 = e.file_name().to_str()?.parse().ok()?;
                 let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
                 env.split(|b| *b == 0)
-                    .any(|kv| kv == marker.as_bytes())
+                    .any(|kv| kv == want.as_bytes())
                     .then_some(pid)
             })
         });
@@ -79,6 +106,10 @@ impl MainContainer {
             .into_owned()
     }
 
+    pub fn alive(&self) -> bool {
+        super::pid_alive(self.pid)
+    }
+
     /// Ends the container: its PID 1 dies, and the kernel kills its whole PID namespace.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")
@@ -92,5 +123,38 @@ impl MainContainer {
 impl Drop for MainContainer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A cgroup in the v1 `pids` hierarchy (mounted on every machine of this kind), removed
+/// once empty when dropped.
+pub struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    pub fn new(name: &str) -> TestCgroup {
+        let dir = Path::new("/sys/fs/cgroup/pids").join(name);
+        std::fs::create_dir(&dir)
+            .expect("create a test cgroup (needs root and the cgroup v1 pids hierarchy)");
+        TestCgroup(dir)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.0.join("cgroup.procs")
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("could not remove {}", self.0.display());
     }
 }
