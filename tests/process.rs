@@ -114,6 +114,34 @@ fn stdout_and_stderr_go_to_capped_logs() {
 }
 
 #[test]
+fn all_output_is_in_the_log_when_the_task_is_reported_terminated() {
+    // A client that long-polls for `terminated` and then reads the log must find every
+    // byte the task wrote before exiting: the exit is recorded only after the pipes are
+    // drained. A race shows only sometimes, and more under load: eight clients at once,
+    // ten tasks each.
+    let a = Agent::start(&[]);
+    let script = "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo last";
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let a = &a;
+            s.spawn(move || {
+                for round in 0..10 {
+                    let name = format!("out-{client}-{round}");
+                    a.run(&name, &["sh", "-c", script]);
+                    let r = a.request("GET", &format!("/tasks/{name}?wait=20s"), None);
+                    let t = &r.json()["status"]["state"]["terminated"];
+                    assert_eq!(t["exitCode"], 0, "{}", r.text());
+                    let out = a.stdout(&name);
+                    let tail = &out[out.len().saturating_sub(30)..];
+                    assert!(out.ends_with("line-1999\nlast\n"), "{name}: ...{tail:?}");
+                    assert_eq!(out.lines().count(), 2001, "{name}");
+                }
+            });
+        }
+    });
+}
+
+#[test]
 fn timeout_stops_the_task_with_task_timeout() {
     let a = Agent::start(&[]);
     let r = a.create(json!({"name": "slow", "spec": {"process": {"command": ["sleep", "30"], "timeoutSeconds": 1}}}));

@@ -94,7 +94,12 @@ fn sidecar_task_runs_in_a_cri_main_container_found_through_cri() {
         .into_iter()
         .chain(NAMESPACES.map(|n| ns_link(main_pid, n)))
         .collect();
-    assert_eq!(out, expected, "{}", agent.log_tail());
+    // Both sides first: a failure message is often seen cut short.
+    assert!(
+        out == expected,
+        "task output {out:#?}\nexpected {expected:#?}\nagent log:\n{}",
+        agent.log_tail()
+    );
     // The comparison means something: the container's mount and PID namespaces are not
     // the host's (its network, with a NODE-mode sandbox, is).
     for n in ["mnt", "pid"] {

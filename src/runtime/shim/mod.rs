@@ -42,6 +42,10 @@ use crate::task::time::Time;
 /// How often a sidecar task's shim checks that the main container is still there.
 const TARGET_CHECK: Duration = Duration::from_secs(1);
 
+/// At most this many reads (of up to 64 KiB) move pipe contents to the logs between the
+/// main process's exit and recording it.
+const DRAIN_BUDGET: usize = 64;
+
 /// Runs the shim; returns the shim's own exit code.
 pub fn run(dir: &Path) -> i32 {
     match supervise(dir) {
@@ -252,7 +256,10 @@ impl Supervisor<'_> {
         let mut buf = vec![0u8; 64 * 1024];
         let mut drain_until: Option<Instant> = None;
         loop {
-            self.reap()?;
+            if let Some((code, signal)) = self.reap()? {
+                self.drain(&mut pipes, &mut buf)?;
+                self.main_exited(code, signal)?;
+            }
             if self.main_done && self.children_gone {
                 // Nobody is left to write; give the pipes a moment to drain, then leave.
                 let until =
@@ -283,26 +290,62 @@ impl Supervisor<'_> {
             }
             let mut idx = 1;
             for (i, slot) in pipes.iter_mut().enumerate() {
-                if slot.is_none() {
-                    continue;
-                }
-                if ready[idx] {
-                    let n = slot.as_mut().map(|p| p.read(&mut buf)).unwrap_or(Ok(0))?;
-                    if n == 0 {
-                        *slot = None;
-                    } else {
-                        let log = if i == 0 {
-                            &mut self.stdout
-                        } else {
-                            &mut self.stderr
-                        };
-                        // A full disk must not kill the supervisor; the output is lost.
-                        let _ = log.write(&buf[..n]);
+                if slot.is_some() {
+                    if ready[idx] {
+                        self.pump(i, slot, &mut buf)?;
                     }
+                    idx += 1;
                 }
-                idx += 1;
             }
         }
+    }
+
+    /// Moves one read's worth from a task's pipe to its log; `None`s the slot at EOF.
+    fn pump(
+        &mut self,
+        i: usize,
+        slot: &mut Option<io::PipeReader>,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
+        let n = slot.as_mut().map(|p| p.read(buf)).unwrap_or(Ok(0))?;
+        if n == 0 {
+            *slot = None;
+        } else {
+            let log = if i == 0 {
+                &mut self.stdout
+            } else {
+                &mut self.stderr
+            };
+            // A full disk must not kill the supervisor; the output is lost.
+            let _ = log.write(&buf[..n]);
+        }
+        Ok(())
+    }
+
+    /// Logs what the pipes already hold. Called once the main process has exited and
+    /// before its exit is recorded, so that a client who sees `terminated` finds all the
+    /// output the task wrote in its log. Bounded, because a background child that
+    /// outlives the task may keep writing.
+    fn drain(&mut self, pipes: &mut [Option<io::PipeReader>; 2], buf: &mut [u8]) -> io::Result<()> {
+        let mut budget = DRAIN_BUDGET;
+        while budget > 0 {
+            let mut any = false;
+            for (i, slot) in pipes.iter_mut().enumerate() {
+                let readable = slot.as_ref().is_some_and(|p| {
+                    let mut fd = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
+                    matches!(poll(&mut fd, PollTimeout::ZERO), Ok(n) if n > 0)
+                });
+                if readable {
+                    self.pump(i, slot, buf)?;
+                    any = true;
+                    budget -= 1;
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn poll_timeout(&self, drain_until: Option<Instant>) -> PollTimeout {
@@ -369,25 +412,26 @@ impl Supervisor<'_> {
         }
     }
 
-    /// Reaps every exited descendant; records the main process's exit.
-    fn reap(&mut self) -> io::Result<()> {
+    /// Reaps every exited descendant; returns the main process's exit (code, signal) once.
+    fn reap(&mut self) -> io::Result<Option<(Option<i32>, Option<i32>)>> {
+        let mut main = None;
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => return Ok(()),
+                Ok(WaitStatus::StillAlive) => return Ok(main),
                 Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == self.main_pid => {
-                    self.main_exited(Some(code), None)?
+                    main = Some((Some(code), None));
                 }
                 Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == self.main_pid => {
-                    self.main_exited(None, Some(sig as i32))?
+                    main = Some((None, Some(sig as i32)));
                 }
                 Ok(_) => {}
                 Err(Errno::ECHILD) => {
                     self.children_gone = true;
-                    if !self.main_done {
+                    if main.is_none() && !self.main_done {
                         // Should not happen: the main process was reaped elsewhere.
-                        self.main_exited(None, None)?;
+                        main = Some((None, None));
                     }
-                    return Ok(());
+                    return Ok(main);
                 }
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
