@@ -171,10 +171,10 @@ fn create_and_wait(conn: &mut client::Conn, name: &str) -> Result<Duration, Benc
             r.text()
         )));
     }
+    // The long-poll answers once the task is terminated (or after 30 s, then ask again).
+    let path = format!("/tasks/{name}?wait=30s");
     let mut done = r.text().contains("\"terminated\"");
-    let path = format!("/tasks/{name}");
     while !done {
-        std::thread::sleep(Duration::from_micros(500));
         done = conn
             .request("GET", &path, None)?
             .text()

@@ -1,7 +1,6 @@
-//! The `task-executor` binary: the agent, plus its `shim` role (one supervisor per task).
+//! The `task-executor` binary: the agent, plus its `shim-server` role (which forks one
+//! supervisor per task).
 #![forbid(unsafe_code)]
-
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -23,12 +22,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Supervise one task (started by the agent; not for direct use).
-    #[command(hide = true)]
-    Shim {
-        #[arg(long)]
-        task_dir: PathBuf,
-    },
     /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
     Crd,
     /// Fork server that starts shims (started by the agent; not for direct use).
@@ -50,9 +43,6 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Shim { task_dir }) => {
-            std::process::exit(task_executor::runtime::shim::run(&task_dir))
-        }
         Some(Command::Crd) => {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
             Ok(())

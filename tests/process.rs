@@ -81,6 +81,54 @@ fn argv_is_exec_not_shell_and_env_overlays_agent_env() {
 }
 
 #[test]
+fn tasks_start_with_clean_signal_state_and_search_their_own_path() {
+    // Nothing blocked (the shim blocks signals for itself) or ignored (the agent was
+    // started with some ignored), and a process group of its own.
+    let a = Agent::start_ignoring("INT HUP USR1", &[]);
+    a.run(
+        "signals",
+        &[
+            "sh",
+            "-c",
+            "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; echo $$",
+        ],
+    );
+    a.wait_state("signals", "terminated", T);
+    let out = a.stdout("signals");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let mask = |line: &str| u64::from_str_radix(line.split('\t').nth(1).unwrap(), 16).unwrap();
+    assert_eq!(mask(lines[0]), 0, "blocked: {out}");
+    // Signals 32 and 33 are glibc's own (no program can change them through libc); they
+    // are ignored or not as whoever started the agent left them.
+    assert_eq!(mask(lines[1]) & !(0b11 << 31), 0, "ignored: {out}");
+    assert_eq!(
+        lines[2], lines[3],
+        "the task leads its own process group: {out}"
+    );
+
+    // A bare command name is looked up in the task's PATH, not the agent's.
+    let bin = tempfile::tempdir().unwrap();
+    let tool = bin.path().join("only-in-task-path");
+    std::fs::write(&tool, "#!/bin/sh\necho found \"$1\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:/usr/bin:/bin", bin.path().display());
+    let r = a.create(json!({"name": "path", "spec": {"process": {
+        "command": ["only-in-task-path"], "args": ["it"],
+        "env": [{"name": "PATH", "value": path}]}}}));
+    assert_eq!(r.status, 201);
+    let t = a.wait_state("path", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert_eq!(a.stdout("path"), "found it\n");
+    a.run("not-on-agent-path", &["only-in-task-path"]);
+    let t = a.wait_state("not-on-agent-path", "terminated", T);
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(127), Some("StartError")),
+        "{t}"
+    );
+}
+
+#[test]
 fn stdout_and_stderr_go_to_capped_logs() {
     let a = Agent::start(&["--max-log-bytes", "20000"]);
     a.run(

@@ -119,10 +119,18 @@ fn accepted_but_never_started_task_is_started_after_restart() {
         b"{\"name\": \"torn\", \"uid\": \"x",
     )
     .unwrap();
-    // But an unreadable record beside a run journal belonged to a started task: kept.
+    // The (empty) run journal is created with the record; nothing ran yet.
+    std::fs::write(a.data_dir.join("torn/run.jsonl"), b"").unwrap();
+    // But an unreadable record beside a journal that says it ran: kept.
     std::fs::create_dir_all(a.data_dir.join("damaged")).unwrap();
     std::fs::write(a.data_dir.join("damaged/task.json"), b"garbage").unwrap();
-    std::fs::write(a.data_dir.join("damaged/run.jsonl"), b"").unwrap();
+    let launched =
+        json!({"launch": {"argv": ["true"], "env": [], "graceMs": 1000, "maxLogBytes": 1024}});
+    std::fs::write(
+        a.data_dir.join("damaged/run.jsonl"),
+        format!("{launched}\n"),
+    )
+    .unwrap();
     a.restart();
     let t = a.wait_state("accepted", "terminated", T);
     assert_eq!(t["exitCode"], 4);

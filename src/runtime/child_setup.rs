@@ -1,12 +1,16 @@
-//! What a task's process does between fork and exec: reset the signal state it inherited
-//! from the shim (which blocks signals for its signalfd), and for sidecar tasks enter the
-//! main container: cgroups, then namespaces, then working dir and identity.
+//! Process set-up that needs `unsafe`; the only module of the crate allowed it.
 //!
-//! This is the only module of the crate allowed `unsafe`: `CommandExt::pre_exec` is
-//! unsafe because the closure runs between fork and exec. The shim that calls it is
-//! single-threaded, and the closure only makes raw syscalls (sigprocmask, sigaction, open,
-//! write, setns, chdir, setgroups, setgid, setuid) on data prepared before the fork: no
-//! allocation, no locks.
+//! - `ForkServer`: the shim server forks a shim per task. It checks once that it is
+//!   single-threaded (after `fork` the child runs Rust code, sound only when no other
+//!   thread could have held a lock) and puts the signal state every shim inherits in order.
+//! - `install`: what a sidecar task does between fork and exec: reset the signal state it
+//!   inherited from the shim (which blocks signals for its signalfd), then enter the main
+//!   container: cgroups, namespaces, working dir, identity. `CommandExt::pre_exec` is
+//!   unsafe because the closure runs between fork and exec; the shim is single-threaded,
+//!   and the closure only makes raw syscalls (sigprocmask, sigaction, open, write, setns,
+//!   chdir, setgroups, setgid, setuid) on data prepared before the fork: no allocation, no
+//!   locks. Host tasks need no hook at all, so std starts them with posix_spawn.
+//! - `adopt_received_fd`: taking ownership of a descriptor received with SCM_RIGHTS.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -31,8 +35,9 @@ pub struct Join {
     pub user: Option<(Uid, Gid)>,
 }
 
-/// Installs the hook on `cmd`; `join` is set for sidecar tasks.
-pub fn install(cmd: &mut Command, join: Option<Join>) {
+/// Installs the hook on `cmd` that enters the main container (sidecar tasks; host tasks
+/// need none and are started with posix_spawn).
+pub fn install(cmd: &mut Command, join: Join) {
     // SAFETY: the closure runs in the single-threaded child of the (single-threaded) shim
     // between fork and exec, which is what `reset_signals` requires. It owns `join`, which
     // was fully built before the fork, and only calls async-signal-safe syscalls through
@@ -42,10 +47,7 @@ pub fn install(cmd: &mut Command, join: Option<Join>) {
     unsafe {
         cmd.pre_exec(move || {
             reset_signals()?;
-            match &join {
-                Some(j) => enter(j),
-                None => Ok(()),
-            }
+            enter(&join)
         });
     }
 }
@@ -98,9 +100,8 @@ pub fn join_pid_namespace_for_children(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Marks every inherited descriptor above stderr close-on-exec, so tasks never receive
-/// whatever the agent's parent leaked to it. Called once by the shim at start.
-pub fn cloexec_inherited_fds() {
+/// Marks every inherited descriptor above stderr close-on-exec.
+fn cloexec_inherited_fds() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
@@ -108,7 +109,7 @@ pub fn cloexec_inherited_fds() {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     for fd in fds.into_iter().filter(|fd| *fd > 2) {
-        // SAFETY: the fd was listed as open a moment ago and the shim is single-threaded,
+        // SAFETY: the fd was listed as open a moment ago and the process is single-threaded,
         // so nothing closes it meanwhile; the borrow ends with this statement. A stale
         // entry (the directory's own fd) just makes fcntl fail with EBADF.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -119,40 +120,66 @@ pub fn cloexec_inherited_fds() {
     }
 }
 
-/// Runs `f` in a forked child whose exit code is `f`'s return value. The caller (the shim
-/// server) ignores SIGCHLD (see `auto_reap_children`), so children never linger as zombies
-/// and need no wait; the child gets the default SIGCHLD back before `f` runs, as a shim
-/// must reap its own children.
-///
-/// Refuses (with an error) unless the calling process is single-threaded: after `fork` the
-/// child runs arbitrary Rust code, which is only sound when no other thread could have
-/// held a lock (malloc, stdio) at the moment of the fork.
-pub fn spawn_detached(f: impl FnOnce() -> i32) -> io::Result<()> {
-    use nix::unistd::{ForkResult, fork};
-    if thread_count()? != 1 {
-        return Err(io::Error::other(
-            "spawn_detached needs a single-threaded process",
-        ));
+/// The shim server's licence to fork: proof, checked once at start, that the process is
+/// single-threaded. After `fork` the child runs arbitrary Rust code, which is only sound
+/// when no other thread could have held a lock (malloc, stdio) at that moment. The server
+/// never starts a thread, so the check holds for its life; checking once instead of per
+/// fork saves a read of /proc per task.
+pub struct ForkServer(());
+
+impl ForkServer {
+    /// Refuses (with an error) unless the calling process is single-threaded. Also puts
+    /// the process in the state every shim should inherit: default signal dispositions
+    /// (so tasks started with posix_spawn inherit no ignored signal), SIGCHLD ignored (the
+    /// kernel reaps the forked shims), and every inherited descriptor close-on-exec (so
+    /// tasks never receive what the agent's parent leaked to it).
+    pub fn init() -> io::Result<Self> {
+        if thread_count()? != 1 {
+            return Err(io::Error::other("a fork server must be single-threaded"));
+        }
+        reset_dispositions()?;
+        // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
+        unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
+        cloexec_inherited_fds();
+        Ok(ForkServer(()))
     }
-    // SAFETY: the process has exactly one thread (checked above, and nothing in it starts
-    // threads concurrently: the caller is that one thread).
-    match unsafe { fork() }? {
-        ForkResult::Parent { .. } => Ok(()),
-        ForkResult::Child => {
-            // SAFETY: SIG_DFL installs no handler; we are the only thread.
-            let code = match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
-                Ok(_) => f(),
-                Err(_) => 1,
-            };
-            std::process::exit(code)
+
+    /// Runs `f` in a forked child whose exit code is `f`'s return value. Children never
+    /// linger as zombies and need no wait (SIGCHLD is ignored); the child gets the default
+    /// SIGCHLD back before `f` runs, as a shim must reap its own children.
+    pub fn spawn_detached(&self, f: impl FnOnce() -> i32) -> io::Result<()> {
+        use nix::unistd::{ForkResult, fork};
+        // SAFETY: the process has exactly one thread: checked by `init`, which made this
+        // value, and the fork server starts none (it is a loop over recvmsg and fork).
+        match unsafe { fork() }? {
+            ForkResult::Parent { .. } => Ok(()),
+            ForkResult::Child => {
+                // SAFETY: SIG_DFL installs no handler; we are the only thread.
+                let code = match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
+                    Ok(_) => f(),
+                    Err(_) => 1,
+                };
+                std::process::exit(code)
+            }
         }
     }
 }
 
-/// Children of this process are reaped by the kernel as they exit (SIGCHLD ignored).
-pub fn auto_reap_children() -> io::Result<()> {
-    // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
-    unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
+/// Every signal back to its default action, except SIGPIPE, which stays ignored as Rust
+/// programs have it (std resets it to the default in the children it spawns).
+fn reset_dispositions() -> io::Result<()> {
+    for sig in Signal::iterator() {
+        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+            let action = if sig == Signal::SIGPIPE {
+                SigHandler::SigIgn
+            } else {
+                SigHandler::SigDfl
+            };
+            // SAFETY: SIG_DFL and SIG_IGN install no handler, so no Rust code can run in
+            // signal context; sigaction itself is thread-safe.
+            unsafe { signal(sig, action) }?;
+        }
+    }
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use super::procfs::ProcIdentity;
 use crate::task::model::EnvVar;
 use crate::task::time::Time;
 
-pub const RUN: &str = "run.jsonl";
+pub const RUN: &str = crate::task::store::RUN_JOURNAL;
 pub const STDOUT: &str = "stdout.log";
 pub const STDERR: &str = "stderr.log";
 
@@ -71,7 +71,10 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
 }
 
 /// Starts the journal with the launch line (truncating an earlier, never-started one).
-/// Not fsynced: after a crash it is rewritten from task.json if the shim never started.
+/// Not fsynced: after a crash it is rewritten from task.json if the shim never started,
+/// and the shim's fdatasync of `started` makes it durable with that line. The file
+/// exists already (created with the task's record, its name durable), so this creates no
+/// inode.
 pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

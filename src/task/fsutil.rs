@@ -3,7 +3,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -56,6 +57,16 @@ pub fn write_new<T: Serialize>(path: &Path, value: &T, mode: u32) -> io::Result<
     f.sync_all()
 }
 
+/// Creates an empty file (it must not exist); the caller fsyncs the directory.
+pub fn create_empty(path: &Path, mode: u32) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map(drop)
+}
+
 /// Reads a JSON file; `Ok(None)` when it does not exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
@@ -69,4 +80,105 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+/// The fsync of one directory, shared by concurrent callers (group commit, as databases
+/// do with their logs): a caller returns once an fsync that *started after its call*
+/// has succeeded, so one fsync serves every caller that arrived while the previous one
+/// ran. Every task's create and delete change the data dir; with many clients at once,
+/// most of those fsyncs are saved. Blocking: call it from blocking threads.
+#[derive(Debug)]
+pub struct DirSync {
+    dir: PathBuf,
+    state: Mutex<SyncState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Generation of the newest fsync begun, and of the newest that succeeded.
+    started: u64,
+    succeeded: u64,
+    running: bool,
+}
+
+impl DirSync {
+    pub fn new(dir: &Path) -> Self {
+        DirSync {
+            dir: dir.to_path_buf(),
+            state: Mutex::default(),
+            finished: Condvar::new(),
+        }
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        // Changes made before this call are covered by any fsync that begins from now on.
+        let needed = st.started + 1;
+        loop {
+            if st.succeeded >= needed {
+                return Ok(());
+            }
+            if !st.running {
+                st.running = true;
+                st.started += 1;
+                let generation = st.started;
+                drop(st);
+                let result = sync_dir(&self.dir);
+                st = self.lock();
+                st.running = false;
+                if result.is_ok() {
+                    st.succeeded = generation;
+                }
+                // On failure the waiters wake, find nothing succeeded, and one of them
+                // tries again; the error goes to the caller whose fsync failed.
+                self.finished.notify_all();
+                return result;
+            }
+            st = self
+                .finished
+                .wait(st)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        // The state is three counters, always consistent between statements.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DirSync;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_callers_all_return_with_their_fsync_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let sync = Arc::new(DirSync::new(dir.path()));
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                let sync = sync.clone();
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        sync.sync().unwrap();
+                    }
+                });
+            }
+        });
+        let st = sync.lock();
+        assert!(!st.running);
+        assert_eq!(st.succeeded, st.started);
+        assert!(
+            st.started >= 50,
+            "each thread's calls need fsyncs of their own"
+        );
+    }
+
+    #[test]
+    fn a_failed_fsync_is_reported() {
+        let sync = DirSync::new(std::path::Path::new("/nonexistent/task-executor"));
+        assert!(sync.sync().is_err());
+    }
 }

@@ -4,6 +4,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +14,10 @@ use super::name;
 use super::time::Time;
 
 pub const TASK_FILE: &str = "task.json";
+/// The runtime's journal of the task's run (see `runtime::records`). Created empty with
+/// the record, so that the directory's one fsync at create time also makes the journal's
+/// name durable: appends to it later need only an fdatasync of the file.
+pub const RUN_JOURNAL: &str = "run.jsonl";
 
 /// What the agent itself persists about a task.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -33,6 +38,8 @@ pub struct TaskRecord {
 #[derive(Clone, Debug)]
 pub struct Store {
     root: PathBuf,
+    /// Concurrent creates and deletes share the data dir's fsyncs.
+    root_sync: Arc<fsutil::DirSync>,
 }
 
 impl Store {
@@ -44,6 +51,7 @@ impl Store {
         fs::remove_file(&probe)?;
         Ok(Store {
             root: root.to_path_buf(),
+            root_sync: Arc::new(fsutil::DirSync::new(root)),
         })
     }
 
@@ -65,8 +73,9 @@ impl Store {
         let dir = self.dir(&rec.name);
         fs::create_dir(&dir)?;
         let written = fsutil::write_new(&dir.join(TASK_FILE), rec, 0o600)
+            .and_then(|()| fsutil::create_empty(&dir.join(RUN_JOURNAL), 0o600))
             .and_then(|()| fsutil::sync_dir(&dir))
-            .and_then(|()| fsutil::sync_dir(&self.root));
+            .and_then(|()| self.root_sync.sync());
         if let Err(e) = written {
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
@@ -84,7 +93,7 @@ impl Store {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        fsutil::sync_dir(&self.root)
+        self.root_sync.sync()
     }
 
     /// Every stored task. A directory without a record is what a crash during creation
@@ -101,7 +110,7 @@ impl Store {
             let path = entry.path().join(TASK_FILE);
             match fsutil::read_json::<TaskRecord>(&path) {
                 Ok(Some(rec)) if rec.name == n => out.push(rec),
-                Err(e) if only_entry(&entry.path(), TASK_FILE) => {
+                Err(e) if nothing_but_the_record(&entry.path()) => {
                     // A torn record alone in its directory: the create it belonged to was
                     // interrupted before anything started, so it was never answered.
                     tracing::warn!(task = n, error = %e, "removing a torn record of an interrupted create");
@@ -124,10 +133,12 @@ impl Store {
     }
 }
 
-/// True when `file` is the only entry of `dir`.
-fn only_entry(dir: &Path, file: &str) -> bool {
+/// True when `dir` holds the record and at most an empty journal: nothing ever ran.
+fn nothing_but_the_record(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|entries| {
-        let names: Vec<_> = entries.flatten().map(|e| e.file_name()).collect();
-        names.len() == 1 && names[0] == file
+        entries.flatten().all(|e| {
+            let name = e.file_name();
+            name == TASK_FILE || (name == RUN_JOURNAL && e.metadata().is_ok_and(|m| m.len() == 0))
+        })
     })
 }

@@ -19,6 +19,8 @@ pub struct Agent {
     pub log: PathBuf,
     args: Vec<String>,
     envs: Vec<(String, String)>,
+    /// Signals the agent is started with ignored (as a shell's background job is).
+    ignored_signals: Option<String>,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -30,11 +32,26 @@ impl Agent {
     }
 
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Agent {
+        let mut a = Self::unstarted(args, envs);
+        a.launch();
+        a
+    }
+
+    /// Starts an agent that inherits `signals` (e.g. "INT HUP") ignored, through a shell
+    /// that ignores them and execs it.
+    pub fn start_ignoring(signals: &str, args: &[&str]) -> Agent {
+        let mut a = Self::unstarted(args, &[]);
+        a.ignored_signals = Some(signals.to_string());
+        a.launch();
+        a
+    }
+
+    fn unstarted(args: &[&str], envs: &[(&str, &str)]) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("te-test-")
             .tempdir()
             .expect("tempdir");
-        let mut a = Agent {
+        Agent {
             addr: free_addr(),
             data_dir: tmp.path().join("data"),
             log: tmp.path().join("agent.log"),
@@ -43,11 +60,10 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            ignored_signals: None,
             child: None,
             _tmp: Some(tmp),
-        };
-        a.launch();
-        a
+        }
     }
 
     /// Starts an agent on a data dir the test owns (its log goes beside it).
@@ -59,6 +75,7 @@ impl Agent {
             log: data_dir.with_extension("log"),
             args: args.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
+            ignored_signals: None,
             child: None,
             _tmp: None,
         };
@@ -72,7 +89,17 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .expect("log");
-        let child = Command::new(BIN)
+        let mut cmd = match &self.ignored_signals {
+            None => Command::new(BIN),
+            Some(sigs) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("trap '' {sigs}; exec \"$0\" \"$@\""))
+                    .arg(BIN);
+                c
+            }
+        };
+        let child = cmd
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-addr")

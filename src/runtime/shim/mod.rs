@@ -15,6 +15,7 @@
 mod kill;
 mod logs;
 pub mod server;
+mod spawn;
 mod target;
 
 use std::fs::{File, OpenOptions};
@@ -42,9 +43,9 @@ use crate::task::time::Time;
 /// How often a sidecar task's shim checks that the main container is still there.
 const TARGET_CHECK: Duration = Duration::from_secs(1);
 
-/// At most this many reads (of up to 64 KiB) move pipe contents to the logs between the
+/// At most this many reads (of up to 16 KiB) move pipe contents to the logs between the
 /// main process's exit and recording it.
-const DRAIN_BUDGET: usize = 64;
+const DRAIN_BUDGET: usize = 256;
 
 /// Runs the shim; returns the shim's own exit code.
 pub fn run(dir: &Path) -> i32 {
@@ -75,8 +76,9 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
 }
 
 fn supervise(dir: &Path) -> io::Result<()> {
+    // Absolute: a host task's shim changes into the task's working directory.
+    let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
-    child_setup::cloexec_inherited_fds();
     let _shim_lock = lock(&records::shim_lock(dir), false)?;
     // Also the journal we append to: the lock is released by closing it after the exit line.
     let mut running_lock = lock(&records::running_lock(dir), true)?;
@@ -108,40 +110,42 @@ fn supervise(dir: &Path) -> io::Result<()> {
 
     let (out_r, out_w) = io::pipe()?;
     let (err_r, err_w) = io::pipe()?;
-    let mut cmd = Command::new(&launch.argv[0]);
-    cmd.args(&launch.argv[1..])
-        .stdin(Stdio::null())
-        .stdout(out_w)
-        .stderr(err_w)
-        .process_group(0);
-    let mut target_pid_ns = None;
-    match &launch.target {
+    let argv0 = format!("failed to start {:?}", launch.argv[0]);
+    let spawned = match &launch.target {
         None => {
-            cmd.envs(task_env(std::env::vars().collect(), &launch));
-            if let Some(d) = launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
-                cmd.current_dir(d);
+            // The shim becomes the task's working directory, so the spawned child starts
+            // there (all paths the shim uses are absolute).
+            if let Some(d) = launch.working_dir.as_deref().filter(|d| !d.is_empty())
+                && let Err(e) = std::env::set_current_dir(d)
+            {
+                let what = format!("{argv0}: working directory {d:?}");
+                return finish_start_error(running_lock, &e, &what, &launch);
             }
-            child_setup::install(&mut cmd, None);
+            spawn::spawn(&launch.argv, &launch.env, &out_w, &err_w).map(|pid| pid.as_raw())
         }
-        Some(t) => match target::prepare(t, launch.working_dir.as_deref()) {
-            Ok(p) => {
-                cmd.env_clear().envs(task_env(p.env, &launch));
-                child_setup::install(&mut cmd, Some(p.join));
-                target_pid_ns = Some(p.pid_ns);
-            }
-            Err(e) => return finish_start_error(running_lock, &e, &launch),
-        },
-    }
-    if let Some(ns) = &target_pid_ns {
-        child_setup::join_pid_namespace_for_children(ns)?;
-    }
-    let spawned = cmd.spawn();
-    drop(cmd); // closes our copies of the pipes' write ends so EOF can arrive
-    let child = match spawned {
-        Ok(c) => c,
-        Err(e) => return finish_start_error(running_lock, &e, &launch),
+        Some(t) => {
+            let prepared = match target::prepare(t, launch.working_dir.as_deref()) {
+                Ok(p) => p,
+                Err(e) => return finish_start_error(running_lock, &e, &argv0, &launch),
+            };
+            child_setup::join_pid_namespace_for_children(&prepared.pid_ns)?;
+            let mut cmd = Command::new(&launch.argv[0]);
+            cmd.args(&launch.argv[1..])
+                .stdin(Stdio::null())
+                .stdout(out_w.try_clone()?)
+                .stderr(err_w.try_clone()?)
+                .process_group(0)
+                .env_clear()
+                .envs(task_env(prepared.env, &launch));
+            child_setup::install(&mut cmd, prepared.join);
+            cmd.spawn().map(|c| c.id() as i32) // reaped through waitpid(-1) below
+        }
     };
-    let main_pid = child.id() as i32;
+    drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
+    let main_pid = match spawned {
+        Ok(pid) => pid,
+        Err(e) => return finish_start_error(running_lock, &e, &argv0, &launch),
+    };
     let started = Time::now();
     shim_rec.main = ProcIdentity::of(main_pid).or(Some(ProcIdentity {
         pid: main_pid,
@@ -174,7 +178,6 @@ fn supervise(dir: &Path) -> io::Result<()> {
         stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes),
         stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes),
     };
-    drop(child); // reaped through waitpid(-1) like every other descendant
     sup.run(&sigfd, out_r, err_r)
 }
 
@@ -204,6 +207,7 @@ fn task_env(base: Vec<(String, String)>, launch: &Launch) -> Vec<(String, String
 fn finish_start_error(
     mut running_lock: Flock<File>,
     e: &io::Error,
+    what: &str,
     launch: &Launch,
 ) -> io::Result<()> {
     let rec = ExitRecord {
@@ -218,7 +222,7 @@ fn finish_start_error(
             .target
             .as_ref()
             .is_some_and(|t| !t.process.is_alive()),
-        start_error: Some(format!("failed to start {:?}: {e}", launch.argv[0])),
+        start_error: Some(format!("{what}: {e}")),
         ..Default::default()
     };
     records::append(&mut running_lock, &Entry::Exit(rec))?;
@@ -253,7 +257,8 @@ impl Supervisor<'_> {
         err: io::PipeReader,
     ) -> io::Result<()> {
         let mut pipes = [Some(out), Some(err)];
-        let mut buf = vec![0u8; 64 * 1024];
+        // Small: zeroing and faulting in a bigger buffer costs every task, chatty or not.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut drain_until: Option<Instant> = None;
         loop {
             if let Some((code, signal)) = self.reap()? {

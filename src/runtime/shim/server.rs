@@ -23,12 +23,16 @@ use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use crate::runtime::child_setup;
 
 pub fn serve() -> i32 {
-    if let Err(e) = child_setup::auto_reap_children() {
-        eprintln!("task-executor shim-server: {e}");
-        return 1;
-    }
+    let forker = match child_setup::ForkServer::init() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("task-executor shim-server: {e}");
+            return 1;
+        }
+    };
+    warm_up();
+    let mut buf = vec![0u8; 8192];
     loop {
-        let mut buf = vec![0u8; 8192];
         let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
@@ -62,13 +66,20 @@ pub fn serve() -> i32 {
             );
             continue;
         };
-        // This server never starts threads, which spawn_detached checks before forking.
-        let spawned = child_setup::spawn_detached(|| become_shim(&dir, notify));
+        let spawned = forker.spawn_detached(|| become_shim(&dir, notify));
         if let Err(e) = spawned {
             // The agent sees EOF on its notify pipe (we drop it) and reports the failure.
             eprintln!("task-executor shim-server: fork for {}: {e}", dir.display());
         }
     }
+}
+
+/// Does once, here, what every shim would otherwise do for itself: CPU feature detection
+/// (the `cpuid` instruction traps to the hypervisor in a VM, which makes it costly) is
+/// cached in statics that forked shims inherit.
+fn warm_up() {
+    let _ = memchr::memrchr(b'\n', b"warm\n");
+    let _ = memchr::memchr(b'\n', b"warm\n");
 }
 
 /// In the forked process: stdin from /dev/null, stdout the notify pipe, then be a shim.
