@@ -342,13 +342,9 @@ fn set_tasks_is_declarative_and_never_reruns() {
 #[test]
 fn delete_shows_deletion_timestamp_then_disappears() {
     let a = Agent::start(&["--stop-grace-period", "5s"]);
-    a.run(
+    a.run_sh(
         "victim",
-        &[
-            "sh",
-            "-c",
-            "trap 'sleep 1; exit 0' TERM; while true; do sleep 0.1; done",
-        ],
+        "trap 'sleep 1; exit 0' TERM; while true; do sleep 0.1; done",
     );
     a.wait_state("victim", "running", T);
     a.delete("victim");

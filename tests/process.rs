@@ -14,8 +14,8 @@ const T: Duration = Duration::from_secs(15);
 fn exit_codes_signals_and_start_failures() {
     let a = Agent::start(&[]);
     a.run("ok", &["true"]);
-    a.run("three", &["sh", "-c", "exit 3"]);
-    a.run("killed", &["sh", "-c", "kill -KILL $$"]);
+    a.run_sh("three", "exit 3");
+    a.run_sh("killed", "kill -KILL $$");
     a.run("missing", &["/definitely/not/here"]);
     let r = a.create(json!({"name": "baddir", "spec": {"process": {"command": ["true"], "workingDir": "/no/such/dir"}}}));
     assert_eq!(
@@ -85,13 +85,9 @@ fn tasks_start_with_clean_signal_state_and_search_their_own_path() {
     // Nothing blocked (the shim blocks signals for itself) or ignored (the agent was
     // started with some ignored), and a process group of its own.
     let a = Agent::start_ignoring("INT HUP USR1", &[]);
-    a.run(
+    a.run_sh(
         "signals",
-        &[
-            "sh",
-            "-c",
-            "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; echo $$",
-        ],
+        "grep -E '^Sig(Blk|Ign)' /proc/self/status; ps -o pgid= -p $$; echo $$",
     );
     a.wait_state("signals", "terminated", T);
     let out = a.stdout("signals");
@@ -131,13 +127,9 @@ fn tasks_start_with_clean_signal_state_and_search_their_own_path() {
 #[test]
 fn stdout_and_stderr_go_to_capped_logs() {
     let a = Agent::start(&["--max-log-bytes", "20000"]);
-    a.run(
+    a.run_sh(
         "chatty",
-        &[
-            "sh",
-            "-c",
-            "i=0; while [ $i -lt 3000 ]; do echo line-$i; echo err-$i >&2; i=$((i+1)); done",
-        ],
+        "i=0; while [ $i -lt 3000 ]; do echo line-$i; echo err-$i >&2; i=$((i+1)); done",
     );
     a.wait_state("chatty", "terminated", T);
     let dir = a.task_dir("chatty");
@@ -175,7 +167,7 @@ fn all_output_is_in_the_log_when_the_task_is_reported_terminated() {
             s.spawn(move || {
                 for round in 0..10 {
                     let name = format!("out-{client}-{round}");
-                    a.run(&name, &["sh", "-c", script]);
+                    a.run_sh(&name, script);
                     let r = a.request("GET", &format!("/tasks/{name}?wait=20s"), None);
                     let t = &r.json()["status"]["state"]["terminated"];
                     assert_eq!(t["exitCode"], 0, "{}", r.text());
@@ -227,7 +219,7 @@ fn delete_kills_the_whole_tree_including_term_ignorers_and_daemons() {
          echo $$ >> {p}; while true; do sleep 1; done",
         p = pids.display()
     );
-    a.run("tree", &["sh", "-c", &script]);
+    a.run_sh("tree", &script);
     let read = || -> Vec<i32> {
         std::fs::read_to_string(&pids)
             .unwrap_or_default()
@@ -257,13 +249,9 @@ fn background_children_outlive_a_finished_task_until_it_is_deleted() {
     // daemon keeps running; deleting the task must still stop the daemon.
     let a = Agent::start(&["--stop-grace-period", "1s"]);
     let pidfile = a.data_dir.parent().unwrap().join("daemon");
-    a.run(
+    a.run_sh(
         "boot",
-        &[
-            "sh",
-            "-c",
-            &format!("sleep 1000 & echo $! > {}", pidfile.display()),
-        ],
+        &format!("sleep 1000 & echo $! > {}", pidfile.display()),
     );
     let t = a.wait_state("boot", "terminated", T);
     assert_eq!(t["exitCode"], 0);
@@ -326,10 +314,7 @@ fn orphans_are_reaped_not_left_as_zombies() {
     let a = Agent::start(&[]);
     // The task's child exits while its parent (the task) has already gone: it is
     // re-parented to the shim (a subreaper) and must be reaped.
-    a.run(
-        "orphans",
-        &["sh", "-c", "(sleep 0.3 &) ; (sleep 0.3 &); exit 0"],
-    );
+    a.run_sh("orphans", "(sleep 0.3 &) ; (sleep 0.3 &); exit 0");
     a.wait_state("orphans", "terminated", T);
     std::thread::sleep(Duration::from_millis(800));
     let zombies: Vec<String> = std::fs::read_dir("/proc")

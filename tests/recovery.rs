@@ -14,13 +14,9 @@ const T: Duration = Duration::from_secs(15);
 fn exit_while_agent_is_dead_is_reported_after_restart() {
     let mut a = Agent::start(&[]);
     let runs = a.data_dir.parent().unwrap().join("runs");
-    a.run(
+    a.run_sh(
         "finishes-alone",
-        &[
-            "sh",
-            "-c",
-            &format!("echo run >> {}; sleep 1; exit 7", runs.display()),
-        ],
+        &format!("echo run >> {}; sleep 1; exit 7", runs.display()),
     );
     a.wait_state("finishes-alone", "running", T);
     a.kill9();
@@ -42,7 +38,7 @@ fn exit_while_agent_is_dead_is_reported_after_restart() {
 #[test]
 fn running_task_is_readopted_and_its_later_exit_seen() {
     let mut a = Agent::start(&[]);
-    a.run("long", &["sh", "-c", "sleep 2; exit 5"]);
+    a.run_sh("long", "sleep 2; exit 5");
     let started = a.wait_state("long", "running", T);
     let pid = a.main_pid("long");
     a.kill9();
@@ -57,10 +53,7 @@ fn running_task_is_readopted_and_its_later_exit_seen() {
 #[test]
 fn readopted_task_can_still_be_deleted_with_its_tree() {
     let mut a = Agent::start(&["--stop-grace-period", "1s"]);
-    a.run(
-        "stubborn",
-        &["sh", "-c", "trap '' TERM; sleep 1000 & wait; sleep 1000"],
-    );
+    a.run_sh("stubborn", "trap '' TERM; sleep 1000 & wait; sleep 1000");
     a.wait_state("stubborn", "running", T);
     let pid = a.main_pid("stubborn");
     a.kill9();
@@ -79,9 +72,9 @@ fn readopted_task_can_still_be_deleted_with_its_tree() {
 #[test]
 fn deletion_interrupted_by_a_crash_finishes_after_restart() {
     let mut a = Agent::start(&["--stop-grace-period", "4s"]);
-    a.run(
+    a.run_sh(
         "half-deleted",
-        &["sh", "-c", "trap '' TERM; while true; do sleep 0.2; done"],
+        "trap '' TERM; while true; do sleep 0.2; done",
     );
     a.wait_state("half-deleted", "running", T);
     let pid = a.main_pid("half-deleted");
@@ -169,7 +162,7 @@ fn a_dead_pid_reused_never_looks_alive() {
     // The shim record names a process by pid and start time. Point it at a live process
     // with the wrong start time: the task must not be reported running.
     let mut a = Agent::start(&[]);
-    a.run("reused", &["sh", "-c", "sleep 1; exit 2"]);
+    a.run_sh("reused", "sleep 1; exit 2");
     a.wait_state("reused", "running", T);
     a.kill9();
     let dir = a.task_dir("reused");

@@ -66,13 +66,9 @@ fn delete_kills_a_term_ignoring_task_inside_the_container() {
     let name = unique("main-del");
     let _main = MainContainer::start(&name, "del-host");
     let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
-    a.run(
+    a.run_sh(
         "stubborn",
-        &[
-            "sh",
-            "-c",
-            "trap '' TERM; sleep 1000 & while true; do sleep 0.2; done",
-        ],
+        "trap '' TERM; sleep 1000 & while true; do sleep 0.2; done",
     );
     a.wait_state("stubborn", "running", T);
     let pid = a.main_pid("stubborn");
@@ -87,7 +83,7 @@ fn agent_kill9_and_restart_readopts_a_sidecar_task() {
     let name = unique("main-adopt");
     let _main = MainContainer::start(&name, "adopt-host");
     let mut a = sidecar_agent(&name, &[]);
-    a.run("adopted", &["sh", "-c", "sleep 2; exit 6"]);
+    a.run_sh("adopted", "sleep 2; exit 6");
     a.wait_state("adopted", "running", T);
     a.kill9();
     a.restart();

@@ -97,7 +97,7 @@ fn pod(main: &PodContainer, restarts: i32) -> Value {
 const PROBE: &str = "hostname; for n in uts ipc net mnt pid; do readlink /proc/self/ns/$n; done";
 
 fn probe(agent: &Agent, name: &str) -> Vec<String> {
-    agent.run(name, &["sh", "-c", PROBE]);
+    agent.run_sh(name, PROBE);
     let t = agent.wait_state(name, "terminated", T);
     assert_eq!(t["exitCode"], 0, "{t}");
     agent.stdout(name).lines().map(str::to_string).collect()

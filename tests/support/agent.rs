@@ -254,6 +254,11 @@ impl Agent {
         r.json()
     }
 
+    /// Creates a task that runs `script` with `sh -c`.
+    pub fn run_sh(&self, name: &str, script: &str) -> Value {
+        self.run(name, &["sh", "-c", script])
+    }
+
     pub fn get(&self, name: &str) -> Option<Value> {
         let r = self.request("GET", &format!("/tasks/{name}"), None);
         match r.status {
