@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# task-executor image: build with cargo, run on debian:bookworm-slim.
+# task-executor image: build with cargo (scripts/build-release), run on debian:bookworm-slim.
 #   docker build -t task-executor:dev .
 # The agent needs no shell and no nsenter (sidecar mode enters namespaces itself);
 # bookworm-slim is kept rather than distroless so that host-mode tasks, which run
@@ -15,9 +15,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# --locked: the image must build exactly the dependency set in Cargo.lock.
-RUN cargo build --release --locked \
-    && install -D -m 0755 target/release/task-executor /out/task-executor
+# The same script CI builds and smoke-tests the release binary with: `cargo build
+# --release --locked` (exactly the dependency set in Cargo.lock), static-pie.
+RUN bash scripts/build-release /out
 
 FROM debian:bookworm-slim
 COPY --from=build /out/task-executor /usr/local/bin/task-executor

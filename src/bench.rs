@@ -106,13 +106,17 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         ms(pct(&list, 50.0)),
         ms(pct(&list, 99.0))
     ));
+    let mib = |(rss, anon): (u64, u64)| {
+        format!(
+            "{:.1} MiB ({:.1} MiB anonymous)",
+            rss as f64 / 1024.0,
+            anon as f64 / 1024.0
+        )
+    };
+    out.push_str(&format!("| agent RSS idle | {} | | |\n", mib(idle_rss)));
     out.push_str(&format!(
-        "| agent RSS idle | {:.1} MiB | | |\n",
-        idle_rss as f64 / 1024.0
-    ));
-    out.push_str(&format!(
-        "| agent RSS with {filled} finished tasks | {:.1} MiB | | |\n",
-        held_rss as f64 / 1024.0
+        "| agent RSS with {filled} finished tasks | {} | | |\n",
+        mib(held_rss)
     ));
     out.push_str(&format!(
         "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
@@ -266,13 +270,22 @@ fn pct(v: &[Duration], p: f64) -> Duration {
         .unwrap_or_default()
 }
 
-fn rss_kib(pid: u32) -> Result<u64, BenchError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| BenchError::Setup("no VmRSS".into()))
+/// Resident memory, and the part of it that is the agent's own (anonymous: heap, stacks,
+/// relocated data). The rest is the binary's code pages, which the kernel maps 64 KiB
+/// around each fault when they are in the page cache, so that part varies with how
+/// recently the binary file was read.
+fn rss_kib(pid: u32) -> Result<(u64, u64), BenchError> {
+    let field = |file: &str, name: &str| -> Result<u64, BenchError> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/{file}")))
+    };
+    Ok((
+        field("status", "VmRSS:")?,
+        field("smaps_rollup", "Anonymous:")?,
+    ))
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {

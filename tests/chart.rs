@@ -690,8 +690,13 @@ fn dockerfile_passes_hadolint() {
         .expect("run hadolint");
     run_ok(out, "hadolint Dockerfile");
     let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    // The image's binary is built by the script CI builds and smoke-tests with.
+    let build = fs::read_to_string(repo().join("scripts/build-release")).unwrap();
+    assert!(build.contains("cargo build --release --locked"), "{build}");
+    let ci = fs::read_to_string(repo().join(".ci/run")).unwrap();
+    assert!(ci.contains("scripts/build-release"), "{ci}");
     for line in [
-        "RUN cargo build --release --locked",
+        "RUN bash scripts/build-release /out",
         "USER 65532:65532",
         "EXPOSE 5758",
         r#"ENTRYPOINT ["task-executor"]"#,
