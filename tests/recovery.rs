@@ -189,3 +189,73 @@ fn a_dead_pid_reused_never_looks_alive() {
         "the agent never signals a process it doesn't own"
     );
 }
+
+#[test]
+fn a_node_restart_is_reported_and_never_reruns_a_task() {
+    // A reboot can't be staged in a test; what it leaves behind can: journals whose launch
+    // line names another boot (the kernel's random boot_id), with no exit line, as a power
+    // loss leaves them. A launch of this boot with nothing after it is an agent crash
+    // before the shim started: that task is started.
+    let mut a = Agent::start(&[]);
+    a.kill9();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let ran = a.data_dir.parent().unwrap().join("ran");
+    let cases = [
+        (
+            "was-starting",
+            "00000000-0000-4000-8000-000000000000",
+            false,
+        ),
+        ("was-running", "00000000-0000-4000-8000-000000000000", true),
+        ("agent-crashed", this_boot.trim(), false),
+    ];
+    for (name, boot, started) in cases {
+        let dir = a.data_dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let argv = ["sh", "-c", &format!("echo {name} >> {}", ran.display())].map(String::from);
+        let rec = json!({"name": name, "uid": format!("uid-{name}"), "createdAt": "2026-01-01T00:00:00Z",
+                         "spec": {"process": {"command": argv}}});
+        std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+        let mut journal = json!({"launch": {"argv": argv, "env": [], "graceMs": 1000,
+                                             "maxLogBytes": 4096, "bootId": boot}})
+        .to_string();
+        if started {
+            // Pids of the old boot: start time 1 matches no process of this one.
+            let gone = json!({"pid": 4_000_000, "startTime": 1});
+            let line = json!({"started": {"shim": gone, "main": gone, "startedAt": "2026-01-01T00:00:00Z"}});
+            journal = format!("{journal}\n{line}");
+        }
+        std::fs::write(dir.join("run.jsonl"), format!("{journal}\n")).unwrap();
+    }
+    a.restart();
+    for (name, message) in [
+        (
+            "was-starting",
+            "the node restarted while the task was starting",
+        ),
+        ("was-running", "the node restarted while the task ran"),
+    ] {
+        let t = a.wait_state(name, "terminated", T);
+        assert_eq!(t["reason"], "NodeRestarted", "{t}");
+        assert!(t["message"].as_str().unwrap().starts_with(message), "{t}");
+    }
+    let t = a.wait_state("agent-crashed", "terminated", T);
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(0), Some("Succeeded")),
+        "{t}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ran).unwrap(),
+        "agent-crashed\n",
+        "only it ran"
+    );
+
+    // And it stays that way across another restart.
+    a.restart();
+    assert_eq!(
+        a.wait_state("was-starting", "terminated", T)["reason"],
+        "NodeRestarted"
+    );
+    assert_eq!(std::fs::read_to_string(&ran).unwrap(), "agent-crashed\n");
+}

@@ -66,6 +66,7 @@ impl ProcessRuntime {
             grace_ms: self.grace.as_millis() as u64,
             max_log_bytes: self.max_log_bytes,
             target,
+            boot_id: records::boot_id().map(str::to_string),
         };
         records::write_launch(&task.dir, &launch)?;
 
@@ -101,10 +102,12 @@ impl ProcessRuntime {
         watch: ExitWatch,
     ) -> Result<Observed, RuntimeError> {
         let dir = task.dir.clone();
-        if let Some(t) = read_exit(&task)? {
-            return Ok(Observed::Terminated(t));
+        let run = read_run(&dir)?;
+        if let Some(x) = &run.exit {
+            return Ok(Observed::Terminated(terminated_from(x, &task)));
         }
-        match read_run(&dir)?.started {
+        let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
+        match run.started {
             None => Err(RuntimeError::Launch(io::Error::other(
                 "the supervisor exited before starting the task (see the agent's log)".to_string(),
             ))),
@@ -118,6 +121,7 @@ impl ProcessRuntime {
                     // The shim is gone: either it just wrote the exit record, or it died.
                     return Ok(Observed::Terminated(match read_exit(&task)? {
                         Some(t) => t,
+                        None if rebooted => node_restarted(&task, true),
                         None => lost(&task, Some(main)),
                     }));
                 }
@@ -129,25 +133,23 @@ impl ProcessRuntime {
         }
     }
 
-    /// True when no shim ever recorded itself for this task, so it never ran.
-    pub(crate) async fn never_started(dir: &Path) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let run = records::read_run(dir).unwrap_or_default();
-            if run.started.is_some() || run.exit.is_some() {
-                return false;
+    /// Picks up a task found in the data dir after a restart: `None` when it never
+    /// started (the caller starts it), else how it is or ended.
+    pub(crate) async fn recover(
+        &self,
+        task: TaskRef,
+        events: EventSink,
+    ) -> Option<Result<Observed, RuntimeError>> {
+        match start_state(&task.dir).await {
+            StartState::NotStarted => None,
+            StartState::CutShortByReboot => {
+                Some(Ok(Observed::Terminated(node_restarted(&task, false))))
             }
-            // A shim that holds its lock but has not written its record yet is starting.
-            if !lock_held(&records::shim_lock(dir)) || Instant::now() >= deadline {
-                return records::read_run(dir)
-                    .map(|r| r.started.is_none())
-                    .unwrap_or(true);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            StartState::Started => Some(self.adopt_existing(task, events).await),
         }
     }
 
-    pub(crate) async fn adopt_existing(
+    async fn adopt_existing(
         &self,
         task: TaskRef,
         events: EventSink,
@@ -192,10 +194,10 @@ impl Runtime for ProcessRuntime {
     ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
         let rt = self.clone();
         Box::pin(async move {
-            if ProcessRuntime::never_started(&task.dir).await {
-                return rt.launch(task, None, events).await;
+            match rt.recover(task.clone(), events.clone()).await {
+                Some(observed) => observed,
+                None => rt.launch(task, None, events).await,
             }
-            rt.adopt_existing(task, events).await
         })
     }
 
@@ -266,6 +268,53 @@ fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
             "the task's supervisor died before recording an exit status; the task was stopped"
                 .into(),
         ),
+        started_at: None,
+        finished_at: Time::now(),
+    }
+}
+
+/// What the journal says about a task found after a restart.
+enum StartState {
+    NotStarted,
+    /// Launched in an earlier boot, with no trace of how far it got.
+    CutShortByReboot,
+    Started,
+}
+
+async fn start_state(dir: &Path) -> StartState {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let run = records::read_run(dir).unwrap_or_default();
+        if run.started.is_some() || run.exit.is_some() {
+            return StartState::Started;
+        }
+        // A shim that holds its lock but has not written its record yet is starting.
+        if !lock_held(&records::shim_lock(dir)) || Instant::now() >= deadline {
+            return if run.launch.as_ref().is_some_and(Launch::from_earlier_boot) {
+                StartState::CutShortByReboot
+            } else {
+                StartState::NotStarted
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The node restarted after the task's launch was recorded and before its exit was: the
+/// task may have run (or still been starting), so it is reported, not started again.
+fn node_restarted(task: &TaskRef, started: bool) -> Terminated {
+    tracing::warn!(task = %task.name, "task was cut short by a node restart");
+    Terminated {
+        exit_code: 137,
+        signal: None,
+        reason: reason::NODE_RESTARTED.into(),
+        message: Some(if started {
+            "the node restarted while the task ran".into()
+        } else {
+            "the node restarted while the task was starting; it is not started again, as it \
+             may already have run"
+                .into()
+        }),
         started_at: None,
         finished_at: Time::now(),
     }

@@ -1,7 +1,9 @@
 //! The files a process task's directory holds. Besides the agent's `task.json`, a run is
 //! one append-only journal, `run.jsonl`, one JSON object per line: the agent writes the
-//! `launch` line; the shim appends `started` (its identity and the task's) and `exit`
-//! (how the task ended), each fdatasync'ed. Appending creates no inode, which matters:
+//! `launch` line; the shim makes it durable before it starts the task (from then on the
+//! task may have run, and is never started again), then appends `started` (its identity
+//! and the task's; durable with the exit line, as it only matters while this boot lasts)
+//! and `exit` (how the task ended, fdatasync'ed). Appending creates no inode, which matters:
 //! creating files is the costliest step of a task's start on ext4. A torn last line (a
 //! crash mid-write) is not valid JSON and is ignored. `stdout.log`/`stderr.log` appear on
 //! the task's first output.
@@ -86,10 +88,11 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
     f.write_all(&line(&Entry::Launch(launch.clone()))?)
 }
 
-/// Appends a line and makes it durable (the file itself already is).
-pub fn append(file: &mut std::fs::File, entry: &Entry) -> io::Result<()> {
+/// Appends a line; with `durable`, fdatasyncs the journal (this line and all before it;
+/// the file's name already is durable).
+pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Result<()> {
     file.write_all(&line(entry)?)?;
-    file.sync_data()
+    if durable { file.sync_data() } else { Ok(()) }
 }
 
 fn line(entry: &Entry) -> io::Result<Vec<u8>> {
@@ -115,6 +118,29 @@ pub struct Launch {
     pub max_log_bytes: u64,
     /// Sidecar mode: run inside this process's namespaces, with its environment as base.
     pub target: Option<Target>,
+    /// The boot this launch was written in. A launch from an earlier boot with no exit
+    /// line was cut short by a node restart: the task may have run, so it is reported,
+    /// never started again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+impl Launch {
+    pub fn from_earlier_boot(&self) -> bool {
+        matches!((self.boot_id.as_deref(), boot_id()), (Some(then), Some(now)) if then != now)
+    }
+}
+
+/// This boot's id (the kernel's random `boot_id`); `None` where the kernel has none.
+pub fn boot_id() -> Option<&'static str> {
+    static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -173,7 +199,9 @@ mod tests {
             grace_ms: 1,
             max_log_bytes: 1,
             target: None,
+            boot_id: boot_id().map(str::to_string),
         };
+        assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -185,6 +213,7 @@ mod tests {
                 exit_code: Some(3),
                 ..Default::default()
             }),
+            true,
         )
         .unwrap();
         f.write_all(b"{\"exit\":{\"exitCode\":4").unwrap(); // crash mid-write
@@ -192,5 +221,17 @@ mod tests {
         assert_eq!(run.launch.unwrap().argv, ["true"]);
         assert_eq!(run.exit.unwrap().exit_code, Some(3));
         assert!(run.started.is_none());
+    }
+
+    #[test]
+    fn a_launch_of_another_boot_is_recognised() {
+        let mut launch: Launch = serde_json::from_str(
+            r#"{"argv":["true"],"env":[],"graceMs":1,"maxLogBytes":1,"bootId":"other"}"#,
+        )
+        .unwrap();
+        assert!(boot_id().is_some(), "Linux has a boot id");
+        assert!(launch.from_earlier_boot());
+        launch.boot_id = None; // written by an agent that did not record it: no claim
+        assert!(!launch.from_earlier_boot());
     }
 }

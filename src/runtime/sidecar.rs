@@ -209,11 +209,11 @@ impl Runtime for SidecarRuntime {
     ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
         let rt = self.clone();
         Box::pin(async move {
-            if ProcessRuntime::never_started(&task.dir).await {
-                return rt.launch(task, events).await;
-            }
             rt.track(&task.dir, true);
-            rt.process.adopt_existing(task, events).await
+            match rt.process.recover(task.clone(), events.clone()).await {
+                Some(observed) => observed,
+                None => rt.launch(task, events).await,
+            }
         })
     }
 

@@ -117,6 +117,7 @@ pub mod reason {
     pub const TIMEOUT: &str = "TaskTimeout";
     pub const START_ERROR: &str = "StartError";
     pub const SUPERVISOR_LOST: &str = "SupervisorLost";
+    pub const NODE_RESTARTED: &str = "NodeRestarted";
     pub const TARGET_RESTARTED: &str = "TargetRestarted";
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
     pub const RUNTIME_ERROR: &str = "RuntimeError";

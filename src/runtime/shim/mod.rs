@@ -85,6 +85,9 @@ fn supervise(dir: &Path) -> io::Result<()> {
     let launch: Launch = records::read_run(dir)?
         .launch
         .ok_or_else(|| io::Error::other("the run journal has no launch record"))?;
+    // From here on the task may run: the launch line must survive a power loss, so that a
+    // restarted node reports the task instead of running it a second time.
+    running_lock.sync_data()?;
     nix::sys::prctl::set_child_subreaper(true)?;
 
     let mut mask = SigSet::empty();
@@ -152,9 +155,9 @@ fn supervise(dir: &Path) -> io::Result<()> {
         start_time: 0,
     }));
     shim_rec.started_at = Some(started);
-    // Durable: after a reboot that keeps the data dir, "it started" must not be forgotten
-    // (the task would run twice). Written once the task exists, so it names it.
-    records::append(&mut running_lock, &Entry::Started(shim_rec))?;
+    // Not fsynced: the durable launch line already says the task may have run; who runs
+    // it only matters until the node restarts. The exit line's fdatasync covers it too.
+    records::append(&mut running_lock, &Entry::Started(shim_rec), false)?;
     notify_agent(b"started\n");
 
     let mut sup = Supervisor {
@@ -225,7 +228,7 @@ fn finish_start_error(
         start_error: Some(format!("{what}: {e}")),
         ..Default::default()
     };
-    records::append(&mut running_lock, &Entry::Exit(rec))?;
+    records::append(&mut running_lock, &Entry::Exit(rec), true)?;
     drop(running_lock);
     release_agent();
     Ok(())
@@ -463,7 +466,7 @@ impl Supervisor<'_> {
             start_error: None,
         };
         if let Some(journal) = self.running_lock.as_mut() {
-            records::append(journal, &Entry::Exit(rec))?;
+            records::append(journal, &Entry::Exit(rec), true)?;
         }
         // Releasing the lock and closing the pipe is what tells the agent the task finished.
         self.running_lock = None;
