@@ -346,7 +346,7 @@ impl Supervisor<'_> {
                 if readable {
                     self.pump(i, slot, buf)?;
                     any = true;
-                    budget -= 1;
+                    budget = budget.saturating_sub(1);
                 }
             }
             if !any {
