@@ -9,7 +9,7 @@
 //!   unsafe because the closure runs between fork and exec; the shim is single-threaded,
 //!   and the closure only makes raw syscalls (sigprocmask, sigaction, open, write, setns,
 //!   chdir, setgroups, setgid, setuid) on data prepared before the fork: no allocation, no
-//!   locks. Host tasks need no hook at all, so std starts them with posix_spawn.
+//!   locks. Host tasks need no hook: the shim starts them with posix_spawn (`shim::spawn`).
 //! - `adopt_received_fd`: taking ownership of a descriptor received with SCM_RIGHTS.
 #![allow(unsafe_code)]
 
@@ -124,8 +124,9 @@ fn cloexec_inherited_fds() {
 /// single-threaded. After `fork` the child runs arbitrary Rust code, which is only sound
 /// when no other thread could have held a lock (malloc, stdio) at that moment. The server
 /// never starts a thread, so the check holds for its life; checking once instead of per
-/// fork saves a read of /proc per task.
-pub struct ForkServer(());
+/// fork saves a read of /proc per task. Neither `Send` nor `Sync`, so it stays on the
+/// thread that checked.
+pub struct ForkServer(std::marker::PhantomData<*const ()>);
 
 impl ForkServer {
     /// Refuses (with an error) unless the calling process is single-threaded. Also puts
@@ -141,7 +142,7 @@ impl ForkServer {
         // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
         unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
         cloexec_inherited_fds();
-        Ok(ForkServer(()))
+        Ok(ForkServer(std::marker::PhantomData))
     }
 
     /// Runs `f` in a forked child whose exit code is `f`'s return value. Children never
