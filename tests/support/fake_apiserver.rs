@@ -260,6 +260,15 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Value {
     })
 }
 
+fn not_found(name: &str) -> (StatusCode, Value) {
+    let body = status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{name} not found"),
+    );
+    (StatusCode::NOT_FOUND, body)
+}
+
 fn reply(code: StatusCode, body: &Value) -> Response {
     let mut resp = Response::new(serde_json::to_vec(body).unwrap().into());
     *resp.status_mut() = code;
@@ -407,14 +416,7 @@ impl State {
     ) -> (StatusCode, Value) {
         let key = (kind, ns.to_string(), name.to_string());
         let Some(mut obj) = self.objects.get(&key).cloned() else {
-            return (
-                StatusCode::NOT_FOUND,
-                status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{name} not found"),
-                ),
-            );
+            return not_found(name);
         };
         let mut patch = patch.clone();
         if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
@@ -465,14 +467,7 @@ impl State {
     fn delete(&mut self, kind: Kind, ns: &str, name: &str) -> (StatusCode, Value) {
         let key = (kind, ns.to_string(), name.to_string());
         let Some(mut obj) = self.objects.get(&key).cloned() else {
-            return (
-                StatusCode::NOT_FOUND,
-                status(
-                    StatusCode::NOT_FOUND,
-                    "NotFound",
-                    &format!("{name} not found"),
-                ),
-            );
+            return not_found(name);
         };
         let has_finalizers = obj["metadata"]["finalizers"]
             .as_array()
