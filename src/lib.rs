@@ -1,7 +1,9 @@
 //! task-executor: a node agent that runs short-lived tasks for a sandbox pod.
 //!
-//! Data flows one way: request (`api`) → manager (`task`) → runtime (`runtime`) → store;
-//! exit events flow back runtime → manager. See README.md for the API.
+//! Layers, each importing only those below it:
+//! `api` (HTTP) → `kube` (Kubernetes integrations) → `manager` (create / delete / sync) →
+//! `runtime` (process, sidecar, container backends) → `task` (model, names, store).
+//! Exit events flow back runtime → manager over a channel. See README.md for the API.
 #![deny(unsafe_code)]
 
 #[forbid(unsafe_code)]
@@ -14,6 +16,8 @@ pub mod client;
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod kube;
+#[forbid(unsafe_code)]
+pub mod manager;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
 pub mod task;
@@ -30,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::handlers::AppState;
 use crate::config::Config;
+use crate::manager::{Manager, ManagerConfig};
 use crate::runtime::container::volumes::{
     POD_VOLUMES_TIMEOUT, PodVolumes, StaticVolumes, VolumeResolver,
 };
@@ -37,7 +42,6 @@ use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
 use crate::runtime::{Runtime, Runtimes};
-use crate::task::manager::{Manager, ManagerConfig};
 use crate::task::store::Store;
 
 /// Errors that stop the agent from starting or serving.
@@ -58,7 +62,7 @@ pub enum AppError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error(transparent)]
-    Task(#[from] task::TaskError),
+    Manager(#[from] manager::ManagerError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -225,7 +229,17 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
             }
             _ => Arc::new(StaticVolumes::new(flags)),
         };
-        let cfg = ContainerRuntimeConfig::from_config(config);
+        let pod = config
+            .pod_name
+            .as_deref()
+            .zip(config.pod_namespace.as_deref());
+        let cfg = ContainerRuntimeConfig {
+            socket: config.cri_socket.clone(),
+            sandbox: ContainerRuntimeConfig::sandbox_mode(pod, &config.data_dir),
+            poll_interval: config.reconcile_interval,
+            grace: config.stop_grace_period,
+            max_log_bytes: config.max_log_bytes,
+        };
         Some(ContainerRuntime::connect(cfg, volumes).map_err(|e| AppError::Config(e.to_string()))?)
     } else {
         None

@@ -4,8 +4,8 @@
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
+use crate::manager::ManagerError;
 use crate::runtime::RuntimeError;
-use crate::task::TaskError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -47,18 +47,18 @@ impl ApiError {
     }
 }
 
-impl From<TaskError> for ApiError {
-    fn from(e: TaskError) -> Self {
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
         let status = match &e {
-            TaskError::InvalidName(_) | TaskError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
-            TaskError::AlreadyExists(_) => StatusCode::CONFLICT,
-            TaskError::NotFound(_) => StatusCode::NOT_FOUND,
-            TaskError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
-            TaskError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            TaskError::Runtime(RuntimeError::Invalid(_) | RuntimeError::ContainerModeDisabled) => {
-                StatusCode::BAD_REQUEST
-            }
-            TaskError::Runtime(_) | TaskError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
+            ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
+            ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ManagerError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
+            ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ManagerError::Runtime(
+                RuntimeError::Invalid(_) | RuntimeError::ContainerModeDisabled,
+            ) => StatusCode::BAD_REQUEST,
+            ManagerError::Runtime(_) | ManagerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");

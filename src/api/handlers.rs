@@ -11,8 +11,8 @@ use super::error::ApiError;
 use super::wire::{Health, TaskRequest, TaskResponse};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::manager::Manager;
 use crate::runtime::Readiness;
-use crate::task::manager::Manager;
 
 pub struct AppState {
     pub manager: Arc<Manager>,
@@ -92,9 +92,8 @@ pub async fn get_when_settled(
 ) -> Result<Response, ApiError> {
     // Subscribe before looking, so a change between the two is not missed.
     let mut changes = state.manager.subscribe();
-    let settled = |v: &crate::task::manager::TaskView| {
-        v.state.is_terminated() || v.deletion_timestamp.is_some()
-    };
+    let settled =
+        |v: &crate::manager::TaskView| v.state.is_terminated() || v.deletion_timestamp.is_some();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let view = state.manager.get(name)?;

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::task::manager::TaskView;
+use crate::manager::TaskView;
 use crate::task::model::{ProcessSpec, TaskSpec, TaskState, TaskStatus};
 use crate::task::time::Time;
 

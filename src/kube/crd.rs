@@ -7,7 +7,7 @@ use ::kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::task::manager::TaskView;
+use crate::manager::TaskView;
 use crate::task::model::{TaskSpec, TaskState};
 
 pub const GROUP: &str = "task-executor.io";

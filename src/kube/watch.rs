@@ -22,8 +22,8 @@ use tokio::sync::broadcast::error::RecvError;
 use super::KubeError;
 use super::crd::{FINALIZER, POD_LABEL, Task, TaskCrStatus};
 use super::listwatch::{self, Event, Selector};
-use crate::task::TaskError;
-use crate::task::manager::Manager;
+use crate::manager::Manager;
+use crate::manager::ManagerError;
 use crate::task::model::{TaskState, Terminated};
 
 /// Reasons the watcher itself gives in a Task's status (the manager gives all others).
@@ -314,8 +314,8 @@ impl TaskWatcher {
         let mut reported_full = false;
         loop {
             match self.manager.create(name.clone(), t.task_spec()).await {
-                Ok(_) | Err(TaskError::AlreadyExists(_)) => break,
-                Err(TaskError::TooManyTasks(max)) => {
+                Ok(_) | Err(ManagerError::AlreadyExists(_)) => break,
+                Err(ManagerError::TooManyTasks(max)) => {
                     if !reported_full {
                         reported_full = true;
                         tracing::info!(task = %name, max, "agent is full; the task waits");
@@ -332,9 +332,9 @@ impl TaskWatcher {
                 }
                 Err(e) => {
                     let why = match e {
-                        TaskError::InvalidName(_)
-                        | TaskError::InvalidSpec(_)
-                        | TaskError::Runtime(_) => reason::INVALID_SPEC,
+                        ManagerError::InvalidName(_)
+                        | ManagerError::InvalidSpec(_)
+                        | ManagerError::Runtime(_) => reason::INVALID_SPEC,
                         _ => crate::task::model::reason::RUNTIME_ERROR,
                     };
                     tracing::warn!(task = %name, error = %e, "Task refused");

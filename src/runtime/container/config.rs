@@ -32,29 +32,23 @@ pub struct ContainerRuntimeConfig {
 }
 
 impl ContainerRuntimeConfig {
-    /// From the agent's flags: the pod's sandbox when POD_NAME/POD_NAMESPACE are set,
-    /// else an agent-owned sandbox keyed by the data dir.
-    pub fn from_config(c: &crate::config::Config) -> Self {
-        let sandbox = match (&c.pod_name, &c.pod_namespace) {
-            (Some(name), Some(namespace)) if !name.is_empty() && !namespace.is_empty() => {
+    /// The sandbox to use: the pod's own when the agent runs in one (`pod` = name and
+    /// namespace), else an agent-owned sandbox keyed by the data dir.
+    pub fn sandbox_mode(pod: Option<(&str, &str)>, data_dir: &std::path::Path) -> SandboxMode {
+        match pod {
+            Some((name, namespace)) if !name.is_empty() && !namespace.is_empty() => {
                 SandboxMode::Pod {
-                    name: name.clone(),
-                    namespace: namespace.clone(),
+                    name: name.to_string(),
+                    namespace: namespace.to_string(),
                 }
             }
             _ => {
-                let dir = std::fs::canonicalize(&c.data_dir).unwrap_or_else(|_| c.data_dir.clone());
+                let dir =
+                    std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
                 SandboxMode::Owned {
                     agent_id: agent_id(&dir.display().to_string()),
                 }
             }
-        };
-        ContainerRuntimeConfig {
-            socket: c.cri_socket.clone(),
-            sandbox,
-            poll_interval: c.reconcile_interval,
-            grace: c.stop_grace_period,
-            max_log_bytes: c.max_log_bytes,
         }
     }
 }

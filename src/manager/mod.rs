@@ -1,4 +1,5 @@
-//! The task manager: create / delete / sync / list over the store and the runtimes.
+//! The task manager: create / delete / sync / list over the store and the runtimes. It sits
+//! above the runtimes (it drives them) and below the API and the Kubernetes integration.
 //!
 //! Locking: the map lock is held only to look up, insert or remove entries, never across
 //! I/O. Each entry has a lifecycle lock that serialises start and stop of that task, and a
@@ -12,14 +13,17 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 
-use super::TaskError;
-use super::model::{TaskSpec, TaskState, Terminated};
-use super::name;
-use super::store::{Store, TaskRecord};
-use super::time::Time;
+pub mod error;
+
+pub use error::ManagerError;
+
 use crate::runtime::{
     EventSink, Observed, Readiness, RuntimeError, RuntimeEvent, Runtimes, TaskRef,
 };
+use crate::task::model::{self, TaskSpec, TaskState, Terminated};
+use crate::task::name;
+use crate::task::store::{Store, TaskRecord};
+use crate::task::time::Time;
 
 #[derive(Clone, Debug)]
 pub struct ManagerConfig {
@@ -124,7 +128,7 @@ impl Manager {
     }
 
     /// Loads every stored task and re-attaches to it (or finishes its deletion).
-    pub async fn recover(self: &Arc<Self>) -> Result<usize, TaskError> {
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, ManagerError> {
         let store = self.store.clone();
         let records = tokio::task::spawn_blocking(move || store.load_all())
             .await
@@ -159,11 +163,11 @@ impl Manager {
         Ok(n)
     }
 
-    pub fn get(&self, name: &str) -> Result<TaskView, TaskError> {
+    pub fn get(&self, name: &str) -> Result<TaskView, ManagerError> {
         self.read_tasks()
             .get(name)
             .map(|e| e.view())
-            .ok_or_else(|| TaskError::NotFound(name.to_string()))
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
     /// All tasks, ordered by name.
@@ -190,7 +194,7 @@ impl Manager {
         self: &Arc<Self>,
         name: String,
         spec: TaskSpec,
-    ) -> Result<TaskView, TaskError> {
+    ) -> Result<TaskView, ManagerError> {
         self.validate(&name, &spec)?;
         let entry = self.reserve(&name, spec)?;
         self.start_reserved(entry).await
@@ -200,7 +204,7 @@ impl Manager {
     pub async fn sync(
         self: &Arc<Self>,
         desired: Vec<(String, TaskSpec)>,
-    ) -> Result<Vec<TaskView>, TaskError> {
+    ) -> Result<Vec<TaskView>, ManagerError> {
         // Validate everything first so a bad element changes nothing.
         let mut wanted: Vec<(String, TaskSpec)> = Vec::new();
         for (name, spec) in desired {
@@ -231,7 +235,7 @@ impl Manager {
         for (name, spec) in to_create {
             match self.reserve(&name, spec) {
                 Ok(e) => reserved.push(e),
-                Err(TaskError::AlreadyExists(_)) => {} // created concurrently: leave it alone
+                Err(ManagerError::AlreadyExists(_)) => {} // created concurrently: leave it alone
                 Err(e) => {
                     // Undo the reservations of this call: nothing was started yet.
                     for e in reserved {
@@ -250,7 +254,7 @@ impl Manager {
     }
 
     /// Marks the task for deletion and stops it in the background; unknown names are fine.
-    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), TaskError> {
+    pub async fn delete(self: &Arc<Self>, name: &str) -> Result<(), ManagerError> {
         let Some(entry) = self.read_tasks().get(name).cloned() else {
             return Ok(());
         };
@@ -283,25 +287,25 @@ impl Manager {
         Readiness::Ready
     }
 
-    fn validate(&self, task_name: &str, spec: &TaskSpec) -> Result<(), TaskError> {
+    fn validate(&self, task_name: &str, spec: &TaskSpec) -> Result<(), ManagerError> {
         if let Some(why) = name::invalid_reason(task_name) {
-            return Err(TaskError::InvalidName(why));
+            return Err(ManagerError::InvalidName(why));
         }
-        spec.validate().map_err(TaskError::InvalidSpec)?;
+        spec.validate().map_err(ManagerError::InvalidSpec)?;
         self.runtimes.for_spec(spec)?.validate(spec)?;
         Ok(())
     }
 
     /// Inserts a waiting entry, enforcing uniqueness and the concurrency limit.
-    fn reserve(&self, name: &str, spec: TaskSpec) -> Result<Arc<Entry>, TaskError> {
+    fn reserve(&self, name: &str, spec: TaskSpec) -> Result<Arc<Entry>, ManagerError> {
         let mut tasks = self.write_tasks();
         if tasks.contains_key(name) {
-            return Err(TaskError::AlreadyExists(name.to_string()));
+            return Err(ManagerError::AlreadyExists(name.to_string()));
         }
         if let Some(max) = self.cfg.max_concurrent
             && tasks.values().filter(|e| e.is_active()).count() >= max
         {
-            return Err(TaskError::TooManyTasks(max));
+            return Err(ManagerError::TooManyTasks(max));
         }
         let seq = self.uid_seq.fetch_add(1, Ordering::Relaxed);
         let rec = TaskRecord {
@@ -330,7 +334,7 @@ impl Manager {
     }
 
     /// Persists a reserved entry, then starts it. The record is durable before any answer.
-    async fn start_reserved(self: &Arc<Self>, entry: Arc<Entry>) -> Result<TaskView, TaskError> {
+    async fn start_reserved(self: &Arc<Self>, entry: Arc<Entry>) -> Result<TaskView, ManagerError> {
         let _life = entry.lifecycle.lock().await;
         let rec = entry.record().clone();
         let store = self.store.clone();
@@ -340,8 +344,8 @@ impl Manager {
         if let Err(e) = created {
             self.unreserve(&entry);
             return Err(match e.kind() {
-                std::io::ErrorKind::AlreadyExists => TaskError::AlreadyExists(entry.view().name),
-                _ => TaskError::Store(e),
+                std::io::ErrorKind::AlreadyExists => ManagerError::AlreadyExists(entry.view().name),
+                _ => ManagerError::Store(e),
             });
         }
         self.run(&entry, false).await;
@@ -381,9 +385,7 @@ impl Manager {
 
     fn apply(&self, entry: &Entry, observed: Observed) {
         let new = match observed {
-            Observed::Running { started_at } => {
-                TaskState::Running(super::model::Running { started_at })
-            }
+            Observed::Running { started_at } => TaskState::Running(model::Running { started_at }),
             Observed::Terminated(t) => TaskState::Terminated(t),
         };
         let mut state = entry.state();

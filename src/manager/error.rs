@@ -1,0 +1,22 @@
+use crate::runtime::RuntimeError;
+
+/// Errors of the manager layer; `api::error` maps each to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{0}")]
+    InvalidName(String),
+    #[error("invalid task spec: {0}")]
+    InvalidSpec(String),
+    #[error("task {0} already exists")]
+    AlreadyExists(String),
+    #[error("task {0} not found")]
+    NotFound(String),
+    #[error("maximum concurrent tasks ({0}) reached")]
+    TooManyTasks(usize),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("task store: {0}")]
+    Store(#[from] std::io::Error),
+}
