@@ -334,3 +334,59 @@ fn orphans_are_reaped_not_left_as_zombies() {
         .collect();
     assert!(zombies.is_empty(), "zombies under the agent: {zombies:?}");
 }
+
+#[test]
+fn a_finished_tasks_reused_pid_and_group_are_never_signalled() {
+    // Once a task's main process is reaped, its pid (its process group's id) is free. A
+    // daemon it left keeps the task's supervisor alive; an unrelated process that now
+    // gets pid = pgid = the old main pid must survive the task's deletion. The agent runs
+    // in a PID namespace of its own so the test can hand out that pid (ns_last_pid).
+    let a = Agent::start_in_pid_namespace(&["--stop-grace-period", "1s"]);
+    a.run_sh("gone", "setsid sleep 300 & exit 0");
+    assert_eq!(a.wait_state("gone", "terminated", T)["exitCode"], 0);
+    let old_main = a.main_pid("gone");
+    let init = a.ns_init().expect("the agent's pid namespace");
+    let daemon = wait_for(T, "the task's daemon", || {
+        support::pids_with_cmdline(&["sleep", "300"])
+            .into_iter()
+            .find(|p| a.in_own_pid_namespace(*p))
+    });
+    // The next pid handed out in the agent's namespace is `old_main`.
+    let unrelated = std::process::Command::new("nsenter")
+        .args(["-t", &init.to_string(), "-p", "sh", "-c"])
+        .arg(format!(
+            "echo {} > /proc/sys/kernel/ns_last_pid && exec nsenter -t {init} -p setsid sleep 1000",
+            old_main - 1
+        ))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let victim = wait_for(T, "the unrelated process", || a.host_pid(old_main));
+    let mut unrelated = KillOnDrop(unrelated);
+    wait_for(T, "the unrelated process to run sleep", || {
+        std::fs::read(format!("/proc/{victim}/cmdline"))
+            .ok()
+            .filter(|c| c.starts_with(b"sleep\0"))
+    });
+
+    a.delete("gone");
+    a.wait_gone("gone", T);
+    wait_for(T, "the task's daemon to be stopped", || {
+        (!pid_alive(daemon)).then_some(())
+    });
+    assert!(
+        pid_alive(victim),
+        "an unrelated process that reused the task's pid was signalled"
+    );
+    let _ = unrelated.0.kill();
+    let _ = unrelated.0.wait();
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

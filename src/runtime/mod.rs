@@ -9,6 +9,8 @@ pub mod error;
 #[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]
+pub mod proc_handle;
+#[forbid(unsafe_code)]
 pub mod process;
 #[forbid(unsafe_code)]
 pub mod procfs;

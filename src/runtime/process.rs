@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use nix::fcntl::{Flock, FlockArg};
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 
 use super::launcher::Launcher;
+use super::proc_handle::{ProcHandle, signal_group};
 use super::procfs::ProcIdentity;
 use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
@@ -256,8 +256,8 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
 /// The supervisor died without recording an exit: say so, and leave nothing running.
 /// The task's group is only signalled while its leader is provably the recorded process.
 fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
-    if let Some(m) = main.filter(|m| m.pid > 1 && m.is_alive()) {
-        let _ = killpg(Pid::from_raw(m.pid), Signal::SIGKILL);
+    if let Some(m) = main.filter(|m| m.pid > 1) {
+        signal_group(&m, Signal::SIGKILL);
     }
     tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
     Terminated {
@@ -404,23 +404,23 @@ async fn stop(dir: &Path, grace: Duration) {
         if rec.is_none() {
             rec = read_rec();
         }
-        if !signalled && let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
+        if !signalled && let Some(shim) = rec.as_ref().and_then(|r| ProcHandle::of(&r.shim)) {
             // The shim turns this into TERM for the task tree, grace, then KILL.
-            let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGTERM);
+            let _ = shim.signal(Signal::SIGTERM);
             signalled = true;
         }
         if Instant::now() >= deadline {
-            if let Some(r) = rec.as_ref().filter(|r| r.shim.is_alive()) {
+            if let Some(shim) = rec.as_ref().and_then(|r| ProcHandle::of(&r.shim)) {
                 tracing::warn!(dir = %dir.display(), "supervisor ignored the stop request; killing it");
-                let _ = kill(Pid::from_raw(r.shim.pid), Signal::SIGKILL);
+                let _ = shim.signal(Signal::SIGKILL);
             }
             break;
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-    // Whatever outlived a dead supervisor goes too.
-    if let Some(main) = rec.and_then(|r| r.main).filter(|m| m.is_alive()) {
-        let _ = killpg(Pid::from_raw(main.pid), Signal::SIGKILL);
+    // Whatever outlived a dead supervisor goes too (its group, while provably its own).
+    if let Some(main) = rec.and_then(|r| r.main) {
+        signal_group(&main, Signal::SIGKILL);
     }
 }

@@ -1,7 +1,7 @@
-//! Reading /proc: process identity (pid + start time) and the process tree.
+//! Reading /proc: process identity (pid + start time), stat, environment.
 
-use std::collections::HashMap;
 use std::fs;
+use std::os::fd::BorrowedFd;
 
 /// A process as it was when recorded: the pid alone could be reused, the start time can't.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,7 +48,7 @@ pub fn stat(pid: i32) -> Option<Stat> {
     parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-fn parse_stat(text: &str) -> Option<Stat> {
+pub fn parse_stat(text: &str) -> Option<Stat> {
     // comm may contain spaces and ')', so split after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -61,6 +61,30 @@ fn parse_stat(text: &str) -> Option<Stat> {
     })
 }
 
+/// The stat of process `pid` of the /proc at `proc`.
+pub fn stat_at(proc: BorrowedFd<'_>, pid: i32) -> Option<Stat> {
+    use std::io::Read;
+    let f = rustix::fs::openat(
+        proc,
+        format!("{pid}/stat"),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()?;
+    let mut text = String::new();
+    fs::File::from(f).read_to_string(&mut text).ok()?;
+    parse_stat(&text)
+}
+
+/// The pids the /proc at `proc` lists.
+pub fn pids_at(proc: BorrowedFd<'_>) -> Vec<i32> {
+    let Ok(dir) = rustix::fs::Dir::read_from(proc) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str().ok()?.parse().ok())
+        .collect()
+}
+
 /// All live pids.
 pub fn pids() -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {
@@ -68,27 +92,6 @@ pub fn pids() -> Vec<i32> {
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-/// Every descendant of `root` (children, grandchildren, ...), found by walking ppid links.
-pub fn descendants(root: i32) -> Vec<i32> {
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for pid in pids() {
-        if let Some(s) = stat(pid) {
-            children.entry(s.ppid).or_default().push(pid);
-        }
-    }
-    let mut out = Vec::new();
-    let mut stack = vec![root];
-    while let Some(p) = stack.pop() {
-        if let Some(kids) = children.get(&p) {
-            for &k in kids {
-                out.push(k);
-                stack.push(k);
-            }
-        }
-    }
-    out
 }
 
 /// The NUL-separated environment a process was exec'ed with.

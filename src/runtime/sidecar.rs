@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use super::proc_handle::ProcHandle;
 use super::process::ProcessRuntime;
 use super::procfs::{self, ProcIdentity};
 use super::records::{self, Target};
@@ -248,16 +249,16 @@ fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Optio
         return Some(false);
     };
     let target = launch.target?;
-    if current == Some(&target.process) || !shim.shim.is_alive() {
+    if current == Some(&target.process) {
         return Some(false);
     }
+    let Some(shim_handle) = ProcHandle::of(&shim.shim) else {
+        return Some(false);
+    };
     if let Err(e) = std::fs::write(dir.join(records::TARGET_RESTARTED), b"") {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot mark the task as target-restarted");
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim.shim.pid),
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    let _ = shim_handle.signal(nix::sys::signal::Signal::SIGTERM);
     tracing::info!(dir = %dir.display(), shim = shim.shim.pid, "stopping a task whose main container was replaced");
     Some(true)
 }

@@ -21,6 +21,11 @@ pub struct Agent {
     envs: Vec<(String, String)>,
     /// Signals the agent is started with ignored (as a shell's background job is).
     ignored_signals: Option<String>,
+    /// A command the agent is started through (e.g. `unshare ...`), its argv prefix.
+    wrapper: Vec<String>,
+    /// The agent runs as PID 1 of a PID namespace of its own: the pids its journals name
+    /// are that namespace's, so leftovers are not killed by pid (its end kills them all).
+    own_pid_namespace: bool,
     child: Option<Child>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -46,6 +51,62 @@ impl Agent {
         a
     }
 
+    /// Starts an agent through `wrapper` (an argv prefix that execs or runs the rest).
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str]) -> Agent {
+        let mut a = Self::unstarted(args, &[]);
+        a.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        a.launch();
+        a
+    }
+
+    /// Starts an agent as PID 1 of a fresh PID namespace (with its own /proc), so that a
+    /// test controls which pids its processes get (`/proc/sys/kernel/ns_last_pid`).
+    pub fn start_in_pid_namespace(args: &[&str]) -> Agent {
+        let mut a = Self::unstarted(args, &[]);
+        a.wrapper = ["unshare", "--pid", "--kill-child", "--mount-proc"]
+            .map(String::from)
+            .to_vec();
+        a.own_pid_namespace = true;
+        a.launch();
+        a
+    }
+
+    /// The host pid of a process that has `ns_pid` in the agent's own PID namespace.
+    pub fn host_pid(&self, ns_pid: i32) -> Option<i32> {
+        let ns = fs::read_link(format!("/proc/{}/ns/pid", self.ns_init()?)).ok()?;
+        task_executor::runtime::procfs::pids()
+            .into_iter()
+            .find(|p| {
+                fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns)
+                    && fs::read_to_string(format!("/proc/{p}/status"))
+                        .ok()
+                        .and_then(|s| {
+                            let line = s.lines().find(|l| l.starts_with("NSpid:"))?.to_string();
+                            line.split_whitespace().last()?.parse::<i32>().ok()
+                        })
+                        == Some(ns_pid)
+            })
+    }
+
+    /// True when the process (a host pid) lives in the agent's own PID namespace.
+    pub fn in_own_pid_namespace(&self, pid: i32) -> bool {
+        let ns = |p: i32| fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        self.ns_init()
+            .and_then(ns)
+            .is_some_and(|n| ns(pid) == Some(n))
+    }
+
+    /// Host pid of the agent that runs as PID 1 of its own PID namespace.
+    pub fn ns_init(&self) -> Option<i32> {
+        let wrapper = self.pid();
+        fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
     fn unstarted(args: &[&str], envs: &[(&str, &str)]) -> Agent {
         let tmp = tempfile::Builder::new()
             .prefix("te-test-")
@@ -61,6 +122,8 @@ impl Agent {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             ignored_signals: None,
+            wrapper: Vec::new(),
+            own_pid_namespace: false,
             child: None,
             _tmp: Some(tmp),
         }
@@ -76,6 +139,8 @@ impl Agent {
             args: args.iter().map(|s| s.to_string()).collect(),
             envs: Vec::new(),
             ignored_signals: None,
+            wrapper: Vec::new(),
+            own_pid_namespace: false,
             child: None,
             _tmp: None,
         };
@@ -90,6 +155,11 @@ impl Agent {
             .open(&self.log)
             .expect("log");
         let mut cmd = match &self.ignored_signals {
+            None if !self.wrapper.is_empty() => {
+                let mut c = Command::new(&self.wrapper[0]);
+                c.args(&self.wrapper[1..]).arg(BIN);
+                c
+            }
             None => Command::new(BIN),
             Some(sigs) => {
                 let mut c = Command::new("sh");
@@ -323,7 +393,9 @@ impl Drop for Agent {
             }));
         }
         self.kill9();
-        kill_leftover_shims(&self.data_dir);
+        if !self.own_pid_namespace {
+            kill_leftover_shims(&self.data_dir);
+        }
     }
 }
 

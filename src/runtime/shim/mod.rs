@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
@@ -168,6 +168,8 @@ fn supervise(dir: &Path) -> io::Result<()> {
             .timeout_ms
             .map(|ms| Instant::now() + Duration::from_millis(ms)),
         kill_at: None,
+        killed_all: false,
+        proc: File::open("/proc")?,
         target_check: launch
             .target
             .as_ref()
@@ -240,6 +242,10 @@ struct Supervisor<'a> {
     started: Time,
     deadline: Option<Instant>,
     kill_at: Option<Instant>,
+    /// The last SIGKILL round found nothing of the task left.
+    killed_all: bool,
+    /// The /proc the task's processes are walked in.
+    proc: File,
     /// Sidecar tasks: when to next check that the main container still runs.
     target_check: Option<Instant>,
     target_gone: bool,
@@ -359,7 +365,7 @@ impl Supervisor<'_> {
     fn poll_timeout(&self, drain_until: Option<Instant>) -> PollTimeout {
         let next = [
             self.deadline.filter(|_| !self.main_done && !self.timed_out),
-            self.kill_at,
+            self.kill_at.filter(|_| !self.killed_all),
             self.target_check.filter(|_| !self.main_done),
             drain_until,
         ]
@@ -386,8 +392,20 @@ impl Supervisor<'_> {
     }
 
     fn begin_kill(&mut self) {
-        kill::signal_tree(Some(self.main_pid), Signal::SIGTERM);
+        self.signal_tree(Signal::SIGTERM);
         self.kill_at = Some(Instant::now() + Duration::from_millis(self.launch.grace_ms));
+    }
+
+    /// Signals what is provably still the task's: the main process's group while the main
+    /// process is unreaped (only this shim reaps it, so until then the group id is its
+    /// own; afterwards it may name someone else's group), and every descendant of the
+    /// shim through a handle checked to be the process the walk saw. Returns how many
+    /// descendants were left.
+    fn signal_tree(&self, sig: Signal) -> usize {
+        if !self.main_done {
+            let _ = killpg(Pid::from_raw(self.main_pid), sig);
+        }
+        kill::signal_descendants(self.proc.as_fd(), std::process::id() as i32, None, sig)
     }
 
     fn check_timers(&mut self) {
@@ -411,12 +429,15 @@ impl Supervisor<'_> {
                 }
             }
         }
-        if let Some(k) = self.kill_at
+        if let Some(k) = self.kill_at.filter(|_| !self.killed_all)
             && now >= k
         {
             // Grace is over: SIGKILL everything left, again every 100 ms until none is.
-            kill::signal_tree(Some(self.main_pid), Signal::SIGKILL);
+            let left = self.signal_tree(Signal::SIGKILL);
             self.kill_at = Some(now + Duration::from_millis(100));
+            if left == 0 && self.main_done {
+                self.killed_all = true;
+            }
         }
     }
 

@@ -1,0 +1,178 @@
+//! Handles that stay bound to one process: a signal sent through one reaches that process
+//! or nobody, however its pid is reused meanwhile.
+//!
+//! `ProcHandle` is an open `/proc/PID` directory: reading `stat` through it reads that
+//! process (ESRCH once it has been reaped), and `pidfd_send_signal` accepts it like a
+//! pidfd (Linux 5.1). It works with any /proc (the reaper holds the shim's while it lives
+//! inside the main container). `PidFd` is a pollable pidfd (`pidfd_open`, Linux 5.3):
+//! readable once the process has exited.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use nix::sys::signal::Signal;
+use rustix::fs::{Mode, OFlags, openat};
+
+use super::procfs::{self, ProcIdentity, Stat};
+
+pub struct ProcHandle {
+    fd: OwnedFd,
+    pub pid: i32,
+}
+
+impl ProcHandle {
+    /// Opens process `pid` of the /proc at `proc` and reads its stat through the handle.
+    pub fn open_at(proc: BorrowedFd<'_>, pid: i32) -> io::Result<(ProcHandle, Stat)> {
+        let fd = openat(
+            proc,
+            pid.to_string(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let h = ProcHandle { fd, pid };
+        let stat = h.stat()?;
+        Ok((h, stat))
+    }
+
+    /// The recorded process, if it is still there (a zombie counts: its pid is not free).
+    pub fn of(id: &ProcIdentity) -> Option<ProcHandle> {
+        if id.pid <= 0 {
+            return None;
+        }
+        let proc = File::open("/proc").ok()?;
+        let (h, stat) = Self::open_at(proc.as_fd(), id.pid).ok()?;
+        (stat.start_time == id.start_time).then_some(h)
+    }
+
+    /// The process's stat now; an error (ESRCH) once it has been reaped.
+    pub fn stat(&self) -> io::Result<Stat> {
+        let f = openat(
+            &self.fd,
+            "stat",
+            OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut text = String::new();
+        File::from(f).read_to_string(&mut text)?;
+        procfs::parse_stat(&text).ok_or_else(|| io::Error::other("unparsable stat"))
+    }
+
+    /// True until the process has been reaped (its pid, and a group it leads, stay taken).
+    pub fn unreaped(&self) -> bool {
+        self.stat().is_ok()
+    }
+
+    pub fn signal(&self, sig: Signal) -> io::Result<()> {
+        let sig = rustix::process::Signal::from_named_raw(sig as i32)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        rustix::process::pidfd_send_signal(&self.fd, sig).map_err(io::Error::from)
+    }
+}
+
+/// A pidfd of a recorded process, for waiting on its exit without a thread.
+pub struct PidFd(OwnedFd);
+
+impl PidFd {
+    /// A pidfd of the recorded process if it is still there (exited but unreaped counts).
+    /// The identity is checked after opening: a pidfd opened on a reused pid would show
+    /// another start time, so a match proves the pidfd is the recorded process's.
+    pub fn of(id: &ProcIdentity) -> Option<PidFd> {
+        let pid = rustix::process::Pid::from_raw(id.pid)?;
+        let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+        let same = procfs::stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
+        same.then_some(PidFd(fd))
+    }
+
+    /// Its pid in this process's PID namespace, or `None` once the process was reaped
+    /// (from the pidfd's fdinfo, so it is the process's own, never a reused pid's).
+    pub fn pid(&self) -> Option<i32> {
+        let proc = File::open("/proc").ok()?;
+        pidfd_pid_at(proc.as_fd(), self.0.as_fd())
+    }
+
+    pub fn into_fd(self) -> OwnedFd {
+        self.0
+    }
+}
+
+/// The pid a pidfd (of this process) refers to, in the PID namespace of the /proc at
+/// `proc`; `None` once the process was reaped.
+pub fn pidfd_pid_at(proc: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let f = openat(
+        proc,
+        format!("self/fdinfo/{}", fd.as_raw_fd()),
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut info = String::new();
+    File::from(f).read_to_string(&mut info).ok()?;
+    let pid: i32 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    (pid > 0).then_some(pid)
+}
+
+/// Sends `sig` to every process of the group `leader` leads, provided the group is
+/// provably still the leader's: its members are found and each is pinned by a handle
+/// while the leader is unreaped, and the leader is checked again afterwards. While the
+/// leader is unreaped its pid is taken, so no other process can have created a group of
+/// that number in between. A leader already reaped: nothing is signalled (the group id
+/// may name someone else's group by now). Returns how many processes were signalled.
+pub fn signal_group(leader: &ProcIdentity, sig: Signal) -> usize {
+    let Some(lead) = ProcHandle::of(leader) else {
+        return 0;
+    };
+    let Ok(proc) = File::open("/proc") else {
+        return 0;
+    };
+    let members: Vec<ProcHandle> = procfs::pids()
+        .into_iter()
+        .filter(|p| procfs::stat(*p).is_some_and(|s| s.pgrp == leader.pid))
+        .filter_map(|p| {
+            let (h, st) = ProcHandle::open_at(proc.as_fd(), p).ok()?;
+            (st.pgrp == leader.pid).then_some(h)
+        })
+        .collect();
+    if !lead.unreaped() {
+        return 0;
+    }
+    members.iter().filter(|h| h.signal(sig).is_ok()).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handle_never_reaches_a_reaped_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let id = ProcIdentity::of(child.id() as i32).unwrap();
+        let h = ProcHandle::of(&id).expect("live child");
+        let pidfd = PidFd::of(&id).expect("pidfd");
+        assert_eq!(pidfd.pid(), Some(id.pid));
+        assert!(h.unreaped());
+        h.signal(Signal::SIGKILL).unwrap();
+        child.wait().unwrap();
+        assert!(!h.unreaped());
+        assert!(
+            h.signal(Signal::SIGKILL).is_err(),
+            "ESRCH, whoever has the pid now"
+        );
+        assert_eq!(pidfd.pid(), None);
+        assert!(ProcHandle::of(&id).is_none());
+        let wrong = ProcIdentity {
+            start_time: id.start_time + 1,
+            ..ProcIdentity::of(std::process::id() as i32).unwrap()
+        };
+        assert!(ProcHandle::of(&wrong).is_none() && PidFd::of(&wrong).is_none());
+    }
+}
