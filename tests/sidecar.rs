@@ -133,10 +133,17 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
     let opts = Options {
         marker: Some(&name),
         uid: Some(1000),
+        groups: &[2000, 3000],
         cgroup: Some(&cg),
+        more_cgroups: &[],
     };
     let mut main = MainContainer::start_with("hard-host", opts);
-    let probe = ["sh", "-c", "id -u; id -g; grep ':pids:' /proc/self/cgroup"];
+    // No workingDir: the task starts where the container's processes do.
+    let probe = [
+        "sh",
+        "-c",
+        "id -u; id -g; id -G; pwd; grep ':pids:' /proc/self/cgroup",
+    ];
     {
         // Default: the sidecar's identity and cgroup, as upstream does.
         let a = sidecar_agent(&name, &[]);
@@ -145,8 +152,12 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         let out = a.stdout("default");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(&lines[..2], ["0", "0"], "{out}");
+        assert_eq!(
+            lines[3], "/mnt/only-here",
+            "the container's working directory: {out}"
+        );
         assert!(
-            !lines[2].contains(cg.dir().file_name().unwrap().to_str().unwrap()),
+            !lines[4].contains(cg.dir().file_name().unwrap().to_str().unwrap()),
             "{out}"
         );
     }
@@ -161,17 +172,111 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         let out = a.stdout("hardened");
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
-            &lines[..2],
-            ["1000", "1000"],
-            "runs as the container's uid/gid: {out}"
+            &lines[..4],
+            ["1000", "1000", "1000 2000 3000", "/mnt/only-here"],
+            "runs as the container's uid, gid and groups, where it works: {out}"
         );
         assert!(
-            lines[2].ends_with(&format!(
+            lines[4].ends_with(&format!(
                 "/{}",
                 cg.dir().file_name().unwrap().to_str().unwrap()
             )),
             "in the container's cgroup: {out}"
         );
     }
+    main.stop();
+}
+
+#[test]
+fn delete_reaches_every_process_of_the_task_inside_the_container() {
+    // Orphans inside the main container's PID namespace are re-parented within it, not
+    // to the shim outside: setsid'd and double-forked daemons must still be stopped.
+    let name = unique("main-tree");
+    let main = MainContainer::start(&name, "tree-host");
+    let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
+    a.run_sh(
+        "tree",
+        "(setsid sleep 3021 &); sh -c 'sleep 3022 &'; \
+         setsid sh -c 'trap \"\" TERM; sleep 3023 & exec sleep 3024' & sleep 3025",
+    );
+    a.wait_state("tree", "running", T);
+    let in_container = |argv: &[&str]| -> Vec<i32> {
+        support::pids_with_cmdline(argv)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/ns/pid"))
+                    .is_ok_and(|ns| ns.to_string_lossy() == main.ns("pid"))
+            })
+            .collect()
+    };
+    let sleeps = ["3021", "3022", "3023", "3024", "3025"];
+    let pids: Vec<i32> = support::wait_for(T, "the task's five processes", || {
+        let found: Vec<i32> = sleeps
+            .iter()
+            .flat_map(|s| in_container(&["sleep", s]))
+            .collect();
+        (found.len() == sleeps.len()).then_some(found)
+    });
+    a.delete("tree");
+    a.wait_gone("tree", T);
+    support::wait_for(T, "every process of the task to be gone", || {
+        pids.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+    assert!(main.alive(), "the main container itself is untouched");
+}
+
+#[test]
+fn join_cgroup_holds_when_the_agent_has_a_cgroup_namespace_of_its_own() {
+    // On cgroup v2 Kubernetes gives each container a private cgroup namespace: from the
+    // agent the main container's cgroup then reads `/../<id>`. Reproduced with the agent
+    // in cgroups of its own (v1 pids and v2) and a cgroup namespace rooted there, and the
+    // main container in sibling cgroups: the task must land in the container's.
+    let name = unique("main-cgns");
+    let target = TestCgroup::new(&unique("te-cgns-target"));
+    let target_v2 = TestCgroup::new_v2(&unique("te-cgns-target"));
+    let agent = TestCgroup::new(&unique("te-cgns-agent"));
+    let agent_v2 = TestCgroup::new_v2(&unique("te-cgns-agent"));
+    let mut main = MainContainer::start_with(
+        "cgns-host",
+        Options {
+            marker: Some(&name),
+            cgroup: Some(&target),
+            more_cgroups: &[&target_v2],
+            ..Default::default()
+        },
+    );
+    let enter = format!(
+        "echo $$ > {} && echo $$ > {} && exec unshare --cgroup \"$0\" \"$@\"",
+        agent.procs().display(),
+        agent_v2.procs().display()
+    );
+    let a = Agent::start_wrapped(
+        &["sh", "-c", &enter],
+        &[
+            "--enable-sidecar-mode=true",
+            "--main-container-name",
+            &name,
+            "--sidecar-join-cgroup",
+        ],
+    );
+    a.run(
+        "joined",
+        &["sh", "-c", "grep -E ':pids:|^0::' /proc/self/cgroup"],
+    );
+    let t = a.wait_state("joined", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    let out = a.stdout("joined");
+    let leaf = |c: &TestCgroup| format!("/{}", c.dir().file_name().unwrap().to_str().unwrap());
+    let pids = out
+        .lines()
+        .find(|l| l.contains(":pids:"))
+        .unwrap_or_default();
+    let v2 = out
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .unwrap_or_default();
+    assert!(pids.ends_with(&leaf(&target)), "v1 pids: {out}");
+    assert!(v2.ends_with(&leaf(&target_v2)), "v2: {out}");
+    drop(a);
     main.stop();
 }

@@ -1,187 +1,152 @@
 //! Process set-up that needs `unsafe`; the only module of the crate allowed it.
 //!
-//! - `ForkServer`: the shim server forks a shim per task. It checks once that it is
-//!   single-threaded (after `fork` the child runs Rust code, sound only when no other
-//!   thread could have held a lock) and puts the signal state every shim inherits in order.
-//! - `install`: what a sidecar task does between fork and exec: reset the signal state it
-//!   inherited from the shim (which blocks signals for its signalfd), then enter the main
-//!   container: cgroups, namespaces, working dir, identity. `CommandExt::pre_exec` is
-//!   unsafe because the closure runs between fork and exec; the shim is single-threaded,
-//!   and the closure only makes raw syscalls (sigprocmask, sigaction, open, write, setns,
-//!   chdir, setgroups, setgid, setuid) on data prepared before the fork: no allocation, no
-//!   locks. Host tasks need no hook: the shim starts them with posix_spawn (`shim::spawn`).
-//! - `adopt_received_fd`: taking ownership of a descriptor received with SCM_RIGHTS.
+//! - `ForkServer`: the licence to `fork` a process that then runs Rust code, which is only
+//!   sound in a single-threaded process. The shim server checks it once; its shims (and a
+//!   shim's in-container reaper) are forked children of it and single-threaded too.
+//! - `spawn`: starting a task's process (the shim on the host, the reaper inside the main
+//!   container) with a vfork-like `clone`. Hand-written for two measured reasons: glibc's
+//!   `posix_spawn` sets signals 32 and 33 to SIG_IGN in every child it starts (its child
+//!   code does so for its internal signals whatever the attributes say; checked with a
+//!   spawned `grep SigIgn /proc/self/status`), which every non-glibc task then inherits;
+//!   and a `fork` would copy the supervisor's page tables and fault on each page it writes
+//!   afterwards. The child makes raw system calls only, on data prepared before the clone.
+//! - `adopt_received_fd`, `close_fds_except`: descriptor ownership and hygiene.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicI32, Ordering};
 
-use nix::fcntl::{OFlag, open};
-use nix::sched::{CloneFlags, setns};
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, signal, sigprocmask};
-use nix::sys::stat::Mode;
-use nix::unistd::{Gid, Uid, chdir, setgid, setgroups, setuid, write};
+use nix::sys::signal::{SigHandler, Signal, signal};
 
-/// Everything the child does before exec, prepared in the parent.
-pub struct Join {
-    /// `cgroup.procs` files of the target's cgroups (joined before leaving our mount ns).
-    pub cgroup_procs: Vec<CString>,
-    /// Namespace fds opened from /proc/TARGET/ns, joined in this order (mnt last).
-    pub namespaces: Vec<(OwnedFd, CloneFlags)>,
-    pub working_dir: Option<CString>,
-    pub user: Option<(Uid, Gid)>,
+/// The highest signal number on Linux (SIGRTMAX).
+const MAX_SIGNAL: c_int = 64;
+
+/// Stack of the cloned child until it execs: it makes a few system calls only.
+const CHILD_STACK: usize = 64 * 1024;
+
+/// The kernel's `struct sigaction` (the same 32 bytes on x86-64 and arm64): all zeros is
+/// SIG_DFL with no flags and an empty mask.
+#[repr(C)]
+#[derive(Default)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
 }
 
-/// Installs the hook on `cmd` that enters the main container (sidecar tasks; host tasks
-/// need none and are started with posix_spawn).
-pub fn install(cmd: &mut Command, join: Join) {
-    // SAFETY: the closure runs in the single-threaded child of the (single-threaded) shim
-    // between fork and exec, which is what `reset_signals` requires. It owns `join`, which
-    // was fully built before the fork, and only calls async-signal-safe syscalls through
-    // nix wrappers that take borrowed C strings and fds; errors are returned as
-    // `io::Error::from(Errno)`, which does not allocate. std reports a returned error to
-    // the parent and the child exits.
-    unsafe {
-        cmd.pre_exec(move || {
-            reset_signals()?;
-            enter(&join)
-        });
-    }
-}
+/// Size of the kernel's signal set, as rt_sigaction and rt_sigprocmask take it.
+const KERNEL_SIGSET: usize = 8;
 
-/// A task starts with no blocked and no ignored signals, whatever the shim (or whoever
-/// started the agent, e.g. a shell that ignores SIGINT for background jobs) had.
+/// Sets `sig` to its default action with the raw system call: glibc's `sigaction`
+/// refuses 32 and 33 (its own), which a process may nevertheless have inherited ignored.
 ///
 /// # Safety
-/// Only for the child between fork and exec: it changes process-wide signal state.
-unsafe fn reset_signals() -> io::Result<()> {
-    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
-    for sig in Signal::iterator() {
-        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-            // SAFETY: SIG_DFL installs no handler, so no Rust code can run in signal
-            // context; sigaction is async-signal-safe.
-            unsafe { signal(sig, SigHandler::SigDfl) }?;
-        }
+/// Changes process-wide signal state: no Rust signal handler may rely on `sig`.
+unsafe fn default_action(sig: c_int) -> c_int {
+    let dfl = KernelSigaction::default();
+    // SAFETY: the struct has the kernel's layout and lives across the call; no old
+    // action is requested.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            sig,
+            &dfl as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            KERNEL_SIGSET,
+        ) as c_int
     }
-    Ok(())
 }
 
-fn enter(join: &Join) -> io::Result<()> {
-    for procs in &join.cgroup_procs {
-        let fd = open(
-            procs.as_c_str(),
-            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        // "0" moves the writing process itself.
-        write(&fd, b"0")?;
-    }
-    for (fd, flag) in &join.namespaces {
-        setns(fd.as_fd(), *flag)?;
-    }
-    if let Some(dir) = &join.working_dir {
-        chdir(dir.as_c_str())?;
-    }
-    if let Some((uid, gid)) = join.user {
-        setgroups(&[gid])?;
-        setgid(gid)?;
-        setuid(uid)?;
-    }
-    Ok(())
-}
-
-/// Makes the calling process's future children start in the PID namespace `fd`.
-/// Only children are affected, which is why the shim forks the task after this.
-pub fn join_pid_namespace_for_children(fd: &OwnedFd) -> io::Result<()> {
-    setns(fd.as_fd(), CloneFlags::CLONE_NEWPID)?;
-    Ok(())
-}
-
-/// Marks every inherited descriptor above stderr close-on-exec.
-fn cloexec_inherited_fds() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
+/// Replaces the signal mask with `mask` (raw: glibc would drop 32 and 33 from it);
+/// returns the previous one.
+fn set_mask(mask: u64) -> io::Result<u64> {
+    let mut old = 0u64;
+    // SAFETY: both sets are valid 8-byte kernel sigsets on this stack frame.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask as *const u64,
+            &mut old as *mut u64,
+            KERNEL_SIGSET,
+        )
     };
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    for fd in fds.into_iter().filter(|fd| *fd > 2) {
-        // SAFETY: the fd was listed as open a moment ago and the process is single-threaded,
-        // so nothing closes it meanwhile; the borrow ends with this statement. A stale
-        // entry (the directory's own fd) just makes fcntl fail with EBADF.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let _ = nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        );
+    if r != 0 {
+        return Err(io::Error::last_os_error());
     }
+    Ok(old)
 }
 
 /// The shim server's licence to fork: proof, checked once at start, that the process is
 /// single-threaded. After `fork` the child runs arbitrary Rust code, which is only sound
 /// when no other thread could have held a lock (malloc, stdio) at that moment. The server
-/// never starts a thread, so the check holds for its life; checking once instead of per
-/// fork saves a read of /proc per task. Neither `Send` nor `Sync`, so it stays on the
+/// never starts a thread, nor do the shims and reapers it forks, so the licence holds in
+/// them too and is handed down to them. Neither `Send` nor `Sync`, so it stays on the
 /// thread that checked.
 pub struct ForkServer(std::marker::PhantomData<*const ()>);
 
 impl ForkServer {
     /// Refuses (with an error) unless the calling process is single-threaded. Also puts
-    /// the process in the state every shim should inherit: default signal dispositions
-    /// (so tasks started with posix_spawn inherit no ignored signal), SIGCHLD ignored (the
-    /// kernel reaps the forked shims), and every inherited descriptor close-on-exec (so
-    /// tasks never receive what the agent's parent leaked to it).
+    /// the process in the state every shim should inherit: every signal at its default
+    /// action (32 and 33 included) but SIGPIPE (ignored, as in any Rust program), SIGCHLD
+    /// ignored (the kernel reaps the forked shims), no signal blocked, and no descriptor
+    /// open beyond stdio: whatever the agent's caller left open to it (a pipe it waits on
+    /// for EOF, say) is closed here, not held for the life of every shim.
     pub fn init() -> io::Result<Self> {
         if thread_count()? != 1 {
             return Err(io::Error::other("a fork server must be single-threaded"));
         }
-        reset_dispositions()?;
+        for sig in 1..=MAX_SIGNAL {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // SAFETY: no handler of this program depends on any signal's action;
+                // SIGPIPE and SIGCHLD are set again right below.
+                unsafe { default_action(sig) };
+            }
+        }
         // SAFETY: SIG_IGN installs no handler, so no code runs in signal context.
+        unsafe { signal(Signal::SIGPIPE, SigHandler::SigIgn) }?;
+        // SAFETY: as above.
         unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
-        cloexec_inherited_fds();
+        set_mask(0)?;
+        close_fds_except(&[]);
         Ok(ForkServer(std::marker::PhantomData))
     }
 
     /// Runs `f` in a forked child whose exit code is `f`'s return value. Children never
     /// linger as zombies and need no wait (SIGCHLD is ignored); the child gets the default
     /// SIGCHLD back before `f` runs, as a shim must reap its own children.
-    pub fn spawn_detached(&self, f: impl FnOnce() -> i32) -> io::Result<()> {
+    pub fn spawn_detached(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<()> {
+        self.fork(|licence| {
+            // SAFETY: SIG_DFL installs no handler; we are the only thread.
+            match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
+                Ok(_) => f(licence),
+                Err(_) => 1,
+            }
+        })
+        .map(drop)
+    }
+
+    /// Runs `f` in a forked child (its exit code is `f`'s return value); returns the
+    /// child's pid to the caller, who reaps it. The child never returns from here: it
+    /// exits without running the destructors of the caller's frames, whose copies it
+    /// holds but does not own.
+    pub fn fork(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<i32> {
         use nix::unistd::{ForkResult, fork};
-        // SAFETY: the process has exactly one thread: checked by `init`, which made this
-        // value, and the fork server starts none (it is a loop over recvmsg and fork).
+        // SAFETY: the process has exactly one thread: checked by `init` in the process
+        // this licence was made in, and neither it nor its forked children start one.
         match unsafe { fork() }? {
-            ForkResult::Parent { .. } => Ok(()),
+            ForkResult::Parent { child } => Ok(child.as_raw()),
             ForkResult::Child => {
-                // SAFETY: SIG_DFL installs no handler; we are the only thread.
-                let code = match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
-                    Ok(_) => f(),
-                    Err(_) => 1,
-                };
+                let code = f(self);
+                // `exit` runs no destructor of the stack frames above: the objects there
+                // (locks, pipes) belong to the parent.
                 std::process::exit(code)
             }
         }
     }
-}
-
-/// Every signal back to its default action, except SIGPIPE, which stays ignored as Rust
-/// programs have it (std resets it to the default in the children it spawns).
-fn reset_dispositions() -> io::Result<()> {
-    for sig in Signal::iterator() {
-        if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
-            let action = if sig == Signal::SIGPIPE {
-                SigHandler::SigIgn
-            } else {
-                SigHandler::SigDfl
-            };
-            // SAFETY: SIG_DFL and SIG_IGN install no handler, so no Rust code can run in
-            // signal context; sigaction itself is thread-safe.
-            unsafe { signal(sig, action) }?;
-        }
-    }
-    Ok(())
 }
 
 /// Threads of this process, from /proc/self/stat (field 20).
@@ -194,11 +159,350 @@ fn thread_count() -> io::Result<u64> {
         .ok_or_else(|| io::Error::other("unreadable /proc/self/stat"))
 }
 
+/// Closes every descriptor above stderr except those in `keep`.
+///
+/// For a process that has just started (the shim server) or a forked child that is about
+/// to become something else (a reaper): the descriptors closed are copies owned by stack
+/// frames this process never returns to, so nothing uses or closes them again.
+pub fn close_fds_except(keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|fd| **fd > 2)
+        .map(|fd| *fd as u32)
+        .collect();
+    keep.sort_unstable();
+    let mut from = 3u32;
+    for k in keep.into_iter().chain(std::iter::once(u32::MAX)) {
+        if k > from {
+            // SAFETY: see the function's doc: no live object of this process owns the
+            // descriptors in [from, k - 1]. close_range never fails for a valid range.
+            unsafe { libc::close_range(from, k - 1, 0) };
+        }
+        from = k.saturating_add(1);
+    }
+}
+
 /// Takes ownership of a descriptor the kernel just installed in this process through
 /// `SCM_RIGHTS`.
-pub fn adopt_received_fd(fd: std::os::fd::RawFd) -> OwnedFd {
-    use std::os::fd::FromRawFd;
-    // SAFETY: `recvmsg` created this descriptor for us a moment ago; nothing else in the
-    // process knows its number, so this is its only owner.
+///
+/// # Safety
+/// `fd` must be open and owned by nobody else: it was created by `recvmsg` for the
+/// caller a moment ago, and no other `OwnedFd` for it exists.
+unsafe fn adopt_received_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Receives one message (`recvmsg`) on a SOCK_SEQPACKET socket, with up to `MAX_FDS`
+/// descriptors attached (close-on-exec); returns its length (0: the peer is gone) and
+/// the descriptors, owned.
+pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    const MAX_FDS: usize = 4;
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fds = Vec::new();
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(received) = c {
+                for fd in received {
+                    // SAFETY: recvmsg installed `fd` for this call; nothing else knows it.
+                    fds.push(unsafe { adopt_received_fd(fd) });
+                }
+            }
+        }
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// Where a task's process starts.
+pub enum Cwd {
+    /// The caller's own working directory.
+    Inherit,
+    /// A path, resolved by the child (inside the main container for sidecar tasks).
+    Path(CString),
+    /// An open directory (the main container's working directory).
+    Fd(OwnedFd),
+}
+
+/// The identity a task's process takes before exec.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups, exactly (empty: none).
+    pub groups: Vec<u32>,
+}
+
+/// Everything a task's process needs up to its exec, prepared by the caller: the child
+/// only makes system calls on it, and allocates nothing.
+pub struct ExecPlan {
+    /// Paths to try in order: execvp's search, done by the child after it changed its
+    /// directory and identity, so relative entries and permissions are the task's.
+    programs: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    cwd: Cwd,
+    creds: Option<Creds>,
+}
+
+/// The step at which a task's process could not be started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Changing into the working directory.
+    WorkingDir,
+    /// Process group, stdio, identity.
+    Setup,
+    /// The program itself (not found: ENOENT, not executable: EACCES, ...).
+    Exec,
+    /// Creating the process.
+    Clone,
+}
+
+#[derive(Debug)]
+pub struct SpawnError {
+    pub step: Step,
+    pub error: io::Error,
+}
+
+impl ExecPlan {
+    /// `program` is either a path (tried as is) or a name looked up in `search_path`
+    /// (the task's PATH, colon-separated; empty entries are the working directory).
+    pub fn new(
+        program: &[u8],
+        search_path: &[u8],
+        argv: Vec<CString>,
+        envp: Vec<CString>,
+        cwd: Cwd,
+        creds: Option<Creds>,
+    ) -> io::Result<ExecPlan> {
+        let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "a path contains a NUL byte");
+        let programs = if program.is_empty() {
+            Vec::new() // like execvp: ENOENT
+        } else if program.contains(&b'/') {
+            vec![CString::new(program).map_err(nul)?]
+        } else {
+            search_path
+                .split(|b| *b == b':')
+                .map(|dir| {
+                    let mut p = if dir.is_empty() {
+                        b".".to_vec()
+                    } else {
+                        dir.to_vec()
+                    };
+                    p.push(b'/');
+                    p.extend_from_slice(program);
+                    CString::new(p).map_err(nul)
+                })
+                .collect::<io::Result<_>>()?
+        };
+        Ok(ExecPlan {
+            programs,
+            argv,
+            envp,
+            cwd,
+            creds,
+        })
+    }
+}
+
+impl ExecPlan {
+    /// Descriptors the plan holds (a working directory), which a process that keeps the
+    /// plan must keep open.
+    pub fn fds(&self) -> Vec<RawFd> {
+        match &self.cwd {
+            Cwd::Fd(fd) => vec![fd.as_raw_fd()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// What the cloned child reads: raw pointers into an `ExecPlan` and the stdio fds, all
+/// valid while the parent is suspended (CLONE_VFORK), and where it reports failure.
+struct ChildArgs {
+    programs: Vec<*const c_char>,
+    argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
+    stdio: [RawFd; 3],
+    cwd_path: *const c_char,
+    cwd_fd: RawFd,
+    creds: Option<(u32, u32, *const u32, usize)>,
+    /// errno of the failed step, written by the child (0: it exec'ed).
+    errno: AtomicI32,
+    step: AtomicI32,
+}
+
+fn null_terminated(v: &[CString]) -> Vec<*const c_char> {
+    v.iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect()
+}
+
+/// Starts `plan` as a new process with stdin/stdout/stderr from `stdio`, in a process
+/// group of its own, with every signal at its default action and none blocked. Returns
+/// its pid; the caller reaps it. On failure nothing is left running (a child that failed
+/// after the clone is reaped here).
+pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnError> {
+    let fail = |step, error| SpawnError { step, error };
+    // The child dup2's these onto 0..2: a source already there would keep its
+    // close-on-exec flag, and a later dup2 could overwrite an earlier source.
+    let stdio = stdio.map(|fd| fd.as_raw_fd());
+    if stdio.iter().any(|fd| *fd <= 2) {
+        return Err(fail(
+            Step::Setup,
+            io::Error::new(io::ErrorKind::InvalidInput, "stdio sources must be above 2"),
+        ));
+    }
+    let (cwd_path, cwd_fd) = match &plan.cwd {
+        Cwd::Inherit => (std::ptr::null(), -1),
+        Cwd::Path(p) => (p.as_ptr(), -1),
+        Cwd::Fd(fd) => (std::ptr::null(), fd.as_raw_fd()),
+    };
+    let args = ChildArgs {
+        programs: plan.programs.iter().map(|p| p.as_ptr()).collect(),
+        argv: null_terminated(&plan.argv),
+        envp: null_terminated(&plan.envp),
+        stdio,
+        cwd_path,
+        cwd_fd,
+        creds: plan
+            .creds
+            .as_ref()
+            .map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
+        errno: AtomicI32::new(0),
+        step: AtomicI32::new(0),
+    };
+    // Uninitialised: the child writes before it reads, as any stack is used.
+    let mut stack = Box::<[std::mem::MaybeUninit<u8>]>::new_uninit_slice(CHILD_STACK);
+    // SAFETY: in bounds (one past the end is allowed); aligned down to 16 below, as both
+    // x86-64 and arm64 require of a stack pointer.
+    let top = unsafe { stack.as_mut_ptr().add(CHILD_STACK) };
+    let top = (top as usize & !15) as *mut c_void;
+
+    // No handler may run in the child while it shares our memory: block every signal
+    // (the child starts with this mask and clears it just before exec).
+    let old = set_mask(u64::MAX).map_err(|e| fail(Step::Clone, e))?;
+    // SAFETY: `child` only makes raw system calls on `args`, which outlives the call:
+    // with CLONE_VFORK this thread is suspended until the child execs or exits, so
+    // `args`, `plan` and `stack` stay valid and untouched meanwhile. Without CLONE_SIGHAND
+    // the child's signal actions are its own; without CLONE_THREAD it is a process of its
+    // own, reaped through SIGCHLD like any child.
+    let pid = unsafe {
+        libc::clone(
+            child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &args as *const ChildArgs as *mut c_void,
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    let _ = set_mask(old);
+    drop(stack);
+    if pid < 0 {
+        return Err(fail(Step::Clone, clone_error));
+    }
+    let errno = args.errno.load(Ordering::SeqCst);
+    if errno != 0 {
+        // The child exited without exec'ing: reap it now, nothing else will.
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+        let step = match args.step.load(Ordering::SeqCst) {
+            1 => Step::WorkingDir,
+            2 => Step::Setup,
+            _ => Step::Exec,
+        };
+        return Err(fail(step, io::Error::from_raw_os_error(errno)));
+    }
+    Ok(pid)
+}
+
+/// The cloned child: set up and exec, or record why not and exit. Raw system calls only,
+/// no allocation, no lock, no panic: it shares the parent's memory.
+extern "C" fn child(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` points to the `ChildArgs` of `spawn`, alive while the parent waits.
+    let a = unsafe { &*(arg as *const ChildArgs) };
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EINVAL)
+    };
+    let fail = |step: i32, e: i32| -> c_int {
+        a.step.store(step, Ordering::SeqCst);
+        a.errno.store(e, Ordering::SeqCst);
+        // SAFETY: _exit ends this process (not the parent: no CLONE_THREAD).
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY (for the block): each call is a plain system call on descriptors, ids and
+    // NUL-terminated strings prepared by the parent and valid while it is suspended. The
+    // raw syscalls for identities avoid glibc's wrappers, which would try to reach the
+    // parent's threads.
+    unsafe {
+        for sig in 1..=MAX_SIGNAL {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                default_action(sig);
+            }
+        }
+        if libc::setpgid(0, 0) != 0 {
+            return fail(2, errno());
+        }
+        for (target, source) in a.stdio.iter().enumerate() {
+            if libc::dup2(*source, target as c_int) < 0 {
+                return fail(2, errno());
+            }
+        }
+        if let Some((uid, gid, groups, n)) = a.creds
+            && (libc::syscall(libc::SYS_setgroups, n, groups) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
+        {
+            return fail(2, errno());
+        }
+        if !a.cwd_path.is_null() && libc::chdir(a.cwd_path) != 0 {
+            return fail(1, errno());
+        }
+        if a.cwd_fd >= 0 && libc::fchdir(a.cwd_fd) != 0 {
+            return fail(1, errno());
+        }
+        let none: u64 = 0;
+        if libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &none as *const u64,
+            std::ptr::null_mut::<u64>(),
+            KERNEL_SIGSET,
+        ) != 0
+        {
+            return fail(2, errno());
+        }
+        // execvp's search: a candidate that is missing moves on, one that exists but
+        // can't be run is remembered, anything else stops the search.
+        let mut result = libc::ENOENT;
+        let mut denied = false;
+        for program in &a.programs {
+            libc::execve(*program, a.argv.as_ptr(), a.envp.as_ptr());
+            match errno() {
+                libc::EACCES => denied = true,
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                e => {
+                    result = e;
+                    break;
+                }
+            }
+        }
+        if denied && result == libc::ENOENT {
+            result = libc::EACCES;
+        }
+        fail(3, result)
+    }
 }

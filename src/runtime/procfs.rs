@@ -1,7 +1,9 @@
 //! Reading /proc: process identity (pid + start time), stat, environment.
 
+use std::ffi::OsString;
 use std::fs;
 use std::os::fd::BorrowedFd;
+use std::os::unix::ffi::OsStringExt;
 
 /// A process as it was when recorded: the pid alone could be reused, the start time can't.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,15 +96,19 @@ pub fn pids() -> Vec<i32> {
         .collect()
 }
 
-/// The NUL-separated environment a process was exec'ed with.
-pub fn environ(pid: i32) -> std::io::Result<Vec<(String, String)>> {
+/// The NUL-separated environment a process was exec'ed with, as bytes.
+pub fn environ(pid: i32) -> std::io::Result<Vec<(OsString, OsString)>> {
     let raw = fs::read(format!("/proc/{pid}/environ"))?;
     Ok(raw
         .split(|b| *b == 0)
         .filter_map(|kv| {
-            let s = String::from_utf8_lossy(kv);
-            let (k, v) = s.split_once('=')?;
-            (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
+            let eq = kv.iter().position(|b| *b == b'=')?;
+            (eq > 0).then(|| {
+                (
+                    OsString::from_vec(kv[..eq].to_vec()),
+                    OsString::from_vec(kv[eq + 1..].to_vec()),
+                )
+            })
         })
         .collect())
 }

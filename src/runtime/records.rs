@@ -1,9 +1,11 @@
 //! The files a process task's directory holds. Besides the agent's `task.json`, a run is
 //! one append-only journal, `run.jsonl`, one JSON object per line: the agent writes the
-//! `launch` line; the shim makes it durable before it starts the task (from then on the
-//! task may have run, and is never started again), then appends `started` (its identity
-//! and the task's; durable with the exit line, as it only matters while this boot lasts)
-//! and `exit` (how the task ended, fdatasync'ed). Appending creates no inode, which matters:
+//! `launch` line; the shim appends `claimed` and makes both durable before it starts the
+//! task (from then on the task may have run, and is never started again), then appends
+//! `started` (its identity and the task's; durable with the exit line, as it only matters
+//! while this boot lasts) and `exit` (how the task ended, fdatasync'ed). When no shim can
+//! write the exit (it died, or the node restarted), the agent appends one saying so, once,
+//! so the times it reports never change afterwards. Appending creates no inode, which matters:
 //! creating files is the costliest step of a task's start on ext4. A torn last line (a
 //! crash mid-write) is not valid JSON and is ignored. `stdout.log`/`stderr.log` appear on
 //! the task's first output.
@@ -40,6 +42,7 @@ pub fn running_lock(dir: &Path) -> PathBuf {
 #[serde(rename_all = "camelCase")]
 pub enum Entry {
     Launch(Launch),
+    Claimed(Claim),
     Started(ShimRecord),
     Exit(ExitRecord),
 }
@@ -48,6 +51,8 @@ pub enum Entry {
 #[derive(Clone, Debug, Default)]
 pub struct Run {
     pub launch: Option<Launch>,
+    /// A shim took the launch and may have started the task: it is never started again.
+    pub claimed: Option<Claim>,
     pub started: Option<ShimRecord>,
     pub exit: Option<ExitRecord>,
 }
@@ -64,6 +69,7 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
         // Only complete, valid lines count: a torn write is not a record.
         match serde_json::from_slice::<Entry>(line) {
             Ok(Entry::Launch(l)) => run.launch = Some(l),
+            Ok(Entry::Claimed(c)) => run.claimed = Some(c),
             Ok(Entry::Started(s)) => run.started = Some(s),
             Ok(Entry::Exit(x)) => run.exit = Some(x),
             Err(_) => {}
@@ -93,6 +99,27 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
 pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Result<()> {
     file.write_all(&line(entry)?)?;
     if durable { file.sync_data() } else { Ok(()) }
+}
+
+/// Appends the exit line of a run no shim can finish (its supervisor died, the node
+/// restarted), durably, unless one is there already; returns the exit line in effect.
+/// Holding the journal's lock while doing so proves no shim writes to it.
+pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<ExitRecord> {
+    use nix::fcntl::{Flock, FlockArg};
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(RUN))?;
+    let mut f = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("the run journal is locked: {e}"),
+        )
+    })?;
+    if let Some(x) = read_run(dir)?.exit {
+        return Ok(x);
+    }
+    append(&mut f, &Entry::Exit(rec.clone()), true)?;
+    Ok(rec.clone())
 }
 
 fn line(entry: &Entry) -> io::Result<Vec<u8>> {
@@ -156,6 +183,13 @@ pub struct Target {
     pub run_as_target_user: bool,
 }
 
+/// The shim that took the launch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Claim {
+    pub shim: ProcIdentity,
+}
+
 /// The shim's identity, and the task's main process once it exists.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -182,6 +216,19 @@ pub struct ExitRecord {
     pub target_gone: bool,
     /// The program could not be started (exec or working-dir failure).
     pub start_error: Option<String>,
+    /// Written by the agent when no shim could record the exit: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded: Option<Unrecorded>,
+}
+
+/// Why a run's exit was not recorded by its shim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unrecorded {
+    /// The shim (or the reaper it had inside the main container) died.
+    SupervisorLost,
+    /// The node restarted after the launch.
+    NodeRestarted,
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A stand-in for a pod's main container: a process in fresh PID, mount, UTS, IPC and
 //! network namespaces (via util-linux `unshare`, as root), with its own hostname and a
-//! directory that exists only in its mount namespace; optionally upstream's marker env
-//! var, another uid, and a cgroup of its own.
+//! directory that exists only in its mount namespace (its working directory); optionally
+//! upstream's marker env var, another uid and groups, and a cgroup of its own.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +23,13 @@ pub struct Options<'a> {
     /// The value of SANDBOX_MAIN_CONTAINER (upstream's lookup); none: findable only
     /// through the Pod.
     pub marker: Option<&'a str>,
-    /// Run PID 1 as this uid (and gid).
+    /// Run PID 1 as this uid (and gid), with these supplementary groups.
     pub uid: Option<u32>,
+    pub groups: &'a [u32],
     /// Put PID 1 into this cgroup.
     pub cgroup: Option<&'a TestCgroup>,
+    /// And into these (other hierarchies).
+    pub more_cgroups: &'a [&'a TestCgroup],
 }
 
 impl MainContainer {
@@ -49,13 +52,21 @@ impl MainContainer {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
-        let join = opts
+        let join: String = opts
             .cgroup
+            .iter()
+            .chain(opts.more_cgroups)
             .map(|c| format!("echo 0 > {} && ", c.procs().display()))
-            .unwrap_or_default();
+            .collect();
+        let groups = if opts.groups.is_empty() {
+            "--clear-groups".to_string()
+        } else {
+            let list: Vec<String> = opts.groups.iter().map(u32::to_string).collect();
+            format!("--groups={}", list.join(","))
+        };
         let user = opts
             .uid
-            .map(|u| format!("setpriv --reuid={u} --regid={u} --clear-groups "))
+            .map(|u| format!("setpriv --reuid={u} --regid={u} {groups} "))
             .unwrap_or_default();
         let marker = opts
             .marker
@@ -63,6 +74,7 @@ impl MainContainer {
             .unwrap_or_default();
         let script = format!(
             "{join}hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
+             cd /mnt/only-here && \
              exec {user}env {marker}STANDIN_TAG={tag} TARGET_VAR=hello-from-target sleep 100000"
         );
         let child = Command::new("unshare")
@@ -126,15 +138,23 @@ impl Drop for MainContainer {
     }
 }
 
-/// A cgroup in the v1 `pids` hierarchy (mounted on every machine of this kind), removed
-/// once empty when dropped.
+/// A cgroup in the v1 `pids` hierarchy (mounted on every machine of this kind) or in the
+/// v2 hierarchy (mounted beside the v1 ones, at /sys/fs/cgroup/unified), removed once
+/// empty when dropped.
 pub struct TestCgroup(PathBuf);
 
 impl TestCgroup {
     pub fn new(name: &str) -> TestCgroup {
-        let dir = Path::new("/sys/fs/cgroup/pids").join(name);
+        Self::create(Path::new("/sys/fs/cgroup/pids").join(name))
+    }
+
+    pub fn new_v2(name: &str) -> TestCgroup {
+        Self::create(Path::new("/sys/fs/cgroup/unified").join(name))
+    }
+
+    fn create(dir: PathBuf) -> TestCgroup {
         std::fs::create_dir(&dir)
-            .expect("create a test cgroup (needs root and the cgroup v1 pids hierarchy)");
+            .expect("create a test cgroup (needs root and the pids and v2 hierarchies)");
         TestCgroup(dir)
     }
 

@@ -1,55 +1,47 @@
-//! The per-task supervisor: `task-executor shim --task-dir DIR`.
+//! The per-task supervisor (a shim), forked by the shim server for each task.
 //!
 //! One shim per process task, like containerd's shims or conmon. It outlives the agent, so
 //! a task's exit code is recorded even while the agent is down. It is deliberately
-//! single-threaded and synchronous: joining a mount namespace requires that.
+//! single-threaded and synchronous: forking (the reaper) and joining namespaces require it.
 //!
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
 //! `started` once the journal (`run.jsonl`) names the running task, and closes the pipe
 //! once the exit line is written (or a start failure recorded), so each message means
 //! "look at the journal" and EOF means "finished" (or "the shim died"). An agent restarted
-//! later has no pipe: it waits on the journal's flock, held until the exit line is
-//! written; the task directory's flock is held for the shim's life. The kernel drops both
-//! locks and the pipe if the shim dies.
+//! later has no pipe: it watches the shim's and the task's pidfds and the journal's flock,
+//! held until the exit line is written; the task directory's flock is held for the shim's
+//! life. The kernel drops both locks and the pipe if the shim dies.
 
+mod cgroup;
 mod kill;
 mod logs;
+mod ns_reaper;
+mod place;
 pub mod server;
 mod spawn;
+mod supervisor;
 mod target;
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal, killpg};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
 
-use self::logs::CappedLog;
-use super::child_setup;
+use self::place::{MAIN, Place};
+use super::child_setup::{Cwd, ForkServer, SpawnError, Step};
 use super::procfs::ProcIdentity;
-use super::records::{self, Entry, ExitRecord, Launch, ShimRecord};
+use super::records::{self, Claim, Entry, ExitRecord, Launch, ShimRecord};
 use crate::task::time::Time;
 
-/// How often a sidecar task's shim checks that the main container is still there.
-const TARGET_CHECK: Duration = Duration::from_secs(1);
-
-/// At most this many reads (of up to 16 KiB) move pipe contents to the logs between the
-/// main process's exit and recording it.
-const DRAIN_BUDGET: usize = 256;
-
-/// Runs the shim; returns the shim's own exit code.
-pub fn run(dir: &Path) -> i32 {
-    match supervise(dir) {
+/// Runs the shim; returns the shim's own exit code. `licence` lets it fork the reaper of
+/// a sidecar task.
+pub fn run(dir: &Path, licence: &ForkServer) -> i32 {
+    match supervise(dir, licence) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
@@ -75,19 +67,27 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
     })
 }
 
-fn supervise(dir: &Path) -> io::Result<()> {
-    // Absolute: a host task's shim changes into the task's working directory.
+fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     let _shim_lock = lock(&records::shim_lock(dir), false)?;
     // Also the journal we append to: the lock is released by closing it after the exit line.
     let mut running_lock = lock(&records::running_lock(dir), true)?;
-    let launch: Launch = records::read_run(dir)?
+    let run = records::read_run(dir)?;
+    let launch: Launch = run
         .launch
         .ok_or_else(|| io::Error::other("the run journal has no launch record"))?;
-    // From here on the task may run: the launch line must survive a power loss, so that a
-    // restarted node reports the task instead of running it a second time.
-    running_lock.sync_data()?;
+    if run.claimed.is_some() {
+        // A shim took this launch before and may have started the task: never again.
+        return Err(io::Error::other(
+            "the launch was already taken by a supervisor",
+        ));
+    }
+    let me = ProcIdentity::of(std::process::id() as i32)
+        .ok_or_else(|| io::Error::other("no /proc/self"))?;
+    // From here on the task may run: the launch and the claim must survive a power loss,
+    // so that neither a restarted agent nor a restarted node runs it a second time.
+    records::append(&mut running_lock, &Entry::Claimed(Claim { shim: me }), true)?;
     nix::sys::prctl::set_child_subreaper(true)?;
 
     let mut mask = SigSet::empty();
@@ -103,87 +103,56 @@ fn supervise(dir: &Path) -> io::Result<()> {
     mask.thread_block()?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
-    let me = ProcIdentity::of(std::process::id() as i32)
-        .ok_or_else(|| io::Error::other("no /proc/self"))?;
-    let mut shim_rec = ShimRecord {
-        shim: me,
-        main: None,
-        started_at: None,
-    };
-
     let (out_r, out_w) = io::pipe()?;
     let (err_r, err_w) = io::pipe()?;
-    let argv0 = format!("failed to start {:?}", launch.argv[0]);
-    let spawned = match &launch.target {
-        None => {
-            // The shim becomes the task's working directory, so the spawned child starts
-            // there (all paths the shim uses are absolute).
-            if let Some(d) = launch.working_dir.as_deref().filter(|d| !d.is_empty())
-                && let Err(e) = std::env::set_current_dir(d)
-            {
-                let what = format!("{argv0}: working directory {d:?}");
-                return finish_start_error(running_lock, &e, &what, &launch);
-            }
-            spawn::spawn(&launch.argv, &launch.env, &out_w, &err_w).map(|pid| pid.as_raw())
-        }
-        Some(t) => {
-            let prepared = match target::prepare(t, launch.working_dir.as_deref()) {
-                Ok(p) => p,
-                Err(e) => return finish_start_error(running_lock, &e, &argv0, &launch),
-            };
-            child_setup::join_pid_namespace_for_children(&prepared.pid_ns)?;
-            let mut cmd = Command::new(&launch.argv[0]);
-            cmd.args(&launch.argv[1..])
-                .stdin(Stdio::null())
-                .stdout(out_w.try_clone()?)
-                .stderr(err_w.try_clone()?)
-                .process_group(0)
-                .env_clear()
-                .envs(task_env(prepared.env, &launch));
-            child_setup::install(&mut cmd, prepared.join);
-            cmd.spawn().map(|c| c.id() as i32) // reaped through waitpid(-1) below
+    let mut place = match place(licence, &launch) {
+        Ok(p) => p,
+        Err(e) => {
+            let what = format!("failed to start {:?}", launch.argv[0]);
+            return finish_start_error(running_lock, &e, &what, &launch);
         }
     };
+    let spawned = place.start(MAIN, out_w.as_fd(), err_w.as_fd());
     drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
-    let main_pid = match spawned {
-        Ok(pid) => pid,
-        Err(e) => return finish_start_error(running_lock, &e, &argv0, &launch),
+    let main = match spawned {
+        Ok(main) => main,
+        Err(e) => return finish_spawn_error(running_lock, e, &launch),
     };
+    place.release(); // the task's one command has started
     let started = Time::now();
-    shim_rec.main = ProcIdentity::of(main_pid).or(Some(ProcIdentity {
-        pid: main_pid,
-        start_time: 0,
-    }));
-    shim_rec.started_at = Some(started);
-    // Not fsynced: the durable launch line already says the task may have run; who runs
-    // it only matters until the node restarts. The exit line's fdatasync covers it too.
-    records::append(&mut running_lock, &Entry::Started(shim_rec), false)?;
+    let rec = ShimRecord {
+        shim: me,
+        main: Some(main),
+        started_at: Some(started),
+    };
+    // Not fsynced: the durable claim already says the task may have run; who runs it only
+    // matters until the node restarts. The exit line's fdatasync covers it too.
+    records::append(&mut running_lock, &Entry::Started(rec), false)?;
     notify_agent(b"started\n");
 
-    let mut sup = Supervisor {
-        launch: &launch,
-        main_pid,
-        started,
-        deadline: launch
-            .timeout_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms)),
-        kill_at: None,
-        killed_all: false,
-        proc: File::open("/proc")?,
-        target_check: launch
-            .target
-            .as_ref()
-            .map(|_| Instant::now() + TARGET_CHECK),
-        target_gone: false,
-        timed_out: false,
-        stop_requested: false,
-        main_done: false,
-        children_gone: false,
-        running_lock: Some(running_lock),
-        stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes),
-        stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes),
-    };
-    sup.run(&sigfd, out_r, err_r)
+    supervisor::Supervisor::new(dir, &launch, place, main, started, running_lock)?
+        .run(&sigfd, out_r, err_r)
+}
+
+/// Where the task's command starts: the plan and the place (host, or the main container
+/// through a reaper forked there).
+fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
+    let cwd = spawn::working_dir(launch.working_dir.as_deref())?;
+    match &launch.target {
+        None => {
+            let env = spawn::environment(std::env::vars_os(), &launch.env);
+            let plan = spawn::plan(&launch.argv, &env, cwd.unwrap_or(Cwd::Inherit), None)?;
+            Ok(Place::host(vec![plan]))
+        }
+        Some(t) => {
+            let prepared = target::prepare(t)?;
+            let env = spawn::environment(prepared.env.into_iter(), &launch.env);
+            let cwd = cwd.unwrap_or(prepared.target_cwd);
+            let plan = spawn::plan(&launch.argv, &env, cwd, prepared.creds)?;
+            let reaper = ns_reaper::Reaper::start(licence, prepared.entry, vec![plan])?;
+            Ok(Place::Container(reaper))
+        }
+    }
 }
 
 /// Tells the agent (reading our stdout) something changed; it may be gone (EPIPE is fine).
@@ -200,13 +169,15 @@ fn release_agent() {
     }
 }
 
-fn task_env(base: Vec<(String, String)>, launch: &Launch) -> Vec<(String, String)> {
-    let mut env = base;
-    for e in &launch.env {
-        env.retain(|(k, _)| k != &e.name);
-        env.push((e.name.clone(), e.value.clone()));
+fn finish_spawn_error(running_lock: Flock<File>, e: SpawnError, launch: &Launch) -> io::Result<()> {
+    let mut what = format!("failed to start {:?}", launch.argv[0]);
+    if e.step == Step::WorkingDir {
+        match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
+            Some(d) => what.push_str(&format!(": working directory {d:?}")),
+            None => what.push_str(": the main container's working directory"),
+        }
     }
-    env
+    finish_start_error(running_lock, &e.error, &what, launch)
 }
 
 fn finish_start_error(
@@ -234,264 +205,4 @@ fn finish_start_error(
     drop(running_lock);
     release_agent();
     Ok(())
-}
-
-struct Supervisor<'a> {
-    launch: &'a Launch,
-    main_pid: i32,
-    started: Time,
-    deadline: Option<Instant>,
-    kill_at: Option<Instant>,
-    /// The last SIGKILL round found nothing of the task left.
-    killed_all: bool,
-    /// The /proc the task's processes are walked in.
-    proc: File,
-    /// Sidecar tasks: when to next check that the main container still runs.
-    target_check: Option<Instant>,
-    target_gone: bool,
-    timed_out: bool,
-    stop_requested: bool,
-    main_done: bool,
-    children_gone: bool,
-    running_lock: Option<Flock<File>>,
-    stdout: CappedLog,
-    stderr: CappedLog,
-}
-
-impl Supervisor<'_> {
-    fn run(
-        &mut self,
-        sigfd: &SignalFd,
-        out: io::PipeReader,
-        err: io::PipeReader,
-    ) -> io::Result<()> {
-        let mut pipes = [Some(out), Some(err)];
-        // Small: zeroing and faulting in a bigger buffer costs every task, chatty or not.
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut drain_until: Option<Instant> = None;
-        loop {
-            if let Some((code, signal)) = self.reap()? {
-                self.drain(&mut pipes, &mut buf)?;
-                self.main_exited(code, signal)?;
-            }
-            if self.main_done && self.children_gone {
-                // Nobody is left to write; give the pipes a moment to drain, then leave.
-                let until =
-                    *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
-                if pipes.iter().all(Option::is_none) || Instant::now() >= until {
-                    return Ok(());
-                }
-            }
-            self.check_timers();
-
-            let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
-            for p in pipes.iter().flatten() {
-                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-            }
-            match poll(&mut fds, self.poll_timeout(drain_until)) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(false)).collect();
-            drop(fds);
-            if ready[0] {
-                while let Ok(Some(info)) = sigfd.read_signal() {
-                    let sig = info.ssi_signo as i32;
-                    if sig != Signal::SIGCHLD as i32 {
-                        self.request_stop();
-                    }
-                }
-            }
-            let mut idx = 1;
-            for (i, slot) in pipes.iter_mut().enumerate() {
-                if slot.is_some() {
-                    if ready[idx] {
-                        self.pump(i, slot, &mut buf)?;
-                    }
-                    idx += 1;
-                }
-            }
-        }
-    }
-
-    /// Moves one read's worth from a task's pipe to its log; `None`s the slot at EOF.
-    fn pump(
-        &mut self,
-        i: usize,
-        slot: &mut Option<io::PipeReader>,
-        buf: &mut [u8],
-    ) -> io::Result<()> {
-        let n = slot.as_mut().map(|p| p.read(buf)).unwrap_or(Ok(0))?;
-        if n == 0 {
-            *slot = None;
-        } else {
-            let log = if i == 0 {
-                &mut self.stdout
-            } else {
-                &mut self.stderr
-            };
-            // A full disk must not kill the supervisor; the output is lost.
-            let _ = log.write(&buf[..n]);
-        }
-        Ok(())
-    }
-
-    /// Logs what the pipes already hold. Called once the main process has exited and
-    /// before its exit is recorded, so that a client who sees `terminated` finds all the
-    /// output the task wrote in its log. Bounded, because a background child that
-    /// outlives the task may keep writing.
-    fn drain(&mut self, pipes: &mut [Option<io::PipeReader>; 2], buf: &mut [u8]) -> io::Result<()> {
-        let mut budget = DRAIN_BUDGET;
-        while budget > 0 {
-            let mut any = false;
-            for (i, slot) in pipes.iter_mut().enumerate() {
-                let readable = slot.as_ref().is_some_and(|p| {
-                    let mut fd = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
-                    matches!(poll(&mut fd, PollTimeout::ZERO), Ok(n) if n > 0)
-                });
-                if readable {
-                    self.pump(i, slot, buf)?;
-                    any = true;
-                    budget = budget.saturating_sub(1);
-                }
-            }
-            if !any {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    fn poll_timeout(&self, drain_until: Option<Instant>) -> PollTimeout {
-        let next = [
-            self.deadline.filter(|_| !self.main_done && !self.timed_out),
-            self.kill_at.filter(|_| !self.killed_all),
-            self.target_check.filter(|_| !self.main_done),
-            drain_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        match next {
-            None => PollTimeout::NONE,
-            Some(t) => {
-                let ms = t
-                    .saturating_duration_since(Instant::now())
-                    .as_millis()
-                    .min(60_000) as u16;
-                PollTimeout::from(ms.max(1))
-            }
-        }
-    }
-
-    fn request_stop(&mut self) {
-        if self.kill_at.is_none() {
-            self.stop_requested = true;
-            self.begin_kill();
-        }
-    }
-
-    fn begin_kill(&mut self) {
-        self.signal_tree(Signal::SIGTERM);
-        self.kill_at = Some(Instant::now() + Duration::from_millis(self.launch.grace_ms));
-    }
-
-    /// Signals what is provably still the task's: the main process's group while the main
-    /// process is unreaped (only this shim reaps it, so until then the group id is its
-    /// own; afterwards it may name someone else's group), and every descendant of the
-    /// shim through a handle checked to be the process the walk saw. Returns how many
-    /// descendants were left.
-    fn signal_tree(&self, sig: Signal) -> usize {
-        if !self.main_done {
-            let _ = killpg(Pid::from_raw(self.main_pid), sig);
-        }
-        kill::signal_descendants(self.proc.as_fd(), std::process::id() as i32, None, sig)
-    }
-
-    fn check_timers(&mut self) {
-        let now = Instant::now();
-        if !self.main_done && !self.timed_out && self.deadline.is_some_and(|d| now >= d) {
-            self.timed_out = true;
-            if self.kill_at.is_none() {
-                self.begin_kill();
-            }
-        }
-        if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref())
-            && now >= t
-            && !self.main_done
-        {
-            self.target_check = Some(now + TARGET_CHECK);
-            if !target.process.is_alive() && !self.target_gone {
-                // The container the task lives in restarted: the task goes with it.
-                self.target_gone = true;
-                if self.kill_at.is_none() {
-                    self.begin_kill();
-                }
-            }
-        }
-        if let Some(k) = self.kill_at.filter(|_| !self.killed_all)
-            && now >= k
-        {
-            // Grace is over: SIGKILL everything left, again every 100 ms until none is.
-            let left = self.signal_tree(Signal::SIGKILL);
-            self.kill_at = Some(now + Duration::from_millis(100));
-            if left == 0 && self.main_done {
-                self.killed_all = true;
-            }
-        }
-    }
-
-    /// Reaps every exited descendant; returns the main process's exit (code, signal) once.
-    fn reap(&mut self) -> io::Result<Option<(Option<i32>, Option<i32>)>> {
-        let mut main = None;
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => return Ok(main),
-                Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == self.main_pid => {
-                    main = Some((Some(code), None));
-                }
-                Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == self.main_pid => {
-                    main = Some((None, Some(sig as i32)));
-                }
-                Ok(_) => {}
-                Err(Errno::ECHILD) => {
-                    self.children_gone = true;
-                    if main.is_none() && !self.main_done {
-                        // Should not happen: the main process was reaped elsewhere.
-                        main = Some((None, None));
-                    }
-                    return Ok(main);
-                }
-                Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    fn main_exited(&mut self, code: Option<i32>, signal: Option<i32>) -> io::Result<()> {
-        self.main_done = true;
-        let target_gone = self.target_gone
-            || self
-                .launch
-                .target
-                .as_ref()
-                .is_some_and(|t| !t.process.is_alive());
-        let rec = ExitRecord {
-            exit_code: code,
-            signal,
-            started_at: Some(self.started),
-            finished_at: Some(Time::now()),
-            timed_out: self.timed_out,
-            stop_requested: self.stop_requested,
-            target_gone,
-            start_error: None,
-        };
-        if let Some(journal) = self.running_lock.as_mut() {
-            records::append(journal, &Entry::Exit(rec), true)?;
-        }
-        // Releasing the lock and closing the pipe is what tells the agent the task finished.
-        self.running_lock = None;
-        release_agent();
-        Ok(())
-    }
 }

@@ -8,17 +8,14 @@
 //! directory as bytes, with the write end of the agent's notify pipe attached
 //! (SCM_RIGHTS). The shim is forked once (the server lets the kernel reap its children);
 //! the notify pipe becomes its stdout. The server exits when the agent's end closes; the
-//! shims live on.
+//! shims live on. It holds nothing else: descriptors the agent inherited from its caller
+//! are closed at its start (`ForkServer::init`), so no shim keeps them open.
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::IoSliceMut;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-
-use nix::errno::Errno;
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 use crate::runtime::child_setup;
 
@@ -33,40 +30,25 @@ pub fn serve() -> i32 {
     warm_up();
     let mut buf = vec![0u8; 8192];
     loop {
-        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(0, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
-            Ok(m) => m,
-            Err(Errno::EINTR) => continue,
+        let (n, fds) = match child_setup::recv_with_fds(std::io::stdin().as_fd(), &mut buf) {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("task-executor shim-server: receiving from the agent: {e}");
                 return 1;
             }
         };
-        if msg.bytes == 0 {
+        if n == 0 {
             return 0; // the agent is gone
         }
-        let n = msg.bytes;
-        let mut notify: Option<OwnedFd> = None;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    for fd in fds {
-                        let owned = child_setup::adopt_received_fd(fd);
-                        notify.get_or_insert(owned); // extras are closed on drop
-                    }
-                }
-            }
-        }
         let dir = PathBuf::from(OsStr::from_bytes(&buf[..n]));
-        let Some(notify) = notify else {
+        let Some(notify) = fds.into_iter().next() else {
             eprintln!(
                 "task-executor shim-server: request for {} without a notify pipe",
                 dir.display()
             );
             continue;
         };
-        let spawned = forker.spawn_detached(|| become_shim(&dir, notify));
+        let spawned = forker.spawn_detached(|licence| become_shim(&dir, notify, licence));
         if let Err(e) = spawned {
             // The agent sees EOF on its notify pipe (we drop it) and reports the failure.
             eprintln!("task-executor shim-server: fork for {}: {e}", dir.display());
@@ -83,7 +65,7 @@ fn warm_up() {
 }
 
 /// In the forked process: stdin from /dev/null, stdout the notify pipe, then be a shim.
-fn become_shim(dir: &std::path::Path, notify: OwnedFd) -> i32 {
+fn become_shim(dir: &std::path::Path, notify: OwnedFd, licence: &child_setup::ForkServer) -> i32 {
     let rewired = File::open("/dev/null").and_then(|null| {
         nix::unistd::dup2_stdin(null.as_fd())?;
         nix::unistd::dup2_stdout(notify.as_fd())?;
@@ -94,5 +76,5 @@ fn become_shim(dir: &std::path::Path, notify: OwnedFd) -> i32 {
         eprintln!("task-executor shim {}: {e}", dir.display());
         return 1;
     }
-    super::run(dir)
+    super::run(dir, licence)
 }
