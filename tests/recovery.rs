@@ -259,3 +259,139 @@ fn a_node_restart_is_reported_and_never_reruns_a_task() {
     );
     assert_eq!(std::fs::read_to_string(&ran).unwrap(), "agent-crashed\n");
 }
+
+#[test]
+fn a_launch_taken_by_a_supervisor_that_died_is_never_run_again() {
+    // The shim makes its claim on the launch durable before it starts the task. If it dies
+    // between that and recording the start, the task may be running: a restarted agent
+    // must report it, not start it a second time. Staged as such a crash leaves it.
+    let mut a = Agent::start(&[]);
+    a.kill9();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let ran = a.data_dir.parent().unwrap().join("ran");
+    let dir = a.data_dir.join("taken");
+    std::fs::create_dir_all(&dir).unwrap();
+    let argv = ["sh", "-c", &format!("echo taken >> {}", ran.display())].map(String::from);
+    let rec = json!({"name": "taken", "uid": "uid-taken", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": argv}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    let launch = json!({"launch": {"argv": argv, "env": [], "graceMs": 1000,
+                                    "maxLogBytes": 4096, "bootId": this_boot.trim()}});
+    let claimed = json!({"claimed": {"shim": {"pid": 4_000_000, "startTime": 1}}});
+    std::fs::write(dir.join("run.jsonl"), format!("{launch}\n{claimed}\n")).unwrap();
+    a.restart();
+    let t = a.wait_state("taken", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    assert!(
+        t["message"].as_str().unwrap().contains("not started again"),
+        "{t}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ran.exists(), "the task was started a second time");
+}
+
+#[test]
+fn times_of_a_lost_supervisor_never_change() {
+    // Kill the task's supervisor: the task is reported SupervisorLost with the start time
+    // its journal knows, and the same times after every restart of the agent.
+    let mut a = Agent::start(&[]);
+    a.run("orphaned", &["sleep", "60"]);
+    let started = a.wait_state("orphaned", "running", T)["startedAt"].clone();
+    let main = a.main_pid("orphaned");
+    let shim = support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim.to_string()])
+        .status()
+        .unwrap();
+    let lost = a.wait_state("orphaned", "terminated", T);
+    assert_eq!(lost["reason"], "SupervisorLost", "{lost}");
+    assert_eq!(lost["startedAt"], started, "{lost}");
+    wait_for(T, "the task to be stopped", || {
+        (!pid_alive(main)).then_some(())
+    });
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(1100)); // times have second precision
+        a.restart();
+        let again = a.wait_state("orphaned", "terminated", T);
+        assert_eq!(again, lost, "times once recorded never change");
+    }
+
+    // The same for a supervisor that died while the agent was down.
+    a.run("orphaned-later", &["sleep", "60"]);
+    let started = a.wait_state("orphaned-later", "running", T)["startedAt"].clone();
+    let shim = support::agent::started_record(&a.task_dir("orphaned-later")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    a.kill9();
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim.to_string()])
+        .status()
+        .unwrap();
+    a.restart();
+    let lost = a.wait_state("orphaned-later", "terminated", T);
+    assert_eq!(
+        (lost["reason"].as_str(), &lost["startedAt"]),
+        (Some("SupervisorLost"), &started),
+        "{lost}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    a.restart();
+    assert_eq!(a.wait_state("orphaned-later", "terminated", T), lost);
+}
+
+#[test]
+fn readopted_tasks_cost_no_thread_each_and_a_killed_supervisor_is_noticed() {
+    // In a pod the pids limit counts threads: re-adopting running tasks must not take a
+    // thread per task. And a re-adopted task whose supervisor is killed is reported at
+    // once, not when the task would have ended.
+    const N: usize = 200;
+    let mut a = Agent::start(&[]);
+    let tasks: Vec<_> = (0..N)
+        .map(|i| json!({"name": format!("r{i}"), "process": {"command": ["sleep", "120"]}}))
+        .collect();
+    assert_eq!(
+        a.request("POST", "/setTasks", Some(&json!(tasks))).status,
+        200
+    );
+    for i in 0..N {
+        a.wait_state(&format!("r{i}"), "running", T);
+    }
+    a.kill9();
+    a.restart();
+    for i in 0..N {
+        a.wait_state(&format!("r{i}"), "running", T);
+    }
+    let threads = threads_of(a.pid());
+    assert!(
+        threads < 32,
+        "{threads} threads after re-adopting {N} tasks"
+    );
+
+    let shim = support::agent::started_record(&a.task_dir("r7")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let t0 = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-KILL", &shim.to_string()])
+        .status()
+        .unwrap();
+    let t = a.wait_state("r7", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    println!("a killed supervisor was reported after {:?}", t0.elapsed());
+    assert!(
+        a.get("r8").unwrap()["status"]["state"]
+            .get("running")
+            .is_some()
+    );
+}
+
+fn threads_of(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap()
+}

@@ -1,5 +1,9 @@
 //! Starting shims: through the fork server (`shim::server`), started once and restarted if
 //! it dies, so a task costs a fork instead of an exec of the agent's binary.
+//!
+//! Also the agent's open-file limit: after a restart it holds two pidfds per running task
+//! (see `exit_watch`), so its soft limit goes up to the hard one at start; the shim server
+//! gets the original soft limit back, so tasks keep the limit the agent was given.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,8 +23,28 @@ pub struct Launcher {
     server: tokio::sync::Mutex<Option<AsyncFd<OwnedFd>>>,
 }
 
+/// The soft limit on open files the agent was started with, before `raise_fd_limit`.
+static ORIGINAL_NOFILE: std::sync::OnceLock<rustix::process::Rlimit> = std::sync::OnceLock::new();
+
+/// Raises this process's soft limit on open files to its hard limit (once).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    ORIGINAL_NOFILE.get_or_init(|| {
+        let original = getrlimit(Resource::Nofile);
+        let raised = rustix::process::Rlimit {
+            current: original.maximum,
+            maximum: original.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+        original
+    });
+}
+
 impl Launcher {
     pub fn new(exe: PathBuf) -> Self {
+        raise_fd_limit();
         Launcher {
             exe,
             server: tokio::sync::Mutex::new(None),
@@ -60,12 +84,21 @@ impl Launcher {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        Command::new(&self.exe)
+        let server = Command::new(&self.exe)
             .arg("shim-server")
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?; // reaped by the agent's reaper when it exits
+        // Before the first request, so every shim and task inherits the original limit.
+        if let (Some(original), Some(pid)) = (
+            ORIGINAL_NOFILE.get(),
+            rustix::process::Pid::from_raw(server.id() as i32),
+        ) && let Err(e) =
+            rustix::process::prlimit(Some(pid), rustix::process::Resource::Nofile, *original)
+        {
+            tracing::warn!(error = %e, "cannot give the shim server the original open-file limit");
+        }
         let flags = OFlag::from_bits_truncate(fcntl(&ours, FcntlArg::F_GETFL)?);
         fcntl(&ours, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         tracing::debug!("shim server started");

@@ -7,7 +7,11 @@ pub mod container;
 #[forbid(unsafe_code)]
 pub mod error;
 #[forbid(unsafe_code)]
+pub mod exit_watch;
+#[forbid(unsafe_code)]
 pub mod launcher;
+#[forbid(unsafe_code)]
+pub mod outcome;
 #[forbid(unsafe_code)]
 pub mod proc_handle;
 #[forbid(unsafe_code)]

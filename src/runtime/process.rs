@@ -1,5 +1,6 @@
-//! Host-mode process tasks: each task runs under its own shim (see `shim`), and the agent
-//! learns of its exit by waiting on the shim's `running.lock`, never by polling.
+//! Host-mode process tasks: each task runs under its own shim (see `shim`); the agent
+//! learns of its exit through the shim's pipe or pidfds (`exit_watch`), never by polling,
+//! and reads how it went from the run journal (`outcome`).
 
 use std::fs::File;
 use std::io;
@@ -10,13 +11,15 @@ use futures::future::BoxFuture;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
 
+use super::exit_watch::ExitWatch;
 use super::launcher::Launcher;
-use super::proc_handle::{ProcHandle, signal_group};
-use super::procfs::ProcIdentity;
-use super::records::{self, ExitRecord, Launch, ShimRecord, Target};
+use super::outcome::{self, settle, terminated_from};
+use super::proc_handle::{PidFd, ProcHandle, signal_group};
+use super::records::{self, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
-use crate::task::model::{Terminated, reason};
+use crate::task::model::Terminated;
 use crate::task::time::Time;
 
 /// How long a freshly spawned shim may take to report the task started.
@@ -56,7 +59,7 @@ impl ProcessRuntime {
             // Marks the task's processes as ours (the sidecar env scan skips them); a task
             // may override it like any other variable.
             env: std::iter::once(crate::task::model::EnvVar {
-                name: "TASK_EXECUTOR_TASK".into(),
+                name: outcome::TASK_MARKER.into(),
                 value: task.name.clone(),
             })
             .chain(p.env.iter().cloned())
@@ -91,44 +94,35 @@ impl ProcessRuntime {
         if got.is_err() {
             tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
         }
-        self.observe(task, events, ExitWatch::Pipe(pipe)).await
+        self.observe(task, events, Some(pipe)).await
     }
 
-    /// Reads the records and, for a running task, starts waiting for its exit.
+    /// Reads the journal and, for a running task, starts waiting for its exit: on the
+    /// shim's pipe when this agent started it, else on its and the task's pidfds.
     async fn observe(
         &self,
         task: TaskRef,
         events: EventSink,
-        watch: ExitWatch,
+        pipe: Option<pipe::Receiver>,
     ) -> Result<Observed, RuntimeError> {
-        let dir = task.dir.clone();
-        let run = read_run(&dir)?;
-        if let Some(x) = &run.exit {
-            return Ok(Observed::Terminated(terminated_from(x, &task)));
-        }
-        let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
-        match run.started {
-            None => Err(RuntimeError::Launch(io::Error::other(
-                "the supervisor exited before starting the task (see the agent's log)".to_string(),
-            ))),
-            Some(ShimRecord { main: None, .. }) => Ok(Observed::Terminated(lost(&task, None))),
-            Some(ShimRecord {
-                main: Some(main),
+        let t = task.clone();
+        let adopted = pipe.is_none();
+        let judged = tokio::task::spawn_blocking(move || judge(&t, adopted))
+            .await
+            .map_err(io::Error::other)??;
+        match judged {
+            Judged::Done(t) => Ok(Observed::Terminated(t)),
+            Judged::Running {
                 started_at,
-                ..
-            }) => {
-                if !lock_held(&records::running_lock(&dir)) {
-                    // The shim is gone: either it just wrote the exit record, or it died.
-                    return Ok(Observed::Terminated(match read_exit(&task)? {
-                        Some(t) => t,
-                        None if rebooted => node_restarted(&task, true),
-                        None => lost(&task, Some(main)),
-                    }));
-                }
-                spawn_exit_waiter(task, main, events, watch);
-                Ok(Observed::Running {
-                    started_at: started_at.unwrap_or_else(Time::now),
-                })
+                shim,
+                main,
+            } => {
+                let watch = match pipe {
+                    Some(p) => ExitWatch::Pipe(p),
+                    None => ExitWatch::Pids { shim, main },
+                };
+                spawn_exit_waiter(task, events, watch);
+                Ok(Observed::Running { started_at })
             }
         }
     }
@@ -142,19 +136,8 @@ impl ProcessRuntime {
     ) -> Option<Result<Observed, RuntimeError>> {
         match start_state(&task.dir).await {
             StartState::NotStarted => None,
-            StartState::CutShortByReboot => {
-                Some(Ok(Observed::Terminated(node_restarted(&task, false))))
-            }
-            StartState::Started => Some(self.adopt_existing(task, events).await),
+            StartState::Started => Some(self.observe(task, events, None).await),
         }
-    }
-
-    async fn adopt_existing(
-        &self,
-        task: TaskRef,
-        events: EventSink,
-    ) -> Result<Observed, RuntimeError> {
-        self.observe(task, events, ExitWatch::Lock).await
     }
 
     pub(crate) fn stop_task(
@@ -213,71 +196,55 @@ fn read_run(dir: &Path) -> Result<records::Run, RuntimeError> {
     })
 }
 
-fn read_exit(task: &TaskRef) -> Result<Option<Terminated>, RuntimeError> {
-    Ok(read_run(&task.dir)?.exit.map(|r| terminated_from(&r, task)))
+/// What the journal says of a task that is not (or no longer) waiting for its shim's
+/// first report. Blocking.
+enum Judged {
+    Done(Terminated),
+    Running {
+        started_at: Time,
+        shim: Option<PidFd>,
+        main: Option<PidFd>,
+    },
 }
 
-/// Maps the shim's exit record to the status the API shows.
-pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
-    if let Some(err) = &rec.start_error {
-        let (why, msg) = if rec.target_gone {
-            (
-                reason::TARGET_RESTARTED,
-                format!("main container is gone: {err}"),
-            )
-        } else {
-            (reason::START_ERROR, err.clone())
-        };
-        let mut t = Terminated::failed_to_start(why, rec.exit_code.unwrap_or(128), msg);
-        t.finished_at = rec.finished_at.unwrap_or(t.finished_at);
-        return t;
+fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
+    let run = read_run(&task.dir)?;
+    if let Some(x) = &run.exit {
+        return Ok(Judged::Done(terminated_from(x, task)));
     }
-    let mut t = Terminated::from_exit(
-        rec.exit_code,
-        rec.signal,
-        rec.started_at,
-        rec.finished_at.unwrap_or_else(Time::now),
-    );
-    if rec.timed_out {
-        t.reason = reason::TIMEOUT.into();
-        t.message = Some(format!(
-            "Task exceeded timeout of {} seconds",
-            task.spec.effective_timeout().unwrap_or_default()
-        ));
-    } else if rec.target_gone
-        || (rec.stop_requested && task.dir.join(records::TARGET_RESTARTED).exists())
-    {
-        t.reason = reason::TARGET_RESTARTED.into();
-        t.message = Some("the main container restarted while the task ran".into());
+    if run.launch.as_ref().is_some_and(Launch::from_earlier_boot) {
+        // No shim survives a reboot: whatever the journal says, the run is over.
+        return Ok(Judged::Done(settle(task, Unrecorded::NodeRestarted, &run)));
     }
-    t
-}
-
-/// The supervisor died without recording an exit: say so, and leave nothing running.
-/// The task's group is only signalled while its leader is provably the recorded process.
-fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
-    if let Some(m) = main.filter(|m| m.pid > 1) {
-        signal_group(&m, Signal::SIGKILL);
-    }
-    tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
-    Terminated {
-        exit_code: 137,
-        signal: None,
-        reason: reason::SUPERVISOR_LOST.into(),
-        message: Some(
-            "the task's supervisor died before recording an exit status; the task was stopped"
-                .into(),
-        ),
-        started_at: None,
-        finished_at: Time::now(),
+    match &run.started {
+        Some(started) if lock_held(&records::running_lock(&task.dir)) => Ok(Judged::Running {
+            started_at: started.started_at.unwrap_or_else(Time::now),
+            // Only an adopted task needs them: a started one is watched on its pipe.
+            shim: adopted.then(|| PidFd::of(&started.shim)).flatten(),
+            main: adopted
+                .then(|| started.main.and_then(|m| PidFd::of(&m)))
+                .flatten(),
+        }),
+        // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
+        Some(_) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
+        // It died after claiming the launch: the task may run, it is never run again.
+        None if run.claimed.is_some() && !lock_held(&records::shim_lock(&task.dir)) => {
+            Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run)))
+        }
+        None if run.claimed.is_some() => Err(RuntimeError::Launch(io::Error::other(
+            "the supervisor took the task but does not report it started",
+        ))),
+        None => Err(RuntimeError::Launch(io::Error::other(
+            "the supervisor exited before starting the task (see the agent's log)",
+        ))),
     }
 }
 
 /// What the journal says about a task found after a restart.
 enum StartState {
+    /// No shim took its launch: it never ran, and is started now.
     NotStarted,
-    /// Launched in an earlier boot, with no trace of how far it got.
-    CutShortByReboot,
+    /// A shim took it (or the node restarted since): how it went is in the journal.
     Started,
 }
 
@@ -285,13 +252,15 @@ async fn start_state(dir: &Path) -> StartState {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let run = records::read_run(dir).unwrap_or_default();
-        if run.started.is_some() || run.exit.is_some() {
+        let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
+        if run.started.is_some() || run.exit.is_some() || rebooted {
             return StartState::Started;
         }
-        // A shim that holds its lock but has not written its record yet is starting.
-        if !lock_held(&records::shim_lock(dir)) || Instant::now() >= deadline {
-            return if run.launch.as_ref().is_some_and(Launch::from_earlier_boot) {
-                StartState::CutShortByReboot
+        // A shim that holds its lock is starting: wait for its `started` line (or its end).
+        let starting = lock_held(&records::shim_lock(dir));
+        if !starting || Instant::now() >= deadline {
+            return if run.claimed.is_some() || starting {
+                StartState::Started
             } else {
                 StartState::NotStarted
             };
@@ -300,88 +269,32 @@ async fn start_state(dir: &Path) -> StartState {
     }
 }
 
-/// The node restarted after the task's launch was recorded and before its exit was: the
-/// task may have run (or still been starting), so it is reported, not started again.
-fn node_restarted(task: &TaskRef, started: bool) -> Terminated {
-    tracing::warn!(task = %task.name, "task was cut short by a node restart");
-    Terminated {
-        exit_code: 137,
-        signal: None,
-        reason: reason::NODE_RESTARTED.into(),
-        message: Some(if started {
-            "the node restarted while the task ran".into()
-        } else {
-            "the node restarted while the task was starting; it is not started again, as it \
-             may already have run"
-                .into()
-        }),
-        started_at: None,
-        finished_at: Time::now(),
-    }
-}
-
-/// How the agent learns that a running task finished.
-enum ExitWatch {
-    /// EOF on the stdout pipe of a shim this agent started: no thread, no polling.
-    Pipe(tokio::net::unix::pipe::Receiver),
-    /// A shim adopted after a restart: wait for its `running.lock` on a small thread of
-    /// its own (never on the shared blocking pool, which a thousand tasks would exhaust).
-    Lock,
-}
-
-fn spawn_exit_waiter(task: TaskRef, main_pid: ProcIdentity, events: EventSink, watch: ExitWatch) {
+fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
     tokio::spawn(async move {
-        let waited = match watch {
-            ExitWatch::Pipe(mut pipe) => {
-                let mut sink = [0u8; 64];
-                loop {
-                    match pipe.read(&mut sink).await {
-                        Ok(0) => break Ok(()),
-                        Ok(_) => continue,
-                        Err(e) => break Err(e),
-                    }
-                }
-            }
-            ExitWatch::Lock => {
-                let lock_path = records::running_lock(&task.dir);
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let spawned = std::thread::Builder::new()
-                    .name("exit-wait".into())
-                    .stack_size(64 * 1024)
-                    .spawn(move || {
-                        let _ = tx.send(wait_unlocked(&lock_path));
-                    });
-                match spawned {
-                    Ok(_) => rx.await.unwrap_or_else(|e| Err(io::Error::other(e))),
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        if let Err(e) = waited {
+        if let Err(e) = watch.wait(&records::running_lock(&task.dir)).await {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
-        let t = match read_exit(&task) {
-            Ok(Some(t)) => t,
-            Ok(None) if !task.dir.exists() => return, // deleted meanwhile
-            Ok(None) => lost(&task, Some(main_pid)),
+        let t = task.clone();
+        let t = tokio::task::spawn_blocking(move || match read_run(&t.dir) {
+            Ok(run) => match &run.exit {
+                Some(x) => Some(terminated_from(x, &t)),
+                None if !t.dir.exists() => None, // deleted meanwhile
+                None => Some(settle(&t, Unrecorded::SupervisorLost, &run)),
+            },
             Err(e) => {
-                tracing::error!(task = %task.name, error = %e, "unreadable exit record");
-                lost(&task, Some(main_pid))
+                tracing::error!(task = %t.name, error = %e, "unreadable run journal");
+                None
             }
-        };
-        let _ = events.send(RuntimeEvent {
-            name: task.name,
-            uid: task.uid,
-            observed: Observed::Terminated(t),
-        });
+        })
+        .await;
+        if let Ok(Some(t)) = t {
+            let _ = events.send(RuntimeEvent {
+                name: task.name,
+                uid: task.uid,
+                observed: Observed::Terminated(t),
+            });
+        }
     });
-}
-
-/// Blocks until nobody holds an exclusive lock on `path`.
-fn wait_unlocked(path: &Path) -> io::Result<()> {
-    let f = File::open(path)?;
-    let _held = Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?;
-    Ok(())
 }
 
 pub(crate) fn lock_held(path: &Path) -> bool {
