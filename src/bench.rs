@@ -27,12 +27,20 @@ pub struct BenchOptions {
     pub clients: usize,
     pub duration: Duration,
     pub latency_samples: usize,
+    /// Running tasks re-adopted after a kill -9 of the agent (0: skip).
+    pub adopted_tasks: usize,
 }
 
 struct Agent {
     child: Child,
     addr: SocketAddr,
     dir: PathBuf,
+}
+
+impl Agent {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Agent {
@@ -121,13 +129,142 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     out.push_str(&format!(
         "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
     ));
+    drop(agent);
+    if opts.adopted_tasks > 0 {
+        let r = readoption(opts.adopted_tasks, opts.clients)?;
+        out.push_str(&format!(
+            "| re-adoption of {} running tasks after kill -9 (start → all running) | {:.2} s | | |\n",
+            r.tasks,
+            r.took.as_secs_f64()
+        ));
+        out.push_str(&format!(
+            "| agent threads / open fds with {} re-adopted tasks | {} / {} | | |\n",
+            r.tasks, r.threads, r.fds
+        ));
+    }
     Ok(out)
 }
 
+struct Readoption {
+    tasks: usize,
+    took: Duration,
+    threads: u64,
+    fds: usize,
+}
+
+/// Starts `n` long-running tasks, kills the agent (-9), starts it again on the same data
+/// dir and times until every task is reported running again; then the agent's threads
+/// and descriptors. Deletes the tasks afterwards.
+fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
+    let dir =
+        std::env::temp_dir().join(format!("task-executor-bench-adopt-{}", std::process::id()));
+    let mut agent = start_agent_in(dir.clone())?;
+    let names: Vec<String> = (0..n).map(|i| format!("adopt-{i}")).collect();
+    let next = Arc::new(AtomicUsize::new(0));
+    let names = Arc::new(names);
+    let addr = agent.addr;
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, names) = (next.clone(), names.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut conn = client::Conn::new(addr);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(name) = names.get(i) else {
+                        return Ok(());
+                    };
+                    let body =
+                        json!({"name": name, "spec": {"process": {"command": ["sleep", "3600"]}}})
+                            .to_string();
+                    let r = conn
+                        .request("POST", "/tasks", Some(body.as_bytes()))
+                        .map_err(|e| e.to_string())?;
+                    if r.status != 201 {
+                        return Err(format!("create: {} {}", r.status, r.text()));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| BenchError::Setup("client panicked".into()))?
+            .map_err(BenchError::Setup)?;
+    }
+    wait_all(addr, n, "running")?;
+    // The shims outlive the agent; the next agent finds them through the data dir.
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    let t = Instant::now();
+    let mut again = spawn_agent(dir.clone(), addr)?;
+    wait_healthy(&mut again)?;
+    wait_all(addr, n, "running")?;
+    let took = t.elapsed();
+    let threads = status_field(again.pid(), "Threads:")?;
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", again.pid()))?.count();
+    // Clean up: every task stopped and removed.
+    client::request(addr, "POST", "/setTasks", Some(b"[]"))?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while client::request(addr, "GET", "/getTasks", None)?
+        .json()
+        .as_array()
+        .is_some_and(|a| !a.is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(again);
+    Ok(Readoption {
+        tasks: n,
+        took,
+        threads,
+        fds,
+    })
+}
+
+/// Waits until the agent holds `n` tasks, all in `state`.
+fn wait_all(addr: SocketAddr, n: usize, state: &str) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let list = client::request(addr, "GET", "/getTasks", None)?.json();
+        let arr = list.as_array().cloned().unwrap_or_default();
+        let ready = arr
+            .iter()
+            .filter(|t| t["status"]["state"].get(state).is_some())
+            .count();
+        if arr.len() == n && ready == n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "only {ready} of {n} tasks {state} after 10 minutes"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn status_field(pid: u32, name: &str) -> Result<u64, BenchError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/status")))
+}
+
 fn start_agent() -> Result<Agent, BenchError> {
-    let exe = std::env::current_exe()?;
-    let dir = std::env::temp_dir().join(format!("task-executor-bench-{}", std::process::id()));
+    start_agent_in(std::env::temp_dir().join(format!("task-executor-bench-{}", std::process::id())))
+}
+
+fn start_agent_in(dir: PathBuf) -> Result<Agent, BenchError> {
     let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut agent = spawn_agent(dir, addr)?;
+    wait_healthy(&mut agent)?;
+    Ok(agent)
+}
+
+fn spawn_agent(dir: PathBuf, addr: SocketAddr) -> Result<Agent, BenchError> {
+    let exe = std::env::current_exe()?;
     let child = Command::new(exe)
         .arg("--data-dir")
         .arg(dir.join("data"))
@@ -137,19 +274,22 @@ fn start_agent() -> Result<Agent, BenchError> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()?;
-    let agent = Agent { child, addr, dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client::request(addr, "GET", "/health", None)
+    Ok(Agent { child, addr, dir })
+}
+
+fn wait_healthy(agent: &mut Agent) -> Result<(), BenchError> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while client::request(agent.addr, "GET", "/health", None)
         .map(|r| r.status)
         .ok()
         != Some(200)
     {
-        if Instant::now() > deadline {
+        if Instant::now() > deadline || agent.child.try_wait()?.is_some() {
             return Err(BenchError::Setup("agent did not become healthy".into()));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(5));
     }
-    Ok(agent)
+    Ok(())
 }
 
 fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {

@@ -37,6 +37,9 @@ enum Command {
         duration: std::time::Duration,
         #[arg(long, default_value_t = 300)]
         latency_samples: usize,
+        /// Running tasks to re-adopt after a kill -9 of the agent (0: skip).
+        #[arg(long, default_value_t = 5_000)]
+        adopted_tasks: usize,
     },
 }
 
@@ -55,12 +58,14 @@ fn main() -> anyhow::Result<()> {
             clients,
             duration,
             latency_samples,
+            adopted_tasks,
         }) => {
             let opts = task_executor::bench::BenchOptions {
                 held_tasks,
                 clients,
                 duration,
                 latency_samples,
+                adopted_tasks,
             };
             print!("{}", task_executor::bench::run(&opts)?);
             Ok(())

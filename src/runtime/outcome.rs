@@ -112,6 +112,22 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Terminated {
     terminated_from(&effective, task)
 }
 
+/// The shim ended before it claimed the launch: the task never ran. Recorded as a start
+/// error (once, durably), like any failed start. Blocking.
+pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
+    let rec = ExitRecord {
+        exit_code: Some(128),
+        finished_at: Some(Time::now()),
+        start_error: Some(why.to_string()),
+        ..Default::default()
+    };
+    let effective = records::record_outcome(&task.dir, &rec).unwrap_or_else(|e| {
+        tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
+        rec
+    });
+    terminated_from(&effective, task)
+}
+
 /// Stops what outlived a dead supervisor: the main process and its group (while its
 /// leader is provably unreaped), or, when the supervisor died before recording the main
 /// process, the processes that carry this task's marker and started after it.

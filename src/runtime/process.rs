@@ -227,18 +227,24 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
         }),
         // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
         Some(_) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
-        // It died after claiming the launch: the task may run, it is never run again.
-        None if run.claimed.is_some() && !lock_held(&records::shim_lock(&task.dir)) => {
-            Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run)))
-        }
-        None if run.claimed.is_some() => Err(RuntimeError::Launch(io::Error::other(
-            "the supervisor took the task but does not report it started",
-        ))),
-        None => Err(RuntimeError::Launch(io::Error::other(
-            "the supervisor exited before starting the task (see the agent's log)",
-        ))),
+        None => match (&run.claimed, lock_held(&records::shim_lock(&task.dir))) {
+            // Still starting (slow, or stopped): it is the shim's; watch it like a running one.
+            (claim, true) => Ok(Judged::Running {
+                started_at: Time::now(),
+                shim: adopted
+                    .then(|| claim.as_ref().and_then(|c| PidFd::of(&c.shim)))
+                    .flatten(),
+                main: None,
+            }),
+            // It died after claiming the launch: the task may run, it is never run again.
+            (Some(_), false) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
+            (None, false) => Err(RuntimeError::Launch(io::Error::other(NEVER_STARTED))),
+        },
     }
 }
+
+/// A shim that ended before it claimed the launch: the task never ran.
+const NEVER_STARTED: &str = "the supervisor exited before starting the task (see the agent's log)";
 
 /// What the journal says about a task found after a restart.
 enum StartState {
@@ -278,7 +284,9 @@ fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
         let t = tokio::task::spawn_blocking(move || match read_run(&t.dir) {
             Ok(run) => match &run.exit {
                 Some(x) => Some(terminated_from(x, &t)),
-                None if !t.dir.exists() => None, // deleted meanwhile
+                // No journal (no launch line) any more: the task is being deleted.
+                None if run.launch.is_none() => None,
+                None if run.claimed.is_none() => Some(outcome::never_started(&t, NEVER_STARTED)),
                 None => Some(settle(&t, Unrecorded::SupervisorLost, &run)),
             },
             Err(e) => {

@@ -106,15 +106,27 @@ pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Res
 /// Holding the journal's lock while doing so proves no shim writes to it.
 pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<ExitRecord> {
     use nix::fcntl::{Flock, FlockArg};
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.join(RUN))?;
-    let mut f = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("the run journal is locked: {e}"),
-        )
-    })?;
+    // Callers know the shim is gone; another caller of this may hold the lock a moment.
+    let mut tries = 0;
+    let mut f = loop {
+        match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => break locked,
+            Err((back, _)) if tries < 100 => {
+                f = back;
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err((_, e)) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("the run journal is locked: {e}"),
+                ));
+            }
+        }
+    };
     if let Some(x) = read_run(dir)?.exit {
         return Ok(x);
     }

@@ -277,6 +277,10 @@ fn serve(sock: OwnedFd, entry: Entry, jobs: Vec<ExecPlan>) -> i32 {
 }
 
 fn enter(entry: &Entry) -> io::Result<()> {
+    // The reaper holds the agent's /proc: processes of the container (which see it in
+    // their PID namespace) must not reach its descriptors or memory through ptrace or
+    // /proc/PID/fd; only a ptracer with CAP_SYS_PTRACE on the host could.
+    nix::sys::prctl::set_dumpable(false)?;
     nix::sys::prctl::set_child_subreaper(true)?;
     if let Some(c) = &entry.cgroup {
         c.join(entry.proc.as_fd())?;
