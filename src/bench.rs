@@ -34,7 +34,8 @@ pub struct BenchOptions {
 struct Agent {
     child: Child,
     addr: SocketAddr,
-    dir: PathBuf,
+    /// Removed when the agent is dropped, unless `None`.
+    dir: Option<PathBuf>,
 }
 
 impl Agent {
@@ -47,7 +48,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -158,7 +161,9 @@ struct Readoption {
 fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
     let dir =
         std::env::temp_dir().join(format!("task-executor-bench-adopt-{}", std::process::id()));
+    let _cleanup = StopShims(dir.clone());
     let mut agent = start_agent_in(dir.clone())?;
+    agent.dir = None; // `_cleanup` removes it once the shims are gone
     let names: Vec<String> = (0..n).map(|i| format!("adopt-{i}")).collect();
     let next = Arc::new(AtomicUsize::new(0));
     let names = Arc::new(names);
@@ -197,29 +202,55 @@ fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
     let _ = agent.child.wait();
     let t = Instant::now();
     let mut again = spawn_agent(dir.clone(), addr)?;
+    again.dir = None;
     wait_healthy(&mut again)?;
     wait_all(addr, n, "running")?;
     let took = t.elapsed();
     let threads = status_field(again.pid(), "Threads:")?;
     let fds = std::fs::read_dir(format!("/proc/{}/fd", again.pid()))?.count();
-    // Clean up: every task stopped and removed.
-    client::request(addr, "POST", "/setTasks", Some(b"[]"))?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while client::request(addr, "GET", "/getTasks", None)?
-        .json()
-        .as_array()
-        .is_some_and(|a| !a.is_empty())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    drop(again);
     Ok(Readoption {
         tasks: n,
         took,
         threads,
         fds,
     })
+}
+
+/// Clean-up of the re-adoption run, also when it fails half-way: without 5,000 deletions
+/// through the API (each one durable), each shim is asked to stop its task, as a deletion
+/// would; then the data dir goes.
+struct StopShims(PathBuf);
+
+impl Drop for StopShims {
+    fn drop(&mut self) {
+        stop_shims(&self.0.join("data"));
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// SIGTERMs the shim of every task under `data` (it stops its task and leaves) and waits
+/// until all are gone.
+fn stop_shims(data: &std::path::Path) {
+    use crate::runtime::{proc_handle::ProcHandle, process::lock_held, records};
+    let dirs: Vec<PathBuf> = std::fs::read_dir(data)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    for d in &dirs {
+        let shim = records::read_run(d)
+            .ok()
+            .and_then(|r| r.started)
+            .map(|s| s.shim);
+        if let Some(h) = shim.as_ref().and_then(ProcHandle::of) {
+            let _ = h.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while dirs.iter().any(|d| lock_held(&records::shim_lock(d))) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Waits until the agent holds `n` tasks, all in `state`.
@@ -274,7 +305,11 @@ fn spawn_agent(dir: PathBuf, addr: SocketAddr) -> Result<Agent, BenchError> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()?;
-    Ok(Agent { child, addr, dir })
+    Ok(Agent {
+        child,
+        addr,
+        dir: Some(dir),
+    })
 }
 
 fn wait_healthy(agent: &mut Agent) -> Result<(), BenchError> {

@@ -58,6 +58,41 @@ impl ProcHandle {
         procfs::parse_stat(&text).ok_or_else(|| io::Error::other("unparsable stat"))
     }
 
+    /// The pids of its children (as its /proc shows them), from each of its threads'
+    /// `children` file, read through this handle: a dead process has none, never those of
+    /// a process that reused its pid. `None` where the kernel has no such file
+    /// (CONFIG_PROC_CHILDREN).
+    pub fn children(&self) -> Option<Vec<i32>> {
+        let task = openat(
+            &self.fd,
+            "task",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut out = Vec::new();
+        for tid in procfs::pids_at(task.as_fd()) {
+            let f = match openat(
+                &task,
+                format!("{tid}/children"),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(f) => f,
+                Err(rustix::io::Errno::NOENT) if tid == self.pid => return None,
+                Err(_) => continue, // a thread that just ended
+            };
+            let mut text = String::new();
+            if File::from(f).read_to_string(&mut text).is_ok() {
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                );
+            }
+        }
+        Some(out)
+    }
+
     /// True until the process has been reaped (its pid, and a group it leads, stay taken).
     pub fn unreaped(&self) -> bool {
         self.stat().is_ok()

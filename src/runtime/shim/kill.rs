@@ -1,8 +1,14 @@
 //! Signalling a task's process tree: every descendant of a subreaper (the shim on the
 //! host, the reaper inside the main container), so even setsid'd and double-forked
 //! daemons are reached. Each process is signalled through a handle opened on it and
-//! checked to be the process the walk saw (same start time), so a pid that was freed and
-//! reused between the walk and the signal is never hit.
+//! checked to be the process the walk saw (a child of the process it was listed under,
+//! or the same start time), so a pid that was freed and reused between the walk and the
+//! signal is never hit.
+//!
+//! The walk reads each process's `children` files through its handle, which costs in
+//! proportion to the task's tree, not to every process on the node (a node stopping
+//! thousands of tasks at once would otherwise read /proc thousands of times over).
+//! Without those files (a kernel built without CONFIG_PROC_CHILDREN) it scans /proc.
 
 use std::collections::HashMap;
 use std::os::fd::BorrowedFd;
@@ -21,6 +27,40 @@ pub fn signal_descendants(
     spare: Option<i32>,
     sig: Signal,
 ) -> usize {
+    let Ok((root_handle, _)) = ProcHandle::open_at(proc, root) else {
+        return 0;
+    };
+    match root_handle.children() {
+        Some(_) => walk_children(proc, root_handle, spare, sig),
+        None => walk_scan(proc, root, spare, sig),
+    }
+}
+
+/// Depth-first through `children` files; a child counts when its own stat (read through
+/// its handle) names the parent it was listed under.
+fn walk_children(proc: BorrowedFd<'_>, root: ProcHandle, spare: Option<i32>, sig: Signal) -> usize {
+    let mut live = 0;
+    let mut stack = vec![root];
+    while let Some(parent) = stack.pop() {
+        for pid in parent.children().unwrap_or_default() {
+            let Ok((h, st)) = ProcHandle::open_at(proc, pid) else {
+                continue; // gone meanwhile
+            };
+            if st.ppid != parent.pid {
+                continue; // a reused pid, or re-parented meanwhile (then found again)
+            }
+            if Some(pid) != spare && st.state != 'Z' {
+                live += 1;
+                let _ = h.signal(sig);
+            }
+            stack.push(h);
+        }
+    }
+    live
+}
+
+/// The same from one scan of every process's stat.
+fn walk_scan(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>, sig: Signal) -> usize {
     let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
     for pid in procfs::pids_at(proc) {
         if let Some(s) = procfs::stat_at(proc, pid) {
@@ -49,4 +89,62 @@ pub fn signal_descendants(
         }
     }
     live
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    #[test]
+    fn both_walks_reach_setsid_and_double_forked_descendants() {
+        // This test process is not a subreaper: orphans would leave its tree, so the
+        // daemons are grandchildren kept under a parent shell that waits.
+        for use_scan in [false, true] {
+            let mut sh = std::process::Command::new("sh")
+                .args(["-c", "setsid sleep 31 & sh -c 'sleep 32 & wait' & wait"])
+                .spawn()
+                .unwrap();
+            let me = std::process::id() as i32;
+            let proc = std::fs::File::open("/proc").unwrap();
+            // Until both sleeps (and the inner shell) exist.
+            let t0 = std::time::Instant::now();
+            let mut found = 0;
+            while found < 4 && t0.elapsed() < std::time::Duration::from_secs(10) {
+                found = count(proc.as_fd(), me);
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert!(found >= 4, "sh, sleep, sh, sleep: {found}");
+            let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
+            let n = if use_scan {
+                walk_scan(proc.as_fd(), me, Some(sh.id() as i32), Signal::SIGKILL)
+            } else {
+                walk_children(proc.as_fd(), h, Some(sh.id() as i32), Signal::SIGKILL)
+            };
+            assert_eq!(
+                n, 3,
+                "every descendant but the spared one (scan: {use_scan})"
+            );
+            let _ = sh.kill();
+            sh.wait().unwrap();
+        }
+    }
+
+    fn count(proc: BorrowedFd<'_>, root: i32) -> usize {
+        let (h, _) = ProcHandle::open_at(proc, root).unwrap();
+        let mut n = 0;
+        let mut stack = vec![h];
+        while let Some(p) = stack.pop() {
+            for pid in p.children().unwrap_or_default() {
+                if let Ok((c, st)) = ProcHandle::open_at(proc, pid)
+                    && st.state != 'Z'
+                {
+                    n += 1;
+                    stack.push(c);
+                }
+            }
+        }
+        n
+    }
 }
