@@ -94,8 +94,9 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Terminated {
     let effective = match records::record_outcome(&task.dir, &rec) {
         Ok(effective) => effective,
         Err(e) => {
+            // Reported, but nothing is stopped on a judgement that could not be recorded.
             tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
-            rec.clone()
+            return terminated_from(&rec, task);
         }
     };
     if effective == rec {

@@ -105,11 +105,18 @@ impl ProcessRuntime {
         events: EventSink,
         pipe: Option<pipe::Receiver>,
     ) -> Result<Observed, RuntimeError> {
-        let t = task.clone();
-        let adopted = pipe.is_none();
-        let judged = tokio::task::spawn_blocking(move || judge(&t, adopted))
-            .await
-            .map_err(io::Error::other)??;
+        let judged = match pipe {
+            // A start: a short read of the journal, in line. Handing every start to the
+            // blocking pool would spread the work over its threads and their malloc arenas.
+            Some(_) => judge(&task, false)?,
+            // Recovery: thousands at once, off the event loop's two workers.
+            None => {
+                let t = task.clone();
+                tokio::task::spawn_blocking(move || judge(&t, true))
+                    .await
+                    .map_err(io::Error::other)??
+            }
+        };
         match judged {
             Judged::Done(t) => Ok(Observed::Terminated(t)),
             Judged::Running {
@@ -280,22 +287,31 @@ fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
         if let Err(e) = watch.wait(&records::running_lock(&task.dir)).await {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
-        let t = task.clone();
-        let t = tokio::task::spawn_blocking(move || match read_run(&t.dir) {
+        let t = match read_run(&task.dir) {
             Ok(run) => match &run.exit {
-                Some(x) => Some(terminated_from(x, &t)),
+                Some(x) => Some(terminated_from(x, &task)),
                 // No journal (no launch line) any more: the task is being deleted.
                 None if run.launch.is_none() => None,
-                None if run.claimed.is_none() => Some(outcome::never_started(&t, NEVER_STARTED)),
-                None => Some(settle(&t, Unrecorded::SupervisorLost, &run)),
+                // The shim died: what it leaves is recorded durably (rare: off the loop).
+                None => {
+                    let t = task.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if run.claimed.is_none() {
+                            outcome::never_started(&t, NEVER_STARTED)
+                        } else {
+                            settle(&t, Unrecorded::SupervisorLost, &run)
+                        }
+                    })
+                    .await
+                    .ok()
+                }
             },
             Err(e) => {
-                tracing::error!(task = %t.name, error = %e, "unreadable run journal");
+                tracing::error!(task = %task.name, error = %e, "unreadable run journal");
                 None
             }
-        })
-        .await;
-        if let Ok(Some(t)) = t {
+        };
+        if let Some(t) = t {
             let _ = events.send(RuntimeEvent {
                 name: task.name,
                 uid: task.uid,
@@ -305,9 +321,11 @@ fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
     });
 }
 
+/// Whether a shim holds the lock on `path`. Only a missing file or a lock granted counts
+/// as "no": anything else (out of descriptors, say) is no proof the shim is gone.
 pub(crate) fn lock_held(path: &Path) -> bool {
     match File::open(path) {
-        Err(_) => false,
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
         Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_err(),
     }
 }
