@@ -10,7 +10,7 @@
 //!   spawned `grep SigIgn /proc/self/status`), which every non-glibc task then inherits;
 //!   and a `fork` would copy the supervisor's page tables and fault on each page it writes
 //!   afterwards. The child makes raw system calls only, on data prepared before the clone.
-//! - `adopt_received_fd`, `close_fds_except`: descriptor ownership and hygiene.
+//! - `recv_with_fds`, `close_all_but`: descriptor ownership and hygiene.
 #![allow(unsafe_code)]
 
 use std::ffi::{CString, c_char, c_int, c_void};
@@ -111,7 +111,9 @@ impl ForkServer {
         // SAFETY: as above.
         unsafe { signal(Signal::SIGCHLD, SigHandler::SigIgn) }?;
         set_mask(0)?;
-        close_fds_except(&[]);
+        // SAFETY: the server has just started: nothing in it owns a descriptor yet
+        // besides stdio (the socket to the agent is stdin).
+        unsafe { close_all_but(&[]) };
         Ok(ForkServer(std::marker::PhantomData))
     }
 
@@ -129,11 +131,28 @@ impl ForkServer {
         .map(drop)
     }
 
+    /// Runs `f(payload)` in a forked child that keeps no descriptor but stdio and those
+    /// `payload` owns: nothing of the caller's (its locks, its pipes) stays open in it.
+    /// `f` is a plain function, so the payload is all it can own. Returns the child's pid
+    /// to the caller, who reaps it.
+    pub fn fork_with<P: OwnsFds>(
+        &self,
+        payload: P,
+        f: fn(&ForkServer, P) -> i32,
+    ) -> io::Result<i32> {
+        self.fork(move |licence| {
+            // SAFETY: the child's live objects are `payload` (whose descriptors stay, see
+            // `OwnsFds`) and what `f`, a function capturing nothing, creates later.
+            unsafe { close_all_but(&payload.fds()) };
+            f(licence, payload)
+        })
+    }
+
     /// Runs `f` in a forked child (its exit code is `f`'s return value); returns the
     /// child's pid to the caller, who reaps it. The child never returns from here: it
     /// exits without running the destructors of the caller's frames, whose copies it
     /// holds but does not own.
-    pub fn fork(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<i32> {
+    fn fork(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<i32> {
         use nix::unistd::{ForkResult, fork};
         // SAFETY: the process has exactly one thread: checked by `init` in the process
         // this licence was made in, and neither it nor its forked children start one.
@@ -161,10 +180,11 @@ fn thread_count() -> io::Result<u64> {
 
 /// Closes every descriptor above stderr except those in `keep`.
 ///
-/// For a process that has just started (the shim server) or a forked child that is about
-/// to become something else (a reaper): the descriptors closed are copies owned by stack
-/// frames this process never returns to, so nothing uses or closes them again.
-pub fn close_fds_except(keep: &[RawFd]) {
+/// # Safety
+/// No object of this process that will still be used or dropped may own a descriptor
+/// outside `keep`: for a process that has just started (the shim server), or for a forked
+/// child whose only live objects are the payload of `ForkServer::fork_with`.
+unsafe fn close_all_but(keep: &[RawFd]) {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter(|fd| **fd > 2)
@@ -174,11 +194,28 @@ pub fn close_fds_except(keep: &[RawFd]) {
     let mut from = 3u32;
     for k in keep.into_iter().chain(std::iter::once(u32::MAX)) {
         if k > from {
-            // SAFETY: see the function's doc: no live object of this process owns the
-            // descriptors in [from, k - 1]. close_range never fails for a valid range.
+            // SAFETY: guaranteed by the caller. close_range never fails for a valid range.
             unsafe { libc::close_range(from, k - 1, 0) };
         }
         from = k.saturating_add(1);
+    }
+}
+
+/// What a child forked with `ForkServer::fork_with` owns.
+///
+/// # Safety
+/// `fds` must list every descriptor the value owns, in all its fields: the child closes
+/// every other one.
+pub unsafe trait OwnsFds {
+    fn fds(&self) -> Vec<RawFd>;
+}
+
+// SAFETY: `Boot::owned_fds` lists each descriptor a Boot owns: its socket, /proc, the
+// container's namespaces (cgroup namespace included) and each plan's working directory;
+// its other fields own none.
+unsafe impl OwnsFds for super::shim::ns_reaper::Boot {
+    fn fds(&self) -> Vec<RawFd> {
+        self.owned_fds()
     }
 }
 

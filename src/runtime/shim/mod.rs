@@ -15,7 +15,7 @@
 mod cgroup;
 mod kill;
 mod logs;
-mod ns_reaper;
+pub(crate) mod ns_reaper;
 mod place;
 pub mod server;
 mod spawn;

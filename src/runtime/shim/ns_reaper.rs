@@ -103,7 +103,12 @@ impl Reaper {
         // to its own right after, so commands it starts itself stay on the host.
         let own = File::open("/proc/self/ns/pid")?;
         setns(entry.pid_ns.as_fd(), CloneFlags::CLONE_NEWPID)?;
-        let forked = licence.fork(move |_| serve(theirs, entry, jobs));
+        let boot = Boot {
+            sock: theirs,
+            entry,
+            jobs,
+        };
+        let forked = licence.fork_with(boot, serve);
         setns(own.as_fd(), CloneFlags::CLONE_NEWPID)?;
         let mut reaper = Reaper {
             sock: ours,
@@ -244,15 +249,33 @@ fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> io::Resul
     }
 }
 
-/// The reaper process (forked by the shim, in the container's PID namespace).
-fn serve(sock: OwnedFd, entry: Entry, jobs: Vec<ExecPlan>) -> i32 {
-    // Only what it needs stays open: above all not the shim's locks, nor the agent's
-    // notify pipe (its stdout), whose release tells the agent the shim is done.
-    let mut keep = vec![sock.as_raw_fd(), entry.proc.as_raw_fd()];
-    keep.extend(entry.namespaces.iter().map(|(fd, _)| fd.as_raw_fd()));
-    keep.extend(entry.cgroup.iter().map(|c| c.fd().as_raw_fd()));
-    keep.extend(jobs.iter().flat_map(ExecPlan::fds));
-    child_setup::close_fds_except(&keep);
+/// Everything the reaper owns when it is forked: the only descriptors it keeps.
+pub struct Boot {
+    sock: OwnedFd,
+    entry: Entry,
+    jobs: Vec<ExecPlan>,
+}
+
+impl Boot {
+    /// Every descriptor this value owns (see `child_setup::OwnsFds`).
+    pub fn owned_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![
+            self.sock.as_raw_fd(),
+            self.entry.proc.as_raw_fd(),
+            self.entry.pid_ns.as_raw_fd(),
+        ];
+        fds.extend(self.entry.namespaces.iter().map(|(fd, _)| fd.as_raw_fd()));
+        fds.extend(self.entry.cgroup.iter().map(|c| c.fd().as_raw_fd()));
+        fds.extend(self.jobs.iter().flat_map(ExecPlan::fds));
+        fds
+    }
+}
+
+/// The reaper process (forked by the shim, in the container's PID namespace), holding
+/// nothing of the shim's: above all not its locks, nor the agent's notify pipe, whose
+/// release tells the agent the shim is done.
+fn serve(_: &ForkServer, boot: Boot) -> i32 {
+    let Boot { sock, entry, jobs } = boot;
     if let Ok(null) = File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdin(null.as_fd());
         let _ = nix::unistd::dup2_stdout(null.as_fd());
