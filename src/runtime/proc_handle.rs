@@ -99,9 +99,17 @@ impl ProcHandle {
     }
 
     pub fn signal(&self, sig: Signal) -> io::Result<()> {
-        let sig = rustix::process::Signal::from_named_raw(sig as i32)
+        let raw = rustix::process::Signal::from_named_raw(sig as i32)
             .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
-        rustix::process::pidfd_send_signal(&self.fd, sig).map_err(io::Error::from)
+        match rustix::process::pidfd_send_signal(&self.fd, raw) {
+            // Before Linux 5.1: checked through the handle a moment before, by pid.
+            Err(rustix::io::Errno::NOSYS) => {
+                self.stat()?;
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), sig)?;
+                Ok(())
+            }
+            other => other.map_err(io::Error::from),
+        }
     }
 }
 
