@@ -15,6 +15,8 @@ pub mod client;
 #[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]
+pub mod init;
+#[forbid(unsafe_code)]
 pub mod kube;
 #[forbid(unsafe_code)]
 pub mod manager;
