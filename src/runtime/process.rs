@@ -249,6 +249,15 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
     {
         t.reason = reason::TARGET_RESTARTED.into();
         t.message = Some("the main container restarted while the task ran".into());
+    } else if rec.stop_requested {
+        // Its supervisor was told to stop it: by a DELETE, or by `task-executor init`
+        // when the agent's container stopped (the exit code is the task's own answer).
+        let stopped = "stopped on request: the task was being deleted, or the agent's \
+                       container stopped";
+        t.message = Some(match t.message.take() {
+            Some(how) => format!("{stopped}; {how}"),
+            None => stopped.into(),
+        });
     }
     t
 }
