@@ -241,6 +241,9 @@ fn check_common(docs: &[Value]) {
     assert_eq!(text(a, "livenessProbe.httpGet.path"), "/health");
     assert_eq!(text(a, "readinessProbe.httpGet.path"), "/readyz");
     assert_eq!(probe_port(a, "livenessProbe"), PORT);
+    // The init is the container's first process in every mode, whatever the image's
+    // entrypoint; the agent's flags follow `--`.
+    assert_eq!(strings(a, "command"), ["task-executor", "init", "--"]);
     assert_eq!(probe_port(a, "readinessProbe"), PORT);
     let main = container(pod, "main");
     assert_eq!(env_value(main, "SANDBOX_MAIN_CONTAINER"), "main");
@@ -699,7 +702,7 @@ fn dockerfile_passes_hadolint() {
         "RUN bash scripts/build-release /out",
         "USER 65532:65532",
         "EXPOSE 5758",
-        r#"ENTRYPOINT ["task-executor"]"#,
+        r#"ENTRYPOINT ["task-executor", "init", "--"]"#,
     ] {
         assert!(dockerfile.contains(line), "Dockerfile lacks {line:?}");
     }

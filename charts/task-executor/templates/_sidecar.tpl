@@ -104,6 +104,9 @@ securityContext: {}
 - name: task-executor
   image: {{ printf "%s:%s" $e.image.repository (toString $tag) | quote }}
   imagePullPolicy: {{ $e.image.pullPolicy }}
+  # The image's entrypoint, spelled out: the init runs the agent (args go to the agent)
+  # and restarts it if it dies, so an agent crash doesn't end the container's tasks.
+  command: ["task-executor", "init", "--"]
   {{- with $args }}
   args: {{- toYaml . | nindent 4 }}
   {{- end }}
