@@ -75,8 +75,14 @@ fn a_dead_agent_is_restarted_with_backoff_and_its_running_task_readopted() {
     assert_eq!(a.stdout("survivor"), "finished\n");
 
     // New tasks still start through the init's server: the agent started none of its own.
-    a.run("after", &["true"]);
+    a.run("after", &["env"]);
     assert_eq!(a.wait_state("after", "terminated", T)["exitCode"], 0);
+    let env = a.stdout("after");
+    assert!(env.contains("TASK_EXECUTOR_TASK=after\n"), "{env}");
+    assert!(
+        !env.contains("TASK_EXECUTOR_SHIM_SERVER"),
+        "the handover leaks: {env}"
+    );
     let agent = init.agent_pid().unwrap();
     assert!(
         children_of(agent)
@@ -220,8 +226,13 @@ fn orphans_are_reaped_and_a_dead_shim_server_is_replaced() {
         (s.ppid == init.pid()).then_some(())
     });
     // The agent starts a server of its own for the next task.
-    a.run("meanwhile", &["sh", "-c", "exit 4"]);
+    a.run("meanwhile", &["sh", "-c", "env; exit 4"]);
     assert_eq!(a.wait_state("meanwhile", "terminated", T)["exitCode"], 4);
+    let env = a.stdout("meanwhile");
+    assert!(
+        !env.contains("TASK_EXECUTOR_SHIM_SERVER"),
+        "the handover leaks: {env}"
+    );
     let agent = init.agent_pid().unwrap();
     assert!(
         children_of(agent)
