@@ -199,7 +199,10 @@ impl Init {
             )];
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => tracing::warn!(error = %e, "poll failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "poll failed");
+                    std::thread::sleep(Duration::from_millis(100)); // no busy loop
+                }
             }
             while let Ok(Some(info)) = self.signals.read_signal() {
                 if let Ok(sig) = Signal::try_from(info.ssi_signo as i32) {
