@@ -51,6 +51,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use self::procs::Exit;
 use crate::runtime::launcher::SERVER_ON_STDIN_ENV;
 
 /// How often the stop sequence looks for supervisors newly re-parented to the init.
@@ -77,39 +78,6 @@ pub fn run(opts: Options) -> i32 {
         Err(e) => {
             tracing::error!(error = %e, "task-executor init cannot start");
             1
-        }
-    }
-}
-
-/// How a child ended, as a shell and Kubernetes report it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Exit {
-    /// The exit code, or 128 + the signal.
-    code: i32,
-    signal: Option<Signal>,
-}
-
-impl Exit {
-    fn of(ws: WaitStatus) -> Option<(Pid, Exit)> {
-        match ws {
-            WaitStatus::Exited(pid, code) => Some((pid, Exit { code, signal: None })),
-            WaitStatus::Signaled(pid, sig, _) => Some((
-                pid,
-                Exit {
-                    code: 128 + sig as i32,
-                    signal: Some(sig),
-                },
-            )),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Exit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.signal {
-            Some(s) => write!(f, "killed by {}", s.as_str()),
-            None => write!(f, "exit code {}", self.code),
         }
     }
 }
@@ -490,25 +458,5 @@ impl Init {
             true,
         )?;
         Ok(Server { pid, socket: ours })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exits_read_as_a_shell_reports_them() {
-        let p = Pid::from_raw(7);
-        let code = Exit::of(WaitStatus::Exited(p, 3)).unwrap().1;
-        assert_eq!((code.code, code.to_string().as_str()), (3, "exit code 3"));
-        let killed = Exit::of(WaitStatus::Signaled(p, Signal::SIGKILL, false))
-            .unwrap()
-            .1;
-        assert_eq!(
-            (killed.code, killed.to_string().as_str()),
-            (137, "killed by SIGKILL")
-        );
-        assert!(Exit::of(WaitStatus::StillAlive).is_none());
     }
 }

@@ -1,6 +1,11 @@
-//! What the init needs from /proc: its children, and the agent's OOM score.
+//! What the init needs to know of processes: its children, how they ended, and the
+//! agent's OOM score.
 
 use std::fs;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
 
 /// How much more likely than the init (and the supervisors and tasks, which keep the
 /// container's value) the kernel's OOM killer is to pick the agent. In units of a
@@ -45,9 +50,57 @@ pub fn raise_oom_score(pid: i32) -> std::io::Result<i32> {
     Ok(raised)
 }
 
+/// How a child ended, as a shell and Kubernetes report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, or 128 + the signal.
+    pub code: i32,
+    pub signal: Option<Signal>,
+}
+
+impl Exit {
+    pub fn of(ws: WaitStatus) -> Option<(Pid, Exit)> {
+        match ws {
+            WaitStatus::Exited(pid, code) => Some((pid, Exit { code, signal: None })),
+            WaitStatus::Signaled(pid, sig, _) => Some((
+                pid,
+                Exit {
+                    code: 128 + sig as i32,
+                    signal: Some(sig),
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.signal {
+            Some(s) => write!(f, "killed by {}", s.as_str()),
+            None => write!(f, "exit code {}", self.code),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exits_read_as_a_shell_reports_them() {
+        let p = Pid::from_raw(7);
+        let code = Exit::of(WaitStatus::Exited(p, 3)).unwrap().1;
+        assert_eq!((code.code, code.to_string().as_str()), (3, "exit code 3"));
+        let killed = Exit::of(WaitStatus::Signaled(p, Signal::SIGKILL, false))
+            .unwrap()
+            .1;
+        assert_eq!(
+            (killed.code, killed.to_string().as_str()),
+            (137, "killed by SIGKILL")
+        );
+        assert!(Exit::of(WaitStatus::StillAlive).is_none());
+    }
 
     #[test]
     fn children_are_listed() {
