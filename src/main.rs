@@ -110,7 +110,7 @@ fn init(args: InitArgs) -> anyhow::Result<i32> {
             reset_after: args.restart_reset_after,
         },
         agent_stop_timeout: args.agent_stop_timeout,
-        drain_timeout: agent.stop_grace_period + DRAIN_MARGIN,
+        drain_timeout: agent.stop_grace_period.saturating_add(DRAIN_MARGIN),
     }))
 }
 

@@ -279,7 +279,7 @@ impl Init {
                     Some(a) => {
                         let _ = kill(a.pid, sig);
                         self.phase = Phase::StoppingAgent {
-                            deadline: Instant::now() + self.opts.agent_stop_timeout,
+                            deadline: after(self.opts.agent_stop_timeout),
                             killed: false,
                         };
                     }
@@ -300,7 +300,7 @@ impl Init {
     fn drain(&mut self) {
         self.server = None;
         self.phase = Phase::Draining {
-            deadline: Instant::now() + self.opts.drain_timeout,
+            deadline: after(self.opts.drain_timeout),
             signalled: Vec::new(),
             killed: false,
         };
@@ -359,7 +359,7 @@ impl Init {
                 let ran = agent.started.elapsed();
                 let delay = self.backoff.next_delay(ran);
                 self.restarts += 1;
-                *next_start = Some(Instant::now() + delay);
+                *next_start = Some(after(delay));
                 tracing::warn!(
                     agent_pid = agent.pid.as_raw(),
                     status = %exit,
@@ -437,7 +437,7 @@ impl Init {
                     "cannot start the agent; trying again"
                 );
                 self.phase = Phase::Supervising {
-                    next_start: Some(Instant::now() + delay),
+                    next_start: Some(after(delay)),
                 };
             }
         }
@@ -459,4 +459,11 @@ impl Init {
         )?;
         Ok(Server { pid, socket: ours })
     }
+}
+
+/// `d` from now; a duration too large to add (a flag set to centuries) is a year.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
