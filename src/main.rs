@@ -28,7 +28,7 @@ enum Command {
     Init(InitArgs),
     /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
     Crd,
-    /// Fork server that starts shims (started by the agent; not for direct use).
+    /// Fork server that starts shims (started by the init or the agent; not for direct use).
     #[command(hide = true)]
     ShimServer,
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
