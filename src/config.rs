@@ -142,8 +142,8 @@ pub struct Config {
     #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// Connections open at once; more are refused at once.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000)]
+    /// Connections open at once (each holds ~17 KiB); more are refused at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 8192)]
     pub max_connections: usize,
 
     /// Time a client has to send a request's header (from its first byte, or from the
