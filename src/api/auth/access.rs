@@ -58,7 +58,13 @@ pub fn required(method: &Method, path: &str) -> Access {
         ["tasks"] if post => Access::Tasks(vec![rule("create", None)]),
         ["tasks", name] if read => Access::Tasks(vec![rule("get", Some(name))]),
         ["tasks", name] if delete => Access::Tasks(vec![rule("delete", Some(name))]),
-        ["getTasks"] | ["setTasks"] | ["tasks"] | ["tasks", _] => Access::Authenticated,
+        ["tasks", name, "logs"] if read => Access::Tasks(vec![Rule {
+            subresource: Some("log"),
+            ..rule("get", Some(name))
+        }]),
+        ["getTasks"] | ["setTasks"] | ["tasks"] | ["tasks", _] | ["tasks", _, "logs"] => {
+            Access::Authenticated
+        }
         _ => Access::NonResource {
             verb: non_resource_verb(method),
             path: format!("/{}", segs.join("/")),
@@ -96,6 +102,15 @@ mod tests {
                 Method::POST,
                 "/setTasks",
                 Access::Tasks(vec![rule("create", None), rule("delete", None)]),
+            ),
+            (
+                Method::GET,
+                "/tasks/a/logs",
+                Access::Tasks(vec![Rule {
+                    verb: "get",
+                    subresource: Some("log"),
+                    name: Some("a".into()),
+                }]),
             ),
             (Method::PUT, "/tasks", Access::Authenticated),
             (Method::PATCH, "/tasks/a", Access::Authenticated),

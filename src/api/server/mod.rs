@@ -7,7 +7,6 @@
 mod conn;
 pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -118,11 +117,6 @@ async fn accept_failed(e: &std::io::Error) {
     }
     tracing::warn!(error = %e, "accepting a connection failed");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-/// Whether a socket address is reachable only from this host (or pod).
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
 }
 
 /// A stream's first byte without consuming it; `None` at EOF.
