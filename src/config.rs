@@ -142,7 +142,7 @@ pub struct Config {
     #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
 
-    /// Connections open at once (each holds ~17 KiB); more are refused at once.
+    /// Connections open at once (each holds ~15 KiB); more are refused at once.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 8192)]
     pub max_connections: usize,
 
