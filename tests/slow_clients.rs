@@ -219,7 +219,7 @@ fn the_open_file_limit_is_raised_for_the_agent_but_not_for_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let addr: SocketAddr = free_addr();
     // Started as many runtimes start containers: soft limit 1024.
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .args(["-c", "ulimit -Sn 1024 && exec \"$0\" \"$@\""])
         .arg(BIN)
         .arg("--data-dir")
@@ -230,6 +230,16 @@ fn the_open_file_limit_is_raised_for_the_agent_but_not_for_tasks() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    // Stopped however the test ends, with whatever its tasks left running.
+    struct Stop(std::process::Child, std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            support::agent::kill_leftover_shims(&self.1);
+        }
+    }
+    let _stop = Stop(child, dir.path().join("data"));
     wait_for(Duration::from_secs(20), "agent /health", || {
         http::request(addr, "GET", "/health", None)
             .ok()
@@ -247,7 +257,4 @@ fn the_open_file_limit_is_raised_for_the_agent_but_not_for_tasks() {
     assert_eq!(nofile(&out), (1024, hard), "the task's limits:\n{out}");
     let fds = fd_count(pid).unwrap();
     assert!(fds < 1024, "{fds}");
-    let _ = child.kill();
-    let _ = child.wait();
-    support::agent::kill_leftover_shims(&dir.path().join("data"));
 }
