@@ -12,6 +12,8 @@ use serde_json::json;
 
 use crate::client;
 
+pub mod slow_clients;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("{0}")]
@@ -44,6 +46,8 @@ impl Drop for Agent {
 }
 
 pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
+    // The slow-client figure holds over 5,000 sockets on this side too.
+    crate::limits::raise_nofile()?;
     let agent = start_agent()?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = rss_kib(agent.child.id())?;
@@ -71,6 +75,15 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let cpu0 = cpu_ticks(agent.child.id())?;
     std::thread::sleep(Duration::from_secs(5));
     let idle_cpu = cpu_ticks(agent.child.id())? - cpu0;
+    let slow = slow_clients::run(
+        agent.addr,
+        agent.child.id(),
+        &slow_clients::Load {
+            idle: 5000,
+            trickling: 200,
+            probe_for: Duration::from_secs(5),
+        },
+    )?;
 
     let (raw50, raw99) = (pct(&raw, 50.0), pct(&raw, 99.0));
     let (l50, l99) = (pct(&lat, 50.0), pct(&lat, 99.0));
@@ -120,6 +133,27 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     ));
     out.push_str(&format!(
         "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
+    ));
+    out.push_str(&format!(
+        "| GET /health p50 / p99 / max with 5,000 idle keep-alive connections and 200 one-byte-a-second header senders open ({} probes, {} failed) | {} / {} / {} | | |\n",
+        slow.health.len() + slow.failures.len(),
+        slow.failures.len(),
+        ms(slow_clients::percentile(&slow.health, 50.0)),
+        ms(slow_clients::percentile(&slow.health, 99.0)),
+        ms(slow.health.iter().max().copied().unwrap_or_default()),
+    ));
+    out.push_str(&format!(
+        "| agent RSS with those connections open | {:.1} MiB (+{:.1} KiB a connection) | | |\n",
+        slow.rss_loaded_kib as f64 / 1024.0,
+        slow.rss_loaded_kib.saturating_sub(slow.rss_idle_kib) as f64
+            / (slow.fds_loaded.saturating_sub(slow.fds_idle).max(1)) as f64
+    ));
+    out.push_str(&format!(
+        "| agent fds: idle / with those connections / {:.1} s after they closed | {} / {} / {} | | |\n",
+        slow.settle.as_secs_f64(),
+        slow.fds_idle,
+        slow.fds_loaded,
+        slow.fds_after
     ));
     Ok(out)
 }

@@ -19,6 +19,8 @@ pub mod init;
 #[forbid(unsafe_code)]
 pub mod kube;
 #[forbid(unsafe_code)]
+pub mod limits;
+#[forbid(unsafe_code)]
 pub mod manager;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
@@ -34,8 +36,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::auth::{Authenticator, KubernetesAuth, TokenFile};
 use crate::api::handlers::AppState;
-use crate::config::Config;
+use crate::api::server::{ServerOptions, TlsFiles};
+use crate::config::{AuthMode, Config};
 use crate::manager::{Manager, ManagerConfig};
 use crate::runtime::container::volumes::{
     POD_VOLUMES_TIMEOUT, PodVolumes, StaticVolumes, VolumeResolver,
@@ -78,7 +82,22 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    match limits::raise_nofile() {
+        Ok((before, after)) if before < after => {
+            tracing::info!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     runtime::reaper::start()?;
+    // Credentials and certificates first: a misconfigured agent must not start at all.
+    let auth = build_auth(&config).await?;
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            TlsFiles::load(cert, key).map_err(AppError::Config)?,
+        )),
+        _ => None,
+    };
     let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -106,40 +125,82 @@ pub async fn run(
             addr: config.listen_addr.to_string(),
             source,
         })?;
+    let addr = listener.local_addr()?;
     tracing::info!(
-        addr = %listener.local_addr()?,
+        %addr,
         data_dir = %config.data_dir.display(),
         sidecar = config.enable_sidecar_mode,
         container = config.enable_container_mode,
+        auth = ?config.auth_mode,
+        tls = tls.is_some(),
         "task-executor listening"
     );
+    if config.auth_mode == AuthMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "no authentication (--auth-mode=none): whoever reaches this address, the pod's own containers included, can run commands as the agent"
+        );
+    }
     let state = Arc::new(AppState {
         manager,
+        auth,
         max_body: config.max_body_bytes,
         body_timeout: config.request_timeout,
     });
     let stop = CancellationToken::new();
-    let stopped = stop.clone();
+    let stopping = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down; tasks keep running and are re-adopted on the next start");
-        stop.cancel();
+        stopping.cancel();
     });
-    let drained = stopped.clone();
-    let server = warp::serve(api::routes(state))
-        .incoming(listener)
-        .graceful(async move { drained.cancelled().await })
-        .run();
-    tokio::select! {
-        () = server => {}
-        () = async { stopped.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("connections still open after {:?}; closing them", SHUTDOWN_GRACE);
-        }
-    }
+    let options = ServerOptions {
+        max_connections: config.max_connections.max(1),
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        shutdown_grace: SHUTDOWN_GRACE,
+    };
+    api::server::serve(listener, api::routes(state), tls, options, stop).await;
     if let Some(c) = container {
         c.shutdown().await;
     }
     Ok(())
+}
+
+/// The credential check `--auth-mode` asks for, with what it needs.
+async fn build_auth(config: &Config) -> Result<Authenticator, AppError> {
+    if config.auth_mode != AuthMode::Token && config.auth_token_file.is_some() {
+        // A token file without token mode would look protected and be open.
+        return Err(AppError::Config(
+            "--auth-token-file is set but --auth-mode is not token".into(),
+        ));
+    }
+    Ok(match config.auth_mode {
+        AuthMode::None => Authenticator::None,
+        AuthMode::Token => {
+            let path = config.auth_token_file.as_deref().ok_or_else(|| {
+                AppError::Config("--auth-mode=token needs --auth-token-file".into())
+            })?;
+            let file = TokenFile::open(path).map_err(|e| AppError::Config(e.to_string()))?;
+            Authenticator::Token(Arc::new(file))
+        }
+        AuthMode::Kubernetes => {
+            let namespace = config
+                .pod_namespace
+                .clone()
+                .filter(|ns| !ns.is_empty())
+                .ok_or_else(|| {
+                    AppError::Config(
+                        "--auth-mode=kubernetes needs POD_NAMESPACE (the namespace whose Task permissions callers need)".into(),
+                    )
+                })?;
+            let client = ::kube::Client::try_default()
+                .await
+                .map_err(|e| AppError::Config(format!("--auth-mode=kubernetes: {e}")))?;
+            let reviewer = crate::kube::review::Reviewer::new(client);
+            Authenticator::Kubernetes(Arc::new(KubernetesAuth::new(reviewer, namespace)))
+        }
+    })
 }
 
 /// The Pod watch (sidecar mode with POD_NAME/POD_NAMESPACE) and the Task watch

@@ -30,7 +30,11 @@ enum Command {
     Crd,
     /// Fork server that starts shims (started by the init or the agent; not for direct use).
     #[command(hide = true)]
-    ShimServer,
+    ShimServer {
+        /// The open-file soft limit for tasks (the agent's own, before it raised it).
+        #[arg(long)]
+        nofile_soft: Option<u64>,
+    },
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
     Bench {
         #[arg(long, default_value_t = 10_000)]
@@ -72,7 +76,11 @@ fn main() -> anyhow::Result<()> {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
             Ok(())
         }
-        Some(Command::ShimServer) => {
+        Some(Command::ShimServer { nofile_soft }) => {
+            if let Some(soft) = nofile_soft {
+                // Best effort: tasks then keep the raised limit, which only ever helps.
+                let _ = task_executor::limits::set_nofile_soft(soft);
+            }
             std::process::exit(task_executor::runtime::shim::server::serve())
         }
         Some(Command::Bench {

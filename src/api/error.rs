@@ -4,6 +4,7 @@
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
+use super::auth::AuthError;
 use crate::manager::ManagerError;
 use crate::runtime::RuntimeError;
 
@@ -13,6 +14,8 @@ pub struct ApiError {
     pub message: String,
     /// For 405: the methods the path accepts.
     pub allow: Option<&'static str>,
+    /// For 401: the `WWW-Authenticate` challenge.
+    pub challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -21,6 +24,7 @@ impl ApiError {
             status,
             message: message.into(),
             allow: None,
+            challenge: None,
         }
     }
 
@@ -33,6 +37,7 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message: format!("method not allowed; allowed: {allow}"),
             allow: Some(allow),
+            challenge: None,
         }
     }
 
@@ -42,6 +47,12 @@ impl ApiError {
         if let Some(allow) = self.allow {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Some(challenge) = self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         resp
     }
@@ -64,6 +75,23 @@ impl From<ManagerError> for ApiError {
             tracing::error!(error = %e, "request failed");
         }
         ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = match &e {
+            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            // Fail closed: the caller may retry once the API server answers.
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut err = ApiError::new(status, e.to_string());
+        if status == StatusCode::UNAUTHORIZED {
+            err.challenge = Some("Bearer");
+        }
+        err
     }
 }
 

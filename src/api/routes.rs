@@ -17,6 +17,15 @@ use super::handlers::{self, AppState};
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    // Every request passes the credential check first; a refusal is the answer.
+    super::auth::guard(state.auth.clone())
+        .or(api_routes(state))
+        .unify()
+}
+
+fn api_routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -52,11 +61,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf,
 {
-    let segments: Vec<String> = path
-        .trim_start_matches('/')
-        .split('/')
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
-        .collect();
+    let segments = segments(path);
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let get = method == Method::GET || method == Method::HEAD;
     match segs.as_slice() {
@@ -87,6 +92,15 @@ where
             format!("no route for {path}"),
         )),
     }
+}
+
+/// The decoded segments of a path. The access table (`auth::access`) reads paths with
+/// this same function, so it and the router always agree on which route a path is.
+pub(crate) fn segments(path: &str) -> Vec<String> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect()
 }
 
 /// `?wait=30s`: long-poll until the task has terminated (at most 5 minutes).

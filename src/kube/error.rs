@@ -19,6 +19,8 @@ pub enum KubeError {
     BadContainerId(String),
     #[error("no process found for container {id}: {detail}")]
     NoProcess { id: String, detail: String },
+    #[error("kubernetes API did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("serializing: {0}")]
     Serialize(String),
 }

@@ -7,6 +7,7 @@ pub mod listwatch;
 pub mod locator;
 pub mod merge_patch;
 pub mod pod;
+pub mod review;
 pub mod watch;
 mod watch_status;
 

@@ -68,6 +68,8 @@ impl Launcher {
         )?;
         Command::new(&self.exe)
             .arg("shim-server")
+            // Tasks get the open-file limit the agent was started with, not its raised one.
+            .args(crate::limits::original_nofile().map(|n| format!("--nofile-soft={n}")))
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -6,7 +6,7 @@
 //! lines, replayed from any resource version still in the history), JSON merge patches of
 //! objects and of `/status`, finalizers and deletion timestamps, 404/409/410 as `Status`.
 //!
-//! Served paths (namespaced only):
+//! Served paths (namespaced only, and the two review endpoints of `fake_reviews`):
 //! * `/api/v1/namespaces/{ns}/pods[/{name}]`: get, list, watch (`fieldSelector`
 //!   `metadata.name=`)
 //! * `/apis/task-executor.io/v1alpha1/namespaces/{ns}/tasks[/{name}[/status]]`: get, list,
@@ -95,6 +95,7 @@ struct State {
     watchers: Vec<Watcher>,
     requests: Vec<Recorded>,
     gone_next_watch: Option<Gone>,
+    reviews: super::fake_reviews::Reviews,
 }
 
 /// The running fake. Dropping it stops the server.
@@ -214,6 +215,11 @@ impl FakeApiServer {
     /// The next watch request fails with 410 Gone.
     pub fn gone_next_watch(&self, how: Gone) {
         self.state().gone_next_watch = Some(how);
+    }
+
+    /// The TokenReview / SubjectAccessReview answers (`support::fake_reviews`).
+    pub fn reviews<T>(&self, f: impl FnOnce(&mut super::fake_reviews::Reviews) -> T) -> T {
+        f(&mut self.state().reviews)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -505,6 +511,9 @@ fn handle(
         query: query.to_string(),
         body: String::from_utf8_lossy(body).into_owned(),
     });
+    if let Some((code, v)) = st.reviews.handle(&method, path, body) {
+        return reply(code, &v);
+    }
     let (kind, rest) = if let Some(r) = path.strip_prefix(TASKS_PREFIX) {
         (Kind::Tasks, r)
     } else if let Some(r) = path.strip_prefix(PODS_PREFIX) {

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod containerd;
 pub mod fake_apiserver;
+pub mod fake_reviews;
 pub mod http;
 pub mod init;
 pub mod standin;

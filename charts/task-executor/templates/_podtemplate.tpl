@@ -18,8 +18,9 @@ metadata:
   {{- end }}
 spec:
   serviceAccountName: {{ include "task-executor.serviceAccountName" . }}
-  # The agent reads its own Pod (and Tasks) through the API.
-  automountServiceAccountToken: true
+  # No token for the main container (it runs untrusted code); the agent container mounts
+  # one itself when it talks to the API.
+  automountServiceAccountToken: false
   {{- if eq .Values.mode "sidecar" }}
   # The agent must see the main container's processes to enter their namespaces.
   shareProcessNamespace: true
