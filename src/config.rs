@@ -96,6 +96,12 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub watch_tasks: bool,
 
+    /// Each Kubernetes watch is renewed after this long (whole seconds); a watch connection
+    /// silent for this plus 5 s is taken for dead and re-opened, and any other API request
+    /// gives up after this plus 10 s without an answer.
+    #[arg(long, env = "KUBE_WATCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub kube_watch_timeout: Duration,
+
     /// This pod's name (downward API); enables the Kubernetes integrations.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,

@@ -81,11 +81,16 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
+    // The one Kubernetes client (made on first use): every integration shares it; hand a
+    // clone to any other component that talks to the API server.
+    let kube = crate::kube::KubeClient::new(crate::kube::KubeTimeouts {
+        watch: config.kube_watch_timeout,
+    });
     let Built {
         runtimes,
         container,
         sidecar,
-    } = build_runtimes(&config).await?;
+    } = build_runtimes(&config, &kube).await?;
     let manager = Manager::new(
         store,
         runtimes,
@@ -96,7 +101,7 @@ pub async fn run(
         },
     );
     manager.recover().await?;
-    start_kube_integrations(&config, &manager, sidecar)?;
+    start_kube_integrations(&config, &kube, &manager, sidecar)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -144,12 +149,14 @@ pub async fn run(
 /// (`--watch-tasks`). Both run in the background and retry on their own.
 fn start_kube_integrations(
     config: &Config,
+    kube: &crate::kube::KubeClient,
     manager: &Arc<Manager>,
     sidecar: Option<SidecarRuntime>,
 ) -> Result<(), AppError> {
     let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
     if let (Some(sidecar), Some((pod, ns))) = (sidecar, pod.clone()) {
-        crate::kube::locator::spawn_pod_watch(
+        crate::kube::pod_watch::spawn_pod_watch(
+            kube.clone(),
             ns,
             pod,
             config.main_container_name.clone(),
@@ -165,7 +172,8 @@ fn start_kube_integrations(
                 "--watch-tasks needs POD_NAME and POD_NAMESPACE".into(),
             ));
         };
-        crate::kube::watch::spawn(ns, pod, manager.clone());
+        let events = crate::kube::events::EventSink::spawn(kube.clone(), pod.clone());
+        crate::kube::watch::spawn(kube.clone(), ns, pod, manager.clone(), events);
     }
     Ok(())
 }
@@ -179,7 +187,10 @@ struct Built {
     sidecar: Option<SidecarRuntime>,
 }
 
-async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
+async fn build_runtimes(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
     let mut sidecar = None;
@@ -191,6 +202,7 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
         {
             (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
                 Arc::new(crate::kube::locator::KubeLocator::new(
+                    kube.clone(),
                     ns.clone(),
                     pod.clone(),
                     config.main_container_name.clone(),
@@ -223,7 +235,11 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
             (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
                 Arc::new(PodVolumes::new(
                     flags,
-                    Arc::new(crate::kube::pod::OwnPod::new(ns.clone(), pod.clone())),
+                    Arc::new(crate::kube::pod::OwnPod::new(
+                        kube.clone(),
+                        ns.clone(),
+                        pod.clone(),
+                    )),
                     POD_VOLUMES_TIMEOUT,
                 ))
             }
