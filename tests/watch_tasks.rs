@@ -141,8 +141,10 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     let adds = finalizer_patches(&api, "t1");
     assert_eq!(
         adds,
-        [json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
-                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])]
+        [
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
+        ]
     );
     let requests = api.requests();
     let first = |f: &dyn Fn(&Recorded) -> bool| requests.iter().position(f).unwrap();
@@ -203,7 +205,10 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     api.create_task(task("t2", POD, json!({"command": ["sleep", "4242"]})));
     wait_task(&api, "t2", "phase Running", |t| phase(t) == "Running");
     wait_for(T, "the agent to see the update", || {
-        agent.log_text().contains("the change is ignored").then_some(())
+        agent
+            .log_text()
+            .contains("the change is ignored")
+            .then_some(())
     });
     assert_eq!(agent.stdout("t1"), "ran\n");
     let t1_now = api.get_task(NS, "t1").unwrap();
@@ -273,7 +278,8 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     assert!(
         !api.requests()
             .iter()
-            .any(|r| (r.method == "POST" && r.path.contains("/tasks")) || r.path.contains("via-http")),
+            .any(|r| (r.method == "POST" && r.path.contains("/tasks"))
+                || r.path.contains("via-http")),
         "the agent wrote Tasks of its own"
     );
     // Label selection is done by the API server; watches ask for bookmarks and a timeout.
@@ -332,7 +338,11 @@ fn watches_resume_after_they_end_and_relist_after_410_gone() {
         agent.get("v").is_none().then_some(())
     });
     assert!(support::pids_with_cmdline(&["sleep", "4747"]).is_empty());
-    assert!(agent.log_text().contains("Task object is gone; deleting its task"));
+    assert!(
+        agent
+            .log_text()
+            .contains("Task object is gone; deleting its task")
+    );
 }
 
 #[test]
@@ -351,7 +361,9 @@ fn a_watch_connection_that_goes_silent_is_dropped_and_reopened() {
     api.create_task(task("after", POD, json!({"command": ["true"]})));
     wait_task(&api, "after", "Succeeded", |t| phase(t) == "Succeeded");
     let took = stalled.elapsed();
-    println!("a stalled watch was replaced and the Task ran {took:?} after the stall (bound: 2 s + 5 s)");
+    println!(
+        "a stalled watch was replaced and the Task ran {took:?} after the stall (bound: 2 s + 5 s)"
+    );
     assert!(task_watches(&api).len() > watches, "no new watch request");
     assert!(agent.get("after").is_some());
 }

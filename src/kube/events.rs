@@ -111,7 +111,11 @@ impl EventSink {
             let (regarding, ev) = match e {
                 mpsc::error::TrySendError::Full(v) | mpsc::error::TrySendError::Closed(v) => v,
             };
-            tracing::debug!(task = regarding.name.as_deref().unwrap_or_default(), reason = ev.reason, "event queue full; event dropped");
+            tracing::debug!(
+                task = regarding.name.as_deref().unwrap_or_default(),
+                reason = ev.reason,
+                "event queue full; event dropped"
+            );
         }
     }
 }

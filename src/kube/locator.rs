@@ -10,8 +10,8 @@ use ::kube::Api;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::KubeError;
 use super::KubeClient;
+use super::KubeError;
 use super::pod::{ContainerId, fetch_main_container};
 use crate::runtime::container::cri::{Cri, GrpcCri};
 use crate::runtime::procfs::{self, ProcIdentity};

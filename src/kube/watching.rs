@@ -9,8 +9,8 @@
 
 use std::fmt::Debug;
 
-use ::kube::runtime::watcher::{self, Event, watcher};
 use ::kube::runtime::WatchStreamExt;
+use ::kube::runtime::watcher::{self, Event, watcher};
 use ::kube::{Api, Resource};
 use futures::{Stream, StreamExt, future};
 use serde::de::DeserializeOwned;

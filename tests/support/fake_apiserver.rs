@@ -261,7 +261,10 @@ impl FakeApiServer {
         let patch = json!({"metadata": {"finalizers": null}});
         let (code, body) = st.merge_patch(Kind::Tasks, ns, name, false, &patch);
         assert_eq!(code, StatusCode::OK, "force_delete_task: {body}");
-        if st.objects.contains_key(&(Kind::Tasks, ns.to_string(), name.to_string())) {
+        if st
+            .objects
+            .contains_key(&(Kind::Tasks, ns.to_string(), name.to_string()))
+        {
             let (code, body) = st.delete(Kind::Tasks, ns, name);
             assert_eq!(code, StatusCode::OK, "force_delete_task: {body}");
         }
@@ -281,17 +284,16 @@ impl FakeApiServer {
             .objects
             .iter()
             .filter(|((k, n, _), e)| {
-                *k == Kind::Events
-                    && n == ns
-                    && e["regarding"]["name"].as_str() == Some(name)
+                *k == Kind::Events && n == ns && e["regarding"]["name"].as_str() == Some(name)
             })
             .map(|(_, e)| e.clone())
             .collect();
         events.sort_by(|a, b| {
-            a["eventTime"]
-                .as_str()
-                .cmp(&b["eventTime"].as_str())
-                .then(a["metadata"]["name"].as_str().cmp(&b["metadata"]["name"].as_str()))
+            a["eventTime"].as_str().cmp(&b["eventTime"].as_str()).then(
+                a["metadata"]["name"]
+                    .as_str()
+                    .cmp(&b["metadata"]["name"].as_str()),
+            )
         });
         events
     }
@@ -481,7 +483,8 @@ impl State {
         obj["metadata"]["resourceVersion"] = json!(rv(seq));
         if obj["metadata"]["uid"].is_null() {
             self.uid_seq += 1;
-            obj["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uid_seq));
+            obj["metadata"]["uid"] =
+                json!(format!("00000000-0000-4000-8000-{:012x}", self.uid_seq));
         }
         if obj["metadata"]["creationTimestamp"].is_null() {
             obj["metadata"]["creationTimestamp"] = json!(now());
@@ -520,7 +523,11 @@ impl State {
             return failure(
                 StatusCode::CONFLICT,
                 "AlreadyExists",
-                &format!("{}.{} \"{name}\" already exists", kind.resource(), group(kind)),
+                &format!(
+                    "{}.{} \"{name}\" already exists",
+                    kind.resource(),
+                    group(kind)
+                ),
             );
         }
         obj["metadata"]["namespace"] = json!(ns);
@@ -750,7 +757,12 @@ fn conflict(kind: Kind, name: &str) -> (StatusCode, Value) {
 fn event_problems(ns: &str, ev: &Value) -> Vec<String> {
     let mut out = Vec::new();
     let text = |f: &str| ev[f].as_str().unwrap_or("");
-    for f in ["reportingController", "reportingInstance", "action", "reason"] {
+    for f in [
+        "reportingController",
+        "reportingInstance",
+        "action",
+        "reason",
+    ] {
         if text(f).is_empty() {
             out.push(format!("{f}: Required value"));
         }
@@ -769,11 +781,19 @@ fn event_problems(ns: &str, ev: &Value) -> Vec<String> {
     if text("note").len() > 1024 {
         out.push("note: Too long: may not be more than 1024 bytes".into());
     }
-    if ev["regarding"]["namespace"].as_str().is_some_and(|n| n != ns) {
+    if ev["regarding"]["namespace"]
+        .as_str()
+        .is_some_and(|n| n != ns)
+    {
         out.push("regarding.namespace: Invalid value: does not match event.namespace".into());
     }
-    if ev["metadata"]["namespace"].as_str().is_some_and(|n| n != ns) {
-        out.push("metadata.namespace: Invalid value: does not match the namespace of the request".into());
+    if ev["metadata"]["namespace"]
+        .as_str()
+        .is_some_and(|n| n != ns)
+    {
+        out.push(
+            "metadata.namespace: Invalid value: does not match the namespace of the request".into(),
+        );
     }
     out
 }
@@ -884,7 +904,16 @@ fn handle(
                     Some(o) => (StatusCode::OK, o.clone()),
                     None => not_found(kind, name),
                 },
-                Method::PATCH => patch(&mut st, kind, ns, name, status_sub, &content_type, query, body),
+                Method::PATCH => patch(
+                    &mut st,
+                    kind,
+                    ns,
+                    name,
+                    status_sub,
+                    &content_type,
+                    query,
+                    body,
+                ),
                 Method::DELETE => st.delete(kind, ns, name),
                 _ => failure(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -985,7 +1014,11 @@ fn watch(
             }
             Some(from) => {
                 for (seq, k, n, event, obj) in &st.history {
-                    if *seq > from && *k == kind && *n == ns && matches(obj, &labels, name.as_deref()) {
+                    if *seq > from
+                        && *k == kind
+                        && *n == ns
+                        && matches(obj, &labels, name.as_deref())
+                    {
                         let _ = tx.send(watch_line(event, obj));
                     }
                 }

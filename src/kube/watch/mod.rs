@@ -130,8 +130,7 @@ impl TaskWatcher {
     pub async fn run(self: Arc<Self>, timeouts: KubeTimeouts) {
         let changes = self.manager_changes();
         let (store, writer) = reflector::store();
-        let config =
-            watching::config(timeouts).labels(&format!("{POD_LABEL}={}", self.pod));
+        let config = watching::config(timeouts).labels(&format!("{POD_LABEL}={}", self.pod));
         let me = self.clone();
         let tasks = watching::watch(self.api.clone(), config, "task")
             .then(move |ev| {
@@ -144,7 +143,9 @@ impl TaskWatcher {
                 }
             })
             .reflect(writer)
-            .scan(Vec::new(), |listed, ev| future::ready(Some(stream::iter(triggers(listed, ev)))))
+            .scan(Vec::new(), |listed, ev| {
+                future::ready(Some(stream::iter(triggers(listed, ev))))
+            })
             .flatten();
         let queue = stream::select(tasks, changes);
         applier(

@@ -34,7 +34,11 @@ impl TaskWatcher {
             "status": &desired,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        match self.api.patch_status(&name, &params, &Patch::Apply(&apply)).await {
+        match self
+            .api
+            .patch_status(&name, &params, &Patch::Apply(&apply))
+            .await
+        {
             Ok(_) => {}
             Err(::kube::Error::Api(s)) if s.code == 404 => {
                 tracing::debug!(task = %name, "Task is gone; status not reported");
@@ -151,7 +155,11 @@ fn started(at: &crate::task::time::Time) -> TaskEvent {
 }
 
 fn ended(t: &Terminated) -> TaskEvent {
-    let message = t.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    let message = t
+        .message
+        .as_deref()
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
     match t.reason.as_str() {
         model::reason::SUCCEEDED => TaskEvent {
             warning: false,
@@ -163,7 +171,10 @@ fn ended(t: &Terminated) -> TaskEvent {
             warning: true,
             reason: event::TIMED_OUT,
             action: "Run",
-            note: format!("task timed out and was stopped (exit code {}){message}", t.exit_code),
+            note: format!(
+                "task timed out and was stopped (exit code {}){message}",
+                t.exit_code
+            ),
         },
         reason::INVALID_SPEC => TaskEvent {
             warning: true,
@@ -172,7 +183,10 @@ fn ended(t: &Terminated) -> TaskEvent {
             note: format!("Task refused{message}"),
         },
         why => {
-            let signal = t.signal.map(|s| format!(", signal {s}")).unwrap_or_default();
+            let signal = t
+                .signal
+                .map(|s| format!(", signal {s}"))
+                .unwrap_or_default();
             TaskEvent {
                 warning: true,
                 reason: event::FAILED,

@@ -28,7 +28,9 @@ pub fn merge(target: &mut Value, patch: &Value) {
 
 /// RFC 6902 `add`, `remove`, `replace`, `test`. An error names what failed.
 pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
-    let ops = ops.as_array().ok_or("a JSON patch is an array of operations")?;
+    let ops = ops
+        .as_array()
+        .ok_or("a JSON patch is an array of operations")?;
     for op in ops {
         let kind = op["op"].as_str().ok_or("operation without \"op\"")?;
         let path = op["path"].as_str().ok_or("operation without \"path\"")?;
@@ -42,12 +44,17 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
                 }
             }
             "add" | "replace" => {
-                let value = op.get("value").ok_or("add/replace without \"value\"")?.clone();
+                let value = op
+                    .get("value")
+                    .ok_or("add/replace without \"value\"")?
+                    .clone();
                 let (parent, last) = parent_mut(doc, &tokens)?;
                 match parent {
                     Value::Object(m) => {
                         if kind == "replace" && !m.contains_key(&last) {
-                            return Err(format!("replace operation does not apply: doc is missing key: {path}"));
+                            return Err(format!(
+                                "replace operation does not apply: doc is missing key: {path}"
+                            ));
                         }
                         m.insert(last, value);
                     }
@@ -55,7 +62,8 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
                         let at = if last == "-" {
                             a.len()
                         } else {
-                            last.parse::<usize>().map_err(|_| format!("bad index in {path}"))?
+                            last.parse::<usize>()
+                                .map_err(|_| format!("bad index in {path}"))?
                         };
                         if kind == "replace" {
                             *a.get_mut(at).ok_or(format!("no element {path}"))? = value;
@@ -82,7 +90,9 @@ pub fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
                     _ => false,
                 };
                 if !removed {
-                    return Err(format!("remove operation does not apply: doc is missing path: {path}"));
+                    return Err(format!(
+                        "remove operation does not apply: doc is missing path: {path}"
+                    ));
                 }
             }
             other => return Err(format!("unsupported operation {other:?}")),
@@ -109,7 +119,10 @@ fn resolve<'a>(doc: &'a Value, tokens: &[String]) -> Option<&'a Value> {
     })
 }
 
-fn parent_mut<'a>(doc: &'a mut Value, tokens: &[String]) -> Result<(&'a mut Value, String), String> {
+fn parent_mut<'a>(
+    doc: &'a mut Value,
+    tokens: &[String],
+) -> Result<(&'a mut Value, String), String> {
     let (last, init) = tokens.split_last().ok_or("empty path")?;
     let mut cur = doc;
     for t in init {
