@@ -451,3 +451,62 @@ fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
     });
     assert!(support::pids_with_cmdline(&["sleep", "4646"]).is_empty());
 }
+
+#[test]
+fn one_kubernetes_client_serves_every_integration() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let tmp = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    // Each kube client is built from one read of the kubeconfig: count the reads. (Closes
+    // are watched too, so that reads one after another are not coalesced into one event.)
+    let reads = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+    reads
+        .add_watch(
+            &kubeconfig,
+            AddWatchFlags::IN_OPEN | AddWatchFlags::IN_CLOSE_NOWRITE,
+        )
+        .unwrap();
+    api.put_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": POD, "namespace": NS},
+        "spec": {"containers": [{"name": "main", "image": "example/image"}]},
+        "status": {"phase": "Running"}
+    }));
+    // Sidecar mode (main container lookup, Pod watch) and the Task watch with its events.
+    let agent = Agent::start_with_env(
+        &["--watch-tasks", "--enable-sidecar-mode"],
+        &[
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(agent.request("GET", "/readyz", None).status, 503);
+    api.create_task(task("t", POD, json!({"command": ["true"]})));
+    wait_task(&api, "t", "a final phase", |t| phase(t) == "Failed");
+    wait_for(T, "t's events", || {
+        (!api.events_for(NS, "t").is_empty()).then_some(())
+    });
+    let requests = api.requests();
+    let pods = format!("/api/v1/namespaces/{NS}/pods");
+    assert!(requests.iter().any(|r| r.is_watch() && r.path == pods));
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path == format!("{pods}/{POD}"))
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.is_watch() && r.path.ends_with("/tasks"))
+    );
+    let opens = reads
+        .read_events()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.mask.contains(AddWatchFlags::IN_OPEN))
+        .count();
+    assert_eq!(opens, 1, "kubernetes clients built (kubeconfig reads)");
+}
