@@ -149,6 +149,7 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:5758");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/sandbox/tasks"));
         assert_eq!(c.reconcile_interval, Duration::from_millis(500));
+        assert_eq!(c.kube_watch_timeout, Duration::from_secs(60));
         assert!(!c.enable_sidecar_mode && !c.enable_container_mode);
     }
 

@@ -59,14 +59,19 @@ where
     watcher(api, config)
         .default_backoff()
         .inspect(move |ev| match ev {
-            Ok(Event::Init) => watch_restarted(resource, Restart::Relist),
-            Ok(Event::InitDone) => {
-                if failures > 0 {
-                    tracing::info!(resource, "watch works again");
+            Ok(ev) => {
+                if matches!(ev, Event::Init) {
+                    watch_restarted(resource, Restart::Relist);
                 }
-                failures = 0;
+                if failures > 0 && !matches!(ev, Event::Init | Event::InitApply(_)) {
+                    tracing::info!(resource, "watch works again");
+                    failures = 0;
+                }
             }
-            Ok(_) => {}
+            // Expired resource version (history compacted): kube lists again, as it should.
+            Err(watcher::Error::WatchError(s)) if s.code == 410 => {
+                tracing::debug!(resource, message = %s.message, "resource version expired; listing again");
+            }
             Err(e) => {
                 failures += 1;
                 watch_restarted(resource, Restart::Failed);
