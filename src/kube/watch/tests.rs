@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ::kube::runtime::controller::Action;
+use ::kube::runtime::reflector::ObjectRef;
 use ::kube::runtime::watcher::Event;
 use http::StatusCode;
 use serde_json::json;
@@ -14,7 +15,7 @@ use super::fixtures::{Fixture, TASKS, deleting, task, with_status};
 use super::reconcile::{RETRY_FULL, error_policy, reconcile, retry_delay};
 use super::status::events_for;
 use crate::kube::KubeError;
-use crate::kube::crd::FINALIZER;
+use crate::kube::crd::{FINALIZER, Task};
 use crate::task::model::{TaskState, Terminated, Waiting};
 use crate::task::time::Time;
 
@@ -365,4 +366,25 @@ fn events_tell_each_change_once() {
     assert_eq!(reasons(Some(&full), &full), Vec::<&str>::new());
     let failed = events_for(Some(&running), &exit(3));
     assert!(failed[0].note.contains("exit code 3"), "{:?}", failed[0]);
+}
+
+#[test]
+fn a_relists_tasks_are_reconciled_once_the_list_is_complete() {
+    let names =
+        |out: Vec<Result<ObjectRef<Task>, ::kube::runtime::watcher::Error>>| -> Vec<String> {
+            out.into_iter().map(|r| r.unwrap().name).collect()
+        };
+    let mut listed = Vec::new();
+    let mut step = |ev| names(super::triggers(&mut listed, Ok(ev)));
+    assert!(step(Event::Init).is_empty());
+    assert!(step(Event::InitApply(task("a", &["true"], true))).is_empty());
+    assert!(step(Event::InitApply(task("b", &["true"], true))).is_empty());
+    assert_eq!(step(Event::InitDone), ["a", "b"]);
+    assert_eq!(step(Event::Apply(task("c", &["true"], true))), ["c"]);
+    assert!(step(Event::Delete(task("c", &["true"], true))).is_empty());
+    // A list cut short by a new one starts over.
+    assert!(step(Event::Init).is_empty());
+    assert!(step(Event::InitApply(task("a", &["true"], true))).is_empty());
+    assert!(step(Event::Init).is_empty());
+    assert_eq!(step(Event::InitDone), Vec::<String>::new());
 }
