@@ -25,6 +25,7 @@ mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use ::kube::runtime::reflector::{self, ObjectRef};
 use ::kube::runtime::watcher::Event;
@@ -49,6 +50,9 @@ pub mod reason {
     /// Deleted through the HTTP API while its Task object remains.
     pub const DELETED: &str = "TaskDeleted";
 }
+
+/// How long a finalized Task's UID is remembered (see `State::finalized`).
+const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
 
 /// The field manager of the agent's status writes (server-side apply).
 pub const FIELD_MANAGER: &str = "task-executor";
@@ -90,9 +94,12 @@ pub(super) struct State {
     /// Names and UIDs received since the watcher's `Init`, until its `InitDone`.
     listing: Option<HashSet<String>>,
     listed_uids: HashSet<String>,
-    /// UIDs of deleted Tasks whose finalizer we removed, until they are seen gone: a copy
-    /// from before the removal must not be finalized (and patched) a second time.
-    finalized: HashSet<String>,
+    /// UIDs of deleted Tasks whose finalizer we removed, and when: a copy from before the
+    /// removal (a trigger queued meanwhile, before the reflector saw the object go) must not
+    /// be finalized a second time. Kept for [`FINALIZED_MEMORY`], or until a re-list shows
+    /// the object gone; not dropped on the `Delete` event, which is seen before the
+    /// reflector's store forgets the object.
+    finalized: HashMap<String, Instant>,
 }
 
 pub struct TaskWatcher {

@@ -3,13 +3,13 @@
 //! finalizer goes.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::kube::ResourceExt;
 use ::kube::runtime::controller::Action;
 use ::kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
 
-use super::{TaskWatcher, reason};
+use super::{FINALIZED_MEMORY, TaskWatcher, reason};
 use crate::kube::KubeError;
 use crate::kube::crd::{FINALIZER, Task, TaskCrStatus};
 use crate::manager::ManagerError;
@@ -31,7 +31,7 @@ pub(super) async fn reconcile(task: Arc<Task>, w: Arc<TaskWatcher>) -> Result<Ac
     }
     let uid = task.metadata.uid.clone().unwrap_or_default();
     let finalizing = task.metadata.deletion_timestamp.is_some() && has_finalizer(&task);
-    if finalizing && w.state().finalized.contains(&uid) {
+    if finalizing && w.state().finalized.contains_key(&uid) {
         // A copy from before our finalizer went (a trigger queued meanwhile): done already.
         return Ok(Action::await_change());
     }
@@ -54,7 +54,10 @@ pub(super) async fn reconcile(task: Arc<Task>, w: Arc<TaskWatcher>) -> Result<Ac
     let mut st = w.state();
     st.failures.remove(&name);
     if finalizing {
-        st.finalized.insert(uid);
+        let now = Instant::now();
+        st.finalized
+            .retain(|_, at| now.duration_since(*at) < FINALIZED_MEMORY);
+        st.finalized.insert(uid, now);
     }
     Ok(action)
 }

@@ -33,7 +33,7 @@ impl TaskWatcher {
                     let mut st = self.state();
                     let listed = st.listing.take().unwrap_or_default();
                     let uids = std::mem::take(&mut st.listed_uids);
-                    st.finalized.retain(|u| uids.contains(u));
+                    st.finalized.retain(|u, _| uids.contains(u));
                     tracing::debug!(tasks = listed.len(), "listed Task objects");
                     st.owned
                         .iter()
@@ -47,9 +47,6 @@ impl TaskWatcher {
             }
             Event::Delete(t) => {
                 let name = t.name_any();
-                if let Some(uid) = &t.metadata.uid {
-                    self.state().finalized.remove(uid);
-                }
                 if t.metadata.deletion_timestamp.is_none() && has_finalizer(t) {
                     // Still exists but no longer carries our label: not ours any more.
                     tracing::warn!(task = %name, "Task no longer selects this pod; its task is left as it is");
