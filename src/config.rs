@@ -107,6 +107,12 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub watch_tasks: bool,
 
+    /// Each Kubernetes watch is renewed after this long (whole seconds); a watch connection
+    /// silent for this plus 5 s is taken for dead and re-opened, and any other API request
+    /// gives up after this plus 10 s without an answer.
+    #[arg(long, env = "KUBE_WATCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub kube_watch_timeout: Duration,
+
     /// This pod's name (downward API); enables the Kubernetes integrations.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -187,6 +193,7 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:5758");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/sandbox/tasks"));
         assert_eq!(c.reconcile_interval, Duration::from_millis(500));
+        assert_eq!(c.kube_watch_timeout, Duration::from_secs(60));
         assert!(!c.enable_sidecar_mode && !c.enable_container_mode);
         // No credential by default: the upstream controller sends none.
         assert_eq!(c.auth_mode, AuthMode::None);

@@ -90,8 +90,13 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     runtime::reaper::start()?;
+    // The one Kubernetes client (made on first use): every integration shares it; hand a
+    // clone to any other component that talks to the API server.
+    let kube = crate::kube::KubeClient::new(crate::kube::KubeTimeouts {
+        watch: config.kube_watch_timeout,
+    });
     // Credentials and certificates first: a misconfigured agent must not start at all.
-    let auth = build_auth(&config).await?;
+    let auth = build_auth(&config, &kube).await?;
     let tls = match (&config.tls_cert_file, &config.tls_key_file) {
         (Some(cert), Some(key)) => Some(Arc::new(
             TlsFiles::load(cert, key).map_err(AppError::Config)?,
@@ -106,7 +111,7 @@ pub async fn run(
         runtimes,
         container,
         sidecar,
-    } = build_runtimes(&config).await?;
+    } = build_runtimes(&config, &kube).await?;
     let manager = Manager::new(
         store,
         runtimes,
@@ -117,7 +122,7 @@ pub async fn run(
         },
     );
     manager.recover().await?;
-    start_kube_integrations(&config, &manager, sidecar)?;
+    start_kube_integrations(&config, &kube, &manager, sidecar)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -168,7 +173,10 @@ pub async fn run(
 }
 
 /// The credential check `--auth-mode` asks for, with what it needs.
-async fn build_auth(config: &Config) -> Result<Authenticator, AppError> {
+async fn build_auth(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+) -> Result<Authenticator, AppError> {
     if config.auth_mode != AuthMode::Token && config.auth_token_file.is_some() {
         // A token file without token mode would look protected and be open.
         return Err(AppError::Config(
@@ -194,7 +202,8 @@ async fn build_auth(config: &Config) -> Result<Authenticator, AppError> {
                         "--auth-mode=kubernetes needs POD_NAMESPACE (the namespace whose Task permissions callers need)".into(),
                     )
                 })?;
-            let client = ::kube::Client::try_default()
+            let client = kube
+                .get()
                 .await
                 .map_err(|e| AppError::Config(format!("--auth-mode=kubernetes: {e}")))?;
             let reviewer = crate::kube::review::Reviewer::new(client);
@@ -207,12 +216,14 @@ async fn build_auth(config: &Config) -> Result<Authenticator, AppError> {
 /// (`--watch-tasks`). Both run in the background and retry on their own.
 fn start_kube_integrations(
     config: &Config,
+    kube: &crate::kube::KubeClient,
     manager: &Arc<Manager>,
     sidecar: Option<SidecarRuntime>,
 ) -> Result<(), AppError> {
     let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
     if let (Some(sidecar), Some((pod, ns))) = (sidecar, pod.clone()) {
-        crate::kube::locator::spawn_pod_watch(
+        crate::kube::pod_watch::spawn_pod_watch(
+            kube.clone(),
             ns,
             pod,
             config.main_container_name.clone(),
@@ -228,7 +239,8 @@ fn start_kube_integrations(
                 "--watch-tasks needs POD_NAME and POD_NAMESPACE".into(),
             ));
         };
-        crate::kube::watch::spawn(ns, pod, manager.clone());
+        let events = crate::kube::events::EventSink::spawn(kube.clone(), pod.clone());
+        crate::kube::watch::spawn(kube.clone(), ns, pod, manager.clone(), events);
     }
     Ok(())
 }
@@ -242,7 +254,10 @@ struct Built {
     sidecar: Option<SidecarRuntime>,
 }
 
-async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
+async fn build_runtimes(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
     let mut sidecar = None;
@@ -254,6 +269,7 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
         {
             (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
                 Arc::new(crate::kube::locator::KubeLocator::new(
+                    kube.clone(),
                     ns.clone(),
                     pod.clone(),
                     config.main_container_name.clone(),
@@ -286,7 +302,11 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
             (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
                 Arc::new(PodVolumes::new(
                     flags,
-                    Arc::new(crate::kube::pod::OwnPod::new(ns.clone(), pod.clone())),
+                    Arc::new(crate::kube::pod::OwnPod::new(
+                        kube.clone(),
+                        ns.clone(),
+                        pod.clone(),
+                    )),
                     POD_VOLUMES_TIMEOUT,
                 ))
             }

@@ -433,7 +433,7 @@ fn host_mode_runs_as_non_root() {
 }
 
 #[test]
-fn role_grants_pods_and_tasks_to_the_service_account() {
+fn role_grants_pods_tasks_and_events_to_the_service_account() {
     let docs = render(&[]);
     let role = doc(&docs, "Role");
     let grants = |group: &str, resource: &str, verbs: &[&str]| {
@@ -454,6 +454,7 @@ fn role_grants_pods_and_tasks_to_the_service_account() {
             "{resource}"
         );
     }
+    assert!(grants("events.k8s.io", "events", &["create", "patch"]));
     let binding = doc(&docs, "RoleBinding");
     assert_eq!(text(binding, "roleRef.name"), text(role, "metadata.name"));
     let subject = &seq(binding, "subjects")[0];
