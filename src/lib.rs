@@ -93,6 +93,7 @@ pub async fn run(
             stop_grace: config.stop_grace_period,
             max_concurrent: (config.max_concurrent_tasks > 0)
                 .then_some(config.max_concurrent_tasks),
+            start_retry: config.start_retry_timeout,
         },
     );
     manager.recover().await?;

@@ -6,6 +6,7 @@ use warp::reply::Response;
 
 use crate::manager::ManagerError;
 use crate::runtime::RuntimeError;
+use crate::task::exhaustion::Exhaustion;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -49,6 +50,16 @@ impl ApiError {
 
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
+        // Running out of something is the machine's state, not a fault of the request or
+        // of the agent: 507 for the disk (free space, then retry), 503 for the rest.
+        if let Some(x) = e.exhaustion() {
+            let status = match x {
+                Exhaustion::Disk => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            tracing::warn!(error = %e, "request refused: out of {}", x.what());
+            return ApiError::new(status, format!("out of {}: {e}", x.what()));
+        }
         let status = match &e {
             ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
             ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -58,7 +69,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::Runtime(
                 RuntimeError::Invalid(_) | RuntimeError::ContainerModeDisabled,
             ) => StatusCode::BAD_REQUEST,
-            ManagerError::Runtime(_) | ManagerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ManagerError::Runtime(_) | ManagerError::Store(_) | ManagerError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
