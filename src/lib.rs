@@ -11,8 +11,6 @@ pub mod api;
 #[forbid(unsafe_code)]
 pub mod bench;
 #[forbid(unsafe_code)]
-pub mod client;
-#[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod kube;
