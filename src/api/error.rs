@@ -87,3 +87,36 @@ fn status_text(s: StatusCode) -> &'static str {
         _ => s.canonical_reason().unwrap_or("Error"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: ManagerError) -> (u16, String) {
+        let api = ApiError::from(e);
+        (api.status.as_u16(), api.message)
+    }
+
+    #[test]
+    fn resource_exhaustion_is_507_for_the_disk_and_503_for_the_rest() {
+        let os = |n| std::io::Error::from_raw_os_error(n);
+        let (status, msg) = status_of(ManagerError::Store(os(nix::libc::ENOSPC)));
+        assert_eq!(status, 507);
+        assert!(
+            msg.starts_with("out of disk space in the data dir"),
+            "{msg}"
+        );
+        assert_eq!(
+            status_text(StatusCode::INSUFFICIENT_STORAGE),
+            "Insufficient Storage"
+        );
+        for errno in [nix::libc::EAGAIN, nix::libc::EMFILE, nix::libc::ENOMEM] {
+            assert_eq!(status_of(ManagerError::Store(os(errno))).0, 503);
+        }
+        let launch = RuntimeError::before_launch(os(nix::libc::EAGAIN));
+        let (status, msg) = status_of(ManagerError::Runtime(launch));
+        assert_eq!(status, 503);
+        assert!(msg.contains("out of processes"), "{msg}");
+        assert_eq!(status_of(ManagerError::Store(os(nix::libc::EIO))).0, 500);
+    }
+}
