@@ -47,7 +47,9 @@ impl Manager {
         let mut backoff = Duration::from_millis(500);
         loop {
             let stopped = match self.runtimes.for_spec(&task.spec) {
-                Ok(rt) => rt.stop(task.clone(), self.cfg.stop_grace).await,
+                Ok(rt) => {
+                    super::start::unpanicked(rt.stop(task.clone(), self.cfg.stop_grace)).await
+                }
                 Err(_) => Ok(()), // its runtime is off now: nothing of ours can be running
             };
             match stopped {

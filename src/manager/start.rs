@@ -24,6 +24,28 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Between attempts to persist a final status the disk refused.
 const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// A runtime call that panics (tokio's `spawn_blocking` does when the OS refuses a thread)
+/// fails like any other error, so the task ends with the reason instead of staying
+/// `waiting` with nobody to finish its start.
+pub(super) async fn unpanicked<T>(
+    call: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(RuntimeError::Launch(std::io::Error::other(format!(
+                "the runtime failed: {what}"
+            ))))
+        })
+}
+
 enum Attempt {
     /// Running, terminated, or failed for good (recorded).
     Settled,
@@ -51,8 +73,8 @@ impl Manager {
     async fn attempt(self: &Arc<Self>, entry: &Arc<Entry>, adopt: bool) -> Attempt {
         let task = self.task_ref(entry);
         let result = match self.runtimes.for_spec(&task.spec) {
-            Ok(rt) if adopt => rt.adopt(task, self.events.clone()).await,
-            Ok(rt) => rt.start(task, self.events.clone()).await,
+            Ok(rt) if adopt => unpanicked(rt.adopt(task, self.events.clone())).await,
+            Ok(rt) => unpanicked(rt.start(task, self.events.clone())).await,
             Err(e) => Err(e),
         };
         match result {

@@ -21,6 +21,8 @@ pub enum Answer {
     Fails(String),
     /// EAGAIN: out of processes, nothing started.
     OutOfProcesses,
+    /// As tokio's `spawn_blocking` does when no thread can be created.
+    Panics,
 }
 
 #[derive(Default)]
@@ -135,6 +137,9 @@ impl FakeRuntime {
                     started_at: Time::now(),
                 }),
                 Answer::Fails(why) => Err(RuntimeError::Launch(io::Error::other(why))),
+                Answer::Panics => panic!(
+                    "OS can't spawn worker thread: Resource temporarily unavailable (os error 11)"
+                ),
                 Answer::OutOfProcesses => Err(RuntimeError::before_launch(
                     io::Error::from_raw_os_error(nix::errno::Errno::EAGAIN as i32),
                 )),

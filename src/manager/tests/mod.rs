@@ -462,3 +462,23 @@ async fn a_delete_whose_caller_went_away_is_still_carried_out() {
     create.await.unwrap().unwrap();
     until("a gone", || s.mgr.get("a").is_err()).await;
 }
+
+#[tokio::test]
+async fn a_runtime_that_panics_fails_the_start_instead_of_leaving_it_waiting() {
+    let s = setup();
+    s.rt.script("a", &[Answer::Panics]);
+    let v = s.mgr.create("a".into(), spec("true")).await.unwrap();
+    let TaskState::Terminated(t) = &v.state else {
+        panic!("{v:?}")
+    };
+    assert_eq!(t.reason, reason::START_ERROR);
+    assert!(
+        t.message
+            .as_deref()
+            .unwrap()
+            .contains("can't spawn worker thread"),
+        "{t:?}"
+    );
+    s.mgr.delete("a").await.unwrap();
+    until("a gone", || s.mgr.get("a").is_err()).await;
+}
