@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client;
-
 pub mod slow_clients;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +18,51 @@ pub enum BenchError {
     Setup(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] ureq::Error),
+}
+
+/// One client: a kept-alive connection to the agent (ureq pools it), like the upstream
+/// controller's HTTP client.
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Client {
+            agent,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self.agent.get(format!("{}{path}", self.base)).call()?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
+
+    fn post(&self, path: &str, body: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body)?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
+}
+
+fn read(r: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, BenchError> {
+    Ok(r.body_mut().with_config().limit(u64::MAX).read_to_vec()?)
+}
+
+fn text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
 }
 
 #[derive(Clone, Debug)]
@@ -56,9 +99,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
 
     let mut lat = Vec::with_capacity(opts.latency_samples);
-    let mut conn = client::Conn::new(agent.addr);
+    let client = Client::new(agent.addr);
     for i in 0..opts.latency_samples {
-        lat.push(create_and_wait(&mut conn, &format!("lat-{i}"))?);
+        lat.push(create_and_wait(&client, &format!("lat-{i}"))?);
     }
     let tput = throughput(agent.addr, opts.clients, opts.duration)?;
     let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
@@ -67,9 +110,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let mut list_bytes = 0;
     for _ in 0..30 {
         let t = Instant::now();
-        let r = client::request(agent.addr, "GET", "/getTasks", None)?;
+        let (_, body) = client.get("/getTasks")?;
         list.push(t.elapsed());
-        list_bytes = r.body.len();
+        list_bytes = body.len();
     }
     let held_rss = rss_kib(agent.child.id())?;
     let cpu0 = cpu_ticks(agent.child.id())?;
@@ -173,11 +216,8 @@ fn start_agent() -> Result<Agent, BenchError> {
         .spawn()?;
     let agent = Agent { child, addr, dir };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while client::request(addr, "GET", "/health", None)
-        .map(|r| r.status)
-        .ok()
-        != Some(200)
-    {
+    let client = Client::new(addr);
+    while client.get("/health").ok().map(|r| r.0) != Some(200) {
         if Instant::now() > deadline {
             return Err(BenchError::Setup("agent did not become healthy".into()));
         }
@@ -198,25 +238,21 @@ fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
 
 /// POST a `true` task and long-poll (`?wait=`, on a kept-alive connection) until it is
 /// terminated; returns the elapsed time.
-fn create_and_wait(conn: &mut client::Conn, name: &str) -> Result<Duration, BenchError> {
+fn create_and_wait(client: &Client, name: &str) -> Result<Duration, BenchError> {
     let body = json!({"name": name, "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
     let t = Instant::now();
-    let r = conn.request("POST", "/tasks", Some(body.as_bytes()))?;
-    if r.status != 201 {
+    let (status, answer) = client.post("/tasks", &body)?;
+    if status != 201 {
         return Err(BenchError::Setup(format!(
-            "create {name}: {} {}",
-            r.status,
-            r.text()
+            "create {name}: {status} {}",
+            text(&answer)
         )));
     }
     // The long-poll answers once the task is terminated (or after 30 s, then ask again).
     let path = format!("/tasks/{name}?wait=30s");
-    let mut done = r.text().contains("\"terminated\"");
+    let mut done = text(&answer).contains("\"terminated\"");
     while !done {
-        done = conn
-            .request("GET", &path, None)?
-            .text()
-            .contains("\"terminated\"");
+        done = text(&client.get(&path)?.1).contains("\"terminated\"");
     }
     Ok(t.elapsed())
 }
@@ -230,10 +266,9 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
             let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut i = 0;
-                let mut conn = client::Conn::new(addr);
+                let client = Client::new(addr);
                 while !stop.load(Ordering::Relaxed) {
-                    create_and_wait(&mut conn, &format!("tp-{c}-{i}"))
-                        .map_err(|e| e.to_string())?;
+                    create_and_wait(&client, &format!("tp-{c}-{i}")).map_err(|e| e.to_string())?;
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -253,25 +288,23 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
 
 /// Creates tasks until the agent holds `n`; returns how many it holds.
 fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError> {
-    let held = client::request(addr, "GET", "/getTasks", None)?
-        .json()
-        .as_array()
-        .map_or(0, |a| a.len());
+    let client = Client::new(addr);
+    let held = list_json(&client)?.as_array().map_or(0, |a| a.len());
     let next = Arc::new(AtomicUsize::new(held));
     let workers: Vec<_> = (0..clients)
         .map(|_| {
             let next = next.clone();
             std::thread::spawn(move || -> Result<(), String> {
-                let mut conn = client::Conn::new(addr);
+                let client = Client::new(addr);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return Ok(());
                     }
                     let body = json!({"name": format!("held-{i}"), "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
-                    let r = conn.request("POST", "/tasks", Some(body.as_bytes())).map_err(|e| e.to_string())?;
-                    if r.status != 201 {
-                        return Err(format!("create: {} {}", r.status, r.text()));
+                    let (status, answer) = client.post("/tasks", &body).map_err(|e| e.to_string())?;
+                    if status != 201 {
+                        return Err(format!("create: {status} {}", text(&answer)));
                     }
                 }
             })
@@ -284,7 +317,7 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
     }
     // Wait until all are terminated so the memory figure is for finished tasks.
     loop {
-        let list = client::request(addr, "GET", "/getTasks", None)?.json();
+        let list = list_json(&client)?;
         let arr = list.as_array().cloned().unwrap_or_default();
         if arr
             .iter()
@@ -294,6 +327,11 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn list_json(client: &Client) -> Result<serde_json::Value, BenchError> {
+    let (_, body) = client.get("/getTasks")?;
+    serde_json::from_slice(&body).map_err(|e| BenchError::Setup(format!("GET /getTasks: {e}")))
 }
 
 fn pct(v: &[Duration], p: f64) -> Duration {

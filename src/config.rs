@@ -83,6 +83,11 @@ pub struct Config {
     #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 0)]
     pub max_concurrent_tasks: usize,
 
+    /// How long a task whose start failed for lack of processes, file descriptors, memory
+    /// or disk is retried (it waits with reason ResourcesExhausted) before it fails.
+    #[arg(long, env = "START_RETRY_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub start_retry_timeout: Duration,
+
     /// Log budget per task and stream (stdout, stderr), in bytes; older output rotates out.
     #[arg(long, env = "MAX_LOG_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_log_bytes: u64,

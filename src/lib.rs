@@ -11,8 +11,6 @@ pub mod api;
 #[forbid(unsafe_code)]
 pub mod bench;
 #[forbid(unsafe_code)]
-pub mod client;
-#[forbid(unsafe_code)]
 pub mod config;
 #[forbid(unsafe_code)]
 pub mod init;
@@ -119,6 +117,7 @@ pub async fn run(
             stop_grace: config.stop_grace_period,
             max_concurrent: (config.max_concurrent_tasks > 0)
                 .then_some(config.max_concurrent_tasks),
+            start_retry: config.start_retry_timeout,
         },
     );
     manager.recover().await?;

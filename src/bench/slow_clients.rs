@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::client;
-
 #[derive(Clone, Debug)]
 pub struct Load {
     /// Connections that make one request, then stay open and idle.
@@ -44,7 +42,7 @@ pub fn fd_count(pid: u32) -> std::io::Result<usize> {
 }
 
 pub fn run(addr: SocketAddr, agent_pid: u32, load: &Load) -> std::io::Result<Report> {
-    client::request(addr, "GET", "/health", None)?;
+    probe_health(addr)?;
     std::thread::sleep(Duration::from_millis(300));
     let fds_idle = fd_count(agent_pid)?;
     let rss_idle_kib = rss_kib(agent_pid)?;
@@ -96,9 +94,8 @@ pub fn run(addr: SocketAddr, agent_pid: u32, load: &Load) -> std::io::Result<Rep
     let until = Instant::now() + load.probe_for;
     while Instant::now() < until {
         let t = Instant::now();
-        match client::request(addr, "GET", "/health", None) {
-            Ok(r) if r.status == 200 => health.push(t.elapsed()),
-            Ok(r) => failures.push(format!("status {}: {}", r.status, r.text())),
+        match probe_health(addr) {
+            Ok(()) => health.push(t.elapsed()),
             Err(e) => failures.push(e.to_string()),
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -135,6 +132,24 @@ fn rss_kib(pid: u32) -> std::io::Result<u64> {
 }
 
 /// Reads one `/health` answer (Content-Length framed) from a kept-alive connection.
+/// `GET /health` on a fresh connection (as a liveness probe makes it); an error unless
+/// the answer is a 200.
+fn probe_health(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(
+        format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    if answer.starts_with(b"HTTP/1.1 200 ") {
+        Ok(())
+    } else {
+        let head = String::from_utf8_lossy(&answer[..answer.len().min(200)]).into_owned();
+        Err(std::io::Error::other(format!("not a 200: {head}")))
+    }
+}
+
 fn read_health_answer(s: &mut TcpStream) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 256];

@@ -100,6 +100,32 @@ fn line(entry: &Entry) -> io::Result<Vec<u8>> {
     bytes.push(b'\n');
     Ok(bytes)
 }
+/// The first thing a shim writes to the agent's notify pipe, before anything else it does:
+/// EOF without it means no shim ever ran (the fork server died with the request queued),
+/// so nothing of the task started and it may be launched again.
+pub const SHIM_HELLO: &str = "shim\n";
+
+/// The line a shim (or the shim server) that could not start the task writes to the
+/// agent's notify pipe: `error: MESSAGE`, or `error errno=N: MESSAGE` when nothing of the
+/// task was started and the cause is that OS error, so the agent can tell "out of
+/// processes" (start it again later) from a failure that must not be retried.
+pub fn start_failure_line(e: &io::Error, nothing_started: bool) -> String {
+    match e.raw_os_error().filter(|_| nothing_started) {
+        Some(errno) => format!("error errno={errno}: {e}\n"),
+        None => format!("error: {e}\n"),
+    }
+}
+
+/// Parses `start_failure_line`: the errno (when nothing started) and the message.
+pub fn parse_start_failure(line: &str) -> Option<(Option<i32>, &str)> {
+    if let Some(msg) = line.strip_prefix("error: ") {
+        return Some((None, msg.trim_end()));
+    }
+    let rest = line.strip_prefix("error errno=")?;
+    let (errno, msg) = rest.split_once(": ")?;
+    Some((Some(errno.parse().ok()?), msg.trim_end()))
+}
+
 /// Written by the agent before it stops a sidecar task because the main container was
 /// replaced; the exit then reads as `TargetRestarted`.
 pub const TARGET_RESTARTED: &str = "target-restarted";
@@ -221,6 +247,24 @@ mod tests {
         assert_eq!(run.launch.unwrap().argv, ["true"]);
         assert_eq!(run.exit.unwrap().exit_code, Some(3));
         assert!(run.started.is_none());
+    }
+
+    #[test]
+    fn start_failure_lines_carry_the_errno_only_when_nothing_started() {
+        let eagain = io::Error::from_raw_os_error(11);
+        let line = start_failure_line(&eagain, true);
+        assert_eq!(
+            parse_start_failure(&line),
+            Some((Some(11), eagain.to_string().as_str()))
+        );
+        let line = start_failure_line(&eagain, false);
+        assert_eq!(parse_start_failure(&line).unwrap().0, None);
+        let other = io::Error::other("no launch record");
+        assert_eq!(
+            parse_start_failure(&start_failure_line(&other, true)),
+            Some((None, "no launch record"))
+        );
+        assert_eq!(parse_start_failure("started\n"), None);
     }
 
     #[test]

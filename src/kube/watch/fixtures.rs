@@ -125,6 +125,7 @@ impl Fixture {
             ManagerConfig {
                 stop_grace: Duration::from_secs(1),
                 max_concurrent,
+                start_retry: Duration::from_secs(1),
             },
         );
         let (sink, events) = EventSink::channel();

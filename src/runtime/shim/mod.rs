@@ -49,16 +49,22 @@ const DRAIN_BUDGET: usize = 256;
 
 /// Runs the shim; returns the shim's own exit code.
 pub fn run(dir: &Path) -> i32 {
+    notify_agent(records::SHIM_HELLO.as_bytes());
     match supervise(dir) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
             eprintln!("task-executor shim {}: {e}", dir.display());
-            notify_agent(format!("error: {e}\n").as_bytes());
+            let nothing_started = !TASK_SPAWNED.load(std::sync::atomic::Ordering::Relaxed);
+            notify_agent(records::start_failure_line(&e, nothing_started).as_bytes());
             1
         }
     }
 }
+
+/// Set once the task's process exists: from then on a failure must not be reported as
+/// "nothing started" (the agent would start the task again).
+static TASK_SPAWNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// flock needs no write access (directories work too); the journal is opened for appends.
 fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
@@ -147,8 +153,12 @@ fn supervise(dir: &Path) -> io::Result<()> {
     drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
     let main_pid = match spawned {
         Ok(pid) => pid,
+        // Out of processes, memory or file descriptors: nothing started, and the agent
+        // starts the task again later rather than failing it for good.
+        Err(e) if crate::task::exhaustion::Exhaustion::of(&e).is_some() => return Err(e),
         Err(e) => return finish_start_error(running_lock, &e, &argv0, &launch),
     };
+    TASK_SPAWNED.store(true, std::sync::atomic::Ordering::Relaxed);
     let started = Time::now();
     shim_rec.main = ProcIdentity::of(main_pid).or(Some(ProcIdentity {
         pid: main_pid,

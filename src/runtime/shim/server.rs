@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use nix::errno::Errno;
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
-use crate::runtime::child_setup;
+use crate::runtime::{child_setup, records};
 
 pub fn serve() -> i32 {
     let forker = match child_setup::ForkServer::init() {
@@ -66,10 +66,16 @@ pub fn serve() -> i32 {
             );
             continue;
         };
-        let spawned = forker.spawn_detached(|| become_shim(&dir, notify));
+        let mut notify = Some(notify);
+        let spawned =
+            forker.spawn_detached(|| become_shim(&dir, notify.take().expect("forked once")));
         if let Err(e) = spawned {
-            // The agent sees EOF on its notify pipe (we drop it) and reports the failure.
+            // Tell the agent why (nothing started: it may try again later), then EOF.
             eprintln!("task-executor shim-server: fork for {}: {e}", dir.display());
+            if let Some(n) = notify {
+                let line = records::start_failure_line(&e, true);
+                let _ = std::io::Write::write_all(&mut File::from(n), line.as_bytes());
+            }
         }
     }
 }
