@@ -18,6 +18,8 @@ pub mod config;
 pub mod kube;
 #[forbid(unsafe_code)]
 pub mod manager;
+#[forbid(unsafe_code)]
+pub mod metrics;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
 pub mod task;
