@@ -110,7 +110,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let started = Family::<KindLabels, Counter>::default();
     r.register(
         "tasks_started",
-        "Tasks that started running",
+        "Tasks that started running (created since the agent started)",
         started.clone(),
     );
     let terminated = Family::<ReasonLabels, Counter>::default();
@@ -187,8 +187,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
-/// A task started running. `start_latency` is the time since its creation, when this
-/// agent process saw the whole of it (not for tasks re-adopted after a restart).
+/// A task started running; `start_latency` is the time since its creation.
 pub fn task_started(kind: &str, start_latency: Option<Duration>) {
     let m = &*METRICS;
     let k = KindLabels { kind: kind.into() };
@@ -278,6 +277,13 @@ pub fn render(tasks: &[(&str, &str, u64)], openmetrics: bool) -> String {
         let _ = writeln!(out, "# encoding failed");
     }
     out
+}
+
+/// When this process started (ms since the Unix epoch, 10 ms precision), from /proc.
+pub fn process_start_unix_ms() -> Option<i64> {
+    static START: LazyLock<Option<i64>> =
+        LazyLock::new(|| ProcessStats::read().map(|p| (p.start_time_seconds * 1000.0) as i64));
+    *START
 }
 
 /// The agent's own resources, read from /proc at scrape time.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
 
+mod census;
 pub mod error;
 
 pub use error::ManagerError;
@@ -402,6 +403,7 @@ impl Manager {
                 tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
             }
         }
+        self.record_metrics(entry, &state, &new);
         *state = new;
         drop(state);
         self.changed(&name);
