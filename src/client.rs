@@ -68,7 +68,7 @@ pub fn request(
     raw(addr, &bytes)
 }
 
-fn parse(buf: &[u8]) -> std::io::Result<Response> {
+pub fn parse(buf: &[u8]) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let split = buf
         .windows(4)
