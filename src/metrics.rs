@@ -100,7 +100,8 @@ fn run_buckets() -> Vec<f64> {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut r = Registry::with_prefix("task_executor");
+    let mut root = Registry::default();
+    let r = root.sub_registry_with_prefix("task_executor");
     let tasks = Family::<StateLabels, Gauge>::default();
     r.register(
         "tasks",
@@ -170,9 +171,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         cri_duration.clone(),
     );
     // The process metrics keep their conventional names (no prefix).
-    r.register_collector(Box::new(ProcessCollector));
+    root.register_collector(Box::new(ProcessCollector));
     Metrics {
-        registry: r,
+        registry: root,
         tasks,
         started,
         terminated,

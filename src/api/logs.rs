@@ -239,9 +239,9 @@ impl Select {
             reader.refresh()?;
         }
         self.more = false;
-        while !self
+        while self
             .limit
-            .is_some_and(|l| self.sent + out.len() as u64 >= l)
+            .is_none_or(|l| self.sent + (out.len() as u64) < l)
         {
             if out.len() >= BATCH {
                 self.more = true;
@@ -250,7 +250,7 @@ impl Select {
             let Some(p) = reader.next_piece(flush)? else {
                 break;
             };
-            if !self.since_ns.is_none_or(|s| p.time_ns >= s) {
+            if self.since_ns.is_some_and(|s| p.time_ns < s) {
                 continue;
             }
             if self.skip > 0 {

@@ -82,22 +82,29 @@ fn schemas() -> Schemas {
     let mut components = output.take_definitions(true);
 
     // One namespace: an input schema that differs from the output one of the same name
-    // becomes `NameInput`.
-    let renames: Vec<String> = input_defs
-        .iter()
-        .filter(|(k, v)| components.get(*k).is_some_and(|o| o != *v))
-        .map(|(k, _)| k.clone())
-        .collect();
-    for name in &renames {
-        let from = format!("{REF_PREFIX}{name}");
-        let to = format!("{REF_PREFIX}{name}Input");
-        for v in
-            input_defs
-                .values_mut()
-                .chain([&mut task_request, &mut tasks_request, &mut log_query])
-        {
-            rename_refs(v, &from, &to);
+    // becomes `NameInput` (repeated, as a renamed reference makes its users differ too).
+    let mut renames: Vec<String> = Vec::new();
+    loop {
+        let new: Vec<String> = input_defs
+            .iter()
+            .filter(|(k, v)| !renames.contains(k) && components.get(*k).is_some_and(|o| o != *v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if new.is_empty() {
+            break;
         }
+        for name in &new {
+            let from = format!("{REF_PREFIX}{name}");
+            let to = format!("{REF_PREFIX}{name}Input");
+            for v in input_defs.values_mut().chain([
+                &mut task_request,
+                &mut tasks_request,
+                &mut log_query,
+            ]) {
+                rename_refs(v, &from, &to);
+            }
+        }
+        renames.extend(new);
     }
     for (k, v) in input_defs {
         let k = if renames.contains(&k) {
@@ -163,6 +170,9 @@ fn strip_null(schema: &mut Value) {
     let Some(m) = schema.as_object_mut() else {
         return;
     };
+    if m.get("default") == Some(&Value::Null) {
+        m.remove("default");
+    }
     if let Some(Value::Array(types)) = m.get_mut("type") {
         types.retain(|t| t != "null");
         if types.len() == 1 {

@@ -12,9 +12,11 @@ use crate::task::time::Time;
 /// Output-only fields (status, processStatus, ...) are ignored.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = name_required)]
 pub struct TaskRequest {
     /// A Kubernetes object name (lowercase RFC 1123 subdomain).
     #[serde(default)]
+    #[schemars(transform = no_default)]
     #[schemars(length(min = 1, max = crate::task::name::MAX_NAME_LEN))]
     #[schemars(pattern(crate::task::name::NAME_PATTERN))]
     pub name: String,
@@ -28,6 +30,16 @@ pub struct TaskRequest {
     #[serde(default)]
     #[schemars(with = "()")]
     pub pod_template_spec: Option<serde_json::Value>,
+}
+
+/// Serde fills in an empty name, which is refused: the document shows no default...
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
+}
+
+/// ...and says the name is required.
+fn name_required(schema: &mut schemars::Schema) {
+    schema.insert("required".into(), serde_json::json!(["name"]));
 }
 
 impl TaskRequest {

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod containerd;
 pub mod fake_apiserver;
 pub mod http;
+pub mod jail;
 pub mod standin;
 
 use std::time::{Duration, Instant};

@@ -12,7 +12,13 @@ metadata:
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with .Values.podAnnotations }}
+  {{- $annotations := deepCopy .Values.podAnnotations }}
+  {{- if .Values.metrics.podAnnotations }}
+  {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+  {{- $_ := set $annotations "prometheus.io/port" (toString .Values.executor.port) }}
+  {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+  {{- end }}
+  {{- with $annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
