@@ -67,10 +67,17 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         list.push(t.elapsed());
         list_bytes = r.body.len();
     }
+    let mut scrape = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        client::request(agent.addr, "GET", "/metrics", None)?;
+        scrape.push(t.elapsed());
+    }
     let held_rss = rss_kib(agent.child.id())?;
     let cpu0 = cpu_ticks(agent.child.id())?;
     std::thread::sleep(Duration::from_secs(5));
     let idle_cpu = cpu_ticks(agent.child.id())? - cpu0;
+    let follow_cpu = followers_cpu(&agent, 100)?;
 
     let (raw50, raw99) = (pct(&raw, 50.0), pct(&raw, 99.0));
     let (l50, l99) = (pct(&lat, 50.0), pct(&lat, 99.0));
@@ -121,7 +128,64 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     out.push_str(&format!(
         "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
     ));
+    out.push_str(&format!(
+        "| GET /metrics with {filled} tasks, p50 / p99 | {} / {} | | |\n",
+        ms(pct(&scrape, 50.0)),
+        ms(pct(&scrape, 99.0))
+    ));
+    out.push_str(&format!(
+        "| agent CPU with 100 log followers of 10 idle tasks, 5 s | {follow_cpu} ticks | | |\n"
+    ));
     Ok(out)
+}
+
+/// CPU ticks the agent uses in 5 s while `n` clients follow the logs of 10 idle tasks.
+fn followers_cpu(agent: &Agent, n: usize) -> Result<u64, BenchError> {
+    use std::io::{Read, Write};
+    let names: Vec<String> = (0..10).map(|i| format!("idle-follow-{i}")).collect();
+    for name in &names {
+        let body = json!({"name": name, "spec": {"process": {"command": ["sleep", "1000"]}}});
+        client::request(
+            agent.addr,
+            "POST",
+            "/tasks",
+            Some(body.to_string().as_bytes()),
+        )?;
+    }
+    let mut followers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = std::net::TcpStream::connect(agent.addr)?;
+        let name = &names[i % names.len()];
+        write!(
+            s,
+            "GET /tasks/{name}/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n"
+        )?;
+        followers.push(s);
+    }
+    for s in &mut followers {
+        // The answer's head: the follower is set up.
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = cpu_ticks(agent.child.id())?;
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(agent.child.id())? - cpu0;
+    drop(followers);
+    // The tasks outlive the agent: stop them before it goes.
+    for name in &names {
+        client::request(agent.addr, "DELETE", &format!("/tasks/{name}"), None)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in &names {
+        while client::request(agent.addr, "GET", &format!("/tasks/{name}"), None)?.status != 404
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(used)
 }
 
 fn start_agent() -> Result<Agent, BenchError> {

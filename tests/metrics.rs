@@ -348,3 +348,66 @@ fn the_chart_announces_the_metrics_to_prometheus() {
     let pod = &kind(&with, "Deployment").unwrap()["spec"]["template"]["metadata"];
     assert!(pod["annotations"]["prometheus.io/scrape"].is_null());
 }
+
+#[test]
+fn the_access_log_has_one_line_per_request_and_no_query_value() {
+    let a = Agent::start(&[]); // the harness runs agents at LOG_LEVEL=debug
+    a.run("visible", &["true"]);
+    a.wait_state("visible", "terminated", T);
+    let access = || -> Vec<String> {
+        a.log_text()
+            .lines()
+            .filter(|l| l.contains("task_executor::api::access"))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = access().len();
+    assert_eq!(
+        a.call("GET", "/tasks/visible?wait=hunter2", None).status,
+        400
+    );
+    assert_eq!(
+        a.call(
+            "GET",
+            "/tasks/visible/logs?sinceTime=hunter2&tailLines=1",
+            None
+        )
+        .status,
+        400
+    );
+    let logs = a.call(
+        "GET",
+        "/tasks/visible/logs?follow=true&timestamps=true",
+        None,
+    );
+    assert_eq!(logs.status, 200);
+    let lines = support::wait_for(T, "three access lines", || {
+        Some(access()).filter(|l| l.len() >= before + 3)
+    });
+    assert_eq!(lines.len(), before + 3, "{lines:#?}");
+    let new = &lines[before..];
+    for (line, route, status) in [
+        (&new[0], "/tasks/{name}", "400"),
+        (&new[1], "/tasks/{name}/logs", "400"),
+        (&new[2], "/tasks/{name}/logs", "200"),
+    ] {
+        for field in [
+            "method=\"GET\"".to_string(),
+            format!("route=\"{route}\""),
+            format!("status={status}"),
+            "duration_ms=".into(),
+            "bytes=".into(),
+        ] {
+            assert!(line.contains(&field), "{field} not in {line}");
+        }
+    }
+    assert!(
+        new[2].contains(&format!("bytes={}", logs.body.len())),
+        "{}",
+        new[2]
+    );
+    assert!(
+        !a.log_text().contains("hunter2"),
+        "a query value reached the log"
+    );
+}

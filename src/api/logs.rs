@@ -40,11 +40,15 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     let dir = state.manager.store().dir(name);
     let set = LogSet::of_task(&dir, view.spec.container.is_some());
     let watch = match follow && !ended {
-        true => Some(watch::DirWatch::new(&dir).map_err(|e| {
-            ApiError::new(
+        true => Some(watch::DirWatch::new(&dir).map_err(|e| match e.kind() {
+            // Deleted since it was looked up.
+            std::io::ErrorKind::NotFound => {
+                ApiError::new(StatusCode::NOT_FOUND, format!("task {name} not found"))
+            }
+            _ => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot watch the task's output: {e}"),
-            )
+            ),
         })?),
         false => None,
     };

@@ -13,10 +13,18 @@ impl Manager {
     /// Tasks by (kind, state), counted in place: no task is copied.
     pub fn census(&self) -> Vec<(&'static str, &'static str, u64)> {
         let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
-        for e in self.read_tasks().values() {
+        let tasks = self.read_tasks();
+        for e in tasks.values() {
             let kind = self.kind_of(e);
             *counts.entry((kind, e.state().name())).or_default() += 1;
         }
+        // A task removed before its end was applied leaves its start time behind.
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        if running.len() > tasks.len() {
+            let live: std::collections::HashSet<String> = tasks.values().map(|e| e.uid()).collect();
+            running.retain(|uid, _| live.contains(uid));
+        }
+        drop((running, tasks));
         let mut out: Vec<_> = counts.into_iter().map(|((k, s), n)| (k, s, n)).collect();
         out.sort_unstable();
         out
