@@ -358,7 +358,7 @@ fn the_access_log_has_one_line_per_request_and_no_query_value() {
         a.log_text()
             .lines()
             .filter(|l| l.contains("task_executor::api::access"))
-            .map(str::to_string)
+            .map(strip_ansi)
             .collect()
     };
     let before = access().len();
@@ -410,4 +410,22 @@ fn the_access_log_has_one_line_per_request_and_no_query_value() {
         !a.log_text().contains("hunter2"),
         "a query value reached the log"
     );
+}
+
+/// The log line without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

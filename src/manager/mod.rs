@@ -68,11 +68,13 @@ impl Entry {
     }
 
     fn view(&self) -> TaskView {
+        // State before record, as `apply` takes them: the opposite order deadlocks.
+        let state = self.state().clone();
         let rec = self.record();
         TaskView {
             name: rec.name.clone(),
             spec: rec.spec.clone(),
-            state: self.state().clone(),
+            state,
             deletion_timestamp: rec.deletion_timestamp,
         }
     }
