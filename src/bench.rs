@@ -55,6 +55,11 @@ impl Client {
             .send(body)?;
         Ok((r.status().as_u16(), read(&mut r)?))
     }
+
+    fn delete(&self, path: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self.agent.delete(format!("{}{path}", self.base)).call()?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
 }
 
 fn read(r: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, BenchError> {
@@ -114,6 +119,12 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         list.push(t.elapsed());
         list_bytes = body.len();
     }
+    let mut scrape = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        client.get("/metrics")?;
+        scrape.push(t.elapsed());
+    }
     let held_rss = rss_kib(agent.child.id())?;
     let cpu0 = cpu_ticks(agent.child.id())?;
     std::thread::sleep(Duration::from_secs(5));
@@ -127,6 +138,7 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
             probe_for: Duration::from_secs(5),
         },
     )?;
+    let follow_cpu = followers_cpu(&agent, 100)?;
 
     let (raw50, raw99) = (pct(&raw, 50.0), pct(&raw, 99.0));
     let (l50, l99) = (pct(&lat, 50.0), pct(&lat, 99.0));
@@ -198,7 +210,58 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         slow.fds_loaded,
         slow.fds_after
     ));
+    out.push_str(&format!(
+        "| GET /metrics with {filled} tasks, p50 / p99 | {} / {} | | |\n",
+        ms(pct(&scrape, 50.0)),
+        ms(pct(&scrape, 99.0))
+    ));
+    out.push_str(&format!(
+        "| agent CPU with 100 log followers of 10 idle tasks, 5 s | {follow_cpu} ticks | | |\n"
+    ));
     Ok(out)
+}
+
+/// CPU ticks the agent uses in 5 s while `n` clients follow the logs of 10 idle tasks.
+fn followers_cpu(agent: &Agent, n: usize) -> Result<u64, BenchError> {
+    use std::io::{Read, Write};
+    let client = Client::new(agent.addr);
+    let names: Vec<String> = (0..10).map(|i| format!("idle-follow-{i}")).collect();
+    for name in &names {
+        let body = json!({"name": name, "spec": {"process": {"command": ["sleep", "1000"]}}});
+        client.post("/tasks", &body.to_string())?;
+    }
+    let mut followers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = std::net::TcpStream::connect(agent.addr)?;
+        let name = &names[i % names.len()];
+        write!(
+            s,
+            "GET /tasks/{name}/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n"
+        )?;
+        followers.push(s);
+    }
+    for s in &mut followers {
+        // The answer's head: the follower is set up.
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = cpu_ticks(agent.child.id())?;
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(agent.child.id())? - cpu0;
+    drop(followers);
+    // The tasks outlive the agent: stop them before it goes.
+    for name in &names {
+        client.delete(&format!("/tasks/{name}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in &names {
+        while client.get(&format!("/tasks/{name}"))?.0 != 404 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(used)
 }
 
 fn start_agent() -> Result<Agent, BenchError> {

@@ -20,6 +20,8 @@ pub mod kube;
 pub mod limits;
 #[forbid(unsafe_code)]
 pub mod manager;
+#[forbid(unsafe_code)]
+pub mod metrics;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
 pub mod task;

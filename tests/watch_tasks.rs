@@ -343,6 +343,18 @@ fn watches_resume_after_they_end_and_relist_after_410_gone() {
             .log_text()
             .contains("Task object is gone; deleting its task")
     );
+    // Both fresh lists are counted: the first, and the one after 410 Gone.
+    let metrics = agent.call("GET", "/metrics", None).text();
+    let count = |why: &str| -> f64 {
+        let series =
+            format!("task_executor_watch_restarts_total{{resource=\"task\",why=\"{why}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(count("relist") >= 2.0, "{metrics}");
 }
 
 #[test]

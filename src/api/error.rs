@@ -43,7 +43,10 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": status_text(self.status), "message": self.message });
+        let body = super::wire::ErrorBody {
+            code: status_text(self.status),
+            message: &self.message,
+        };
         let mut resp = super::handlers::json_response(self.status, &body);
         if let Some(allow) = self.allow {
             resp.headers_mut()

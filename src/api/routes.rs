@@ -30,14 +30,17 @@ fn api_routes(
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(
-            move |method, path: warp::path::FullPath, query: String, len, body| {
+            move |method, path: warp::path::FullPath, query: String, len, headers, body| {
                 let state = state.clone();
                 async move {
-                    let resp = dispatch(state, method, path.as_str(), &query, len, body)
+                    let access = super::access::Access::start(&method, path.as_str());
+                    let resp = dispatch(state, method, path.as_str(), &query, len, &headers, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
+                    access.finish(&resp);
                     Ok::<_, Infallible>(resp)
                 }
             },
@@ -55,6 +58,7 @@ async fn dispatch<S, B>(
     path: &str,
     query: &str,
     len: Option<u64>,
+    headers: &warp::http::HeaderMap,
     body: S,
 ) -> Result<Response, ApiError>
 where
@@ -69,6 +73,9 @@ where
         ["health"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["readyz"] if get => Ok(handlers::readyz(&state).await),
         ["readyz"] => Err(ApiError::method_not_allowed("GET, HEAD")),
+        ["metrics"] if get => Ok(super::scrape::metrics(&state, headers)),
+        ["openapi.json"] if get => Ok(super::openapi::serve()),
+        ["metrics" | "openapi.json"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["getTasks"] if get => Ok(handlers::list(&state)),
         ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["setTasks"] if method == Method::POST => {
@@ -87,6 +94,12 @@ where
             Method::DELETE => handlers::delete(&state, name).await,
             _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
         },
+        ["tasks", name, "logs"] if !name.is_empty() && get => {
+            super::logs::logs(&state, name, query).await
+        }
+        ["tasks", name, "logs"] if !name.is_empty() => {
+            Err(ApiError::method_not_allowed("GET, HEAD"))
+        }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}"),

@@ -35,9 +35,10 @@ impl Restart {
     }
 }
 
-/// The one place a watch restart is observed (the "watch restarts" metric goes here).
+/// The one place a watch restart is observed: logged and counted (`watch_restarts_total`).
 pub fn watch_restarted(resource: &'static str, why: Restart) {
     tracing::debug!(resource, why = why.as_str(), "watch restarted");
+    crate::metrics::watch_restarted(resource, why.as_str());
 }
 
 /// The watcher configuration of every watch: server-side timeout, bookmarks on.

@@ -60,11 +60,13 @@ impl Entry {
     }
 
     pub(super) fn view(&self) -> TaskView {
+        // State before record, the order `apply` takes them in: the opposite deadlocks.
+        let state = self.state().clone();
         let rec = self.record();
         TaskView {
             name: rec.name.clone(),
             spec: rec.spec.clone(),
-            state: self.state().clone(),
+            state,
             deletion_timestamp: rec.deletion_timestamp,
         }
     }

@@ -30,6 +30,7 @@ impl Manager {
                 tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
             }
         }
+        self.record_metrics(entry, &state, &new);
         *state = new;
         drop(state);
         self.changed(&name);

@@ -11,6 +11,7 @@
 //! never the work, so a durable record is always started and a durable deletion marker is
 //! always followed through.
 
+mod census;
 mod create;
 mod delete;
 mod entry;

@@ -334,6 +334,7 @@ fn lost(task: &TaskRef, main: Option<ProcIdentity>) -> Terminated {
         let _ = killpg(Pid::from_raw(m.pid), Signal::SIGKILL);
     }
     tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
+    crate::metrics::supervisor_lost();
     Terminated {
         exit_code: 137,
         signal: None,

@@ -111,7 +111,7 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Response> {
     parse(&buf)
 }
 
-fn parse(buf: &[u8]) -> std::io::Result<Response> {
+pub fn parse(buf: &[u8]) -> std::io::Result<Response> {
     let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let split = buf
         .windows(4)

@@ -7,6 +7,7 @@ pub mod fake_apiserver;
 pub mod fake_reviews;
 pub mod http;
 pub mod init;
+pub mod jail;
 pub mod standin;
 
 use std::time::{Duration, Instant};

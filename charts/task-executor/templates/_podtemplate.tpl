@@ -12,7 +12,14 @@ metadata:
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with .Values.podAnnotations }}
+  {{- $annotations := deepCopy (.Values.podAnnotations | default dict) }}
+  {{- if dig "podAnnotations" true (.Values.metrics | default dict) }}
+  {{- $cfg := include "task-executor.config" $te | fromYaml }}
+  {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+  {{- $_ := set $annotations "prometheus.io/port" (include "task-executor.scalar" $cfg.port) }}
+  {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+  {{- end }}
+  {{- with $annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}

@@ -13,7 +13,7 @@
 //! locks and the pipe if the shim dies.
 
 mod kill;
-mod logs;
+pub(crate) mod logs;
 pub mod server;
 mod spawn;
 mod target;
@@ -170,6 +170,7 @@ fn supervise(dir: &Path) -> io::Result<()> {
     records::append(&mut running_lock, &Entry::Started(shim_rec), false)?;
     notify_agent(b"started\n");
 
+    let index = logs::index(dir, launch.max_log_bytes);
     let mut sup = Supervisor {
         launch: &launch,
         main_pid,
@@ -188,8 +189,8 @@ fn supervise(dir: &Path) -> io::Result<()> {
         main_done: false,
         children_gone: false,
         running_lock: Some(running_lock),
-        stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes),
-        stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes),
+        stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes, 0, &index),
+        stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes, 1, &index),
     };
     sup.run(&sigfd, out_r, err_r)
 }
