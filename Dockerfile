@@ -29,4 +29,7 @@ USER 65532:65532
 EXPOSE 5758
 # No HEALTHCHECK: the image has no HTTP client. Kubernetes probes the agent with
 # httpGet on :5758 — /health for liveness, /readyz for readiness (see the chart).
-ENTRYPOINT ["task-executor"]
+# The container's first process is the init role, which runs the agent (its flags follow
+# `--`, e.g. `docker run IMAGE --enable-sidecar-mode`) and restarts it if it dies, so an
+# agent crash does not end the container and its tasks (README: "In a pod").
+ENTRYPOINT ["task-executor", "init", "--"]

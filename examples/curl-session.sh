@@ -2,21 +2,25 @@
 # Walks through every endpoint of the agent's HTTP API against a pod of the chart:
 #   examples/curl-session.sh [RELEASE] [NAMESPACE]
 # Uses kubectl port-forward, so only kubectl access to the namespace is needed.
+# With auth (chart value auth.mode), pass the bearer token: TOKEN=... examples/curl-session.sh;
+# with TLS (tls.secretName), SCHEME=https (the certificate is not verified: -k).
 set -euo pipefail
 
 RELEASE="${1:-sandbox}"
 NAMESPACE="${2:-default}"
 PORT="${PORT:-5758}"
-API="http://127.0.0.1:$PORT"
+API="${SCHEME:-http}://127.0.0.1:$PORT"
+AUTH=()
+[ -n "${TOKEN:-}" ] && AUTH=(-H "Authorization: Bearer $TOKEN")
 
 kubectl -n "$NAMESPACE" port-forward "deploy/$RELEASE-task-executor" "$PORT:5758" >/dev/null &
 PF=$!
 trap 'kill "$PF"' EXIT
 # Wait for the forward to accept connections.
-for _ in $(seq 50); do curl -fs "$API/health" >/dev/null && break; sleep 0.2; done
+for _ in $(seq 50); do curl -fsk "$API/health" >/dev/null && break; sleep 0.2; done
 
 say() { printf '\n### %s\n' "$*"; }
-json() { curl -sS -w '\n[HTTP %{http_code}]\n' -H 'Content-Type: application/json' "$@"; }
+json() { curl -sSk -w '\n[HTTP %{http_code}]\n' -H 'Content-Type: application/json' ${AUTH[@]+"${AUTH[@]}"} "$@"; }
 
 say "GET /health (liveness: always 200)"
 json "$API/health"

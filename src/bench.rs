@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::client;
+pub mod slow_clients;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -18,6 +18,56 @@ pub enum BenchError {
     Setup(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] ureq::Error),
+}
+
+/// One client: a kept-alive connection to the agent (ureq pools it), like the upstream
+/// controller's HTTP client.
+struct Client {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Client {
+    fn new(addr: SocketAddr) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Client {
+            agent,
+            base: format!("http://{addr}"),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self.agent.get(format!("{}{path}", self.base)).call()?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
+
+    fn post(&self, path: &str, body: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Content-Type", "application/json")
+            .send(body)?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
+
+    fn delete(&self, path: &str) -> Result<(u16, Vec<u8>), BenchError> {
+        let mut r = self.agent.delete(format!("{}{path}", self.base)).call()?;
+        Ok((r.status().as_u16(), read(&mut r)?))
+    }
+}
+
+fn read(r: &mut ureq::http::Response<ureq::Body>) -> Result<Vec<u8>, BenchError> {
+    Ok(r.body_mut().with_config().limit(u64::MAX).read_to_vec()?)
+}
+
+fn text(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
 }
 
 #[derive(Clone, Debug)]
@@ -55,6 +105,8 @@ impl Drop for Agent {
 }
 
 pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
+    // The slow-client figure holds over 5,000 sockets on this side too.
+    crate::limits::raise_nofile()?;
     let agent = start_agent()?;
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = rss_kib(agent.child.id())?;
@@ -63,9 +115,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
 
     let mut lat = Vec::with_capacity(opts.latency_samples);
-    let mut conn = client::Conn::new(agent.addr);
+    let client = Client::new(agent.addr);
     for i in 0..opts.latency_samples {
-        lat.push(create_and_wait(&mut conn, &format!("lat-{i}"))?);
+        lat.push(create_and_wait(&client, &format!("lat-{i}"))?);
     }
     let tput = throughput(agent.addr, opts.clients, opts.duration)?;
     let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
@@ -74,14 +126,30 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let mut list_bytes = 0;
     for _ in 0..30 {
         let t = Instant::now();
-        let r = client::request(agent.addr, "GET", "/getTasks", None)?;
+        let (_, body) = client.get("/getTasks")?;
         list.push(t.elapsed());
-        list_bytes = r.body.len();
+        list_bytes = body.len();
+    }
+    let mut scrape = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        client.get("/metrics")?;
+        scrape.push(t.elapsed());
     }
     let held_rss = rss_kib(agent.child.id())?;
     let cpu0 = cpu_ticks(agent.child.id())?;
     std::thread::sleep(Duration::from_secs(5));
     let idle_cpu = cpu_ticks(agent.child.id())? - cpu0;
+    let slow = slow_clients::run(
+        agent.addr,
+        agent.child.id(),
+        &slow_clients::Load {
+            idle: 5000,
+            trickling: 200,
+            probe_for: Duration::from_secs(5),
+        },
+    )?;
+    let follow_cpu = followers_cpu(&agent, 100)?;
 
     let (raw50, raw99) = (pct(&raw, 50.0), pct(&raw, 99.0));
     let (l50, l99) = (pct(&lat, 50.0), pct(&lat, 99.0));
@@ -132,6 +200,35 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     out.push_str(&format!(
         "| agent CPU while idle with {filled} tasks, 5 s | {idle_cpu} ticks | | |\n"
     ));
+    out.push_str(&format!(
+        "| GET /health p50 / p99 / max with 5,000 idle keep-alive connections and 200 one-byte-a-second header senders open ({} probes, {} failed) | {} / {} / {} | | |\n",
+        slow.health.len() + slow.failures.len(),
+        slow.failures.len(),
+        ms(slow_clients::percentile(&slow.health, 50.0)),
+        ms(slow_clients::percentile(&slow.health, 99.0)),
+        ms(slow.health.iter().max().copied().unwrap_or_default()),
+    ));
+    out.push_str(&format!(
+        "| agent RSS with those connections open | {:.1} MiB (+{:.1} KiB a connection) | | |\n",
+        slow.rss_loaded_kib as f64 / 1024.0,
+        slow.rss_loaded_kib.saturating_sub(slow.rss_idle_kib) as f64
+            / (slow.fds_loaded.saturating_sub(slow.fds_idle).max(1)) as f64
+    ));
+    out.push_str(&format!(
+        "| agent fds: idle / with those connections / {:.1} s after they closed | {} / {} / {} | | |\n",
+        slow.settle.as_secs_f64(),
+        slow.fds_idle,
+        slow.fds_loaded,
+        slow.fds_after
+    ));
+    out.push_str(&format!(
+        "| GET /metrics with {filled} tasks, p50 / p99 | {} / {} | | |\n",
+        ms(pct(&scrape, 50.0)),
+        ms(pct(&scrape, 99.0))
+    ));
+    out.push_str(&format!(
+        "| agent CPU with 100 log followers of 10 idle tasks, 5 s | {follow_cpu} ticks | | |\n"
+    ));
     drop(agent);
     if opts.adopted_tasks > 0 {
         let r = readoption(opts.adopted_tasks, opts.clients)?;
@@ -172,7 +269,7 @@ fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
         .map(|_| {
             let (next, names) = (next.clone(), names.clone());
             std::thread::spawn(move || -> Result<(), String> {
-                let mut conn = client::Conn::new(addr);
+                let client = Client::new(addr);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(name) = names.get(i) else {
@@ -181,11 +278,10 @@ fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
                     let body =
                         json!({"name": name, "spec": {"process": {"command": ["sleep", "3600"]}}})
                             .to_string();
-                    let r = conn
-                        .request("POST", "/tasks", Some(body.as_bytes()))
-                        .map_err(|e| e.to_string())?;
-                    if r.status != 201 {
-                        return Err(format!("create: {} {}", r.status, r.text()));
+                    let (status, answer) =
+                        client.post("/tasks", &body).map_err(|e| e.to_string())?;
+                    if status != 201 {
+                        return Err(format!("create: {status} {}", text(&answer)));
                     }
                 }
             })
@@ -255,9 +351,10 @@ fn stop_shims(data: &std::path::Path) {
 
 /// Waits until the agent holds `n` tasks, all in `state`.
 fn wait_all(addr: SocketAddr, n: usize, state: &str) -> Result<(), BenchError> {
+    let client = Client::new(addr);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let list = client::request(addr, "GET", "/getTasks", None)?.json();
+        let list = list_json(&client)?;
         let arr = list.as_array().cloned().unwrap_or_default();
         let ready = arr
             .iter()
@@ -281,6 +378,49 @@ fn status_field(pid: u32, name: &str) -> Result<u64, BenchError> {
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/status")))
+}
+
+/// CPU ticks the agent uses in 5 s while `n` clients follow the logs of 10 idle tasks.
+fn followers_cpu(agent: &Agent, n: usize) -> Result<u64, BenchError> {
+    use std::io::{Read, Write};
+    let client = Client::new(agent.addr);
+    let names: Vec<String> = (0..10).map(|i| format!("idle-follow-{i}")).collect();
+    for name in &names {
+        let body = json!({"name": name, "spec": {"process": {"command": ["sleep", "1000"]}}});
+        client.post("/tasks", &body.to_string())?;
+    }
+    let mut followers = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = std::net::TcpStream::connect(agent.addr)?;
+        let name = &names[i % names.len()];
+        write!(
+            s,
+            "GET /tasks/{name}/logs?follow=true HTTP/1.1\r\nHost: x\r\n\r\n"
+        )?;
+        followers.push(s);
+    }
+    for s in &mut followers {
+        // The answer's head: the follower is set up.
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b)?;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu0 = cpu_ticks(agent.child.id())?;
+    std::thread::sleep(Duration::from_secs(5));
+    let used = cpu_ticks(agent.child.id())? - cpu0;
+    drop(followers);
+    // The tasks outlive the agent: stop them before it goes.
+    for name in &names {
+        client.delete(&format!("/tasks/{name}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in &names {
+        while client.get(&format!("/tasks/{name}"))?.0 != 404 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(used)
 }
 
 fn start_agent() -> Result<Agent, BenchError> {
@@ -314,11 +454,8 @@ fn spawn_agent(dir: PathBuf, addr: SocketAddr) -> Result<Agent, BenchError> {
 
 fn wait_healthy(agent: &mut Agent) -> Result<(), BenchError> {
     let deadline = Instant::now() + Duration::from_secs(120);
-    while client::request(agent.addr, "GET", "/health", None)
-        .map(|r| r.status)
-        .ok()
-        != Some(200)
-    {
+    let client = Client::new(agent.addr);
+    while client.get("/health").ok().map(|r| r.0) != Some(200) {
         if Instant::now() > deadline || agent.child.try_wait()?.is_some() {
             return Err(BenchError::Setup("agent did not become healthy".into()));
         }
@@ -339,25 +476,21 @@ fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
 
 /// POST a `true` task and long-poll (`?wait=`, on a kept-alive connection) until it is
 /// terminated; returns the elapsed time.
-fn create_and_wait(conn: &mut client::Conn, name: &str) -> Result<Duration, BenchError> {
+fn create_and_wait(client: &Client, name: &str) -> Result<Duration, BenchError> {
     let body = json!({"name": name, "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
     let t = Instant::now();
-    let r = conn.request("POST", "/tasks", Some(body.as_bytes()))?;
-    if r.status != 201 {
+    let (status, answer) = client.post("/tasks", &body)?;
+    if status != 201 {
         return Err(BenchError::Setup(format!(
-            "create {name}: {} {}",
-            r.status,
-            r.text()
+            "create {name}: {status} {}",
+            text(&answer)
         )));
     }
     // The long-poll answers once the task is terminated (or after 30 s, then ask again).
     let path = format!("/tasks/{name}?wait=30s");
-    let mut done = r.text().contains("\"terminated\"");
+    let mut done = text(&answer).contains("\"terminated\"");
     while !done {
-        done = conn
-            .request("GET", &path, None)?
-            .text()
-            .contains("\"terminated\"");
+        done = text(&client.get(&path)?.1).contains("\"terminated\"");
     }
     Ok(t.elapsed())
 }
@@ -371,10 +504,9 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
             let (stop, done) = (stop.clone(), done.clone());
             std::thread::spawn(move || -> Result<(), String> {
                 let mut i = 0;
-                let mut conn = client::Conn::new(addr);
+                let client = Client::new(addr);
                 while !stop.load(Ordering::Relaxed) {
-                    create_and_wait(&mut conn, &format!("tp-{c}-{i}"))
-                        .map_err(|e| e.to_string())?;
+                    create_and_wait(&client, &format!("tp-{c}-{i}")).map_err(|e| e.to_string())?;
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -394,25 +526,23 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
 
 /// Creates tasks until the agent holds `n`; returns how many it holds.
 fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError> {
-    let held = client::request(addr, "GET", "/getTasks", None)?
-        .json()
-        .as_array()
-        .map_or(0, |a| a.len());
+    let client = Client::new(addr);
+    let held = list_json(&client)?.as_array().map_or(0, |a| a.len());
     let next = Arc::new(AtomicUsize::new(held));
     let workers: Vec<_> = (0..clients)
         .map(|_| {
             let next = next.clone();
             std::thread::spawn(move || -> Result<(), String> {
-                let mut conn = client::Conn::new(addr);
+                let client = Client::new(addr);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         return Ok(());
                     }
                     let body = json!({"name": format!("held-{i}"), "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
-                    let r = conn.request("POST", "/tasks", Some(body.as_bytes())).map_err(|e| e.to_string())?;
-                    if r.status != 201 {
-                        return Err(format!("create: {} {}", r.status, r.text()));
+                    let (status, answer) = client.post("/tasks", &body).map_err(|e| e.to_string())?;
+                    if status != 201 {
+                        return Err(format!("create: {status} {}", text(&answer)));
                     }
                 }
             })
@@ -425,7 +555,7 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
     }
     // Wait until all are terminated so the memory figure is for finished tasks.
     loop {
-        let list = client::request(addr, "GET", "/getTasks", None)?.json();
+        let list = list_json(&client)?;
         let arr = list.as_array().cloned().unwrap_or_default();
         if arr
             .iter()
@@ -435,6 +565,11 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+fn list_json(client: &Client) -> Result<serde_json::Value, BenchError> {
+    let (_, body) = client.get("/getTasks")?;
+    serde_json::from_slice(&body).map_err(|e| BenchError::Setup(format!("GET /getTasks: {e}")))
 }
 
 fn pct(v: &[Duration], p: f64) -> Duration {

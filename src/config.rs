@@ -13,6 +13,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Who may call the API (`--auth-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// No credential (upstream's behaviour; the BatchSandbox controller sends none).
+    None,
+    /// A bearer token listed in `--auth-token-file`.
+    Token,
+    /// A bearer token checked by TokenReview, the route by SubjectAccessReview.
+    Kubernetes,
+}
+
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "task-executor",
@@ -72,6 +83,11 @@ pub struct Config {
     #[arg(long, env = "MAX_CONCURRENT_TASKS", default_value_t = 0)]
     pub max_concurrent_tasks: usize,
 
+    /// How long a task whose start failed for lack of processes, file descriptors, memory
+    /// or disk is retried (it waits with reason ResourcesExhausted) before it fails.
+    #[arg(long, env = "START_RETRY_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub start_retry_timeout: Duration,
+
     /// Log budget per task and stream (stdout, stderr), in bytes; older output rotates out.
     #[arg(long, env = "MAX_LOG_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_log_bytes: u64,
@@ -96,6 +112,12 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub watch_tasks: bool,
 
+    /// Each Kubernetes watch is renewed after this long (whole seconds); a watch connection
+    /// silent for this plus 5 s is taken for dead and re-opened, and any other API request
+    /// gives up after this plus 10 s without an answer.
+    #[arg(long, env = "KUBE_WATCH_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub kube_watch_timeout: Duration,
+
     /// This pod's name (downward API); enables the Kubernetes integrations.
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
@@ -110,6 +132,39 @@ pub struct Config {
 
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Who may call the API besides /health and /readyz: anyone (none), holders of a
+    /// token from --auth-token-file (token), or callers the Kubernetes API authenticates
+    /// and authorizes for the route (kubernetes).
+    #[arg(long, env = "AUTH_MODE", value_enum, default_value_t = AuthMode::None)]
+    pub auth_mode: AuthMode,
+
+    /// Token mode: file of accepted bearer tokens, one a line (`#` comments); re-read
+    /// when it changes.
+    #[arg(long, env = "AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key-file); re-read when
+    /// it changes.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Connections open at once (each holds ~15 KiB); more are refused at once.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 8192)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's header (from its first byte, or from the
+    /// connection's opening); the connection is closed after it.
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A kept-alive connection with no request for this long is closed.
+    #[arg(long, env = "IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
 }
 
 impl Config {
@@ -143,7 +198,19 @@ mod tests {
         assert_eq!(c.listen_addr.to_string(), "0.0.0.0:5758");
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/sandbox/tasks"));
         assert_eq!(c.reconcile_interval, Duration::from_millis(500));
+        assert_eq!(c.kube_watch_timeout, Duration::from_secs(60));
         assert!(!c.enable_sidecar_mode && !c.enable_container_mode);
+        // No credential by default: the upstream controller sends none.
+        assert_eq!(c.auth_mode, AuthMode::None);
+        assert!(c.tls_cert_file.is_none());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let args = ["task-executor", "--tls-cert-file", "/c.pem"];
+        assert!(Config::try_parse_from(args).is_err());
+        let c = parse(&["--tls-cert-file", "/c.pem", "--tls-key-file", "/k.pem"]);
+        assert_eq!(c.tls_key_file, Some(PathBuf::from("/k.pem")));
     }
 
     #[test]

@@ -11,13 +11,17 @@ pub mod api;
 #[forbid(unsafe_code)]
 pub mod bench;
 #[forbid(unsafe_code)]
-pub mod client;
-#[forbid(unsafe_code)]
 pub mod config;
+#[forbid(unsafe_code)]
+pub mod init;
 #[forbid(unsafe_code)]
 pub mod kube;
 #[forbid(unsafe_code)]
+pub mod limits;
+#[forbid(unsafe_code)]
 pub mod manager;
+#[forbid(unsafe_code)]
+pub mod metrics;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
 #[forbid(unsafe_code)]
 pub mod task;
@@ -32,8 +36,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::api::auth::{Authenticator, KubernetesAuth, TokenFile};
 use crate::api::handlers::AppState;
-use crate::config::Config;
+use crate::api::server::{ServerOptions, TlsFiles};
+use crate::config::{AuthMode, Config};
 use crate::manager::{Manager, ManagerConfig};
 use crate::runtime::container::volumes::{
     POD_VOLUMES_TIMEOUT, PodVolumes, StaticVolumes, VolumeResolver,
@@ -76,7 +82,27 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    match limits::raise_nofile() {
+        Ok((before, after)) if before < after => {
+            tracing::info!(before, after, "raised the open-file limit")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     runtime::reaper::start()?;
+    // The one Kubernetes client (made on first use): every integration shares it; hand a
+    // clone to any other component that talks to the API server.
+    let kube = crate::kube::KubeClient::new(crate::kube::KubeTimeouts {
+        watch: config.kube_watch_timeout,
+    });
+    // Credentials and certificates first: a misconfigured agent must not start at all.
+    let auth = build_auth(&config, &kube).await?;
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            TlsFiles::load(cert, key).map_err(AppError::Config)?,
+        )),
+        _ => None,
+    };
     let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -85,7 +111,7 @@ pub async fn run(
         runtimes,
         container,
         sidecar,
-    } = build_runtimes(&config).await?;
+    } = build_runtimes(&config, &kube).await?;
     let manager = Manager::new(
         store,
         runtimes,
@@ -93,10 +119,11 @@ pub async fn run(
             stop_grace: config.stop_grace_period,
             max_concurrent: (config.max_concurrent_tasks > 0)
                 .then_some(config.max_concurrent_tasks),
+            start_retry: config.start_retry_timeout,
         },
     );
     manager.recover().await?;
-    start_kube_integrations(&config, &manager, sidecar)?;
+    start_kube_integrations(&config, &kube, &manager, sidecar)?;
 
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -104,52 +131,100 @@ pub async fn run(
             addr: config.listen_addr.to_string(),
             source,
         })?;
+    let addr = listener.local_addr()?;
     tracing::info!(
-        addr = %listener.local_addr()?,
+        %addr,
         data_dir = %config.data_dir.display(),
         sidecar = config.enable_sidecar_mode,
         container = config.enable_container_mode,
+        auth = ?config.auth_mode,
+        tls = tls.is_some(),
         "task-executor listening"
     );
+    if config.auth_mode == AuthMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "no authentication (--auth-mode=none): whoever reaches this address, the pod's own containers included, can run commands as the agent"
+        );
+    }
     let state = Arc::new(AppState {
         manager,
+        auth,
         max_body: config.max_body_bytes,
         body_timeout: config.request_timeout,
     });
     let stop = CancellationToken::new();
-    let stopped = stop.clone();
+    let stopping = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down; tasks keep running and are re-adopted on the next start");
-        stop.cancel();
+        stopping.cancel();
     });
-    let drained = stopped.clone();
-    let server = warp::serve(api::routes(state))
-        .incoming(listener)
-        .graceful(async move { drained.cancelled().await })
-        .run();
-    tokio::select! {
-        () = server => {}
-        () = async { stopped.cancelled().await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
-            tracing::warn!("connections still open after {:?}; closing them", SHUTDOWN_GRACE);
-        }
-    }
+    let options = ServerOptions {
+        max_connections: config.max_connections.max(1),
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        shutdown_grace: SHUTDOWN_GRACE,
+    };
+    api::server::serve(listener, api::routes(state), tls, options, stop).await;
     if let Some(c) = container {
         c.shutdown().await;
     }
     Ok(())
 }
 
+/// The credential check `--auth-mode` asks for, with what it needs.
+async fn build_auth(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+) -> Result<Authenticator, AppError> {
+    if config.auth_mode != AuthMode::Token && config.auth_token_file.is_some() {
+        // A token file without token mode would look protected and be open.
+        return Err(AppError::Config(
+            "--auth-token-file is set but --auth-mode is not token".into(),
+        ));
+    }
+    Ok(match config.auth_mode {
+        AuthMode::None => Authenticator::None,
+        AuthMode::Token => {
+            let path = config.auth_token_file.as_deref().ok_or_else(|| {
+                AppError::Config("--auth-mode=token needs --auth-token-file".into())
+            })?;
+            let file = TokenFile::open(path).map_err(|e| AppError::Config(e.to_string()))?;
+            Authenticator::Token(Arc::new(file))
+        }
+        AuthMode::Kubernetes => {
+            let namespace = config
+                .pod_namespace
+                .clone()
+                .filter(|ns| !ns.is_empty())
+                .ok_or_else(|| {
+                    AppError::Config(
+                        "--auth-mode=kubernetes needs POD_NAMESPACE (the namespace whose Task permissions callers need)".into(),
+                    )
+                })?;
+            let client = kube
+                .get()
+                .await
+                .map_err(|e| AppError::Config(format!("--auth-mode=kubernetes: {e}")))?;
+            let reviewer = crate::kube::review::Reviewer::new(client);
+            Authenticator::Kubernetes(Arc::new(KubernetesAuth::new(reviewer, namespace)))
+        }
+    })
+}
+
 /// The Pod watch (sidecar mode with POD_NAME/POD_NAMESPACE) and the Task watch
 /// (`--watch-tasks`). Both run in the background and retry on their own.
 fn start_kube_integrations(
     config: &Config,
+    kube: &crate::kube::KubeClient,
     manager: &Arc<Manager>,
     sidecar: Option<SidecarRuntime>,
 ) -> Result<(), AppError> {
     let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
     if let (Some(sidecar), Some((pod, ns))) = (sidecar, pod.clone()) {
-        crate::kube::locator::spawn_pod_watch(
+        crate::kube::pod_watch::spawn_pod_watch(
+            kube.clone(),
             ns,
             pod,
             config.main_container_name.clone(),
@@ -165,7 +240,8 @@ fn start_kube_integrations(
                 "--watch-tasks needs POD_NAME and POD_NAMESPACE".into(),
             ));
         };
-        crate::kube::watch::spawn(ns, pod, manager.clone());
+        let events = crate::kube::events::EventSink::spawn(kube.clone(), pod.clone());
+        crate::kube::watch::spawn(kube.clone(), ns, pod, manager.clone(), events);
     }
     Ok(())
 }
@@ -179,7 +255,10 @@ struct Built {
     sidecar: Option<SidecarRuntime>,
 }
 
-async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
+async fn build_runtimes(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
     let mut sidecar = None;
@@ -191,6 +270,7 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
         {
             (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
                 Arc::new(crate::kube::locator::KubeLocator::new(
+                    kube.clone(),
                     ns.clone(),
                     pod.clone(),
                     config.main_container_name.clone(),
@@ -223,7 +303,11 @@ async fn build_runtimes(config: &Config) -> Result<Built, AppError> {
             (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
                 Arc::new(PodVolumes::new(
                     flags,
-                    Arc::new(crate::kube::pod::OwnPod::new(ns.clone(), pod.clone())),
+                    Arc::new(crate::kube::pod::OwnPod::new(
+                        kube.clone(),
+                        ns.clone(),
+                        pod.clone(),
+                    )),
                     POD_VOLUMES_TIMEOUT,
                 ))
             }

@@ -1,4 +1,5 @@
-//! The `task-executor` binary: the agent, plus its `shim-server` role (which forks one
+//! The `task-executor` binary: the agent, plus its `init` role (a container's first
+//! process, which supervises the agent) and its `shim-server` role (which forks one
 //! supervisor per task).
 #![forbid(unsafe_code)]
 
@@ -22,11 +23,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run as a container's first process: start the agent (given its flags after `--`)
+    /// and its shim server, restart the agent when it dies, forward signals, reap orphans.
+    Init(InitArgs),
     /// Print the Task CustomResourceDefinition (YAML), as crds/ holds it.
     Crd,
-    /// Fork server that starts shims (started by the agent; not for direct use).
+    /// Fork server that starts shims (started by the init or the agent; not for direct use).
     #[command(hide = true)]
-    ShimServer,
+    ShimServer {
+        /// The open-file soft limit for tasks (the agent's own, before it raised it).
+        #[arg(long)]
+        nofile_soft: Option<u64>,
+    },
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
     Bench {
         #[arg(long, default_value_t = 10_000)]
@@ -43,14 +51,39 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct InitArgs {
+    /// Longest pause between restarts of an agent that keeps dying (the first restart is
+    /// immediate; the pause doubles from 1s).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    restart_delay_max: std::time::Duration,
+    /// An agent that ran this long is restarted at once again when it dies.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    restart_reset_after: std::time::Duration,
+    /// On SIGTERM/SIGINT, how long the agent may take to exit before it is killed.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    agent_stop_timeout: std::time::Duration,
+    /// The agent's flags (its environment variables work as well).
+    #[arg(last = true, value_name = "AGENT FLAGS")]
+    agent_args: Vec<std::ffi::OsString>,
+}
+
+/// Margin over the tasks' grace period for their supervisors to record the exit.
+const DRAIN_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::Init(args)) => std::process::exit(init(args)?),
         Some(Command::Crd) => {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
             Ok(())
         }
-        Some(Command::ShimServer) => {
+        Some(Command::ShimServer { nofile_soft }) => {
+            if let Some(soft) = nofile_soft {
+                // Best effort: tasks then keep the raised limit, which only ever helps.
+                let _ = task_executor::limits::set_nofile_soft(soft);
+            }
             std::process::exit(task_executor::runtime::shim::server::serve())
         }
         Some(Command::Bench {
@@ -74,8 +107,33 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// The agent's flags are checked here, once, so that a bad one stops the container with
+/// its usage error instead of a restart loop.
+fn init(args: InitArgs) -> anyhow::Result<i32> {
+    let argv0 = std::ffi::OsString::from("task-executor");
+    let agent = Config::try_parse_from(std::iter::once(argv0).chain(args.agent_args.clone()))
+        .unwrap_or_else(|e| e.exit());
+    task_executor::telemetry::init(&agent.log_level, agent.log_format);
+    let exe = std::env::current_exe().context("locating the task-executor binary")?;
+    Ok(task_executor::init::run(task_executor::init::Options {
+        exe,
+        agent_args: args.agent_args,
+        restart: task_executor::init::backoff::Policy {
+            max_delay: args.restart_delay_max,
+            reset_after: args.restart_reset_after,
+        },
+        agent_stop_timeout: args.agent_stop_timeout,
+        drain_timeout: agent.stop_grace_period.saturating_add(DRAIN_MARGIN),
+    }))
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     task_executor::telemetry::init(&config.log_level, config.log_format);
+    match task_executor::runtime::launcher::adopt_server_on_stdin() {
+        Ok(true) => tracing::debug!("using the shim server of task-executor init"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "starting a shim server of our own"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // Only short file-system writes run there; few threads keep few malloc arenas.

@@ -21,9 +21,14 @@ pub fn init(level: &str, format: LogFormat) {
     };
 }
 
+/// warp logs every client that goes away mid-answer (each stopped log follower) as an
+/// ERROR "server connection error": nothing to act on, so a plain level silences it.
+const QUIET: &str = "warp::server=off";
+
 fn directive(level: &str) -> String {
     match level.trim().to_ascii_lowercase().as_str() {
-        l @ ("debug" | "trace") => format!("info,task_executor={l}"),
+        l @ ("debug" | "trace") => format!("info,task_executor={l},{QUIET}"),
+        l if !l.contains(['=', ',']) => format!("{l},{QUIET}"),
         _ => level.to_string(),
     }
 }
@@ -34,9 +39,15 @@ mod tests {
 
     #[test]
     fn agent_detail_does_not_turn_on_library_detail() {
-        assert_eq!(directive("debug"), "info,task_executor=debug");
-        assert_eq!(directive("TRACE"), "info,task_executor=trace");
-        assert_eq!(directive("warn"), "warn");
+        assert_eq!(
+            directive("debug"),
+            "info,task_executor=debug,warp::server=off"
+        );
+        assert_eq!(
+            directive("TRACE"),
+            "info,task_executor=trace,warp::server=off"
+        );
+        assert_eq!(directive("warn"), "warn,warp::server=off");
         assert_eq!(directive("info,kube=debug"), "info,kube=debug");
     }
 }

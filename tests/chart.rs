@@ -4,13 +4,13 @@
 //! `.tools/bin`. A missing tool fails the test instead of skipping it, so a run cannot
 //! pass without having checked anything.
 
-use serde_yaml::{Mapping, Value};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use yaml_serde::{Mapping, Value};
 
 const CHART: &str = "charts/task-executor";
 const KUBE_VERSION: &str = "1.33.0";
@@ -38,6 +38,32 @@ const CASES: &[(&str, &[&str])] = &[
         &["--set", "mode=sidecar", "--set", "executor.privileged=true"],
     ),
     ("workload None", &["--set", "workload=None"]),
+    (
+        "token auth, TLS, no network policy",
+        &[
+            "--set",
+            "auth.mode=token",
+            "--set",
+            "tls.secretName=agent-tls",
+            "--set",
+            "networkPolicy.enabled=false",
+        ],
+    ),
+    (
+        "kubernetes auth with a client",
+        &[
+            "--set",
+            "mode=sidecar",
+            "--set",
+            "auth.mode=kubernetes",
+            "--set",
+            "auth.clientServiceAccounts[0].name=controller",
+            "--set",
+            "auth.clientServiceAccounts[0].namespace=opensandbox-system",
+            "--set",
+            "main.ports[0].containerPort=8080",
+        ],
+    ),
     ("values-sidecar", &["-f", "examples/values-sidecar.yaml"]),
     (
         "values-batchsandbox-pool",
@@ -126,7 +152,7 @@ fn docs(text: &str) -> Vec<Value> {
     let mut cur = String::new();
     for line in text.lines().chain(["---"]) {
         if line.trim_end() == "---" {
-            let v: Value = serde_yaml::from_str(&cur).expect("helm output is YAML");
+            let v: Value = yaml_serde::from_str(&cur).expect("helm output is YAML");
             if !v.is_null() {
                 out.push(v);
             }
@@ -241,6 +267,9 @@ fn check_common(docs: &[Value]) {
     assert_eq!(text(a, "livenessProbe.httpGet.path"), "/health");
     assert_eq!(text(a, "readinessProbe.httpGet.path"), "/readyz");
     assert_eq!(probe_port(a, "livenessProbe"), PORT);
+    // The init is the container's first process in every mode, whatever the image's
+    // entrypoint; the agent's flags follow `--`.
+    assert_eq!(strings(a, "command"), ["task-executor", "init", "--"]);
     assert_eq!(probe_port(a, "readinessProbe"), PORT);
     let main = container(pod, "main");
     assert_eq!(env_value(main, "SANDBOX_MAIN_CONTAINER"), "main");
@@ -266,7 +295,7 @@ fn validatable(d: &Value) -> Option<Value> {
             "{{apiVersion: v1, kind: PodTemplate, metadata: {{name: {}}}}}",
             text(d, "metadata.name")
         );
-        let mut v: Value = serde_yaml::from_str(&wrapped).unwrap();
+        let mut v: Value = yaml_serde::from_str(&wrapped).unwrap();
         v.as_mapping_mut()
             .unwrap()
             .insert("template".into(), at(d, "spec.template").clone());
@@ -283,7 +312,7 @@ fn kubernetes_validate(docs: &[Value], what: &str) {
     let file = dir.0.join("rendered.yaml");
     let body: Vec<String> = checked
         .iter()
-        .map(|d| serde_yaml::to_string(d).unwrap())
+        .map(|d| yaml_serde::to_string(d).unwrap())
         .collect();
     fs::write(&file, body.join("---\n")).unwrap();
     let out = Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate"))
@@ -318,7 +347,7 @@ fn kubernetes_validate_rejects_unknown_fields() {
     spec.insert("sharedProcessNamespace".into(), true.into());
     let dir = Scratch::new();
     let file = dir.0.join("bad.yaml");
-    fs::write(&file, serde_yaml::to_string(&deploy).unwrap()).unwrap();
+    fs::write(&file, yaml_serde::to_string(&deploy).unwrap()).unwrap();
     let out = Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate"))
         .args(["--strict", "-k", KUBE_VERSION, "--quiet"])
         .arg(&file)
@@ -404,7 +433,7 @@ fn host_mode_runs_as_non_root() {
 }
 
 #[test]
-fn role_grants_pods_and_tasks_to_the_service_account() {
+fn role_grants_pods_tasks_and_events_to_the_service_account() {
     let docs = render(&[]);
     let role = doc(&docs, "Role");
     let grants = |group: &str, resource: &str, verbs: &[&str]| {
@@ -425,6 +454,7 @@ fn role_grants_pods_and_tasks_to_the_service_account() {
             "{resource}"
         );
     }
+    assert!(grants("events.k8s.io", "events", &["create", "patch"]));
     let binding = doc(&docs, "RoleBinding");
     assert_eq!(text(binding, "roleRef.name"), text(role, "metadata.name"));
     let subject = &seq(binding, "subjects")[0];
@@ -527,6 +557,7 @@ metadata:
   name: sandbox
 spec:
   serviceAccountName: {{ .Release.Name }}-task-executor
+  automountServiceAccountToken: false
   shareProcessNamespace: {{ eq .Values.mode "sidecar" }}
   containers:
     - name: main
@@ -557,6 +588,8 @@ spec:
         volume_at(pod, a, data_dir),
         volume_at(pod, container(pod, "main"), data_dir)
     );
+    // The template gives the agent its own token; the main container has none.
+    assert_eq!(api_token_mounts(pod), ["task-executor"]);
 }
 
 #[test]
@@ -577,7 +610,7 @@ fn pool_example_matches_the_chart() {
     assert!(
         at(example_pool, "spec") == at(pool, "spec"),
         "examples/pool-with-task-executor.yaml is stale; the chart renders:\n{}",
-        serde_yaml::to_string(at(pool, "spec")).unwrap()
+        yaml_serde::to_string(at(pool, "spec")).unwrap()
     );
     let batch = doc(&example, "BatchSandbox");
     assert_eq!(text(batch, "spec.poolRef"), text(pool, "metadata.name"));
@@ -658,7 +691,7 @@ fn check_against_schema(v: &Value, schema: &Value, path: &str) {
 #[test]
 fn task_example_is_a_task_for_a_pod() {
     let task: Value =
-        serde_yaml::from_str(&fs::read_to_string(repo().join("examples/task.yaml")).unwrap())
+        yaml_serde::from_str(&fs::read_to_string(repo().join("examples/task.yaml")).unwrap())
             .unwrap();
     assert_eq!(text(&task, "apiVersion"), "task-executor.io/v1alpha1");
     assert_eq!(text(&task, "kind"), "Task");
@@ -668,7 +701,7 @@ fn task_example_is_a_task_for_a_pod() {
     if !crd_file.exists() {
         return; // The CRD is generated by the Rust code; until then only the shape is checked.
     }
-    let crd: Value = serde_yaml::from_str(&fs::read_to_string(crd_file).unwrap()).unwrap();
+    let crd: Value = yaml_serde::from_str(&fs::read_to_string(crd_file).unwrap()).unwrap();
     assert_eq!(text(&crd, "spec.group"), "task-executor.io");
     assert_eq!(text(&crd, "spec.names.kind"), "Task");
     let version = seq(&crd, "spec.versions")
@@ -699,7 +732,7 @@ fn dockerfile_passes_hadolint() {
         "RUN bash scripts/build-release /out",
         "USER 65532:65532",
         "EXPOSE 5758",
-        r#"ENTRYPOINT ["task-executor"]"#,
+        r#"ENTRYPOINT ["task-executor", "init", "--"]"#,
     ] {
         assert!(dockerfile.contains(line), "Dockerfile lacks {line:?}");
     }
@@ -726,7 +759,7 @@ fn leaves(v: &Value, prefix: &str, out: &mut Vec<String>) {
 #[test]
 fn readme_documents_every_value() {
     let values: Value =
-        serde_yaml::from_str(&fs::read_to_string(repo().join(CHART).join("values.yaml")).unwrap())
+        yaml_serde::from_str(&fs::read_to_string(repo().join(CHART).join("values.yaml")).unwrap())
             .unwrap();
     let readme = fs::read_to_string(repo().join(CHART).join("README.md")).unwrap();
     // Keys of the values table: the first cell of rows like "| `executor.port` | ...".
@@ -761,4 +794,275 @@ fn readme_documents_every_value() {
             "README.md documents {key}, which values.yaml does not have"
         );
     }
+}
+
+const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Names of the containers that mount a service account token (a projected
+/// serviceAccountToken volume at the usual path).
+fn api_token_mounts(pod: &Value) -> Vec<&str> {
+    seq(pod, "containers")
+        .iter()
+        .filter(|c| {
+            seq(c, "volumeMounts").iter().any(|m| {
+                text(m, "mountPath") == TOKEN_DIR
+                    && seq(pod, "volumes").iter().any(|v| {
+                        text(v, "name") == text(m, "name")
+                            && seq(v, "projected.sources")
+                                .iter()
+                                .any(|s| !at(s, "serviceAccountToken").is_null())
+                    })
+            })
+        })
+        .map(|c| text(c, "name"))
+        .collect()
+}
+
+#[test]
+fn the_service_account_token_goes_only_to_an_agent_that_uses_the_api() {
+    for (extra, uses_api) in [
+        (&["--set", "mode=host"][..], false),
+        (
+            &["--set", "mode=host", "--set", "executor.watchTasks=true"],
+            true,
+        ),
+        (
+            &["--set", "mode=host", "--set", "auth.mode=kubernetes"],
+            true,
+        ),
+        (&["--set", "mode=host", "--set", "auth.mode=token"], false),
+        (&["--set", "mode=sidecar"], true),
+        (&["--set", "mode=container"], true),
+    ] {
+        let docs = render(extra);
+        let pod = pod_spec(&docs);
+        assert_eq!(
+            at(pod, "automountServiceAccountToken"),
+            &Value::Bool(false),
+            "{extra:?}"
+        );
+        let want: &[&str] = if uses_api { &["task-executor"] } else { &[] };
+        assert_eq!(api_token_mounts(pod), want, "{extra:?}");
+        if !uses_api {
+            assert!(
+                seq(pod, "volumes")
+                    .iter()
+                    .all(|v| at(v, "projected").is_null()),
+                "{extra:?}: a token volume without a user"
+            );
+        }
+    }
+}
+
+#[test]
+fn token_auth_mounts_the_secret_into_the_agent_only() {
+    let docs = render(&["--set", "mode=sidecar", "--set", "auth.mode=token"]);
+    let pod = pod_spec(&docs);
+    let a = agent(pod);
+    assert_eq!(env_value(a, "AUTH_MODE"), "token");
+    let file = env_value(a, "AUTH_TOKEN_FILE");
+    let dir = &file[..file.rfind('/').unwrap()];
+    let vol = volume_at(pod, a, dir);
+    let secret_name = text(vol, "secret.secretName");
+    assert_eq!(at(vol, "secret.defaultMode").as_u64(), Some(0o400));
+    let item = &seq(vol, "secret.items")[0];
+    assert_eq!(format!("{dir}/{}", text(item, "path")), file);
+    // The generated Secret holds one long random token under that key.
+    let secret = doc(&docs, "Secret");
+    assert_eq!(text(secret, "metadata.name"), secret_name);
+    let encoded = text(secret, &format!("data.{}", text(item, "key")));
+    let out = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(encoded.as_bytes())?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    assert!(token.trim().len() >= 32, "token {token:?}");
+    // The main container mounts neither the tokens nor the data of that volume.
+    let main = container(pod, "main");
+    assert!(
+        seq(main, "volumeMounts")
+            .iter()
+            .all(|m| text(m, "name") != text(vol, "name")),
+        "the main container mounts the token Secret"
+    );
+
+    // A Secret of the user's: used as it is, none generated.
+    let docs = render(&[
+        "--set",
+        "auth.mode=token",
+        "--set",
+        "auth.existingSecret=my-tokens",
+        "--set",
+        "auth.secretKey=list",
+    ]);
+    assert!(docs.iter().all(|d| text(d, "kind") != "Secret"));
+    let pod = pod_spec(&docs);
+    let vol = volume_at(pod, agent(pod), "/etc/task-executor/auth");
+    assert_eq!(text(vol, "secret.secretName"), "my-tokens");
+    assert_eq!(text(&seq(vol, "secret.items")[0], "key"), "list");
+    // The Secret survives upgrades: the template reuses what the cluster already has.
+    let tpl = fs::read_to_string(repo().join(CHART).join("templates/auth-secret.yaml")).unwrap();
+    assert!(tpl.contains("lookup \"v1\" \"Secret\""), "{tpl}");
+}
+
+#[test]
+fn kubernetes_auth_can_review_and_offers_a_client_role() {
+    let docs = render(&[
+        "--set",
+        "auth.mode=kubernetes",
+        "--set",
+        "auth.clientServiceAccounts[0].name=controller",
+        "--set",
+        "auth.clientServiceAccounts[0].namespace=opensandbox-system",
+    ]);
+    let a = agent(pod_spec(&docs));
+    assert_eq!(env_value(a, "AUTH_MODE"), "kubernetes");
+    let sa = text(doc(&docs, "ServiceAccount"), "metadata.name");
+    let delegator = doc(&docs, "ClusterRoleBinding");
+    assert_eq!(text(delegator, "roleRef.name"), "system:auth-delegator");
+    let subject = &seq(delegator, "subjects")[0];
+    assert_eq!(
+        (text(subject, "name"), text(subject, "namespace")),
+        (sa, NAMESPACE)
+    );
+    // The client role: the verbs of the routes on tasks (and tasks/log).
+    let client = doc(&docs, "ClusterRole");
+    let verbs: Vec<&str> = seq(client, "rules")
+        .iter()
+        .filter(|r| strings(r, "resources").contains(&"tasks"))
+        .flat_map(|r| strings(r, "verbs"))
+        .collect();
+    for v in ["create", "get", "list", "delete"] {
+        assert!(verbs.contains(&v), "{v}: {verbs:?}");
+    }
+    let binding = docs
+        .iter()
+        .find(|d| text(d, "kind") == "RoleBinding" && text(d, "roleRef.kind") == "ClusterRole")
+        .expect("RoleBinding of the client role");
+    assert_eq!(text(binding, "roleRef.name"), text(client, "metadata.name"));
+    let subject = &seq(binding, "subjects")[0];
+    assert_eq!(text(subject, "name"), "controller");
+    assert_eq!(text(subject, "namespace"), "opensandbox-system");
+    // Other modes carry none of it.
+    let docs = render(&[]);
+    assert!(docs.iter().all(|d| !text(d, "kind").starts_with("Cluster")));
+}
+
+#[test]
+fn tls_mounts_the_certificate_and_probes_use_https() {
+    let docs = render(&["--set", "tls.secretName=agent-tls"]);
+    let pod = pod_spec(&docs);
+    let a = agent(pod);
+    let cert = env_value(a, "TLS_CERT_FILE");
+    let key = env_value(a, "TLS_KEY_FILE");
+    let dir = &cert[..cert.rfind('/').unwrap()];
+    assert!(key.starts_with(dir));
+    let vol = volume_at(pod, a, dir);
+    assert_eq!(text(vol, "secret.secretName"), "agent-tls");
+    let keys: Vec<&str> = seq(vol, "secret.items")
+        .iter()
+        .map(|i| text(i, "key"))
+        .collect();
+    assert_eq!(keys, ["tls.crt", "tls.key"]);
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            text(a, &format!("{probe}.httpGet.scheme")),
+            "HTTPS",
+            "{probe}"
+        );
+    }
+    let plain = render(&[]);
+    assert!(text(agent(pod_spec(&plain)), "livenessProbe.httpGet.scheme").is_empty());
+}
+
+#[test]
+fn network_policy_admits_the_api_port_only_from_listed_namespaces() {
+    let docs = render(&["--set", "main.ports[0].containerPort=8080"]);
+    let np = doc(&docs, "NetworkPolicy");
+    let selector = at(np, "spec.podSelector.matchLabels");
+    let pod_labels = at(doc(&docs, "Deployment"), "spec.template.metadata.labels");
+    for (k, v) in selector.as_mapping().unwrap() {
+        assert_eq!(
+            pod_labels.get(k),
+            Some(v),
+            "the policy does not select the pods"
+        );
+    }
+    assert_eq!(strings(np, "spec.policyTypes"), ["Ingress"]);
+    let rules = seq(np, "spec.ingress");
+    let api = rules
+        .iter()
+        .find(|r| {
+            seq(r, "ports")
+                .iter()
+                .any(|p| at(p, "port").as_u64() == Some(PORT))
+        })
+        .expect("a rule for the agent's port");
+    let from = seq(api, "from");
+    assert!(!from.is_empty(), "the agent's port is open to all");
+    assert!(
+        from.iter().any(|p| at(p, "podSelector")
+            .as_mapping()
+            .is_some_and(|m| m.is_empty())
+            && at(p, "namespaceSelector").is_null()),
+        "release namespace not admitted: {from:?}"
+    );
+    let admits_namespace = |name: &str| {
+        from.iter().any(|p| {
+            at(p, "namespaceSelector.matchLabels")
+                .get("kubernetes.io/metadata.name")
+                .and_then(Value::as_str)
+                == Some(name)
+        })
+    };
+    assert!(
+        admits_namespace("opensandbox-system"),
+        "controller namespace not admitted: {from:?}"
+    );
+    // The main container's declared port stays reachable.
+    assert!(rules.iter().any(|r| {
+        seq(r, "from").is_empty()
+            && seq(r, "ports")
+                .iter()
+                .any(|p| at(p, "port").as_u64() == Some(8080))
+    }));
+
+    assert!(
+        render(&["--set", "networkPolicy.enabled=false"])
+            .iter()
+            .all(|d| text(d, "kind") != "NetworkPolicy")
+    );
+    assert!(
+        render(&["--set", "workload=None"])
+            .iter()
+            .all(|d| text(d, "kind") != "NetworkPolicy")
+    );
+}
+
+#[test]
+fn the_data_dir_has_a_size_limit() {
+    for mode in ["host", "sidecar", "container"] {
+        let docs = render(&["--set", &format!("mode={mode}")]);
+        let pod = pod_spec(&docs);
+        let a = agent(pod);
+        let vol = volume_at(pod, a, env_value(a, "DATA_DIR"));
+        assert_eq!(text(vol, "emptyDir.sizeLimit"), "1Gi", "{mode}");
+    }
+}
+
+#[test]
+fn a_bad_auth_mode_is_refused() {
+    let out = helm(["template", RELEASE, CHART, "--set", "auth.mode=open"]);
+    assert!(!out.status.success(), "auth.mode=open rendered");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("auth.mode must be none, token or kubernetes")
+    );
 }

@@ -125,6 +125,8 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
             "--main-container-name",
             "main",
             "--stop-grace-period=2s",
+            // Pod watches are renewed every 2 s; one silent for 2 s + 5 s is dropped.
+            "--kube-watch-timeout=2s",
         ],
         &[
             ("POD_NAME", POD),
@@ -163,18 +165,28 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     let watch = api.wait_for_request(T, "a watch of the own Pod", |r| {
         r.is_watch() && r.path == format!("/api/v1/namespaces/{NS}/pods")
     });
-    assert!(
-        watch
-            .query
-            .contains(&format!("fieldSelector=metadata.name%3D{POD}")),
+    assert_eq!(
+        watch.param("fieldSelector"),
+        Some(format!("metadata.name={POD}")),
         "{}",
         watch.query
     );
 
+    // The replacement is announced while the open Pod watch has gone silent without
+    // closing (a half-open connection): the agent must notice and watch again.
+    api.stall_watches();
     let second = PodContainer::start("main-b");
     api.put_pod(pod(&second, 1));
     let t = agent.wait_state("long", "terminated", T);
     assert_eq!(t["reason"], "TargetRestarted", "{t}");
+    assert!(
+        api.requests()
+            .iter()
+            .filter(|r| r.is_watch() && r.path == format!("/api/v1/namespaces/{NS}/pods"))
+            .count()
+            >= 2,
+        "the Pod was not watched again"
+    );
     assert!(support::pids_with_cmdline(&["sleep", "4545"]).is_empty());
     assert!(
         first.alive(),

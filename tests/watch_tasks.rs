@@ -1,22 +1,25 @@
 //! `--watch-tasks` end to end: the real agent binary against an in-process fake API server.
 //!
 //! No real API server can be installed here (no kube-apiserver, envtest, kind, k3s or kwok
-//! is obtainable on these machines), so `support::fake_apiserver` serves the Task and Pod
-//! endpoints with real Kubernetes JSON, watch streams, merge patches and finalizer semantics.
+//! is obtainable on these machines), so `support::fake_apiserver` serves the Task, Pod and
+//! Event endpoints with real Kubernetes JSON: watch streams (with timeouts, bookmarks and
+//! 410 Gone after compaction), merge and JSON patches, server-side apply, finalizer
+//! semantics, and resource versions that are opaque (they decrease as numbers).
 
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::agent::Agent;
-use support::fake_apiserver::{FakeApiServer, Gone};
+use support::fake_apiserver::{FakeApiServer, Recorded};
 use support::wait_for;
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-1";
 const T: Duration = Duration::from_secs(30);
+const FINALIZER: &str = "task-executor.io/stop";
 
 fn task(name: &str, pod: &str, process: Value) -> Value {
     json!({
@@ -27,19 +30,25 @@ fn task(name: &str, pod: &str, process: Value) -> Value {
     })
 }
 
-/// The agent (own temp data dir, free port) with `--watch-tasks`, talking to `api` through
-/// a kubeconfig written into `dir`.
-fn start_agent(api: &FakeApiServer, dir: &Path) -> Agent {
+/// The agent (own temp data dir, free port) with `--watch-tasks` and `extra` flags, talking
+/// to `api` through a kubeconfig written into `dir`.
+fn start_agent_with(api: &FakeApiServer, dir: &Path, extra: &[&str]) -> Agent {
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig, NS);
+    let mut args = vec!["--watch-tasks", "--stop-grace-period=2s"];
+    args.extend_from_slice(extra);
     Agent::start_with_env(
-        &["--watch-tasks", "--stop-grace-period=2s"],
+        &args,
         &[
             ("POD_NAME", POD),
             ("POD_NAMESPACE", NS),
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
         ],
     )
+}
+
+fn start_agent(api: &FakeApiServer, dir: &Path) -> Agent {
+    start_agent_with(api, dir, &[])
 }
 
 /// Waits until the fake's copy of the Task satisfies `cond`.
@@ -53,11 +62,23 @@ fn phase(t: &Value) -> &str {
     t["status"]["phase"].as_str().unwrap_or("")
 }
 
-fn status_patches(api: &FakeApiServer, name: &str) -> Vec<Value> {
+/// Requests that wrote the Task's status.
+fn status_writes(api: &FakeApiServer, name: &str) -> Vec<Recorded> {
     api.requests()
         .into_iter()
         .filter(|r| r.method == "PATCH" && r.path.ends_with(&format!("/tasks/{name}/status")))
-        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect()
+}
+
+/// JSON patches of the Task object itself (the finalizer helper's), as their ops.
+fn finalizer_patches(api: &FakeApiServer, name: &str) -> Vec<Value> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with(&format!("/tasks/{name}")))
+        .map(|r| {
+            assert_eq!(r.content_type, "application/json-patch+json", "{r:?}");
+            r.json()
+        })
         .collect()
 }
 
@@ -66,6 +87,28 @@ fn lists(api: &FakeApiServer) -> usize {
         .iter()
         .filter(|r| r.method == "GET" && r.path.ends_with("/tasks") && !r.is_watch())
         .count()
+}
+
+fn task_watches(api: &FakeApiServer) -> Vec<Recorded> {
+    api.requests()
+        .into_iter()
+        .filter(|r| r.is_watch() && r.path.ends_with("/tasks"))
+        .collect()
+}
+
+/// (type, reason, note) of the Events about Task `name`, oldest first.
+fn events(api: &FakeApiServer, name: &str) -> Vec<(String, String, String)> {
+    api.events_for(NS, name)
+        .iter()
+        .map(|e| {
+            let s = |f: &str| e[f].as_str().unwrap_or_default().to_string();
+            (s("type"), s("reason"), s("note"))
+        })
+        .collect()
+}
+
+fn reasons(api: &FakeApiServer, name: &str) -> Vec<String> {
+    events(api, name).into_iter().map(|(_, r, _)| r).collect()
 }
 
 #[test]
@@ -80,30 +123,70 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         POD,
         json!({"command": ["sh", "-c", "echo ran; sleep 1; exit 3"]}),
     ));
+    let created_rv = wait_task(&api, "t1", "finalizer", |t| {
+        !t["metadata"]["finalizers"].is_null()
+    })["metadata"]["resourceVersion"]
+        .clone();
     let t1 = wait_task(&api, "t1", "phase Failed", |t| phase(t) == "Failed");
     assert_eq!(t1["status"]["exitCode"], 3);
     assert_eq!(t1["status"]["state"]["terminated"]["exitCode"], 3);
     assert!(t1["status"]["state"]["running"].is_null(), "{t1}");
     assert_eq!(t1["status"]["observedGeneration"], 1);
+    assert_eq!(t1["metadata"]["finalizers"], json!([FINALIZER]));
+    // Resource versions here decrease as numbers: the agent treats them as opaque.
+    let n = |v: &Value| v.as_str().unwrap().parse::<u64>().unwrap();
+    assert!(n(&t1["metadata"]["resourceVersion"]) < n(&created_rv));
+
+    // The finalizer went on before anything ran, by JSON patch (kube's finalizer helper).
+    let adds = finalizer_patches(&api, "t1");
     assert_eq!(
-        t1["metadata"]["finalizers"],
-        json!(["task-executor.io/stop"])
+        adds,
+        [
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}])
+        ]
     );
-    let phases: Vec<String> = status_patches(&api, "t1")
+    let requests = api.requests();
+    let first = |f: &dyn Fn(&Recorded) -> bool| requests.iter().position(f).unwrap();
+    assert!(
+        first(&|r| r.method == "PATCH" && r.path.ends_with("/tasks/t1"))
+            < first(&|r| r.method == "PATCH" && r.path.ends_with("/tasks/t1/status"))
+    );
+
+    // Status is written by server-side apply, each change once ("Waiting" only if the
+    // agent saw the task before it ran).
+    let writes = status_writes(&api, "t1");
+    for w in &writes {
+        assert_eq!(w.content_type, "application/apply-patch+yaml", "{w:?}");
+        assert_eq!(w.param("fieldManager").as_deref(), Some("task-executor"));
+        assert_eq!(w.param("force").as_deref(), Some("true"));
+        assert_eq!(w.json()["kind"], "Task");
+    }
+    let phases: Vec<String> = writes
         .iter()
-        .filter_map(|p| p["status"]["phase"].as_str().map(str::to_string))
+        .filter_map(|w| w.json()["status"]["phase"].as_str().map(str::to_string))
         .collect();
-    // Each change is reported once ("Waiting" only if the agent saw the task before it ran).
     let phases: Vec<&str> = phases
         .iter()
         .map(String::as_str)
         .skip_while(|p| *p == "Waiting")
         .collect();
-    assert_eq!(phases, ["Running", "Failed"], "status patches");
+    assert_eq!(phases, ["Running", "Failed"], "status writes");
     assert_eq!(
         agent.get("t1").unwrap()["status"]["state"]["terminated"]["exitCode"],
         3
     );
+    // `kubectl describe task t1` tells the story.
+    wait_for(T, "t1's events", || {
+        (reasons(&api, "t1") == ["Started", "Failed"]).then_some(())
+    });
+    let ev = &api.events_for(NS, "t1")[1];
+    assert_eq!(ev["type"], "Warning");
+    assert!(ev["note"].as_str().unwrap().contains("exit code 3"), "{ev}");
+    assert_eq!(ev["regarding"]["kind"], "Task");
+    assert_eq!(ev["regarding"]["uid"], t1["metadata"]["uid"]);
+    assert_eq!(ev["reportingController"], "task-executor");
+    assert_eq!(ev["reportingInstance"], POD);
 
     // A Task for another pod (label and spec) is not run; neither is one whose label
     // names this pod but whose spec names another.
@@ -121,17 +204,20 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     // Events are handled in order: once t2 runs, the update has been seen.
     api.create_task(task("t2", POD, json!({"command": ["sleep", "4242"]})));
     wait_task(&api, "t2", "phase Running", |t| phase(t) == "Running");
+    wait_for(T, "the agent to see the update", || {
+        agent
+            .log_text()
+            .contains("the change is ignored")
+            .then_some(())
+    });
     assert_eq!(agent.stdout("t1"), "ran\n");
     let t1_now = api.get_task(NS, "t1").unwrap();
     assert_eq!(t1_now["metadata"]["generation"], 2);
     assert_eq!(t1_now["metadata"]["labels"]["task-executor.io/pod"], POD);
-    assert!(
-        agent.log_text().contains("the change is ignored"),
-        "the agent did not see the update"
-    );
     assert_eq!(t1_now["status"], t1["status"], "t1's status changed");
     assert!(agent.get("other").is_none() && agent.get("mislabelled").is_none());
     assert!(api.get_task(NS, "other").unwrap()["metadata"]["finalizers"].is_null());
+    assert!(api.get_task(NS, "mislabelled").unwrap()["metadata"]["finalizers"].is_null());
 
     // A Task the agent refuses reports why, and is not retried.
     api.create_task(task("bad", POD, json!({"command": []})));
@@ -143,6 +229,19 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         "{bad}"
     );
     assert!(agent.get("bad").is_none());
+    wait_for(T, "bad's event", || {
+        (reasons(&api, "bad") == ["InvalidSpec"]).then_some(())
+    });
+    assert_eq!(events(&api, "bad")[0].0, "Warning");
+
+    // A task that runs out of time: TimedOut.
+    let mut slow = task("slow", POD, json!({"command": ["sleep", "4141"]}));
+    slow["spec"]["timeoutSeconds"] = json!(1);
+    api.create_task(slow);
+    wait_task(&api, "slow", "phase Failed", |t| phase(t) == "Failed");
+    wait_for(T, "slow's events", || {
+        (reasons(&api, "slow") == ["Started", "TimedOut"]).then_some(())
+    });
 
     // A task created over HTTP is not mirrored into the cluster.
     agent.run("via-http", &["true"]);
@@ -159,57 +258,42 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
         "the finalizer was removed while the task still ran"
     );
     assert!(agent.get("t2").is_none());
-    let finalizer_patches: Vec<Value> = api
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "PATCH" && r.path.ends_with("/tasks/t2"))
-        .map(|r| serde_json::from_str(&r.body).unwrap())
-        .collect();
-    // Added once, then removed (a removal may be sent again after a 409 Conflict with a
-    // concurrent status write: finalizer patches carry the resourceVersion they saw), and
-    // never added back.
-    let adds: Vec<usize> = finalizer_patches
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| {
-            p["metadata"]["finalizers"]
-                .as_array()
-                .is_some_and(|f| !f.is_empty())
-        })
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(adds, [0], "one add, first: {finalizer_patches:?}");
-    assert!(
-        finalizer_patches.len() >= 2,
-        "and a removal: {finalizer_patches:?}"
-    );
+    // Added once, removed once (the removal tests that it removes our entry).
     assert_eq!(
-        finalizer_patches[1]["metadata"]["finalizers"],
-        json!([]),
-        "{finalizer_patches:?}"
+        finalizer_patches(&api, "t2"),
+        [
+            json!([{"op": "test", "path": "/metadata/finalizers", "value": null},
+                   {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}]),
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}]),
+        ],
+        "{:#?}\n{}",
+        api.requests()
+            .iter()
+            .filter(|r| r.path.contains("/tasks/t2"))
+            .collect::<Vec<_>>(),
+        agent.log_text()
     );
 
     assert!(
         !api.requests()
             .iter()
-            .any(|r| r.method == "POST" || r.path.contains("via-http")),
+            .any(|r| (r.method == "POST" && r.path.contains("/tasks"))
+                || r.path.contains("via-http")),
         "the agent wrote Tasks of its own"
     );
-    // Label selection is done by the API server.
-    let watch = api.wait_for_request(T, "a Task watch", |r| {
-        r.is_watch() && r.path.ends_with("/tasks")
-    });
-    assert!(
-        watch
-            .query
-            .contains("labelSelector=task-executor.io%2Fpod%3Dsandbox-pod-1"),
-        "{}",
-        watch.query
+    // Label selection is done by the API server; watches ask for bookmarks and a timeout.
+    let watch = &task_watches(&api)[0];
+    assert_eq!(
+        watch.param("labelSelector").as_deref(),
+        Some("task-executor.io/pod=sandbox-pod-1")
     );
+    assert_eq!(watch.param("allowWatchBookmarks").as_deref(), Some("true"));
+    assert_eq!(watch.param("timeoutSeconds").as_deref(), Some("60"));
 }
 
 #[test]
-fn ended_watches_and_410_gone_lead_to_a_relist() {
+fn watches_resume_after_they_end_and_relist_after_410_gone() {
     let tmp = tempfile::tempdir().unwrap();
     let api = FakeApiServer::start();
     let agent = start_agent(&api, tmp.path());
@@ -217,38 +301,83 @@ fn ended_watches_and_410_gone_lead_to_a_relist() {
         (api.open_watches(true) == 1).then_some(())
     });
 
-    // The stream ends: the agent lists again and keeps working.
-    let before = lists(&api);
+    // The stream ends: the agent watches again from where it was, without a list.
+    let (lists_before, watches_before) = (lists(&api), task_watches(&api).len());
     api.end_watches();
-    wait_for(T, "a re-list after the watch ended", || {
-        (lists(&api) > before && api.open_watches(true) == 1).then_some(())
-    });
     api.create_task(task("a", POD, json!({"command": ["true"]})));
     wait_task(&api, "a", "Succeeded", |t| phase(t) == "Succeeded");
+    let watches = task_watches(&api);
+    assert!(watches.len() > watches_before);
+    assert!(
+        watches[watches_before]
+            .param("resourceVersion")
+            .is_some_and(|v| !v.is_empty()),
+        "{:?}",
+        watches[watches_before]
+    );
+    assert_eq!(lists(&api), lists_before, "a resumed watch needs no list");
 
-    // 410 Gone inside the stream (an ERROR event), then as the answer to the request.
-    for (how, name) in [(Gone::InStream, "b"), (Gone::Http, "c")] {
-        let before = lists(&api);
-        api.gone_next_watch(how);
-        api.end_watches();
-        // The re-list's watch fails with 410; the agent re-lists once more.
-        wait_for(T, &format!("two re-lists after {how:?}"), || {
-            (lists(&api) >= before + 2 && api.open_watches(true) == 1).then_some(())
-        });
-        // A Task created while no watch was open is found by the list.
-        api.create_task(task(name, POD, json!({"command": ["true"]})));
-        wait_task(&api, name, "Succeeded", |t| phase(t) == "Succeeded");
-    }
-
-    // A Task created while the watch is failing is picked up by a re-list too.
-    api.gone_next_watch(Gone::Http);
-    api.end_watches();
-    api.create_task(task("d", POD, json!({"command": ["sh", "-c", "exit 7"]})));
-    wait_task(&api, "d", "Failed", |t| phase(t) == "Failed");
+    // The API server goes away; meanwhile a Task is created, one is removed without its
+    // finalizer doing its work, and the history is compacted. Back up, the agent's watch
+    // gets 410 Gone, it lists again, runs the new Task and deletes the vanished one's task.
+    api.create_task(task("v", POD, json!({"command": ["sleep", "4747"]})));
+    wait_task(&api, "v", "Running", |t| phase(t) == "Running");
+    api.set_down(true);
+    api.create_task(task("b", POD, json!({"command": ["sh", "-c", "exit 7"]})));
+    api.force_delete_task(NS, "v");
+    api.compact();
+    let lists_before = lists(&api);
+    api.set_down(false);
+    wait_task(&api, "b", "Failed", |t| phase(t) == "Failed");
+    assert!(lists(&api) > lists_before, "no re-list after 410 Gone");
     assert_eq!(
-        agent.get("d").unwrap()["status"]["state"]["terminated"]["exitCode"],
+        agent.get("b").unwrap()["status"]["state"]["terminated"]["exitCode"],
         7
     );
+    wait_for(T, "task v to be deleted", || {
+        agent.get("v").is_none().then_some(())
+    });
+    assert!(support::pids_with_cmdline(&["sleep", "4747"]).is_empty());
+    assert!(
+        agent
+            .log_text()
+            .contains("Task object is gone; deleting its task")
+    );
+    // Both fresh lists are counted: the first, and the one after 410 Gone.
+    let metrics = agent.call("GET", "/metrics", None).text();
+    let count = |why: &str| -> f64 {
+        let series =
+            format!("task_executor_watch_restarts_total{{resource=\"task\",why=\"{why}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(count("relist") >= 2.0, "{metrics}");
+}
+
+#[test]
+fn a_watch_connection_that_goes_silent_is_dropped_and_reopened() {
+    let tmp = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    // Watches are renewed every 2 s; one silent for 2 s + 5 s is taken for dead.
+    let agent = start_agent_with(&api, tmp.path(), &["--kube-watch-timeout=2s"]);
+    api.create_task(task("before", POD, json!({"command": ["true"]})));
+    wait_task(&api, "before", "Succeeded", |t| phase(t) == "Succeeded");
+
+    // The open watch stays open and says nothing, as over a half-open connection.
+    api.stall_watches();
+    let stalled = Instant::now();
+    let watches = task_watches(&api).len();
+    api.create_task(task("after", POD, json!({"command": ["true"]})));
+    wait_task(&api, "after", "Succeeded", |t| phase(t) == "Succeeded");
+    let took = stalled.elapsed();
+    println!(
+        "a stalled watch was replaced and the Task ran {took:?} after the stall (bound: 2 s + 5 s)"
+    );
+    assert!(task_watches(&api).len() > watches, "no new watch request");
+    assert!(agent.get("after").is_some());
 }
 
 #[test]
@@ -329,5 +458,67 @@ fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
     );
     api.delete_task(NS, "hold");
     wait_task(&api, "queued", "Succeeded", |t| phase(t) == "Succeeded");
+    wait_for(T, "queued's events", || {
+        (reasons(&api, "queued") == ["TooManyTasks", "Started", "Succeeded"]).then_some(())
+    });
     assert!(support::pids_with_cmdline(&["sleep", "4646"]).is_empty());
+}
+
+#[test]
+fn one_kubernetes_client_serves_every_integration() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    let tmp = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    // Each kube client is built from one read of the kubeconfig: count the reads. (Closes
+    // are watched too, so that reads one after another are not coalesced into one event.)
+    let reads = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+    reads
+        .add_watch(
+            &kubeconfig,
+            AddWatchFlags::IN_OPEN | AddWatchFlags::IN_CLOSE_NOWRITE,
+        )
+        .unwrap();
+    api.put_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": POD, "namespace": NS},
+        "spec": {"containers": [{"name": "main", "image": "example/image"}]},
+        "status": {"phase": "Running"}
+    }));
+    // Sidecar mode (main container lookup, Pod watch) and the Task watch with its events.
+    let agent = Agent::start_with_env(
+        &["--watch-tasks", "--enable-sidecar-mode"],
+        &[
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(agent.request("GET", "/readyz", None).status, 503);
+    api.create_task(task("t", POD, json!({"command": ["true"]})));
+    wait_task(&api, "t", "a final phase", |t| phase(t) == "Failed");
+    wait_for(T, "t's events", || {
+        (!api.events_for(NS, "t").is_empty()).then_some(())
+    });
+    let requests = api.requests();
+    let pods = format!("/api/v1/namespaces/{NS}/pods");
+    assert!(requests.iter().any(|r| r.is_watch() && r.path == pods));
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.method == "GET" && r.path == format!("{pods}/{POD}"))
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.is_watch() && r.path.ends_with("/tasks"))
+    );
+    let opens = reads
+        .read_events()
+        .unwrap_or_default()
+        .iter()
+        .filter(|e| e.mask.contains(AddWatchFlags::IN_OPEN))
+        .count();
+    assert_eq!(opens, 1, "kubernetes clients built (kubeconfig reads)");
 }

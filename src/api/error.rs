@@ -4,8 +4,10 @@
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
+use super::auth::AuthError;
 use crate::manager::ManagerError;
 use crate::runtime::RuntimeError;
+use crate::task::exhaustion::Exhaustion;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -13,6 +15,8 @@ pub struct ApiError {
     pub message: String,
     /// For 405: the methods the path accepts.
     pub allow: Option<&'static str>,
+    /// For 401: the `WWW-Authenticate` challenge.
+    pub challenge: Option<&'static str>,
 }
 
 impl ApiError {
@@ -21,6 +25,7 @@ impl ApiError {
             status,
             message: message.into(),
             allow: None,
+            challenge: None,
         }
     }
 
@@ -33,15 +38,25 @@ impl ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             message: format!("method not allowed; allowed: {allow}"),
             allow: Some(allow),
+            challenge: None,
         }
     }
 
     pub fn into_response(self) -> Response {
-        let body = serde_json::json!({ "code": status_text(self.status), "message": self.message });
+        let body = super::wire::ErrorBody {
+            code: status_text(self.status),
+            message: &self.message,
+        };
         let mut resp = super::handlers::json_response(self.status, &body);
         if let Some(allow) = self.allow {
             resp.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let Some(challenge) = self.challenge {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         resp
     }
@@ -49,6 +64,16 @@ impl ApiError {
 
 impl From<ManagerError> for ApiError {
     fn from(e: ManagerError) -> Self {
+        // Running out of something is the machine's state, not a fault of the request or
+        // of the agent: 507 for the disk (free space, then retry), 503 for the rest.
+        if let Some(x) = e.exhaustion() {
+            let status = match x {
+                Exhaustion::Disk => StatusCode::INSUFFICIENT_STORAGE,
+                _ => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            tracing::warn!(error = %e, "request refused: out of {}", x.what());
+            return ApiError::new(status, format!("out of {}: {e}", x.what()));
+        }
         let status = match &e {
             ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
             ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
@@ -58,7 +83,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::Runtime(
                 RuntimeError::Invalid(_) | RuntimeError::ContainerModeDisabled,
             ) => StatusCode::BAD_REQUEST,
-            ManagerError::Runtime(_) | ManagerError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ManagerError::Runtime(_) | ManagerError::Store(_) | ManagerError::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
@@ -67,10 +94,60 @@ impl From<ManagerError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let status = match &e {
+            AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            // Fail closed: the caller may retry once the API server answers.
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut err = ApiError::new(status, e.to_string());
+        if status == StatusCode::UNAUTHORIZED {
+            err.challenge = Some("Bearer");
+        }
+        err
+    }
+}
+
 /// Go's `http.StatusText`, which upstream puts in `code`.
 fn status_text(s: StatusCode) -> &'static str {
     match s.as_u16() {
         413 => "Request Entity Too Large",
         _ => s.canonical_reason().unwrap_or("Error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(e: ManagerError) -> (u16, String) {
+        let api = ApiError::from(e);
+        (api.status.as_u16(), api.message)
+    }
+
+    #[test]
+    fn resource_exhaustion_is_507_for_the_disk_and_503_for_the_rest() {
+        let os = |n| std::io::Error::from_raw_os_error(n);
+        let (status, msg) = status_of(ManagerError::Store(os(nix::libc::ENOSPC)));
+        assert_eq!(status, 507);
+        assert!(
+            msg.starts_with("out of disk space in the data dir"),
+            "{msg}"
+        );
+        assert_eq!(
+            status_text(StatusCode::INSUFFICIENT_STORAGE),
+            "Insufficient Storage"
+        );
+        for errno in [nix::libc::EAGAIN, nix::libc::EMFILE, nix::libc::ENOMEM] {
+            assert_eq!(status_of(ManagerError::Store(os(errno))).0, 503);
+        }
+        let launch = RuntimeError::before_launch(os(nix::libc::EAGAIN));
+        let (status, msg) = status_of(ManagerError::Runtime(launch));
+        assert_eq!(status, 503);
+        assert!(msg.contains("out of processes"), "{msg}");
+        assert_eq!(status_of(ManagerError::Store(os(nix::libc::EIO))).0, 500);
     }
 }

@@ -16,6 +16,8 @@ use crate::runtime::Readiness;
 
 pub struct AppState {
     pub manager: Arc<Manager>,
+    /// Who may call which route (`--auth-mode`).
+    pub auth: super::auth::Authenticator,
     pub max_body: usize,
     pub body_timeout: std::time::Duration,
 }

@@ -1,8 +1,15 @@
 //! The HTTP API: routes, handlers, wire types, and the one error mapping.
 
+pub mod access;
+pub mod auth;
 pub mod error;
+mod file_stamp;
 pub mod handlers;
+pub mod logs;
+pub mod openapi;
 pub mod routes;
+mod scrape;
+pub mod server;
 pub mod wire;
 
 pub use routes::routes;

@@ -17,18 +17,30 @@ use super::handlers::{self, AppState};
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    // Every request passes the credential check first; a refusal is the answer.
+    super::auth::guard(state.auth.clone())
+        .or(api_routes(state))
+        .unify()
+}
+
+fn api_routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and_then(
-            move |method, path: warp::path::FullPath, query: String, len, body| {
+            move |method, path: warp::path::FullPath, query: String, len, headers, body| {
                 let state = state.clone();
                 async move {
-                    let resp = dispatch(state, method, path.as_str(), &query, len, body)
+                    let access = super::access::Access::start(&method, path.as_str());
+                    let resp = dispatch(state, method, path.as_str(), &query, len, &headers, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
+                    access.finish(&resp);
                     Ok::<_, Infallible>(resp)
                 }
             },
@@ -46,17 +58,14 @@ async fn dispatch<S, B>(
     path: &str,
     query: &str,
     len: Option<u64>,
+    headers: &warp::http::HeaderMap,
     body: S,
 ) -> Result<Response, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf,
 {
-    let segments: Vec<String> = path
-        .trim_start_matches('/')
-        .split('/')
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
-        .collect();
+    let segments = segments(path);
     let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
     let get = method == Method::GET || method == Method::HEAD;
     match segs.as_slice() {
@@ -64,6 +73,9 @@ where
         ["health"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["readyz"] if get => Ok(handlers::readyz(&state).await),
         ["readyz"] => Err(ApiError::method_not_allowed("GET, HEAD")),
+        ["metrics"] if get => Ok(super::scrape::metrics(&state, headers)),
+        ["openapi.json"] if get => Ok(super::openapi::serve()),
+        ["metrics" | "openapi.json"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["getTasks"] if get => Ok(handlers::list(&state)),
         ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["setTasks"] if method == Method::POST => {
@@ -82,11 +94,26 @@ where
             Method::DELETE => handlers::delete(&state, name).await,
             _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
         },
+        ["tasks", name, "logs"] if !name.is_empty() && get => {
+            super::logs::logs(&state, name, query).await
+        }
+        ["tasks", name, "logs"] if !name.is_empty() => {
+            Err(ApiError::method_not_allowed("GET, HEAD"))
+        }
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}"),
         )),
     }
+}
+
+/// The decoded segments of a path. The access table (`auth::access`) reads paths with
+/// this same function, so it and the router always agree on which route a path is.
+pub(crate) fn segments(path: &str) -> Vec<String> {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect()
 }
 
 /// `?wait=30s`: long-poll until the task has terminated (at most 5 minutes).

@@ -1,25 +1,45 @@
 //! Wire shapes. Requests may use the seed's shape (`spec`) or upstream's (`process`);
 //! every response carries both, so the BatchSandbox controller and curl users agree.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::manager::TaskView;
 use crate::task::model::{ProcessSpec, TaskSpec, TaskState, TaskStatus};
 use crate::task::time::Time;
 
-/// A task as a client sends it. Output-only fields (status, processStatus, ...) are ignored.
-#[derive(Debug, Default, Deserialize)]
+/// A task as a client sends it: the documented shape (`spec`) or upstream's (`process`).
+/// Output-only fields (status, processStatus, ...) are ignored.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = name_required)]
 pub struct TaskRequest {
+    /// A Kubernetes object name (lowercase RFC 1123 subdomain).
     #[serde(default)]
+    #[schemars(transform = no_default)]
+    #[schemars(length(min = 1, max = crate::task::name::MAX_NAME_LEN))]
+    #[schemars(pattern(crate::task::name::NAME_PATTERN))]
     pub name: String,
     #[serde(default)]
     pub spec: Option<TaskSpec>,
     /// Upstream's wire format: the process at the top level.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
+    /// Upstream's pod-template tasks are not supported (use `spec.container`): only
+    /// `null` is accepted.
     #[serde(default)]
+    #[schemars(with = "()")]
     pub pod_template_spec: Option<serde_json::Value>,
+}
+
+/// Serde fills in an empty name, which is refused: the document shows no default...
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
+}
+
+/// ...and says the name is required.
+fn name_required(schema: &mut schemars::Schema) {
+    schema.insert("required".into(), serde_json::json!(["name"]));
 }
 
 impl TaskRequest {
@@ -51,7 +71,7 @@ impl TaskRequest {
 }
 
 /// A task as the agent returns it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskResponse {
     pub name: String,
@@ -82,9 +102,18 @@ impl From<TaskView> for TaskResponse {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// `/health` and `/readyz`: `healthy`, `ready`, or `notReady` with a reason.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Health {
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// An error answer, as upstream sends them.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ErrorBody<'a> {
+    /// The status text (Go's `http.StatusText`), e.g. `Not Found`.
+    pub code: &'a str,
+    pub message: &'a str,
 }

@@ -1,5 +1,7 @@
 //! Errors of the Kubernetes layer.
 
+use crate::manager::ManagerError;
+
 /// What can go wrong talking to the API server or resolving the main container.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -19,13 +21,20 @@ pub enum KubeError {
     BadContainerId(String),
     #[error("no process found for container {id}: {detail}")]
     NoProcess { id: String, detail: String },
+    #[error("kubernetes API did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("serializing: {0}")]
     Serialize(String),
+    /// Reconciling a Task: adding or removing the finalizer, or the work between.
+    #[error(transparent)]
+    Finalizer(Box<::kube::runtime::finalizer::Error<KubeError>>),
+    /// The manager refused an operation a Task asked for (other than a refused spec).
+    #[error("task manager: {0}")]
+    Manager(#[from] ManagerError),
 }
 
-impl KubeError {
-    /// True for an API answer of 410 Gone (a resource version too old to watch from).
-    pub fn is_gone(&self) -> bool {
-        matches!(self, KubeError::Api(::kube::Error::Api(s)) if s.code == 410)
+impl From<::kube::runtime::finalizer::Error<KubeError>> for KubeError {
+    fn from(e: ::kube::runtime::finalizer::Error<KubeError>) -> Self {
+        KubeError::Finalizer(Box::new(e))
     }
 }

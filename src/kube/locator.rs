@@ -1,19 +1,18 @@
 //! Sidecar mode: the main container's init process, found through the own Pod's status
-//! (`containerStatuses[].containerID`) and then a PID resolver, and a watch on the Pod that
-//! reports when the main container is replaced.
+//! (`containerStatuses[].containerID`) and then a PID resolver (the Pod watch that reports
+//! a replaced main container is in `pod_watch`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ::kube::{Api, Client};
+use ::kube::Api;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::OnceCell;
 
+use super::KubeClient;
 use super::KubeError;
-use super::listwatch::{self, Event, Selector};
-use super::pod::{ContainerId, MainContainer, fetch_main_container, main_container};
+use super::pod::{ContainerId, fetch_main_container};
 use crate::runtime::container::cri::{Cri, GrpcCri};
 use crate::runtime::procfs::{self, ProcIdentity};
 use crate::runtime::sidecar::MainContainerLocator;
@@ -203,13 +202,14 @@ pub struct KubeLocator {
     namespace: String,
     pod: String,
     container: String,
-    client: OnceCell<Client>,
+    client: KubeClient,
     resolvers: Vec<Arc<dyn ContainerPidResolver>>,
 }
 
 impl KubeLocator {
-    /// The client is made on first use, so a missing kubeconfig shows up as "not ready".
+    /// The shared client is made on first use, so a missing kubeconfig shows up as "not ready".
     pub fn new(
+        client: KubeClient,
         namespace: String,
         pod: String,
         container: String,
@@ -219,14 +219,13 @@ impl KubeLocator {
             namespace,
             pod,
             container,
-            client: OnceCell::new(),
+            client,
             resolvers,
         }
     }
 
     async fn api(&self) -> Result<Api<Pod>, KubeError> {
-        let client = self.client.get_or_try_init(super::client).await?;
-        Ok(Api::namespaced(client.clone(), &self.namespace))
+        Ok(Api::namespaced(self.client.get().await?, &self.namespace))
     }
 
     async fn find(&self) -> Result<ProcIdentity, String> {
@@ -275,59 +274,6 @@ impl MainContainerLocator for KubeLocator {
                 })
         })
     }
-}
-
-/// Watches the own Pod and calls `on_replaced` each time the main container is replaced
-/// (new container ID or a higher restart count). Runs until the process ends.
-pub fn spawn_pod_watch<F>(namespace: String, pod: String, container: String, on_replaced: F)
-where
-    F: Fn(&MainContainer) + Send + Sync + 'static,
-{
-    tokio::spawn(async move {
-        let client = loop {
-            match super::client().await {
-                Ok(c) => break c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "no kubernetes client for the pod watch; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                }
-            }
-        };
-        let api: Api<Pod> = Api::namespaced(client, &namespace);
-        let selector = Selector {
-            fields: Some(format!("metadata.name={pod}")),
-            labels: None,
-        };
-        let mut events = listwatch::spawn(api, selector, "pod");
-        let mut last: Option<MainContainer> = None;
-        while let Some(ev) = events.recv().await {
-            let pod_obj = match ev {
-                Event::Listed(items) => items.into_iter().next(),
-                Event::Applied(p) => Some(p),
-                Event::Deleted(_) => None,
-            };
-            let Some(pod_obj) = pod_obj else { continue };
-            let Ok(now) = main_container(&pod_obj, &container) else {
-                continue;
-            };
-            if let Some(before) = &last
-                && now.replaced(before)
-            {
-                tracing::info!(
-                    container = %container,
-                    from = %before.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                    to = %now.id.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-                    restart_count = now.restart_count,
-                    "main container replaced"
-                );
-                on_replaced(&now);
-            }
-            // An ID that vanished (status briefly without it) keeps the last known one.
-            if now.id.is_some() || last.is_none() {
-                last = Some(now);
-            }
-        }
-    });
 }
 
 #[cfg(test)]

@@ -1,18 +1,17 @@
 //! The Kubernetes integration: the main container found through the own Pod (sidecar
-//! mode), and the `Task` custom resource run by `--watch-tasks`.
+//! mode), the own Pod's volumes (container mode), and the `Task` custom resource run by
+//! `--watch-tasks`. Every part talks to the API server through the one [`KubeClient`].
 
+pub mod client;
 pub mod crd;
 pub mod error;
-pub mod listwatch;
+pub mod events;
 pub mod locator;
-pub mod merge_patch;
 pub mod pod;
+pub mod pod_watch;
+pub mod review;
 pub mod watch;
-mod watch_status;
+pub mod watching;
 
+pub use client::{KubeClient, KubeTimeouts};
 pub use error::KubeError;
-
-/// A client from the in-cluster service account, or from `KUBECONFIG` / `~/.kube/config`.
-pub async fn client() -> Result<::kube::Client, KubeError> {
-    ::kube::Client::try_default().await.map_err(KubeError::Api)
-}

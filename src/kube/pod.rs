@@ -2,12 +2,11 @@
 
 use std::fmt;
 
-use ::kube::{Api, Client};
+use ::kube::Api;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::Pod;
-use tokio::sync::OnceCell;
 
-use super::KubeError;
+use super::{KubeClient, KubeError};
 use crate::runtime::container::volumes::PodSource;
 
 /// A container ID as the kubelet reports it: `containerd://<id>`, `docker://`, `cri-o://`.
@@ -89,26 +88,25 @@ pub async fn fetch_main_container(
     main_container(&pod, container)
 }
 
-/// The agent's own Pod, read with `GET pods/<name>`; the client is made on first use, so
-/// a missing kubeconfig is an error of that read, not of start-up.
+/// The agent's own Pod, read with `GET pods/<name>` through the shared client (made on
+/// first use, so a missing kubeconfig is an error of that read, not of start-up).
 pub struct OwnPod {
+    client: KubeClient,
     namespace: String,
     name: String,
-    client: OnceCell<Client>,
 }
 
 impl OwnPod {
-    pub fn new(namespace: String, name: String) -> Self {
+    pub fn new(client: KubeClient, namespace: String, name: String) -> Self {
         OwnPod {
+            client,
             namespace,
             name,
-            client: OnceCell::new(),
         }
     }
 
     pub async fn get(&self) -> Result<Pod, KubeError> {
-        let client = self.client.get_or_try_init(super::client).await?;
-        let api: Api<Pod> = Api::namespaced(client.clone(), &self.namespace);
+        let api: Api<Pod> = Api::namespaced(self.client.get().await?, &self.namespace);
         Ok(api.get(&self.name).await?)
     }
 }

@@ -1,4 +1,7 @@
+use std::io;
+
 use crate::runtime::RuntimeError;
+use crate::task::exhaustion::Exhaustion;
 
 /// Errors of the manager layer; `api::error` maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -18,5 +21,19 @@ pub enum ManagerError {
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("task store: {0}")]
-    Store(#[from] std::io::Error),
+    Store(#[from] io::Error),
+    /// A bug: work the manager started ended without a result.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ManagerError {
+    /// The resource the machine ran out of, when that is why this failed.
+    pub fn exhaustion(&self) -> Option<Exhaustion> {
+        match self {
+            ManagerError::Store(e) => Exhaustion::of(e),
+            ManagerError::Runtime(e) => e.exhaustion(),
+            _ => None,
+        }
+    }
 }

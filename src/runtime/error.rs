@@ -14,6 +14,13 @@ pub enum RuntimeError {
     TargetNotFound { name: String, detail: String },
     #[error("failed to launch the task supervisor: {0}")]
     Launch(#[source] io::Error),
+    /// The task was not started because the machine ran out of something (processes,
+    /// file descriptors, memory, disk): nothing of it ran, so starting it later is safe.
+    #[error("could not start the task: out of {}: {source}", crate::task::exhaustion::Exhaustion::of(.source).map_or("resources", |x| x.what()))]
+    OutOfResources {
+        #[source]
+        source: io::Error,
+    },
     #[error("task record {path}: {source}")]
     Record {
         path: String,
@@ -27,6 +34,28 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// The resource the machine ran out of, when that is why this failed (for the API's
+    /// answer). Only `OutOfResources` also says that the task did not start.
+    pub fn exhaustion(&self) -> Option<crate::task::exhaustion::Exhaustion> {
+        match self {
+            RuntimeError::OutOfResources { source: e }
+            | RuntimeError::Launch(e)
+            | RuntimeError::Io(e)
+            | RuntimeError::Record { source: e, .. } => crate::task::exhaustion::Exhaustion::of(e),
+            _ => None,
+        }
+    }
+
+    /// A failure to hand the task to its supervisor, before anything of it could run:
+    /// `OutOfResources` when the machine ran out of something, else `Launch`.
+    pub fn before_launch(e: io::Error) -> Self {
+        if crate::task::exhaustion::Exhaustion::of(&e).is_some() {
+            RuntimeError::OutOfResources { source: e }
+        } else {
+            RuntimeError::Launch(e)
+        }
+    }
+
     /// The status reason a task shows when this error ends it.
     pub fn task_reason(&self) -> &'static str {
         use crate::task::model::reason;

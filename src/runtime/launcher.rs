@@ -1,15 +1,14 @@
 //! Starting shims: through the fork server (`shim::server`), started once and restarted if
-//! it dies, so a task costs a fork instead of an exec of the agent's binary.
-//!
-//! Also the agent's open-file limit: after a restart it holds two pidfds per running task
-//! (see `exit_watch`), so its soft limit goes up to the hard one at start; the shim server
-//! gets the original soft limit back, so tasks keep the limit the agent was given.
+//! it dies, so a task costs a fork instead of an exec of the agent's binary. Under
+//! `task-executor init` (src/init) the init owns the server and hands the agent its socket
+//! as stdin; the agent then uses that one first.
 
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::socket::{
@@ -23,28 +22,8 @@ pub struct Launcher {
     server: tokio::sync::Mutex<Option<AsyncFd<OwnedFd>>>,
 }
 
-/// The soft limit on open files the agent was started with, before `raise_fd_limit`.
-static ORIGINAL_NOFILE: std::sync::OnceLock<rustix::process::Rlimit> = std::sync::OnceLock::new();
-
-/// Raises this process's soft limit on open files to its hard limit (once).
-fn raise_fd_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    ORIGINAL_NOFILE.get_or_init(|| {
-        let original = getrlimit(Resource::Nofile);
-        let raised = rustix::process::Rlimit {
-            current: original.maximum,
-            maximum: original.maximum,
-        };
-        if let Err(e) = setrlimit(Resource::Nofile, raised) {
-            tracing::warn!(error = %e, "cannot raise the open-file limit");
-        }
-        original
-    });
-}
-
 impl Launcher {
     pub fn new(exe: PathBuf) -> Self {
-        raise_fd_limit();
         Launcher {
             exe,
             server: tokio::sync::Mutex::new(None),
@@ -58,7 +37,10 @@ impl Launcher {
         let mut last = None;
         for _ in 0..2 {
             if server.is_none() {
-                *server = Some(self.start_server()?);
+                *server = Some(match take_inherited_server() {
+                    Some(sock) => into_async(sock)?,
+                    None => self.start_server()?,
+                });
             }
             let sock = server.as_ref().expect("started above");
             match send(sock, dir, &write).await {
@@ -84,29 +66,73 @@ impl Launcher {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        let server = Command::new(&self.exe)
+        Command::new(&self.exe)
             .arg("shim-server")
+            // Tasks get the open-file limit the agent was started with, not its raised one.
+            .args(crate::limits::original_nofile().map(|n| format!("--nofile-soft={n}")))
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
+            .env_remove(SERVER_ON_STDIN_ENV)
             .spawn()?; // reaped by the agent's reaper when it exits
-        // Before the first request, so every shim and task inherits the original limit.
-        if let (Some(original), Some(pid)) = (
-            ORIGINAL_NOFILE.get(),
-            rustix::process::Pid::from_raw(server.id() as i32),
-        ) && let Err(e) =
-            rustix::process::prlimit(Some(pid), rustix::process::Resource::Nofile, *original)
-        {
-            tracing::warn!(error = %e, "cannot give the shim server the original open-file limit");
-        }
-        let flags = OFlag::from_bits_truncate(fcntl(&ours, FcntlArg::F_GETFL)?);
-        fcntl(&ours, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
         tracing::debug!("shim server started");
-        // Deprecated because a caller could close a borrowed fd while it is registered;
-        // here the AsyncFd owns the OwnedFd, so the fd lives exactly as long as it.
-        #[allow(deprecated)]
-        AsyncFd::new(ours)
+        into_async(ours)
     }
+}
+
+fn into_async(sock: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    let flags = OFlag::from_bits_truncate(fcntl(&sock, FcntlArg::F_GETFL)?);
+    fcntl(&sock, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    // Deprecated because a caller could close a borrowed fd while it is registered;
+    // here the AsyncFd owns the OwnedFd, so the fd lives exactly as long as it.
+    #[allow(deprecated)]
+    AsyncFd::new(sock)
+}
+
+/// Set to `stdin` by `task-executor init` in the environment of the agent it starts: the
+/// agent's stdin is then a socket to the init's shim server. Not passed on to a server the
+/// agent starts itself (whose environment its shims and host tasks inherit).
+pub const SERVER_ON_STDIN_ENV: &str = "TASK_EXECUTOR_SHIM_SERVER";
+
+/// The server socket handed over on stdin, until the launcher takes it. Process-wide, as
+/// the descriptor it came from is.
+static INHERITED_SERVER: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+/// Called once at the agent's start, before anything reads stdin: when the init said so,
+/// keeps stdin (a SOCK_SEQPACKET socket to its shim server) for the launcher and puts
+/// /dev/null in its place. `Ok(false)` when there is no server to inherit; an error when
+/// the environment promised one that stdin is not (the agent then starts its own).
+pub fn adopt_server_on_stdin() -> io::Result<bool> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::os::fd::AsFd;
+    if std::env::var_os(SERVER_ON_STDIN_ENV).is_none_or(|v| v != "stdin") {
+        return Ok(false);
+    }
+    let stdin = std::io::stdin();
+    match getsockopt(&stdin.as_fd(), sockopt::SockType) {
+        Ok(SockType::SeqPacket) => {}
+        Ok(other) => {
+            return Err(io::Error::other(format!(
+                "{SERVER_ON_STDIN_ENV}=stdin, but stdin is a {other:?} socket"
+            )));
+        }
+        Err(e) => {
+            return Err(io::Error::other(format!(
+                "{SERVER_ON_STDIN_ENV}=stdin, but stdin is not a socket: {e}"
+            )));
+        }
+    }
+    let sock = stdin.as_fd().try_clone_to_owned()?; // close-on-exec, unlike fd 0
+    nix::unistd::dup2_stdin(std::fs::File::open("/dev/null")?)?;
+    *INHERITED_SERVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(sock);
+    Ok(true)
+}
+
+fn take_inherited_server() -> Option<OwnedFd> {
+    INHERITED_SERVER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
 }
 
 async fn send(sock: &AsyncFd<OwnedFd>, dir: &Path, notify: &OwnedFd) -> io::Result<()> {

@@ -26,6 +26,8 @@ pub mod records;
 pub mod shim;
 #[forbid(unsafe_code)]
 pub mod sidecar;
+#[forbid(unsafe_code)]
+pub mod tasklog;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -78,6 +78,15 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
     {
         t.reason = reason::TARGET_RESTARTED.into();
         t.message = Some("the main container restarted while the task ran".into());
+    } else if rec.stop_requested {
+        // Its supervisor was told to stop it: by a DELETE, or by `task-executor init`
+        // when the agent's container stopped (the exit code is the task's own answer).
+        let stopped = "stopped on request: the task was being deleted, or the agent's \
+                       container stopped";
+        t.message = Some(match t.message.take() {
+            Some(how) => format!("{stopped}; {how}"),
+            None => stopped.into(),
+        });
     }
     t
 }
@@ -91,18 +100,20 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Terminated {
         unrecorded: Some(why),
         ..Default::default()
     };
-    let effective = match records::record_outcome(&task.dir, &rec) {
-        Ok(effective) => effective,
+    let (effective, wrote) = match records::record_outcome(&task.dir, &rec) {
+        Ok(recorded) => recorded,
         Err(e) => {
             // Reported, but nothing is stopped on a judgement that could not be recorded.
             tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
             return terminated_from(&rec, task);
         }
     };
-    if effective == rec {
+    if wrote {
+        // Once per run: whoever records the outcome counts and stops it.
         match why {
             Unrecorded::SupervisorLost => {
                 tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
+                crate::metrics::supervisor_lost();
                 stop_leftovers(task, run);
             }
             Unrecorded::NodeRestarted => {
@@ -122,9 +133,9 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
         start_error: Some(why.to_string()),
         ..Default::default()
     };
-    let effective = records::record_outcome(&task.dir, &rec).unwrap_or_else(|e| {
+    let (effective, _) = records::record_outcome(&task.dir, &rec).unwrap_or_else(|e| {
         tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
-        rec
+        (rec, false)
     });
     terminated_from(&effective, task)
 }

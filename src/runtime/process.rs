@@ -24,6 +24,8 @@ use crate::task::time::Time;
 
 /// How long a freshly spawned shim may take to report the task started.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Launches of one start when no shim ever took the task.
+const LAUNCH_ATTEMPTS: u32 = 3;
 
 #[derive(Clone)]
 pub struct ProcessRuntime {
@@ -71,29 +73,43 @@ impl ProcessRuntime {
             target,
             boot_id: records::boot_id().map(str::to_string),
         };
-        records::write_launch(&task.dir, &launch)?;
-
-        let mut pipe = self
-            .launcher
-            .launch(&task.dir)
-            .await
-            .map_err(RuntimeError::Launch)?;
-        // The first line (or EOF) means the records say how the start went; a shim that
-        // failed before starting anything says why.
-        let mut first = [0u8; 512];
-        let got = tokio::time::timeout(LAUNCH_TIMEOUT, pipe.read(&mut first)).await;
-        if let Ok(Ok(n)) = got
-            && let Some(err) = std::str::from_utf8(&first[..n])
-                .ok()
-                .and_then(|m| m.strip_prefix("error: "))
-        {
-            return Err(RuntimeError::Launch(io::Error::other(
-                err.trim().to_string(),
-            )));
-        }
-        if got.is_err() {
-            tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
-        }
+        let mut attempt = 1;
+        let pipe = loop {
+            records::write_launch(&task.dir, &launch).map_err(RuntimeError::before_launch)?;
+            let mut pipe = self
+                .launcher
+                .launch(&task.dir)
+                .await
+                .map_err(RuntimeError::before_launch)?;
+            match first_report(&mut pipe).await {
+                Report::Silent if attempt < LAUNCH_ATTEMPTS => {
+                    // No shim ever ran (the fork server died with the request queued):
+                    // nothing of the task started, so launching again is safe.
+                    tracing::warn!(task = %task.name, attempt, "no supervisor took the task; launching it again");
+                    attempt += 1;
+                }
+                Report::Silent => {
+                    return Err(RuntimeError::Launch(io::Error::other(
+                        "no supervisor took the task",
+                    )));
+                }
+                Report::Failed(Some(errno), msg) => {
+                    // Nothing started: out of processes and the like is retried later.
+                    tracing::warn!(task = %task.name, error = msg, "the supervisor could not start the task");
+                    return Err(RuntimeError::before_launch(io::Error::from_raw_os_error(
+                        errno,
+                    )));
+                }
+                Report::Failed(None, msg) => {
+                    return Err(RuntimeError::Launch(io::Error::other(msg)));
+                }
+                Report::TimedOut => {
+                    tracing::warn!(task = %task.name, "supervisor did not report within {:?}", LAUNCH_TIMEOUT);
+                    break pipe;
+                }
+                Report::Spoke => break pipe,
+            }
+        };
         self.observe(task, events, Some(pipe)).await
     }
 
@@ -193,6 +209,55 @@ impl Runtime for ProcessRuntime {
 
     fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
         self.stop_task(task, grace)
+    }
+}
+
+/// What a new shim said first on its notify pipe.
+enum Report {
+    /// EOF before its first word: no shim ever ran, so nothing of the task started.
+    Silent,
+    /// An error line: with an errno when nothing of the task started.
+    Failed(Option<i32>, String),
+    /// Anything else (`started`, or EOF after its first word): the journal tells the rest.
+    Spoke,
+    TimedOut,
+}
+
+/// Reads until the shim said more than its first word (`records::SHIM_HELLO`), or EOF.
+async fn first_report(pipe: &mut tokio::net::unix::pipe::Receiver) -> Report {
+    let hello = records::SHIM_HELLO.as_bytes();
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    let deadline = tokio::time::Instant::now() + LAUNCH_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, pipe.read(&mut chunk)).await {
+            Err(_) => return Report::TimedOut,
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => 0,
+        };
+        if n == 0 {
+            return if buf.is_empty() {
+                Report::Silent
+            } else {
+                Report::Spoke
+            };
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let rest = match buf.strip_prefix(hello) {
+            Some(rest) => rest,
+            None if hello.starts_with(&buf) => continue, // the first word, cut short
+            None => &buf[..],
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        return match std::str::from_utf8(rest)
+            .ok()
+            .and_then(records::parse_start_failure)
+        {
+            Some((errno, msg)) => Report::Failed(errno, msg.to_string()),
+            None => Report::Spoke,
+        };
     }
 }
 

@@ -1,8 +1,9 @@
 //! The files a process task's directory holds. Besides the agent's `task.json`, a run is
 //! one append-only journal, `run.jsonl`, one JSON object per line: the agent writes the
 //! `launch` line; the shim appends `claimed` and makes both durable before it starts the
-//! task (from then on the task may have run, and is never started again), then appends
-//! `started` (its identity and the task's; durable with the exit line, as it only matters
+//! task (from then on the task may have run, and is never started again; a shim that
+//! then could not spawn it, out of processes say, appends `unclaimed`, which gives the
+//! launch back), then appends `started` (its identity and the task's; durable with the exit line, as it only matters
 //! while this boot lasts) and `exit` (how the task ended, fdatasync'ed). When no shim can
 //! write the exit (it died, or the node restarted), the agent appends one saying so, once,
 //! so the times it reports never change afterwards. Appending creates no inode, which matters:
@@ -43,6 +44,7 @@ pub fn running_lock(dir: &Path) -> PathBuf {
 pub enum Entry {
     Launch(Launch),
     Claimed(Claim),
+    Unclaimed(Unclaim),
     Started(ShimRecord),
     Exit(ExitRecord),
 }
@@ -70,6 +72,7 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
         match serde_json::from_slice::<Entry>(line) {
             Ok(Entry::Launch(l)) => run.launch = Some(l),
             Ok(Entry::Claimed(c)) => run.claimed = Some(c),
+            Ok(Entry::Unclaimed(_)) => run.claimed = None,
             Ok(Entry::Started(s)) => run.started = Some(s),
             Ok(Entry::Exit(x)) => run.exit = Some(x),
             Err(_) => {}
@@ -102,9 +105,10 @@ pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Res
 }
 
 /// Appends the exit line of a run no shim can finish (its supervisor died, the node
-/// restarted), durably, unless one is there already; returns the exit line in effect.
-/// Holding the journal's lock while doing so proves no shim writes to it.
-pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<ExitRecord> {
+/// restarted), durably, unless one is there already; returns the exit line in effect and
+/// whether this call wrote it. Holding the journal's lock while doing so proves no shim
+/// writes to it.
+pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<(ExitRecord, bool)> {
     use nix::fcntl::{Flock, FlockArg};
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -128,10 +132,10 @@ pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<ExitRecord> {
         }
     };
     if let Some(x) = read_run(dir)?.exit {
-        return Ok(x);
+        return Ok((x, false));
     }
     append(&mut f, &Entry::Exit(rec.clone()), true)?;
-    Ok(rec.clone())
+    Ok((rec.clone(), true))
 }
 
 fn line(entry: &Entry) -> io::Result<Vec<u8>> {
@@ -139,6 +143,32 @@ fn line(entry: &Entry) -> io::Result<Vec<u8>> {
     bytes.push(b'\n');
     Ok(bytes)
 }
+/// The first thing a shim writes to the agent's notify pipe, before anything else it does:
+/// EOF without it means no shim ever ran (the fork server died with the request queued),
+/// so nothing of the task started and it may be launched again.
+pub const SHIM_HELLO: &str = "shim\n";
+
+/// The line a shim (or the shim server) that could not start the task writes to the
+/// agent's notify pipe: `error: MESSAGE`, or `error errno=N: MESSAGE` when nothing of the
+/// task was started and the cause is that OS error, so the agent can tell "out of
+/// processes" (start it again later) from a failure that must not be retried.
+pub fn start_failure_line(e: &io::Error, nothing_started: bool) -> String {
+    match e.raw_os_error().filter(|_| nothing_started) {
+        Some(errno) => format!("error errno={errno}: {e}\n"),
+        None => format!("error: {e}\n"),
+    }
+}
+
+/// Parses `start_failure_line`: the errno (when nothing started) and the message.
+pub fn parse_start_failure(line: &str) -> Option<(Option<i32>, &str)> {
+    if let Some(msg) = line.strip_prefix("error: ") {
+        return Some((None, msg.trim_end()));
+    }
+    let rest = line.strip_prefix("error errno=")?;
+    let (errno, msg) = rest.split_once(": ")?;
+    Some((Some(errno.parse().ok()?), msg.trim_end()))
+}
+
 /// Written by the agent before it stops a sidecar task because the main container was
 /// replaced; the exit then reads as `TargetRestarted`.
 pub const TARGET_RESTARTED: &str = "target-restarted";
@@ -200,6 +230,14 @@ pub struct Target {
 #[serde(rename_all = "camelCase")]
 pub struct Claim {
     pub shim: ProcIdentity,
+}
+
+/// The shim that took the launch spawned nothing of the task (why: the error), so the
+/// launch may be started again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Unclaim {
+    pub why: String,
 }
 
 /// The shim's identity, and the task's main process once it exists.
@@ -280,6 +318,46 @@ mod tests {
         assert_eq!(run.launch.unwrap().argv, ["true"]);
         assert_eq!(run.exit.unwrap().exit_code, Some(3));
         assert!(run.started.is_none());
+    }
+
+    #[test]
+    fn a_claim_given_back_no_longer_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = std::fs::File::create(dir.path().join(RUN)).unwrap();
+        let me = ProcIdentity {
+            pid: 7,
+            start_time: 9,
+        };
+        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        assert!(read_run(dir.path()).unwrap().claimed.is_some());
+        let back = Entry::Unclaimed(Unclaim {
+            why: "Resource temporarily unavailable (os error 11)".into(),
+        });
+        append(&mut f, &back, false).unwrap();
+        assert!(read_run(dir.path()).unwrap().claimed.is_none());
+        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        assert!(
+            read_run(dir.path()).unwrap().claimed.is_some(),
+            "a later claim stands"
+        );
+    }
+
+    #[test]
+    fn start_failure_lines_carry_the_errno_only_when_nothing_started() {
+        let eagain = io::Error::from_raw_os_error(11);
+        let line = start_failure_line(&eagain, true);
+        assert_eq!(
+            parse_start_failure(&line),
+            Some((Some(11), eagain.to_string().as_str()))
+        );
+        let line = start_failure_line(&eagain, false);
+        assert_eq!(parse_start_failure(&line).unwrap().0, None);
+        let other = io::Error::other("no launch record");
+        assert_eq!(
+            parse_start_failure(&start_failure_line(&other, true)),
+            Some((None, "no launch record"))
+        );
+        assert_eq!(parse_start_failure("started\n"), None);
     }
 
     #[test]

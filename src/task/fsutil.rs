@@ -4,6 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use serde::Serialize;
@@ -19,7 +20,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 /// an OS crash may lose it (fine for facts that die with the processes they describe).
 pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
+    let tmp = temp_name(path);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -38,6 +39,20 @@ pub fn write_replace(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io:
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A temp file name no other writer uses: two updates of one file at the same time (a
+/// delete and a start failure of one task) must not write into each other's temp file or
+/// rename it away from under each other. The last rename wins; the file is never torn.
+fn temp_name(path: &Path) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(
+        ".{}.{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    path.with_file_name(name)
 }
 
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T, mode: u32) -> io::Result<()> {
@@ -62,6 +77,17 @@ pub fn create_empty(path: &Path, mode: u32) -> io::Result<()> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map(drop)
+}
+
+/// Creates an empty file unless it exists; the caller fsyncs the directory.
+pub fn create_or_keep(path: &Path, mode: u32) -> io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
         .mode(mode)
         .open(path)
         .map(drop)
@@ -174,6 +200,32 @@ mod tests {
             st.started >= 50,
             "each thread's calls need fsyncs of their own"
         );
+    }
+
+    #[test]
+    fn concurrent_replacements_of_one_file_all_succeed_and_leave_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task.json");
+        let writers = 8;
+        std::thread::scope(|s| {
+            for w in 0..writers {
+                let path = path.clone();
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let v = serde_json::json!({"writer": w, "i": i, "pad": "x".repeat(4096)});
+                        super::write_json_atomic(&path, &v, 0o600)
+                            .unwrap_or_else(|e| panic!("writer {w} update {i}: {e}"));
+                    }
+                });
+            }
+        });
+        let v: serde_json::Value = super::read_json(&path).unwrap().unwrap();
+        assert_eq!(v["i"], 199, "the file holds one writer's last update whole");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["task.json"], "no temp file is left behind");
     }
 
     #[test]

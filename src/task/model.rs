@@ -112,6 +112,9 @@ pub struct Terminated {
 /// Reasons a terminated task carries.
 pub mod reason {
     pub const INITIALIZED: &str = "Initialized";
+    /// Waiting: the start failed for lack of processes, file descriptors, memory or disk,
+    /// and is retried.
+    pub const RESOURCES_EXHAUSTED: &str = "ResourcesExhausted";
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
     pub const TIMEOUT: &str = "TaskTimeout";

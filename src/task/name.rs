@@ -2,6 +2,8 @@
 //! guarantees a name is a single, harmless path component under the data dir.
 
 pub const MAX_NAME_LEN: usize = 253;
+/// The same rules as a regular expression (the API document states them with it).
+pub const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// Returns why `name` is not a valid task name, or `None` when it is.
 pub fn invalid_reason(name: &str) -> Option<String> {

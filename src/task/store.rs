@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::fsutil;
+use super::io_workers::IoWorkers;
 use super::model::{TaskSpec, Terminated};
 use super::name;
 use super::time::Time;
@@ -18,6 +19,13 @@ pub const TASK_FILE: &str = "task.json";
 /// the record, so that the directory's one fsync at create time also makes the journal's
 /// name durable: appends to it later need only an fdatasync of the file.
 pub const RUN_JOURNAL: &str = "run.jsonl";
+/// Present once a deletion was requested; its mtime is the deletion timestamp. An empty
+/// file, not a rewrite of `task.json`: creating it needs an inode but no data block, so a
+/// task can still be deleted (and its logs' space freed) when its logs filled the disk.
+pub const DELETING: &str = "deleting";
+/// Threads for the store's blocking work; as many as the blocking pool used to have, so
+/// concurrent creates still share their data-dir fsyncs.
+const IO_THREADS: usize = 8;
 
 /// What the agent itself persists about a task.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -40,10 +48,12 @@ pub struct Store {
     root: PathBuf,
     /// Concurrent creates and deletes share the data dir's fsyncs.
     root_sync: Arc<fsutil::DirSync>,
+    workers: Arc<IoWorkers>,
 }
 
 impl Store {
-    /// Opens (creating if needed) the data dir and checks that it is writable.
+    /// Opens (creating if needed) the data dir, checks that it is writable, and starts the
+    /// threads that do its blocking work.
     pub fn open(root: &Path) -> io::Result<Self> {
         fs::create_dir_all(root)?;
         let probe = root.join(".write-test");
@@ -52,7 +62,18 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             root_sync: Arc::new(fsutil::DirSync::new(root)),
+            workers: IoWorkers::start(IO_THREADS, "store-io")?,
         })
+    }
+
+    /// Runs blocking store work on the store's own threads (never a new thread, see
+    /// `io_workers`). The work finishes even if the caller stops waiting.
+    pub async fn io<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let store = self.clone();
+        self.workers.run(move || f(&store)).await
     }
 
     pub fn root(&self) -> &Path {
@@ -83,8 +104,20 @@ impl Store {
         Ok(dir)
     }
 
+    /// Replaces the record atomically. Callers serialise updates of one task (the
+    /// manager holds the task's lifecycle lock); concurrent ones would still each leave a
+    /// whole record, the last one winning.
     pub fn update(&self, rec: &TaskRecord) -> io::Result<()> {
         fsutil::write_json_atomic(&self.dir(&rec.name).join(TASK_FILE), rec, 0o600)
+    }
+
+    /// Makes the deletion request durable; returns its time. Idempotent.
+    pub fn mark_deleting(&self, name: &str) -> io::Result<Time> {
+        let dir = self.dir(name);
+        let marker = dir.join(DELETING);
+        fsutil::create_or_keep(&marker, 0o600)?;
+        fsutil::sync_dir(&dir)?;
+        Ok(marker_time(&marker).unwrap_or_else(Time::now))
     }
 
     /// Removes the task's directory (records and logs).
@@ -109,7 +142,12 @@ impl Store {
             }
             let path = entry.path().join(TASK_FILE);
             match fsutil::read_json::<TaskRecord>(&path) {
-                Ok(Some(rec)) if rec.name == n => out.push(rec),
+                Ok(Some(mut rec)) if rec.name == n => {
+                    if rec.deletion_timestamp.is_none() {
+                        rec.deletion_timestamp = marker_time(&entry.path().join(DELETING));
+                    }
+                    out.push(rec)
+                }
                 Err(e) if nothing_but_the_record(&entry.path()) => {
                     // A torn record alone in its directory: the create it belonged to was
                     // interrupted before anything started, so it was never answered.
@@ -131,6 +169,16 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The deletion marker's time, if there is one.
+fn marker_time(marker: &Path) -> Option<Time> {
+    let modified = fs::metadata(marker).ok()?.modified().ok()?;
+    let ms = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis();
+    Some(Time::from_unix_millis(i64::try_from(ms).ok()?))
 }
 
 /// True when `dir` holds the record and at most an empty journal: nothing ever ran.

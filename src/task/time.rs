@@ -23,6 +23,10 @@ impl Time {
         self.0.as_millisecond()
     }
 
+    pub fn unix_nanos(&self) -> i64 {
+        self.0.as_nanosecond() as i64
+    }
+
     /// Whole seconds since the epoch, the precision the API shows.
     pub fn unix_seconds(&self) -> i64 {
         self.0.as_second()

@@ -129,6 +129,24 @@ impl Agent {
         }
     }
 
+    /// A handle on an agent that something else runs (`task-executor init`) at `addr` on
+    /// `data_dir`, logging to `log`. Dropping it kills the shims recorded under `data_dir`,
+    /// as for an agent of our own; it never starts or kills the agent.
+    pub fn attached(addr: SocketAddr, data_dir: &Path, log: &Path) -> Agent {
+        Agent {
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            log: log.to_path_buf(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            ignored_signals: None,
+            wrapper: Vec::new(),
+            own_pid_namespace: false,
+            child: None,
+            _tmp: None,
+        }
+    }
+
     /// Starts an agent on a data dir the test owns (its log goes beside it).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Agent {
         fs::create_dir_all(data_dir).expect("data dir");

@@ -440,6 +440,7 @@ pub struct KubeletPod {
     /// The main container's CRI id, when one was started.
     pub main_id: Option<String>,
     pub cri: task_executor::runtime::container::cri::GrpcCri,
+    sandbox_config: k8s_cri::v1::PodSandboxConfig,
     rt: tokio::runtime::Runtime,
     _logs: tempfile::TempDir,
 }
@@ -447,6 +448,18 @@ pub struct KubeletPod {
 impl KubeletPod {
     /// `main`: the command of a `main` container (image `BUSYBOX`), or none.
     pub fn start(name: &str, namespace: &str, main: Option<&[&str]>) -> KubeletPod {
+        Self::start_with(name, namespace, main, k8s_cri::v1::NamespaceMode::Container)
+    }
+
+    /// As `start`, with the sandbox's PID namespace mode: `Pod` is what
+    /// `shareProcessNamespace: true` gives (containers that ask for `Pod` share the pause
+    /// container's namespace), `Container` a namespace per container.
+    pub fn start_with(
+        name: &str,
+        namespace: &str,
+        main: Option<&[&str]>,
+        pid: k8s_cri::v1::NamespaceMode,
+    ) -> KubeletPod {
         use k8s_cri::v1::{
             ContainerConfig, ContainerMetadata, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
             NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
@@ -483,7 +496,7 @@ impl KubeletPod {
                 security_context: Some(LinuxSandboxSecurityContext {
                     namespace_options: Some(NamespaceOption {
                         network: NamespaceMode::Node as i32,
-                        pid: NamespaceMode::Container as i32,
+                        pid: pid as i32,
                         ipc: NamespaceMode::Pod as i32,
                         ..Default::default()
                     }),
@@ -502,6 +515,7 @@ impl KubeletPod {
             sandbox_id,
             main_id: None,
             cri,
+            sandbox_config: config.clone(),
             rt,
             _logs: logs,
         };
@@ -540,6 +554,54 @@ impl KubeletPod {
 }
 
 impl KubeletPod {
+    /// Creates and starts a container in the pod's sandbox, as kubelet does; returns its id.
+    pub fn run_container(&self, config: k8s_cri::v1::ContainerConfig) -> String {
+        use task_executor::runtime::container::cri::Cri;
+        let name = config.metadata.as_ref().map(|m| m.name.clone());
+        let id = self
+            .rt
+            .block_on(self.cri.create_container(
+                &self.sandbox_id,
+                config,
+                self.sandbox_config.clone(),
+            ))
+            .unwrap_or_else(|e| panic!("CreateContainer {name:?}: {e}"));
+        self.rt
+            .block_on(self.cri.start_container(&id))
+            .unwrap_or_else(|e| panic!("StartContainer {name:?}: {e}"));
+        id
+    }
+
+    /// StopContainer as kubelet sends it: SIGTERM, then SIGKILL after `timeout`.
+    pub fn stop_container(&self, id: &str, timeout: Duration) {
+        use task_executor::runtime::container::cri::Cri;
+        self.rt
+            .block_on(self.cri.stop_container(id, timeout))
+            .unwrap_or_else(|e| panic!("StopContainer {id}: {e}"));
+    }
+
+    pub fn container_status(&self, id: &str) -> k8s_cri::v1::ContainerStatus {
+        use task_executor::runtime::container::cri::Cri;
+        self.rt
+            .block_on(self.cri.container_status(id, false))
+            .unwrap_or_else(|e| panic!("ContainerStatus {id}: {e}"))
+            .status
+            .unwrap_or_else(|| panic!("ContainerStatus {id}: no status"))
+    }
+
+    /// A running container's host PID, from CRI's verbose status.
+    pub fn container_pid(&self, id: &str) -> i32 {
+        use task_executor::runtime::container::cri::Cri;
+        self.rt
+            .block_on(self.cri.container_pid(id))
+            .unwrap_or_else(|e| panic!("pid of container {id}: {e}"))
+    }
+
+    /// Where the containers' CRI logs go (the sandbox's `log_directory`).
+    pub fn log_dir(&self) -> &Path {
+        self._logs.path()
+    }
+
     /// The containers in the pod's sandbox right now.
     pub fn containers(&self) -> Vec<k8s_cri::v1::Container> {
         use task_executor::runtime::container::cri::Cri;
@@ -563,4 +625,24 @@ impl Drop for KubeletPod {
             eprintln!("cleaning up pod sandbox {id}: {e}");
         }
     }
+}
+
+/// Read-only bind mounts that let a container of `BUSYBOX` run this machine's dynamically
+/// linked `binary` (the tests' debug build of the agent) as `at`: the binary, and the
+/// loader and libraries under /lib and /lib64 (on Debian symlinks into /usr, whose targets
+/// are what gets mounted).
+pub fn host_binary_mounts(binary: &Path, at: &str) -> Vec<k8s_cri::v1::Mount> {
+    let ro = |host: &Path, container: &str| k8s_cri::v1::Mount {
+        container_path: container.into(),
+        host_path: host.display().to_string(),
+        readonly: true,
+        ..Default::default()
+    };
+    let mut mounts = vec![ro(binary, at)];
+    for dir in ["/lib", "/lib64"] {
+        if let Ok(real) = fs::canonicalize(dir) {
+            mounts.push(ro(&real, dir));
+        }
+    }
+    mounts
 }

@@ -1,38 +1,58 @@
 //! An in-process fake Kubernetes API server for the agent's end-to-end tests.
 //!
 //! No real kube-apiserver (nor envtest, kind, k3s or kwok) can be installed on the machines
-//! these tests run on, so this serves the few endpoints the agent uses, with real
-//! Kubernetes JSON and semantics: resource versions, LIST + WATCH (chunked JSON event
-//! lines, replayed from any resource version still in the history), JSON merge patches of
-//! objects and of `/status`, finalizers and deletion timestamps, 404/409/410 as `Status`.
+//! these tests run on, so this serves the endpoints the agent uses, with real Kubernetes
+//! JSON and semantics: opaque resource versions, LIST and WATCH (chunked JSON event lines,
+//! replayed from any resource version not yet compacted, `timeoutSeconds` honoured,
+//! BOOKMARK events when `allowWatchBookmarks=true`, an expired resource version answered
+//! by an in-stream `ERROR` 410 as the apiserver does), merge patches, JSON patches and
+//! server-side apply (`application/apply-patch+yaml`, `fieldManager`, managedFields) of
+//! objects and of `/status`, finalizers and deletion timestamps, `events.k8s.io/v1` Events
+//! (validated as the API validates them), and `Status` errors (404, 409, 410, 415, 422,
+//! 503).
 //!
-//! Served paths (namespaced only):
+//! Resource versions are deliberately opaque: they are numbers that *decrease* with every
+//! change, so a client that orders them as numbers goes wrong here (Kubernetes says they
+//! are opaque strings, compared for equality only).
+//!
+//! Served paths (namespaced only, and the two review endpoints of `fake_reviews`):
 //! * `/api/v1/namespaces/{ns}/pods[/{name}]`: get, list, watch (`fieldSelector`
 //!   `metadata.name=`)
 //! * `/apis/task-executor.io/v1alpha1/namespaces/{ns}/tasks[/{name}[/status]]`: get, list,
-//!   watch (`labelSelector` `k=v,...`), create, merge patch, delete
+//!   watch (`labelSelector` `k=v,...`), create, patch, delete
+//! * `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]`: create, merge patch, list
 //!
-//! Tests drive the server directly (`put_pod`, `create_task`, `delete_task`, ...) and can
-//! end every open watch (`end_watches`) or make the next watch fail with 410 Gone
-//! (`gone_next_watch`). Every request is recorded (`requests`).
+//! Tests drive the server directly (`put_pod`, `create_task`, `delete_task`, ...), and can
+//! end every open watch (`end_watches`), stall them (`stall_watches`: they stay open and
+//! say nothing, as a half-open connection does), take the server down (`set_down`: every
+//! request answers 503) and compact its history (`compact`). Every request is recorded.
 
-use std::collections::BTreeMap;
+#[path = "fake_apiserver/patches.rs"]
+mod patches;
+#[path = "fake_apiserver/serve.rs"]
+mod serve;
+#[path = "fake_apiserver/state.rs"]
+mod state;
+
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use warp::Filter;
-use warp::Reply;
 use warp::http::{Method, StatusCode};
 use warp::reply::Response;
 
 const TASKS_PREFIX: &str = "/apis/task-executor.io/v1alpha1/namespaces/";
+const EVENTS_PREFIX: &str = "/apis/events.k8s.io/v1/namespaces/";
 const PODS_PREFIX: &str = "/api/v1/namespaces/";
+
+/// Resource versions count down from here (see the module comment).
+const RV_BASE: u64 = 1_000_000_000_000;
 
 /// One request as the fake received it.
 #[derive(Clone, Debug)]
@@ -40,37 +60,54 @@ pub struct Recorded {
     pub method: String,
     pub path: String,
     pub query: String,
+    pub content_type: String,
     pub body: String,
 }
 
 impl Recorded {
     pub fn is_watch(&self) -> bool {
-        self.query
-            .split('&')
-            .any(|p| p == "watch=true" || p == "watch=1")
+        self.param("watch").is_some_and(|v| v == "true" || v == "1")
+    }
+
+    /// A query parameter, decoded.
+    pub fn param(&self, key: &str) -> Option<String> {
+        query_param(&self.query, key)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
     }
 }
 
-/// How the next watch request fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Gone {
-    /// HTTP 200, then one `ERROR` event carrying a 410 `Status` (what etcd compaction gives).
-    InStream,
-    /// The request itself answers 410.
-    Http,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Pods,
     Tasks,
+    Events,
 }
 
 impl Kind {
-    fn list_kind(self) -> (&'static str, &'static str) {
+    fn api_version(self) -> &'static str {
         match self {
-            Kind::Pods => ("v1", "PodList"),
-            Kind::Tasks => ("task-executor.io/v1alpha1", "TaskList"),
+            Kind::Pods => "v1",
+            Kind::Tasks => "task-executor.io/v1alpha1",
+            Kind::Events => "events.k8s.io/v1",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Kind::Pods => "Pod",
+            Kind::Tasks => "Task",
+            Kind::Events => "Event",
+        }
+    }
+
+    fn resource(self) -> &'static str {
+        match self {
+            Kind::Pods => "pods",
+            Kind::Tasks => "tasks",
+            Kind::Events => "events",
         }
     }
 }
@@ -78,23 +115,34 @@ impl Kind {
 type Key = (Kind, String, String);
 
 struct Watcher {
+    id: u64,
     kind: Kind,
     ns: String,
     labels: Vec<(String, String)>,
     name: Option<String>,
+    bookmarks: bool,
+    /// Says nothing more and is never ended by the server (a half-open connection).
+    stalled: bool,
     tx: mpsc::UnboundedSender<Bytes>,
 }
 
 #[derive(Default)]
 struct State {
-    rv: u64,
+    /// The revision of the last change (resource versions are derived from it).
+    seq: u64,
+    /// Watches from a revision older than this get 410 Gone.
+    compacted: u64,
     uid_seq: u64,
+    watch_seq: u64,
     objects: BTreeMap<Key, Value>,
-    /// Every change, for watches that start at an older resource version.
+    /// Every change not compacted yet, for watches that start at an older version.
     history: Vec<(u64, Kind, String, &'static str, Value)>,
     watchers: Vec<Watcher>,
+    /// The last configuration each field manager applied, per object and subresource.
+    applied: HashMap<(Key, String, bool), Value>,
     requests: Vec<Recorded>,
-    gone_next_watch: Option<Gone>,
+    reviews: super::fake_reviews::Reviews,
+    down: bool,
 }
 
 /// The running fake. Dropping it stops the server.
@@ -124,10 +172,15 @@ impl FakeApiServer {
                 let routes = warp::method()
                     .and(warp::path::full())
                     .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+                    .and(warp::header::optional::<String>("content-type"))
                     .and(warp::body::bytes())
                     .map(
-                        move |m: Method, p: warp::path::FullPath, q: String, b: Bytes| {
-                            handle(&st, m, p.as_str(), &q, &b)
+                        move |m: Method,
+                              p: warp::path::FullPath,
+                              q: String,
+                              ct: Option<String>,
+                              b: Bytes| {
+                            serve::handle(&st, m, p.as_str(), &q, ct.unwrap_or_default(), &b)
                         },
                     );
                 warp::serve(routes)
@@ -164,6 +217,11 @@ impl FakeApiServer {
         std::fs::write(path, text).unwrap();
     }
 
+    /// The server's URL, for a client of one's own.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Creates or replaces a Pod (MODIFIED if it existed).
     pub fn put_pod(&self, pod: Value) {
         let ns = pod["metadata"]["namespace"].as_str().unwrap().to_string();
@@ -188,7 +246,7 @@ impl FakeApiServer {
     /// Replaces a Task's spec (the generation goes up).
     pub fn update_task_spec(&self, ns: &str, name: &str, spec: Value) {
         let mut st = self.state();
-        let (code, body) = st.patch(Kind::Tasks, ns, name, false, &json!({ "spec": spec }));
+        let (code, body) = st.merge_patch(Kind::Tasks, ns, name, false, &json!({ "spec": spec }));
         assert_eq!(code, StatusCode::OK, "update_task_spec: {body}");
     }
 
@@ -199,6 +257,22 @@ impl FakeApiServer {
         assert_eq!(code, StatusCode::OK, "delete_task: {body}");
     }
 
+    /// Removes a Task whatever its finalizers say, as `kubectl patch` (finalizers: null)
+    /// followed by `kubectl delete` does.
+    pub fn force_delete_task(&self, ns: &str, name: &str) {
+        let mut st = self.state();
+        let patch = json!({"metadata": {"finalizers": null}});
+        let (code, body) = st.merge_patch(Kind::Tasks, ns, name, false, &patch);
+        assert_eq!(code, StatusCode::OK, "force_delete_task: {body}");
+        if st
+            .objects
+            .contains_key(&(Kind::Tasks, ns.to_string(), name.to_string()))
+        {
+            let (code, body) = st.delete(Kind::Tasks, ns, name);
+            assert_eq!(code, StatusCode::OK, "force_delete_task: {body}");
+        }
+    }
+
     pub fn get_task(&self, ns: &str, name: &str) -> Option<Value> {
         self.state()
             .objects
@@ -206,26 +280,75 @@ impl FakeApiServer {
             .cloned()
     }
 
-    /// Ends every open watch stream (as an API server restart or timeout would).
-    pub fn end_watches(&self) {
-        self.state().watchers.clear();
+    /// The Events (`events.k8s.io/v1`) whose `regarding` names `name` in `ns`, oldest first.
+    pub fn events_for(&self, ns: &str, name: &str) -> Vec<Value> {
+        let mut events: Vec<Value> = self
+            .state()
+            .objects
+            .iter()
+            .filter(|((k, n, _), e)| {
+                *k == Kind::Events && n == ns && e["regarding"]["name"].as_str() == Some(name)
+            })
+            .map(|(_, e)| e.clone())
+            .collect();
+        events.sort_by(|a, b| {
+            a["eventTime"].as_str().cmp(&b["eventTime"].as_str()).then(
+                a["metadata"]["name"]
+                    .as_str()
+                    .cmp(&b["metadata"]["name"].as_str()),
+            )
+        });
+        events
     }
 
-    /// The next watch request fails with 410 Gone.
-    pub fn gone_next_watch(&self, how: Gone) {
-        self.state().gone_next_watch = Some(how);
+    /// Ends every open watch stream (as an API server restart or timeout would).
+    pub fn end_watches(&self) {
+        self.state().watchers.retain(|w| w.stalled);
+    }
+
+    /// Open watch streams stop delivering and are never ended by the server, as over a
+    /// half-open connection; new watches work normally.
+    pub fn stall_watches(&self) {
+        for w in &mut self.state().watchers {
+            w.stalled = true;
+        }
+    }
+
+    /// Down: every request answers 503 and open watches end. Up again: back to normal.
+    pub fn set_down(&self, down: bool) {
+        let mut st = self.state();
+        st.down = down;
+        if down {
+            st.watchers.retain(|w| w.stalled);
+        }
+    }
+
+    /// Drops the change history (as etcd compaction does): a watch from any resource
+    /// version issued so far gets 410 Gone, and its client must list again.
+    pub fn compact(&self) {
+        let mut st = self.state();
+        st.compacted = st.seq;
+        st.history.clear();
+    }
+
+    /// The TokenReview / SubjectAccessReview answers (`support::fake_reviews`).
+    pub fn reviews<T>(&self, f: impl FnOnce(&mut super::fake_reviews::Reviews) -> T) -> T {
+        f(&mut self.state().reviews)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
         self.state().requests.clone()
     }
 
-    /// Number of open watch streams on `path_part` (e.g. "/tasks").
+    /// Number of open, delivering watch streams on Tasks (`true`) or Pods.
     pub fn open_watches(&self, kind_tasks: bool) -> usize {
         let kind = if kind_tasks { Kind::Tasks } else { Kind::Pods };
         let mut st = self.state();
         st.watchers.retain(|w| !w.tx.is_closed());
-        st.watchers.iter().filter(|w| w.kind == kind).count()
+        st.watchers
+            .iter()
+            .filter(|w| w.kind == kind && !w.stalled)
+            .count()
     }
 
     /// Waits until `cond` holds on the recorded requests.
@@ -260,13 +383,24 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Value {
     })
 }
 
-fn not_found(name: &str) -> (StatusCode, Value) {
-    let body = status(
+fn failure(code: StatusCode, reason: &str, message: &str) -> (StatusCode, Value) {
+    (code, status(code, reason, message))
+}
+
+fn not_found(kind: Kind, name: &str) -> (StatusCode, Value) {
+    failure(
         StatusCode::NOT_FOUND,
         "NotFound",
-        &format!("{name} not found"),
-    );
-    (StatusCode::NOT_FOUND, body)
+        &format!("{}.{} \"{name}\" not found", kind.resource(), group(kind)),
+    )
+}
+
+fn group(kind: Kind) -> &'static str {
+    kind.api_version().split_once('/').map_or("", |(g, _)| g)
+}
+
+fn invalid(message: &str) -> (StatusCode, Value) {
+    failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message)
 }
 
 fn reply(code: StatusCode, body: &Value) -> Response {
@@ -286,24 +420,12 @@ fn now() -> String {
         .to_string()
 }
 
-/// RFC 7386.
-fn merge_apply(target: &mut Value, patch: &Value) {
-    match patch {
-        Value::Object(p) => {
-            if !target.is_object() {
-                *target = Value::Object(Map::new());
-            }
-            let t = target.as_object_mut().unwrap();
-            for (k, v) in p {
-                if v.is_null() {
-                    t.remove(k);
-                } else {
-                    merge_apply(t.entry(k.clone()).or_insert(Value::Null), v);
-                }
-            }
-        }
-        _ => *target = patch.clone(),
-    }
+fn rv(seq: u64) -> String {
+    (RV_BASE - seq).to_string()
+}
+
+fn seq_of(rv: &str) -> Option<u64> {
+    rv.parse::<u64>().ok().and_then(|v| RV_BASE.checked_sub(v))
 }
 
 fn query_param(query: &str, key: &str) -> Option<String> {
@@ -338,342 +460,8 @@ fn matches(obj: &Value, labels: &[(String, String)], name: Option<&str>) -> bool
         && name.is_none_or(|n| meta["name"].as_str() == Some(n))
 }
 
-impl State {
-    fn next_rv(&mut self) -> u64 {
-        self.rv += 1;
-        self.rv
-    }
-
-    /// Stores `obj` under a new resource version and tells the watchers.
-    fn store(&mut self, key: Key, mut obj: Value, event: &'static str) {
-        let rv = self.next_rv();
-        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        if obj["metadata"]["uid"].is_null() {
-            self.uid_seq += 1;
-            obj["metadata"]["uid"] = json!(format!("uid-{}", self.uid_seq));
-        }
-        if obj["metadata"]["creationTimestamp"].is_null() {
-            obj["metadata"]["creationTimestamp"] = json!(now());
-        }
-        if event == "DELETED" {
-            self.objects.remove(&key);
-        } else {
-            self.objects.insert(key.clone(), obj.clone());
-        }
-        self.history
-            .push((rv, key.0, key.1.clone(), event, obj.clone()));
-        let line = watch_line(event, &obj);
-        self.watchers.retain(|w| {
-            if w.kind != key.0 || w.ns != key.1 || !matches(&obj, &w.labels, w.name.as_deref()) {
-                return !w.tx.is_closed();
-            }
-            w.tx.send(line.clone()).is_ok()
-        });
-    }
-
-    fn create(&mut self, kind: Kind, mut obj: Value) -> (StatusCode, Value) {
-        let ns = obj["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_string();
-        let Some(name) = obj["metadata"]["name"].as_str().map(str::to_string) else {
-            return (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                status(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    "metadata.name is required",
-                ),
-            );
-        };
-        let key = (kind, ns.clone(), name.clone());
-        if self.objects.contains_key(&key) {
-            return (
-                StatusCode::CONFLICT,
-                status(
-                    StatusCode::CONFLICT,
-                    "AlreadyExists",
-                    &format!("{name} already exists"),
-                ),
-            );
-        }
-        obj["metadata"]["namespace"] = json!(ns);
-        obj["metadata"]["generation"] = json!(1);
-        if let Some(m) = obj.as_object_mut() {
-            m.remove("status");
-        }
-        self.store(key.clone(), obj, "ADDED");
-        (StatusCode::CREATED, self.objects[&key].clone())
-    }
-
-    fn patch(
-        &mut self,
-        kind: Kind,
-        ns: &str,
-        name: &str,
-        status_sub: bool,
-        patch: &Value,
-    ) -> (StatusCode, Value) {
-        let key = (kind, ns.to_string(), name.to_string());
-        let Some(mut obj) = self.objects.get(&key).cloned() else {
-            return not_found(name);
-        };
-        let mut patch = patch.clone();
-        if let Some(want) = patch["metadata"]["resourceVersion"].as_str()
-            && obj["metadata"]["resourceVersion"].as_str() != Some(want)
-        {
-            return (
-                StatusCode::CONFLICT,
-                status(
-                    StatusCode::CONFLICT,
-                    "Conflict",
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ),
-            );
-        }
-        // (`get_mut`, not `patch["metadata"]`: indexing would insert a `null` that deletes
-        // the whole metadata.)
-        if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-        }
-        if status_sub {
-            // The status subresource changes only .status.
-            let s = patch.get("status").cloned().unwrap_or(Value::Null);
-            let mut cur = obj.get("status").cloned().unwrap_or(Value::Null);
-            merge_apply(&mut cur, &s);
-            obj["status"] = cur;
-        } else {
-            let old_spec = obj["spec"].clone();
-            if let Some(m) = patch.as_object_mut() {
-                m.remove("status"); // the main resource ignores status changes
-            }
-            merge_apply(&mut obj, &patch);
-            if obj["spec"] != old_spec {
-                let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
-                obj["metadata"]["generation"] = json!(g + 1);
-            }
-        }
-        let finalizers_empty = obj["metadata"]["finalizers"]
-            .as_array()
-            .is_none_or(|f| f.is_empty());
-        if !obj["metadata"]["deletionTimestamp"].is_null() && finalizers_empty {
-            self.store(key, obj.clone(), "DELETED");
-            return (StatusCode::OK, obj);
-        }
-        self.store(key.clone(), obj, "MODIFIED");
-        (StatusCode::OK, self.objects[&key].clone())
-    }
-
-    fn delete(&mut self, kind: Kind, ns: &str, name: &str) -> (StatusCode, Value) {
-        let key = (kind, ns.to_string(), name.to_string());
-        let Some(mut obj) = self.objects.get(&key).cloned() else {
-            return not_found(name);
-        };
-        let has_finalizers = obj["metadata"]["finalizers"]
-            .as_array()
-            .is_some_and(|f| !f.is_empty());
-        if has_finalizers {
-            if obj["metadata"]["deletionTimestamp"].is_null() {
-                obj["metadata"]["deletionTimestamp"] = json!(now());
-                obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
-                self.store(key.clone(), obj, "MODIFIED");
-            }
-            return (StatusCode::OK, self.objects[&key].clone());
-        }
-        self.store(key, obj.clone(), "DELETED");
-        (StatusCode::OK, obj)
-    }
-}
-
 fn watch_line(event: &str, obj: &Value) -> Bytes {
     let mut line = serde_json::to_vec(&json!({"type": event, "object": obj})).unwrap();
     line.push(b'\n');
     Bytes::from(line)
-}
-
-fn handle(
-    state: &Arc<Mutex<State>>,
-    method: Method,
-    path: &str,
-    query: &str,
-    body: &Bytes,
-) -> Response {
-    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-    st.requests.push(Recorded {
-        method: method.to_string(),
-        path: path.to_string(),
-        query: query.to_string(),
-        body: String::from_utf8_lossy(body).into_owned(),
-    });
-    let (kind, rest) = if let Some(r) = path.strip_prefix(TASKS_PREFIX) {
-        (Kind::Tasks, r)
-    } else if let Some(r) = path.strip_prefix(PODS_PREFIX) {
-        (Kind::Pods, r)
-    } else {
-        return reply(
-            StatusCode::NOT_FOUND,
-            &status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                &format!("no route for {path}"),
-            ),
-        );
-    };
-    let parts: Vec<&str> = rest.split('/').collect();
-    let resource = if kind == Kind::Tasks { "tasks" } else { "pods" };
-    match parts.as_slice() {
-        [ns, r] if *r == resource => {
-            let ns = ns.to_string();
-            let watching = matches!(query_param(query, "watch").as_deref(), Some("true" | "1"));
-            let labels = parse_labels(&query_param(query, "labelSelector").unwrap_or_default());
-            let name = query_param(query, "fieldSelector")
-                .and_then(|f| f.strip_prefix("metadata.name=").map(str::to_string));
-            if watching {
-                return watch(&mut st, kind, ns, labels, name, query);
-            }
-            match method {
-                Method::GET => {
-                    let items: Vec<Value> = st
-                        .objects
-                        .iter()
-                        .filter(|((k, n, _), o)| {
-                            *k == kind && *n == ns && matches(o, &labels, name.as_deref())
-                        })
-                        .map(|(_, o)| o.clone())
-                        .collect();
-                    let (api_version, list_kind) = kind.list_kind();
-                    reply(
-                        StatusCode::OK,
-                        &json!({
-                            "apiVersion": api_version, "kind": list_kind,
-                            "metadata": {"resourceVersion": st.rv.to_string()},
-                            "items": items,
-                        }),
-                    )
-                }
-                Method::POST => {
-                    let Ok(mut obj) = serde_json::from_slice::<Value>(body) else {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            &status(StatusCode::BAD_REQUEST, "BadRequest", "invalid JSON"),
-                        );
-                    };
-                    obj["metadata"]["namespace"] = json!(ns);
-                    let (code, v) = st.create(kind, obj);
-                    reply(code, &v)
-                }
-                _ => reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    &status(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "MethodNotAllowed",
-                        "method not allowed",
-                    ),
-                ),
-            }
-        }
-        [ns, r, name, sub @ ..] if *r == resource && sub.len() <= 1 => {
-            let status_sub = match sub {
-                [] => false,
-                ["status"] => true,
-                _ => {
-                    return reply(
-                        StatusCode::NOT_FOUND,
-                        &status(StatusCode::NOT_FOUND, "NotFound", "no such subresource"),
-                    );
-                }
-            };
-            let key = (kind, ns.to_string(), name.to_string());
-            match method {
-                Method::GET => match st.objects.get(&key) {
-                    Some(o) => reply(StatusCode::OK, o),
-                    None => reply(
-                        StatusCode::NOT_FOUND,
-                        &status(
-                            StatusCode::NOT_FOUND,
-                            "NotFound",
-                            &format!("{resource} \"{name}\" not found"),
-                        ),
-                    ),
-                },
-                Method::PATCH => {
-                    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
-                        return reply(
-                            StatusCode::BAD_REQUEST,
-                            &status(StatusCode::BAD_REQUEST, "BadRequest", "invalid JSON"),
-                        );
-                    };
-                    let (code, v) = st.patch(kind, ns, name, status_sub, &patch);
-                    reply(code, &v)
-                }
-                Method::DELETE => {
-                    let (code, v) = st.delete(kind, ns, name);
-                    reply(code, &v)
-                }
-                _ => reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    &status(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        "MethodNotAllowed",
-                        "method not allowed",
-                    ),
-                ),
-            }
-        }
-        _ => reply(
-            StatusCode::NOT_FOUND,
-            &status(
-                StatusCode::NOT_FOUND,
-                "NotFound",
-                &format!("no route for {path}"),
-            ),
-        ),
-    }
-}
-
-fn watch(
-    st: &mut State,
-    kind: Kind,
-    ns: String,
-    labels: Vec<(String, String)>,
-    name: Option<String>,
-    query: &str,
-) -> Response {
-    let gone = status(
-        StatusCode::GONE,
-        "Expired",
-        "too old resource version: the watch must re-list",
-    );
-    match st.gone_next_watch.take() {
-        Some(Gone::Http) => return reply(StatusCode::GONE, &gone),
-        Some(Gone::InStream) => {
-            let line = watch_line("ERROR", &gone);
-            return Response::new(line.into());
-        }
-        None => {}
-    }
-    let from: u64 = query_param(query, "resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(st.rv);
-    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    for (rv, k, n, event, obj) in &st.history {
-        if *rv > from && *k == kind && *n == ns && matches(obj, &labels, name.as_deref()) {
-            let _ = tx.send(watch_line(event, obj));
-        }
-    }
-    st.watchers.push(Watcher {
-        kind,
-        ns,
-        labels,
-        name,
-        tx,
-    });
-    let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
-        .map(Ok::<Bytes, std::convert::Infallible>);
-    let mut resp = Response::new(warp::reply::stream(stream).into_response().into_body());
-    resp.headers_mut().insert(
-        "content-type",
-        warp::http::HeaderValue::from_static("application/json"),
-    );
-    resp
 }

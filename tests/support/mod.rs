@@ -4,7 +4,10 @@
 pub mod agent;
 pub mod containerd;
 pub mod fake_apiserver;
+pub mod fake_reviews;
 pub mod http;
+pub mod init;
+pub mod jail;
 pub mod standin;
 
 use std::time::{Duration, Instant};

@@ -36,5 +36,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* The arguments this chart passes to the templates of _sidecar.tpl. */}}
 {{- define "task-executor.sidecarArgs" -}}
-{{- toYaml (dict "mode" .Values.mode "executor" .Values.executor "mainContainerName" .Values.main.name "appVersion" .Chart.AppVersion) }}
+{{- $auth := merge (dict "generatedSecret" (include "task-executor.authSecretName" .)) (deepCopy (.Values.auth | default dict)) }}
+{{- toYaml (dict "mode" .Values.mode "executor" .Values.executor "mainContainerName" .Values.main.name "appVersion" .Chart.AppVersion "auth" $auth "tls" .Values.tls) }}
+{{- end }}
+
+{{/* The Secret the chart generates for token auth (when no existingSecret is given). */}}
+{{- define "task-executor.authSecretName" -}}
+{{- printf "%s-auth" (include "task-executor.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Cluster-scoped names carry the namespace: releases of the same name may exist in
+     several namespaces. */}}
+{{- define "task-executor.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "task-executor.fullname" .) }}
 {{- end }}

@@ -12,14 +12,22 @@ metadata:
     {{- with .Values.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- with .Values.podAnnotations }}
+  {{- $annotations := deepCopy (.Values.podAnnotations | default dict) }}
+  {{- if dig "podAnnotations" true (.Values.metrics | default dict) }}
+  {{- $cfg := include "task-executor.config" $te | fromYaml }}
+  {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
+  {{- $_ := set $annotations "prometheus.io/port" (include "task-executor.scalar" $cfg.port) }}
+  {{- $_ := set $annotations "prometheus.io/path" "/metrics" }}
+  {{- end }}
+  {{- with $annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
   serviceAccountName: {{ include "task-executor.serviceAccountName" . }}
-  # The agent reads its own Pod (and Tasks) through the API.
-  automountServiceAccountToken: true
+  # No token for the main container (it runs untrusted code); the agent container mounts
+  # one itself when it talks to the API.
+  automountServiceAccountToken: false
   {{- if eq .Values.mode "sidecar" }}
   # The agent must see the main container's processes to enter their namespaces.
   shareProcessNamespace: true

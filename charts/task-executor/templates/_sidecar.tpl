@@ -6,6 +6,9 @@ dependency with `workload: None`; named templates are shared with the parent cha
 Every template here takes one dict:
   mode               host | sidecar | container                        (required)
   executor           overrides of the `executor` values of this chart   (optional)
+  auth               the `auth` values of this chart (mode, existingSecret, secretKey)
+                     (optional; default mode none)
+  tls                the `tls` values of this chart (secretName)         (optional)
   mainContainerName  the workload container, for sidecar mode           (default "main")
   appVersion         image tag used when executor.image.tag is empty    (optional)
 
@@ -15,7 +18,8 @@ Every template here takes one dict:
       volumeMounts: {{- include "task-executor.mainVolumeMounts" $te | nindent 8 }}
     {{- include "task-executor.sidecar" $te | nindent 4 }}
   volumes: {{- include "task-executor.volumes" $te | nindent 4 }}
-  # sidecar mode also needs, on the pod spec:  shareProcessNamespace: true
+  # and on the pod spec:  automountServiceAccountToken: false  (the agent container gets
+  # its own token when it needs one); sidecar mode also:  shareProcessNamespace: true
 */ -}}
 
 {{/* Defaults of `executor`; values.yaml repeats them (tests/chart.rs checks they agree). */}}
@@ -27,7 +31,8 @@ image:
 port: 5758
 dataDir: /var/lib/sandbox/tasks
 dataVolume:
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: 1Gi
 logLevel: info
 logFormat: json
 reconcileInterval: 500ms
@@ -58,6 +63,24 @@ securityContext: {}
 {{- end }}
 {{- $defaults := include "task-executor.executorDefaults" . | fromYaml }}
 {{- toYaml (mergeOverwrite $defaults (deepCopy (.executor | default dict))) }}
+{{- end }}
+
+{{/* The caller's auth settings over their defaults, as YAML; checks the mode. */}}
+{{- define "task-executor.authConfig" -}}
+{{- $a := mergeOverwrite (dict "mode" "none" "existingSecret" "" "secretKey" "tokens" "generatedSecret" "") (deepCopy (.auth | default dict)) }}
+{{- if not (has $a.mode (list "none" "token" "kubernetes")) }}
+{{- fail (printf "task-executor: auth.mode must be none, token or kubernetes, not %q" (toString $a.mode)) }}
+{{- end }}
+{{- toYaml $a }}
+{{- end }}
+
+{{/* "true" when the agent talks to the Kubernetes API (and so needs a token): sidecar
+     and container mode read the own Pod, watchTasks reads Tasks, kubernetes auth sends
+     reviews. */}}
+{{- define "task-executor.needsApi" -}}
+{{- $e := include "task-executor.config" . | fromYaml }}
+{{- $auth := include "task-executor.authConfig" . | fromYaml }}
+{{- if or (ne .mode "host") $e.watchTasks (eq $auth.mode "kubernetes") }}true{{ end }}
 {{- end }}
 
 {{/* A value as text; numbers come back from fromYaml as float64, which would print
@@ -96,6 +119,8 @@ securityContext: {}
 {{/* The agent container, as one item of a `containers:` list. */}}
 {{- define "task-executor.sidecar" -}}
 {{- $e := include "task-executor.config" . | fromYaml }}
+{{- $auth := include "task-executor.authConfig" . | fromYaml }}
+{{- $tls := (.tls | default dict).secretName }}
 {{- $tag := $e.image.tag | default .appVersion | required "task-executor: set executor.image.tag" }}
 {{- $args := list }}
 {{- if and (eq .mode "sidecar") $e.sidecarJoinCgroup }}{{ $args = append $args "--sidecar-join-cgroup" }}{{ end }}
@@ -104,6 +129,9 @@ securityContext: {}
 - name: task-executor
   image: {{ printf "%s:%s" $e.image.repository (toString $tag) | quote }}
   imagePullPolicy: {{ $e.image.pullPolicy }}
+  # The image's entrypoint, spelled out: the init runs the agent (args go to the agent)
+  # and restarts it if it dies, so an agent crash doesn't end the container's tasks.
+  command: ["task-executor", "init", "--"]
   {{- with $args }}
   args: {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -147,6 +175,20 @@ securityContext: {}
     - name: WATCH_TASKS
       value: "true"
     {{- end }}
+    {{- if ne $auth.mode "none" }}
+    - name: AUTH_MODE
+      value: {{ $auth.mode | quote }}
+    {{- end }}
+    {{- if eq $auth.mode "token" }}
+    - name: AUTH_TOKEN_FILE
+      value: /etc/task-executor/auth/tokens
+    {{- end }}
+    {{- if $tls }}
+    - name: TLS_CERT_FILE
+      value: /etc/task-executor/tls/tls.crt
+    - name: TLS_KEY_FILE
+      value: /etc/task-executor/tls/tls.key
+    {{- end }}
     # Identity of this pod, for reading its own Pod (main container, volumes) and Tasks.
     - name: POD_NAME
       valueFrom: {fieldRef: {fieldPath: metadata.name}}
@@ -162,12 +204,12 @@ securityContext: {}
       containerPort: {{ include "task-executor.scalar" $e.port }}
       protocol: TCP
   livenessProbe:
-    httpGet: {path: /health, port: task-api}
+    httpGet: {path: /health, port: task-api{{ if $tls }}, scheme: HTTPS{{ end }}}
     periodSeconds: 10
     timeoutSeconds: 3
     failureThreshold: 3
   readinessProbe:
-    httpGet: {path: /readyz, port: task-api}
+    httpGet: {path: /readyz, port: task-api{{ if $tls }}, scheme: HTTPS{{ end }}}
     periodSeconds: 5
     timeoutSeconds: 3
     failureThreshold: 3
@@ -185,6 +227,22 @@ securityContext: {}
     - name: task-executor-tmp
       mountPath: /tmp
     {{- end }}
+    {{- if eq $auth.mode "token" }}
+    - name: task-executor-auth
+      mountPath: /etc/task-executor/auth
+      readOnly: true
+    {{- end }}
+    {{- if $tls }}
+    - name: task-executor-tls
+      mountPath: /etc/task-executor/tls
+      readOnly: true
+    {{- end }}
+    {{- if include "task-executor.needsApi" . }}
+    # The service account token, in this container only (the pod mounts none).
+    - name: task-executor-api-token
+      mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+      readOnly: true
+    {{- end }}
 {{- end }}
 
 {{/* The pod volumes the agent needs, as items of a `volumes:` list. */}}
@@ -201,6 +259,43 @@ securityContext: {}
 {{- if eq .mode "host" }}
 - name: task-executor-tmp
   emptyDir: {}
+{{- end }}
+{{- $auth := include "task-executor.authConfig" . | fromYaml }}
+{{- if eq $auth.mode "token" }}
+- name: task-executor-auth
+  secret:
+    secretName: {{ $auth.existingSecret | default $auth.generatedSecret | required "task-executor: auth.mode token needs auth.existingSecret" | quote }}
+    defaultMode: 256  # 0400; with fsGroup (host mode) kubelet makes it 0440 for the agent's group
+    items:
+      - key: {{ $auth.secretKey | quote }}
+        path: tokens
+{{- end }}
+{{- with (.tls | default dict).secretName }}
+- name: task-executor-tls
+  secret:
+    secretName: {{ . | quote }}
+    defaultMode: 256  # 0400
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+{{- end }}
+{{- if include "task-executor.needsApi" . }}
+# What kubelet would mount into every container, for the agent's container alone.
+- name: task-executor-api-token
+  projected:
+    defaultMode: 420  # 0644, as kubelet's own
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3607
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - {key: ca.crt, path: ca.crt}
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef: {apiVersion: v1, fieldPath: metadata.namespace}
 {{- end }}
 {{- end }}
 

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::timed::Timed;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -18,7 +19,7 @@ use k8s_cri::v1::{
     RunPodSandboxRequest, StartContainerRequest, StatusRequest, StatusResponse,
     StopContainerRequest, StopPodSandboxRequest, VersionRequest, VersionResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Status};
 
 use crate::runtime::RuntimeError;
@@ -114,8 +115,8 @@ pub fn is_not_found(status: &Status) -> bool {
 #[derive(Clone, Debug)]
 pub struct GrpcCri {
     socket: PathBuf,
-    runtime: RuntimeServiceClient<Channel>,
-    images: ImageServiceClient<Channel>,
+    runtime: RuntimeServiceClient<Timed>,
+    images: ImageServiceClient<Timed>,
 }
 
 impl GrpcCri {
@@ -124,7 +125,7 @@ impl GrpcCri {
             .map_err(|e| RuntimeError::Cri(format!("CRI socket {}: {e}", socket.display())))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
-        let channel = endpoint.connect_lazy();
+        let channel = Timed(endpoint.connect_lazy());
         Ok(GrpcCri {
             socket: socket.to_path_buf(),
             runtime: RuntimeServiceClient::new(channel.clone()),
@@ -136,7 +137,7 @@ impl GrpcCri {
         &self.socket
     }
 
-    fn rt(&self) -> RuntimeServiceClient<Channel> {
+    fn rt(&self) -> RuntimeServiceClient<Timed> {
         self.runtime.clone()
     }
 }

@@ -13,6 +13,7 @@ pub mod monitor;
 pub mod sandbox;
 pub mod spec;
 pub mod status;
+mod timed;
 pub mod volumes;
 
 use std::collections::HashMap;

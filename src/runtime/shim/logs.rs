@@ -1,25 +1,51 @@
 //! A size-capped log file: when the current file reaches half the budget it is rotated
 //! to `NAME.1` (replacing the older one), so a task's log never exceeds the cap. The file
-//! is created on the first write: a silent task costs no file.
+//! is created on the first write: a silent task costs no file. The files hold exactly the
+//! bytes the task wrote (no markers): `NAME.1` then `NAME` is the newest part of its
+//! output, so `cat` and the logs endpoint both see it unaltered.
+//!
+//! Each write is also recorded in the task's output index (`tasklog::index`): stream,
+//! time and position, for interleaving and timestamps. Rotation happens under the
+//! index's lock, with a record of the new file's generation.
 
+use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::runtime::tasklog::index::{INDEX_FILE, IndexWriter};
+
+/// The index shared by a task's stdout and stderr logs (the shim is single-threaded).
+pub type SharedIndex = Rc<RefCell<IndexWriter>>;
+
+/// The output index of the task in `dir`; nothing is created until the first output.
+pub fn index(dir: &Path, cap: u64) -> SharedIndex {
+    Rc::new(RefCell::new(IndexWriter::new(dir.join(INDEX_FILE), cap)))
+}
 
 pub struct CappedLog {
     path: PathBuf,
     file: Option<File>,
     written: u64,
     per_file: u64,
+    /// 0 for stdout, 1 for stderr: the stream's number in the index.
+    stream: u8,
+    /// Rotations of this log so far.
+    generation: u32,
+    index: SharedIndex,
 }
 
 impl CappedLog {
-    pub fn new(path: PathBuf, cap: u64) -> Self {
+    pub fn new(path: PathBuf, cap: u64, stream: u8, index: &SharedIndex) -> Self {
         CappedLog {
             path,
             file: None,
             written: 0,
             per_file: (cap / 2).max(1),
+            stream,
+            generation: 0,
+            index: index.clone(),
         }
     }
 
@@ -30,6 +56,7 @@ impl CappedLog {
                 .append(true)
                 .open(&self.path)?;
             self.written = f.metadata()?.len();
+            self.generation = self.index.borrow_mut().generation(self.stream);
             self.file = Some(f);
         }
         Ok(self.file.as_mut().expect("opened above"))
@@ -45,23 +72,30 @@ impl CappedLog {
             let n = room.min(buf.len());
             self.file()?.write_all(&buf[..n])?;
             self.written += n as u64;
+            self.index
+                .borrow_mut()
+                .append(self.stream, self.generation, self.written);
             buf = &buf[n..];
         }
         Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
+        // Readers hold the lock shared while they pair files with generations.
+        let _lock = self.index.borrow_mut().lock();
         let mut old = self.path.clone().into_os_string();
         old.push(".1");
         fs::rename(&self.path, &old)?;
-        let mut f = OpenOptions::new()
+        let f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.path)?;
-        let marker = b"[task-executor: log rotated, earlier output is in the .1 file]\n";
-        f.write_all(marker)?;
-        self.written = marker.len() as u64;
+        self.written = 0;
         self.file = Some(f);
+        self.generation += 1;
+        self.index
+            .borrow_mut()
+            .append(self.stream, self.generation, 0);
         Ok(())
     }
 }
@@ -71,18 +105,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn never_exceeds_the_cap_and_keeps_the_tail() {
+    fn never_exceeds_the_cap_and_keeps_the_tail_unaltered() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("stdout.log");
-        let mut log = CappedLog::new(p.clone(), 1000);
+        let idx = index(dir.path(), 1000);
+        let mut log = CappedLog::new(p.clone(), 1000, 0, &idx);
         assert!(!p.exists(), "no file before the first write");
+        assert!(!dir.path().join(INDEX_FILE).exists(), "nor an index");
+        let mut all = String::new();
         for i in 0..500 {
-            log.write(format!("line {i:04}\n").as_bytes()).unwrap();
+            let line = format!("line {i:04}\n");
+            log.write(line.as_bytes()).unwrap();
+            all.push_str(&line);
         }
         let cur = fs::read_to_string(&p).unwrap();
         let old = fs::read_to_string(dir.path().join("stdout.log.1")).unwrap();
         assert!(cur.len() + old.len() <= 1000);
         assert!(cur.ends_with("line 0499\n"));
-        assert!(cur.starts_with("[task-executor: log rotated"));
+        assert!(
+            all.ends_with(&format!("{old}{cur}")),
+            "the two files are the output's tail, byte for byte"
+        );
+        let f = File::open(dir.path().join(INDEX_FILE)).unwrap();
+        let (_, recs) = crate::runtime::tasklog::index::read_all(&f)
+            .unwrap()
+            .unwrap();
+        let last = recs.last().unwrap();
+        assert_eq!((last.stream, last.end), (0, cur.len() as u64));
+        assert_eq!(
+            last.generation as usize,
+            (all.len() - 1) / 500,
+            "one generation per rotation"
+        );
     }
 }

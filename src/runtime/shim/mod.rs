@@ -5,7 +5,10 @@
 //! single-threaded and synchronous: forking (the reaper) and joining namespaces require it.
 //!
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
-//! `started` once the journal (`run.jsonl`) names the running task, and closes the pipe
+//! `records::SHIM_HELLO` before anything else (EOF without it: no shim ever took the task,
+//! which may then be launched again), `started` once the journal (`run.jsonl`) names the
+//! running task, or a start failure line (with an errno when nothing of the task was
+//! spawned and its claim was given back: out of processes is retried), and closes the pipe
 //! once the exit line is written (or a start failure recorded), so each message means
 //! "look at the journal" and EOF means "finished" (or "the shim died"). An agent restarted
 //! later has no pipe: it watches the shim's and the task's pidfds and the journal's flock,
@@ -14,7 +17,7 @@
 
 mod cgroup;
 mod kill;
-mod logs;
+pub(crate) mod logs;
 pub(crate) mod ns_reaper;
 mod place;
 pub mod server;
@@ -26,6 +29,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -35,22 +39,31 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use self::place::{MAIN, Place};
 use super::child_setup::{Cwd, ForkServer, SpawnError, Step};
 use super::procfs::ProcIdentity;
-use super::records::{self, Claim, Entry, ExitRecord, Launch, ShimRecord};
+use super::records::{self, Claim, Entry, ExitRecord, Launch, ShimRecord, Unclaim};
+use crate::task::exhaustion::Exhaustion;
 use crate::task::time::Time;
 
 /// Runs the shim; returns the shim's own exit code. `licence` lets it fork the reaper of
 /// a sidecar task.
 pub fn run(dir: &Path, licence: &ForkServer) -> i32 {
+    notify_agent(records::SHIM_HELLO.as_bytes());
     match supervise(dir, licence) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
             eprintln!("task-executor shim {}: {e}", dir.display());
-            notify_agent(format!("error: {e}\n").as_bytes());
+            let nothing_started = !CLAIM_STANDS.load(Ordering::Relaxed);
+            notify_agent(records::start_failure_line(&e, nothing_started).as_bytes());
             1
         }
     }
 }
+
+/// Set while this shim's claim on the launch stands in the journal (from just before it is
+/// written): the task may have started, so a failure must not be reported as "nothing
+/// started" (the agent would start the task again). Cleared only when the claim is given
+/// back, before anything of the task was spawned.
+static CLAIM_STANDS: AtomicBool = AtomicBool::new(false);
 
 /// flock needs no write access (directories work too); the journal is opened for appends.
 fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
@@ -85,9 +98,6 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     }
     let me = ProcIdentity::of(std::process::id() as i32)
         .ok_or_else(|| io::Error::other("no /proc/self"))?;
-    // From here on the task may run: the launch and the claim must survive a power loss,
-    // so that neither a restarted agent nor a restarted node runs it a second time.
-    records::append(&mut running_lock, &Entry::Claimed(Claim { shim: me }), true)?;
     nix::sys::prctl::set_child_subreaper(true)?;
 
     let mut mask = SigSet::empty();
@@ -107,15 +117,30 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     let (err_r, err_w) = io::pipe()?;
     let mut place = match place(licence, &launch) {
         Ok(p) => p,
+        // Out of processes, memory or file descriptors before anything of the task ran
+        // (the sidecar reaper is ours): the agent starts it again later.
+        Err(e) if Exhaustion::of(&e).is_some() => return Err(e),
         Err(e) => {
             let what = format!("failed to start {:?}", launch.argv[0]);
             return finish_start_error(running_lock, &e, &what, &launch);
         }
     };
+    // From here on the task may run: the launch and the claim must survive a power loss,
+    // so that neither a restarted agent nor a restarted node runs it a second time.
+    CLAIM_STANDS.store(true, Ordering::Relaxed);
+    let claim = Entry::Claimed(Claim { shim: me });
+    if let Err(e) = records::append(&mut running_lock, &claim, true) {
+        return Err(give_back(dir, &mut running_lock, e));
+    }
     let spawned = place.start(MAIN, out_w.as_fd(), err_w.as_fd());
     drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
     let main = match spawned {
         Ok(main) => main,
+        // Out of processes, memory or file descriptors: the command never ran, and the
+        // agent starts the task again later rather than failing it for good.
+        Err(e) if Exhaustion::of(&e.error).is_some() => {
+            return Err(give_back(dir, &mut running_lock, e.error));
+        }
         Err(e) => return finish_spawn_error(running_lock, e, &launch),
     };
     place.release(); // the task's one command has started
@@ -132,6 +157,28 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
 
     supervisor::Supervisor::new(dir, &launch, place, main, started, running_lock)?
         .run(&sigfd, out_r, err_r)
+}
+
+/// Nothing of the task was spawned after all: the claim is given back in the journal, so
+/// the launch may be tried again (by this agent, or by one restarted meanwhile) instead of
+/// being taken for a run a dead supervisor may have started. Not fsynced: after a power
+/// loss the launch is of an earlier boot, never started again anyway. Returns `e`.
+fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
+    let back = Entry::Unclaimed(Unclaim { why: e.to_string() });
+    let given_back = match records::append(journal, &back, false) {
+        Ok(()) => true,
+        // A claim that never reached the journal needs no giving back.
+        Err(_) => records::read_run(dir).is_ok_and(|r| r.claimed.is_none()),
+    };
+    if given_back {
+        CLAIM_STANDS.store(false, Ordering::Relaxed);
+    } else {
+        eprintln!(
+            "task-executor shim {}: could not give the launch back; it is not run again",
+            dir.display()
+        );
+    }
+    e
 }
 
 /// Where the task's command starts: the plan and the place (host, or the main container

@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use crate::runtime::child_setup;
+use crate::runtime::{child_setup, records};
 
 pub fn serve() -> i32 {
     let forker = match child_setup::ForkServer::init() {
@@ -48,10 +48,17 @@ pub fn serve() -> i32 {
             );
             continue;
         };
-        let spawned = forker.spawn_detached(|licence| become_shim(&dir, notify, licence));
+        let mut notify = Some(notify);
+        let spawned = forker.spawn_detached(|licence| {
+            become_shim(&dir, notify.take().expect("forked once"), licence)
+        });
         if let Err(e) = spawned {
-            // The agent sees EOF on its notify pipe (we drop it) and reports the failure.
+            // Tell the agent why (nothing started: it may try again later), then EOF.
             eprintln!("task-executor shim-server: fork for {}: {e}", dir.display());
+            if let Some(n) = notify {
+                let line = records::start_failure_line(&e, true);
+                let _ = std::io::Write::write_all(&mut File::from(n), line.as_bytes());
+            }
         }
     }
 }

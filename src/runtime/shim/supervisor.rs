@@ -16,7 +16,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use super::kill;
-use super::logs::CappedLog;
+use super::logs::{self, CappedLog};
 use super::place::{JobExit, MAIN, Place};
 use super::release_agent;
 use crate::runtime::proc_handle;
@@ -77,6 +77,7 @@ impl<'a> Supervisor<'a> {
         started: Time,
         running_lock: Flock<File>,
     ) -> io::Result<Self> {
+        let index = logs::index(dir, launch.max_log_bytes);
         Ok(Supervisor {
             launch,
             place,
@@ -98,8 +99,8 @@ impl<'a> Supervisor<'a> {
             main_done: false,
             children_gone: false,
             running_lock: Some(running_lock),
-            stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes),
-            stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes),
+            stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes, 0, &index),
+            stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes, 1, &index),
         })
     }
 

@@ -1,0 +1,149 @@
+//! What each route requires: the one table to extend when a route is added.
+//!
+//! A route names the verb on the `tasks` resource of group `task-executor.io` (and a
+//! subresource where it has one), so whoever may do that to a `Task` object in the pod's
+//! namespace may do it over HTTP. A path that is in no row is checked as a non-resource
+//! URL (`GET /metrics` → verb `get`, path `/metrics`), as kube-rbac-proxy does: a route
+//! added without a row is refused to everyone that has no grant for its path, never open.
+
+use warp::http::Method;
+
+use crate::api::routes::segments;
+
+/// The group and resource the routes stand for.
+pub const GROUP: &str = "task-executor.io";
+pub const RESOURCE: &str = "tasks";
+
+/// A verb on `tasks` (or one of its subresources), optionally on one named task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub verb: &'static str,
+    pub subresource: Option<&'static str>,
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: liveness and readiness probes carry no credential.
+    Public,
+    /// Any authenticated caller (a wrong method on a known path, answered 405).
+    Authenticated,
+    /// Every rule must be allowed.
+    Tasks(Vec<Rule>),
+    /// A path that is no resource.
+    NonResource { verb: String, path: String },
+}
+
+fn rule(verb: &'static str, name: Option<&str>) -> Rule {
+    Rule {
+        verb,
+        subresource: None,
+        name: name.map(str::to_string),
+    }
+}
+
+/// What a request with this method and path requires. Paths are split and decoded by
+/// the router's own function, so this table and the router always agree on the route.
+pub fn required(method: &Method, path: &str) -> Access {
+    let segs = segments(path);
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let read = method == Method::GET || method == Method::HEAD;
+    let post = method == Method::POST;
+    let delete = method == Method::DELETE;
+    match segs.as_slice() {
+        ["health"] | ["readyz"] => Access::Public,
+        ["getTasks"] if read => Access::Tasks(vec![rule("list", None)]),
+        // Sync creates the listed tasks and deletes the others.
+        ["setTasks"] if post => Access::Tasks(vec![rule("create", None), rule("delete", None)]),
+        ["tasks"] if post => Access::Tasks(vec![rule("create", None)]),
+        ["tasks", name] if read => Access::Tasks(vec![rule("get", Some(name))]),
+        ["tasks", name] if delete => Access::Tasks(vec![rule("delete", Some(name))]),
+        ["tasks", name, "logs"] if read => Access::Tasks(vec![Rule {
+            subresource: Some("log"),
+            ..rule("get", Some(name))
+        }]),
+        ["getTasks"] | ["setTasks"] | ["tasks"] | ["tasks", _] | ["tasks", _, "logs"] => {
+            Access::Authenticated
+        }
+        _ => Access::NonResource {
+            verb: non_resource_verb(method),
+            path: format!("/{}", segs.join("/")),
+        },
+    }
+}
+
+/// The verb the API server uses for a non-resource request with this method.
+fn non_resource_verb(method: &Method) -> String {
+    match *method {
+        Method::GET | Method::HEAD => "get".into(),
+        _ => method.as_str().to_ascii_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tasks(verb: &'static str, name: Option<&str>) -> Access {
+        Access::Tasks(vec![rule(verb, name)])
+    }
+
+    #[test]
+    fn every_route_has_its_verb() {
+        let cases = [
+            (Method::GET, "/health", Access::Public),
+            (Method::GET, "/readyz", Access::Public),
+            (Method::GET, "/getTasks", tasks("list", None)),
+            (Method::POST, "/tasks", tasks("create", None)),
+            (Method::GET, "/tasks/a", tasks("get", Some("a"))),
+            (Method::HEAD, "/tasks/a?wait=3s", tasks("get", Some("a"))),
+            (Method::DELETE, "/tasks/a", tasks("delete", Some("a"))),
+            (
+                Method::POST,
+                "/setTasks",
+                Access::Tasks(vec![rule("create", None), rule("delete", None)]),
+            ),
+            (
+                Method::GET,
+                "/tasks/a/logs",
+                Access::Tasks(vec![Rule {
+                    verb: "get",
+                    subresource: Some("log"),
+                    name: Some("a".into()),
+                }]),
+            ),
+            (Method::PUT, "/tasks", Access::Authenticated),
+            (Method::PATCH, "/tasks/a", Access::Authenticated),
+            (
+                Method::GET,
+                "/metrics",
+                Access::NonResource {
+                    verb: "get".into(),
+                    path: "/metrics".into(),
+                },
+            ),
+            (
+                Method::POST,
+                "/tasks/a/b",
+                Access::NonResource {
+                    verb: "post".into(),
+                    path: "/tasks/a/b".into(),
+                },
+            ),
+        ];
+        for (method, path, want) in cases {
+            let path = path.split('?').next().unwrap();
+            assert_eq!(required(&method, path), want, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn encoded_paths_are_checked_as_the_router_reads_them() {
+        // "%74asks" is "tasks": the router serves it as POST /tasks, so it needs create.
+        assert_eq!(required(&Method::POST, "/%74asks"), tasks("create", None));
+        assert_eq!(
+            required(&Method::DELETE, "//tasks/a%2Fb"),
+            tasks("delete", Some("a/b"))
+        );
+    }
+}

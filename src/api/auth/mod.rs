@@ -1,0 +1,193 @@
+//! Who may call the API (`--auth-mode`): anyone (`none`, upstream's behaviour), holders of
+//! a listed bearer token (`token`), or callers the Kubernetes API authenticates
+//! (TokenReview) and authorizes for the route's verb on `tasks` (SubjectAccessReview), as
+//! kubelet and kube-rbac-proxy guard their endpoints (`kubernetes`).
+//!
+//! The check runs before routing, so a refused request reads no body and changes nothing.
+//! Tokens are never logged, stored or compared as they are: only their SHA-256 digests.
+
+pub mod access;
+mod cache;
+mod kubernetes;
+mod token;
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use warp::Filter;
+use warp::http::{HeaderMap, Method, header};
+use warp::reply::Response;
+
+use super::error::ApiError;
+pub use access::Access;
+pub use kubernetes::KubernetesAuth;
+pub use token::TokenFile;
+
+/// Why a request was refused, or why the check could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No credential, or one that is not valid (401).
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// A valid caller without the permission the route needs (403).
+    #[error("user {user:?} may not {what}{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Forbidden {
+        user: String,
+        what: String,
+        reason: Option<String>,
+    },
+    /// The authenticator could not be asked (503): fail closed.
+    #[error("cannot check the credential now: {0}")]
+    Unavailable(String),
+    /// A setting that keeps the agent from starting.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The configured check. Cheap to clone.
+#[derive(Clone)]
+pub enum Authenticator {
+    None,
+    Token(Arc<TokenFile>),
+    Kubernetes(Arc<KubernetesAuth>),
+}
+
+impl Authenticator {
+    /// Checks a request's credential against what its route requires.
+    pub async fn check(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<(), AuthError> {
+        if matches!(self, Authenticator::None) {
+            return Ok(());
+        }
+        let access = access::required(method, path);
+        if access == Access::Public {
+            return Ok(());
+        }
+        let token = bearer(headers).ok_or(AuthError::Unauthenticated(
+            "missing bearer token (Authorization: Bearer <token>)",
+        ))?;
+        match self {
+            Authenticator::None => Ok(()),
+            Authenticator::Token(file) => {
+                if file.accepts(token) {
+                    Ok(())
+                } else {
+                    Err(AuthError::Unauthenticated("invalid bearer token"))
+                }
+            }
+            Authenticator::Kubernetes(k) => k.check(token, &access).await,
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A token's SHA-256: what caches are keyed by and token files are compared as, so no
+/// token is kept in memory and a comparison takes the same time whatever its length.
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The filter that answers a refused request itself and lets an allowed one through
+/// (it rejects, so the next filter of an `or` serves the request).
+pub fn guard(
+    auth: Authenticator,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::header::headers_cloned())
+        .and_then(
+            move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
+                let auth = auth.clone();
+                async move {
+                    match auth.check(&method, path.as_str(), &headers).await {
+                        Ok(()) => Err(warp::reject()),
+                        Err(e) => {
+                            refused(&method, path.as_str(), &e);
+                            Ok(ApiError::from(e).into_response())
+                        }
+                    }
+                }
+            },
+        )
+}
+
+/// One line per refusal (never the token): who was refused matters for an audit.
+fn refused(method: &Method, path: &str, e: &AuthError) {
+    match e {
+        AuthError::Forbidden { user, .. } => {
+            tracing::info!(%method, path, user = %user, error = %e, "request forbidden")
+        }
+        AuthError::Unavailable(_) => {
+            tracing::warn!(%method, path, error = %e, "request refused: credential not checked")
+        }
+        _ => tracing::debug!(%method, path, error = %e, "request unauthenticated"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, auth.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_like_kubernetes_reads_them() {
+        assert_eq!(bearer(&headers("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&headers("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(&headers("Basic abc")), None);
+        assert_eq!(bearer(&headers("Bearer ")), None);
+        assert_eq!(bearer(&headers("Bearerabc")), None);
+        assert_eq!(bearer(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn probes_stay_open_and_the_rest_needs_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# ops\nsecret-1\n").unwrap();
+        let auth = Authenticator::Token(Arc::new(TokenFile::open(&file).unwrap()));
+        let none = HeaderMap::new();
+        for path in ["/health", "/readyz"] {
+            assert!(auth.check(&Method::GET, path, &none).await.is_ok());
+        }
+        for (method, path) in [
+            (Method::POST, "/tasks"),
+            (Method::GET, "/getTasks"),
+            (Method::GET, "/nowhere"),
+            (Method::PUT, "/tasks"),
+        ] {
+            let e = auth.check(&method, path, &none).await.unwrap_err();
+            assert!(matches!(e, AuthError::Unauthenticated(_)), "{path}: {e}");
+            let e = auth
+                .check(&method, path, &headers("Bearer secret-2"))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, AuthError::Unauthenticated(_)), "{path}: {e}");
+            auth.check(&method, path, &headers("Bearer secret-1"))
+                .await
+                .unwrap();
+        }
+        // Without authentication, everything is open.
+        assert!(
+            Authenticator::None
+                .check(&Method::POST, "/tasks", &none)
+                .await
+                .is_ok()
+        );
+    }
+}

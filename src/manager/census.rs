@@ -1,0 +1,86 @@
+//! What the manager tells the metrics: the task set counted by kind and state (at each
+//! scrape, so the gauge can't drift), and each state change as it is applied.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use super::Manager;
+use super::entry::Entry;
+use crate::task::model::TaskState;
+use crate::task::time::Time;
+
+impl Manager {
+    /// Tasks by (kind, state), counted in place: no task is copied.
+    pub fn census(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+        let tasks = self.read_tasks();
+        for e in tasks.values() {
+            let kind = self.kind_of(e);
+            *counts.entry((kind, e.state().name())).or_default() += 1;
+        }
+        // A task removed before its end was applied leaves its start time behind.
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        if running.len() > tasks.len() {
+            let live: std::collections::HashSet<String> = tasks.values().map(|e| e.uid()).collect();
+            running.retain(|uid, _| live.contains(uid));
+        }
+        drop((running, tasks));
+        let mut out: Vec<_> = counts.into_iter().map(|((k, s), n)| (k, s, n)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// `host`, `sidecar` or `container`: the runtime the task's spec selects.
+    fn kind_of(&self, e: &Entry) -> &'static str {
+        match self.runtimes.for_spec(&e.record().spec).map(|rt| rt.kind()) {
+            Ok("process") => "host",
+            Ok(kind) => kind,
+            Err(_) => "container",
+        }
+    }
+
+    /// Counts a state change: a start (with its latency from creation, for tasks created
+    /// by this agent process) and an end (by reason, with the time it ran). Durations are
+    /// measured on the agent's clock as the changes are applied: the recorded times have
+    /// the API's second precision.
+    pub(super) fn record_metrics(&self, entry: &Entry, from: &TaskState, to: &TaskState) {
+        let kind = self.kind_of(entry);
+        let (created, uid) = {
+            let rec = entry.record();
+            (rec.created_at, rec.uid.clone())
+        };
+        let started = match to {
+            TaskState::Running(_) => true,
+            TaskState::Terminated(t) => t.started_at.is_some(),
+            TaskState::Waiting(_) => false,
+        };
+        // Tasks created before this agent process (re-adopted after a restart) started
+        // under an earlier one: not counted again.
+        let ours =
+            crate::metrics::process_start_unix_ms().is_none_or(|t| created.unix_millis() >= t);
+        if matches!(from, TaskState::Waiting(_)) && started && ours {
+            let ns = Time::now()
+                .unix_nanos()
+                .saturating_sub(created.unix_nanos());
+            crate::metrics::task_started(kind, Some(Duration::from_nanos(ns.max(0) as u64)));
+        }
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        match to {
+            TaskState::Running(_) => {
+                running.insert(uid, Instant::now());
+            }
+            TaskState::Terminated(t) => {
+                let ran = running.remove(&uid).map(|at| at.elapsed()).or_else(|| {
+                    let (s, f) = (t.started_at?.unix_nanos(), t.finished_at.unix_nanos());
+                    Some(Duration::from_nanos(f.saturating_sub(s).max(0) as u64))
+                });
+                crate::metrics::task_terminated(kind, &t.reason, ran);
+            }
+            TaskState::Waiting(_) => {}
+        }
+    }
+}
+
+/// When each running task was seen to start, by uid (removed when it terminates).
+static RUNNING: LazyLock<Mutex<HashMap<String, Instant>>> = LazyLock::new(Default::default);

@@ -1,0 +1,126 @@
+//! Creating tasks: validation, the name reservation, the durable record, the first start.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::entry::{Entry, Persisted, TaskView};
+use super::{Manager, ManagerError};
+use crate::task::model::{TaskSpec, TaskState};
+use crate::task::name;
+use crate::task::store::TaskRecord;
+use crate::task::time::Time;
+
+impl Manager {
+    pub(super) fn validate(&self, task_name: &str, spec: &TaskSpec) -> Result<(), ManagerError> {
+        if let Some(why) = name::invalid_reason(task_name) {
+            return Err(ManagerError::InvalidName(why));
+        }
+        spec.validate().map_err(ManagerError::InvalidSpec)?;
+        self.runtimes.for_spec(spec)?.validate(spec)?;
+        Ok(())
+    }
+
+    /// Inserts a waiting entry, enforcing uniqueness and the concurrency limit.
+    pub(super) fn reserve(&self, name: &str, spec: TaskSpec) -> Result<Arc<Entry>, ManagerError> {
+        let mut tasks = self.write_tasks();
+        if tasks.contains_key(name) {
+            return Err(ManagerError::AlreadyExists(name.to_string()));
+        }
+        if let Some(max) = self.cfg.max_concurrent
+            && tasks.values().filter(|e| e.is_active()).count() >= max
+        {
+            return Err(ManagerError::TooManyTasks(max));
+        }
+        let seq = self.uid_seq.fetch_add(1, Ordering::Relaxed);
+        let rec = TaskRecord {
+            name: name.to_string(),
+            uid: format!(
+                "{:x}-{:x}-{seq}",
+                Time::now().unix_millis(),
+                std::process::id()
+            ),
+            spec,
+            created_at: Time::now(),
+            deletion_timestamp: None,
+            final_status: None,
+        };
+        let entry = Entry::new(rec, TaskState::initialized(), Persisted::Pending);
+        tasks.insert(name.to_string(), entry.clone());
+        Ok(entry)
+    }
+
+    /// Persists a reserved entry, then starts it. The record is durable before any answer;
+    /// once it is, the task is started whatever happens to the caller.
+    pub(super) async fn start_reserved(
+        self: &Arc<Self>,
+        entry: Arc<Entry>,
+    ) -> Result<TaskView, ManagerError> {
+        let life = entry.lifecycle.lock().await;
+        let rec = entry.record().clone();
+        if let Err(e) = self.store.io(move |s| s.create(&rec)).await {
+            self.forget(&entry);
+            entry.set_persisted(Persisted::No);
+            return Err(match e.kind() {
+                std::io::ErrorKind::AlreadyExists => ManagerError::AlreadyExists(entry.name()),
+                _ => ManagerError::Store(e),
+            });
+        }
+        entry.set_persisted(Persisted::Yes);
+        self.start_locked(&entry, life, false).await;
+        Ok(entry.view())
+    }
+
+    pub(super) async fn sync_all(
+        self: &Arc<Self>,
+        desired: Vec<(String, TaskSpec)>,
+    ) -> Result<Vec<TaskView>, ManagerError> {
+        // Validate everything first so a bad element changes nothing.
+        let mut wanted: Vec<(String, TaskSpec)> = Vec::new();
+        for (name, spec) in desired {
+            self.validate(&name, &spec)?;
+            // Upstream semantics: a later duplicate replaces an earlier one.
+            wanted.retain(|(n, _)| n != &name);
+            wanted.push((name, spec));
+        }
+        let names: HashSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
+        let (to_delete, to_create): (Vec<String>, Vec<(String, TaskSpec)>) = {
+            let tasks = self.read_tasks();
+            let del = tasks
+                .keys()
+                .filter(|n| !names.contains(n.as_str()))
+                .cloned()
+                .collect();
+            let new = wanted
+                .iter()
+                .filter(|(n, _)| !tasks.contains_key(n))
+                .cloned()
+                .collect();
+            (del, new)
+        };
+        for name in to_delete {
+            self.request_deletion(&name).await?;
+        }
+        let mut reserved = Vec::new();
+        for (name, spec) in to_create {
+            match self.reserve(&name, spec) {
+                Ok(e) => reserved.push(e),
+                Err(ManagerError::AlreadyExists(_)) => {} // created concurrently: leave it alone
+                Err(e) => {
+                    // Undo the reservations of this call: nothing was stored or started yet.
+                    for e in reserved {
+                        self.forget(&e);
+                        e.set_persisted(Persisted::No);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let results =
+            futures::future::join_all(reserved.into_iter().map(|e| self.start_reserved(e))).await;
+        if let Some(err) = results.into_iter().find_map(Result::err) {
+            return Err(err);
+        }
+        Ok(self.list())
+    }
+}

@@ -1,0 +1,46 @@
+//! Start-up: every stored task is re-attached to (or started, or its deletion finished).
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use super::entry::{Entry, Persisted};
+use super::{Manager, ManagerError};
+use crate::task::model::TaskState;
+
+/// Tasks re-attached at once.
+const ADOPT_CONCURRENCY: usize = 32;
+
+impl Manager {
+    pub(super) async fn recover_all(self: &Arc<Self>) -> Result<usize, ManagerError> {
+        let records = self.store.io(|s| s.load_all()).await?;
+        let n = records.len();
+        let mut adopt = Vec::new();
+        for rec in records {
+            let state = match &rec.final_status {
+                Some(t) => TaskState::Terminated(t.clone()),
+                None => TaskState::initialized(),
+            };
+            let deleting = rec.deletion_timestamp.is_some();
+            let has_final = rec.final_status.is_some();
+            let entry = Entry::new(rec.clone(), state, Persisted::Yes);
+            self.write_tasks().insert(rec.name.clone(), entry.clone());
+            if deleting {
+                self.spawn_finalize(entry);
+            } else if !has_final {
+                adopt.push(entry);
+            }
+        }
+        futures::stream::iter(adopt)
+            .for_each_concurrent(ADOPT_CONCURRENCY, |entry| {
+                let mgr = self.clone();
+                async move {
+                    let life = entry.lifecycle.lock().await;
+                    mgr.start_locked(&entry, life, true).await;
+                }
+            })
+            .await;
+        tracing::info!(tasks = n, "recovered tasks from the data dir");
+        Ok(n)
+    }
+}

@@ -1,0 +1,204 @@
+//! Starting a task, and what happens when it can't be started: a lack of resources is
+//! waited out (bounded), any other failure ends the task with the reason, durably.
+//!
+//! A start that failed because the machine ran out of processes, file descriptors, memory
+//! or disk (`RuntimeError::OutOfResources`: nothing of the task ran) leaves the task
+//! `waiting` with reason `ResourcesExhausted` and a message saying what ran out, and is
+//! retried with exponential backoff (0.2 s doubling to 10 s) for `start_retry` (default
+//! 5 min); after that it ends `StartError`. The lifecycle lock is not held between
+//! attempts, so a deletion in the meantime goes ahead and ends the retries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::MutexGuard;
+use tokio::time::Instant;
+
+use super::Manager;
+use super::entry::Entry;
+use crate::runtime::{Observed, RuntimeError};
+use crate::task::model::{self, TaskState, Terminated, Waiting};
+
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+/// Between attempts to persist a final status the disk refused.
+const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// A runtime call that panics (tokio's `spawn_blocking` does when the OS refuses a thread)
+/// fails like any other error, so the task ends with the reason instead of staying
+/// `waiting` with nobody to finish its start.
+pub(super) async fn unpanicked<T>(
+    call: impl std::future::Future<Output = Result<T, RuntimeError>>,
+) -> Result<T, RuntimeError> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(RuntimeError::Launch(std::io::Error::other(format!(
+                "the runtime failed: {what}"
+            ))))
+        })
+}
+
+enum Attempt {
+    /// Running, terminated, or failed for good (recorded).
+    Settled,
+    OutOfResources(RuntimeError),
+}
+
+impl Manager {
+    /// Starts (`adopt`: re-attaches to) the task. The caller holds the task's lifecycle lock
+    /// and hands it over, so that it is released while a start that ran out of resources
+    /// waits for its next attempt.
+    pub(super) async fn start_locked(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        life: MutexGuard<'_, ()>,
+        adopt: bool,
+    ) {
+        let outcome = self.attempt(entry, adopt).await;
+        drop(life);
+        if let Attempt::OutOfResources(e) = outcome {
+            self.retry_start(entry.clone(), e);
+        }
+    }
+
+    /// One start; the caller holds the lifecycle lock.
+    async fn attempt(self: &Arc<Self>, entry: &Arc<Entry>, adopt: bool) -> Attempt {
+        let task = self.task_ref(entry);
+        let result = match self.runtimes.for_spec(&task.spec) {
+            Ok(rt) if adopt => unpanicked(rt.adopt(task, self.events.clone())).await,
+            Ok(rt) => unpanicked(rt.start(task, self.events.clone())).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(observed) => {
+                self.apply(entry, observed);
+                Attempt::Settled
+            }
+            Err(e @ RuntimeError::OutOfResources { .. }) => Attempt::OutOfResources(e),
+            Err(e) => {
+                let t = Terminated::failed_to_start(e.task_reason(), 128, e.to_string());
+                self.fail_with(entry, t).await;
+                Attempt::Settled
+            }
+        }
+    }
+
+    /// Shows why the task waits (before the caller answers), then retries in the background.
+    fn retry_start(self: &Arc<Self>, entry: Arc<Entry>, first: RuntimeError) {
+        let give_up_at = Instant::now() + self.cfg.start_retry;
+        if RETRY_FIRST < self.cfg.start_retry {
+            self.show_backoff(&entry, &first, RETRY_FIRST, 1);
+        }
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let mut err = first;
+            let mut backoff = RETRY_FIRST;
+            for attempt in 1u32.. {
+                if Instant::now() + backoff > give_up_at {
+                    let _life = entry.lifecycle.lock().await;
+                    if mgr.still_wanted(&entry) {
+                        let why = format!(
+                            "{err}; gave up after {}",
+                            humantime::format_duration(mgr.cfg.start_retry)
+                        );
+                        let t = Terminated::failed_to_start(err.task_reason(), 128, why);
+                        mgr.fail_with(&entry, t).await;
+                    }
+                    return;
+                }
+                if attempt > 1 {
+                    mgr.show_backoff(&entry, &err, backoff, attempt);
+                }
+                tokio::time::sleep(backoff).await;
+                let _life = entry.lifecycle.lock().await;
+                if !mgr.still_wanted(&entry) {
+                    return;
+                }
+                // Out of resources means nothing ran: a fresh start, not an adoption.
+                match mgr.attempt(&entry, false).await {
+                    Attempt::Settled => return,
+                    Attempt::OutOfResources(e) => err = e,
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        });
+    }
+
+    /// Neither deleted nor replaced by a newer task of the same name.
+    fn still_wanted(&self, entry: &Arc<Entry>) -> bool {
+        !entry.deletion_requested()
+            && self
+                .entry(&entry.name())
+                .is_some_and(|e| Arc::ptr_eq(&e, entry))
+    }
+
+    fn show_backoff(&self, entry: &Entry, err: &RuntimeError, retry_in: Duration, attempt: u32) {
+        let name = entry.name();
+        {
+            let mut state = entry.state();
+            if !matches!(*state, TaskState::Waiting(_)) {
+                return;
+            }
+            *state = TaskState::Waiting(Waiting {
+                reason: Some(model::reason::RESOURCES_EXHAUSTED.into()),
+                message: Some(format!(
+                    "{err}; retrying in {} (attempt {attempt})",
+                    humantime::format_duration(retry_in)
+                )),
+            });
+        }
+        tracing::warn!(
+            task = %name, error = %err, retry_in = ?retry_in, attempt,
+            "task start ran out of resources; it waits and is retried"
+        );
+        self.changed(&name);
+    }
+
+    /// The task could not be run: keep the reason, durably (retried in the background
+    /// while the disk refuses it), and show it. The caller holds the lifecycle lock.
+    pub(super) async fn fail_with(self: &Arc<Self>, entry: &Arc<Entry>, t: Terminated) {
+        let rec = {
+            let mut rec = entry.record();
+            rec.final_status = Some(t.clone());
+            rec.clone()
+        };
+        if let Err(e) = self.store.io(move |s| s.update(&rec)).await {
+            tracing::error!(task = %entry.name(), error = %e, "could not persist the start failure; retrying");
+            self.persist_later(entry.clone());
+        }
+        self.apply(entry, Observed::Terminated(t));
+    }
+
+    fn persist_later(self: &Arc<Self>, entry: Arc<Entry>) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(500);
+            loop {
+                tokio::time::sleep(backoff).await;
+                let _life = entry.lifecycle.lock().await;
+                if !mgr.still_wanted(&entry) {
+                    return;
+                }
+                let rec = entry.record().clone();
+                match mgr.store.io(move |s| s.update(&rec)).await {
+                    Ok(()) => {
+                        tracing::info!(task = %entry.name(), "start failure persisted");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(task = %entry.name(), error = %e, retry_in = ?backoff, "persisting the start failure failed")
+                    }
+                }
+                backoff = (backoff * 2).min(PERSIST_RETRY_MAX);
+            }
+        });
+    }
+}
