@@ -6,6 +6,7 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -74,6 +75,9 @@ impl Launcher {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .env_remove(SERVER_ON_STDIN_ENV)
+            // Outside the agent's group, so the reaper (which leaves the agent's own group
+            // to those who wait for its members) reaps it and shims it leaves behind.
+            .process_group(0)
             .spawn()?; // reaped by the agent's reaper when it exits
         tracing::debug!("shim server started");
         into_async(ours)

@@ -1,20 +1,33 @@
 //! The agent is a child subreaper (it is PID 1 in many pods): orphaned descendants are
-//! re-parented to it and reaped here, so none lingers as a zombie. Nothing else in the
-//! agent waits for a child: shims report through their records and locks.
+//! re-parented to it and reaped here, so none lingers as a zombie.
+//!
+//! Only orphans are reaped, never a child that code in the agent waits for itself: a
+//! `waitpid(-1)` here would take the exit status of, say, a kubeconfig `exec` credential
+//! plugin run with `std::process::Command`, whose own wait then fails with ECHILD. The two
+//! are told apart by process group. A `Command` child is in the agent's group (`Command`
+//! keeps it unless asked otherwise), while orphans never are: shims start sessions of their
+//! own, tasks groups of their own, and the shim server the agent starts (with the shims it
+//! forks, until they call setsid) is put in a group of its own by the launcher. So an
+//! exited child is reaped here, by pid, when its group is not the agent's. (A process that
+//! a `Command` child left behind in the agent's group is not reaped here: nothing tells it
+//! from the child itself.)
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::procfs;
+
 pub fn start() -> std::io::Result<()> {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         tracing::warn!(error = %e, "cannot become a child subreaper; orphans go to init");
     }
     let mut sigchld = signal(SignalKind::child())?;
+    let own_group = nix::unistd::getpgrp().as_raw();
     tokio::spawn(async move {
         loop {
-            reap_all();
+            reap_orphans(own_group);
             if sigchld.recv().await.is_none() {
                 return;
             }
@@ -23,15 +36,125 @@ pub fn start() -> std::io::Result<()> {
     Ok(())
 }
 
-fn reap_all() {
-    loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::warn!(error = %e, "waitpid failed");
-                return;
-            }
+/// Reaps every exited child of this process whose process group is not `own_group`;
+/// returns how many. Only this function reaps such children, so a zombie seen here stays
+/// one (and its pid its own) until the `waitpid` on its pid below.
+pub fn reap_orphans(own_group: i32) -> usize {
+    let mut reaped = 0;
+    for pid in children() {
+        let foreign_zombie =
+            procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group);
+        if !foreign_zombie {
+            continue;
         }
+        loop {
+            match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                Err(Errno::EINTR) => continue,
+                Ok(WaitStatus::StillAlive) => {}
+                Ok(_) => reaped += 1,
+                Err(e) => tracing::warn!(pid, error = %e, "waitpid failed"),
+            }
+            break;
+        }
+    }
+    reaped
+}
+
+/// This process's children: from each thread's `children` file, or a scan of /proc where
+/// the kernel has none (CONFIG_PROC_CHILDREN).
+fn children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let lists: Option<Vec<String>> = std::fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
+        tasks
+            .map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .collect()
+    });
+    match lists {
+        Some(lists) => lists
+            .iter()
+            .flat_map(|l| l.split_ascii_whitespace())
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        None => procfs::pids()
+            .into_iter()
+            .filter(|&p| procfs::stat(p).is_some_and(|s| s.ppid == me))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn state(pid: i32) -> Option<char> {
+        procfs::stat(pid).map(|s| s.state)
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphans_are_reaped_and_a_commands_child_keeps_its_exit_status() {
+        start().unwrap();
+        // A child of code in the agent that collects its status later (as a `Child` kept
+        // by its owner does), and one that collects it at once (as `output()` does).
+        let mut kept = Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
+        // An orphan: the shell exits at once; `sleep`, in a session of its own, is
+        // re-parented to this process (a subreaper now) and exits a moment later.
+        let out = tokio::task::spawn_blocking(|| {
+            Command::new("sh")
+                .args(["-c", "setsid sleep 0.3 & echo $!; exit 3"])
+                .output()
+        })
+        .await
+        .unwrap()
+        .expect("a Command's output() gets the child's status");
+        assert_eq!(out.status.code(), Some(3));
+        let orphan: i32 = String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_until("the orphan to be re-parented and reaped", || {
+            state(orphan).is_none()
+        });
+        // The kept child exited long ago (SIGCHLD came, the reaper ran): still there for
+        // its owner's wait.
+        let kept_pid = kept.id() as i32;
+        wait_until("the kept child to exit", || state(kept_pid) == Some('Z'));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let status = kept.wait().expect("the child's exit status is still there");
+        assert_eq!(status.code(), Some(7));
+
+        // Many at once, while orphans come and go: every status reaches its waiter.
+        let waits: Vec<_> = (0..40)
+            .map(|i| {
+                tokio::task::spawn_blocking(move || {
+                    let script = format!("setsid true & exit {}", i % 50);
+                    Command::new("sh")
+                        .args(["-c", &script])
+                        .status()
+                        .map(|s| (i, s))
+                })
+            })
+            .collect();
+        for w in waits {
+            let (i, s) = w.await.unwrap().expect("status");
+            assert_eq!(s.code(), Some(i % 50));
+        }
+        wait_until("no zombie child left outside the own group", || {
+            let own = nix::unistd::getpgrp().as_raw();
+            children()
+                .into_iter()
+                .all(|p| procfs::stat(p).is_none_or(|s| s.state != 'Z' || s.pgrp == own))
+        });
     }
 }
