@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::common::{Rng, marking, runs};
+use super::common::{Rng, marking, runs, shim_server};
 use super::support::agent::{Agent, started_record};
 use super::support::{http, pid_alive};
 
@@ -176,24 +176,4 @@ fn sigkill(pid: i32) {
     let _ = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status();
-}
-
-/// The agent's child running `shim-server`.
-fn shim_server(agent: i32) -> Option<i32> {
-    task_executor::runtime::procfs::pids()
-        .into_iter()
-        .find(|pid| {
-            let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()?
-                        .split_whitespace()
-                        .nth(1)?
-                        .parse()
-                        .ok()
-                });
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            ppid == Some(agent) && cmd.ends_with(b"shim-server\0")
-        })
 }

@@ -1,12 +1,14 @@
 //! Out of processes, for real: the agent in a pids cgroup at its limit. A create is
 //! accepted and waits (`ResourcesExhausted`), a delete answers (no request needs a new
-//! thread, so none panics), and the waiting task starts once a process slot is free.
+//! thread, so none panics), and the waiting task starts once a process slot is free. And a
+//! supervisor that took the launch but could not spawn the task gives it back: the task
+//! is started later, also by an agent restarted meanwhile, never reported lost.
 
 use std::time::Duration;
 
 use serde_json::json;
 
-use super::common::{marking, runs};
+use super::common::{marking, runs, shim_server};
 use super::support::agent::Agent;
 use super::support::standin::TestCgroup;
 
@@ -50,4 +52,46 @@ fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
     std::fs::write(cg.dir().join("pids.max"), "max").unwrap();
     a.delete_all_and_stop();
     a.kill9();
+}
+
+#[test]
+fn a_task_its_supervisor_could_not_spawn_is_given_back_and_runs_after_an_agent_restart() {
+    let mut a = Agent::start(&[]);
+    let markers = a.data_dir.parent().unwrap().join("runs");
+    // The shim server alone goes into a pids cgroup with room for one shim: the shim is
+    // forked, claims the launch, and its spawn of the task fails with EAGAIN.
+    a.run("warm", &["true"]);
+    a.wait_state("warm", "terminated", T);
+    let server = shim_server(a.pid()).expect("the agent's shim server");
+    let cg = TestCgroup::new(&format!("te-faults-claim-{}", std::process::id()));
+    std::fs::write(cg.procs(), server.to_string()).unwrap();
+    std::fs::write(cg.dir().join("pids.max"), "2").unwrap();
+
+    let r = a.create(json!({"name": "late", "spec": {"process": {
+        "command": ["sh", "-c", marking(&markers, "")]}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let w = &r.json()["status"]["state"]["waiting"];
+    assert_eq!(w["reason"], "ResourcesExhausted", "{}", r.text());
+    assert!(
+        w["message"].as_str().unwrap().contains("out of processes"),
+        "{w}"
+    );
+    // The shim got as far as claiming the launch (not a fork failure of the server, which
+    // never gets that far) before its spawn failed.
+    let journal = a.task_dir("late").join("run.jsonl");
+    super::support::wait_for(T, "a shim's claim in the journal", || {
+        let text = std::fs::read_to_string(&journal).unwrap_or_default();
+        text.contains("\"claimed\"").then_some(())
+    });
+
+    // An agent restarted while the task waits starts it: nothing of it ran before.
+    a.restart();
+    let t = a.wait_state("late", "terminated", Duration::from_secs(60));
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(0), Some("Succeeded")),
+        "{t}"
+    );
+    assert_eq!(runs(&markers).get("late"), Some(&1));
+    a.delete_all_and_stop();
 }
