@@ -36,25 +36,31 @@ pub fn signal_descendants(
     }
 }
 
-/// Depth-first through `children` files; a child counts when its own stat (read through
-/// its handle) names the parent it was listed under.
+/// Through `children` files, breadth-first; a child counts when its own stat (read
+/// through its handle) names the parent it was listed under. The whole tree is found
+/// before anything is signalled: a parent that dies of the signal leaves its children to
+/// the subreaper, where this walk would no longer find them (they would miss a SIGTERM).
 fn walk_children(proc: BorrowedFd<'_>, root: ProcHandle, spare: Option<i32>, sig: Signal) -> usize {
-    let mut live = 0;
-    let mut stack = vec![root];
-    while let Some(parent) = stack.pop() {
-        for pid in parent.children().unwrap_or_default() {
+    // Each process found, and whether it is to be signalled.
+    let mut tree: Vec<(ProcHandle, bool)> = vec![(root, false)];
+    let mut next = 0;
+    while let Some((parent, _)) = tree.get(next) {
+        let (parent_pid, kids) = (parent.pid, parent.children().unwrap_or_default());
+        next += 1;
+        for pid in kids {
             let Ok((h, st)) = ProcHandle::open_at(proc, pid) else {
                 continue; // gone meanwhile
             };
-            if st.ppid != parent.pid {
-                continue; // a reused pid, or re-parented meanwhile (then found again)
+            if st.ppid != parent_pid {
+                continue; // a reused pid, or re-parented meanwhile (a later round finds it)
             }
-            if Some(pid) != spare && st.state != 'Z' {
-                live += 1;
-                let _ = h.signal(sig);
-            }
-            stack.push(h);
+            tree.push((h, Some(pid) != spare && st.state != 'Z'));
         }
+    }
+    let mut live = 0;
+    for (h, _) in tree.iter().filter(|(_, signal)| *signal) {
+        live += 1;
+        let _ = h.signal(sig);
     }
     live
 }
@@ -129,6 +135,34 @@ mod tests {
             let _ = sh.kill();
             sh.wait().unwrap();
         }
+    }
+
+    #[test]
+    fn a_parent_that_dies_of_the_signal_does_not_hide_its_children() {
+        // Eight chains sh → sh → sleep under a spared shell: each inner shell dies of the
+        // SIGKILL at once; its sleep must be found all the same (the whole tree is walked
+        // before anything is signalled). This process is no subreaper, so a sleep whose
+        // parent died first would be out of reach for good.
+        let chain = "sh -c 'sleep 34 & wait' &";
+        let script = format!("{} wait", chain.repeat(8));
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let proc = std::fs::File::open("/proc").unwrap();
+        let t0 = std::time::Instant::now();
+        let mut found = 0;
+        while found < 17 && t0.elapsed() < std::time::Duration::from_secs(10) {
+            found = count(proc.as_fd(), me);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(found, 17, "sh and eight sh → sleep chains");
+        let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
+        let n = walk_children(proc.as_fd(), h, Some(sh.id() as i32), Signal::SIGKILL);
+        let _ = sh.kill();
+        sh.wait().unwrap();
+        assert_eq!(n, 16, "every descendant but the spared shell");
     }
 
     fn count(proc: BorrowedFd<'_>, root: i32) -> usize {
