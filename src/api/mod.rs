@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod routes;
 mod scrape;
 pub mod server;
+pub mod unknown_fields;
 pub mod wire;
 
 pub use routes::routes;

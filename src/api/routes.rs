@@ -79,11 +79,11 @@ where
         ["getTasks"] if get => Ok(handlers::list(&state)),
         ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
         ["setTasks"] if method == Method::POST => {
-            handlers::sync(&state, read_body(body, len, &state).await?).await
+            handlers::sync(&state, read_body(body, len, &state).await?, query).await
         }
         ["setTasks"] => Err(ApiError::method_not_allowed("POST")),
         ["tasks"] if method == Method::POST => {
-            handlers::create(&state, read_body(body, len, &state).await?).await
+            handlers::create(&state, read_body(body, len, &state).await?, query).await
         }
         ["tasks"] => Err(ApiError::method_not_allowed("POST")),
         ["tasks", name] if !name.is_empty() => match method {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fsutil;
 use super::io_workers::IoWorkers;
-use super::model::{TaskSpec, Terminated};
+use super::model::{ExecMode, TaskSpec, Terminated};
 use super::name;
 use super::time::Time;
 
@@ -34,6 +34,11 @@ pub struct TaskRecord {
     pub name: String,
     pub uid: String,
     pub spec: TaskSpec,
+    /// Where a process task runs, decided when it was created (its own `execMode`, else
+    /// the agent's `--enable-sidecar-mode` then), so an agent restarted with other flags
+    /// re-adopts it where it runs. Absent in records of older agents: the flags decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_mode: Option<ExecMode>,
     pub created_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
