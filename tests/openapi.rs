@@ -262,7 +262,10 @@ fn every_example_in_the_readme_and_examples_fits_the_document() {
     for bad in [
         json!({"name": "Bad_Name", "spec": {"process": {"command": ["true"]}}}),
         json!({"spec": {"process": {"command": ["true"]}}}),
-        json!({"name": "a", "podTemplateSpec": {"spec": {}}}),
+        json!({"name": "a", "podTemplateSpec": 5}),
+        json!({"name": "a", "process": {"command": ["true"], "execMode": "Elsewhere"}}),
+        json!({"name": "a", "process": {"command": ["true"], "lifecycle": {
+            "preStart": {"exec": {"command": ["true"]}, "timeoutSeconds": 0}}}}),
     ] {
         assert!(
             !errors(&doc, &request, &bad).is_empty(),
