@@ -7,6 +7,7 @@ mod file_stamp;
 pub mod handlers;
 pub mod logs;
 pub mod openapi;
+pub mod route;
 pub mod routes;
 mod scrape;
 pub mod server;
