@@ -45,9 +45,11 @@ use crate::runtime::container::volumes::{
     POD_VOLUMES_TIMEOUT, PodVolumes, StaticVolumes, VolumeResolver,
 };
 use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
+use crate::runtime::first_use::FirstUse;
 use crate::runtime::process::ProcessRuntime;
 use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
 use crate::runtime::{Runtime, Runtimes};
+use crate::task::model::ExecMode;
 use crate::task::store::Store;
 
 /// Errors that stop the agent from starting or serving.
@@ -219,20 +221,13 @@ fn start_kube_integrations(
     config: &Config,
     kube: &crate::kube::KubeClient,
     manager: &Arc<Manager>,
-    sidecar: Option<SidecarRuntime>,
+    sidecar: SidecarRuntime,
 ) -> Result<(), AppError> {
     let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
-    if let (Some(sidecar), Some((pod, ns))) = (sidecar, pod.clone()) {
-        crate::kube::pod_watch::spawn_pod_watch(
-            kube.clone(),
-            ns,
-            pod,
-            config.main_container_name.clone(),
-            move |_| {
-                let sidecar = sidecar.clone();
-                tokio::spawn(async move { sidecar.target_changed().await });
-            },
-        );
+    if config.enable_sidecar_mode
+        && let Some(watch) = pod_watch(config, kube, sidecar)
+    {
+        watch();
     }
     if config.watch_tasks {
         let Some((pod, ns)) = pod else {
@@ -252,7 +247,24 @@ struct Built {
     /// For removing an agent-owned sandbox at shutdown.
     container: Option<ContainerRuntime>,
     /// For the Pod watch to stop tasks of a restarted main container.
-    sidecar: Option<SidecarRuntime>,
+    sidecar: SidecarRuntime,
+}
+
+/// Starts the watch of the own Pod that stops the tasks of a replaced main container, when
+/// the agent knows its Pod.
+fn pod_watch(
+    config: &Config,
+    kube: &crate::kube::KubeClient,
+    sidecar: SidecarRuntime,
+) -> Option<impl FnOnce() + Send + 'static> {
+    let (pod, ns) = config.pod_name.clone().zip(config.pod_namespace.clone())?;
+    let (kube, container) = (kube.clone(), config.main_container_name.clone());
+    Some(move || {
+        crate::kube::pod_watch::spawn_pod_watch(kube, ns, pod, container, move |_| {
+            let sidecar = sidecar.clone();
+            tokio::spawn(async move { sidecar.target_changed().await });
+        })
+    })
 }
 
 async fn build_runtimes(
@@ -261,36 +273,38 @@ async fn build_runtimes(
 ) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
-    let mut sidecar = None;
-    let process: Arc<dyn Runtime> = if config.enable_sidecar_mode {
-        let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
-            container: config.main_container_name.clone(),
-        });
-        let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace)
-        {
-            (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
-                Arc::new(crate::kube::locator::KubeLocator::new(
-                    kube.clone(),
-                    ns.clone(),
-                    pod.clone(),
-                    config.main_container_name.clone(),
-                    crate::kube::locator::default_resolvers(&config.cri_socket),
-                )),
-                env,
-            ])),
-            _ => env,
-        };
-        let rt = SidecarRuntime::new(
-            process,
-            locator,
-            config.main_container_name.clone(),
-            config.sidecar_join_cgroup,
-            config.sidecar_run_as_target_user,
-        );
-        sidecar = Some(rt.clone());
-        Arc::new(rt)
-    } else {
-        Arc::new(process)
+    // Every agent can run a task inside the main container (`execMode: Remote`), so the
+    // sidecar runtime is always built; it looks for the main container per task.
+    let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
+        container: config.main_container_name.clone(),
+    });
+    let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace) {
+        (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
+            Arc::new(crate::kube::locator::KubeLocator::new(
+                kube.clone(),
+                ns.clone(),
+                pod.clone(),
+                config.main_container_name.clone(),
+                crate::kube::locator::default_resolvers(&config.cri_socket),
+            )),
+            env,
+        ])),
+        _ => env,
+    };
+    let sidecar = SidecarRuntime::new(
+        process.clone(),
+        locator,
+        config.main_container_name.clone(),
+        config.sidecar_join_cgroup,
+        config.sidecar_run_as_target_user,
+    );
+    // In sidecar mode the Pod watch starts with the agent; otherwise with the first
+    // `Remote` task (most agents never have one).
+    let remote: Arc<dyn Runtime> = match pod_watch(config, kube, sidecar.clone()) {
+        Some(watch) if !config.enable_sidecar_mode => {
+            Arc::new(FirstUse::new(Arc::new(sidecar.clone()), watch))
+        }
+        _ => Arc::new(sidecar.clone()),
     };
     let container = if config.enable_container_mode {
         let flags: HashMap<String, PathBuf> = config
@@ -329,8 +343,14 @@ async fn build_runtimes(
         None
     };
     let runtimes = Runtimes {
-        process,
+        host: Arc::new(process),
+        sidecar: remote,
         container: container.clone().map(|c| Arc::new(c) as Arc<dyn Runtime>),
+        default_exec_mode: if config.enable_sidecar_mode {
+            ExecMode::Remote
+        } else {
+            ExecMode::Local
+        },
     };
     Ok(Built {
         runtimes,

@@ -14,6 +14,10 @@ use support::agent::{Agent, normalize_times};
 
 const REQUEST: &str = include_str!("../examples/controller-set-tasks-request.json");
 const RESPONSE: &str = include_str!("../examples/controller-get-tasks-response.json");
+/// Upstream's newer fields (per-task `execMode`, `lifecycle` hooks), as its Go client
+/// marshals them.
+const LIFECYCLE_REQUEST: &str =
+    include_str!("../examples/controller-set-tasks-lifecycle-request.json");
 const T: Duration = Duration::from_secs(30);
 
 /// Every `...At` string is a `metav1.Time`: UTC RFC 3339, second precision.
@@ -50,6 +54,7 @@ fn controller_examples_are_what_the_agent_takes_and_answers() {
     let agent = Agent::start(&[]);
     let r = agent.call("POST", "/setTasks", Some(REQUEST));
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("warning"), None, "every field is known");
     // `Client.Set` returns the element with the task's name; it echoes the process.
     let set = r.json();
     let mine = set
@@ -76,4 +81,60 @@ fn controller_examples_are_what_the_agent_takes_and_answers() {
     // The request's process comes back verbatim in upstream's shape, and it really ran.
     assert_eq!(expected[0]["process"], request[0]["process"]);
     assert_eq!(agent.stdout(name), "hello from-controller from /tmp\n");
+
+    // An answer sent back as a request (output-only fields and all) has no unknown field.
+    let again = agent.call("POST", "/setTasks?fieldValidation=Strict", Some(&r.text()));
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.header("warning"), None);
+}
+
+#[test]
+fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_is_refused_until_hooks_run() {
+    use task_executor::api::wire::TaskRequest;
+    use task_executor::task::fields;
+
+    assert!(
+        !LIFECYCLE_REQUEST.contains('\n'),
+        "compact, as Go marshals it"
+    );
+    let decoded = fields::decode::<Vec<TaskRequest>>(LIFECYCLE_REQUEST.as_bytes()).unwrap();
+    assert!(decoded.unknown.is_empty(), "{:?}", decoded.unknown);
+    let task = &decoded.value[0];
+    let process = task.process.as_ref().unwrap();
+    let hooks = process.lifecycle.as_ref().unwrap();
+    assert_eq!(
+        hooks.pre_start.as_ref().unwrap().timeout(),
+        Duration::from_secs(30)
+    );
+    // Encoded again in the agent's answers: the same bytes, field for field.
+    let again = format!(
+        r#"[{{"name":{},"process":{}}}]"#,
+        serde_json::to_string(&task.name).unwrap(),
+        serde_json::to_string(process).unwrap()
+    );
+    assert_eq!(again, LIFECYCLE_REQUEST);
+
+    // Hooks are not run yet: the task is refused, not run without them.
+    let agent = Agent::start(&[]);
+    for query in ["", "?fieldValidation=Strict"] {
+        let r = agent.call(
+            "POST",
+            &format!("/setTasks{query}"),
+            Some(LIFECYCLE_REQUEST),
+        );
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(
+            r.json()["message"]
+                .as_str()
+                .unwrap()
+                .contains("lifecycle hooks are not supported yet"),
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.header("warning"), None, "every field is known");
+    }
+    assert_eq!(
+        agent.call("GET", "/getTasks", None).json(),
+        serde_json::json!([])
+    );
 }

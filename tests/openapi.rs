@@ -161,6 +161,25 @@ fn the_document_is_valid_openapi_3_1_and_lists_every_route() {
         .iter()
         .any(|p| p["name"] == "wait" && p["in"] == "query");
     assert!(wait, "the ?wait= parameter");
+    for route in ["/tasks", "/setTasks"] {
+        let param = doc["paths"][route]["post"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "fieldValidation")
+            .unwrap_or_else(|| panic!("?fieldValidation= on {route}"))
+            .clone();
+        assert_eq!(param["in"], "query");
+        let r = param["schema"]["$ref"].as_str().unwrap();
+        let name = r.rsplit('/').next().unwrap();
+        let values: Vec<&str> = doc["components"]["schemas"][name]["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["const"].as_str().unwrap())
+            .collect();
+        assert_eq!(values, ["Ignore", "Warn", "Strict"]);
+    }
 }
 
 /// JSON bodies sent with `-d '...'` (curl lines, and the session script's wrapper of
@@ -262,7 +281,10 @@ fn every_example_in_the_readme_and_examples_fits_the_document() {
     for bad in [
         json!({"name": "Bad_Name", "spec": {"process": {"command": ["true"]}}}),
         json!({"spec": {"process": {"command": ["true"]}}}),
-        json!({"name": "a", "podTemplateSpec": {"spec": {}}}),
+        json!({"name": "a", "podTemplateSpec": 5}),
+        json!({"name": "a", "process": {"command": ["true"], "execMode": "Elsewhere"}}),
+        json!({"name": "a", "process": {"command": ["true"], "lifecycle": {
+            "preStart": {"exec": {"command": ["true"]}, "timeoutSeconds": 0}}}}),
     ] {
         assert!(
             !errors(&doc, &request, &bad).is_empty(),

@@ -33,6 +33,23 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
+    /// A 400 also names the request's unknown fields: a misspelt field is the likeliest
+    /// reason why a required one is missing.
+    pub fn noting_unknown(mut self, unknown: &[String]) -> Self {
+        if self.status == StatusCode::BAD_REQUEST && !unknown.is_empty() {
+            let texts: Vec<String> = unknown
+                .iter()
+                .map(|p| crate::task::fields::unknown_field_text(p))
+                .collect();
+            self.message = format!(
+                "{} (the request also has {})",
+                self.message,
+                texts.join(", ")
+            );
+        }
+        self
+    }
+
     pub fn method_not_allowed(allow: &'static str) -> Self {
         ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,

@@ -8,7 +8,9 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
 use super::error::ApiError;
+use super::unknown_fields::{self, WriteQuery};
 use super::wire::{Health, TaskRequest, TaskResponse};
+use crate::task::fields::{self, Decoded};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::manager::Manager;
@@ -35,9 +37,10 @@ pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
     resp
 }
 
-fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+/// Decodes a body, collecting its unknown fields (`?fieldValidation=`, see
+/// `unknown_fields`).
+fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<Decoded<T>, ApiError> {
+    fields::decode(body).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 pub fn health() -> Response {
@@ -69,14 +72,38 @@ pub async fn readyz(state: &AppState) -> Response {
     }
 }
 
-pub async fn create(state: &AppState, body: Bytes) -> Result<Response, ApiError> {
-    let req: TaskRequest = decode(&body)?;
-    let (name, spec) = req.into_parts().map_err(ApiError::bad_request)?;
-    let view = state.manager.create(name, spec).await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &TaskResponse::from(view),
-    ))
+pub async fn create(state: &AppState, body: Bytes, query: &str) -> Result<Response, ApiError> {
+    let mode = WriteQuery::parse(query)?;
+    let Decoded {
+        value: req,
+        unknown,
+    } = decode::<TaskRequest>(&body)?;
+    let mut unknown = unknown;
+    unknown.extend(req.template_unknown_fields(""));
+    let unknown = unknown_fields::apply(mode, unknown)?;
+    let created = match req.into_parts() {
+        Ok((name, spec)) => state
+            .manager
+            .create(name, spec)
+            .await
+            .map_err(ApiError::from),
+        Err(why) => Err(ApiError::bad_request(why)),
+    };
+    let resp = match created {
+        Ok(view) => {
+            log_unknown(&view.name, &unknown);
+            json_response(StatusCode::CREATED, &TaskResponse::from(view))
+        }
+        Err(e) => e.noting_unknown(&unknown).into_response(),
+    };
+    Ok(unknown_fields::warn(resp, &unknown))
+}
+
+/// Once per task: when it is created from a request with unknown fields.
+fn log_unknown(task: &str, unknown: &[String]) {
+    if !unknown.is_empty() {
+        tracing::warn!(task, fields = ?unknown, "the task's request had fields the agent does not know; they were ignored");
+    }
 }
 
 pub fn get(state: &AppState, name: &str) -> Result<Response, ApiError> {
@@ -140,16 +167,56 @@ pub fn list(state: &AppState) -> Response {
     resp
 }
 
-pub async fn sync(state: &AppState, body: Bytes) -> Result<Response, ApiError> {
+pub async fn sync(state: &AppState, body: Bytes, query: &str) -> Result<Response, ApiError> {
+    let mode = WriteQuery::parse(query)?;
     // `null` means "no tasks", as upstream decodes it.
-    let reqs: Option<Vec<TaskRequest>> = decode(&body)?;
-    let desired = reqs
-        .unwrap_or_default()
+    let Decoded {
+        value: reqs,
+        unknown,
+    } = decode::<Option<Vec<TaskRequest>>>(&body)?;
+    let reqs = reqs.unwrap_or_default();
+    let mut unknown = unknown;
+    for (i, r) in reqs.iter().enumerate() {
+        unknown.extend(r.template_unknown_fields(&format!("[{i}]")));
+    }
+    let unknown = unknown_fields::apply(mode, unknown)?;
+    // The elements with unknown fields whose task is new: logged once it is created.
+    let new_with_unknown: Vec<(String, Vec<String>)> = reqs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| state.manager.get(&r.name).is_err())
+        .filter_map(|(i, r)| {
+            let at = format!("[{i}]");
+            let mine: Vec<String> = unknown
+                .iter()
+                .filter(|p| {
+                    p.strip_prefix(&at)
+                        .is_some_and(|rest| rest.starts_with('.'))
+                })
+                .cloned()
+                .collect();
+            (!mine.is_empty()).then(|| (r.name.clone(), mine))
+        })
+        .collect();
+    let synced = match reqs
         .into_iter()
         .map(TaskRequest::into_parts)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(ApiError::bad_request)?;
-    let views = state.manager.sync(desired).await?;
-    let tasks: Vec<TaskResponse> = views.into_iter().map(TaskResponse::from).collect();
-    Ok(json_response(StatusCode::OK, &tasks))
+    {
+        Ok(desired) => state.manager.sync(desired).await.map_err(ApiError::from),
+        Err(why) => Err(ApiError::bad_request(why)),
+    };
+    let resp = match synced {
+        Ok(views) => {
+            for (name, fields) in &new_with_unknown {
+                if views.iter().any(|v| &v.name == name) {
+                    log_unknown(name, fields);
+                }
+            }
+            let tasks: Vec<TaskResponse> = views.into_iter().map(TaskResponse::from).collect();
+            json_response(StatusCode::OK, &tasks)
+        }
+        Err(e) => e.noting_unknown(&unknown).into_response(),
+    };
+    Ok(unknown_fields::warn(resp, &unknown))
 }

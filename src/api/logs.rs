@@ -38,7 +38,7 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     let view = state.manager.get(name)?;
     let ended = view.state.is_terminated();
     let dir = state.manager.store().dir(name);
-    let set = LogSet::of_task(&dir, view.spec.container.is_some());
+    let set = LogSet::of_task(&dir, view.spec.is_container_task());
     let watch = match follow && !ended {
         true => Some(watch::DirWatch::new(&dir).map_err(|e| match e.kind() {
             // Deleted since it was looked up.

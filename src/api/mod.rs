@@ -7,9 +7,11 @@ mod file_stamp;
 pub mod handlers;
 pub mod logs;
 pub mod openapi;
+pub mod route;
 pub mod routes;
 mod scrape;
 pub mod server;
+pub mod unknown_fields;
 pub mod wire;
 
 pub use routes::routes;

@@ -16,6 +16,7 @@ use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
 use super::logs::LogQuery;
+use super::unknown_fields::WriteQuery;
 use super::wire::{ErrorBody, Health, TaskRequest, TaskResponse};
 
 const REF_PREFIX: &str = "#/components/schemas/";
@@ -63,6 +64,7 @@ struct Schemas {
     health: Value,
     error: Value,
     log_params: Vec<Value>,
+    write_params: Vec<Value>,
     components: Map<String, Value>,
 }
 
@@ -72,6 +74,7 @@ fn schemas() -> Schemas {
     // `null` is taken as "no tasks", as upstream decodes it.
     let mut tasks_request = input.subschema_for::<Option<Vec<TaskRequest>>>().to_value();
     let mut log_query = input.root_schema_for::<LogQuery>().to_value();
+    let mut write_query = input.root_schema_for::<WriteQuery>().to_value();
     let mut input_defs = input.take_definitions(true);
 
     let mut output = generator(true);
@@ -100,6 +103,7 @@ fn schemas() -> Schemas {
                 &mut task_request,
                 &mut tasks_request,
                 &mut log_query,
+                &mut write_query,
             ]) {
                 rename_refs(v, &from, &to);
             }
@@ -115,6 +119,13 @@ fn schemas() -> Schemas {
         components.insert(k, v);
     }
     let log_params = query_parameters(&log_query);
+    let write_params = query_parameters(&write_query);
+    // Root schemas carry their own definitions (the enum of fieldValidation).
+    for root in [&mut log_query, &mut write_query] {
+        if let Some(Value::Object(defs)) = root.get_mut("$defs").map(Value::take) {
+            components.extend(defs);
+        }
+    }
     Schemas {
         task_request,
         tasks_request,
@@ -123,6 +134,7 @@ fn schemas() -> Schemas {
         health,
         error,
         log_params,
+        write_params,
         components,
     }
 }
@@ -210,7 +222,7 @@ fn error(description: &str, s: &Schemas) -> Value {
 fn body_errors(s: &Schemas, extra: &[(&str, &str)]) -> Map<String, Value> {
     let mut m = Map::new();
     for (code, why) in [
-        ("400", "malformed JSON, an invalid spec or name, container task with container mode off, unknown volume"),
+        ("400", "malformed JSON, an invalid spec or name, container task with container mode off, unknown volume, unknown fields with fieldValidation=Strict, a bad fieldValidation"),
         ("408", "the body was not received within --request-timeout"),
         ("413", "the body exceeds --max-body-bytes"),
         ("429", "more than --max-concurrent-tasks active tasks"),
@@ -241,15 +253,21 @@ fn build() -> Value {
     let mut log_params = vec![name_param.clone()];
     log_params.extend(s.log_params.iter().cloned());
 
+    let warning = json!({"Warning": {
+        "description": "One per unknown field of the body (fieldValidation=Warn): \
+                        `299 - \"unknown field \\\"spec.process.foo\\\"\"`, as the Kubernetes API server sends it.",
+        "schema": {"type": "string"},
+    }});
     let mut create = body_errors(&s, &[("409", "a task of that name exists")]);
     create.insert(
         "201".into(),
-        json!({"description": "created", "content": json_body(&s.task)}),
+        json!({"description": "created", "headers": warning, "content": json_body(&s.task)}),
     );
     let mut sync = body_errors(&s, &[]);
     sync.insert(
         "200".into(),
-        json!({"description": "every task after the sync", "content": json_body(&s.tasks)}),
+        json!({"description": "every task after the sync", "headers": warning,
+               "content": json_body(&s.tasks)}),
     );
     let text = |description: &str| {
         json!({"description": description,
@@ -301,11 +319,13 @@ fn build() -> Value {
                 "operationId": "syncTasks",
                 "summary": "Declarative sync: create the listed tasks that are missing, delete the \
                             ones not listed, leave the rest alone",
+                "parameters": s.write_params,
                 "requestBody": {"required": true, "content": json_body(&s.tasks_request)},
                 "responses": sync,
             }},
             "/tasks": {"post": {
                 "operationId": "createTask", "summary": "Create and start a task",
+                "parameters": s.write_params,
                 "requestBody": {"required": true, "content": json_body(&s.task_request)},
                 "responses": create,
             }},

@@ -13,6 +13,7 @@ use warp::{Buf, Filter};
 
 use super::error::ApiError;
 use super::handlers::{self, AppState};
+use super::route::Route;
 
 pub fn routes(
     state: Arc<AppState>,
@@ -36,7 +37,8 @@ fn api_routes(
             move |method, path: warp::path::FullPath, query: String, len, headers, body| {
                 let state = state.clone();
                 async move {
-                    let access = super::access::Access::start(&method, path.as_str());
+                    let access =
+                        super::access::Access::start(&method, &Route::parse(path.as_str()));
                     let resp = dispatch(state, method, path.as_str(), &query, len, &headers, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
@@ -65,55 +67,34 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf,
 {
-    let segments = segments(path);
-    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let route = Route::parse(path);
     let get = method == Method::GET || method == Method::HEAD;
-    match segs.as_slice() {
-        ["health"] if get => Ok(handlers::health()),
-        ["health"] => Err(ApiError::method_not_allowed("GET, HEAD")),
-        ["readyz"] if get => Ok(handlers::readyz(&state).await),
-        ["readyz"] => Err(ApiError::method_not_allowed("GET, HEAD")),
-        ["metrics"] if get => Ok(super::scrape::metrics(&state, headers)),
-        ["openapi.json"] if get => Ok(super::openapi::serve()),
-        ["metrics" | "openapi.json"] => Err(ApiError::method_not_allowed("GET, HEAD")),
-        ["getTasks"] if get => Ok(handlers::list(&state)),
-        ["getTasks"] => Err(ApiError::method_not_allowed("GET, HEAD")),
-        ["setTasks"] if method == Method::POST => {
-            handlers::sync(&state, read_body(body, len, &state).await?).await
+    match (&route, &method) {
+        (Route::Health, _) if get => Ok(handlers::health()),
+        (Route::Readyz, _) if get => Ok(handlers::readyz(&state).await),
+        (Route::Metrics, _) if get => Ok(super::scrape::metrics(&state, headers)),
+        (Route::OpenApi, _) if get => Ok(super::openapi::serve()),
+        (Route::GetTasks, _) if get => Ok(handlers::list(&state)),
+        (Route::SetTasks, &Method::POST) => {
+            handlers::sync(&state, read_body(body, len, &state).await?, query).await
         }
-        ["setTasks"] => Err(ApiError::method_not_allowed("POST")),
-        ["tasks"] if method == Method::POST => {
-            handlers::create(&state, read_body(body, len, &state).await?).await
+        (Route::Tasks, &Method::POST) => {
+            handlers::create(&state, read_body(body, len, &state).await?, query).await
         }
-        ["tasks"] => Err(ApiError::method_not_allowed("POST")),
-        ["tasks", name] if !name.is_empty() => match method {
-            Method::GET | Method::HEAD => match wait_param(query)? {
-                Some(wait) => handlers::get_when_settled(&state, name, wait).await,
-                None => handlers::get(&state, name),
-            },
-            Method::DELETE => handlers::delete(&state, name).await,
-            _ => Err(ApiError::method_not_allowed("GET, HEAD, DELETE")),
+        (Route::Task(name), _) if get => match wait_param(query)? {
+            Some(wait) => handlers::get_when_settled(&state, name, wait).await,
+            None => handlers::get(&state, name),
         },
-        ["tasks", name, "logs"] if !name.is_empty() && get => {
-            super::logs::logs(&state, name, query).await
-        }
-        ["tasks", name, "logs"] if !name.is_empty() => {
-            Err(ApiError::method_not_allowed("GET, HEAD"))
-        }
-        _ => Err(ApiError::new(
+        (Route::Task(name), &Method::DELETE) => handlers::delete(&state, name).await,
+        (Route::TaskLogs(name), _) if get => super::logs::logs(&state, name, query).await,
+        (Route::Unmatched(_), _) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}"),
         )),
+        _ => Err(ApiError::method_not_allowed(
+            route.allow().unwrap_or("GET, HEAD"),
+        )),
     }
-}
-
-/// The decoded segments of a path. The access table (`auth::access`) reads paths with
-/// this same function, so it and the router always agree on which route a path is.
-pub(crate) fn segments(path: &str) -> Vec<String> {
-    path.trim_start_matches('/')
-        .split('/')
-        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
-        .collect()
 }
 
 /// `?wait=30s`: long-poll until the task has terminated (at most 5 minutes).

@@ -5,11 +5,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::manager::TaskView;
+use crate::task::fields;
 use crate::task::model::{ProcessSpec, TaskSpec, TaskState, TaskStatus};
+use crate::task::template::PodTemplate;
 use crate::task::time::Time;
 
-/// A task as a client sends it: the documented shape (`spec`) or upstream's (`process`).
-/// Output-only fields (status, processStatus, ...) are ignored.
+/// A task as a client sends it: the documented shape (`spec`) or upstream's (`process`,
+/// `podTemplateSpec`). The output-only fields of both shapes (a task read back and sent
+/// again) are known and ignored.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = name_required)]
@@ -25,11 +28,25 @@ pub struct TaskRequest {
     /// Upstream's wire format: the process at the top level.
     #[serde(default)]
     pub process: Option<ProcessSpec>,
-    /// Upstream's pod-template tasks are not supported (use `spec.container`): only
-    /// `null` is accepted.
+    /// Upstream's container task (the same as `spec.podTemplateSpec`).
     #[serde(default)]
-    #[schemars(with = "()")]
-    pub pod_template_spec: Option<serde_json::Value>,
+    pub pod_template_spec: Option<PodTemplate>,
+    /// Output only (ignored).
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub status: Option<serde_json::Value>,
+    /// Output only (ignored).
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub process_status: Option<serde_json::Value>,
+    /// Output only (ignored): upstream's status of a pod-template task.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub pod_status: Option<serde_json::Value>,
+    /// Output only (ignored).
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub deletion_timestamp: Option<serde_json::Value>,
 }
 
 /// Serde fills in an empty name, which is refused: the document shows no default...
@@ -45,16 +62,6 @@ fn name_required(schema: &mut schemars::Schema) {
 impl TaskRequest {
     /// Folds both shapes into one spec; a message for a 400 when they can't be combined.
     pub fn into_parts(self) -> Result<(String, TaskSpec), String> {
-        if self
-            .pod_template_spec
-            .as_ref()
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(format!(
-                "task {:?}: podTemplateSpec tasks are not supported; use spec.container",
-                self.name
-            ));
-        }
         let mut spec = self.spec.unwrap_or_default();
         match (spec.process.as_ref(), self.process) {
             (None, Some(p)) => spec.process = Some(p),
@@ -66,7 +73,40 @@ impl TaskRequest {
             }
             _ => {}
         }
+        match (spec.pod_template_spec.as_ref(), self.pod_template_spec) {
+            (None, Some(t)) => spec.pod_template_spec = Some(t),
+            (Some(a), Some(b)) if *a != b => {
+                return Err(format!(
+                    "task {:?}: podTemplateSpec and spec.podTemplateSpec disagree",
+                    self.name
+                ));
+            }
+            _ => {}
+        }
         Ok((self.name, spec))
+    }
+
+    /// Unknown fields inside its pod templates (decoding saw only a JSON value there), as
+    /// paths under `prefix` (the request's own path: empty, or `[1]` in an array).
+    pub fn template_unknown_fields(&self, prefix: &str) -> Vec<String> {
+        let top = self
+            .pod_template_spec
+            .as_ref()
+            .map(|t| (t, "podTemplateSpec"));
+        let nested = self
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_template_spec.as_ref())
+            .map(|t| (t, "spec.podTemplateSpec"));
+        top.into_iter()
+            .chain(nested)
+            .flat_map(|(t, at)| {
+                let at = fields::join(prefix, at);
+                t.unknown_fields()
+                    .into_iter()
+                    .map(move |f| fields::join(&at, &f))
+            })
+            .collect()
     }
 }
 
@@ -82,6 +122,8 @@ pub struct TaskResponse {
     /// Upstream's shape of the same facts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod_template_spec: Option<PodTemplate>,
     pub process_status: TaskState,
 }
 
@@ -95,6 +137,7 @@ impl From<TaskView> for TaskResponse {
             name: v.name,
             deletion_timestamp: v.deletion_timestamp,
             process,
+            pod_template_spec: v.spec.pod_template_spec.clone(),
             process_status: v.state.clone(),
             status: TaskStatus { state: v.state },
             spec: v.spec,

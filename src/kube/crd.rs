@@ -5,9 +5,10 @@
 use ::kube::CustomResource;
 use ::kube::CustomResourceExt;
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::manager::TaskView;
+use crate::task::fields;
 use crate::task::model::{TaskSpec, TaskState};
 
 pub const GROUP: &str = "task-executor.io";
@@ -22,7 +23,7 @@ pub const CRD_FILE: &str = "tasks.task-executor.io.yaml";
 /// `task-executor.io/pod=<podName>` and checks `spec.podName` too.
 // The lint mistakes the repeated `type_ = "string"` of two print columns for a duplicate.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, JsonSchema)]
 #[kube(
     group = "task-executor.io",
     version = "v1alpha1",
@@ -49,6 +50,67 @@ pub struct TaskCrSpec {
     /// What to run: the same fields as the HTTP API's task spec.
     #[serde(flatten)]
     pub task: TaskSpec,
+    /// Fields of the spec the agent does not know (`spec.foo`), found as it was decoded:
+    /// the API server keeps them when the cluster's CRD is newer than the agent.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unknown_fields: Vec<String>,
+    /// Why the spec could not be decoded (the Task then ends `InvalidSpec`): one bad
+    /// object must not fail the watch of all of them.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub invalid: Option<String>,
+}
+
+/// The annotation that chooses what an unknown field of a Task's spec does, as
+/// `?fieldValidation=` does over HTTP: `Warn` (default: the task runs, a Warning Event
+/// names each field), `Strict` (the Task ends `InvalidSpec`), `Ignore`.
+pub const FIELD_VALIDATION_ANNOTATION: &str = "task-executor.io/field-validation";
+
+/// Decoded by hand so that unknown fields are collected rather than dropped: serde's
+/// `flatten` would swallow them without a trace.
+impl<'de> Deserialize<'de> for TaskCrSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut rest = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let pod_name = match rest.remove("podName") {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "spec.podName: invalid type: {other}, expected a string"
+                )));
+            }
+        };
+        let decoded = match fields::decode_value::<TaskSpec>(&serde_json::Value::Object(rest)) {
+            Ok(d) => d,
+            Err(e) => {
+                return Ok(TaskCrSpec {
+                    pod_name,
+                    invalid: Some(format!("spec.{e}")),
+                    ..Default::default()
+                });
+            }
+        };
+        let mut unknown: Vec<String> = decoded
+            .unknown
+            .iter()
+            .map(|f| fields::join("spec", f))
+            .collect();
+        if let Some(t) = &decoded.value.pod_template_spec {
+            unknown.extend(
+                t.unknown_fields()
+                    .iter()
+                    .map(|f| fields::join("spec.podTemplateSpec", f)),
+            );
+        }
+        Ok(TaskCrSpec {
+            pod_name,
+            task: decoded.value,
+            unknown_fields: unknown,
+            invalid: None,
+        })
+    }
 }
 
 /// Where the task is, as its agent last reported it.
@@ -110,6 +172,21 @@ impl Task {
     /// The task spec to hand to the manager.
     pub fn task_spec(&self) -> TaskSpec {
         self.spec.task.clone()
+    }
+
+    /// The Task's choice for its unknown fields (annotation
+    /// [`FIELD_VALIDATION_ANNOTATION`]); an unsupported value is an invalid spec.
+    pub fn field_validation(&self) -> Result<fields::FieldValidation, String> {
+        match self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FIELD_VALIDATION_ANNOTATION))
+        {
+            None => Ok(fields::FieldValidation::default()),
+            Some(v) => fields::FieldValidation::parse(v)
+                .map_err(|e| format!("annotation {FIELD_VALIDATION_ANNOTATION}: {e}")),
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub mod reason {
     pub const TIMED_OUT: &str = "TimedOut";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const WAITING: &str = "TooManyTasks";
+    /// The spec has fields the agent does not know (they were ignored).
+    pub const UNKNOWN_FIELD: &str = "UnknownField";
 }
 
 /// One event about a Task.

@@ -31,9 +31,9 @@ impl Manager {
         out
     }
 
-    /// `host`, `sidecar` or `container`: the runtime the task's spec selects.
+    /// `host`, `sidecar` or `container`: the runtime the task runs on.
     fn kind_of(&self, e: &Entry) -> &'static str {
-        match self.runtimes.for_spec(&e.record().spec).map(|rt| rt.kind()) {
+        match self.runtime_of(e).map(|rt| rt.kind()) {
             Ok("process") => "host",
             Ok(kind) => kind,
             Err(_) => "container",

@@ -17,6 +17,13 @@ impl Manager {
             return Err(ManagerError::InvalidName(why));
         }
         spec.validate().map_err(ManagerError::InvalidSpec)?;
+        // Hooks are part of the model (and checked above) but not run yet: refusing the
+        // task is better than running it without them.
+        if spec.lifecycle_hooks().is_some() {
+            return Err(ManagerError::InvalidSpec(
+                "process.lifecycle: lifecycle hooks are not supported yet".into(),
+            ));
+        }
         self.runtimes.for_spec(spec)?.validate(spec)?;
         Ok(())
     }
@@ -40,6 +47,7 @@ impl Manager {
                 Time::now().unix_millis(),
                 std::process::id()
             ),
+            exec_mode: self.runtimes.exec_mode_for(&spec),
             spec,
             created_at: Time::now(),
             deletion_timestamp: None,

@@ -46,7 +46,7 @@ impl Manager {
         let name = task.name.clone();
         let mut backoff = Duration::from_millis(500);
         loop {
-            let stopped = match self.runtimes.for_spec(&task.spec) {
+            let stopped = match self.runtime_of(&entry) {
                 Ok(rt) => {
                     super::start::unpanicked(rt.stop(task.clone(), self.cfg.stop_grace)).await
                 }

@@ -34,7 +34,7 @@ pub use entry::TaskView;
 pub use error::ManagerError;
 
 use self::entry::Entry;
-use crate::runtime::{EventSink, Readiness, Runtimes, TaskRef};
+use crate::runtime::{EventSink, Readiness, Runtime, RuntimeError, Runtimes, TaskRef};
 use crate::task::model::TaskSpec;
 use crate::task::store::Store;
 
@@ -154,7 +154,7 @@ impl Manager {
 
     /// Ready when every runtime's dependencies are.
     pub async fn readiness(&self) -> Readiness {
-        for rt in self.runtimes.all() {
+        for rt in self.runtimes.gating() {
             if let Readiness::NotReady(why) = rt.readiness().await {
                 return Readiness::NotReady(why);
             }
@@ -177,6 +177,12 @@ impl Manager {
         if tasks.get(&name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             tasks.remove(&name);
         }
+    }
+
+    /// The runtime the task was created for (see `Runtimes::for_task`).
+    fn runtime_of(&self, entry: &Entry) -> Result<&Arc<dyn Runtime>, RuntimeError> {
+        let rec = entry.record();
+        self.runtimes.for_task(&rec.spec, rec.exec_mode)
     }
 
     fn task_ref(&self, entry: &Entry) -> TaskRef {

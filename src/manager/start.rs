@@ -72,7 +72,7 @@ impl Manager {
     /// One start; the caller holds the lifecycle lock.
     async fn attempt(self: &Arc<Self>, entry: &Arc<Entry>, adopt: bool) -> Attempt {
         let task = self.task_ref(entry);
-        let result = match self.runtimes.for_spec(&task.spec) {
+        let result = match self.runtime_of(entry) {
             Ok(rt) if adopt => unpanicked(rt.adopt(task, self.events.clone())).await,
             Ok(rt) => unpanicked(rt.start(task, self.events.clone())).await,
             Err(e) => Err(e),

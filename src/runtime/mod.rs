@@ -9,6 +9,8 @@ pub mod error;
 #[forbid(unsafe_code)]
 pub mod exit_watch;
 #[forbid(unsafe_code)]
+pub mod first_use;
+#[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]
 pub mod outcome;
@@ -38,7 +40,7 @@ use tokio::sync::mpsc;
 
 pub use error::RuntimeError;
 
-use crate::task::model::{TaskSpec, Terminated};
+use crate::task::model::{ExecMode, TaskSpec, Terminated};
 use crate::task::time::Time;
 
 /// What a runtime needs to know about one incarnation of a task.
@@ -107,25 +109,74 @@ pub trait Runtime: Send + Sync + 'static {
     }
 }
 
-/// The runtimes an agent has, chosen per task by its spec.
+/// The runtimes an agent has, chosen per task: container tasks (`container`,
+/// `podTemplateSpec`) by the container runtime; process tasks by their exec mode, `Local`
+/// on the host runtime and `Remote` inside the main container.
 #[derive(Clone)]
 pub struct Runtimes {
-    pub process: Arc<dyn Runtime>,
+    /// `Local` process tasks: in the agent's own container.
+    pub host: Arc<dyn Runtime>,
+    /// `Remote` process tasks: inside the pod's main container. Built in every agent, as
+    /// any task may ask for it.
+    pub sidecar: Arc<dyn Runtime>,
     pub container: Option<Arc<dyn Runtime>>,
+    /// The exec mode of a process task that sets none (`--enable-sidecar-mode`: `Remote`).
+    pub default_exec_mode: ExecMode,
 }
 
 impl Runtimes {
-    pub fn for_spec(&self, spec: &TaskSpec) -> Result<&Arc<dyn Runtime>, RuntimeError> {
-        if spec.container.is_some() {
-            self.container
-                .as_ref()
-                .ok_or(RuntimeError::ContainerModeDisabled)
-        } else {
-            Ok(&self.process)
+    /// One runtime for every process task (tests).
+    pub fn single(process: Arc<dyn Runtime>) -> Self {
+        Runtimes {
+            host: process.clone(),
+            sidecar: process,
+            container: None,
+            default_exec_mode: ExecMode::Local,
         }
     }
 
-    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
-        std::iter::once(&self.process).chain(self.container.iter())
+    /// Where a new process task runs: its own exec mode, else the agent's default. `None`
+    /// for container tasks.
+    pub fn exec_mode_for(&self, spec: &TaskSpec) -> Option<ExecMode> {
+        if spec.is_container_task() {
+            return None;
+        }
+        let own = spec.process.as_ref().and_then(|p| p.exec_mode);
+        Some(own.unwrap_or(self.default_exec_mode))
+    }
+
+    /// The runtime of a task: `decided` is the exec mode recorded when it was created
+    /// (absent in older records: decided now, as then).
+    pub fn for_task(
+        &self,
+        spec: &TaskSpec,
+        decided: Option<ExecMode>,
+    ) -> Result<&Arc<dyn Runtime>, RuntimeError> {
+        if spec.is_container_task() {
+            return self
+                .container
+                .as_ref()
+                .ok_or(RuntimeError::ContainerModeDisabled);
+        }
+        match decided.or_else(|| self.exec_mode_for(spec)) {
+            Some(ExecMode::Remote) => Ok(&self.sidecar),
+            _ => Ok(&self.host),
+        }
+    }
+
+    /// The runtime a new task would get.
+    pub fn for_spec(&self, spec: &TaskSpec) -> Result<&Arc<dyn Runtime>, RuntimeError> {
+        self.for_task(spec, None)
+    }
+
+    /// The runtimes whose dependencies the agent's readiness stands for: the default
+    /// process runtime, and the container runtime. (A `Remote` task in a host-mode agent
+    /// ends `TargetNotFound` when there is no main container; the agent stays ready.)
+    pub fn gating(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
+        let process = match self.default_exec_mode {
+            ExecMode::Local => &self.host,
+            ExecMode::Remote => &self.sidecar,
+        };
+        std::iter::once(process).chain(self.container.iter())
     }
 }

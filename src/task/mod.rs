@@ -2,9 +2,12 @@
 //! bottom layer: it imports nothing else of the crate.
 
 pub mod exhaustion;
+pub mod fields;
 pub mod fsutil;
 pub mod io_workers;
+pub mod lifecycle;
 pub mod model;
 pub mod name;
 pub mod store;
+pub mod template;
 pub mod time;

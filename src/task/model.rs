@@ -3,9 +3,11 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::lifecycle::{ExecAction, ExecMode, Lifecycle, LifecycleHandler};
+use super::template::{PodTemplate, TemplateTask};
 use super::time::Time;
 
-/// What to run. Exactly one of `process` or `container` is set.
+/// What to run. Exactly one of `process`, `container` or `podTemplateSpec` is set.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TaskSpec {
@@ -13,6 +15,9 @@ pub struct TaskSpec {
     pub process: Option<ProcessSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
+    /// Upstream's container task (a PodTemplateSpec with one container); container mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template_spec: Option<PodTemplate>,
     /// Stop the task after this many seconds (upstream's CRD keeps it beside `process`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<i64>,
@@ -33,6 +38,13 @@ pub struct ProcessSpec {
     /// Upstream's wire format carries the timeout inside `process`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<i64>,
+    /// `Local` (the agent's container) or `Remote` (inside the pod's main container);
+    /// unset: `Remote` exactly when the agent runs with `--enable-sidecar-mode`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_mode: Option<ExecMode>,
+    /// Hooks run before the main command starts and after it has stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<Lifecycle>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -210,43 +222,50 @@ pub fn signal_name(sig: i32) -> String {
 }
 
 impl TaskSpec {
-    /// The timeout in effect: `spec.timeoutSeconds`, else `process.timeoutSeconds`.
+    /// The timeout in effect: `spec.timeoutSeconds`, else `process.timeoutSeconds`, else
+    /// a pod template's `activeDeadlineSeconds`.
     pub fn effective_timeout(&self) -> Option<i64> {
         self.timeout_seconds
             .or_else(|| self.process.as_ref().and_then(|p| p.timeout_seconds))
+            .or_else(|| {
+                self.pod_template_spec
+                    .as_ref()
+                    .and_then(PodTemplate::active_deadline_seconds)
+            })
     }
 
     /// Checks the spec on its own; returns a message for a 400.
     pub fn validate(&self) -> Result<(), String> {
-        match (&self.process, &self.container) {
-            (None, None) => return Err("spec must set either process or container".into()),
-            (Some(_), Some(_)) => {
-                return Err("spec must set only one of process or container".into());
+        let kinds = [
+            self.process.is_some(),
+            self.container.is_some(),
+            self.pod_template_spec.is_some(),
+        ];
+        match kinds.iter().filter(|k| **k).count() {
+            0 => return Err("spec must set either process, container or podTemplateSpec".into()),
+            1 => {}
+            _ => {
+                return Err(
+                    "spec must set only one of process, container or podTemplateSpec".into(),
+                );
             }
-            (Some(p), None) => {
-                if p.command.is_empty() {
-                    return Err("process.command must not be empty".into());
-                }
-                check_argv(&p.command, &p.args, "process")?;
-                check_env(&p.env, "process")?;
-                check_dir(p.working_dir.as_deref(), "process")?;
+        }
+        if let Some(p) = &self.process {
+            if p.command.is_empty() {
+                return Err("process.command must not be empty".into());
             }
-            (None, Some(c)) => {
-                if c.image.trim().is_empty() {
-                    return Err("container.image must not be empty".into());
-                }
-                check_argv(&c.command, &c.args, "container")?;
-                check_env(&c.env, "container")?;
-                check_dir(c.working_dir.as_deref(), "container")?;
-                for m in &c.volume_mounts {
-                    if m.name.is_empty() || !m.mount_path.starts_with('/') {
-                        return Err(format!(
-                            "container.volumeMounts entry {:?} needs a name and an absolute mountPath",
-                            m.name
-                        ));
-                    }
-                }
+            check_argv(&p.command, &p.args, "process")?;
+            check_env(&p.env, "process")?;
+            check_dir(p.working_dir.as_deref(), "process")?;
+            if let Some(l) = &p.lifecycle {
+                l.validate("process.lifecycle")?;
             }
+        }
+        if let Some(c) = &self.container {
+            check_container(c, "container")?;
+        }
+        if let Some(t) = &self.pod_template_spec {
+            check_container(&t.task()?.container, "podTemplateSpec.spec.containers[0]")?;
         }
         for t in [
             self.timeout_seconds,
@@ -261,6 +280,50 @@ impl TaskSpec {
         }
         Ok(())
     }
+
+    /// The container a container task runs: `container` as given, or the one of
+    /// `podTemplateSpec` with the template's volumes. `None` for a process task.
+    pub fn container_task(&self) -> Option<Result<TemplateTask, String>> {
+        if let Some(c) = &self.container {
+            return Some(Ok(TemplateTask {
+                container: c.clone(),
+                volumes: Vec::new(),
+                from_template: false,
+            }));
+        }
+        self.pod_template_spec.as_ref().map(PodTemplate::task)
+    }
+
+    /// True for the tasks container mode runs.
+    pub fn is_container_task(&self) -> bool {
+        self.container.is_some() || self.pod_template_spec.is_some()
+    }
+
+    /// The process task's lifecycle hooks, if it has any.
+    pub fn lifecycle_hooks(&self) -> Option<&Lifecycle> {
+        self.process
+            .as_ref()
+            .and_then(|p| p.lifecycle.as_ref())
+            .filter(|l| l.has_hooks())
+    }
+}
+
+fn check_container(c: &ContainerSpec, what: &str) -> Result<(), String> {
+    if c.image.trim().is_empty() {
+        return Err(format!("{what}.image must not be empty"));
+    }
+    check_argv(&c.command, &c.args, what)?;
+    check_env(&c.env, what)?;
+    check_dir(c.working_dir.as_deref(), what)?;
+    for m in &c.volume_mounts {
+        if m.name.is_empty() || !m.mount_path.starts_with('/') {
+            return Err(format!(
+                "{what}.volumeMounts entry {:?} needs a name and an absolute mountPath",
+                m.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_argv(command: &[String], args: &[String], what: &str) -> Result<(), String> {
@@ -342,7 +405,7 @@ mod tests {
         assert!(
             bad.validate()
                 .unwrap_err()
-                .contains("either process or container")
+                .contains("either process, container or podTemplateSpec")
         );
         let p = TaskSpec {
             process: Some(ProcessSpec {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::fsutil;
 use super::io_workers::IoWorkers;
-use super::model::{TaskSpec, Terminated};
+use super::model::{ExecMode, TaskSpec, Terminated};
 use super::name;
 use super::time::Time;
 
@@ -34,6 +34,11 @@ pub struct TaskRecord {
     pub name: String,
     pub uid: String,
     pub spec: TaskSpec,
+    /// Where a process task runs, decided when it was created (its own `execMode`, else
+    /// the agent's `--enable-sidecar-mode` then), so an agent restarted with other flags
+    /// re-adopts it where it runs. Absent in records of older agents: the flags decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_mode: Option<ExecMode>,
     pub created_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
@@ -189,4 +194,44 @@ fn nothing_but_the_record(dir: &Path) -> bool {
             name == TASK_FILE || (name == RUN_JOURNAL && e.metadata().is_ok_and(|m| m.len() == 0))
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field of a task, upstream's newer ones included, comes back from the disk.
+    #[test]
+    fn a_record_round_trips_with_every_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let spec: TaskSpec = serde_json::from_value(serde_json::json!({
+            "process": {"command": ["sh"], "args": ["-c", "true"],
+                        "env": [{"name": "A", "value": "b"}], "workingDir": "/w",
+                        "timeoutSeconds": 5, "execMode": "Remote",
+                        "lifecycle": {"preStart": {"exec": {"command": ["true"]},
+                                                   "execMode": "Local", "timeoutSeconds": 3},
+                                      "postStop": {"exec": {"command": ["false"]}}}},
+            "podTemplateSpec": {"metadata": {"labels": {"a": "b"}},
+                                "spec": {"containers": [{"name": "c", "image": "i"}]}},
+            "timeoutSeconds": 7
+        }))
+        .unwrap();
+        let rec = TaskRecord {
+            name: "t".into(),
+            uid: "u".into(),
+            spec,
+            exec_mode: Some(ExecMode::Remote),
+            created_at: Time::from_unix_millis(1_000),
+            deletion_timestamp: None,
+            final_status: None,
+        };
+        store.create(&rec).unwrap();
+        assert_eq!(store.load_all().unwrap(), std::slice::from_ref(&rec));
+        // An older agent's record (no execMode) still loads.
+        let mut v = serde_json::to_value(&rec).unwrap();
+        v.as_object_mut().unwrap().remove("execMode");
+        let old: TaskRecord = serde_json::from_value(v).unwrap();
+        assert_eq!(old.exec_mode, None);
+    }
 }

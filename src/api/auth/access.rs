@@ -8,7 +8,7 @@
 
 use warp::http::Method;
 
-use crate::api::routes::segments;
+use crate::api::route::Route;
 
 /// The group and resource the routes stand for.
 pub const GROUP: &str = "task-executor.io";
@@ -45,30 +45,35 @@ fn rule(verb: &'static str, name: Option<&str>) -> Rule {
 /// What a request with this method and path requires. Paths are split and decoded by
 /// the router's own function, so this table and the router always agree on the route.
 pub fn required(method: &Method, path: &str) -> Access {
-    let segs = segments(path);
-    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let read = method == Method::GET || method == Method::HEAD;
     let post = method == Method::POST;
     let delete = method == Method::DELETE;
-    match segs.as_slice() {
-        ["health"] | ["readyz"] => Access::Public,
-        ["getTasks"] if read => Access::Tasks(vec![rule("list", None)]),
+    match Route::parse(path) {
+        Route::Health | Route::Readyz => Access::Public,
+        Route::GetTasks if read => Access::Tasks(vec![rule("list", None)]),
         // Sync creates the listed tasks and deletes the others.
-        ["setTasks"] if post => Access::Tasks(vec![rule("create", None), rule("delete", None)]),
-        ["tasks"] if post => Access::Tasks(vec![rule("create", None)]),
-        ["tasks", name] if read => Access::Tasks(vec![rule("get", Some(name))]),
-        ["tasks", name] if delete => Access::Tasks(vec![rule("delete", Some(name))]),
-        ["tasks", name, "logs"] if read => Access::Tasks(vec![Rule {
+        Route::SetTasks if post => Access::Tasks(vec![rule("create", None), rule("delete", None)]),
+        Route::Tasks if post => Access::Tasks(vec![rule("create", None)]),
+        Route::Task(name) if read => Access::Tasks(vec![rule("get", Some(&name))]),
+        Route::Task(name) if delete => Access::Tasks(vec![rule("delete", Some(&name))]),
+        Route::TaskLogs(name) if read => Access::Tasks(vec![Rule {
             subresource: Some("log"),
-            ..rule("get", Some(name))
+            ..rule("get", Some(&name))
         }]),
-        ["getTasks"] | ["setTasks"] | ["tasks"] | ["tasks", _] | ["tasks", _, "logs"] => {
+        Route::GetTasks | Route::SetTasks | Route::Tasks | Route::Task(_) | Route::TaskLogs(_) => {
             Access::Authenticated
         }
-        _ => Access::NonResource {
-            verb: non_resource_verb(method),
-            path: format!("/{}", segs.join("/")),
-        },
+        // Not task routes: checked as non-resource URLs, as kube-rbac-proxy does.
+        Route::Metrics => non_resource(method, "/metrics"),
+        Route::OpenApi => non_resource(method, "/openapi.json"),
+        Route::Unmatched(path) => non_resource(method, &path),
+    }
+}
+
+fn non_resource(method: &Method, path: &str) -> Access {
+    Access::NonResource {
+        verb: non_resource_verb(method),
+        path: path.to_string(),
     }
 }
 

@@ -118,10 +118,7 @@ impl Fixture {
         let runtime = Arc::new(FakeRuntime::default());
         let manager = Manager::new(
             Store::open(dir.path()).unwrap(),
-            Runtimes {
-                process: Arc::new(runtime.clone()),
-                container: None,
-            },
+            Runtimes::single(Arc::new(runtime.clone())),
             ManagerConfig {
                 stop_grace: Duration::from_secs(1),
                 max_concurrent,

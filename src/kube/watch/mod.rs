@@ -19,6 +19,8 @@ mod relist;
 mod status;
 
 #[cfg(test)]
+mod field_tests;
+#[cfg(test)]
 mod fixtures;
 #[cfg(test)]
 mod tests;

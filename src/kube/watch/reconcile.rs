@@ -5,14 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::kube::ResourceExt;
 use ::kube::runtime::controller::Action;
 use ::kube::runtime::finalizer::{Error as FinalizerError, Event as Finalizer, finalizer};
+use ::kube::{Resource, ResourceExt};
 
 use super::{FINALIZED_MEMORY, TaskWatcher, reason};
 use crate::kube::KubeError;
 use crate::kube::crd::{FINALIZER, Task, TaskCrStatus};
+use crate::kube::events::{TaskEvent, reason as event};
 use crate::manager::ManagerError;
+use crate::task::fields::{self, FieldValidation};
 use crate::task::model::{TaskState, Terminated, Waiting};
 
 /// How often a Task refused for `TooManyTasks` is tried again.
@@ -60,6 +62,20 @@ pub(super) async fn reconcile(task: Arc<Task>, w: Arc<TaskWatcher>) -> Result<Ac
         st.finalized.insert(uid, now);
     }
     Ok(action)
+}
+
+/// The unknown fields of the Task's spec to report (as its annotation chooses), or why it
+/// is refused: a spec that could not be decoded, or unknown fields under `Strict`.
+fn unknown_fields(t: &Task) -> Result<Vec<String>, String> {
+    if let Some(why) = &t.spec.invalid {
+        return Err(why.clone());
+    }
+    match t.field_validation()? {
+        FieldValidation::Ignore => Ok(Vec::new()),
+        FieldValidation::Warn => Ok(t.spec.unknown_fields.clone()),
+        FieldValidation::Strict if t.spec.unknown_fields.is_empty() => Ok(Vec::new()),
+        FieldValidation::Strict => Err(fields::strict_error(&t.spec.unknown_fields)),
+    }
 }
 
 /// After a failed reconcile: try again later, sooner the first times.
@@ -118,6 +134,10 @@ impl TaskWatcher {
     /// Starts the Task's task; a full agent leaves it waiting and tries again.
     async fn create(&self, t: &Task) -> Result<Action, KubeError> {
         let name = t.name_any();
+        let unknown = match unknown_fields(t) {
+            Ok(unknown) => unknown,
+            Err(why) => return self.refuse(t, &why).await,
+        };
         // Owned before it can change, so none of its change events is missed.
         self.state().owned.insert(name.clone());
         let result = self.manager.create(name.clone(), t.task_spec()).await;
@@ -127,6 +147,22 @@ impl TaskWatcher {
         match result {
             Ok(view) => {
                 tracing::info!(task = %name, "started task for its Task object");
+                if !unknown.is_empty() {
+                    tracing::warn!(task = %name, fields = ?unknown, "the Task's spec has fields the agent does not know; they were ignored");
+                    let texts: Vec<String> = unknown
+                        .iter()
+                        .map(|f| fields::unknown_field_text(f))
+                        .collect();
+                    self.events.publish(
+                        t.object_ref(&()),
+                        TaskEvent {
+                            warning: true,
+                            reason: event::UNKNOWN_FIELD,
+                            action: "Validate",
+                            note: format!("ignored: {}", texts.join(", ")),
+                        },
+                    );
+                }
                 self.report(t, &view.state).await?;
                 Ok(Action::await_change())
             }
@@ -149,18 +185,21 @@ impl TaskWatcher {
                 e @ (ManagerError::InvalidName(_)
                 | ManagerError::InvalidSpec(_)
                 | ManagerError::Runtime(_)),
-            ) => {
-                tracing::warn!(task = %name, error = %e, "Task refused");
-                let failed = TaskState::Terminated(Terminated::failed_to_start(
-                    reason::INVALID_SPEC,
-                    128,
-                    e.to_string(),
-                ));
-                self.report(t, &failed).await?;
-                Ok(Action::await_change())
-            }
+            ) => self.refuse(t, &e.to_string()).await,
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The Task can't run as it is: it ends `InvalidSpec` with the reason.
+    async fn refuse(&self, t: &Task, why: &str) -> Result<Action, KubeError> {
+        tracing::warn!(task = %t.name_any(), error = %why, "Task refused");
+        let failed = TaskState::Terminated(Terminated::failed_to_start(
+            reason::INVALID_SPEC,
+            128,
+            why.to_string(),
+        ));
+        self.report(t, &failed).await?;
+        Ok(Action::await_change())
     }
 
     /// The Task is being deleted: stop its task and wait until it is gone; the finalizer

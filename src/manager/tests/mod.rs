@@ -31,10 +31,7 @@ fn setup_with(cfg: impl FnOnce(&mut ManagerConfig)) -> Setup {
         start_retry: ManagerConfig::DEFAULT_START_RETRY,
     };
     cfg(&mut config);
-    let runtimes = Runtimes {
-        process: Arc::new(rt.clone()),
-        container: None,
-    };
+    let runtimes = Runtimes::single(Arc::new(rt.clone()));
     Setup {
         mgr: Manager::new(store.clone(), runtimes, config),
         rt,
@@ -330,6 +327,7 @@ async fn recovery_adopts_running_tasks_finishes_deletions_and_keeps_results() {
         name: name.into(),
         uid: format!("uid-{name}"),
         spec: spec("true"),
+        exec_mode: None,
         created_at: Time::now(),
         deletion_timestamp: None,
         final_status: None,

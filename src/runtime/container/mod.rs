@@ -4,12 +4,14 @@
 //! Files: `config` (settings, labels, the agent's id), `cri` (the RPCs used, as a trait), `sandbox` (which sandbox), `spec` (the
 //! container config), `status` (CRI status → task state), `monitor` (one watcher for all
 //! containers: exits, timeouts, log budget), `volumes` (volume names → host paths),
-//! `logs` (the log file in the task dir).
+//! `own_volumes` (a pod template's emptyDir and hostPath volumes), `logs` (the log file in
+//! the task dir).
 
 pub mod config;
 pub mod cri;
 pub mod logs;
 pub mod monitor;
+pub mod own_volumes;
 pub mod sandbox;
 pub mod spec;
 pub mod status;
@@ -32,7 +34,8 @@ use self::sandbox::{SandboxMode, Sandboxes};
 use self::spec::{HostMount, Namespaces};
 use self::volumes::VolumeResolver;
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
-use crate::task::model::{ContainerSpec, TaskSpec, Terminated, reason};
+use crate::task::model::{TaskSpec, Terminated, reason};
+use crate::task::template::{TemplateTask, VolumeSource};
 use crate::task::time::Time;
 
 /// Written to the task dir (empty) before CreateContainer and (with the id) after it, so a
@@ -118,28 +121,57 @@ impl ContainerRuntime {
     }
 }
 
-fn container_spec(spec: &TaskSpec) -> Result<&ContainerSpec, RuntimeError> {
-    spec.container
-        .as_ref()
-        .ok_or_else(|| RuntimeError::Invalid("not a container task".into()))
+/// The container to run: `spec.container`, or the one of `spec.podTemplateSpec` with the
+/// template's volumes.
+fn container_task(spec: &TaskSpec) -> Result<TemplateTask, RuntimeError> {
+    spec.container_task()
+        .unwrap_or_else(|| Err("not a container task".into()))
+        .map_err(RuntimeError::Invalid)
 }
 
 impl Inner {
-    fn resolve_mounts(&self, c: &ContainerSpec) -> Result<Vec<HostMount>, RuntimeError> {
-        c.volume_mounts
+    /// Host paths of the container's mounts. A template's own volumes come first
+    /// (`emptyDir` in the task dir `dir`; `None` while only validating), then the pod's
+    /// and `--volume`'s.
+    fn resolve_mounts(
+        &self,
+        t: &TemplateTask,
+        dir: Option<&Path>,
+    ) -> Result<Vec<HostMount>, RuntimeError> {
+        t.container
+            .volume_mounts
             .iter()
             .map(|m| {
-                let host = self.volumes.resolve(&m.name).ok_or_else(|| {
+                let own = t.volumes.iter().find(|v| v.name == m.name);
+                let host = match own.map(|v| &v.source) {
+                    Some(VolumeSource::HostPath { path, .. }) => Some(PathBuf::from(path)),
+                    Some(VolumeSource::EmptyDir) => Some(
+                        dir.map(|d| own_volumes::empty_dir(d, &m.name))
+                            .unwrap_or_default(),
+                    ),
+                    Some(VolumeSource::Pod) | None => self.volumes.resolve(&m.name),
+                };
+                let host = host.ok_or_else(|| {
                     let known = self.volumes.names();
-                    RuntimeError::Invalid(format!(
-                        "container.volumeMounts: unknown volume {:?} (known volumes: {})",
-                        m.name,
-                        if known.is_empty() {
-                            "none".to_string()
-                        } else {
-                            known.join(", ")
-                        }
-                    ))
+                    let known = if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    };
+                    RuntimeError::Invalid(match own {
+                        Some(_) => format!(
+                            "podTemplateSpec: volume {:?} is neither hostPath nor emptyDir, and the pod has no volume of that name (the pod's volumes: {known})",
+                            m.name
+                        ),
+                        None if t.from_template => format!(
+                            "podTemplateSpec: volumeMounts names volume {:?}, which is neither in the template's volumes nor one of the pod's (the pod's volumes: {known})",
+                            m.name
+                        ),
+                        None => format!(
+                            "container.volumeMounts: unknown volume {:?} (known volumes: {known})",
+                            m.name
+                        ),
+                    })
                 })?;
                 Ok(HostMount {
                     host_path: host,
@@ -241,11 +273,16 @@ impl Inner {
 
     /// Creates and starts the task's container.
     async fn start(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
-        let c = container_spec(&task.spec)?.clone();
-        let mounts = self.resolve_mounts(&c)?;
-        if let Some(t) = self.ensure_image(&c.image).await? {
+        let t = container_task(&task.spec)?;
+        let mounts = self.resolve_mounts(&t, Some(&task.dir))?;
+        if let Some(t) = self.ensure_image(&t.container.image).await? {
             return Ok(Observed::Terminated(t));
         }
+        let (dir, vols) = (task.dir.clone(), t.volumes.clone());
+        tokio::task::spawn_blocking(move || own_volumes::prepare(&dir, &vols))
+            .await
+            .map_err(|e| RuntimeError::Io(std::io::Error::other(e)))??;
+        let c = t.container;
         let sb = self.sandboxes.get().await?;
         let target_id = match c.target_container.as_deref() {
             Some(t) => Some(self.target_id(&sb.id, t).await?),
@@ -438,8 +475,8 @@ impl Runtime for ContainerRuntime {
     }
 
     fn validate(&self, spec: &TaskSpec) -> Result<(), RuntimeError> {
-        let c = container_spec(spec)?;
-        self.inner.resolve_mounts(c).map(|_| ())
+        let t = container_task(spec)?;
+        self.inner.resolve_mounts(&t, None).map(|_| ())
     }
 
     fn start(

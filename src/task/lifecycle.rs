@@ -1,0 +1,168 @@
+//! Where a process task runs (`execMode`) and its lifecycle hooks (`lifecycle.preStart`,
+//! `lifecycle.postStop`), in upstream's wire shape (OpenSandbox's `Process`, field for
+//! field, so its JSON round-trips byte for byte).
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Where a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum ExecMode {
+    /// In the agent's own container (host mode).
+    Local,
+    /// Inside the pod's main container, as `--enable-sidecar-mode` runs every task.
+    Remote,
+}
+
+impl ExecMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecMode::Local => "Local",
+            ExecMode::Remote => "Remote",
+        }
+    }
+}
+
+/// Commands run around the task's main process.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    /// Runs to completion before the main command starts; if it fails, the main command
+    /// never runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_start: Option<LifecycleHandler>,
+    /// Runs after the main process has been stopped (exited, timed out or deleted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_stop: Option<LifecycleHandler>,
+}
+
+/// One hook.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleHandler {
+    /// The command (required; optional on the wire only so that its absence gets a clear
+    /// answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecAction>,
+    /// Where the hook runs; unset: `Local` (the agent's container), as upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_mode: Option<ExecMode>,
+    /// The hook's process group is killed after this many seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub timeout_seconds: Option<i64>,
+}
+
+/// A command, exec'ed directly (no shell unless it names one).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecAction {
+    #[serde(default)]
+    pub command: Vec<String>,
+}
+
+impl LifecycleHandler {
+    pub const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
+
+    /// How long the hook may run.
+    pub fn timeout(&self) -> Duration {
+        let secs = self
+            .timeout_seconds
+            .unwrap_or(Self::DEFAULT_TIMEOUT_SECONDS);
+        Duration::from_secs(secs.max(1) as u64)
+    }
+
+    /// Where the hook runs: its own `execMode`, else `Local`.
+    pub fn exec_mode(&self) -> ExecMode {
+        self.exec_mode.unwrap_or(ExecMode::Local)
+    }
+
+    /// The hook's argv (empty only for a hook that failed validation).
+    pub fn command(&self) -> &[String] {
+        self.exec.as_ref().map_or(&[], |e| e.command.as_slice())
+    }
+
+    fn validate(&self, what: &str) -> Result<(), String> {
+        let Some(exec) = &self.exec else {
+            return Err(format!(
+                "{what}.exec is required (exec.command: the argv to run)"
+            ));
+        };
+        match exec.command.first() {
+            None => return Err(format!("{what}.exec.command must not be empty")),
+            Some(c) if c.is_empty() => {
+                return Err(format!("{what}.exec.command[0] must not be empty"));
+            }
+            Some(_) => {}
+        }
+        if exec.command.iter().any(|a| a.contains('\0')) {
+            return Err(format!("{what}.exec.command must not contain NUL bytes"));
+        }
+        if let Some(t) = self.timeout_seconds
+            && t <= 0
+        {
+            return Err(format!("{what}.timeoutSeconds must be positive, got {t}"));
+        }
+        Ok(())
+    }
+}
+
+impl Lifecycle {
+    /// True when at least one hook is set.
+    pub fn has_hooks(&self) -> bool {
+        self.pre_start.is_some() || self.post_stop.is_some()
+    }
+
+    /// Checks each hook; `what` is the lifecycle's path (`process.lifecycle`).
+    pub fn validate(&self, what: &str) -> Result<(), String> {
+        if let Some(h) = &self.pre_start {
+            h.validate(&format!("{what}.preStart"))?;
+        }
+        if let Some(h) = &self.post_stop {
+            h.validate(&format!("{what}.postStop"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(v: serde_json::Value) -> LifecycleHandler {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_checks() {
+        let h = hook(serde_json::json!({"exec": {"command": ["true"]}}));
+        assert_eq!(h.timeout(), Duration::from_secs(60));
+        assert_eq!(h.exec_mode(), ExecMode::Local);
+        assert_eq!(h.command(), ["true"]);
+        assert!(h.validate("p").is_ok());
+        let bad = [
+            (serde_json::json!({}), "p.exec is required"),
+            (
+                serde_json::json!({"exec": {"command": []}}),
+                "p.exec.command must not be empty",
+            ),
+            (
+                serde_json::json!({"exec": {"command": [""]}}),
+                "p.exec.command[0] must not be empty",
+            ),
+            (
+                serde_json::json!({"exec": {"command": ["x"]}, "timeoutSeconds": 0}),
+                "p.timeoutSeconds must be positive, got 0",
+            ),
+        ];
+        for (v, want) in bad {
+            let e = hook(v).validate("p").unwrap_err();
+            assert!(e.starts_with(want), "{e}");
+        }
+        assert!(
+            serde_json::from_value::<LifecycleHandler>(serde_json::json!({"execMode": "remote"}))
+                .is_err()
+        );
+    }
+}
