@@ -136,13 +136,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        // Only short file-system writes run there; few threads keep few malloc arenas.
+        // Only short reads and scans run there (`task::offload`; the store writes on
+        // threads of its own); few threads keep few malloc arenas.
         .max_blocking_threads(8)
         .enable_all()
         .build()
         .context("building the async runtime")?;
     let result = rt.block_on(task_executor::run(config, shutdown_signal()));
-    // Exit waiters block in flock(2) on threads of their own; don't wait for them.
+    // A log read or a /proc scan in the blocking pool is not worth waiting for.
     rt.shutdown_background();
     result.context("task-executor failed")
 }

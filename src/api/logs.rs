@@ -53,9 +53,8 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
         false => None,
     };
     let streams = q.streams();
-    let reader = tokio::task::spawn_blocking(move || set.open(streams))
+    let reader = crate::task::offload::offload(move || set.open(streams))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -65,12 +64,11 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     let mut select = Select::new(reader, &q);
     // Output written after a task ended (by daemons it left) is not waited for.
     let flush = !follow || ended;
-    select = tokio::task::spawn_blocking(move || {
+    select = crate::task::offload::offload(move || {
         select.skip_to_tail(flush);
         select
     })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    .await;
 
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let meter = StreamMeter::default();
@@ -137,14 +135,11 @@ impl Follower {
     async fn drain(&mut self, flush: bool) -> bool {
         loop {
             let mut select = std::mem::replace(&mut self.select, Select::empty());
-            let Ok((select, chunk)) = tokio::task::spawn_blocking(move || {
+            let (select, chunk) = crate::task::offload::offload(move || {
                 let chunk = select.batch(flush);
                 (select, chunk)
             })
-            .await
-            else {
-                return false;
-            };
+            .await;
             self.select = select;
             let chunk = match chunk {
                 Ok(c) => c,

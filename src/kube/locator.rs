@@ -38,11 +38,7 @@ impl ContainerPidResolver for CgroupScanResolver {
 
     fn container_pid(&self, id: &ContainerId) -> BoxFuture<'_, Result<ProcIdentity, String>> {
         let id = id.id.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || scan_cgroups(&id))
-                .await
-                .map_err(|e| e.to_string())?
-        })
+        Box::pin(async move { crate::task::offload::offload(move || scan_cgroups(&id)).await })
     }
 }
 
@@ -96,9 +92,7 @@ impl CriPidResolver {
 
     async fn find(&self, id: &str) -> Result<ProcIdentity, String> {
         let socket = self.socket.clone();
-        tokio::task::spawn_blocking(move || runtime_shares_pid_namespace(&socket))
-            .await
-            .map_err(|e| e.to_string())??;
+        crate::task::offload::offload(move || runtime_shares_pid_namespace(&socket)).await?;
         let cri = self.client()?;
         let pid = tokio::time::timeout(self.timeout, cri.container_pid(id))
             .await

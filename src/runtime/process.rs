@@ -128,9 +128,7 @@ impl ProcessRuntime {
             // Recovery: thousands at once, off the event loop's two workers.
             None => {
                 let t = task.clone();
-                tokio::task::spawn_blocking(move || judge(&t, true))
-                    .await
-                    .map_err(io::Error::other)??
+                crate::task::offload::offload(move || judge(&t, true)).await?
             }
         };
         match judged {
@@ -360,15 +358,16 @@ fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
                 // The shim died: what it leaves is recorded durably (rare: off the loop).
                 None => {
                     let t = task.clone();
-                    tokio::task::spawn_blocking(move || {
-                        if run.claimed.is_none() {
-                            outcome::never_started(&t, NEVER_STARTED)
-                        } else {
-                            settle(&t, Unrecorded::SupervisorLost, &run)
-                        }
-                    })
-                    .await
-                    .ok()
+                    Some(
+                        crate::task::offload::offload(move || {
+                            if run.claimed.is_none() {
+                                outcome::never_started(&t, NEVER_STARTED)
+                            } else {
+                                settle(&t, Unrecorded::SupervisorLost, &run)
+                            }
+                        })
+                        .await,
+                    )
                 }
             },
             Err(e) => {

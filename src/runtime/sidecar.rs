@@ -31,11 +31,7 @@ pub struct EnvLocator {
 impl MainContainerLocator for EnvLocator {
     fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
         let container = self.container.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || scan_env(&container))
-                .await
-                .map_err(|e| e.to_string())?
-        })
+        Box::pin(async move { crate::task::offload::offload(move || scan_env(&container)).await })
     }
 }
 
@@ -140,7 +136,7 @@ impl SidecarRuntime {
             .cloned()
             .collect();
         let container = self.container.clone();
-        let (signalled, finished) = tokio::task::spawn_blocking(move || {
+        let (signalled, finished) = crate::task::offload::offload(move || {
             let mut signalled = 0;
             let mut finished = Vec::new();
             for dir in dirs {
@@ -152,8 +148,7 @@ impl SidecarRuntime {
             }
             (signalled, finished)
         })
-        .await
-        .unwrap_or_default();
+        .await;
         {
             let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
             for d in &finished {

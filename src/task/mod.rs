@@ -8,6 +8,7 @@ pub mod io_workers;
 pub mod lifecycle;
 pub mod model;
 pub mod name;
+pub mod offload;
 pub mod store;
 pub mod template;
 pub mod time;

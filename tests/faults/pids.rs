@@ -1,6 +1,6 @@
 //! Out of processes, for real: the agent in a pids cgroup at its limit. A create is
-//! accepted and waits (`ResourcesExhausted`), a delete answers (no request needs a new
-//! thread, so none panics), and the waiting task starts once a process slot is free. And a
+//! accepted and waits (`ResourcesExhausted`), a delete and a log read answer (no request
+//! needs a new thread, so none panics), and the waiting task starts once a process slot is free. And a
 //! supervisor that took the launch but could not spawn the task gives it back: the task
 //! is started later, also by an agent restarted meanwhile, never reported lost.
 
@@ -21,7 +21,7 @@ fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
     let markers = a.data_dir.parent().unwrap().join("runs");
     std::fs::write(cg.procs(), a.pid().to_string()).unwrap();
     a.run("hold-1", &["sleep", "600"]);
-    a.run("hold-2", &["sleep", "600"]);
+    a.run("hold-2", &["sh", "-c", "echo held-2; exec sleep 600"]);
     a.wait_state("hold-1", "running", T);
     a.wait_state("hold-2", "running", T);
     // Threads that tokio's blocking pool started for earlier requests exit after 10 s
@@ -41,6 +41,11 @@ fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
         "{w}"
     );
     assert_eq!(a.request("GET", "/health", None).status, 200);
+    // Reading a task's output needs blocking file reads; with no thread to be had they
+    // run inline (this request's handler panicked and dropped the connection).
+    let logs = a.request("GET", "/tasks/hold-2/logs", None);
+    assert_eq!(logs.status, 200, "{}", logs.text());
+    assert!(logs.text().contains("held-2"), "{}", logs.text());
 
     // A delete needs no new thread or process: it answers, and frees two slots.
     a.delete("hold-1");

@@ -279,9 +279,7 @@ impl Inner {
             return Ok(Observed::Terminated(t));
         }
         let (dir, vols) = (task.dir.clone(), t.volumes.clone());
-        tokio::task::spawn_blocking(move || own_volumes::prepare(&dir, &vols))
-            .await
-            .map_err(|e| RuntimeError::Io(std::io::Error::other(e)))??;
+        crate::task::offload::offload(move || own_volumes::prepare(&dir, &vols)).await?;
         let c = t.container;
         let sb = self.sandboxes.get().await?;
         let target_id = match c.target_container.as_deref() {
@@ -357,7 +355,8 @@ impl Inner {
             Some(Observed::Terminated(t)) => {
                 self.monitor.unwatch(&id);
                 let (dir, max) = (task.dir.clone(), self.max_log_bytes);
-                let _ = tokio::task::spawn_blocking(move || logs::enforce_budget(&dir, max)).await;
+                let _ =
+                    crate::task::offload::offload(move || logs::enforce_budget(&dir, max)).await;
                 Ok(Observed::Terminated(t))
             }
             running => {
