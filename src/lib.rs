@@ -159,7 +159,6 @@ pub async fn run(
     let stopping = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
-        tracing::info!("shutting down; tasks keep running and are re-adopted on the next start");
         stopping.cancel();
     });
     let options = ServerOptions {

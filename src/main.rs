@@ -129,11 +129,17 @@ fn init(args: InitArgs) -> anyhow::Result<i32> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     task_executor::telemetry::init(&config.log_level, config.log_format);
-    match task_executor::runtime::launcher::adopt_server_on_stdin() {
-        Ok(true) => tracing::debug!("using the shim server of task-executor init"),
-        Ok(false) => {}
-        Err(e) => tracing::warn!(error = %e, "starting a shim server of our own"),
-    }
+    let under_init = match task_executor::runtime::launcher::adopt_server_on_stdin() {
+        Ok(true) => {
+            tracing::debug!("using the shim server of task-executor init");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(error = %e, "starting a shim server of our own");
+            false
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         // Only short reads and scans run there (`task::offload`; the store writes on
@@ -142,13 +148,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the async runtime")?;
-    let result = rt.block_on(task_executor::run(config, shutdown_signal()));
+    let result = rt.block_on(task_executor::run(config, shutdown_signal(under_init)));
     // A log read or a /proc scan in the blocking pool is not worth waiting for.
     rt.shutdown_background();
     result.context("task-executor failed")
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. Under `task-executor init` that signal means the
+/// container is stopping, and the init has the supervisors stop the tasks; without it the
+/// tasks keep running for the next agent to re-adopt.
+async fn shutdown_signal(under_init: bool) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -160,5 +169,13 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+    match under_init {
+        true => tracing::info!(
+            "shutting down; the container is stopping and its init stops the running tasks, recording their exits"
+        ),
+        false => {
+            tracing::info!("shutting down; tasks keep running and are re-adopted on the next start")
+        }
     }
 }
