@@ -1,5 +1,10 @@
-//! The shim's event loop once the task runs: logs, timeout, stop requests, the main
-//! container's liveness, reaping, and recording the exit.
+//! The shim's event loop once the task's run has begun: its commands in order (the
+//! `preStart` hook, the main command, the `postStop` hook), logs, timeouts, stop requests,
+//! the main container's liveness, reaping, and recording each end in the journal.
+//!
+//! The journal's lock is released (and the agent's pipe closed) once the run is over:
+//! the main command's exit line written and, if the task has one, the `postStop` hook's
+//! end too. What the task left running (daemons) may outlive that, as before.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -15,26 +20,45 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use super::hooks::{self, HookJob, HookStop, Tail};
 use super::kill;
 use super::logs::{self, CappedLog};
-use super::place::{JobExit, MAIN, Place};
-use super::release_agent;
+use super::place::{JobExit, MAIN, Place, hook_job};
+use super::{notify_agent, release_agent};
+use crate::runtime::child_setup::{SpawnError, Step};
 use crate::runtime::proc_handle;
 use crate::runtime::procfs::ProcIdentity;
-use crate::runtime::records::{self, Entry, ExitRecord, Launch, Unrecorded};
+use crate::runtime::records::{
+    self, Entry, ExitRecord, HookClaim, HookExit, HookPlace, HookStart, Launch, ShimRecord,
+    Unrecorded,
+};
+use crate::task::exhaustion::Exhaustion;
+use crate::task::model::HookName;
 use crate::task::time::Time;
 
 /// How often a sidecar task's shim checks that the main container is still there.
 const TARGET_CHECK: Duration = Duration::from_secs(1);
 
-/// At most this many reads (of up to 16 KiB) move pipe contents to the logs between the
-/// main process's exit and recording it.
+/// At most this many reads (of up to 16 KiB) move pipe contents to the logs between a
+/// command's exit and recording it.
 const DRAIN_BUDGET: usize = 256;
 
 /// Between SIGKILL rounds while any process of the task is left.
 const KILL_AGAIN: Duration = Duration::from_millis(100);
 
-/// Where stopping the task stands.
+/// Pipe slots: the main command's stdout and stderr, each hook's combined output.
+const SLOTS: usize = 4;
+const PRE_START_SLOT: usize = 2;
+const POST_STOP_SLOT: usize = 3;
+
+fn slot_of(h: HookName) -> usize {
+    match h {
+        HookName::PreStart => PRE_START_SLOT,
+        HookName::PostStop => POST_STOP_SLOT,
+    }
+}
+
+/// Where stopping the main command's tree stands.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Stopping {
     No,
@@ -46,11 +70,30 @@ enum Stopping {
     Done,
 }
 
+/// Which command of the run is current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    PreStart,
+    Main,
+    PostStop,
+    /// The run is over and recorded; the shim stays while the task's daemons live.
+    Done,
+}
+
+/// How the first command of a run failed to start, for the caller's give-back.
+pub enum FirstStart {
+    /// Out of processes, memory or descriptors before anything of the task ran.
+    Exhausted(io::Error),
+    Failed(io::Error),
+}
+
 pub struct Supervisor<'a> {
     launch: &'a Launch,
     place: Place,
-    main: ProcIdentity,
-    started: Time,
+    phase: Phase,
+    shim: ProcIdentity,
+    main: Option<ProcIdentity>,
+    started: Option<Time>,
     /// The /proc the task's processes are walked in.
     proc: File,
     me: i32,
@@ -63,9 +106,12 @@ pub struct Supervisor<'a> {
     stop_requested: bool,
     main_done: bool,
     children_gone: bool,
+    reaper_gone: bool,
+    hook: Option<HookJob>,
     running_lock: Option<Flock<File>>,
-    stdout: CappedLog,
-    stderr: CappedLog,
+    logs: [CappedLog; SLOTS],
+    tails: [Tail; 2],
+    pipes: [Option<io::PipeReader>; SLOTS],
 }
 
 impl<'a> Supervisor<'a> {
@@ -73,59 +119,186 @@ impl<'a> Supervisor<'a> {
         dir: &Path,
         launch: &'a Launch,
         place: Place,
-        main: ProcIdentity,
-        started: Time,
+        shim: ProcIdentity,
         running_lock: Flock<File>,
     ) -> io::Result<Self> {
         let index = logs::index(dir, launch.max_log_bytes);
+        let cap = launch.max_log_bytes;
         Ok(Supervisor {
             launch,
             place,
-            main,
-            started,
+            phase: Phase::PreStart,
+            shim,
+            main: None,
+            started: None,
             proc: File::open("/proc")?,
             me: std::process::id() as i32,
-            deadline: launch
-                .timeout_ms
-                .map(|ms| Instant::now() + Duration::from_millis(ms)),
+            deadline: None,
             stopping: Stopping::No,
-            target_check: launch
-                .target
-                .as_ref()
-                .map(|_| Instant::now() + TARGET_CHECK),
+            target_check: None,
             target_gone: false,
             timed_out: false,
             stop_requested: false,
             main_done: false,
             children_gone: false,
+            reaper_gone: false,
+            hook: None,
             running_lock: Some(running_lock),
-            stdout: CappedLog::new(dir.join(records::STDOUT), launch.max_log_bytes, 0, &index),
-            stderr: CappedLog::new(dir.join(records::STDERR), launch.max_log_bytes, 1, &index),
+            logs: [
+                CappedLog::new(dir.join(records::STDOUT), cap, 0, &index),
+                CappedLog::new(dir.join(records::STDERR), cap, 1, &index),
+                hooks::log(dir, HookName::PreStart, cap),
+                hooks::log(dir, HookName::PostStop, cap),
+            ],
+            tails: [Tail::default(), Tail::default()],
+            pipes: [None, None, None, None],
         })
     }
 
-    pub fn run(
-        &mut self,
-        sigfd: &SignalFd,
-        out: io::PipeReader,
-        err: io::PipeReader,
-    ) -> io::Result<()> {
-        let mut pipes = [Some(out), Some(err)];
+    fn journal(&mut self, entry: &Entry, durable: bool) -> io::Result<()> {
+        match self.running_lock.as_mut() {
+            Some(j) => records::append(j, entry, durable),
+            None => Ok(()),
+        }
+    }
+
+    /// The journal's handle while the run lasts (for giving a launch back).
+    pub fn journal_file(&mut self) -> Option<&mut Flock<File>> {
+        self.running_lock.as_mut()
+    }
+
+    /// Starts the run's first command: the `preStart` hook, else the main command. Out of
+    /// processes and the like before anything ran is the caller's to give back.
+    pub fn start_first(&mut self) -> Result<(), FirstStart> {
+        if self.launch.pre_start.is_some() {
+            return match self.start_hook(HookName::PreStart, true) {
+                Ok(()) => Ok(()),
+                Err(e) if Exhaustion::of(&e).is_some() => Err(FirstStart::Exhausted(e)),
+                Err(e) => Err(FirstStart::Failed(e)),
+            };
+        }
+        self.phase = Phase::Main;
+        match self.start_main(true) {
+            Ok(()) => Ok(()),
+            Err(e) if Exhaustion::of(&e).is_some() => Err(FirstStart::Exhausted(e)),
+            Err(e) => Err(FirstStart::Failed(e)),
+        }
+    }
+
+    /// Claims and starts a hook. A hook that can't be started ends at once, failed
+    /// (recorded), except for a first command out of resources (`give_back` then).
+    fn start_hook(&mut self, name: HookName, first: bool) -> io::Result<()> {
+        let Some(spec) = self.launch.hook(name) else {
+            return Ok(());
+        };
+        let job = hook_job(name);
+        let mut h = HookJob::new(name, job, Duration::from_millis(spec.timeout_ms));
+        // From here on the hook may run: never again (durable before it is spawned).
+        self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
+        let argv0 = spec.argv.first().cloned().unwrap_or_default();
+        let failed = match &spec.place {
+            HookPlace::Unreachable(why) => Some((128, why.clone())),
+            HookPlace::Local | HookPlace::Remote(_) => {
+                let (r, w) = io::pipe()?;
+                let spawned = self.place.start(job, w.as_fd(), w.as_fd());
+                drop(w); // only the hook holds the write end now
+                match spawned {
+                    Ok(p) => {
+                        self.place.release_after(job);
+                        h.process = Some(p);
+                        h.started = Time::now();
+                        h.deadline = Instant::now() + h.timeout;
+                        self.pipes[slot_of(name)] = Some(r);
+                        let rec = HookStart {
+                            hook: name,
+                            process: p,
+                            started_at: h.started,
+                        };
+                        self.journal(&Entry::HookStarted(rec), false)?;
+                        None
+                    }
+                    Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
+                    Err(e) => Some((
+                        exec_failure_code(&e.error),
+                        spawn_failure(&argv0, &e, &spec.place),
+                    )),
+                }
+            }
+        };
+        self.hook = Some(h);
+        match failed {
+            Some((code, why)) => self.end_hook(Some(code), None, Some(why))?,
+            None => notify_agent(format!("{}\n", name.as_str()).as_bytes()),
+        }
+        Ok(())
+    }
+
+    /// Starts the main command and writes its `started` line. A start failure is recorded
+    /// as the run's exit (`StartError`), except for a first command out of resources.
+    fn start_main(&mut self, first: bool) -> io::Result<()> {
+        let (out_r, out_w) = io::pipe()?;
+        let (err_r, err_w) = io::pipe()?;
+        let spawned = self.place.start(MAIN, out_w.as_fd(), err_w.as_fd());
+        drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
+        let main = match spawned {
+            Ok(main) => main,
+            Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
+            Err(e) => return self.main_start_failed(e),
+        };
+        self.place.release_after(MAIN);
+        let started = Time::now();
+        self.main = Some(main);
+        self.started = Some(started);
+        self.deadline = self
+            .launch
+            .timeout_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        self.target_check = self
+            .launch
+            .target
+            .as_ref()
+            .map(|_| Instant::now() + TARGET_CHECK);
+        self.pipes[0] = Some(out_r);
+        self.pipes[1] = Some(err_r);
+        let rec = ShimRecord {
+            shim: self.shim,
+            main: Some(main),
+            started_at: Some(started),
+        };
+        // Not fsynced: the durable claim already says the task may have run; who runs it
+        // only matters until the node restarts. The exit line's fdatasync covers it too.
+        self.journal(&Entry::Started(rec), false)?;
+        notify_agent(b"started\n");
+        Ok(())
+    }
+
+    fn main_start_failed(&mut self, e: SpawnError) -> io::Result<()> {
+        let launch = self.launch;
+        let mut what = format!("failed to start {:?}", launch.argv[0]);
+        if e.step == Step::WorkingDir {
+            match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
+                Some(d) => what.push_str(&format!(": working directory {d:?}")),
+                None => what.push_str(": the main container's working directory"),
+            }
+        }
+        let rec = super::start_error_record(&e.error, &what, launch);
+        self.record_main(rec)
+    }
+
+    pub fn run(&mut self, sigfd: &SignalFd) -> io::Result<()> {
         // Small: zeroing and faulting in a bigger buffer costs every task, chatty or not.
         let mut buf = vec![0u8; 16 * 1024];
         let mut drain_until: Option<Instant> = None;
         loop {
             for exit in self.collect_exits()? {
-                if exit.job == MAIN && !self.main_done {
-                    self.drain(&mut pipes, &mut buf)?;
-                    self.main_exited(exit)?;
-                }
+                self.on_exit(exit, &mut buf)?;
             }
-            if self.main_done && self.children_gone {
+            self.advance()?;
+            if self.phase == Phase::Done && self.children_gone {
                 // Nobody is left to write; give the pipes a moment to drain, then leave.
                 let until =
                     *drain_until.get_or_insert_with(|| Instant::now() + Duration::from_secs(1));
-                if pipes.iter().all(Option::is_none) || Instant::now() >= until {
+                if self.pipes.iter().all(Option::is_none) || Instant::now() >= until {
                     return Ok(());
                 }
             }
@@ -135,7 +308,7 @@ impl<'a> Supervisor<'a> {
             let reaper = self.place.fd().filter(|_| !self.children_gone);
             fds.extend(reaper.map(|fd| PollFd::new(fd, PollFlags::POLLIN)));
             let first_pipe = fds.len();
-            for p in pipes.iter().flatten() {
+            for p in self.pipes.iter().flatten() {
                 fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             }
             match poll(&mut fds, self.poll_timeout(drain_until)) {
@@ -152,10 +325,10 @@ impl<'a> Supervisor<'a> {
                 }
             }
             let mut idx = first_pipe;
-            for (i, slot) in pipes.iter_mut().enumerate() {
-                if slot.is_some() {
+            for i in 0..SLOTS {
+                if self.pipes[i].is_some() {
                     if ready[idx] {
-                        self.pump(i, slot, &mut buf)?;
+                        self.pump(i, &mut buf)?;
                     }
                     idx += 1;
                 }
@@ -165,10 +338,11 @@ impl<'a> Supervisor<'a> {
 
     /// Reaps every exited child of the shim and gathers the commands' exits: from
     /// `waitpid` on the host, from the reaper's reports in a container. A reaper that is
-    /// gone without reporting the main command's exit makes that exit unknown.
+    /// gone without reporting a running command's exit makes that exit unknown.
     fn collect_exits(&mut self) -> io::Result<Vec<JobExit>> {
         let mut exits = Vec::new();
-        let mut reaper_gone = false;
+        // Fresh each time: a command started since the last look is a child again.
+        self.children_gone = false;
         loop {
             let (pid, code, signal) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => break,
@@ -182,54 +356,162 @@ impl<'a> Supervisor<'a> {
                 Err(e) => return Err(e.into()),
             };
             exits.extend(self.place.reaped(pid, code, signal));
-            reaper_gone |= Some(pid) == self.place.spare();
+            self.reaper_gone |= Some(pid) == self.place.spare();
         }
         // Read after reaping: whatever the reaper sent before it died is in the socket.
         exits.extend(self.place.reported_exits());
-        let main_reported = exits.iter().any(|e| e.job == MAIN);
-        if (reaper_gone || self.children_gone) && !self.main_done && !main_reported {
+        let gone = self.reaper_gone || self.children_gone;
+        let reported = |job| exits.iter().any(|e: &JobExit| e.job == job);
+        if gone && self.main.is_some() && !self.main_done && !reported(MAIN) {
             self.main_lost()?;
+        }
+        if let Some(h) = &self.hook
+            && !h.ended
+            && h.process.is_some()
+            && self.place.job_lost(h.job, gone)
+            && !reported(h.job)
+        {
+            let why = if self.target_gone_now() {
+                "the main container is gone"
+            } else {
+                "its reaper inside the main container died"
+            };
+            self.end_hook(None, None, Some(why.to_string()))?;
         }
         Ok(exits)
     }
 
-    /// Moves one read's worth from a task's pipe to its log; `None`s the slot at EOF.
-    fn pump(
+    fn on_exit(&mut self, exit: JobExit, buf: &mut [u8]) -> io::Result<()> {
+        if exit.job == MAIN {
+            if !self.main_done {
+                self.drain(&[0, 1], buf)?;
+                self.main_exited(exit)?;
+            }
+            return Ok(());
+        }
+        let Some(h) = &self.hook else { return Ok(()) };
+        if h.job != exit.job || h.ended {
+            return Ok(());
+        }
+        let (name, timed_out) = (h.name, h.timed_out);
+        if timed_out {
+            // What the hook started after the last round goes too.
+            self.kill_hook(Signal::SIGKILL);
+        }
+        self.drain(&[slot_of(name)], buf)?;
+        self.end_hook(exit.code, exit.signal, None)
+    }
+
+    /// Records the current hook's end (durably).
+    fn end_hook(
         &mut self,
-        i: usize,
-        slot: &mut Option<io::PipeReader>,
-        buf: &mut [u8],
+        code: Option<i32>,
+        signal: Option<i32>,
+        start_error: Option<String>,
     ) -> io::Result<()> {
-        let n = slot.as_mut().map(|p| p.read(buf)).unwrap_or(Ok(0))?;
+        let Some(h) = self.hook.as_mut() else {
+            return Ok(());
+        };
+        h.ended = true;
+        let output = self.tails[slot_of(h.name) - PRE_START_SLOT].text();
+        let rec: HookExit = h.exit_record(code, signal, start_error, output);
+        h.succeeded = rec.succeeded();
+        self.journal(&Entry::HookExit(rec), true)
+    }
+
+    /// Moves the run on: the main command after a `preStart` that succeeded, the
+    /// `postStop` hook once the main command's tree has ended, the end of the run.
+    fn advance(&mut self) -> io::Result<()> {
+        loop {
+            match self.phase {
+                Phase::PreStart => {
+                    let Some(h) = self.hook.as_ref().filter(|h| h.ended) else {
+                        return Ok(());
+                    };
+                    let succeeded = h.succeeded;
+                    self.phase = Phase::Main;
+                    if succeeded && !self.stop_requested {
+                        self.start_main(false)?;
+                    } else {
+                        // The main command never runs.
+                        let rec = ExitRecord {
+                            exit_code: Some(1),
+                            finished_at: Some(Time::now()),
+                            stop_requested: self.stop_requested,
+                            pre_start_failed: true,
+                            ..Default::default()
+                        };
+                        self.record_main(rec)?;
+                    }
+                }
+                Phase::Main => {
+                    if !self.main_done || !matches!(self.stopping, Stopping::No | Stopping::Done) {
+                        return Ok(());
+                    }
+                    self.phase = Phase::PostStop;
+                    self.start_hook(HookName::PostStop, false)?;
+                }
+                Phase::PostStop => {
+                    let pending = self.launch.post_stop.is_some()
+                        && !self
+                            .hook
+                            .as_ref()
+                            .is_some_and(|h| h.name == HookName::PostStop && h.ended);
+                    if pending {
+                        return Ok(());
+                    }
+                    self.finish();
+                }
+                Phase::Done => return Ok(()),
+            }
+        }
+    }
+
+    /// The run is over: releasing the journal's lock and closing the pipe is what tells
+    /// the agent. A stop requested while the `postStop` hook ran stops what is left now.
+    fn finish(&mut self) {
+        self.phase = Phase::Done;
+        self.place.release();
+        self.running_lock = None;
+        release_agent();
+        if self.stop_requested && self.stopping == Stopping::No {
+            self.begin_kill();
+        }
+    }
+
+    /// Moves one read's worth from a pipe to its log; `None`s the slot at EOF.
+    fn pump(&mut self, i: usize, buf: &mut [u8]) -> io::Result<()> {
+        let n = self.pipes[i]
+            .as_mut()
+            .map(|p| p.read(buf))
+            .unwrap_or(Ok(0))?;
         if n == 0 {
-            *slot = None;
+            self.pipes[i] = None;
         } else {
-            let log = if i == 0 {
-                &mut self.stdout
-            } else {
-                &mut self.stderr
-            };
             // A full disk must not kill the supervisor; the output is lost.
-            let _ = log.write(&buf[..n]);
+            let _ = self.logs[i].write(&buf[..n]);
+            if i >= PRE_START_SLOT {
+                self.tails[i - PRE_START_SLOT].push(&buf[..n]);
+            }
         }
         Ok(())
     }
 
-    /// Logs what the pipes already hold. Called once the main process has exited and
-    /// before its exit is recorded, so that a client who sees `terminated` finds all the
-    /// output the task wrote in its log. Bounded, because a background child that
-    /// outlives the task may keep writing.
-    fn drain(&mut self, pipes: &mut [Option<io::PipeReader>; 2], buf: &mut [u8]) -> io::Result<()> {
+    /// Logs what the given pipes already hold. Called once a command has exited and
+    /// before its exit is recorded, so that a client who sees it ended finds all the
+    /// output it wrote in its log. Bounded, because a background child that outlives the
+    /// command may keep writing.
+    fn drain(&mut self, slots: &[usize], buf: &mut [u8]) -> io::Result<()> {
         let mut budget = DRAIN_BUDGET;
         while budget > 0 {
             let mut any = false;
-            for (i, slot) in pipes.iter_mut().enumerate() {
-                let readable = slot.as_ref().is_some_and(|p| {
+            for &i in slots {
+                let readable = self.pipes[i].as_ref().is_some_and(|p| {
                     let mut fd = [PollFd::new(p.as_fd(), PollFlags::POLLIN)];
                     matches!(poll(&mut fd, PollTimeout::ZERO), Ok(n) if n > 0)
                 });
                 if readable {
-                    self.pump(i, slot, buf)?;
+                    self.pump(i, buf)?;
                     any = true;
                     budget = budget.saturating_sub(1);
                 }
@@ -246,11 +528,13 @@ impl<'a> Supervisor<'a> {
             Stopping::Grace(t) | Stopping::Killing(t) => Some(t),
             Stopping::No | Stopping::Done => None,
         };
+        let main_running = self.main.is_some() && !self.main_done;
         let next = [
-            self.deadline.filter(|_| !self.main_done && !self.timed_out),
+            self.deadline.filter(|_| main_running && !self.timed_out),
             kill_at,
-            self.target_check.filter(|_| !self.main_done),
+            self.target_check.filter(|_| main_running),
             drain_until,
+            self.hook.as_ref().and_then(HookJob::next_timer),
         ]
         .into_iter()
         .flatten()
@@ -267,9 +551,28 @@ impl<'a> Supervisor<'a> {
         }
     }
 
+    /// A stop request (DELETE, or the init stopping the container). While `preStart`
+    /// runs it stops the hook (the main command then never runs); while the main
+    /// command runs, its tree; while `postStop` runs, nothing yet: the hook runs to its
+    /// end or timeout, then what is left is stopped.
     fn request_stop(&mut self) {
         self.stop_requested = true;
-        self.begin_kill();
+        match self.phase {
+            Phase::PreStart => {
+                if let Some(h) = self
+                    .hook
+                    .as_mut()
+                    .filter(|h| !h.ended && h.stop == HookStop::No)
+                {
+                    h.stop = HookStop::Grace(
+                        Instant::now() + Duration::from_millis(self.launch.grace_ms),
+                    );
+                    self.kill_hook(Signal::SIGTERM);
+                }
+            }
+            Phase::Main | Phase::Done => self.begin_kill(),
+            Phase::PostStop => {}
+        }
     }
 
     /// SIGTERM to the whole task, SIGKILL after the grace period; once only.
@@ -285,19 +588,38 @@ impl<'a> Supervisor<'a> {
     /// commands not reaped yet, and every descendant of the shim (through handles), the
     /// reaper excepted. Returns how many descendants were left.
     fn signal_tree(&self, sig: Signal) -> usize {
-        self.place.signal_groups(sig);
+        self.place.signal_groups(None, sig);
         kill::signal_descendants(self.proc.as_fd(), self.me, self.place.spare(), sig)
+    }
+
+    /// Signals the current hook's tree: its group while unreaped, and every descendant of
+    /// the shim that started with it or later (see `signal_descendants_since`). Returns
+    /// how many are left.
+    fn kill_hook(&self, sig: Signal) -> usize {
+        let Some(h) = &self.hook else { return 0 };
+        let Some(p) = h.process else { return 0 };
+        if !h.ended {
+            self.place.signal_groups(Some(h.job), sig);
+        }
+        kill::signal_descendants_since(
+            self.proc.as_fd(),
+            self.me,
+            self.place.spare(),
+            Some(p.start_time),
+            Some(sig),
+        )
     }
 
     fn check_timers(&mut self) {
         let now = Instant::now();
-        if !self.main_done && !self.timed_out && self.deadline.is_some_and(|d| now >= d) {
+        let main_running = self.main.is_some() && !self.main_done;
+        if main_running && !self.timed_out && self.deadline.is_some_and(|d| now >= d) {
             self.timed_out = true;
             self.begin_kill();
         }
         if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref())
             && now >= t
-            && !self.main_done
+            && main_running
         {
             self.target_check = Some(now + TARGET_CHECK);
             if !target.process.is_alive() && !self.target_gone {
@@ -306,15 +628,57 @@ impl<'a> Supervisor<'a> {
                 self.begin_kill();
             }
         }
-        if let Stopping::Grace(t) | Stopping::Killing(t) = self.stopping
+        match self.stopping {
+            Stopping::Grace(t) | Stopping::Killing(t) if now >= t => {
+                // Grace is over: SIGKILL everything left, again every 100 ms until none is.
+                let left = self.signal_tree(Signal::SIGKILL);
+                self.stopping = if left == 0 && self.main_done {
+                    Stopping::Done
+                } else {
+                    Stopping::Killing(now + KILL_AGAIN)
+                };
+            }
+            Stopping::Grace(_) if self.main_done => {
+                // The main command ended within the grace period: once nothing of it is
+                // left, the run goes on (a `postStop` hook) without waiting out the grace.
+                let left = kill::signal_descendants_since(
+                    self.proc.as_fd(),
+                    self.me,
+                    self.place.spare(),
+                    None,
+                    None,
+                );
+                if left == 0 {
+                    self.stopping = Stopping::Done;
+                }
+            }
+            _ => {}
+        }
+        self.check_hook_timers(now);
+    }
+
+    fn check_hook_timers(&mut self, now: Instant) {
+        let Some(h) = self.hook.as_mut() else { return };
+        if h.process.is_none() {
+            return;
+        }
+        if !h.ended && !h.timed_out && now >= h.deadline {
+            // Over its timeout: its whole tree is killed, and it counts as failed.
+            h.timed_out = true;
+            h.stop = HookStop::Killing(now + hooks::KILL_AGAIN);
+            self.kill_hook(Signal::SIGKILL);
+            return;
+        }
+        if let HookStop::Grace(t) | HookStop::Killing(t) = h.stop
             && now >= t
         {
-            // Grace is over: SIGKILL everything left, again every 100 ms until none is.
-            let left = self.signal_tree(Signal::SIGKILL);
-            self.stopping = if left == 0 && self.main_done {
-                Stopping::Done
+            let ended = h.ended;
+            let left = self.kill_hook(Signal::SIGKILL);
+            let h = self.hook.as_mut().expect("checked above");
+            h.stop = if left == 0 && ended {
+                HookStop::No
             } else {
-                Stopping::Killing(now + KILL_AGAIN)
+                HookStop::Killing(now + hooks::KILL_AGAIN)
             };
         }
     }
@@ -332,14 +696,14 @@ impl<'a> Supervisor<'a> {
         let rec = ExitRecord {
             exit_code: exit.code,
             signal: exit.signal,
-            started_at: Some(self.started),
+            started_at: self.started,
             finished_at: Some(Time::now()),
             timed_out: self.timed_out,
             stop_requested: self.stop_requested,
             target_gone: self.target_gone_now(),
             ..Default::default()
         };
-        self.record(rec)
+        self.record_main(rec)
     }
 
     /// The reaper inside the main container is gone and never reported the task's exit.
@@ -348,12 +712,12 @@ impl<'a> Supervisor<'a> {
     /// the task's is stopped (its group, while its leader is unreaped).
     fn main_lost(&mut self) -> io::Result<()> {
         let target_gone = self.target_gone_now();
-        if !target_gone {
-            proc_handle::signal_group(&self.main, Signal::SIGKILL);
+        if !target_gone && let Some(main) = &self.main {
+            proc_handle::signal_group(main, Signal::SIGKILL);
         }
         let rec = ExitRecord {
             signal: target_gone.then_some(Signal::SIGKILL as i32),
-            started_at: Some(self.started),
+            started_at: self.started,
             finished_at: Some(Time::now()),
             timed_out: self.timed_out,
             stop_requested: self.stop_requested,
@@ -361,17 +725,33 @@ impl<'a> Supervisor<'a> {
             unrecorded: (!target_gone).then_some(Unrecorded::SupervisorLost),
             ..Default::default()
         };
-        self.record(rec)
+        self.record_main(rec)
     }
 
-    fn record(&mut self, rec: ExitRecord) -> io::Result<()> {
+    /// Writes the main command's exit line (durably); the run goes on with `postStop`.
+    fn record_main(&mut self, rec: ExitRecord) -> io::Result<()> {
         self.main_done = true;
-        if let Some(journal) = self.running_lock.as_mut() {
-            records::append(journal, &Entry::Exit(rec), true)?;
-        }
-        // Releasing the lock and closing the pipe is what tells the agent the task finished.
-        self.running_lock = None;
-        release_agent();
-        Ok(())
+        self.journal(&Entry::Exit(rec), true)
     }
+}
+
+/// The exit code of a command that could not be started, as shells give it.
+pub fn exec_failure_code(e: &io::Error) -> i32 {
+    match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+        Errno::ENOENT => 127, // as shells report "command not found"
+        Errno::EACCES => 126,
+        _ => 128,
+    }
+}
+
+/// Why a hook could not be started, as its status says.
+fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace) -> String {
+    let mut why = hooks::start_failure(argv0, &e.error);
+    if e.step == Step::WorkingDir {
+        why.push_str(" (the task's working directory)");
+    }
+    if matches!(place, HookPlace::Remote(_)) && e.step == Step::Setup {
+        why.push_str(" (inside the main container)");
+    }
+    why
 }
