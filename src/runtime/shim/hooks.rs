@@ -43,6 +43,8 @@ pub struct HookJob {
     pub ended: bool,
     /// It ended with exit code 0, in time.
     pub succeeded: bool,
+    /// The trees under the shim when it started (the main command's daemons): not its.
+    pub before: Vec<(i32, u64)>,
 }
 
 impl HookJob {
@@ -58,6 +60,7 @@ impl HookJob {
             stop: HookStop::No,
             ended: false,
             succeeded: false,
+            before: Vec::new(),
         }
     }
 

@@ -27,35 +27,66 @@ pub fn signal_descendants(
     spare: Option<i32>,
     sig: Signal,
 ) -> usize {
-    signal_descendants_since(proc, root, spare, None, Some(sig))
+    signal_subtrees(proc, root, spare, None, Some(sig))
 }
 
-/// As `signal_descendants`, with `since` (clock ticks after boot): only the subtrees
-/// whose top (a child of `root` or of `spare`) started at or after it. A hook's tree is
-/// that: every process the hook started is its descendant, or an orphan adopted by the
-/// subreaper after the hook started, while what the main command left running (its
-/// daemons) started before. With `sig` `None` it only counts them.
-pub fn signal_descendants_since(
+/// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
+/// `spare`) is not in `exclude` (pid, start time). A hook's tree is that, with `exclude`
+/// the tops that were there when it started: every process the hook started is its
+/// descendant, or an orphan adopted by the subreaper since, while what the main command
+/// left running (its daemons) was there before. With `sig` `None` it only counts them.
+pub fn signal_subtrees(
     proc: BorrowedFd<'_>,
     root: i32,
     spare: Option<i32>,
-    since: Option<u64>,
+    exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
 ) -> usize {
     let Ok((root_handle, _)) = ProcHandle::open_at(proc, root) else {
         return 0;
     };
     match root_handle.children() {
-        Some(_) => walk_children(proc, root_handle, spare, since, sig),
-        None => walk_scan(proc, root, spare, since, sig),
+        Some(_) => walk_children(proc, root_handle, spare, exclude, sig),
+        None => walk_scan(proc, root, spare, exclude, sig),
     }
 }
 
+/// The tops of the trees under `root` now: its children and `spare`'s (pid, start time).
+pub fn tops(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>) -> Vec<(i32, u64)> {
+    let mut out = Vec::new();
+    for parent in std::iter::once(root).chain(spare) {
+        let kids = match ProcHandle::open_at(proc, parent) {
+            Ok((h, _)) => h.children(),
+            Err(_) => continue,
+        };
+        let kids = kids.unwrap_or_else(|| {
+            procfs::pids_at(proc)
+                .into_iter()
+                .filter(|p| procfs::stat_at(proc, *p).is_some_and(|s| s.ppid == parent))
+                .collect()
+        });
+        for pid in kids {
+            if Some(pid) != spare
+                && let Some(st) = procfs::stat_at(proc, pid)
+            {
+                out.push((pid, st.start_time));
+            }
+        }
+    }
+    out
+}
+
 /// Whether a process is in the selected trees: a top (a child of the root or of the
-/// spared reaper) by its start time, any other process as its parent is.
-fn selected(top: bool, parent_selected: bool, start: u64, since: Option<u64>) -> bool {
+/// spared reaper) unless excluded, any other process as its parent is.
+fn selected(
+    top: bool,
+    parent_selected: bool,
+    pid: i32,
+    start: u64,
+    exclude: Option<&[(i32, u64)]>,
+) -> bool {
     if top {
-        since.is_none_or(|s| start >= s)
+        exclude.is_none_or(|ex| !ex.contains(&(pid, start)))
     } else {
         parent_selected
     }
@@ -69,7 +100,7 @@ fn walk_children(
     proc: BorrowedFd<'_>,
     root: ProcHandle,
     spare: Option<i32>,
-    since: Option<u64>,
+    exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
 ) -> usize {
     let root_pid = root.pid;
@@ -93,7 +124,7 @@ fn walk_children(
                 tree.push((h, false, false));
                 continue;
             }
-            let sel = selected(top, parent_selected, st.start_time, since);
+            let sel = selected(top, parent_selected, pid, st.start_time, exclude);
             tree.push((h, sel, sel && st.state != 'Z'));
         }
     }
@@ -112,7 +143,7 @@ fn walk_scan(
     proc: BorrowedFd<'_>,
     root: i32,
     spare: Option<i32>,
-    since: Option<u64>,
+    exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
 ) -> usize {
     let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
@@ -133,7 +164,7 @@ fn walk_scan(
                 stack.push((pid, false));
                 continue;
             }
-            let sel = selected(top, parent_selected, start, since);
+            let sel = selected(top, parent_selected, pid, start, exclude);
             stack.push((pid, sel));
             if !sel {
                 continue;

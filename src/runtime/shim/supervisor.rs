@@ -193,6 +193,7 @@ impl<'a> Supervisor<'a> {
         };
         let job = hook_job(name);
         let mut h = HookJob::new(name, job, Duration::from_millis(spec.timeout_ms));
+        h.before = kill::tops(self.proc.as_fd(), self.me, self.place.spare());
         // From here on the hook may run: never again (durable before it is spawned).
         self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
         let argv0 = spec.argv.first().cloned().unwrap_or_default();
@@ -303,6 +304,8 @@ impl<'a> Supervisor<'a> {
                 }
             }
             self.check_timers();
+            // A timer may have ended a stop (or a hook): the run moves on before polling.
+            self.advance()?;
 
             let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
             let reaper = self.place.fd().filter(|_| !self.children_gone);
@@ -362,7 +365,11 @@ impl<'a> Supervisor<'a> {
         exits.extend(self.place.reported_exits());
         let gone = self.reaper_gone || self.children_gone;
         let reported = |job| exits.iter().any(|e: &JobExit| e.job == job);
-        if gone && self.main.is_some() && !self.main_done && !reported(MAIN) {
+        if self.place.job_lost(MAIN, gone)
+            && self.main.is_some()
+            && !self.main_done
+            && !reported(MAIN)
+        {
             self.main_lost()?;
         }
         if let Some(h) = &self.hook
@@ -592,20 +599,22 @@ impl<'a> Supervisor<'a> {
         kill::signal_descendants(self.proc.as_fd(), self.me, self.place.spare(), sig)
     }
 
-    /// Signals the current hook's tree: its group while unreaped, and every descendant of
-    /// the shim that started with it or later (see `signal_descendants_since`). Returns
-    /// how many are left.
+    /// Signals the current hook's tree: its group while unreaped, and every tree under
+    /// the shim that was not there when it started (see `signal_subtrees`). Returns how
+    /// many are left.
     fn kill_hook(&self, sig: Signal) -> usize {
         let Some(h) = &self.hook else { return 0 };
-        let Some(p) = h.process else { return 0 };
+        if h.process.is_none() {
+            return 0;
+        }
         if !h.ended {
             self.place.signal_groups(Some(h.job), sig);
         }
-        kill::signal_descendants_since(
+        kill::signal_subtrees(
             self.proc.as_fd(),
             self.me,
             self.place.spare(),
-            Some(p.start_time),
+            Some(&h.before),
             Some(sig),
         )
     }
@@ -641,7 +650,7 @@ impl<'a> Supervisor<'a> {
             Stopping::Grace(_) if self.main_done => {
                 // The main command ended within the grace period: once nothing of it is
                 // left, the run goes on (a `postStop` hook) without waiting out the grace.
-                let left = kill::signal_descendants_since(
+                let left = kill::signal_subtrees(
                     self.proc.as_fd(),
                     self.me,
                     self.place.spare(),
