@@ -2,7 +2,6 @@
 //! its stdout and stderr, `prestart.log` / `poststop.log`, with an output index of its
 //! own) and the tail of its output kept for the task's status.
 
-use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -131,11 +130,6 @@ impl Tail {
         }
         String::from_utf8_lossy(b).into_owned()
     }
-}
-
-/// The message of a hook that could not be started.
-pub fn start_failure(argv0: &str, e: &io::Error) -> String {
-    format!("failed to start {argv0:?}: {e}")
 }
 
 #[cfg(test)]

@@ -221,7 +221,7 @@ impl<'a> Supervisor<'a> {
                     Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
                     Err(e) => Some((
                         exec_failure_code(&e.error),
-                        spawn_failure(&argv0, &e, &spec.place),
+                        spawn_failure(&argv0, &e, &spec.place, self.launch),
                     )),
                 }
             }
@@ -754,13 +754,25 @@ pub fn exec_failure_code(e: &io::Error) -> i32 {
 }
 
 /// Why a hook could not be started, as its status says.
-fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace) -> String {
-    let mut why = hooks::start_failure(argv0, &e.error);
-    if e.step == Step::WorkingDir {
-        why.push_str(" (the task's working directory)");
+fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace, launch: &Launch) -> String {
+    let inside = match place {
+        HookPlace::Remote(_) => " inside the main container",
+        _ => "",
+    };
+    match (
+        e.step,
+        launch.working_dir.as_deref().filter(|d| !d.is_empty()),
+    ) {
+        (Step::WorkingDir, Some(d)) => {
+            format!(
+                "failed to start {argv0:?}{inside}: working directory {d:?}: {}",
+                e.error
+            )
+        }
+        (Step::WorkingDir, None) => format!(
+            "failed to start {argv0:?}{inside}: the main container's working directory: {}",
+            e.error
+        ),
+        _ => format!("failed to start {argv0:?}{inside}: {}", e.error),
     }
-    if matches!(place, HookPlace::Remote(_)) && e.step == Step::Setup {
-        why.push_str(" (inside the main container)");
-    }
-    why
 }
