@@ -42,7 +42,7 @@ pub fn running_lock(dir: &Path) -> PathBuf {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Entry {
-    Launch(Launch),
+    Launch(Box<Launch>),
     Claimed(Claim),
     Unclaimed(Unclaim),
     Started(ShimRecord),
@@ -112,7 +112,7 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
     for line in text.split(|b| *b == b'\n') {
         // Only complete, valid lines count: a torn write is not a record.
         match serde_json::from_slice::<Entry>(line) {
-            Ok(Entry::Launch(l)) => run.launch = Some(l),
+            Ok(Entry::Launch(l)) => run.launch = Some(*l),
             Ok(Entry::Claimed(c)) => run.claimed = Some(c),
             Ok(Entry::Unclaimed(_)) => run.claimed = None,
             Ok(Entry::Started(s)) => run.started = Some(s),
@@ -147,7 +147,7 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
         .truncate(true)
         .mode(0o600) // holds the task's environment
         .open(dir.join(RUN))?;
-    f.write_all(&line(&Entry::Launch(launch.clone()))?)
+    f.write_all(&line(&Entry::Launch(Box::new(launch.clone())))?)
 }
 
 /// Appends a line; with `durable`, fdatasyncs the journal (this line and all before it;
