@@ -7,7 +7,7 @@
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
 //! `records::SHIM_HELLO` before anything else (EOF without it: no shim ever took the task,
 //! which may then be launched again), `started` once the journal (`run.jsonl`) names the
-//! running task, or a start failure line (with an errno when nothing of the task was
+//! running task (`preStart` / `postStop` when a lifecycle hook starts), or a start failure line (with an errno when nothing of the task was
 //! spawned and its claim was given back: out of processes is retried), and closes the pipe
 //! once the exit line is written (or a start failure recorded), so each message means
 //! "look at the journal" and EOF means "finished" (or "the shim died"). An agent restarted
