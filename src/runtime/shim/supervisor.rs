@@ -304,8 +304,13 @@ impl<'a> Supervisor<'a> {
                 }
             }
             self.check_timers();
-            // A timer may have ended a stop (or a hook): the run moves on before polling.
+            // A timer may have ended a stop (or a hook): the run moves on, and the loop
+            // looks again before it sleeps.
+            let before = self.phase;
             self.advance()?;
+            if self.phase != before {
+                continue;
+            }
 
             let mut fds = vec![PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
             let reaper = self.place.fd().filter(|_| !self.children_gone);
