@@ -89,7 +89,7 @@ fn controller_examples_are_what_the_agent_takes_and_answers() {
 }
 
 #[test]
-fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_is_refused_until_hooks_run() {
+fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_runs() {
     use task_executor::api::wire::TaskRequest;
     use task_executor::task::fields;
 
@@ -114,27 +114,55 @@ fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_is_refused_until_hooks
     );
     assert_eq!(again, LIFECYCLE_REQUEST);
 
-    // Hooks are not run yet: the task is refused, not run without them.
-    let agent = Agent::start(&[]);
-    for query in ["", "?fieldValidation=Strict"] {
-        let r = agent.call(
-            "POST",
-            &format!("/setTasks{query}"),
-            Some(LIFECYCLE_REQUEST),
-        );
-        assert_eq!(r.status, 400, "{}", r.text());
-        assert!(
-            r.json()["message"]
-                .as_str()
-                .unwrap()
-                .contains("lifecycle hooks are not supported yet"),
-            "{}",
-            r.text()
-        );
-        assert_eq!(r.header("warning"), None, "every field is known");
-    }
-    assert_eq!(
-        agent.call("GET", "/getTasks", None).json(),
-        serde_json::json!([])
+    // Accepted as sent, and run. Its main command is `Remote`: with no main container
+    // the task ends `TargetNotFound` before anything of it (a hook included) runs.
+    let request: Value = serde_json::from_str(LIFECYCLE_REQUEST).unwrap();
+    let name = request[0]["name"].as_str().unwrap();
+    let container = format!("examples-main-{}", std::process::id());
+    let agent = Agent::start(&["--main-container-name", &container]);
+    let r = agent.call(
+        "POST",
+        "/setTasks?fieldValidation=Strict",
+        Some(LIFECYCLE_REQUEST),
     );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("warning"), None, "every field is known");
+    assert_eq!(
+        r.json()[0]["process"],
+        request[0]["process"],
+        "echoed as sent"
+    );
+    let t = agent.wait_state(name, "terminated", T);
+    assert_eq!(t["reason"], "TargetNotFound", "{t}");
+    assert!(agent.get(name).unwrap()["status"].get("hooks").is_none());
+
+    // With a main container (a stand-in in real namespaces) it runs: its `preStart`
+    // runs first, in the agent's container, with the task's working directory
+    // `/workspace`, which this machine lacks, so the hook can't start and the main
+    // command never runs; its `postStop` (`Remote`, as the task) runs too.
+    let _main = support::standin::MainContainer::start(&container, "examples-main");
+    let r = agent.call("POST", "/setTasks", Some("[]"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    agent.wait_gone(name, T);
+    let r = agent.call("POST", "/setTasks", Some(LIFECYCLE_REQUEST));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = agent.wait_state(name, "terminated", T);
+    assert_eq!(t["reason"], "PreStartHookFailed", "{t}");
+    assert_eq!(t["exitCode"], 1, "{t}");
+    let msg = t["message"].as_str().unwrap();
+    let want = r#"preStart hook could not be started: failed to start "sh": working directory "/workspace""#;
+    assert!(msg.starts_with(want), "{msg}");
+    let status = &agent.get(name).unwrap()["status"];
+    assert_eq!(
+        status["hooks"]["preStart"]["terminated"]["exitCode"], 127,
+        "{status}"
+    );
+    let post = status["hooks"]["postStop"]["terminated"]["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        post.contains(r#"inside the main container: working directory "/workspace""#),
+        "{status}"
+    );
+    assert_eq!(agent.stdout(name), "", "the main command never ran");
 }

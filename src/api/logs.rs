@@ -26,6 +26,7 @@ use super::access::StreamMeter;
 use super::error::ApiError;
 use super::handlers::AppState;
 use crate::runtime::tasklog::{LogSet, Piece, Reader, index::now_ns};
+use crate::task::model::HookName;
 
 /// Bytes per chunk of the answer (and per blocking read batch).
 const BATCH: usize = 64 * 1024;
@@ -36,9 +37,17 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     // Subscribe before looking, so that an end between the two is not missed.
     let changes = follow.then(|| state.manager.subscribe());
     let view = state.manager.get(name)?;
-    let ended = view.state.is_terminated();
+    let ended = has_ended(&view, q.hook);
     let dir = state.manager.store().dir(name);
-    let set = LogSet::of_task(&dir, view.spec.is_container_task());
+    let set = match q.hook {
+        None => LogSet::of_task(&dir, view.spec.is_container_task()),
+        Some(_) if view.spec.is_container_task() => {
+            return Err(ApiError::bad_request(format!(
+                "hook: task {name} is a container task; lifecycle hooks belong to process tasks"
+            )));
+        }
+        Some(h) => LogSet::of_hook(&dir, h),
+    };
     let watch = match follow && !ended {
         true => Some(watch::DirWatch::new(&dir).map_err(|e| match e.kind() {
             // Deleted since it was looked up.
@@ -75,6 +84,7 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     let follower = Follower {
         state: state.clone(),
         name: name.to_string(),
+        hook: q.hook,
         select,
         tx,
         meter: meter.clone(),
@@ -91,9 +101,22 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
     Ok(resp)
 }
 
+/// The output asked for is complete: the task has terminated (or, for a hook's output,
+/// that hook has ended).
+fn has_ended(view: &crate::manager::TaskView, hook: Option<HookName>) -> bool {
+    view.state.is_terminated()
+        || hook.is_some_and(|h| {
+            view.hooks
+                .as_ref()
+                .and_then(|s| s.get(h))
+                .is_some_and(|s| s.is_terminated())
+        })
+}
+
 struct Follower {
     state: Arc<AppState>,
     name: String,
+    hook: Option<HookName>,
     select: Select,
     tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
     meter: StreamMeter,
@@ -123,7 +146,7 @@ impl Follower {
                 .state
                 .manager
                 .get(&self.name)
-                .map_or(true, |v| v.state.is_terminated());
+                .map_or(true, |v| has_ended(&v, self.hook));
             if !self.drain(ended).await || ended {
                 tracing::debug!(task = %self.name, secs = started.elapsed().as_secs_f64(), "log follower done");
                 return;

@@ -352,7 +352,8 @@ fn build() -> Value {
             },
             "/tasks/{name}/logs": {"get": {
                 "operationId": "taskLogs",
-                "summary": "The task's output (stdout and stderr) as plain text, as written",
+                "summary": "The task's output (stdout and stderr; with hook=, a lifecycle hook's) \
+                            as plain text, as written",
                 "parameters": log_params,
                 "responses": {
                     "200": text("the output; with follow=true a stream that ends once the task has \
@@ -413,6 +414,7 @@ mod tests {
             names,
             [
                 "follow",
+                "hook",
                 "limitBytes",
                 "name",
                 "sinceSeconds",

@@ -139,7 +139,10 @@ impl From<TaskView> for TaskResponse {
             process,
             pod_template_spec: v.spec.pod_template_spec.clone(),
             process_status: v.state.clone(),
-            status: TaskStatus { state: v.state },
+            status: TaskStatus {
+                state: v.state,
+                hooks: v.hooks,
+            },
             spec: v.spec,
         }
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::manager::TaskView;
 use crate::task::fields;
-use crate::task::model::{TaskSpec, TaskState};
+use crate::task::model::{self, HookStatuses, TaskSpec, TaskState};
 
 pub const GROUP: &str = "task-executor.io";
 /// Set by the agent on every Task it runs; removed once the task's processes are gone.
@@ -126,6 +126,9 @@ pub struct TaskCrStatus {
     /// The full state, as the HTTP API shows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<TaskState>,
+    /// The lifecycle hooks' states, as the HTTP API shows them (`status.hooks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<HookStatuses>,
     /// The generation of the spec the agent ran (later spec changes are not applied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -140,23 +143,33 @@ pub mod phase {
 
 impl TaskCrStatus {
     /// The status that shows `state`.
-    pub fn from_state(state: &TaskState, observed_generation: Option<i64>) -> Self {
+    pub fn from_state(
+        state: &TaskState,
+        hooks: Option<&HookStatuses>,
+        observed_generation: Option<i64>,
+    ) -> Self {
         let (phase, exit_code) = match state {
             TaskState::Waiting(_) => (phase::WAITING, None),
             TaskState::Running(_) => (phase::RUNNING, None),
-            TaskState::Terminated(t) if t.exit_code == 0 => (phase::SUCCEEDED, Some(0)),
+            // A failed `postStop` hook keeps the exit code 0 of the command, not the phase.
+            TaskState::Terminated(t)
+                if t.exit_code == 0 && t.reason != model::reason::POST_STOP_HOOK_FAILED =>
+            {
+                (phase::SUCCEEDED, Some(0))
+            }
             TaskState::Terminated(t) => (phase::FAILED, Some(t.exit_code)),
         };
         TaskCrStatus {
             phase: Some(phase.to_string()),
             exit_code,
             state: Some(state.clone()),
+            hooks: hooks.cloned(),
             observed_generation,
         }
     }
 
     pub fn from_view(view: &TaskView, observed_generation: Option<i64>) -> Self {
-        Self::from_state(&view.state, observed_generation)
+        Self::from_state(&view.state, view.hooks.as_ref(), observed_generation)
     }
 
     /// True once the status says the task started (or ended): such a Task is never run again.
@@ -250,15 +263,15 @@ mod tests {
         let term = |code| {
             TaskState::Terminated(Terminated::from_exit(Some(code), None, None, Time::now()))
         };
-        let s = TaskCrStatus::from_state(&term(0), Some(1));
+        let s = TaskCrStatus::from_state(&term(0), None, Some(1));
         assert_eq!(
             (s.phase.as_deref(), s.exit_code, s.observed_generation),
             (Some("Succeeded"), Some(0), Some(1))
         );
-        let s = TaskCrStatus::from_state(&term(3), None);
+        let s = TaskCrStatus::from_state(&term(3), None, None);
         assert_eq!((s.phase.as_deref(), s.exit_code), (Some("Failed"), Some(3)));
         assert!(s.has_run());
-        let s = TaskCrStatus::from_state(&TaskState::initialized(), None);
+        let s = TaskCrStatus::from_state(&TaskState::initialized(), None, None);
         assert_eq!((s.phase.as_deref(), s.exit_code), (Some("Waiting"), None));
         assert!(!s.has_run());
         let v = serde_json::to_value(&s).unwrap();

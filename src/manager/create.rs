@@ -23,13 +23,6 @@ impl Manager {
             return Err(ManagerError::InvalidName(why));
         }
         spec.validate().map_err(ManagerError::InvalidSpec)?;
-        // Hooks are part of the model (and checked above) but not run yet: refusing the
-        // task is better than running it without them.
-        if spec.lifecycle_hooks().is_some() {
-            return Err(ManagerError::InvalidSpec(
-                "process.lifecycle: lifecycle hooks are not supported yet".into(),
-            ));
-        }
         self.runtimes.for_spec(spec)?.validate(spec)?;
         Ok(())
     }

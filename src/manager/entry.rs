@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::watch;
 
-use crate::task::model::{TaskSpec, TaskState};
+use crate::task::model::{HookStatuses, TaskSpec, TaskState};
 use crate::task::store::TaskRecord;
 use crate::task::time::Time;
 
@@ -15,6 +15,8 @@ pub struct TaskView {
     pub name: String,
     pub spec: TaskSpec,
     pub state: TaskState,
+    /// How its lifecycle hooks are or ended (`None` before the first one started).
+    pub hooks: Option<HookStatuses>,
     pub deletion_timestamp: Option<Time>,
 }
 
@@ -30,6 +32,8 @@ pub(super) enum Persisted {
 pub(super) struct Entry {
     record: Mutex<TaskRecord>,
     state: Mutex<TaskState>,
+    /// Locked after `state` when both are.
+    hooks: Mutex<Option<HookStatuses>>,
     /// Held while the task starts, stops or its record is rewritten, so those never
     /// overlap: a delete waits for a start in flight, and two updates of `task.json` are
     /// never written at once.
@@ -44,6 +48,7 @@ impl Entry {
         Arc::new(Entry {
             record: Mutex::new(record),
             state: Mutex::new(state),
+            hooks: Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
             deleting: tokio::sync::Mutex::new(()),
             persisted: watch::channel(persisted).0,
@@ -59,14 +64,22 @@ impl Entry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(super) fn hooks(&self) -> MutexGuard<'_, Option<HookStatuses>> {
+        self.hooks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(super) fn view(&self) -> TaskView {
         // State before record, the order `apply` takes them in: the opposite deadlocks.
-        let state = self.state().clone();
+        let (state, hooks) = {
+            let state = self.state();
+            (state.clone(), self.hooks().clone())
+        };
         let rec = self.record();
         TaskView {
             name: rec.name.clone(),
             spec: rec.spec.clone(),
             state,
+            hooks,
             deletion_timestamp: rec.deletion_timestamp,
         }
     }

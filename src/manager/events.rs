@@ -10,30 +10,58 @@ use crate::runtime::{Observed, RuntimeEvent};
 use crate::task::model::{self, TaskState};
 
 impl Manager {
-    /// Moves the task's state forward (never back: a late "running" never hides an exit).
+    /// Moves the task's state forward (never back: a late "running" never hides an exit;
+    /// a waiting task may show another reason), and its hooks' states with it.
     pub(super) fn apply(&self, entry: &Entry, observed: Observed) {
+        let (observed, hooks) = match observed {
+            Observed::WithHooks(o, h) => (*o, Some(h)),
+            o => (o, None),
+        };
         let new = match observed {
+            Observed::Waiting(w) => TaskState::Waiting(w),
             Observed::Running { started_at } => TaskState::Running(model::Running { started_at }),
             Observed::Terminated(t) => TaskState::Terminated(t),
+            Observed::WithHooks(..) => return, // never nested
         };
         let mut state = entry.state();
-        if new.rank() <= state.rank() {
-            return;
-        }
-        let name = entry.name();
-        match &new {
-            TaskState::Terminated(t) => tracing::info!(
-                task = %name, from = state.name(), to = "terminated",
-                exit_code = t.exit_code, reason = %t.reason, "task state changed"
-            ),
-            _ => {
-                tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
+        let mut changed = false;
+        if let Some(h) = hooks {
+            let mut mine = entry.hooks();
+            let merged = mine.get_or_insert_with(Default::default);
+            let before = merged.clone();
+            merged.merge(&h);
+            changed = *merged != before;
+            if merged.is_empty() {
+                *mine = None;
             }
         }
-        self.record_metrics(entry, &state, &new);
-        *state = new;
+        let moves = new.rank() > state.rank()
+            || (matches!(
+                (&*state, &new),
+                (TaskState::Waiting(_), TaskState::Waiting(_))
+            ) && *state != new);
+        let name = entry.name();
+        if moves {
+            match &new {
+                TaskState::Terminated(t) => tracing::info!(
+                    task = %name, from = state.name(), to = "terminated",
+                    exit_code = t.exit_code, reason = %t.reason, "task state changed"
+                ),
+                TaskState::Waiting(w) => tracing::info!(
+                    task = %name, from = state.name(), to = "waiting",
+                    reason = w.reason.as_deref().unwrap_or(""), "task state changed"
+                ),
+                _ => {
+                    tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
+                }
+            }
+            self.record_metrics(entry, &state, &new);
+            *state = new;
+        }
         drop(state);
-        self.changed(&name);
+        if moves || changed {
+            self.changed(&name);
+        }
     }
 
     fn on_event(&self, ev: RuntimeEvent) {

@@ -192,6 +192,10 @@ impl Manager {
             uid: rec.uid.clone(),
             dir: self.store.dir(&rec.name),
             spec: rec.spec.clone(),
+            exec_mode: rec
+                .exec_mode
+                .or_else(|| self.runtimes.exec_mode_for(&rec.spec))
+                .unwrap_or(crate::task::model::ExecMode::Local),
         }
     }
 

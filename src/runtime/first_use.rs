@@ -115,6 +115,7 @@ mod tests {
             uid: "u".into(),
             dir: "/nonexistent".into(),
             spec: TaskSpec::default(),
+            exec_mode: crate::task::model::ExecMode::Local,
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         rt.stop(task.clone(), Duration::ZERO).await.unwrap();

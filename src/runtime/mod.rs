@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 
 pub use error::RuntimeError;
 
-use crate::task::model::{ExecMode, TaskSpec, Terminated};
+use crate::task::model::{ExecMode, HookName, HookStatuses, TaskSpec, Terminated, Waiting};
 use crate::task::time::Time;
 
 /// What a runtime needs to know about one incarnation of a task.
@@ -52,13 +52,21 @@ pub struct TaskRef {
     /// The task's own directory under the data dir (records, logs).
     pub dir: PathBuf,
     pub spec: TaskSpec,
+    /// Where its process runs (decided when it was created; `Local` for container tasks).
+    pub exec_mode: ExecMode,
 }
 
 /// A state a runtime observed.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Observed {
-    Running { started_at: Time },
+    /// Not started yet, for the reason given (its `preStart` hook runs, say).
+    Waiting(Waiting),
+    Running {
+        started_at: Time,
+    },
     Terminated(Terminated),
+    /// One of the above, with how the task's lifecycle hooks are or ended.
+    WithHooks(Box<Observed>, HookStatuses),
 }
 
 /// Sent by a runtime when a task's state changes after `start`/`adopt` returned.
@@ -158,9 +166,20 @@ impl Runtimes {
                 .as_ref()
                 .ok_or(RuntimeError::ContainerModeDisabled);
         }
-        match decided.or_else(|| self.exec_mode_for(spec)) {
-            Some(ExecMode::Remote) => Ok(&self.sidecar),
-            _ => Ok(&self.host),
+        let mode = decided
+            .or_else(|| self.exec_mode_for(spec))
+            .unwrap_or(ExecMode::Local);
+        // A task with a hook inside the main container needs the runtime that finds it.
+        let remote_hook = spec.lifecycle_hooks().is_some_and(|l| {
+            HookName::ALL
+                .iter()
+                .filter_map(|h| l.hook(*h))
+                .any(|h| h.exec_mode(mode) == ExecMode::Remote)
+        });
+        match mode {
+            ExecMode::Remote => Ok(&self.sidecar),
+            ExecMode::Local if remote_hook => Ok(&self.sidecar),
+            ExecMode::Local => Ok(&self.host),
         }
     }
 

@@ -5,17 +5,176 @@
 
 use nix::sys::signal::Signal;
 
-use super::TaskRef;
 use super::proc_handle::{ProcHandle, signal_group};
 use super::procfs;
-use super::records::{self, ExitRecord, Run, Unrecorded};
-use crate::task::model::{Terminated, reason};
+use super::records::{self, ExitRecord, HookExit, Run, Unrecorded};
+use super::{Observed, TaskRef};
+use crate::task::model::{
+    HookName, HookStatuses, Running, TaskState, Terminated, Waiting, reason, signal_name,
+};
 use crate::task::time::Time;
 
 /// The variable every task's processes carry (see `ProcessRuntime::launch`).
 pub const TASK_MARKER: &str = "TASK_EXECUTOR_TASK";
 
-/// Maps an exit line to the status the API shows.
+/// How a finished run ended, as the API shows it: the main command's exit line, and
+/// what its hooks did to it. A `preStart` that failed ends the task `PreStartHookFailed`
+/// (exit code 1, the hook's end and output tail in the message); a `postStop` that failed
+/// turns a success into `PostStopHookFailed` (exit code kept) and adds its end to the
+/// message of any other outcome, whose reason and exit code stay.
+pub fn terminated_of(exit: &ExitRecord, run: &Run, task: &TaskRef) -> Terminated {
+    let mut t = match run.pre_start.exit.as_ref() {
+        Some(pre) if exit.pre_start_failed && exit.unrecorded.is_none() => {
+            let mut why = hook_failure(pre, run);
+            if exit.stop_requested {
+                why.push_str("; the task was stopped on request");
+            }
+            Terminated {
+                exit_code: 1,
+                signal: None,
+                reason: reason::PRE_START_HOOK_FAILED.into(),
+                message: Some(why),
+                started_at: None,
+                finished_at: exit.finished_at.unwrap_or(pre.finished_at),
+            }
+        }
+        _ => terminated_from(exit, task),
+    };
+    if let Some(post) = run.post_stop.exit.as_ref().filter(|x| !x.succeeded()) {
+        let why = hook_failure(post, run);
+        if t.reason == reason::SUCCEEDED {
+            t.reason = reason::POST_STOP_HOOK_FAILED.into();
+            t.message = Some(why);
+        } else {
+            t.message = Some(match t.message.take() {
+                Some(m) => format!("{m}; {why}"),
+                None => why,
+            });
+        }
+    }
+    t
+}
+
+/// A hook's failure, as the task's message and the hook's status say it: how it ended,
+/// then the tail of its output.
+pub fn hook_failure(x: &HookExit, run: &Run) -> String {
+    let name = x.hook.as_str();
+    let timeout = run
+        .launch
+        .as_ref()
+        .and_then(|l| l.hook(x.hook))
+        .map(|h| std::time::Duration::from_millis(h.timeout_ms));
+    let how = match (
+        x.unrecorded,
+        &x.start_error,
+        x.timed_out,
+        x.signal,
+        x.exit_code,
+    ) {
+        (Some(_), _, _, _, _) if x.started_at.is_some() => {
+            format!("{name} hook: its supervisor died while it ran; it is not run again")
+        }
+        (Some(_), _, _, _, _) => {
+            format!("{name} hook did not run: its supervisor died before; it is not run again")
+        }
+        (None, Some(e), _, _, _) => format!("{name} hook could not be started: {e}"),
+        (None, None, true, _, _) => match timeout {
+            Some(t) => format!(
+                "{name} hook timed out after {}; its processes were killed",
+                humantime::format_duration(t)
+            ),
+            None => format!("{name} hook timed out; its processes were killed"),
+        },
+        (None, None, false, Some(sig), _) => format!(
+            "{name} hook failed: terminated by signal {}",
+            signal_name(sig)
+        ),
+        (None, None, false, None, Some(c)) => format!("{name} hook failed: exit code {c}"),
+        (None, None, false, None, None) => format!("{name} hook failed: exit status unknown"),
+    };
+    if x.output.is_empty() {
+        how
+    } else {
+        format!("{how}; output: {}", x.output)
+    }
+}
+
+/// Each hook's status as its journal lines tell it (`None` for a task without hooks).
+pub fn hook_statuses(run: &Run) -> Option<HookStatuses> {
+    let launch = run.launch.as_ref()?;
+    if launch.pre_start.is_none() && launch.post_stop.is_none() {
+        return None;
+    }
+    let mut out = HookStatuses::default();
+    for h in HookName::ALL {
+        let r = run.hook(h);
+        *out.slot(h) = match (&r.exit, &r.started) {
+            (Some(x), _) => Some(TaskState::Terminated(hook_terminated(x, run))),
+            (None, Some(s)) => Some(TaskState::Running(Running {
+                started_at: s.started_at,
+            })),
+            (None, None) => None,
+        };
+    }
+    Some(out)
+}
+
+fn hook_terminated(x: &HookExit, run: &Run) -> Terminated {
+    let ok = x.succeeded();
+    let exit_code = match (x.exit_code, x.signal) {
+        (_, Some(sig)) => 128 + sig,
+        (Some(c), None) => c,
+        (None, None) => 128,
+    };
+    Terminated {
+        exit_code,
+        signal: x.signal,
+        reason: if ok {
+            reason::SUCCEEDED.into()
+        } else {
+            x.hook.failed_reason().into()
+        },
+        message: (!ok).then(|| hook_failure(x, run)),
+        started_at: x.started_at,
+        finished_at: x.finished_at,
+    }
+}
+
+/// What a run shows now: terminated once it is over, else where it stands (its
+/// `preStart` hook runs: waiting; the main command started: running; only its `postStop`
+/// hook runs after a main command that never started: waiting), with its hooks'
+/// statuses for a task that has hooks.
+pub fn observed(run: &Run, task: &TaskRef) -> Observed {
+    let state = match (&run.exit, run.finished()) {
+        (Some(x), true) => Observed::Terminated(terminated_of(x, run, task)),
+        _ => match (&run.started, &run.exit) {
+            (Some(s), _) => Observed::Running {
+                started_at: s.started_at.unwrap_or_else(Time::now),
+            },
+            (None, Some(_)) => Observed::Waiting(Waiting {
+                reason: Some(reason::POST_STOP_HOOK_RUNNING.into()),
+                message: Some("the main command did not run; the postStop hook runs".into()),
+            }),
+            (None, None) if run.launch.as_ref().is_some_and(|l| l.pre_start.is_some()) => {
+                Observed::Waiting(Waiting {
+                    reason: Some(reason::PRE_START_HOOK_RUNNING.into()),
+                    message: Some(
+                        "the preStart hook runs; the main command starts once it succeeded".into(),
+                    ),
+                })
+            }
+            (None, None) => Observed::Running {
+                started_at: Time::now(),
+            },
+        },
+    };
+    match hook_statuses(run) {
+        Some(h) => Observed::WithHooks(Box::new(state), h),
+        None => state,
+    }
+}
+
+/// Maps an exit line to the status the API shows (the main command's part).
 pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
     if let Some(why) = rec.unrecorded {
         let started = rec.started_at.is_some();
@@ -91,29 +250,64 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
     t
 }
 
-/// The run ended without its shim recording how: records why (once, durably) and, the
-/// first time, stops whatever of the task is provably still running. Blocking.
-pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Terminated {
+/// The run ended without its shim recording how: records why (once, durably; for its
+/// hooks too: one that was running is not run again, one that never started is not run
+/// at all) and, the first time, stops whatever of the task is provably still running.
+/// Returns the observed end. Blocking.
+pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
     let rec = ExitRecord {
         started_at: run.started.as_ref().and_then(|s| s.started_at),
         finished_at: Some(Time::now()),
         unrecorded: Some(why),
         ..Default::default()
     };
-    let (effective, wrote) = match records::record_outcome(&task.dir, &rec) {
-        Ok(recorded) => recorded,
-        Err(e) => {
-            // Reported, but nothing is stopped on a judgement that could not be recorded.
-            tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
-            return terminated_from(&rec, task);
-        }
+    let wrote = match run.exit.as_ref() {
+        Some(_) => false,
+        None => match records::record_outcome(&task.dir, &rec) {
+            Ok((_, wrote)) => wrote,
+            Err(e) => {
+                // Reported, but nothing is stopped on a judgement that could not be recorded.
+                tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
+                return Observed::Terminated(terminated_from(&rec, task));
+            }
+        },
     };
-    if wrote {
+    let mut hook_lost = false;
+    if run.claimed.is_some()
+        && let Some(launch) = &run.launch
+    {
+        for h in HookName::ALL {
+            let r = run.hook(h);
+            if launch.hook(h).is_none() || r.exit.is_some() {
+                continue;
+            }
+            let lost = HookExit {
+                hook: h,
+                exit_code: None,
+                signal: None,
+                started_at: r.started.as_ref().map(|s| s.started_at),
+                finished_at: Time::now(),
+                timed_out: false,
+                start_error: None,
+                output: String::new(),
+                unrecorded: Some(why),
+            };
+            match records::record_hook_outcome(&task.dir, &lost) {
+                Ok(_) => hook_lost |= r.started.is_some(),
+                Err(e) => {
+                    tracing::error!(task = %task.name, hook = h.as_str(), error = %e, "could not record the hook's outcome");
+                }
+            }
+        }
+    }
+    if wrote || hook_lost {
         // Once per run: whoever records the outcome counts and stops it.
         match why {
             Unrecorded::SupervisorLost => {
                 tracing::warn!(task = %task.name, "task supervisor died without recording an exit status");
-                crate::metrics::supervisor_lost();
+                if wrote {
+                    crate::metrics::supervisor_lost();
+                }
                 stop_leftovers(task, run);
             }
             Unrecorded::NodeRestarted => {
@@ -121,7 +315,17 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Terminated {
             }
         }
     }
-    terminated_from(&effective, task)
+    let now = records::read_run(&task.dir).unwrap_or_default();
+    match now.exit.as_ref() {
+        Some(x) => {
+            let t = terminated_of(x, &now, task);
+            match hook_statuses(&now) {
+                Some(h) => Observed::WithHooks(Box::new(Observed::Terminated(t)), h),
+                None => Observed::Terminated(t),
+            }
+        }
+        None => Observed::Terminated(terminated_from(&rec, task)),
+    }
 }
 
 /// The shim ended before it claimed the launch: the task never ran. Recorded as a start
@@ -144,6 +348,19 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
 /// leader is provably unreaped), or, when the supervisor died before recording the main
 /// process, the processes that carry this task's marker and started after it.
 fn stop_leftovers(task: &TaskRef, run: &Run) {
+    for h in HookName::ALL {
+        if let Some(s) = run
+            .hook(h)
+            .started
+            .as_ref()
+            .filter(|_| run.hook(h).exit.is_none())
+        {
+            signal_group(&s.process, Signal::SIGKILL);
+            if let Some(p) = ProcHandle::of(&s.process) {
+                let _ = p.signal(Signal::SIGKILL);
+            }
+        }
+    }
     if let Some(main) = run.started.as_ref().and_then(|s| s.main) {
         signal_group(&main, Signal::SIGKILL);
         if let Some(h) = ProcHandle::of(&main) {

@@ -15,12 +15,11 @@ use tokio::net::unix::pipe;
 
 use super::exit_watch::ExitWatch;
 use super::launcher::Launcher;
-use super::outcome::{self, settle, terminated_from};
+use super::outcome::{self, settle};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
-use super::records::{self, Launch, Target, Unrecorded};
+use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
-use crate::task::model::Terminated;
-use crate::task::time::Time;
+use crate::task::model::{ExecMode, HookName};
 
 /// How long a freshly spawned shim may take to report the task started.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -49,6 +48,7 @@ impl ProcessRuntime {
         &self,
         task: TaskRef,
         target: Option<Target>,
+        hook_target: Option<Result<Target, String>>,
         events: EventSink,
     ) -> Result<Observed, RuntimeError> {
         let p = task
@@ -72,6 +72,8 @@ impl ProcessRuntime {
             max_log_bytes: self.max_log_bytes,
             target,
             boot_id: records::boot_id().map(str::to_string),
+            pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),
+            post_stop: hook_launch(&task, HookName::PostStop, hook_target.as_ref()),
         };
         let mut attempt = 1;
         let pipe = loop {
@@ -114,7 +116,8 @@ impl ProcessRuntime {
     }
 
     /// Reads the journal and, for a running task, starts waiting for its exit: on the
-    /// shim's pipe when this agent started it, else on its and the task's pidfds.
+    /// shim's pipe when this agent started it, else on its and the task's pidfds (or, for
+    /// a task with hooks, on its journal).
     async fn observe(
         &self,
         task: TaskRef,
@@ -132,18 +135,19 @@ impl ProcessRuntime {
             }
         };
         match judged {
-            Judged::Done(t) => Ok(Observed::Terminated(t)),
-            Judged::Running {
-                started_at,
+            Judged::Done(o) => Ok(o),
+            Judged::Alive {
+                observed,
                 shim,
                 main,
+                hooks,
             } => {
                 let watch = match pipe {
                     Some(p) => ExitWatch::Pipe(p),
                     None => ExitWatch::Pids { shim, main },
                 };
-                spawn_exit_waiter(task, events, watch);
-                Ok(Observed::Running { started_at })
+                spawn_exit_waiter(task, events, watch, hooks, observed.clone());
+                Ok(observed)
             }
         }
     }
@@ -167,7 +171,20 @@ impl ProcessRuntime {
         grace: Duration,
     ) -> BoxFuture<'static, Result<(), RuntimeError>> {
         Box::pin(async move {
-            stop(&task.dir, grace).await;
+            // A stop waits for the task's hooks too: a `preStart` is stopped (with the
+            // grace period), a `postStop` runs to its end or timeout.
+            let hooks: Duration = task
+                .spec
+                .lifecycle_hooks()
+                .map(|l| {
+                    HookName::ALL
+                        .iter()
+                        .filter_map(|h| l.hook(*h))
+                        .map(|h| h.timeout())
+                        .sum()
+                })
+                .unwrap_or_default();
+            stop(&task.dir, grace, hooks).await;
             Ok(())
         })
     }
@@ -188,7 +205,7 @@ impl Runtime for ProcessRuntime {
         events: EventSink,
     ) -> BoxFuture<'static, Result<Observed, RuntimeError>> {
         let rt = self.clone();
-        Box::pin(async move { rt.launch(task, None, events).await })
+        Box::pin(async move { rt.launch(task, None, None, events).await })
     }
 
     fn adopt(
@@ -200,7 +217,7 @@ impl Runtime for ProcessRuntime {
         Box::pin(async move {
             match rt.recover(task.clone(), events.clone()).await {
                 Some(observed) => observed,
-                None => rt.launch(task, None, events).await,
+                None => rt.launch(task, None, None, events).await,
             }
         })
     }
@@ -269,48 +286,95 @@ fn read_run(dir: &Path) -> Result<records::Run, RuntimeError> {
 /// What the journal says of a task that is not (or no longer) waiting for its shim's
 /// first report. Blocking.
 enum Judged {
-    Done(Terminated),
-    Running {
-        started_at: Time,
+    Done(Observed),
+    /// Its shim runs it (or one of its hooks): `observed` is where it stands.
+    Alive {
+        observed: Observed,
         shim: Option<PidFd>,
         main: Option<PidFd>,
+        /// It has lifecycle hooks: its journal says when it moves on.
+        hooks: bool,
     },
 }
 
 fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
     let run = read_run(&task.dir)?;
-    if let Some(x) = &run.exit {
-        return Ok(Judged::Done(terminated_from(x, task)));
+    let hooks = run
+        .launch
+        .as_ref()
+        .is_some_and(|l| l.pre_start.is_some() || l.post_stop.is_some());
+    if run.finished() {
+        return Ok(Judged::Done(outcome::observed(&run, task)));
     }
     if run.launch.as_ref().is_some_and(Launch::from_earlier_boot) {
         // No shim survives a reboot: whatever the journal says, the run is over.
         return Ok(Judged::Done(settle(task, Unrecorded::NodeRestarted, &run)));
     }
+    let shim_of = |run: &records::Run| {
+        run.started
+            .as_ref()
+            .map(|s| s.shim)
+            .or_else(|| run.claimed.as_ref().map(|c| c.shim))
+    };
+    let alive = |main: Option<PidFd>| Judged::Alive {
+        observed: outcome::observed(&run, task),
+        // Only an adopted task needs them: a started one is watched on its pipe.
+        shim: adopted
+            .then(|| shim_of(&run).and_then(|s| PidFd::of(&s)))
+            .flatten(),
+        main,
+        hooks,
+    };
+    if run.exit.is_some() {
+        // Its main command is over; its `postStop` hook runs, unless its shim died.
+        return Ok(if lock_held(&records::running_lock(&task.dir)) {
+            alive(None)
+        } else {
+            Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))
+        });
+    }
     match &run.started {
-        Some(started) if lock_held(&records::running_lock(&task.dir)) => Ok(Judged::Running {
-            started_at: started.started_at.unwrap_or_else(Time::now),
-            // Only an adopted task needs them: a started one is watched on its pipe.
-            shim: adopted.then(|| PidFd::of(&started.shim)).flatten(),
-            main: adopted
+        Some(started) if lock_held(&records::running_lock(&task.dir)) => Ok(alive(
+            adopted
                 .then(|| started.main.and_then(|m| PidFd::of(&m)))
                 .flatten(),
-        }),
+        )),
         // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
         Some(_) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
         None => match (&run.claimed, lock_held(&records::shim_lock(&task.dir))) {
-            // Still starting (slow, or stopped): it is the shim's; watch it like a running one.
-            (claim, true) => Ok(Judged::Running {
-                started_at: Time::now(),
-                shim: adopted
-                    .then(|| claim.as_ref().and_then(|c| PidFd::of(&c.shim)))
-                    .flatten(),
-                main: None,
-            }),
+            // Still starting (slow, or stopped, or its `preStart` hook runs): it is the
+            // shim's; watch it like a running one.
+            (_, true) => Ok(alive(None)),
             // It died after claiming the launch: the task may run, it is never run again.
             (Some(_), false) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
             (None, false) => Err(RuntimeError::Launch(io::Error::other(NEVER_STARTED))),
         },
     }
+}
+
+/// The launch of one of the task's hooks: where it runs (`hook_target`: the main
+/// container, or why it was not found, for hooks that run there).
+fn hook_launch(
+    task: &TaskRef,
+    name: HookName,
+    hook_target: Option<&Result<Target, String>>,
+) -> Option<HookLaunch> {
+    let h = task.spec.lifecycle_hooks()?.hook(name)?;
+    let place = match h.exec_mode(task.exec_mode) {
+        ExecMode::Local => HookPlace::Local,
+        ExecMode::Remote => match hook_target {
+            Some(Ok(t)) => HookPlace::Remote(t.clone()),
+            Some(Err(why)) => HookPlace::Unreachable(why.clone()),
+            None => {
+                HookPlace::Unreachable("this agent has no way to find the main container".into())
+            }
+        },
+    };
+    Some(HookLaunch {
+        argv: h.command().to_vec(),
+        timeout_ms: h.timeout().as_millis() as u64,
+        place,
+    })
 }
 
 /// A shim that ended before it claimed the launch: the task never ran.
@@ -345,44 +409,121 @@ async fn start_state(dir: &Path) -> StartState {
     }
 }
 
-fn spawn_exit_waiter(task: TaskRef, events: EventSink, watch: ExitWatch) {
+fn spawn_exit_waiter(
+    task: TaskRef,
+    events: EventSink,
+    watch: ExitWatch,
+    hooks: bool,
+    shown: Observed,
+) {
     tokio::spawn(async move {
-        if let Err(e) = watch.wait(&records::running_lock(&task.dir)).await {
+        let send = |observed: Observed| {
+            let _ = events.send(RuntimeEvent {
+                name: task.name.clone(),
+                uid: task.uid.clone(),
+                observed,
+            });
+        };
+        let journal = records::running_lock(&task.dir);
+        let waited = match (watch, hooks) {
+            // A task with hooks moves on in steps (preStart, main, postStop): each is told
+            // as its shim says it (on the pipe), or as its journal shows it (adopted).
+            (ExitWatch::Pipe(p), true) => follow_pipe(p, &task, &send).await,
+            (ExitWatch::Pids { shim, .. }, true) => follow_journal(shim, &task, &send, shown).await,
+            (watch, false) => watch.wait(&journal).await,
+        };
+        if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
-        let t = match read_run(&task.dir) {
-            Ok(run) => match &run.exit {
-                Some(x) => Some(terminated_from(x, &task)),
-                // No journal (no launch line) any more: the task is being deleted.
-                None if run.launch.is_none() => None,
-                // The shim died: what it leaves is recorded durably (rare: off the loop).
-                None => {
-                    let t = task.clone();
-                    Some(
-                        crate::task::offload::offload(move || {
-                            if run.claimed.is_none() {
-                                outcome::never_started(&t, NEVER_STARTED)
-                            } else {
-                                settle(&t, Unrecorded::SupervisorLost, &run)
-                            }
-                        })
-                        .await,
-                    )
-                }
-            },
+        let observed = match read_run(&task.dir) {
+            Ok(run) if run.finished() => Some(outcome::observed(&run, &task)),
+            // No journal (no launch line) any more: the task is being deleted.
+            Ok(run) if run.launch.is_none() => None,
+            // The shim died: what it leaves is recorded durably (rare: off the loop).
+            Ok(run) => {
+                let t = task.clone();
+                Some(
+                    crate::task::offload::offload(move || {
+                        if run.claimed.is_none() {
+                            Observed::Terminated(outcome::never_started(&t, NEVER_STARTED))
+                        } else {
+                            settle(&t, Unrecorded::SupervisorLost, &run)
+                        }
+                    })
+                    .await,
+                )
+            }
             Err(e) => {
                 tracing::error!(task = %task.name, error = %e, "unreadable run journal");
                 None
             }
         };
-        if let Some(t) = t {
-            let _ = events.send(RuntimeEvent {
-                name: task.name,
-                uid: task.uid,
-                observed: Observed::Terminated(t),
-            });
+        if let Some(o) = observed {
+            send(o);
         }
     });
+}
+
+/// Reads the shim's pipe until EOF; every line it writes (a hook or the main command
+/// started) is a step, told as the journal then shows it.
+async fn follow_pipe(
+    mut pipe: pipe::Receiver,
+    task: &TaskRef,
+    send: &impl Fn(Observed),
+) -> io::Result<()> {
+    let mut sink = [0u8; 256];
+    loop {
+        if pipe.read(&mut sink).await? == 0 {
+            return Ok(());
+        }
+        if let Ok(run) = read_run(&task.dir)
+            && !run.finished()
+        {
+            send(outcome::observed(&run, task));
+        }
+    }
+}
+
+/// An adopted task with hooks: its journal is read every little while (at most every
+/// 250 ms) until the run is over or its shim is gone, and every change is told. Tasks
+/// without hooks are watched without any polling (`ExitWatch`).
+async fn follow_journal(
+    shim: Option<PidFd>,
+    task: &TaskRef,
+    send: &impl Fn(Observed),
+    mut shown: Observed,
+) -> io::Result<()> {
+    let shim = shim
+        .map(|p| {
+            // Deprecated because a caller could close a borrowed fd while it is
+            // registered; here the AsyncFd owns the fd for as long as it is registered.
+            #[allow(deprecated)]
+            tokio::io::unix::AsyncFd::with_interest(p.into_fd(), tokio::io::Interest::READABLE)
+        })
+        .transpose()?;
+    let journal = records::running_lock(&task.dir);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let run = records::read_run(&task.dir)?;
+        if run.finished() || !lock_held(&journal) {
+            return Ok(());
+        }
+        let now = outcome::observed(&run, task);
+        if now != shown {
+            send(now.clone());
+            shown = now;
+        }
+        tokio::select! {
+            _ = async {
+                match &shim {
+                    Some(fd) => { let _ = fd.readable().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => return Ok(()), // the shim is gone: its locks with it
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
 }
 
 /// Whether a shim holds the lock on `path`. Only a missing file or a lock granted counts
@@ -396,16 +537,28 @@ pub(crate) fn lock_held(path: &Path) -> bool {
 
 /// Asks the shim to stop the task's tree (it applies the grace period, then SIGKILL) and
 /// waits until the shim is gone. Only cheap non-blocking checks run between sleeps.
-async fn stop(dir: &Path, grace: Duration) {
-    let deadline = Instant::now() + grace + Duration::from_secs(5);
+async fn stop(dir: &Path, grace: Duration, hooks: Duration) {
+    let deadline = Instant::now() + grace + hooks + Duration::from_secs(5);
     let shim_lock = records::shim_lock(dir);
-    let read_rec = || records::read_run(dir).ok().and_then(|r| r.started);
+    // The shim's identity: from its `started` line, or from its claim (its `preStart`
+    // hook runs, or it is starting).
+    let read_rec = || {
+        records::read_run(dir).ok().and_then(|r| {
+            r.started.or_else(|| {
+                r.claimed.map(|c| records::ShimRecord {
+                    shim: c.shim,
+                    main: None,
+                    started_at: None,
+                })
+            })
+        })
+    };
     let mut rec = read_rec();
     let mut signalled = false;
     let mut pause = Duration::from_millis(2);
     while lock_held(&shim_lock) {
-        if rec.is_none() {
-            rec = read_rec();
+        if rec.as_ref().is_none_or(|r| r.main.is_none()) {
+            rec = read_rec().or(rec);
         }
         if !signalled && let Some(shim) = rec.as_ref().and_then(|r| ProcHandle::of(&r.shim)) {
             // The shim turns this into TERM for the task tree, grace, then KILL.

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::procfs::ProcIdentity;
-use crate::task::model::EnvVar;
+use crate::task::model::{EnvVar, HookName};
 use crate::task::time::Time;
 
 pub const RUN: &str = crate::task::store::RUN_JOURNAL;
@@ -42,11 +42,16 @@ pub fn running_lock(dir: &Path) -> PathBuf {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Entry {
-    Launch(Launch),
+    Launch(Box<Launch>),
     Claimed(Claim),
     Unclaimed(Unclaim),
     Started(ShimRecord),
     Exit(ExitRecord),
+    /// A hook may run from here on (durable before it is spawned): never started again.
+    HookClaimed(HookClaim),
+    HookStarted(HookStart),
+    /// How a hook ended (durable), by its shim or, for a shim that died, by the agent.
+    HookExit(HookExit),
 }
 
 /// What the journal says so far.
@@ -57,6 +62,43 @@ pub struct Run {
     pub claimed: Option<Claim>,
     pub started: Option<ShimRecord>,
     pub exit: Option<ExitRecord>,
+    pub pre_start: HookRun,
+    pub post_stop: HookRun,
+}
+
+/// What the journal says of one hook.
+#[derive(Clone, Debug, Default)]
+pub struct HookRun {
+    pub claimed: bool,
+    pub started: Option<HookStart>,
+    pub exit: Option<HookExit>,
+}
+
+impl Run {
+    pub fn hook(&self, name: HookName) -> &HookRun {
+        match name {
+            HookName::PreStart => &self.pre_start,
+            HookName::PostStop => &self.post_stop,
+        }
+    }
+
+    fn hook_mut(&mut self, name: HookName) -> &mut HookRun {
+        match name {
+            HookName::PreStart => &mut self.pre_start,
+            HookName::PostStop => &mut self.post_stop,
+        }
+    }
+
+    /// The run is over: the main command's exit is recorded and, if the task has a
+    /// `postStop` hook, so is the hook's end. (Written by the shim just before it releases
+    /// the journal's lock, or by the agent for a shim that died.)
+    pub fn finished(&self) -> bool {
+        // A run its shim never claimed ran nothing, so it has no `postStop` to wait for.
+        let post_stop_pending = self.launch.as_ref().is_some_and(|l| l.post_stop.is_some())
+            && self.claimed.is_some()
+            && self.post_stop.exit.is_none();
+        self.exit.is_some() && !post_stop_pending
+    }
 }
 
 /// Reads the journal; a missing file is an empty run.
@@ -70,11 +112,22 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
     for line in text.split(|b| *b == b'\n') {
         // Only complete, valid lines count: a torn write is not a record.
         match serde_json::from_slice::<Entry>(line) {
-            Ok(Entry::Launch(l)) => run.launch = Some(l),
+            Ok(Entry::Launch(l)) => run.launch = Some(*l),
             Ok(Entry::Claimed(c)) => run.claimed = Some(c),
             Ok(Entry::Unclaimed(_)) => run.claimed = None,
             Ok(Entry::Started(s)) => run.started = Some(s),
             Ok(Entry::Exit(x)) => run.exit = Some(x),
+            Ok(Entry::HookClaimed(c)) => run.hook_mut(c.hook).claimed = true,
+            Ok(Entry::HookStarted(h)) => {
+                let name = h.hook;
+                run.hook_mut(name).started = Some(h);
+            }
+            Ok(Entry::HookExit(x)) => {
+                let r = run.hook_mut(x.hook);
+                if r.exit.is_none() {
+                    r.exit = Some(x);
+                }
+            }
             Err(_) => {}
         }
     }
@@ -94,7 +147,7 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
         .truncate(true)
         .mode(0o600) // holds the task's environment
         .open(dir.join(RUN))?;
-    f.write_all(&line(&Entry::Launch(launch.clone()))?)
+    f.write_all(&line(&Entry::Launch(Box::new(launch.clone())))?)
 }
 
 /// Appends a line; with `durable`, fdatasyncs the journal (this line and all before it;
@@ -136,6 +189,27 @@ pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<(ExitRecord, b
     }
     append(&mut f, &Entry::Exit(rec.clone()), true)?;
     Ok((rec.clone(), true))
+}
+
+/// Appends the end of a hook no shim can finish (its supervisor died), durably, unless
+/// one is there already; returns the line in effect. As for `record_outcome`, holding the
+/// journal's lock proves no shim writes to it.
+pub fn record_hook_outcome(dir: &Path, rec: &HookExit) -> io::Result<HookExit> {
+    use nix::fcntl::{Flock, FlockArg};
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.join(RUN))?;
+    let mut f = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        io::Error::new(
+            io::ErrorKind::WouldBlock,
+            format!("the run journal is locked: {e}"),
+        )
+    })?;
+    if let Some(x) = read_run(dir)?.hook(rec.hook).exit.clone() {
+        return Ok(x);
+    }
+    append(&mut f, &Entry::HookExit(rec.clone()), true)?;
+    Ok(rec.clone())
 }
 
 fn line(entry: &Entry) -> io::Result<Vec<u8>> {
@@ -192,8 +266,46 @@ pub struct Launch {
     /// never started again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Runs to completion before the main command; the main command runs only if it
+    /// succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_start: Option<HookLaunch>,
+    /// Runs once the main command has ended (or could not start, or `preStart` failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_stop: Option<HookLaunch>,
 }
 
+impl Launch {
+    pub fn hook(&self, name: HookName) -> Option<&HookLaunch> {
+        match name {
+            HookName::PreStart => self.pre_start.as_ref(),
+            HookName::PostStop => self.post_stop.as_ref(),
+        }
+    }
+}
+
+/// A lifecycle hook as its shim runs it: with the task's environment and working
+/// directory, in its own place.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookLaunch {
+    pub argv: Vec<String>,
+    pub timeout_ms: u64,
+    pub place: HookPlace,
+}
+
+/// Where a hook runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HookPlace {
+    /// In the agent's container (`Local`).
+    Local,
+    /// Inside the main container (`Remote`).
+    Remote(Target),
+    /// `Remote`, but the main container was not found when the task was launched: the
+    /// hook fails with this message.
+    Unreachable(String),
+}
 impl Launch {
     pub fn from_earlier_boot(&self) -> bool {
         matches!((self.boot_id.as_deref(), boot_id()), (Some(then), Some(now)) if then != now)
@@ -223,6 +335,57 @@ pub struct Target {
     /// Run as the target's uid/gid instead of the sidecar's.
     #[serde(default)]
     pub run_as_target_user: bool,
+}
+
+/// A hook's claim: from here on it may have run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookClaim {
+    pub hook: HookName,
+}
+
+/// A hook's process, once started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookStart {
+    pub hook: HookName,
+    pub process: ProcIdentity,
+    pub started_at: Time,
+}
+
+/// How a hook ended.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HookExit {
+    pub hook: HookName,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    pub finished_at: Time,
+    /// Its timeout passed: its process tree was killed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// It could not be started (or its main container was not there): why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_error: Option<String>,
+    /// The last few KiB of its combined output (valid UTF-8).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
+    /// Written by the agent: the hook's supervisor died before recording its end (or
+    /// before starting it); it is not run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecorded: Option<Unrecorded>,
+}
+
+impl HookExit {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == Some(0)
+            && self.signal.is_none()
+            && !self.timed_out
+            && self.start_error.is_none()
+            && self.unrecorded.is_none()
+    }
 }
 
 /// The shim that took the launch.
@@ -266,6 +429,9 @@ pub struct ExitRecord {
     pub target_gone: bool,
     /// The program could not be started (exec or working-dir failure).
     pub start_error: Option<String>,
+    /// The `preStart` hook failed (or was stopped): the main command never ran.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_start_failed: bool,
     /// Written by the agent when no shim could record the exit: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unrecorded: Option<Unrecorded>,
@@ -297,6 +463,8 @@ mod tests {
             max_log_bytes: 1,
             target: None,
             boot_id: boot_id().map(str::to_string),
+            pre_start: None,
+            post_stop: None,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();

@@ -13,7 +13,7 @@ use super::process::ProcessRuntime;
 use super::procfs::{self, ProcIdentity};
 use super::records::{self, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
-use crate::task::model::TaskSpec;
+use crate::task::model::{ExecMode, TaskSpec};
 
 /// Finds the main container's init process. Implementations: Kubernetes Pod status
 /// (in `crate::kube`), then the upstream env-var scan below.
@@ -160,23 +160,32 @@ impl SidecarRuntime {
     }
 
     async fn launch(&self, task: TaskRef, events: EventSink) -> Result<Observed, RuntimeError> {
-        // Resolved on every start: a PID is never trusted past its container's life.
-        let process =
-            self.locator
-                .locate()
-                .await
-                .map_err(|detail| RuntimeError::TargetNotFound {
-                    name: self.container.clone(),
-                    detail,
-                })?;
-        let target = Target {
+        // Resolved on every start: a PID is never trusted past its container's life. A
+        // task that runs in the agent's container comes here only for a hook that runs
+        // in the main container; that hook fails if it is not found, the task starts.
+        let located = self.locator.locate().await;
+        let target = |process| Target {
             container: self.container.clone(),
             process,
             join_cgroup: self.join_cgroup,
             run_as_target_user: self.run_as_target_user,
         };
+        let not_found = |detail: String| RuntimeError::TargetNotFound {
+            name: self.container.clone(),
+            detail,
+        };
+        let hook_target = Some(
+            located
+                .clone()
+                .map(target)
+                .map_err(|d| not_found(d).to_string()),
+        );
+        let main = match task.exec_mode {
+            ExecMode::Remote => Some(target(located.map_err(not_found)?)),
+            ExecMode::Local => None,
+        };
         self.track(&task.dir, true);
-        self.process.launch(task, Some(target), events).await
+        self.process.launch(task, main, hook_target, events).await
     }
 }
 

@@ -25,6 +25,51 @@ impl ExecMode {
     }
 }
 
+/// One of a task's two hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum HookName {
+    #[serde(rename = "preStart")]
+    PreStart,
+    #[serde(rename = "postStop")]
+    PostStop,
+}
+
+impl HookName {
+    pub const ALL: [HookName; 2] = [HookName::PreStart, HookName::PostStop];
+
+    /// As the spec spells it: `preStart`, `postStop`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookName::PreStart => "preStart",
+            HookName::PostStop => "postStop",
+        }
+    }
+
+    /// The hook's log file in the task's directory (its stdout and stderr, combined).
+    pub fn log_file(self) -> &'static str {
+        match self {
+            HookName::PreStart => "prestart.log",
+            HookName::PostStop => "poststop.log",
+        }
+    }
+
+    /// The hook log's output index (times of its chunks), beside the log.
+    pub fn index_file(self) -> &'static str {
+        match self {
+            HookName::PreStart => "prestart.idx",
+            HookName::PostStop => "poststop.idx",
+        }
+    }
+
+    /// The reason a task (and the hook's status) shows when this hook failed.
+    pub fn failed_reason(self) -> &'static str {
+        match self {
+            HookName::PreStart => super::model::reason::PRE_START_HOOK_FAILED,
+            HookName::PostStop => super::model::reason::POST_STOP_HOOK_FAILED,
+        }
+    }
+}
+
 /// Commands run around the task's main process.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -46,7 +91,8 @@ pub struct LifecycleHandler {
     /// answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecAction>,
-    /// Where the hook runs; unset: `Local` (the agent's container), as upstream.
+    /// Where the hook runs; unset: where the task's main command runs (its effective
+    /// `execMode`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_mode: Option<ExecMode>,
     /// The hook's process group is killed after this many seconds (default 60).
@@ -73,9 +119,10 @@ impl LifecycleHandler {
         Duration::from_secs(secs.max(1) as u64)
     }
 
-    /// Where the hook runs: its own `execMode`, else `Local`.
-    pub fn exec_mode(&self) -> ExecMode {
-        self.exec_mode.unwrap_or(ExecMode::Local)
+    /// Where the hook runs: its own `execMode`, else the task's (`task`, its effective
+    /// one), so that a hook sees what the main command sees.
+    pub fn exec_mode(&self, task: ExecMode) -> ExecMode {
+        self.exec_mode.unwrap_or(task)
     }
 
     /// The hook's argv (empty only for a hook that failed validation).
@@ -109,6 +156,14 @@ impl LifecycleHandler {
 }
 
 impl Lifecycle {
+    /// The hook of that name, if set.
+    pub fn hook(&self, name: HookName) -> Option<&LifecycleHandler> {
+        match name {
+            HookName::PreStart => self.pre_start.as_ref(),
+            HookName::PostStop => self.post_stop.as_ref(),
+        }
+    }
+
     /// True when at least one hook is set.
     pub fn has_hooks(&self) -> bool {
         self.pre_start.is_some() || self.post_stop.is_some()
@@ -138,7 +193,12 @@ mod tests {
     fn defaults_and_checks() {
         let h = hook(serde_json::json!({"exec": {"command": ["true"]}}));
         assert_eq!(h.timeout(), Duration::from_secs(60));
-        assert_eq!(h.exec_mode(), ExecMode::Local);
+        assert_eq!(h.exec_mode(ExecMode::Local), ExecMode::Local);
+        assert_eq!(
+            h.exec_mode(ExecMode::Remote),
+            ExecMode::Remote,
+            "the task's mode"
+        );
         assert_eq!(h.command(), ["true"]);
         assert!(h.validate("p").is_ok());
         let bad = [

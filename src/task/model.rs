@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use super::lifecycle::{ExecAction, ExecMode, Lifecycle, LifecycleHandler};
+pub use super::lifecycle::{ExecAction, ExecMode, HookName, Lifecycle, LifecycleHandler};
 use super::template::{PodTemplate, TemplateTask};
 use super::time::Time;
 
@@ -137,11 +137,69 @@ pub mod reason {
     pub const TARGET_NOT_FOUND: &str = "TargetNotFound";
     pub const RUNTIME_ERROR: &str = "RuntimeError";
     pub const IMAGE_PULL_ERROR: &str = "ErrImagePull";
+    /// Waiting: the task's `preStart` hook runs; the main command starts after it.
+    pub const PRE_START_HOOK_RUNNING: &str = "PreStartHookRunning";
+    /// The `preStart` hook failed (non-zero exit, timeout, not startable): the main
+    /// command never ran.
+    pub const PRE_START_HOOK_FAILED: &str = "PreStartHookFailed";
+    /// Waiting: the main command never started (its `preStart` hook failed, or it could
+    /// not be started) and the `postStop` hook runs.
+    pub const POST_STOP_HOOK_RUNNING: &str = "PostStopHookRunning";
+    /// The `postStop` hook failed after a main command that succeeded (a failed one keeps
+    /// its own reason); also the reason of a failed `postStop` hook's status.
+    pub const POST_STOP_HOOK_FAILED: &str = "PostStopHookFailed";
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskStatus {
     pub state: TaskState,
+    /// The lifecycle hooks that have run or run now (absent for a task without hooks, or
+    /// before its first hook started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<HookStatuses>,
+}
+
+/// How each lifecycle hook is or ended, in the shape of a task state: `running`, then
+/// `terminated` (exit code, `Succeeded` or the hook's failure reason, the tail of its
+/// output in `message` when it failed, times).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HookStatuses {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_start: Option<TaskState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_stop: Option<TaskState>,
+}
+
+impl HookStatuses {
+    pub fn get(&self, hook: HookName) -> Option<&TaskState> {
+        match hook {
+            HookName::PreStart => self.pre_start.as_ref(),
+            HookName::PostStop => self.post_stop.as_ref(),
+        }
+    }
+
+    pub fn slot(&mut self, hook: HookName) -> &mut Option<TaskState> {
+        match hook {
+            HookName::PreStart => &mut self.pre_start,
+            HookName::PostStop => &mut self.post_stop,
+        }
+    }
+
+    /// Takes each hook's state from `newer` where it is further along (never back).
+    pub fn merge(&mut self, newer: &HookStatuses) {
+        for h in HookName::ALL {
+            if let Some(n) = newer.get(h)
+                && self.get(h).is_none_or(|old| n.rank() > old.rank())
+            {
+                *self.slot(h) = Some(n.clone());
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pre_start.is_none() && self.post_stop.is_none()
+    }
 }
 
 impl TaskState {

@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use crate::runtime::tasklog::Streams;
+use crate::task::model::HookName;
 use crate::task::time::Time;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -47,6 +48,11 @@ pub struct LogQuery {
     /// Prefix every line with the time it was written (RFC 3339, nanoseconds) and a space.
     #[serde(default)]
     pub timestamps: Option<bool>,
+    /// The output of this lifecycle hook (`preStart` or `postStop`: its stdout and
+    /// stderr, combined, so `stream` does not apply) instead of the main command's. A
+    /// follower ends once the hook has ended.
+    #[serde(default)]
+    pub hook: Option<HookName>,
 }
 
 impl LogQuery {
@@ -71,6 +77,9 @@ impl LogQuery {
     }
 
     pub fn streams(&self) -> Streams {
+        if self.hook.is_some() {
+            return Streams::ALL; // one combined stream, logged as stdout
+        }
         match self.stream.unwrap_or_default() {
             StreamParam::Stdout => Streams {
                 stdout: true,
@@ -109,6 +118,15 @@ mod tests {
         assert_eq!(q.limit_bytes.map(|n| n.get()), Some(10));
         assert_eq!(q.since_ns(10_000_000_000), Some(5_000_000_000));
         assert_eq!(LogQuery::parse("").unwrap(), LogQuery::default());
+        assert_eq!(
+            LogQuery::parse("hook=postStop").unwrap().hook,
+            Some(HookName::PostStop)
+        );
+        assert!(
+            LogQuery::parse("hook=poststop")
+                .unwrap_err()
+                .contains("hook=poststop")
+        );
         let t = LogQuery::parse("sinceTime=2026-01-01T00:00:00.5Z").unwrap();
         assert_eq!(t.since_ns(0), Some(1_767_225_600_500_000_000));
         for (bad, names) in [

@@ -115,7 +115,8 @@ impl TaskWatcher {
                     tracing::info!(task = %name, state = view.state.name(), "adopted task for its Task object");
                 }
                 self.note_ignored_update(t, &view.spec);
-                self.report(t, &view.state).await?;
+                self.report_with_hooks(t, &view.state, view.hooks.as_ref())
+                    .await?;
                 Ok(Action::await_change())
             }
             Err(_) if self.state().owned.contains(&name) => {
@@ -163,7 +164,8 @@ impl TaskWatcher {
                         },
                     );
                 }
-                self.report(t, &view.state).await?;
+                self.report_with_hooks(t, &view.state, view.hooks.as_ref())
+                    .await?;
                 Ok(Action::await_change())
             }
             Err(ManagerError::AlreadyExists(_)) => {

@@ -10,12 +10,22 @@ use super::{FIELD_MANAGER, TaskWatcher, Written, reason};
 use crate::kube::KubeError;
 use crate::kube::crd::{Task, TaskCrStatus};
 use crate::kube::events::{TaskEvent, reason as event};
-use crate::task::model::{self, TaskState, Terminated};
+use crate::task::model::{self, HookStatuses, TaskState, Terminated};
 
 impl TaskWatcher {
     /// Writes `state` into the Task's status unless it already shows it, and publishes the
     /// events of the change.
     pub(super) async fn report(&self, t: &Task, state: &TaskState) -> Result<(), KubeError> {
+        self.report_with_hooks(t, state, None).await
+    }
+
+    /// As `report`, with the task's lifecycle hooks' states (`status.hooks`).
+    pub(super) async fn report_with_hooks(
+        &self,
+        t: &Task,
+        state: &TaskState,
+        hooks: Option<&HookStatuses>,
+    ) -> Result<(), KubeError> {
         let name = t.name_any();
         let before = self.last_status(t);
         // The generation the task was started for: later spec changes are not applied.
@@ -23,7 +33,7 @@ impl TaskWatcher {
             .as_ref()
             .and_then(|s| s.observed_generation)
             .or(t.metadata.generation);
-        let desired = TaskCrStatus::from_state(state, generation);
+        let desired = TaskCrStatus::from_state(state, hooks, generation);
         if before.as_ref() == Some(&desired) {
             self.remember(t, desired);
             return Ok(());

@@ -23,6 +23,8 @@ pub enum Answer {
     OutOfProcesses,
     /// As tokio's `spawn_blocking` does when no thread can be created.
     Panics,
+    /// What a runtime observed at once (a task whose `preStart` hook runs, say).
+    Observed(Observed),
 }
 
 #[derive(Default)]
@@ -89,6 +91,21 @@ impl FakeRuntime {
         self.calls().iter().filter(|c| *c == call).count()
     }
 
+    /// Reports what a runtime's watcher observed later.
+    pub fn report(&self, name: &str, observed: Observed) {
+        let st = self.st();
+        let ev = RuntimeEvent {
+            name: name.into(),
+            uid: st.uids[name].clone(),
+            observed,
+        };
+        st.events
+            .as_ref()
+            .expect("a task was started")
+            .send(ev)
+            .unwrap();
+    }
+
     /// Reports that a running task exited, as a runtime's exit watcher would.
     pub fn exit(&self, name: &str, code: i32) {
         let st = self.st();
@@ -137,6 +154,7 @@ impl FakeRuntime {
                     started_at: Time::now(),
                 }),
                 Answer::Fails(why) => Err(RuntimeError::Launch(io::Error::other(why))),
+                Answer::Observed(o) => Ok(o),
                 Answer::Panics => panic!(
                     "OS can't spawn worker thread: Resource temporarily unavailable (os error 11)"
                 ),

@@ -480,3 +480,116 @@ async fn a_runtime_that_panics_fails_the_start_instead_of_leaving_it_waiting() {
     s.mgr.delete("a").await.unwrap();
     until("a gone", || s.mgr.get("a").is_err()).await;
 }
+
+/// A task with lifecycle hooks is accepted (no longer refused), and its hooks' states
+/// move forward with it: a late or stale observation never takes a hook (or the task)
+/// back, and a waiting task may show another waiting reason.
+#[tokio::test]
+async fn hook_states_move_forward_with_the_task() {
+    use crate::runtime::Observed;
+    use crate::task::model::{
+        HookStatuses, Lifecycle, LifecycleHandler, Running, Terminated, Waiting,
+    };
+    let s = setup();
+    let waiting = |why: &str| {
+        Observed::Waiting(Waiting {
+            reason: Some(why.into()),
+            message: None,
+        })
+    };
+    let running_hook = || {
+        TaskState::Running(Running {
+            started_at: Time::now(),
+        })
+    };
+    let done_hook = |code| {
+        TaskState::Terminated(Terminated::from_exit(
+            Some(code),
+            None,
+            Some(Time::now()),
+            Time::now(),
+        ))
+    };
+    let hooks = |pre: Option<TaskState>, post: Option<TaskState>| HookStatuses {
+        pre_start: pre,
+        post_stop: post,
+    };
+    let with = |o: Observed, h: HookStatuses| Observed::WithHooks(Box::new(o), h);
+    s.rt.script(
+        "h",
+        &[Answer::Observed(with(
+            waiting(reason::PRE_START_HOOK_RUNNING),
+            hooks(Some(running_hook()), None),
+        ))],
+    );
+    let mut sp = spec("true");
+    let hook = serde_json::from_value::<LifecycleHandler>(
+        serde_json::json!({"exec": {"command": ["true"]}}),
+    )
+    .unwrap();
+    sp.process.as_mut().unwrap().lifecycle = Some(Lifecycle {
+        pre_start: Some(hook.clone()),
+        post_stop: Some(hook),
+    });
+    let v = s.mgr.create("h".into(), sp).await.unwrap();
+    assert_eq!(
+        waiting_reason(&v).as_deref(),
+        Some(reason::PRE_START_HOOK_RUNNING)
+    );
+    assert!(matches!(
+        v.hooks.as_ref().unwrap().pre_start,
+        Some(TaskState::Running(_))
+    ));
+
+    s.rt.report(
+        "h",
+        with(
+            Observed::Running {
+                started_at: Time::now(),
+            },
+            hooks(Some(done_hook(0)), None),
+        ),
+    );
+    until("running", || state(&s.mgr.get("h").unwrap()) == "running").await;
+    // Stale: preStart running again, the task waiting. Neither moves back.
+    s.rt.report(
+        "h",
+        with(
+            waiting(reason::PRE_START_HOOK_RUNNING),
+            hooks(Some(running_hook()), Some(running_hook())),
+        ),
+    );
+    until("postStop running", || {
+        s.mgr.get("h").unwrap().hooks.unwrap().post_stop.is_some()
+    })
+    .await;
+    let v = s.mgr.get("h").unwrap();
+    assert_eq!(state(&v), "running");
+    assert!(
+        v.hooks
+            .as_ref()
+            .unwrap()
+            .pre_start
+            .as_ref()
+            .unwrap()
+            .is_terminated()
+    );
+
+    let mut end = Terminated::from_exit(Some(0), None, Some(Time::now()), Time::now());
+    end.reason = reason::POST_STOP_HOOK_FAILED.into();
+    s.rt.report(
+        "h",
+        with(Observed::Terminated(end), hooks(None, Some(done_hook(2)))),
+    );
+    until("terminated", || {
+        s.mgr.get("h").unwrap().state.is_terminated()
+    })
+    .await;
+    let v = s.mgr.get("h").unwrap();
+    let h = v.hooks.unwrap();
+    assert!(h.pre_start.unwrap().is_terminated(), "kept from before");
+    let TaskState::Terminated(post) = h.post_stop.unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(post.exit_code, 2);
+}

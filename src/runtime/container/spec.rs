@@ -125,6 +125,7 @@ mod tests {
                 container: Some(c.clone()),
                 ..Default::default()
             },
+            exec_mode: crate::task::model::ExecMode::Local,
         };
         let ns = Namespaces {
             network: NamespaceMode::Node,

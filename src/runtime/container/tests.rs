@@ -211,6 +211,7 @@ fn setup() -> Setup {
             }),
             ..Default::default()
         },
+        exec_mode: crate::task::model::ExecMode::Local,
     };
     Setup {
         fake,

@@ -27,12 +27,68 @@ pub fn signal_descendants(
     spare: Option<i32>,
     sig: Signal,
 ) -> usize {
+    signal_subtrees(proc, root, spare, None, Some(sig))
+}
+
+/// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
+/// `spare`) is not in `exclude` (pid, start time). A hook's tree is that, with `exclude`
+/// the tops that were there when it started: every process the hook started is its
+/// descendant, or an orphan adopted by the subreaper since, while what the main command
+/// left running (its daemons) was there before. With `sig` `None` it only counts them.
+pub fn signal_subtrees(
+    proc: BorrowedFd<'_>,
+    root: i32,
+    spare: Option<i32>,
+    exclude: Option<&[(i32, u64)]>,
+    sig: Option<Signal>,
+) -> usize {
     let Ok((root_handle, _)) = ProcHandle::open_at(proc, root) else {
         return 0;
     };
     match root_handle.children() {
-        Some(_) => walk_children(proc, root_handle, spare, sig),
-        None => walk_scan(proc, root, spare, sig),
+        Some(_) => walk_children(proc, root_handle, spare, exclude, sig),
+        None => walk_scan(proc, root, spare, exclude, sig),
+    }
+}
+
+/// The tops of the trees under `root` now: its children and `spare`'s (pid, start time).
+pub fn tops(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>) -> Vec<(i32, u64)> {
+    let mut out = Vec::new();
+    for parent in std::iter::once(root).chain(spare) {
+        let kids = match ProcHandle::open_at(proc, parent) {
+            Ok((h, _)) => h.children(),
+            Err(_) => continue,
+        };
+        let kids = kids.unwrap_or_else(|| {
+            procfs::pids_at(proc)
+                .into_iter()
+                .filter(|p| procfs::stat_at(proc, *p).is_some_and(|s| s.ppid == parent))
+                .collect()
+        });
+        for pid in kids {
+            if Some(pid) != spare
+                && let Some(st) = procfs::stat_at(proc, pid)
+            {
+                out.push((pid, st.start_time));
+            }
+        }
+    }
+    out
+}
+
+/// Whether a process is in the selected trees: a top (a child of the root or of the
+/// spared reaper) unless excluded, any other process as its parent is.
+fn selected(
+    top: bool,
+    parent_selected: bool,
+    pid: i32,
+    start: u64,
+    exclude: Option<&[(i32, u64)]>,
+) -> bool {
+    if top {
+        exclude.is_none_or(|ex| !ex.contains(&(pid, start)))
+    } else {
+        parent_selected
     }
 }
 
@@ -40,12 +96,22 @@ pub fn signal_descendants(
 /// through its handle) names the parent it was listed under. The whole tree is found
 /// before anything is signalled: a parent that dies of the signal leaves its children to
 /// the subreaper, where this walk would no longer find them (they would miss a SIGTERM).
-fn walk_children(proc: BorrowedFd<'_>, root: ProcHandle, spare: Option<i32>, sig: Signal) -> usize {
-    // Each process found, and whether it is to be signalled.
-    let mut tree: Vec<(ProcHandle, bool)> = vec![(root, false)];
+fn walk_children(
+    proc: BorrowedFd<'_>,
+    root: ProcHandle,
+    spare: Option<i32>,
+    exclude: Option<&[(i32, u64)]>,
+    sig: Option<Signal>,
+) -> usize {
+    let root_pid = root.pid;
+    // Each process found, whether it is in the selected trees, and whether it is to be
+    // signalled.
+    let mut tree: Vec<(ProcHandle, bool, bool)> = vec![(root, false, false)];
     let mut next = 0;
-    while let Some((parent, _)) = tree.get(next) {
+    while let Some((parent, parent_selected, _)) = tree.get(next) {
         let (parent_pid, kids) = (parent.pid, parent.children().unwrap_or_default());
+        let top = parent_pid == root_pid || Some(parent_pid) == spare;
+        let parent_selected = *parent_selected;
         next += 1;
         for pid in kids {
             let Ok((h, st)) = ProcHandle::open_at(proc, pid) else {
@@ -54,19 +120,32 @@ fn walk_children(proc: BorrowedFd<'_>, root: ProcHandle, spare: Option<i32>, sig
             if st.ppid != parent_pid {
                 continue; // a reused pid, or re-parented meanwhile (a later round finds it)
             }
-            tree.push((h, Some(pid) != spare && st.state != 'Z'));
+            if Some(pid) == spare {
+                tree.push((h, false, false));
+                continue;
+            }
+            let sel = selected(top, parent_selected, pid, st.start_time, exclude);
+            tree.push((h, sel, sel && st.state != 'Z'));
         }
     }
     let mut live = 0;
-    for (h, _) in tree.iter().filter(|(_, signal)| *signal) {
+    for (h, _, _) in tree.iter().filter(|(_, _, signal)| *signal) {
         live += 1;
-        let _ = h.signal(sig);
+        if let Some(sig) = sig {
+            let _ = h.signal(sig);
+        }
     }
     live
 }
 
 /// The same from one scan of every process's stat.
-fn walk_scan(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>, sig: Signal) -> usize {
+fn walk_scan(
+    proc: BorrowedFd<'_>,
+    root: i32,
+    spare: Option<i32>,
+    exclude: Option<&[(i32, u64)]>,
+    sig: Option<Signal>,
+) -> usize {
     let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
     for pid in procfs::pids_at(proc) {
         if let Some(s) = procfs::stat_at(proc, pid) {
@@ -77,11 +156,17 @@ fn walk_scan(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>, sig: Signal) -
         }
     }
     let mut live = 0;
-    let mut stack = vec![root];
-    while let Some(parent) = stack.pop() {
+    let mut stack = vec![(root, false)];
+    while let Some((parent, parent_selected)) = stack.pop() {
+        let top = parent == root || Some(parent) == spare;
         for &(pid, start) in children.get(&parent).into_iter().flatten() {
-            stack.push(pid);
             if Some(pid) == spare || pid == root {
+                stack.push((pid, false));
+                continue;
+            }
+            let sel = selected(top, parent_selected, pid, start, exclude);
+            stack.push((pid, sel));
+            if !sel {
                 continue;
             }
             let Ok((h, now)) = ProcHandle::open_at(proc, pid) else {
@@ -91,7 +176,9 @@ fn walk_scan(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>, sig: Signal) -
                 continue; // a reused pid, or already dead
             }
             live += 1;
-            let _ = h.signal(sig);
+            if let Some(sig) = sig {
+                let _ = h.signal(sig);
+            }
         }
     }
     live
@@ -124,9 +211,21 @@ mod tests {
             assert!(found >= 4, "sh, sleep, sh, sleep: {found}");
             let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
             let n = if use_scan {
-                walk_scan(proc.as_fd(), me, Some(sh.id() as i32), Signal::SIGKILL)
+                walk_scan(
+                    proc.as_fd(),
+                    me,
+                    Some(sh.id() as i32),
+                    None,
+                    Some(Signal::SIGKILL),
+                )
             } else {
-                walk_children(proc.as_fd(), h, Some(sh.id() as i32), Signal::SIGKILL)
+                walk_children(
+                    proc.as_fd(),
+                    h,
+                    Some(sh.id() as i32),
+                    None,
+                    Some(Signal::SIGKILL),
+                )
             };
             assert_eq!(
                 n, 3,
@@ -159,7 +258,13 @@ mod tests {
         }
         assert_eq!(found, 17, "sh and eight sh → sleep chains");
         let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
-        let n = walk_children(proc.as_fd(), h, Some(sh.id() as i32), Signal::SIGKILL);
+        let n = walk_children(
+            proc.as_fd(),
+            h,
+            Some(sh.id() as i32),
+            None,
+            Some(Signal::SIGKILL),
+        );
         let _ = sh.kill();
         sh.wait().unwrap();
         assert_eq!(n, 16, "every descendant but the spared shell");

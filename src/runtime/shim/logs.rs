@@ -21,7 +21,12 @@ pub type SharedIndex = Rc<RefCell<IndexWriter>>;
 
 /// The output index of the task in `dir`; nothing is created until the first output.
 pub fn index(dir: &Path, cap: u64) -> SharedIndex {
-    Rc::new(RefCell::new(IndexWriter::new(dir.join(INDEX_FILE), cap)))
+    index_at(dir.join(INDEX_FILE), cap)
+}
+
+/// An output index at `path` (a hook's log has one of its own).
+pub fn index_at(path: PathBuf, cap: u64) -> SharedIndex {
+    Rc::new(RefCell::new(IndexWriter::new(path, cap)))
 }
 
 pub struct CappedLog {

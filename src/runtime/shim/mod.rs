@@ -7,7 +7,7 @@
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
 //! `records::SHIM_HELLO` before anything else (EOF without it: no shim ever took the task,
 //! which may then be launched again), `started` once the journal (`run.jsonl`) names the
-//! running task, or a start failure line (with an errno when nothing of the task was
+//! running task (`preStart` / `postStop` when a lifecycle hook starts), or a start failure line (with an errno when nothing of the task was
 //! spawned and its claim was given back: out of processes is retried), and closes the pipe
 //! once the exit line is written (or a start failure recorded), so each message means
 //! "look at the journal" and EOF means "finished" (or "the shim died"). An agent restarted
@@ -16,6 +16,7 @@
 //! life. The kernel drops both locks and the pipe if the shim dies.
 
 mod cgroup;
+mod hooks;
 mod kill;
 pub(crate) mod logs;
 pub(crate) mod ns_reaper;
@@ -31,16 +32,16 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
-use self::place::{MAIN, Place};
-use super::child_setup::{Cwd, ForkServer, SpawnError, Step};
+use self::place::{MAIN, POST_STOP, PRE_START, Place};
+use super::child_setup::{Cwd, ForkServer};
 use super::procfs::ProcIdentity;
-use super::records::{self, Claim, Entry, ExitRecord, Launch, ShimRecord, Unclaim};
+use super::records::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
 use crate::task::exhaustion::Exhaustion;
+use crate::task::model::HookName;
 use crate::task::time::Time;
 
 /// Runs the shim; returns the shim's own exit code. `licence` lets it fork the reaper of
@@ -85,7 +86,7 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     let _shim_lock = lock(&records::shim_lock(dir), false)?;
     // Also the journal we append to: the lock is released by closing it after the exit line.
-    let mut running_lock = lock(&records::running_lock(dir), true)?;
+    let running_lock = lock(&records::running_lock(dir), true)?;
     let run = records::read_run(dir)?;
     let launch: Launch = run
         .launch
@@ -113,9 +114,7 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     mask.thread_block()?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
-    let (out_r, out_w) = io::pipe()?;
-    let (err_r, err_w) = io::pipe()?;
-    let mut place = match place(licence, &launch) {
+    let place = match place(licence, &launch) {
         Ok(p) => p,
         // Out of processes, memory or file descriptors before anything of the task ran
         // (the sidecar reaper is ours): the agent starts it again later.
@@ -125,38 +124,26 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
             return finish_start_error(running_lock, &e, &what, &launch);
         }
     };
+    let mut sup = supervisor::Supervisor::new(dir, &launch, place, me, running_lock)?;
+    let journal = sup.journal_file().expect("held until the run ends");
     // From here on the task may run: the launch and the claim must survive a power loss,
     // so that neither a restarted agent nor a restarted node runs it a second time.
     CLAIM_STANDS.store(true, Ordering::Relaxed);
     let claim = Entry::Claimed(Claim { shim: me });
-    if let Err(e) = records::append(&mut running_lock, &claim, true) {
-        return Err(give_back(dir, &mut running_lock, e));
+    if let Err(e) = records::append(journal, &claim, true) {
+        return Err(give_back(dir, journal, e));
     }
-    let spawned = place.start(MAIN, out_w.as_fd(), err_w.as_fd());
-    drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
-    let main = match spawned {
-        Ok(main) => main,
-        // Out of processes, memory or file descriptors: the command never ran, and the
-        // agent starts the task again later rather than failing it for good.
-        Err(e) if Exhaustion::of(&e.error).is_some() => {
-            return Err(give_back(dir, &mut running_lock, e.error));
+    match sup.start_first() {
+        Ok(()) => {}
+        // Out of processes, memory or file descriptors: nothing of the task ran, and the
+        // agent starts it again later rather than failing it for good.
+        Err(supervisor::FirstStart::Exhausted(e)) => {
+            let journal = sup.journal_file().expect("held until the run ends");
+            return Err(give_back(dir, journal, e));
         }
-        Err(e) => return finish_spawn_error(running_lock, e, &launch),
-    };
-    place.release(); // the task's one command has started
-    let started = Time::now();
-    let rec = ShimRecord {
-        shim: me,
-        main: Some(main),
-        started_at: Some(started),
-    };
-    // Not fsynced: the durable claim already says the task may have run; who runs it only
-    // matters until the node restarts. The exit line's fdatasync covers it too.
-    records::append(&mut running_lock, &Entry::Started(rec), false)?;
-    notify_agent(b"started\n");
-
-    supervisor::Supervisor::new(dir, &launch, place, main, started, running_lock)?
-        .run(&sigfd, out_r, err_r)
+        Err(supervisor::FirstStart::Failed(e)) => return Err(e),
+    }
+    sup.run(&sigfd)
 }
 
 /// Nothing of the task was spawned after all: the claim is given back in the journal, so
@@ -181,25 +168,97 @@ fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
     e
 }
 
-/// Where the task's command starts: the plan and the place (host, or the main container
-/// through a reaper forked there).
+/// Where the task's commands start (the main command, its hooks): their plans and the
+/// places (host, or the main container through a reaper forked there). Every command is
+/// planned the same way, so hooks get what the main command gets (environment, working
+/// directory, identity).
 fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
     let cwd = spawn::working_dir(launch.working_dir.as_deref())?;
-    match &launch.target {
-        None => {
-            let env = spawn::environment(std::env::vars_os(), &launch.env);
-            let plan = spawn::plan(&launch.argv, &env, cwd.unwrap_or(Cwd::Inherit), None)?;
-            Ok(Place::host(vec![plan]))
+    // The main container, if any command runs there (all of them enter the same one).
+    let target = launch.target.as_ref().or_else(|| {
+        [&launch.pre_start, &launch.post_stop]
+            .into_iter()
+            .flatten()
+            .find_map(|h| match &h.place {
+                HookPlace::Remote(t) => Some(t),
+                _ => None,
+            })
+    });
+    let argv = |job: usize| -> Option<&Vec<String>> {
+        match job {
+            MAIN => Some(&launch.argv),
+            _ => launch
+                .hook(if job == PRE_START {
+                    HookName::PreStart
+                } else {
+                    HookName::PostStop
+                })
+                .filter(|h| !matches!(h.place, HookPlace::Unreachable(_)))
+                .map(|h| &h.argv),
         }
+    };
+    let inside = |job: usize| -> bool {
+        match job {
+            MAIN => launch.target.is_some(),
+            PRE_START => matches!(
+                launch.pre_start.as_ref().map(|h| &h.place),
+                Some(HookPlace::Remote(_))
+            ),
+            _ => matches!(
+                launch.post_stop.as_ref().map(|h| &h.place),
+                Some(HookPlace::Remote(_))
+            ),
+        }
+    };
+    let jobs = [MAIN, PRE_START, POST_STOP];
+    let in_container: Vec<bool> = jobs.iter().map(|j| inside(*j)).collect();
+    let dup = |c: &Option<Cwd>| -> io::Result<Option<Cwd>> {
+        Ok(match c {
+            None => None,
+            Some(Cwd::Inherit) => Some(Cwd::Inherit),
+            Some(Cwd::Path(p)) => Some(Cwd::Path(p.clone())),
+            Some(Cwd::Fd(fd)) => Some(Cwd::Fd(fd.try_clone()?)),
+        })
+    };
+    let host_env = spawn::environment(std::env::vars_os(), &launch.env);
+    let mut host = Vec::new();
+    for &job in &jobs {
+        host.push(match argv(job).filter(|_| !inside(job)) {
+            Some(argv) => Some(spawn::plan(
+                argv,
+                &host_env,
+                dup(&cwd)?.unwrap_or(Cwd::Inherit),
+                None,
+            )?),
+            None => None,
+        });
+    }
+    let reaper = match target.filter(|_| in_container.iter().any(|i| *i)) {
+        None => None,
         Some(t) => {
             let prepared = target::prepare(t)?;
             let env = spawn::environment(prepared.env.into_iter(), &launch.env);
-            let cwd = cwd.unwrap_or(prepared.target_cwd);
-            let plan = spawn::plan(&launch.argv, &env, cwd, prepared.creds)?;
-            let reaper = ns_reaper::Reaper::start(licence, prepared.entry, vec![plan])?;
-            Ok(Place::Container(reaper))
+            let mut plans = Vec::new();
+            for &job in &jobs {
+                plans.push(match argv(job).filter(|_| inside(job)) {
+                    Some(argv) => {
+                        let cwd = match dup(&cwd)? {
+                            Some(c) => c,
+                            None => match &prepared.target_cwd {
+                                Cwd::Fd(fd) => Cwd::Fd(fd.try_clone()?),
+                                Cwd::Path(p) => Cwd::Path(p.clone()),
+                                Cwd::Inherit => Cwd::Inherit,
+                            },
+                        };
+                        Some(spawn::plan(argv, &env, cwd, prepared.creds.clone())?)
+                    }
+                    None => None,
+                });
+            }
+            Some(ns_reaper::Reaper::start(licence, prepared.entry, plans)?)
         }
-    }
+    };
+    Ok(Place::new(host, reaper, in_container))
 }
 
 /// Tells the agent (reading our stdout) something changed; it may be gone (EPIPE is fine).
@@ -216,29 +275,10 @@ fn release_agent() {
     }
 }
 
-fn finish_spawn_error(running_lock: Flock<File>, e: SpawnError, launch: &Launch) -> io::Result<()> {
-    let mut what = format!("failed to start {:?}", launch.argv[0]);
-    if e.step == Step::WorkingDir {
-        match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
-            Some(d) => what.push_str(&format!(": working directory {d:?}")),
-            None => what.push_str(": the main container's working directory"),
-        }
-    }
-    finish_start_error(running_lock, &e.error, &what, launch)
-}
-
-fn finish_start_error(
-    mut running_lock: Flock<File>,
-    e: &io::Error,
-    what: &str,
-    launch: &Launch,
-) -> io::Result<()> {
-    let rec = ExitRecord {
-        exit_code: Some(match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
-            Errno::ENOENT => 127, // as shells report "command not found"
-            Errno::EACCES => 126,
-            _ => 128,
-        }),
+/// The exit line of a run whose main command could not be started.
+fn start_error_record(e: &io::Error, what: &str, launch: &Launch) -> ExitRecord {
+    ExitRecord {
+        exit_code: Some(supervisor::exec_failure_code(e)),
         finished_at: Some(Time::now()),
         // A sidecar target that vanished is reported as a restart, not as a bad command.
         target_gone: launch
@@ -247,7 +287,16 @@ fn finish_start_error(
             .is_some_and(|t| !t.process.is_alive()),
         start_error: Some(format!("{what}: {e}")),
         ..Default::default()
-    };
+    }
+}
+
+fn finish_start_error(
+    mut running_lock: Flock<File>,
+    e: &io::Error,
+    what: &str,
+    launch: &Launch,
+) -> io::Result<()> {
+    let rec = start_error_record(e, what, launch);
     records::append(&mut running_lock, &Entry::Exit(rec), true)?;
     drop(running_lock);
     release_agent();

@@ -52,8 +52,15 @@ pub struct Entry {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 enum ToReaper {
-    Start { job: usize },
-    Signal { sig: i32 },
+    Start {
+        job: usize,
+    },
+    /// Signal the groups of unreaped commands (`job`: of that one only).
+    Signal {
+        sig: i32,
+        #[serde(default)]
+        job: Option<usize>,
+    },
     Release,
 }
 
@@ -92,7 +99,11 @@ pub struct Reaper {
 impl Reaper {
     /// Forks the reaper into the container's PID namespace and waits until it has entered
     /// the container (or says why it could not). `jobs` are the commands it may start.
-    pub fn start(licence: &ForkServer, entry: Entry, jobs: Vec<ExecPlan>) -> io::Result<Reaper> {
+    pub fn start(
+        licence: &ForkServer,
+        entry: Entry,
+        jobs: Vec<Option<ExecPlan>>,
+    ) -> io::Result<Reaper> {
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -181,11 +192,15 @@ impl Reaper {
         }
     }
 
-    /// Asks the reaper to signal the process group of each command it has not reaped.
-    pub fn signal_groups(&self, sig: Signal) {
+    /// Asks the reaper to signal the process group of each command it has not reaped
+    /// (`job`: of that command only).
+    pub fn signal_groups(&self, job: Option<usize>, sig: Signal) {
         let _ = send(
             self.sock.as_fd(),
-            &ToReaper::Signal { sig: sig as i32 },
+            &ToReaper::Signal {
+                sig: sig as i32,
+                job,
+            },
             &[],
         );
     }
@@ -253,7 +268,7 @@ fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> io::Resul
 pub struct Boot {
     sock: OwnedFd,
     entry: Entry,
-    jobs: Vec<ExecPlan>,
+    jobs: Vec<Option<ExecPlan>>,
 }
 
 impl Boot {
@@ -266,7 +281,7 @@ impl Boot {
         ];
         fds.extend(self.entry.namespaces.iter().map(|(fd, _)| fd.as_raw_fd()));
         fds.extend(self.entry.cgroup.iter().map(|c| c.fd().as_raw_fd()));
-        fds.extend(self.jobs.iter().flat_map(ExecPlan::fds));
+        fds.extend(self.jobs.iter().flatten().flat_map(ExecPlan::fds));
         fds
     }
 }
@@ -317,7 +332,7 @@ fn enter(entry: &Entry) -> io::Result<()> {
 struct Served {
     sock: OwnedFd,
     proc: OwnedFd,
-    jobs: Vec<ExecPlan>,
+    jobs: Vec<Option<ExecPlan>>,
     /// The container's /dev/null, the commands' stdin.
     null: File,
     sigchld: SignalFd,
@@ -329,7 +344,7 @@ struct Served {
 }
 
 impl Served {
-    fn new(sock: OwnedFd, proc: OwnedFd, jobs: Vec<ExecPlan>) -> io::Result<Served> {
+    fn new(sock: OwnedFd, proc: OwnedFd, jobs: Vec<Option<ExecPlan>>) -> io::Result<Served> {
         let mut mask = SigSet::empty();
         mask.add(Signal::SIGCHLD);
         // The shim's mask (SIGCHLD, SIGTERM, ...) is inherited: those stay blocked, so
@@ -404,11 +419,13 @@ impl Served {
         }
         match serde_json::from_slice::<ToReaper>(&buf[..n]) {
             Ok(ToReaper::Start { job }) => self.start(job, &fds),
-            Ok(ToReaper::Signal { sig }) => {
+            Ok(ToReaper::Signal { sig, job }) => {
                 if let Ok(sig) = Signal::try_from(sig) {
                     // Unreaped children of ours: their pids, so their groups, are theirs.
-                    for pid in self.live.keys() {
-                        let _ = killpg(Pid::from_raw(*pid), sig);
+                    for (pid, j) in &self.live {
+                        if job.is_none_or(|want| want == *j) {
+                            let _ = killpg(Pid::from_raw(*pid), sig);
+                        }
                     }
                 }
             }
@@ -418,7 +435,7 @@ impl Served {
     }
 
     fn start(&mut self, job: usize, fds: &[OwnedFd]) {
-        let reply = match (self.jobs.get(job), fds) {
+        let reply = match (self.jobs.get(job).and_then(Option::as_ref), fds) {
             (Some(plan), [out, err]) => {
                 match child_setup::spawn(plan, [self.null.as_fd(), out.as_fd(), err.as_fd()]) {
                     Ok(pid) => {

@@ -3,7 +3,7 @@
 //! The same `ExecPlan` starts one of two ways: on the host, as a child of the shim
 //! (`child_setup::spawn`), or inside the main container, as a child of the task's reaper
 //! there (which starts it with the same call). Commands are numbered (`MAIN` is the
-//! task's own); more commands of a task start the same way.
+//! task's own, `PRE_START` and `POST_STOP` its hooks); each starts in its own place.
 
 use std::fs::File;
 use std::io;
@@ -15,9 +15,21 @@ use nix::unistd::Pid;
 use super::ns_reaper::Reaper;
 use crate::runtime::child_setup::{self, ExecPlan, SpawnError, Step};
 use crate::runtime::procfs::ProcIdentity;
+use crate::task::model::HookName;
 
 /// The task's own command.
 pub const MAIN: usize = 0;
+/// Its lifecycle hooks.
+pub const PRE_START: usize = 1;
+pub const POST_STOP: usize = 2;
+
+/// The job number of a hook.
+pub fn hook_job(h: HookName) -> usize {
+    match h {
+        HookName::PreStart => PRE_START,
+        HookName::PostStop => POST_STOP,
+    }
+}
 
 /// How one command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,23 +39,37 @@ pub struct JobExit {
     pub signal: Option<i32>,
 }
 
-pub enum Place {
-    /// Commands are the shim's children.
-    Host {
-        jobs: Vec<ExecPlan>,
-        /// Commands not reaped yet (pid → job): only their groups may be signalled.
-        live: Vec<(i32, usize)>,
-    },
-    /// Commands are children of the reaper inside the main container.
-    Container(Reaper),
+/// Where each of a task's commands starts: on the host (a child of the shim) or inside
+/// the main container (a child of the reaper there). A task's hooks may run elsewhere
+/// than its main command (`execMode` per hook), so one task may use both.
+pub struct Place {
+    /// Plans of the commands the shim starts itself, by job number.
+    host: Vec<Option<ExecPlan>>,
+    /// Host commands not reaped yet (pid → job): only their groups may be signalled.
+    live: Vec<(i32, usize)>,
+    /// The reaper inside the main container, for the commands that run there.
+    reaper: Option<Reaper>,
+    in_container: Vec<bool>,
 }
 
 impl Place {
-    pub fn host(jobs: Vec<ExecPlan>) -> Place {
-        Place::Host {
-            jobs,
+    /// `host`: plans by job number (`None`: not a host command); `reaper`: the reaper
+    /// that holds the plans of the others.
+    pub fn new(
+        host: Vec<Option<ExecPlan>>,
+        reaper: Option<Reaper>,
+        in_container: Vec<bool>,
+    ) -> Place {
+        Place {
+            host,
             live: Vec::new(),
+            reaper,
+            in_container,
         }
+    }
+
+    fn runs_in_container(&self, job: usize) -> bool {
+        self.in_container.get(job).copied().unwrap_or(false)
     }
 
     /// Starts command `job` with stdin from /dev/null and the given stdout and stderr;
@@ -54,79 +80,101 @@ impl Place {
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
     ) -> Result<ProcIdentity, SpawnError> {
-        match self {
-            Place::Host { jobs, live } => {
-                let setup = |error| SpawnError {
-                    step: Step::Setup,
-                    error,
-                };
-                let plan = jobs
-                    .get(job)
-                    .ok_or_else(|| setup(io::Error::from(io::ErrorKind::InvalidInput)))?;
-                let null = File::open("/dev/null").map_err(setup)?;
-                let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr])?;
-                live.push((pid, job));
-                // Our unreaped child: the pid is still its own.
-                Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity { pid, start_time: 0 }))
+        let setup = |error| SpawnError {
+            step: Step::Setup,
+            error,
+        };
+        if self.runs_in_container(job) {
+            return match self.reaper.as_mut() {
+                Some(reaper) => reaper.start_job(job, stdout, stderr),
+                None => Err(setup(io::Error::from(io::ErrorKind::InvalidInput))),
+            };
+        }
+        let plan = self
+            .host
+            .get(job)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| setup(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let null = File::open("/dev/null").map_err(setup)?;
+        let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr])?;
+        self.live.push((pid, job));
+        // Our unreaped child: the pid is still its own.
+        Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity { pid, start_time: 0 }))
+    }
+
+    /// Signals the process group of every command not reaped yet (`job`: of that command
+    /// only). A reaped command's group id may be someone else's by now, so it is left
+    /// alone (its processes are reached as descendants).
+    pub fn signal_groups(&self, job: Option<usize>, sig: Signal) {
+        for (pid, j) in &self.live {
+            if job.is_none_or(|want| want == *j) {
+                let _ = killpg(Pid::from_raw(*pid), sig);
             }
-            Place::Container(reaper) => reaper.start_job(job, stdout, stderr),
+        }
+        if let Some(reaper) = &self.reaper
+            && job.is_none_or(|j| self.runs_in_container(j))
+        {
+            reaper.signal_groups(job, sig);
         }
     }
 
-    /// Signals the process group of every command not reaped yet. A reaped command's
-    /// group id may be someone else's by now, so it is left alone (its processes are
-    /// reached as descendants).
-    pub fn signal_groups(&self, sig: Signal) {
-        match self {
-            Place::Host { live, .. } => {
-                for (pid, _) in live {
-                    let _ = killpg(Pid::from_raw(*pid), sig);
-                }
-            }
-            Place::Container(reaper) => reaper.signal_groups(sig),
-        }
-    }
-
-    /// A child of the shim was reaped: the command's exit, if it was a command.
+    /// A child of the shim was reaped: the command's exit, if it was a host command.
     pub fn reaped(&mut self, pid: i32, code: Option<i32>, signal: Option<i32>) -> Option<JobExit> {
-        match self {
-            Place::Host { live, .. } => {
-                let i = live.iter().position(|(p, _)| *p == pid)?;
-                let (_, job) = live.swap_remove(i);
-                Some(JobExit { job, code, signal })
-            }
-            Place::Container(_) => None,
-        }
+        let i = self.live.iter().position(|(p, _)| *p == pid)?;
+        let (_, job) = self.live.swap_remove(i);
+        Some(JobExit { job, code, signal })
     }
 
-    /// Exits reported by the reaper (none on the host: see `reaped`).
+    /// Exits reported by the reaper (host commands' come from `reaped`).
     pub fn reported_exits(&mut self) -> Vec<JobExit> {
-        match self {
-            Place::Host { .. } => Vec::new(),
-            Place::Container(reaper) => reaper.exits(),
+        match &mut self.reaper {
+            None => Vec::new(),
+            Some(reaper) => reaper.exits(),
         }
     }
 
     /// A process of the shim's tree that must not be signalled with the task's: the reaper.
     pub fn spare(&self) -> Option<i32> {
-        match self {
-            Place::Host { .. } => None,
-            Place::Container(reaper) => Some(reaper.pid),
-        }
+        self.reaper.as_ref().map(|r| r.pid)
     }
 
     /// The descriptor to poll for reports (the reaper's socket).
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        match self {
-            Place::Host { .. } => None,
-            Place::Container(reaper) => Some(reaper.fd()),
+        self.reaper.as_ref().map(|r| r.fd())
+    }
+
+    /// Whether `job` runs inside the main container and its reaper is gone (the container
+    /// with it, or the reaper died): such a command's exit will never be reported.
+    pub fn job_lost(&self, job: usize, reaper_gone: bool) -> bool {
+        self.runs_in_container(job) && reaper_gone
+    }
+
+    /// No more commands will be started after `job`: the reaper may leave once its
+    /// children are gone.
+    pub fn release_after(&self, job: usize) {
+        let later_there = self
+            .in_container
+            .iter()
+            .enumerate()
+            .any(|(j, inside)| *inside && job_order(j) > job_order(job));
+        if !later_there && let Some(reaper) = &self.reaper {
+            reaper.release();
         }
     }
 
-    /// No more commands will be started.
+    /// No more commands at all.
     pub fn release(&self) {
-        if let Place::Container(reaper) = self {
+        if let Some(reaper) = &self.reaper {
             reaper.release();
         }
+    }
+}
+
+/// The order commands run in: preStart, main, postStop.
+fn job_order(job: usize) -> u8 {
+    match job {
+        PRE_START => 0,
+        MAIN => 1,
+        _ => 2,
     }
 }

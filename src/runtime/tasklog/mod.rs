@@ -102,6 +102,15 @@ impl LogSet {
         }
     }
 
+    /// The output of one of the task's lifecycle hooks: one file (its stdout and stderr
+    /// combined) with an index of its own.
+    pub fn of_hook(dir: &Path, hook: crate::task::model::HookName) -> LogSet {
+        LogSet::Plain {
+            files: vec![(Stream::Stdout, dir.join(hook.log_file()))],
+            index: Some(dir.join(hook.index_file())),
+        }
+    }
+
     /// Opens what exists now (a task that wrote nothing yet reads as empty).
     pub fn open(&self, streams: Streams) -> io::Result<Reader> {
         Ok(match self {

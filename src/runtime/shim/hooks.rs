@@ -1,0 +1,155 @@
+//! A lifecycle hook as the shim runs it: its process, its deadline, its log (one file for
+//! its stdout and stderr, `prestart.log` / `poststop.log`, with an output index of its
+//! own) and the tail of its output kept for the task's status.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::logs::{self, CappedLog};
+use crate::runtime::procfs::ProcIdentity;
+use crate::runtime::records::HookExit;
+use crate::task::model::HookName;
+use crate::task::time::Time;
+
+/// How much of a hook's output its status keeps (the end of it).
+pub const TAIL_BYTES: usize = 4096;
+
+/// Between SIGKILL rounds while anything of a hook being stopped is left.
+pub const KILL_AGAIN: Duration = Duration::from_millis(100);
+
+/// Where stopping a hook stands.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HookStop {
+    No,
+    /// SIGTERM sent (a stop request): SIGKILL at this time.
+    Grace(Instant),
+    /// SIGKILL sent (its timeout, or the grace is over): again at this time.
+    Killing(Instant),
+}
+
+/// A hook that was started (or failed to start).
+pub struct HookJob {
+    pub name: HookName,
+    pub job: usize,
+    /// `None` when it could not be started.
+    pub process: Option<ProcIdentity>,
+    pub started: Time,
+    pub deadline: Instant,
+    pub timeout: Duration,
+    pub timed_out: bool,
+    pub stop: HookStop,
+    /// Recorded in the journal: the hook is over.
+    pub ended: bool,
+    /// It ended with exit code 0, in time.
+    pub succeeded: bool,
+    /// The trees under the shim when it started (the main command's daemons): not its.
+    pub before: Vec<(i32, u64)>,
+}
+
+impl HookJob {
+    pub fn new(name: HookName, job: usize, timeout: Duration) -> Self {
+        HookJob {
+            name,
+            job,
+            process: None,
+            started: Time::now(),
+            deadline: Instant::now() + timeout,
+            timeout,
+            timed_out: false,
+            stop: HookStop::No,
+            ended: false,
+            succeeded: false,
+            before: Vec::new(),
+        }
+    }
+
+    /// When this hook next needs attention (its deadline, a kill round).
+    pub fn next_timer(&self) -> Option<Instant> {
+        if self.ended && self.stop == HookStop::No {
+            return None;
+        }
+        let kill = match self.stop {
+            HookStop::Grace(t) | HookStop::Killing(t) => Some(t),
+            HookStop::No => None,
+        };
+        let deadline = (!self.timed_out && !self.ended).then_some(self.deadline);
+        [kill, deadline].into_iter().flatten().min()
+    }
+
+    /// The line recording how the hook ended.
+    pub fn exit_record(
+        &self,
+        code: Option<i32>,
+        signal: Option<i32>,
+        start_error: Option<String>,
+        output: String,
+    ) -> HookExit {
+        HookExit {
+            hook: self.name,
+            exit_code: code,
+            signal,
+            started_at: self.process.map(|_| self.started),
+            finished_at: Time::now(),
+            timed_out: self.timed_out,
+            start_error,
+            output,
+            unrecorded: None,
+        }
+    }
+}
+
+/// A hook's log: capped like the task's, with its own output index.
+pub fn log(dir: &Path, name: HookName, cap: u64) -> CappedLog {
+    let index = logs::index_at(dir.join(name.index_file()), cap);
+    CappedLog::new(dir.join(name.log_file()), cap, 0, &index)
+}
+
+/// The last `TAIL_BYTES` of a hook's output.
+#[derive(Default)]
+pub struct Tail(Vec<u8>);
+
+impl Tail {
+    pub fn push(&mut self, bytes: &[u8]) {
+        let keep = bytes.len().min(TAIL_BYTES);
+        self.0.extend_from_slice(&bytes[bytes.len() - keep..]);
+        if self.0.len() > TAIL_BYTES {
+            let cut = self.0.len() - TAIL_BYTES;
+            self.0.drain(..cut);
+        }
+    }
+
+    /// As text: a character cut at the start is dropped, other invalid bytes replaced,
+    /// so the result is valid UTF-8 of at most `TAIL_BYTES` (plus replacements).
+    pub fn text(&self) -> String {
+        let mut b = &self.0[..];
+        // Skip continuation bytes of a character whose start was cut off.
+        let mut skipped = 0;
+        while skipped < 3 && b.first().is_some_and(|c| c & 0xC0 == 0x80) {
+            b = &b[1..];
+            skipped += 1;
+        }
+        String::from_utf8_lossy(b).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_end_as_valid_utf8() {
+        let mut t = Tail::default();
+        t.push("é".repeat(3000).as_bytes()); // 6000 bytes, two per character
+        t.push(b"x");
+        let s = t.text();
+        assert!(s.len() <= TAIL_BYTES, "{}", s.len());
+        assert!(s.ends_with("éx"));
+        assert!(
+            !s.contains('\u{fffd}'),
+            "a cut character is dropped, not replaced"
+        );
+        let mut big = Tail::default();
+        big.push(&vec![b'a'; 10_000]);
+        assert_eq!(big.text().len(), TAIL_BYTES);
+    }
+}

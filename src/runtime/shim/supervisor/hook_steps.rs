@@ -1,0 +1,168 @@
+//! The shim's handling of a task's lifecycle hooks: claiming and starting one (in its
+//! place, with its own log), recording its end, its timeout and stop, and killing its
+//! tree (what it started, not what the main command left running).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+
+use super::super::hooks::{self, HookJob, HookStop};
+use super::super::kill;
+use super::super::notify_agent;
+use super::super::place::hook_job;
+use super::{PRE_START_SLOT, Supervisor, slot_of};
+use crate::runtime::child_setup::{SpawnError, Step};
+use crate::runtime::records::{Entry, HookClaim, HookExit, HookPlace, HookStart, Launch};
+use crate::task::exhaustion::Exhaustion;
+use crate::task::model::HookName;
+use crate::task::time::Time;
+
+impl Supervisor<'_> {
+    /// Claims and starts a hook. A hook that can't be started ends at once, failed
+    /// (recorded), except for a first command out of resources (`give_back` then).
+    pub(super) fn start_hook(&mut self, name: HookName, first: bool) -> io::Result<()> {
+        let Some(spec) = self.launch.hook(name) else {
+            return Ok(());
+        };
+        let job = hook_job(name);
+        let mut h = HookJob::new(name, job, Duration::from_millis(spec.timeout_ms));
+        h.before = kill::tops(self.proc.as_fd(), self.me, self.place.spare());
+        // From here on the hook may run: never again (durable before it is spawned).
+        self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
+        let argv0 = spec.argv.first().cloned().unwrap_or_default();
+        let failed = match &spec.place {
+            HookPlace::Unreachable(why) => Some((128, why.clone())),
+            HookPlace::Local | HookPlace::Remote(_) => {
+                let (r, w) = io::pipe()?;
+                let spawned = self.place.start(job, w.as_fd(), w.as_fd());
+                drop(w); // only the hook holds the write end now
+                match spawned {
+                    Ok(p) => {
+                        self.place.release_after(job);
+                        h.process = Some(p);
+                        h.started = Time::now();
+                        h.deadline = Instant::now() + h.timeout;
+                        self.pipes[slot_of(name)] = Some(r);
+                        let rec = HookStart {
+                            hook: name,
+                            process: p,
+                            started_at: h.started,
+                        };
+                        self.journal(&Entry::HookStarted(rec), false)?;
+                        None
+                    }
+                    Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
+                    Err(e) => Some((
+                        exec_failure_code(&e.error),
+                        spawn_failure(&argv0, &e, &spec.place, self.launch),
+                    )),
+                }
+            }
+        };
+        self.hook = Some(h);
+        match failed {
+            Some((code, why)) => self.end_hook(Some(code), None, Some(why))?,
+            None => notify_agent(format!("{}\n", name.as_str()).as_bytes()),
+        }
+        Ok(())
+    }
+
+    /// Records the current hook's end (durably).
+    pub(super) fn end_hook(
+        &mut self,
+        code: Option<i32>,
+        signal: Option<i32>,
+        start_error: Option<String>,
+    ) -> io::Result<()> {
+        let Some(h) = self.hook.as_mut() else {
+            return Ok(());
+        };
+        h.ended = true;
+        let output = self.tails[slot_of(h.name) - PRE_START_SLOT].text();
+        let rec: HookExit = h.exit_record(code, signal, start_error, output);
+        h.succeeded = rec.succeeded();
+        self.journal(&Entry::HookExit(rec), true)
+    }
+
+    /// Signals the current hook's tree: its group while unreaped, and every tree under
+    /// the shim that was not there when it started (see `signal_subtrees`). Returns how
+    /// many are left.
+    pub(super) fn kill_hook(&self, sig: Signal) -> usize {
+        let Some(h) = &self.hook else { return 0 };
+        if h.process.is_none() {
+            return 0;
+        }
+        if !h.ended {
+            self.place.signal_groups(Some(h.job), sig);
+        }
+        kill::signal_subtrees(
+            self.proc.as_fd(),
+            self.me,
+            self.place.spare(),
+            Some(&h.before),
+            Some(sig),
+        )
+    }
+
+    pub(super) fn check_hook_timers(&mut self, now: Instant) {
+        let Some(h) = self.hook.as_mut() else { return };
+        if h.process.is_none() {
+            return;
+        }
+        if !h.ended && !h.timed_out && now >= h.deadline {
+            // Over its timeout: its whole tree is killed, and it counts as failed.
+            h.timed_out = true;
+            h.stop = HookStop::Killing(now + hooks::KILL_AGAIN);
+            self.kill_hook(Signal::SIGKILL);
+            return;
+        }
+        if let HookStop::Grace(t) | HookStop::Killing(t) = h.stop
+            && now >= t
+        {
+            let ended = h.ended;
+            let left = self.kill_hook(Signal::SIGKILL);
+            let h = self.hook.as_mut().expect("checked above");
+            h.stop = if left == 0 && ended {
+                HookStop::No
+            } else {
+                HookStop::Killing(now + hooks::KILL_AGAIN)
+            };
+        }
+    }
+}
+
+/// The exit code of a command that could not be started, as shells give it.
+pub fn exec_failure_code(e: &io::Error) -> i32 {
+    match Errno::from_raw(e.raw_os_error().unwrap_or(0)) {
+        Errno::ENOENT => 127, // as shells report "command not found"
+        Errno::EACCES => 126,
+        _ => 128,
+    }
+}
+
+/// Why a hook could not be started, as its status says.
+fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace, launch: &Launch) -> String {
+    let inside = match place {
+        HookPlace::Remote(_) => " inside the main container",
+        _ => "",
+    };
+    match (
+        e.step,
+        launch.working_dir.as_deref().filter(|d| !d.is_empty()),
+    ) {
+        (Step::WorkingDir, Some(d)) => {
+            format!(
+                "failed to start {argv0:?}{inside}: working directory {d:?}: {}",
+                e.error
+            )
+        }
+        (Step::WorkingDir, None) => format!(
+            "failed to start {argv0:?}{inside}: the main container's working directory: {}",
+            e.error
+        ),
+        _ => format!("failed to start {argv0:?}{inside}: {}", e.error),
+    }
+}
