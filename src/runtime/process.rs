@@ -19,6 +19,7 @@ use super::outcome::{self, settle, terminated_from};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
 use super::records::{self, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
+use crate::task::identity::{RunAs, SecurityContext};
 use crate::task::model::Terminated;
 use crate::task::time::Time;
 
@@ -32,6 +33,8 @@ pub struct ProcessRuntime {
     launcher: std::sync::Arc<Launcher>,
     grace: Duration,
     max_log_bytes: u64,
+    /// Who host tasks run as unless their securityContext says (`--task-run-as-user`).
+    default_run_as: RunAs,
 }
 
 impl ProcessRuntime {
@@ -41,7 +44,14 @@ impl ProcessRuntime {
             launcher: std::sync::Arc::new(Launcher::new(exe)),
             grace,
             max_log_bytes,
+            default_run_as: RunAs::default(),
         }
+    }
+
+    /// Host tasks run as `run_as` unless their securityContext says otherwise.
+    pub fn with_default_run_as(mut self, run_as: RunAs) -> Self {
+        self.default_run_as = run_as;
+        self
     }
 
     /// Writes the launch record, starts the shim and waits until the task runs or failed.
@@ -56,6 +66,7 @@ impl ProcessRuntime {
             .process
             .as_ref()
             .ok_or_else(|| RuntimeError::Invalid("not a process task".into()))?;
+        let sc = p.security_context.as_ref();
         let launch = Launch {
             argv: p.command.iter().chain(&p.args).cloned().collect(),
             // Marks the task's processes as ours (the sidecar env scan skips them); a task
@@ -70,6 +81,14 @@ impl ProcessRuntime {
             timeout_ms: task.spec.effective_timeout().map(|s| s as u64 * 1000),
             grace_ms: self.grace.as_millis() as u64,
             max_log_bytes: self.max_log_bytes,
+            // Host tasks start from the agent's default identity; sidecar tasks from the
+            // main container's (the shim reads it).
+            run_as: match target {
+                None => self.default_run_as,
+                Some(_) => RunAs::default(),
+            }
+            .overlaid(sc.map(SecurityContext::run_as).unwrap_or_default()),
+            allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
             target,
             boot_id: records::boot_id().map(str::to_string),
         };

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::procfs::ProcIdentity;
+use crate::task::identity::RunAs;
 use crate::task::model::EnvVar;
 use crate::task::time::Time;
 
@@ -192,6 +193,14 @@ pub struct Launch {
     /// never started again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Identity overrides for the task's processes (its securityContext over the agent's
+    /// default), applied by the shim over its own identity or the main container's.
+    #[serde(default, skip_serializing_if = "RunAs::is_empty")]
+    pub run_as: RunAs,
+    /// The task may gain privileges (setuid binaries); otherwise it runs with
+    /// `no_new_privs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_privilege_escalation: bool,
 }
 
 impl Launch {
@@ -220,7 +229,7 @@ pub struct Target {
     /// Also join the target's cgroups (limits and accounting of the main container).
     #[serde(default)]
     pub join_cgroup: bool,
-    /// Run as the target's uid/gid instead of the sidecar's.
+    /// Run as the target's uid, gid, groups and capabilities instead of the sidecar's.
     #[serde(default)]
     pub run_as_target_user: bool,
 }
@@ -297,6 +306,8 @@ mod tests {
             max_log_bytes: 1,
             target: None,
             boot_id: boot_id().map(str::to_string),
+            run_as: RunAs::default(),
+            allow_privilege_escalation: false,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();

@@ -187,15 +187,17 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
     let cwd = spawn::working_dir(launch.working_dir.as_deref())?;
     match &launch.target {
         None => {
-            let env = spawn::environment(std::env::vars_os(), &launch.env);
-            let plan = spawn::plan(&launch.argv, &env, cwd.unwrap_or(Cwd::Inherit), None)?;
+            let identity = spawn::Identity::of(launch, None);
+            let env = spawn::environment(spawn::host_base_env(), &launch.env);
+            let plan = spawn::plan(&launch.argv, &env, cwd.unwrap_or(Cwd::Inherit), &identity)?;
             Ok(Place::host(vec![plan]))
         }
         Some(t) => {
             let prepared = target::prepare(t)?;
+            let identity = spawn::Identity::of(launch, prepared.creds);
             let env = spawn::environment(prepared.env.into_iter(), &launch.env);
             let cwd = cwd.unwrap_or(prepared.target_cwd);
-            let plan = spawn::plan(&launch.argv, &env, cwd, prepared.creds)?;
+            let plan = spawn::plan(&launch.argv, &env, cwd, &identity)?;
             let reaper = ns_reaper::Reaper::start(licence, prepared.entry, vec![plan])?;
             Ok(Place::Container(reaper))
         }
@@ -218,6 +220,9 @@ fn release_agent() {
 
 fn finish_spawn_error(running_lock: Flock<File>, e: SpawnError, launch: &Launch) -> io::Result<()> {
     let mut what = format!("failed to start {:?}", launch.argv[0]);
+    if e.step == Step::Identity {
+        what.push_str(": taking the task's identity (securityContext, --task-run-as-user)");
+    }
     if e.step == Step::WorkingDir {
         match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
             Some(d) => what.push_str(&format!(": working directory {d:?}")),
