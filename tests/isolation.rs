@@ -289,11 +289,16 @@ fn a_task_as_another_user_runs_writes_where_told_and_its_logs_are_served() {
         fs::metadata(&a.data_dir).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    // A securityContext overrides the flag; its group defaults to its user's.
-    let r = a.create(json!({"name": "other", "spec": {"process": {
+    // A securityContext overrides the flag; its group defaults to its user's. Upstream's
+    // wire shape (top-level `process`) carries it too, and answers echo it in both.
+    let sc = json!({"runAsUser": 1234});
+    let r = a.create(json!({"name": "other", "process": {
         "command": ["sh", "-c", "echo $(id -u) $(id -g) $(id -G)"],
-        "securityContext": {"runAsUser": 1234}}}}));
-    assert_eq!(r.status, 201);
+        "securityContext": sc}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = r.json();
+    assert_eq!(t["process"]["securityContext"], sc);
+    assert_eq!(t["spec"]["process"]["securityContext"], sc);
     a.wait_state("other", "terminated", T);
     assert_eq!(a.stdout("other"), "1234 1234 1234\n");
 }
@@ -318,6 +323,9 @@ fn invalid_security_contexts_are_refused() {
         "command": ["true"], "securityContext": {"runAsUser": "root"}}}}));
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(a.get("bad").is_none());
+    // The API document describes the field, with Kubernetes' bounds.
+    let doc = a.request("GET", "/openapi.json", None).text();
+    assert!(doc.contains("allowPrivilegeEscalation") && doc.contains("2147483647"));
 }
 
 #[test]
