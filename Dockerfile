@@ -21,8 +21,9 @@ RUN bash scripts/build-release /out
 
 FROM debian:bookworm-slim
 COPY --from=build /out/task-executor /usr/local/bin/task-executor
-# Default data dir, writable by the unprivileged default user. Sidecar and container
-# modes run the container as root (see charts/task-executor) and mount a volume here.
+# Default data dir, writable by the unprivileged default user (a bare `docker run`: tasks
+# then run as that user too). The chart runs the agent as root with a few capabilities,
+# mounts a volume here, and runs tasks as another user (charts/task-executor).
 RUN mkdir -p /var/lib/sandbox/tasks \
     && chown -R 65532:65532 /var/lib/sandbox
 USER 65532:65532

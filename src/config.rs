@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
+use crate::task::identity::RunAs;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -97,10 +99,17 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set)]
     pub sidecar_join_cgroup: bool,
 
-    /// Sidecar mode: run tasks as the main container's uid/gid instead of the sidecar's.
-    #[arg(long, env = "SIDECAR_RUN_AS_TARGET_USER", default_value_t = false, num_args = 0..=1,
+    /// Sidecar tasks run as the main container's uid, gid, groups and capabilities
+    /// (false: as the agent, upstream's behaviour).
+    #[arg(long, env = "SIDECAR_RUN_AS_TARGET_USER", default_value_t = true, num_args = 0..=1,
           default_missing_value = "true", action = ArgAction::Set)]
     pub sidecar_run_as_target_user: bool,
+
+    /// Host tasks run as UID[:GID] (GID defaults to UID) unless their securityContext
+    /// says otherwise. Unset: as the agent. Needs CAP_SETUID and CAP_SETGID.
+    #[arg(long, env = "TASK_RUN_AS_USER", value_name = "UID[:GID]",
+          value_parser = RunAs::parse_flag)]
+    pub task_run_as_user: Option<RunAs>,
 
     /// Container mode: map a volume name to a host path (NAME=HOSTPATH). In a pod
     /// (POD_NAME/POD_NAMESPACE set) the own Pod's volumes are known too; these entries win.
@@ -203,6 +212,16 @@ mod tests {
         // No credential by default: the upstream controller sends none.
         assert_eq!(c.auth_mode, AuthMode::None);
         assert!(c.tls_cert_file.is_none());
+        // Tasks run as the agent unless told otherwise; sidecar tasks as the container.
+        assert_eq!(c.task_run_as_user, None);
+        assert!(c.sidecar_run_as_target_user);
+    }
+
+    #[test]
+    fn task_run_as_user_takes_uid_and_gid() {
+        let c = parse(&["--task-run-as-user", "65534"]);
+        assert_eq!(c.task_run_as_user, RunAs::parse_flag("65534:65534").ok());
+        assert!(Config::try_parse_from(["task-executor", "--task-run-as-user", "nobody"]).is_err());
     }
 
     #[test]

@@ -75,6 +75,52 @@ pub enum AppError {
     Io(#[from] std::io::Error),
 }
 
+/// The environment variables that are the agent's own: every one its flags read (from
+/// the configuration itself, so none is missed), the init's hand-over of the shim server,
+/// the log filter and the Kubernetes client's credentials file. Host tasks inherit the
+/// agent's environment without them.
+pub fn agent_only_env() -> Vec<String> {
+    use clap::CommandFactory;
+    let mut names: Vec<String> = Config::command()
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    names.extend(
+        [
+            runtime::launcher::SERVER_ON_STDIN_ENV,
+            "RUST_LOG",
+            "KUBECONFIG",
+        ]
+        .map(String::from),
+    );
+    names
+}
+
+/// `--task-run-as-user` needs the capabilities to change ids: without them every task
+/// would fail to start, so the agent doesn't start at all.
+fn check_task_identity(config: &Config) -> Result<(), AppError> {
+    const SETGID: u64 = 1 << 6;
+    const SETUID: u64 = 1 << 7;
+    let Some(run_as) = config.task_run_as_user else {
+        return Ok(());
+    };
+    let caps = runtime::procfs::own_effective_caps()?;
+    if caps & (SETUID | SETGID) != SETUID | SETGID {
+        return Err(AppError::Config(format!(
+            "--task-run-as-user {}:{} needs CAP_SETUID and CAP_SETGID (run the agent as root)",
+            run_as.uid.unwrap_or_default(),
+            run_as.gid.unwrap_or_default()
+        )));
+    }
+    tracing::info!(
+        uid = run_as.uid,
+        gid = run_as.gid,
+        "host tasks run as another user unless their securityContext says otherwise"
+    );
+    Ok(())
+}
+
 /// How long in-flight requests may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -105,6 +151,7 @@ pub async fn run(
         )),
         _ => None,
     };
+    check_task_identity(&config)?;
     let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -271,7 +318,8 @@ async fn build_runtimes(
     kube: &crate::kube::KubeClient,
 ) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
-    let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes);
+    let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
+        .with_default_run_as(config.task_run_as_user.unwrap_or_default());
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
     let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
@@ -356,4 +404,27 @@ async fn build_runtimes(
         container,
         sidecar,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flags_variable_is_the_agents_own() {
+        let names = super::agent_only_env();
+        for n in [
+            "DATA_DIR",
+            "AUTH_TOKEN_FILE",
+            "TLS_KEY_FILE",
+            "TASK_RUN_AS_USER",
+            "POD_NAME",
+            "TASK_EXECUTOR_SHIM_SERVER",
+            "KUBECONFIG",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+        }
+        // What tasks rely on stays theirs.
+        for n in ["PATH", "HOME", "HTTPS_PROXY", "KUBERNETES_SERVICE_HOST"] {
+            assert!(!names.iter().any(|x| x == n), "{n}");
+        }
+    }
 }

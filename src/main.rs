@@ -84,7 +84,9 @@ fn main() -> anyhow::Result<()> {
                 // Best effort: tasks then keep the raised limit, which only ever helps.
                 let _ = task_executor::limits::set_nofile_soft(soft);
             }
-            std::process::exit(task_executor::runtime::shim::server::serve())
+            std::process::exit(task_executor::runtime::shim::server::serve(
+                task_executor::agent_only_env(),
+            ))
         }
         Some(Command::Bench {
             held_tasks,

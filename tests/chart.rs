@@ -39,6 +39,10 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("workload None", &["--set", "workload=None"]),
     (
+        "tasks as the agent",
+        &["--set", "mode=host", "--set", "executor.taskRunAsUser="],
+    ),
+    (
         "token auth, TLS, no network policy",
         &[
             "--set",
@@ -373,16 +377,37 @@ fn sidecar_mode_shares_pids_and_has_the_capabilities() {
     for cap in SIDECAR_CAPS {
         assert!(added.contains(&cap), "sidecar agent lacks {cap}: {added:?}");
     }
-    // The data dir is the same volume at the same path in the main container.
-    let data_dir = env_value(a, "DATA_DIR");
-    assert_eq!(
-        volume_at(pod, a, data_dir),
-        volume_at(pod, container(pod, "main"), data_dir)
-    );
+    // Tasks run as the main container's user; the agent's data stays out of its reach.
+    assert!(!strings(a, "args").contains(&"--sidecar-run-as-target-user=false"));
+    assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534", "Local tasks");
+    assert_main_mounts_nothing_of_the_agent(pod);
+
+    let docs = render(&[
+        "--set",
+        "mode=sidecar",
+        "--set",
+        "executor.sidecarRunAsTargetUser=false",
+    ]);
+    let a = agent(pod_spec(&docs));
+    assert!(strings(a, "args").contains(&"--sidecar-run-as-target-user=false"));
 
     let docs = render(&["--set", "mode=sidecar", "--set", "executor.privileged=true"]);
     let a = agent(pod_spec(&docs));
     assert_eq!(at(a, "securityContext.privileged"), &Value::Bool(true));
+}
+
+/// The main container (untrusted code) mounts none of the agent's volumes: not its data
+/// dir, not its credentials.
+fn assert_main_mounts_nothing_of_the_agent(pod: &Value) {
+    let main = container(pod, "main");
+    let mounts: Vec<&str> = seq(main, "volumeMounts")
+        .iter()
+        .map(|m| text(m, "name"))
+        .collect();
+    assert!(
+        mounts.iter().all(|m| !m.starts_with("task-executor")),
+        "the main container mounts {mounts:?}"
+    );
 }
 
 #[test]
@@ -403,33 +428,66 @@ fn container_mode_mounts_the_cri_socket() {
     assert_eq!(text(vol, "hostPath.type"), "Socket");
     assert_eq!(at(a, "securityContext.runAsUser").as_u64(), Some(0));
     assert!(!flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
+    // Process tasks run as another user: they can't reach the socket (root's, 0660).
+    assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534");
+    assert_eq!(
+        strings(a, "securityContext.capabilities.add"),
+        TASK_USER_CAPS
+    );
 }
 
+/// What an agent needs to run tasks as another user and stop them (tests/isolation.rs
+/// runs one with exactly these), and no more.
+const TASK_USER_CAPS: [&str; 3] = ["SETUID", "SETGID", "KILL"];
+
 #[test]
-fn host_mode_runs_as_non_root() {
+fn host_mode_runs_tasks_as_another_user_than_the_agent() {
     let docs = render(&["--set", "mode=host"]);
     check_common(&docs);
     let pod = pod_spec(&docs);
-    let sc = at(agent(pod), "securityContext");
-    assert_eq!(at(sc, "runAsNonRoot"), &Value::Bool(true));
-    assert!(at(sc, "runAsUser").as_u64().is_some_and(|u| u != 0));
+    let a = agent(pod);
+    let sc = at(a, "securityContext");
+    // Root owns the data dir and the credentials; tasks are 65534 and can read neither.
+    assert_eq!(at(sc, "runAsUser").as_u64(), Some(0));
+    assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534");
     assert_eq!(at(sc, "allowPrivilegeEscalation"), &Value::Bool(false));
     assert_eq!(strings(sc, "capabilities.drop"), ["ALL"]);
-    assert!(seq(sc, "capabilities.add").is_empty());
+    assert_eq!(strings(sc, "capabilities.add"), TASK_USER_CAPS);
     assert_eq!(at(sc, "readOnlyRootFilesystem"), &Value::Bool(true));
+    assert_eq!(text(sc, "seccompProfile.type"), "RuntimeDefault");
+    assert!(
+        at(pod, "securityContext.fsGroup").is_null(),
+        "no group shared with tasks"
+    );
+    assert_main_mounts_nothing_of_the_agent(pod);
     assert_ne!(at(pod, "shareProcessNamespace"), &Value::Bool(true));
     assert!(
         seq(pod, "volumes")
             .iter()
             .all(|v| at(v, "hostPath").is_null())
     );
-    let a = agent(pod);
     assert!(!flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
     assert!(!flag_on(
         a,
         "ENABLE_CONTAINER_MODE",
         "--enable-container-mode"
     ));
+
+    // Tasks as the agent: no user to switch to, no capability at all.
+    let docs = render(&["--set", "mode=host", "--set", "executor.taskRunAsUser="]);
+    let a = agent(pod_spec(&docs));
+    assert!(env(a, "TASK_RUN_AS_USER").is_none());
+    assert!(seq(a, "securityContext.capabilities.add").is_empty());
+    let docs = render(&[
+        "--set",
+        "mode=host",
+        "--set-string",
+        "executor.taskRunAsUser=1000:1000",
+    ]);
+    assert_eq!(
+        env_value(agent(pod_spec(&docs)), "TASK_RUN_AS_USER"),
+        "1000:1000"
+    );
 }
 
 #[test]
@@ -563,7 +621,6 @@ spec:
     - name: main
       image: python:3.12-slim-bookworm
       env: {{- include "task-executor.mainEnv" $te | nindent 8 }}
-      volumeMounts: {{- include "task-executor.mainVolumeMounts" $te | nindent 8 }}
     {{- include "task-executor.sidecar" $te | nindent 4 }}
   volumes: {{- include "task-executor.volumes" $te | nindent 4 }}
 "#,
@@ -583,10 +640,9 @@ spec:
     let a = agent(pod);
     assert_eq!(text(a, "image"), "registry.example.com/task-executor:0.1.0");
     assert!(flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
-    let data_dir = env_value(a, "DATA_DIR");
-    assert_eq!(
-        volume_at(pod, a, data_dir),
-        volume_at(pod, container(pod, "main"), data_dir)
+    assert!(
+        at(container(pod, "main"), "volumeMounts").is_null(),
+        "the main container mounts nothing of the agent"
     );
     // The template gives the agent its own token; the main container has none.
     assert_eq!(api_token_mounts(pod), ["task-executor"]);
@@ -843,6 +899,17 @@ fn the_service_account_token_goes_only_to_an_agent_that_uses_the_api() {
         );
         let want: &[&str] = if uses_api { &["task-executor"] } else { &[] };
         assert_eq!(api_token_mounts(pod), want, "{extra:?}");
+        // Root's alone: tasks in the agent's container run as another user.
+        for v in seq(pod, "volumes")
+            .iter()
+            .filter(|v| !at(v, "projected").is_null())
+        {
+            assert_eq!(
+                at(v, "projected.defaultMode").as_u64(),
+                Some(0o400),
+                "{extra:?}"
+            );
+        }
         if !uses_api {
             assert!(
                 seq(pod, "volumes")

@@ -127,7 +127,7 @@ fn main_container_restart_terminates_its_tasks_with_target_restarted() {
 }
 
 #[test]
-fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
+fn tasks_run_as_the_containers_user_and_optionally_in_its_cgroup() {
     let cg = TestCgroup::new(&unique("task-executor-join"));
     let name = unique("main-hardened");
     let opts = Options {
@@ -135,7 +135,7 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         uid: Some(1000),
         groups: &[2000, 3000],
         cgroup: Some(&cg),
-        more_cgroups: &[],
+        ..Default::default()
     };
     let mut main = MainContainer::start_with("hard-host", opts);
     // No workingDir: the task starts where the container's processes do.
@@ -145,8 +145,8 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         "id -u; id -g; id -G; pwd; grep ':pids:' /proc/self/cgroup",
     ];
     {
-        // Default: the sidecar's identity and cgroup, as upstream does.
-        let a = sidecar_agent(&name, &[]);
+        // Opted out: the sidecar's identity and cgroup, as upstream does.
+        let a = sidecar_agent(&name, &["--sidecar-run-as-target-user=false"]);
         a.run("default", &probe);
         assert_eq!(a.wait_state("default", "terminated", T)["exitCode"], 0);
         let out = a.stdout("default");
@@ -162,10 +162,8 @@ fn optional_hardening_runs_tasks_as_the_containers_user_and_in_its_cgroup() {
         );
     }
     {
-        let a = sidecar_agent(
-            &name,
-            &["--sidecar-run-as-target-user", "--sidecar-join-cgroup"],
-        );
+        // By default the container's identity; joining its cgroup is asked for.
+        let a = sidecar_agent(&name, &["--sidecar-join-cgroup"]);
         a.run("hardened", &probe);
         let t = a.wait_state("hardened", "terminated", T);
         assert_eq!(t["exitCode"], 0, "{t} {}", a.log_tail());

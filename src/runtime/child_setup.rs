@@ -280,6 +280,20 @@ pub struct Creds {
     pub gid: u32,
     /// Supplementary groups, exactly (empty: none).
     pub groups: Vec<u32>,
+    /// Capability sets to take with the ids (a sidecar task takes the main container's);
+    /// `None`: what the kernel leaves after the id change (none for a non-root uid).
+    pub caps: Option<CapSets>,
+}
+
+/// A process's capability sets, as bit masks (bit N: capability N), as
+/// `/proc/PID/status` lists them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
 }
 
 /// Everything a task's process needs up to its exec, prepared by the caller: the child
@@ -292,6 +306,9 @@ pub struct ExecPlan {
     envp: Vec<CString>,
     cwd: Cwd,
     creds: Option<Creds>,
+    /// Set `no_new_privs` before exec: setuid binaries and file capabilities grant
+    /// nothing.
+    no_new_privs: bool,
 }
 
 /// The step at which a task's process could not be started.
@@ -299,8 +316,10 @@ pub struct ExecPlan {
 pub enum Step {
     /// Changing into the working directory.
     WorkingDir,
-    /// Process group, stdio, identity.
+    /// Process group, stdio, signals.
     Setup,
+    /// Taking the task's identity (ids, groups, capabilities, `no_new_privs`).
+    Identity,
     /// The program itself (not found: ENOENT, not executable: EACCES, ...).
     Exec,
     /// Creating the process.
@@ -323,6 +342,7 @@ impl ExecPlan {
         envp: Vec<CString>,
         cwd: Cwd,
         creds: Option<Creds>,
+        no_new_privs: bool,
     ) -> io::Result<ExecPlan> {
         let nul = |_| io::Error::new(io::ErrorKind::InvalidInput, "a path contains a NUL byte");
         let programs = if program.is_empty() {
@@ -350,6 +370,7 @@ impl ExecPlan {
             envp,
             cwd,
             creds,
+            no_new_privs,
         })
     }
 }
@@ -375,10 +396,29 @@ struct ChildArgs {
     cwd_path: *const c_char,
     cwd_fd: RawFd,
     creds: Option<(u32, u32, *const u32, usize)>,
+    caps: Option<CapSets>,
+    no_new_privs: bool,
     /// errno of the failed step, written by the child (0: it exec'ed).
     errno: AtomicI32,
     step: AtomicI32,
 }
+
+/// The kernel's `__user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: c_int,
+}
+
+/// The kernel's `__user_cap_data_struct`; version 3 takes two (capabilities 0-31, 32-63).
+#[repr(C)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 fn null_terminated(v: &[CString]) -> Vec<*const c_char> {
     v.iter()
@@ -418,6 +458,8 @@ pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnEr
             .creds
             .as_ref()
             .map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
+        caps: plan.creds.as_ref().and_then(|c| c.caps),
+        no_new_privs: plan.no_new_privs,
         errno: AtomicI32::new(0),
         step: AtomicI32::new(0),
     };
@@ -457,6 +499,7 @@ pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnEr
         let step = match args.step.load(Ordering::SeqCst) {
             1 => Step::WorkingDir,
             2 => Step::Setup,
+            4 => Step::Identity,
             _ => Step::Exec,
         };
         return Err(fail(step, io::Error::from_raw_os_error(errno)));
@@ -498,12 +541,64 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 return fail(2, errno());
             }
         }
+        if let Some(caps) = &a.caps {
+            // Keep the permitted set across the uid change, so that capset can pick the
+            // sets below; the bounding set first, as dropping needs CAP_SETPCAP. Only
+            // capabilities present are dropped (dropping an absent one needs it too).
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0 {
+                return fail(4, errno());
+            }
+            for cap in 0..64 {
+                if caps.bounding & (1 << cap) == 0
+                    && libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) == 1
+                    && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0
+                {
+                    return fail(4, errno());
+                }
+            }
+        }
         if let Some((uid, gid, groups, n)) = a.creds
             && (libc::syscall(libc::SYS_setgroups, n, groups) != 0
                 || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
                 || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
         {
-            return fail(2, errno());
+            return fail(4, errno());
+        }
+        if let Some(caps) = &a.caps {
+            let header = CapHeader {
+                version: LINUX_CAPABILITY_VERSION_3,
+                pid: 0,
+            };
+            let half = |set: u64, hi: bool| (if hi { set >> 32 } else { set }) as u32;
+            let data = [false, true].map(|hi| CapData {
+                effective: half(caps.effective, hi),
+                permitted: half(caps.permitted, hi),
+                inheritable: half(caps.inheritable, hi),
+            });
+            if libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) != 0
+                || libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                    0,
+                    0,
+                    0,
+                ) != 0
+            {
+                return fail(4, errno());
+            }
+            for cap in 0..64 {
+                if caps.ambient & (1 << cap) != 0
+                    && libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) != 0
+                {
+                    return fail(4, errno());
+                }
+            }
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) != 0 {
+                return fail(4, errno());
+            }
+        }
+        if a.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return fail(4, errno());
         }
         if !a.cwd_path.is_null() && libc::chdir(a.cwd_path) != 0 {
             return fail(1, errno());

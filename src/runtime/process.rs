@@ -19,6 +19,7 @@ use super::outcome::{self, settle};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
 use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
+use crate::task::identity::{RunAs, SecurityContext};
 use crate::task::model::{ExecMode, HookName};
 
 /// How long a freshly spawned shim may take to report the task started.
@@ -31,6 +32,8 @@ pub struct ProcessRuntime {
     launcher: std::sync::Arc<Launcher>,
     grace: Duration,
     max_log_bytes: u64,
+    /// Who host tasks run as unless their securityContext says (`--task-run-as-user`).
+    default_run_as: RunAs,
 }
 
 impl ProcessRuntime {
@@ -40,7 +43,14 @@ impl ProcessRuntime {
             launcher: std::sync::Arc::new(Launcher::new(exe)),
             grace,
             max_log_bytes,
+            default_run_as: RunAs::default(),
         }
+    }
+
+    /// Host tasks run as `run_as` unless their securityContext says otherwise.
+    pub fn with_default_run_as(mut self, run_as: RunAs) -> Self {
+        self.default_run_as = run_as;
+        self
     }
 
     /// Writes the launch record, starts the shim and waits until the task runs or failed.
@@ -56,6 +66,7 @@ impl ProcessRuntime {
             .process
             .as_ref()
             .ok_or_else(|| RuntimeError::Invalid("not a process task".into()))?;
+        let sc = p.security_context.as_ref();
         let launch = Launch {
             argv: p.command.iter().chain(&p.args).cloned().collect(),
             // Marks the task's processes as ours (the sidecar env scan skips them); a task
@@ -70,6 +81,12 @@ impl ProcessRuntime {
             timeout_ms: task.spec.effective_timeout().map(|s| s as u64 * 1000),
             grace_ms: self.grace.as_millis() as u64,
             max_log_bytes: self.max_log_bytes,
+            // Commands in the agent's container (the task's or a hook's) start from the
+            // agent's default identity, those in the main container from its identity
+            // (the shim reads it); the task's securityContext applies over either.
+            run_as: sc.map(SecurityContext::run_as).unwrap_or_default(),
+            host_run_as: self.default_run_as,
+            allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
             target,
             boot_id: records::boot_id().map(str::to_string),
             pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),

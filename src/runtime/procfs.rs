@@ -113,6 +113,16 @@ pub fn environ(pid: i32) -> std::io::Result<Vec<(OsString, OsString)>> {
         .collect())
 }
 
+/// This process's effective capabilities (bit N: capability N).
+pub fn own_effective_caps() -> std::io::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| std::io::Error::other("no CapEff in /proc/self/status"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::procfs::ProcIdentity;
+use crate::task::identity::RunAs;
 use crate::task::model::{EnvVar, HookName};
 use crate::task::time::Time;
 
@@ -266,6 +267,18 @@ pub struct Launch {
     /// never started again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// Identity overrides for the task's processes (its securityContext over the agent's
+    /// default), applied by the shim over its own identity or the main container's.
+    #[serde(default, skip_serializing_if = "RunAs::is_empty")]
+    pub run_as: RunAs,
+    /// Who commands in the agent's own container run as unless `run_as` says otherwise
+    /// (`--task-run-as-user`); a hook of a `Remote` task may run there too.
+    #[serde(default, skip_serializing_if = "RunAs::is_empty")]
+    pub host_run_as: RunAs,
+    /// The task may gain privileges (setuid binaries); otherwise it runs with
+    /// `no_new_privs`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_privilege_escalation: bool,
     /// Runs to completion before the main command; the main command runs only if it
     /// succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -332,7 +345,7 @@ pub struct Target {
     /// Also join the target's cgroups (limits and accounting of the main container).
     #[serde(default)]
     pub join_cgroup: bool,
-    /// Run as the target's uid/gid instead of the sidecar's.
+    /// Run as the target's uid, gid, groups and capabilities instead of the sidecar's.
     #[serde(default)]
     pub run_as_target_user: bool,
 }
@@ -465,6 +478,9 @@ mod tests {
             boot_id: boot_id().map(str::to_string),
             pre_start: None,
             post_stop: None,
+            run_as: RunAs::default(),
+            host_run_as: RunAs::default(),
+            allow_privilege_escalation: false,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();

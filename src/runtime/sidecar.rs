@@ -259,7 +259,14 @@ fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Optio
     let Some(shim_handle) = ProcHandle::of(&shim.shim) else {
         return Some(false);
     };
-    if let Err(e) = std::fs::write(dir.join(records::TARGET_RESTARTED), b"") {
+    use std::os::unix::fs::OpenOptionsExt;
+    let marked = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(records::TARGET_RESTARTED));
+    if let Err(e) = marked {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot mark the task as target-restarted");
     }
     let _ = shim_handle.signal(nix::sys::signal::Signal::SIGTERM);

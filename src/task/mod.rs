@@ -4,6 +4,7 @@
 pub mod exhaustion;
 pub mod fields;
 pub mod fsutil;
+pub mod identity;
 pub mod io_workers;
 pub mod lifecycle;
 pub mod model;

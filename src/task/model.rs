@@ -3,6 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::identity::SecurityContext;
 pub use super::lifecycle::{ExecAction, ExecMode, HookName, Lifecycle, LifecycleHandler};
 use super::template::{PodTemplate, TemplateTask};
 use super::time::Time;
@@ -45,6 +46,10 @@ pub struct ProcessSpec {
     /// Hooks run before the main command starts and after it has stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle: Option<Lifecycle>,
+    /// Who the task runs as (`runAsUser`, `runAsGroup`) and whether it may gain
+    /// privileges (`allowPrivilegeEscalation`, default false: `no_new_privs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -317,6 +322,9 @@ impl TaskSpec {
             check_dir(p.working_dir.as_deref(), "process")?;
             if let Some(l) = &p.lifecycle {
                 l.validate("process.lifecycle")?;
+            }
+            if let Some(sc) = &p.security_context {
+                sc.validate("process.securityContext")?;
             }
         }
         if let Some(c) = &self.container {

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,7 +61,14 @@ impl Store {
     /// Opens (creating if needed) the data dir, checks that it is writable, and starts the
     /// threads that do its blocking work.
     pub fn open(root: &Path) -> io::Result<Self> {
-        fs::create_dir_all(root)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(root)?;
+        if let Err(e) = restrict(root, DIR_MODE) {
+            // Not ours to change (a volume another user owns): say so, run anyway.
+            tracing::warn!(path = %root.display(), error = %e, "the data dir is open to other users and can't be restricted to 0700");
+        }
         let probe = root.join(".write-test");
         fs::write(&probe, b"ok")?;
         fs::remove_file(&probe)?;
@@ -97,7 +105,7 @@ impl Store {
     /// nothing else, which recovery recognises as a create that was never answered.
     pub fn create(&self, rec: &TaskRecord) -> io::Result<PathBuf> {
         let dir = self.dir(&rec.name);
-        fs::create_dir(&dir)?;
+        fs::DirBuilder::new().mode(DIR_MODE).create(&dir)?;
         let written = fsutil::write_new(&dir.join(TASK_FILE), rec, 0o600)
             .and_then(|()| fsutil::create_empty(&dir.join(RUN_JOURNAL), 0o600))
             .and_then(|()| fsutil::sync_dir(&dir))
@@ -145,6 +153,9 @@ impl Store {
             if !entry.file_type()?.is_dir() || name::invalid_reason(n).is_some() {
                 continue;
             }
+            if let Err(e) = restrict_task_dir(&entry.path()) {
+                tracing::warn!(task = n, error = %e, "cannot restrict the task directory's permissions");
+            }
             let path = entry.path().join(TASK_FILE);
             match fsutil::read_json::<TaskRecord>(&path) {
                 Ok(Some(mut rec)) if rec.name == n => {
@@ -176,6 +187,36 @@ impl Store {
     }
 }
 
+/// The data dir and every task directory: the agent's alone (tasks running as another
+/// user can't list, read or write anything in them).
+const DIR_MODE: u32 = 0o700;
+
+/// Takes group and other permissions off `path` beyond `max` (for a directory an earlier
+/// version, or the volume it is, made more open), keeping the owner's.
+fn restrict(path: &Path, max: u32) -> io::Result<()> {
+    let mode = fs::symlink_metadata(path)?.permissions().mode();
+    if mode & 0o077 & !max != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & (0o7700 | max)))?;
+    }
+    Ok(())
+}
+
+/// A task directory an earlier version created (0755, logs 0644): made what this one
+/// creates (0700; files at most 0640, records 0600 already). One stat for a directory
+/// that is right already, so the start of an agent with many tasks stays cheap.
+fn restrict_task_dir(dir: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(dir)?.permissions().mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            restrict(&entry.path(), 0o040)?;
+        }
+    }
+    restrict(dir, 0)
+}
+
 /// The deletion marker's time, if there is one.
 fn marker_time(marker: &Path) -> Option<Time> {
     let modified = fs::metadata(marker).ok()?.modified().ok()?;
@@ -199,6 +240,69 @@ fn nothing_but_the_record(dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn the_data_dir_and_task_dirs_are_the_agents_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let store = Store::open(&root).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        let rec = TaskRecord {
+            name: "t".into(),
+            uid: "u".into(),
+            spec: TaskSpec::default(),
+            exec_mode: None,
+            created_at: Time::from_unix_millis(1_000),
+            deletion_timestamp: None,
+            final_status: None,
+        };
+        let dir = store.create(&rec).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join(TASK_FILE)), 0o600);
+        assert_eq!(mode(&dir.join(RUN_JOURNAL)), 0o600);
+        store.mark_deleting("t").unwrap();
+        assert_eq!(mode(&dir.join(DELETING)), 0o600);
+    }
+
+    #[test]
+    fn an_earlier_versions_open_data_dir_is_restricted_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let old = root.join("old");
+        fs::create_dir_all(&old).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        let rec = TaskRecord {
+            name: "old".into(),
+            uid: "u".into(),
+            spec: TaskSpec::default(),
+            exec_mode: None,
+            created_at: Time::from_unix_millis(1_000),
+            deletion_timestamp: None,
+            final_status: None,
+        };
+        fsutil::write_new(&old.join(TASK_FILE), &rec, 0o600).unwrap();
+        for (f, m) in [
+            ("stdout.log", 0o644),
+            ("output.idx", 0o666),
+            (RUN_JOURNAL, 0o600),
+        ] {
+            fs::write(old.join(f), "x").unwrap();
+            fs::set_permissions(old.join(f), fs::Permissions::from_mode(m)).unwrap();
+        }
+        let store = Store::open(&root).unwrap();
+        assert_eq!(store.load_all().unwrap(), [rec]);
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&old), 0o700);
+        assert_eq!(mode(&old.join("stdout.log")), 0o640);
+        assert_eq!(mode(&old.join("output.idx")), 0o640);
+        assert_eq!(mode(&old.join(RUN_JOURNAL)), 0o600);
+        assert_eq!(mode(&old.join(TASK_FILE)), 0o600);
+    }
 
     /// Every field of a task, upstream's newer ones included, comes back from the disk.
     #[test]

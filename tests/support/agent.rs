@@ -149,13 +149,21 @@ impl Agent {
 
     /// Starts an agent on a data dir the test owns (its log goes beside it).
     pub fn start_in(data_dir: &Path, args: &[&str]) -> Agent {
+        Self::start_in_with_env(data_dir, args, &[])
+    }
+
+    /// `start_in` with environment variables.
+    pub fn start_in_with_env(data_dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Agent {
         fs::create_dir_all(data_dir).expect("data dir");
         let mut a = Agent {
             addr: free_addr(),
             data_dir: data_dir.to_path_buf(),
             log: data_dir.with_extension("log"),
             args: args.iter().map(|s| s.to_string()).collect(),
-            envs: Vec::new(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ignored_signals: None,
             wrapper: Vec::new(),
             own_pid_namespace: false,

@@ -26,6 +26,8 @@ pub struct Options<'a> {
     /// Run PID 1 as this uid (and gid), with these supplementary groups.
     pub uid: Option<u32>,
     pub groups: &'a [u32],
+    /// More `setpriv` options for PID 1 (with `uid`), e.g. capability sets.
+    pub setpriv: &'a str,
     /// Put PID 1 into this cgroup.
     pub cgroup: Option<&'a TestCgroup>,
     /// And into these (other hierarchies).
@@ -66,7 +68,7 @@ impl MainContainer {
         };
         let user = opts
             .uid
-            .map(|u| format!("setpriv --reuid={u} --regid={u} {groups} "))
+            .map(|u| format!("setpriv --reuid={u} --regid={u} {groups} {} ", opts.setpriv))
             .unwrap_or_default();
         let marker = opts
             .marker

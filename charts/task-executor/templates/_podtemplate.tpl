@@ -1,11 +1,7 @@
 {{/* The pod template shared by the Deployment and the Pool. */}}
 {{- define "task-executor.podTemplate" -}}
 {{- $te := include "task-executor.sidecarArgs" . | fromYaml }}
-{{- $podSC := deepCopy .Values.podSecurityContext }}
-{{- if and (eq .Values.mode "host") (not (hasKey $podSC "fsGroup")) }}
-{{- /* Lets the non-root agent write a data volume (e.g. a PVC) that is not world-writable. */}}
-{{- $_ := set $podSC "fsGroup" 65532 }}
-{{- end -}}
+{{- $podSC := deepCopy .Values.podSecurityContext -}}
 metadata:
   labels:
     {{- include "task-executor.selectorLabels" . | nindent 4 }}
@@ -60,8 +56,7 @@ spec:
       {{- with $m.ports }}
       ports: {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- $mounts := concat (include "task-executor.mainVolumeMounts" $te | fromYamlArray) ($m.volumeMounts | default list) }}
-      {{- with $mounts }}
+      {{- with $m.volumeMounts }}
       volumeMounts: {{- toYaml . | nindent 8 }}
       {{- end }}
       {{- with $m.resources }}

@@ -15,7 +15,6 @@ Every template here takes one dict:
   containers:
     - name: main
       env: {{- include "task-executor.mainEnv" $te | nindent 8 }}
-      volumeMounts: {{- include "task-executor.mainVolumeMounts" $te | nindent 8 }}
     {{- include "task-executor.sidecar" $te | nindent 4 }}
   volumes: {{- include "task-executor.volumes" $te | nindent 4 }}
   # and on the pod spec:  automountServiceAccountToken: false  (the agent container gets
@@ -43,8 +42,9 @@ maxLogBytes: null
 watchTasks: false
 criSocket: /var/run/containerd/containerd.sock
 privileged: false
+taskRunAsUser: "65534"
 sidecarJoinCgroup: false
-sidecarRunAsTargetUser: false
+sidecarRunAsTargetUser: true
 extraArgs: []
 extraEnv: []
 resources:
@@ -93,10 +93,18 @@ securityContext: {}
 {{- define "task-executor.securityContext" -}}
 {{- $e := include "task-executor.config" . | fromYaml }}
 {{- $sc := dict }}
-{{- if eq .mode "host" }}
-{{- /* Tasks run in this container as the unprivileged image user; nothing more is needed. */}}
-{{- $sc = dict "runAsNonRoot" true "runAsUser" 65532 "runAsGroup" 65532 "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) "seccompProfile" (dict "type" "RuntimeDefault") }}
-{{- else if eq .mode "sidecar" }}
+{{- if ne .mode "sidecar" }}
+{{- /* Root owns the data dir (0700) and the credentials (0400), which tasks, running as
+       `taskRunAsUser`, can't read. Dropping to that user needs SETUID and SETGID, and
+       stopping its processes KILL; nothing else (tests/isolation.rs runs the agent with
+       exactly these). Container mode: the CRI socket is root:root 0660, so uid 0 connects
+       as its owner with no capability, while a process task (as taskRunAsUser) can't. */}}
+{{- $caps := dict "drop" (list "ALL") }}
+{{- if $e.taskRunAsUser }}
+{{- $_ := set $caps "add" (list "SETUID" "SETGID" "KILL") }}
+{{- end }}
+{{- $sc = dict "runAsNonRoot" false "runAsUser" 0 "runAsGroup" 0 "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" $caps "seccompProfile" (dict "type" "RuntimeDefault") }}
+{{- else }}
 {{- /* Entering the main container's namespaces needs root with SYS_ADMIN (setns), SYS_CHROOT
        (mount namespace) and SYS_PTRACE (other containers' /proc/PID). The default capability
        set is kept rather than dropped because tasks inherit it, and root tasks without e.g.
@@ -108,10 +116,6 @@ securityContext: {}
 {{- else }}
 {{- $_ := set $sc "capabilities" (dict "add" (list "SYS_ADMIN" "SYS_PTRACE" "SYS_CHROOT")) }}
 {{- end }}
-{{- else }}
-{{- /* The CRI socket is root:root 0660, so uid 0 is needed to connect; as its owner, root
-       needs no capability (DAC_OVERRIDE included) for that, so all are dropped. */}}
-{{- $sc = dict "runAsNonRoot" false "runAsUser" 0 "runAsGroup" 0 "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" (dict "drop" (list "ALL")) "seccompProfile" (dict "type" "RuntimeDefault") }}
 {{- end }}
 {{- toYaml (mergeOverwrite $sc ($e.securityContext | default dict)) }}
 {{- end }}
@@ -124,7 +128,7 @@ securityContext: {}
 {{- $tag := $e.image.tag | default .appVersion | required "task-executor: set executor.image.tag" }}
 {{- $args := list }}
 {{- if and (eq .mode "sidecar") $e.sidecarJoinCgroup }}{{ $args = append $args "--sidecar-join-cgroup" }}{{ end }}
-{{- if and (eq .mode "sidecar") $e.sidecarRunAsTargetUser }}{{ $args = append $args "--sidecar-run-as-target-user" }}{{ end }}
+{{- if and (eq .mode "sidecar") (not $e.sidecarRunAsTargetUser) }}{{ $args = append $args "--sidecar-run-as-target-user=false" }}{{ end }}
 {{- $args = concat $args ($e.extraArgs | default list) -}}
 - name: task-executor
   image: {{ printf "%s:%s" $e.image.repository (toString $tag) | quote }}
@@ -151,6 +155,12 @@ securityContext: {}
       value: {{ $e.stopGracePeriod | quote }}
     - name: MAX_CONCURRENT_TASKS
       value: {{ include "task-executor.scalar" $e.maxConcurrentTasks | quote }}
+    {{- if $e.taskRunAsUser }}
+    # Tasks in this container (host mode; `execMode: Local` in the others) run as this
+    # user unless their securityContext says otherwise.
+    - name: TASK_RUN_AS_USER
+      value: {{ include "task-executor.scalar" $e.taskRunAsUser | quote }}
+    {{- end }}
     {{- if not (kindIs "invalid" $e.maxBodyBytes) }}
     - name: MAX_BODY_BYTES
       value: {{ include "task-executor.scalar" $e.maxBodyBytes | quote }}
@@ -265,7 +275,7 @@ securityContext: {}
 - name: task-executor-auth
   secret:
     secretName: {{ $auth.existingSecret | default $auth.generatedSecret | required "task-executor: auth.mode token needs auth.existingSecret" | quote }}
-    defaultMode: 256  # 0400; with fsGroup (host mode) kubelet makes it 0440 for the agent's group
+    defaultMode: 256  # 0400: root's (the agent's), not the tasks'
     items:
       - key: {{ $auth.secretKey | quote }}
         path: tokens
@@ -283,7 +293,7 @@ securityContext: {}
 # What kubelet would mount into every container, for the agent's container alone.
 - name: task-executor-api-token
   projected:
-    defaultMode: 420  # 0644, as kubelet's own
+    defaultMode: 256  # 0400: the agent's token, unreadable to tasks (another uid)
     sources:
       - serviceAccountToken:
           path: token
@@ -305,12 +315,3 @@ securityContext: {}
   value: {{ .mainContainerName | default "main" | quote }}
 {{- end }}
 
-{{/* volumeMounts items for the main container. In sidecar mode the data dir is mounted at
-     the same path as in the agent, so paths the agent hands to a task resolve in both. */}}
-{{- define "task-executor.mainVolumeMounts" -}}
-{{- $e := include "task-executor.config" . | fromYaml }}
-{{- if eq .mode "sidecar" }}
-- name: task-executor-data
-  mountPath: {{ $e.dataDir | quote }}
-{{- end }}
-{{- end }}

@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use jiff::Timestamp;
@@ -31,7 +32,11 @@ pub fn rotate_if_needed(dir: &Path, max: u64) -> io::Result<bool> {
         return Ok(false);
     }
     fs::rename(&live, dir.join(ROTATED_FILE))?;
-    let mut f = OpenOptions::new().create(true).append(true).open(&live)?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&live)?;
     f.write_all(
         marker(&format!(
             "log rotated: earlier output is in {ROTATED_FILE}; older output was dropped (limit {max} bytes)"
@@ -78,7 +83,12 @@ fn keep_tail(path: &Path, keep: u64) -> io::Result<()> {
         0
     };
     let tmp = path.with_extension("trim");
-    let mut out = File::create(&tmp)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&tmp)?;
     out.write_all(note.as_bytes())?;
     out.write_all(&tail[start..])?;
     drop(out);

@@ -462,10 +462,19 @@ fn read_container_id(dir: &Path) -> Option<String> {
 }
 
 fn write_container_id(dir: &Path, id: &str) -> Result<(), RuntimeError> {
-    std::fs::write(dir.join(CONTAINER_ID_FILE), id).map_err(|source| RuntimeError::Record {
-        path: dir.join(CONTAINER_ID_FILE).display().to_string(),
-        source,
-    })
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(CONTAINER_ID_FILE))
+        .and_then(|mut f| f.write_all(id.as_bytes()))
+        .map_err(|source| RuntimeError::Record {
+            path: dir.join(CONTAINER_ID_FILE).display().to_string(),
+            source,
+        })
 }
 
 impl Runtime for ContainerRuntime {

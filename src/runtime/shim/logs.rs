@@ -11,10 +11,16 @@
 use std::cell::RefCell;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::runtime::tasklog::index::{INDEX_FILE, IndexWriter};
+
+/// Task output: the agent (owner) writes and reads it, its group may read it (a log
+/// collector), nobody else: not other tasks, not the task itself when it runs as another
+/// user.
+pub const LOG_MODE: u32 = 0o640;
 
 /// The index shared by a task's stdout and stderr logs (the shim is single-threaded).
 pub type SharedIndex = Rc<RefCell<IndexWriter>>;
@@ -59,6 +65,7 @@ impl CappedLog {
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(LOG_MODE)
                 .open(&self.path)?;
             self.written = f.metadata()?.len();
             self.generation = self.index.borrow_mut().generation(self.stream);
@@ -94,6 +101,7 @@ impl CappedLog {
         let f = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(LOG_MODE)
             .open(&self.path)?;
         self.written = 0;
         self.file = Some(f);

@@ -220,7 +220,8 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
             Some(Cwd::Fd(fd)) => Some(Cwd::Fd(fd.try_clone()?)),
         })
     };
-    let host_env = spawn::environment(std::env::vars_os(), &launch.env);
+    let host_env = spawn::environment(spawn::host_base_env(), &launch.env);
+    let host_identity = spawn::Identity::of(launch, None);
     let mut host = Vec::new();
     for &job in &jobs {
         host.push(match argv(job).filter(|_| !inside(job)) {
@@ -228,7 +229,7 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
                 argv,
                 &host_env,
                 dup(&cwd)?.unwrap_or(Cwd::Inherit),
-                None,
+                &host_identity,
             )?),
             None => None,
         });
@@ -237,6 +238,7 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
         None => None,
         Some(t) => {
             let prepared = target::prepare(t)?;
+            let identity = spawn::Identity::of(launch, prepared.creds);
             let env = spawn::environment(prepared.env.into_iter(), &launch.env);
             let mut plans = Vec::new();
             for &job in &jobs {
@@ -250,7 +252,7 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
                                 Cwd::Inherit => Cwd::Inherit,
                             },
                         };
-                        Some(spawn::plan(argv, &env, cwd, prepared.creds.clone())?)
+                        Some(spawn::plan(argv, &env, cwd, &identity)?)
                     }
                     None => None,
                 });

@@ -174,6 +174,7 @@ impl Reaper {
                         step: match step {
                             1 => Step::WorkingDir,
                             3 => Step::Exec,
+                            4 => Step::Identity,
                             _ => Step::Setup,
                         },
                         error: io::Error::from_raw_os_error(errno),
@@ -454,6 +455,7 @@ impl Served {
                         step: match e.step {
                             Step::WorkingDir => 1,
                             Step::Exec => 3,
+                            Step::Identity => 4,
                             _ => 2,
                         },
                         errno: e.error.raw_os_error().unwrap_or(libc::EIO),

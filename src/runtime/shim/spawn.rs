@@ -9,8 +9,10 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
 
 use crate::runtime::child_setup::{Creds, Cwd, ExecPlan};
+use crate::runtime::records::Launch;
 use crate::task::model::EnvVar;
 
 /// The search path execvp uses when `PATH` is unset.
@@ -41,12 +43,72 @@ pub fn environment(
     env
 }
 
+/// Who a task's processes run as: every command the shim starts for a task takes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identity {
+    /// `None`: the shim's own ids and capabilities.
+    pub creds: Option<Creds>,
+    pub no_new_privs: bool,
+}
+
+impl Identity {
+    /// The identity of a task launched as `launch` says, over `base`: the main
+    /// container's identity for a sidecar task (its groups and capabilities are kept), or
+    /// `None` (the shim's own; a changed uid or gid then has no supplementary groups and
+    /// whatever capabilities the kernel leaves it).
+    pub fn of(launch: &Launch, base: Option<Creds>) -> Identity {
+        let no_new_privs = !launch.allow_privilege_escalation;
+        let creds = match base {
+            Some(base) => {
+                let (uid, gid) = launch.run_as.apply(base.uid, base.gid);
+                Some(Creds { uid, gid, ..base })
+            }
+            None if launch.host_run_as.overlaid(launch.run_as).is_empty() => None,
+            None => {
+                let own = (
+                    nix::unistd::geteuid().as_raw(),
+                    nix::unistd::getegid().as_raw(),
+                );
+                let run_as = launch.host_run_as.overlaid(launch.run_as);
+                let (uid, gid) = run_as.apply(own.0, own.1);
+                Some(Creds {
+                    uid,
+                    gid,
+                    groups: Vec::new(),
+                    caps: None,
+                })
+            }
+        };
+        Identity {
+            creds,
+            no_new_privs,
+        }
+    }
+}
+
+/// Names of the agent's own variables (what its flags read, internal ones, credentials'
+/// locations): a host task inherits the agent's environment without them. Set once by
+/// the shim server (the list comes from the agent's configuration), inherited by shims.
+static AGENT_ONLY_ENV: OnceLock<HashSet<OsString>> = OnceLock::new();
+
+/// Keeps `names` out of host tasks' environments (first call wins).
+pub fn hide_from_tasks(names: impl IntoIterator<Item = String>) {
+    let _ = AGENT_ONLY_ENV.set(names.into_iter().map(OsString::from).collect());
+}
+
+/// The environment a host task starts from: the shim's (the agent's), without the agent's
+/// own variables.
+pub fn host_base_env() -> impl Iterator<Item = (OsString, OsString)> {
+    let hidden = AGENT_ONLY_ENV.get();
+    std::env::vars_os().filter(move |(k, _)| hidden.is_none_or(|h| !h.contains(k)))
+}
+
 /// The plan for `argv` with environment `env`, looked up in its `PATH` as execvp would.
 pub fn plan(
     argv: &[String],
     env: &[(OsString, OsString)],
     cwd: Cwd,
-    creds: Option<Creds>,
+    identity: &Identity,
 ) -> io::Result<ExecPlan> {
     let path = env
         .iter()
@@ -68,7 +130,15 @@ pub fn plan(
         })
         .collect::<io::Result<Vec<_>>>()?;
     let program = argv.first().map(String::as_bytes).unwrap_or_default();
-    ExecPlan::new(program, path, args, envp, cwd, creds)
+    ExecPlan::new(
+        program,
+        path,
+        args,
+        envp,
+        cwd,
+        identity.creds.clone(),
+        identity.no_new_privs,
+    )
 }
 
 /// A working directory as the task gave it, if it gave one.
@@ -136,7 +206,11 @@ mod tests {
     fn try_spawn(argv: &[&str], path: &str) -> Result<(), (Step, i32)> {
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let env = vec![(OsString::from("PATH"), OsString::from(path))];
-        let plan = plan(&argv, &env, Cwd::Inherit, None).unwrap();
+        let keep = Identity {
+            creds: None,
+            no_new_privs: false,
+        };
+        let plan = plan(&argv, &env, Cwd::Inherit, &keep).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();
         let (a, b, c) = (
             null.try_clone().unwrap(),

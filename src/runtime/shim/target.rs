@@ -11,7 +11,7 @@ use nix::sched::CloneFlags;
 
 use super::cgroup;
 use super::ns_reaper::Entry;
-use crate::runtime::child_setup::{Creds, Cwd};
+use crate::runtime::child_setup::{CapSets, Creds, Cwd};
 use crate::runtime::procfs;
 use crate::runtime::records::Target;
 
@@ -81,9 +81,22 @@ pub fn prepare(target: &Target) -> io::Result<Prepared> {
     })
 }
 
-/// The target's effective uid and gid and its supplementary groups.
+/// The target's effective uid and gid, its supplementary groups and its capability sets
+/// (as far as this process holds them: a task never gets more than its supervisor has).
 fn creds(pid: i32) -> io::Result<Creds> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let own = fs::read_to_string("/proc/self/status")?;
+    let (theirs, ours) = (cap_sets(&status, pid)?, cap_sets(&own, pid)?);
+    let held = ours.permitted;
+    let permitted = theirs.permitted & held;
+    let inheritable = theirs.inheritable & (held | ours.inheritable);
+    let caps = CapSets {
+        inheritable,
+        permitted,
+        effective: theirs.effective & permitted,
+        bounding: theirs.bounding,
+        ambient: theirs.ambient & permitted & inheritable,
+    };
     let ids = |key: &str| -> Vec<u32> {
         status
             .lines()
@@ -103,6 +116,26 @@ fn creds(pid: i32) -> io::Result<Creds> {
         uid,
         gid,
         groups: ids("Groups:"),
+        caps: Some(caps),
+    })
+}
+
+/// The capability sets a `/proc/PID/status` lists (hexadecimal masks).
+fn cap_sets(status: &str, pid: i32) -> io::Result<CapSets> {
+    let mask = |key: &str| -> io::Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| io::Error::other(format!("no {key} in /proc/{pid}/status")))
+    };
+    Ok(CapSets {
+        inheritable: mask("CapInh:")?,
+        permitted: mask("CapPrm:")?,
+        effective: mask("CapEff:")?,
+        bounding: mask("CapBnd:")?,
+        // Kernels before 4.3 have no ambient set.
+        ambient: mask("CapAmb:").unwrap_or(0),
     })
 }
 
@@ -121,5 +154,8 @@ mod tests {
             .map(|g| g.as_raw())
             .collect();
         assert_eq!(me.groups, groups);
+        // Our own sets, read back as they are.
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        assert_eq!(me.caps, Some(cap_sets(&status, 0).unwrap()));
     }
 }

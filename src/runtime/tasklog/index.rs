@@ -17,7 +17,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -133,6 +133,7 @@ impl IndexWriter {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o640) // as the logs it indexes
             .open(&self.path)?;
         match read_all(&f)? {
             Some((slots, records)) => {

@@ -163,6 +163,10 @@ fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace, launch: &Launch
             "failed to start {argv0:?}{inside}: the main container's working directory: {}",
             e.error
         ),
+        (Step::Identity, _) => format!(
+            "failed to start {argv0:?}{inside}: taking the task's identity (securityContext, --task-run-as-user): {}",
+            e.error
+        ),
         _ => format!("failed to start {argv0:?}{inside}: {}", e.error),
     }
 }

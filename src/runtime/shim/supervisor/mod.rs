@@ -228,6 +228,9 @@ impl<'a> Supervisor<'a> {
     fn main_start_failed(&mut self, e: SpawnError) -> io::Result<()> {
         let launch = self.launch;
         let mut what = format!("failed to start {:?}", launch.argv[0]);
+        if e.step == Step::Identity {
+            what.push_str(": taking the task's identity (securityContext, --task-run-as-user)");
+        }
         if e.step == Step::WorkingDir {
             match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
                 Some(d) => what.push_str(&format!(": working directory {d:?}")),
