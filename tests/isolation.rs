@@ -350,8 +350,8 @@ fn the_flag_needs_the_capabilities_to_change_ids() {
     assert!(err.contains("CAP_SETUID"), "{err}");
 }
 
-/// The capabilities the chart gives a host-mode agent (root with SETUID, SETGID, KILL and
-/// SYS_PTRACE, nothing else): enough to run tasks as another user, stop a task that
+/// The capabilities the chart gives a host-mode agent (root with SETUID, SETGID and KILL,
+/// nothing else): enough to run tasks as another user, stop a task that
 /// ignores SIGTERM, and re-adopt tasks after a `kill -9` of the agent.
 #[test]
 fn the_charts_host_mode_capabilities_are_enough() {

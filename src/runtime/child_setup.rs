@@ -388,7 +388,7 @@ impl ExecPlan {
 
 /// What the cloned child reads: raw pointers into an `ExecPlan` and the stdio fds, all
 /// valid while the parent is suspended (CLONE_VFORK), and where it reports failure.
-struct ChildArgs {
+struct ChildArgs<'a> {
     programs: Vec<*const c_char>,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
@@ -398,6 +398,7 @@ struct ChildArgs {
     creds: Option<(u32, u32, *const u32, usize)>,
     caps: Option<CapSets>,
     no_new_privs: bool,
+    announce: Option<(RawFd, &'a [u8], &'a [u8])>,
     /// errno of the failed step, written by the child (0: it exec'ed).
     errno: AtomicI32,
     step: AtomicI32,
@@ -427,11 +428,58 @@ fn null_terminated(v: &[CString]) -> Vec<*const c_char> {
         .collect()
 }
 
+/// Where a new process names itself before it execs: one line appended to `journal`,
+/// `head`, its identity as `{"pid":N,"startTime":T}` (from its own `/proc/self/stat`),
+/// `tail`. The child writes it, not the parent: a parent killed during the clone can't
+/// leave the process running unnamed, and the process runs nothing of its own before the
+/// line is written (a line that can't be written fails the spawn, with its errno).
+pub struct Announce<'a> {
+    pub journal: BorrowedFd<'a>,
+    pub head: &'a [u8],
+    pub tail: &'a [u8],
+}
+
+/// The announcement line from the text of `/proc/self/stat` into `out`; its length, or
+/// `None` if the text is not a stat line or `out` is too small. Runs in the cloned child:
+/// no allocation, no panic (checked slicing only).
+fn announcement(stat: &[u8], head: &[u8], tail: &[u8], out: &mut [u8]) -> Option<usize> {
+    let digits = |f: &[u8]| !f.is_empty() && f.iter().all(u8::is_ascii_digit);
+    let pid = stat.split(|b| *b == b' ').next().filter(|f| digits(f))?;
+    let close = stat.iter().rposition(|b| *b == b')')?;
+    // Field 22 (start time): the 20th after the `)` that ends the command name.
+    let start = stat
+        .get(close.checked_add(1)?..)?
+        .split(|b| *b == b' ')
+        .filter(|f| !f.is_empty())
+        .nth(19)
+        .filter(|f| digits(f))?;
+    let mut len = 0usize;
+    for part in [
+        head,
+        b"{\"pid\":",
+        pid,
+        b",\"startTime\":",
+        start,
+        b"}",
+        tail,
+    ] {
+        let end = len.checked_add(part.len())?;
+        out.get_mut(len..end)?.copy_from_slice(part);
+        len = end;
+    }
+    Some(len)
+}
+
 /// Starts `plan` as a new process with stdin/stdout/stderr from `stdio`, in a process
-/// group of its own, with every signal at its default action and none blocked. Returns
-/// its pid; the caller reaps it. On failure nothing is left running (a child that failed
-/// after the clone is reaped here).
-pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnError> {
+/// group of its own, with every signal at its default action and none blocked; with
+/// `announce`, the process first names itself there. Returns its pid; the caller reaps
+/// it. On failure nothing is left running (a child that failed after the clone is reaped
+/// here).
+pub fn spawn(
+    plan: &ExecPlan,
+    stdio: [BorrowedFd<'_>; 3],
+    announce: Option<Announce<'_>>,
+) -> Result<i32, SpawnError> {
     let fail = |step, error| SpawnError { step, error };
     // The child dup2's these onto 0..2: a source already there would keep its
     // close-on-exec flag, and a later dup2 could overwrite an earlier source.
@@ -460,6 +508,7 @@ pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnEr
             .map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
         caps: plan.creds.as_ref().and_then(|c| c.caps),
         no_new_privs: plan.no_new_privs,
+        announce: announce.map(|a| (a.journal.as_raw_fd(), a.head, a.tail)),
         errno: AtomicI32::new(0),
         step: AtomicI32::new(0),
     };
@@ -483,7 +532,7 @@ pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnEr
             child,
             top,
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &args as *const ChildArgs as *mut c_void,
+            &args as *const ChildArgs<'_> as *mut c_void,
         )
     };
     let clone_error = io::Error::last_os_error();
@@ -511,7 +560,7 @@ pub fn spawn(plan: &ExecPlan, stdio: [BorrowedFd<'_>; 3]) -> Result<i32, SpawnEr
 /// no allocation, no lock, no panic: it shares the parent's memory.
 extern "C" fn child(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` points to the `ChildArgs` of `spawn`, alive while the parent waits.
-    let a = unsafe { &*(arg as *const ChildArgs) };
+    let a = unsafe { &*(arg as *const ChildArgs<'_>) };
     let errno = || {
         io::Error::last_os_error()
             .raw_os_error()
@@ -526,7 +575,8 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
     // SAFETY (for the block): each call is a plain system call on descriptors, ids and
     // NUL-terminated strings prepared by the parent and valid while it is suspended. The
     // raw syscalls for identities avoid glibc's wrappers, which would try to reach the
-    // parent's threads.
+    // parent's threads. Buffers read into or written from are arrays on this stack, with
+    // their own lengths.
     unsafe {
         for sig in 1..=MAX_SIGNAL {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
@@ -535,6 +585,39 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         }
         if libc::setpgid(0, 0) != 0 {
             return fail(2, errno());
+        }
+        if let Some((journal, head, tail)) = a.announce {
+            // On this (suspended) stack, as everything the child uses.
+            let mut stat = [0u8; 1024];
+            let mut line = [0u8; 512];
+            let fd = libc::open(
+                c"/proc/self/stat".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return fail(2, errno());
+            }
+            let n = libc::read(fd, stat.as_mut_ptr() as *mut c_void, stat.len());
+            let read_errno = errno();
+            libc::close(fd);
+            if n <= 0 {
+                return fail(2, if n < 0 { read_errno } else { libc::EIO });
+            }
+            let Some(len) = stat
+                .get(..n as usize)
+                .and_then(|text| announcement(text, head, tail, &mut line))
+            else {
+                return fail(2, libc::EINVAL);
+            };
+            let wrote = libc::write(journal, line.as_ptr() as *const c_void, len);
+            if wrote != len as isize {
+                let e = if wrote < 0 { errno() } else { libc::ENOSPC };
+                // A torn line must not swallow the next one: end it (best effort).
+                if wrote > 0 {
+                    libc::write(journal, b"\n".as_ptr() as *const c_void, 1);
+                }
+                return fail(2, e);
+            }
         }
         for (target, source) in a.stdio.iter().enumerate() {
             if libc::dup2(*source, target as c_int) < 0 {
@@ -636,5 +719,45 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
             result = libc::EACCES;
         }
         fail(3, result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::procfs::ProcIdentity;
+    use crate::runtime::records::{self, Entry};
+    use crate::task::model::HookName;
+
+    #[test]
+    fn the_announcement_is_a_journal_line_of_the_process() {
+        // A command name with spaces and parentheses, as /proc shows it.
+        let stat =
+            b"4242 (a) b) 9) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 0 0\n";
+        let mut out = [0u8; 256];
+        for hook in [None, Some(HookName::PreStart), Some(HookName::PostStop)] {
+            let head = records::spawned_head(hook);
+            let n = announcement(stat, &head, records::SPAWNED_TAIL, &mut out).unwrap();
+            let (line, end) = out[..n].split_at(n - 1);
+            assert_eq!(end, b"\n");
+            match serde_json::from_slice::<Entry>(line).unwrap() {
+                Entry::Spawned(s) => assert_eq!(
+                    (s.hook, s.process),
+                    (
+                        hook,
+                        ProcIdentity {
+                            pid: 4242,
+                            start_time: 98765
+                        }
+                    )
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+        let head = records::spawned_head(None);
+        let tail = records::SPAWNED_TAIL;
+        assert_eq!(announcement(stat, &head, tail, &mut [0u8; 16]), None);
+        assert_eq!(announcement(b"4242 (a) S 1", &head, tail, &mut out), None);
+        assert_eq!(announcement(b"", &head, tail, &mut out), None);
     }
 }

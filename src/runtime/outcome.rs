@@ -6,8 +6,9 @@
 use nix::sys::signal::Signal;
 
 use super::proc_handle::{ProcHandle, signal_group};
-use super::procfs;
+use super::procfs::{self, ProcIdentity};
 use super::records::{self, ExitRecord, HookExit, Run, Unrecorded};
+use super::shim::kill;
 use super::{Observed, TaskRef};
 use crate::task::model::{
     HookName, HookStatuses, Running, TaskState, Terminated, Waiting, reason, signal_name,
@@ -293,13 +294,18 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
                 unrecorded: Some(why),
             };
             match records::record_hook_outcome(&task.dir, &lost) {
-                Ok(_) => hook_lost |= r.started.is_some(),
+                // Recorded here: whatever of it runs is ours to stop.
+                Ok(x) => hook_lost |= x == lost,
                 Err(e) => {
                     tracing::error!(task = %task.name, hook = h.as_str(), error = %e, "could not record the hook's outcome");
                 }
             }
         }
     }
+    // Read again now that the journal's lock was taken: a process whose shim died while
+    // it was being spawned may have named itself (`spawned`) after `run` was read; it
+    // held the lock (it shares the journal's open file) until its exec.
+    let now = records::read_run(&task.dir).unwrap_or_else(|_| run.clone());
     if wrote || hook_lost {
         // Once per run: whoever records the outcome counts and stops it.
         match why {
@@ -308,7 +314,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
                 if wrote {
                     crate::metrics::supervisor_lost();
                 }
-                stop_leftovers(task, run);
+                stop_leftovers(task, run, &now);
             }
             Unrecorded::NodeRestarted => {
                 tracing::warn!(task = %task.name, "task was cut short by a node restart");
@@ -344,35 +350,55 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
     terminated_from(&effective, task)
 }
 
-/// Stops what outlived a dead supervisor: the main process and its group (while its
-/// leader is provably unreaped), or, when the supervisor died before recording the main
-/// process, the processes that carry this task's marker and started after it.
-fn stop_leftovers(task: &TaskRef, run: &Run) {
+/// Stops what outlived a dead supervisor: each command that had not ended (the main
+/// command, a hook), found by the identity the journal gives it (its `started` line, else
+/// the `spawned` line its process wrote before it exec'ed, so a shim that died in
+/// between leaves nothing unnamed), with its descendants and its group (while it is
+/// provably unreaped). Only pids and start times are read (`/proc/PID/stat` and
+/// `children`, readable whatever the processes' uid), so this holds for tasks of another
+/// user with no more than CAP_KILL. A run whose commands the journal does not name (a
+/// journal of an earlier version; a sidecar task, whose reaper kills it when the shim
+/// dies) falls back to the task's marker, where environments are readable.
+/// `before`: the journal as the shim left it (which hooks had ended); `run`: as it is now.
+fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) {
+    let mut named = false;
     for h in HookName::ALL {
-        if let Some(s) = run
-            .hook(h)
-            .started
-            .as_ref()
-            .filter(|_| run.hook(h).exit.is_none())
-        {
-            signal_group(&s.process, Signal::SIGKILL);
-            if let Some(p) = ProcHandle::of(&s.process) {
-                let _ = p.signal(Signal::SIGKILL);
-            }
+        let r = run.hook(h);
+        let p = r.started.as_ref().map(|s| s.process).or(r.spawned);
+        if let Some(p) = p.filter(|_| before.hook(h).exit.is_none()) {
+            stop_tree(&p);
+            named = true;
         }
     }
-    if let Some(main) = run.started.as_ref().and_then(|s| s.main) {
-        signal_group(&main, Signal::SIGKILL);
-        if let Some(h) = ProcHandle::of(&main) {
-            let _ = h.signal(Signal::SIGKILL);
-        }
-    } else if let Some(claim) = &run.claimed {
+    if let Some(main) = run.started.as_ref().and_then(|s| s.main).or(run.spawned) {
+        stop_tree(&main);
+        named = true;
+    }
+    if !named && let Some(claim) = &run.claimed {
         stop_marked(&task.name, claim.shim.start_time);
     }
 }
 
+/// SIGKILLs a command's process if it is still the recorded one: its descendants first
+/// (found through handles while it lives: once it dies they move to a subreaper out of
+/// reach), then its group (only while it is unreaped: the group id is its pid), then it.
+/// Twice, for what was forked during the first round.
+fn stop_tree(p: &ProcIdentity) {
+    for _ in 0..2 {
+        if let (Some(h), Ok(proc)) = (ProcHandle::of(p), std::fs::File::open("/proc")) {
+            use std::os::fd::AsFd;
+            kill::signal_descendants_of(proc.as_fd(), h, Signal::SIGKILL);
+        }
+        signal_group(p, Signal::SIGKILL);
+        if let Some(h) = ProcHandle::of(p) {
+            let _ = h.signal(Signal::SIGKILL);
+        }
+    }
+}
+
 /// SIGKILLs every process started at or after `since` (clock ticks after boot) whose
-/// environment carries this task's marker.
+/// environment carries this task's marker (unreadable for another user's processes
+/// without CAP_SYS_PTRACE: those are skipped).
 fn stop_marked(name: &str, since: u64) {
     let want = format!("{TASK_MARKER}={name}");
     let Ok(proc) = std::fs::File::open("/proc") else {

@@ -46,6 +46,8 @@ pub enum Entry {
     Launch(Box<Launch>),
     Claimed(Claim),
     Unclaimed(Unclaim),
+    /// Written by a command's own process before it execs (see `spawned_head`).
+    Spawned(Spawned),
     Started(ShimRecord),
     Exit(ExitRecord),
     /// A hook may run from here on (durable before it is spawned): never started again.
@@ -61,6 +63,8 @@ pub struct Run {
     pub launch: Option<Launch>,
     /// A shim took the launch and may have started the task: it is never started again.
     pub claimed: Option<Claim>,
+    /// The main command's process, as it named itself before it exec'ed.
+    pub spawned: Option<ProcIdentity>,
     pub started: Option<ShimRecord>,
     pub exit: Option<ExitRecord>,
     pub pre_start: HookRun,
@@ -71,6 +75,8 @@ pub struct Run {
 #[derive(Clone, Debug, Default)]
 pub struct HookRun {
     pub claimed: bool,
+    /// The hook's process, as it named itself before it exec'ed.
+    pub spawned: Option<ProcIdentity>,
     pub started: Option<HookStart>,
     pub exit: Option<HookExit>,
 }
@@ -115,7 +121,14 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
         match serde_json::from_slice::<Entry>(line) {
             Ok(Entry::Launch(l)) => run.launch = Some(*l),
             Ok(Entry::Claimed(c)) => run.claimed = Some(c),
-            Ok(Entry::Unclaimed(_)) => run.claimed = None,
+            Ok(Entry::Unclaimed(_)) => {
+                run.claimed = None;
+                run.spawned = None;
+            }
+            Ok(Entry::Spawned(s)) => match s.hook {
+                None => run.spawned = Some(s.process),
+                Some(h) => run.hook_mut(h).spawned = Some(s.process),
+            },
             Ok(Entry::Started(s)) => run.started = Some(s),
             Ok(Entry::Exit(x)) => run.exit = Some(x),
             Ok(Entry::HookClaimed(c)) => run.hook_mut(c.hook).claimed = true,
@@ -163,15 +176,38 @@ pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Res
 /// whether this call wrote it. Holding the journal's lock while doing so proves no shim
 /// writes to it.
 pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<(ExitRecord, bool)> {
+    let mut f = lock_journal(dir)?;
+    if let Some(x) = read_run(dir)?.exit {
+        return Ok((x, false));
+    }
+    append(&mut f, &Entry::Exit(rec.clone()), true)?;
+    Ok((rec.clone(), true))
+}
+
+/// Appends the end of a hook no shim can finish (its supervisor died), durably, unless
+/// one is there already; returns the line in effect. As for `record_outcome`, holding the
+/// journal's lock proves no shim writes to it.
+pub fn record_hook_outcome(dir: &Path, rec: &HookExit) -> io::Result<HookExit> {
+    let mut f = lock_journal(dir)?;
+    if let Some(x) = read_run(dir)?.hook(rec.hook).exit.clone() {
+        return Ok(x);
+    }
+    append(&mut f, &Entry::HookExit(rec.clone()), true)?;
+    Ok(rec.clone())
+}
+
+/// The journal, locked, for a caller that knows its shim is gone: another such caller, or
+/// a process of the task between its clone and its exec (it shares the shim's open
+/// journal until then), may hold the lock a moment.
+fn lock_journal(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(dir.join(RUN))?;
-    // Callers know the shim is gone; another caller of this may hold the lock a moment.
     let mut tries = 0;
-    let mut f = loop {
+    loop {
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
-            Ok(locked) => break locked,
+            Ok(locked) => return Ok(locked),
             Err((back, _)) if tries < 100 => {
                 f = back;
                 tries += 1;
@@ -184,33 +220,7 @@ pub fn record_outcome(dir: &Path, rec: &ExitRecord) -> io::Result<(ExitRecord, b
                 ));
             }
         }
-    };
-    if let Some(x) = read_run(dir)?.exit {
-        return Ok((x, false));
     }
-    append(&mut f, &Entry::Exit(rec.clone()), true)?;
-    Ok((rec.clone(), true))
-}
-
-/// Appends the end of a hook no shim can finish (its supervisor died), durably, unless
-/// one is there already; returns the line in effect. As for `record_outcome`, holding the
-/// journal's lock proves no shim writes to it.
-pub fn record_hook_outcome(dir: &Path, rec: &HookExit) -> io::Result<HookExit> {
-    use nix::fcntl::{Flock, FlockArg};
-    let f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(dir.join(RUN))?;
-    let mut f = Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-        io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("the run journal is locked: {e}"),
-        )
-    })?;
-    if let Some(x) = read_run(dir)?.hook(rec.hook).exit.clone() {
-        return Ok(x);
-    }
-    append(&mut f, &Entry::HookExit(rec.clone()), true)?;
-    Ok(rec.clone())
 }
 
 fn line(entry: &Entry) -> io::Result<Vec<u8>> {
@@ -356,6 +366,31 @@ pub struct Target {
 pub struct HookClaim {
     pub hook: HookName,
 }
+
+/// A command's process, named by itself between its clone and its exec, so the journal
+/// names every process of the task that could have run anything, even when the shim dies
+/// before its `started` / `hookStarted` line: the agent can stop it by this identity
+/// (pid and start time, from `/proc/PID/stat`, readable whatever the process's uid).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spawned {
+    /// `None`: the main command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookName>,
+    pub process: ProcIdentity,
+}
+
+/// The line the process of a command writes about itself: this head, its identity as
+/// `ProcIdentity`'s JSON (`{"pid":N,"startTime":T}`), then `SPAWNED_TAIL`
+/// (`child_setup::Announce`).
+pub fn spawned_head(hook: Option<HookName>) -> Vec<u8> {
+    match hook {
+        None => br#"{"spawned":{"process":"#.to_vec(),
+        Some(h) => format!(r#"{{"spawned":{{"hook":"{}","process":"#, h.as_str()).into_bytes(),
+    }
+}
+
+pub const SPAWNED_TAIL: &[u8] = b"}}\n";
 
 /// A hook's process, once started.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -30,6 +30,16 @@ pub fn signal_descendants(
     signal_subtrees(proc, root, spare, None, Some(sig))
 }
 
+/// Sends `sig` to every live descendant of the process `root` is a handle of (not to it),
+/// whoever its parent is now: what a task's process started, after its shim died.
+/// Returns how many there were.
+pub fn signal_descendants_of(proc: BorrowedFd<'_>, root: ProcHandle, sig: Signal) -> usize {
+    match root.children() {
+        Some(_) => walk_children(proc, root, None, None, Some(sig)),
+        None => walk_scan(proc, root.pid, None, None, Some(sig)),
+    }
+}
+
 /// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
 /// `spare`) is not in `exclude` (pid, start time). A hook's tree is that, with `exclude`
 /// the tops that were there when it started: every process the hook started is its

@@ -17,7 +17,7 @@
 
 mod cgroup;
 mod hooks;
-mod kill;
+pub(in crate::runtime) mod kill;
 pub(crate) mod logs;
 pub(crate) mod ns_reaper;
 mod place;

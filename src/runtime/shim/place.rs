@@ -13,8 +13,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use super::ns_reaper::Reaper;
-use crate::runtime::child_setup::{self, ExecPlan, SpawnError, Step};
+use crate::runtime::child_setup::{self, Announce, ExecPlan, SpawnError, Step};
 use crate::runtime::procfs::ProcIdentity;
+use crate::runtime::records;
 use crate::task::model::HookName;
 
 /// The task's own command.
@@ -28,6 +29,15 @@ pub fn hook_job(h: HookName) -> usize {
     match h {
         HookName::PreStart => PRE_START,
         HookName::PostStop => POST_STOP,
+    }
+}
+
+/// The hook a job number is (`None`: the main command).
+fn job_hook(job: usize) -> Option<HookName> {
+    match job {
+        PRE_START => Some(HookName::PreStart),
+        POST_STOP => Some(HookName::PostStop),
+        _ => None,
     }
 }
 
@@ -73,12 +83,15 @@ impl Place {
     }
 
     /// Starts command `job` with stdin from /dev/null and the given stdout and stderr;
-    /// returns its identity (pid as the shim sees it, start time).
+    /// returns its identity (pid as the shim sees it, start time). A host command names
+    /// itself in `journal` before it execs (`child_setup::Announce`); one inside the main
+    /// container is the reaper's, which kills it if the shim dies.
     pub fn start(
         &mut self,
         job: usize,
         stdout: BorrowedFd<'_>,
         stderr: BorrowedFd<'_>,
+        journal: Option<BorrowedFd<'_>>,
     ) -> Result<ProcIdentity, SpawnError> {
         let setup = |error| SpawnError {
             step: Step::Setup,
@@ -96,7 +109,13 @@ impl Place {
             .and_then(Option::as_ref)
             .ok_or_else(|| setup(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let null = File::open("/dev/null").map_err(setup)?;
-        let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr])?;
+        let head = records::spawned_head(job_hook(job));
+        let announce = journal.map(|journal| Announce {
+            journal,
+            head: &head,
+            tail: records::SPAWNED_TAIL,
+        });
+        let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr], announce)?;
         self.live.push((pid, job));
         // Our unreaped child: the pid is still its own.
         Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity { pid, start_time: 0 }))

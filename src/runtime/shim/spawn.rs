@@ -217,7 +217,7 @@ mod tests {
             null.try_clone().unwrap(),
             null.try_clone().unwrap(),
         );
-        match spawn(&plan, [a.as_fd(), b.as_fd(), c.as_fd()]) {
+        match spawn(&plan, [a.as_fd(), b.as_fd(), c.as_fd()], None) {
             Ok(pid) => {
                 nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
                 Ok(())

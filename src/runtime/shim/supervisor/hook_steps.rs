@@ -37,7 +37,8 @@ impl Supervisor<'_> {
             HookPlace::Unreachable(why) => Some((128, why.clone())),
             HookPlace::Local | HookPlace::Remote(_) => {
                 let (r, w) = io::pipe()?;
-                let spawned = self.place.start(job, w.as_fd(), w.as_fd());
+                let journal = self.running_lock.as_ref().map(|j| j.as_fd());
+                let spawned = self.place.start(job, w.as_fd(), w.as_fd(), journal);
                 drop(w); // only the hook holds the write end now
                 match spawned {
                     Ok(p) => {

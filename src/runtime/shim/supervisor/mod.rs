@@ -191,7 +191,10 @@ impl<'a> Supervisor<'a> {
     fn start_main(&mut self, first: bool) -> io::Result<()> {
         let (out_r, out_w) = io::pipe()?;
         let (err_r, err_w) = io::pipe()?;
-        let spawned = self.place.start(MAIN, out_w.as_fd(), err_w.as_fd());
+        let journal = self.running_lock.as_ref().map(|j| j.as_fd());
+        let spawned = self
+            .place
+            .start(MAIN, out_w.as_fd(), err_w.as_fd(), journal);
         drop((out_w, err_w)); // only the task holds the write ends now, so EOF can arrive
         let main = match spawned {
             Ok(main) => main,
