@@ -119,6 +119,14 @@ fn check_task_identity(config: &Config) -> Result<(), AppError> {
                 range.size()
             )));
         }
+        // Tasks as the default user would share a uid with the task given it.
+        if let Some(uid) = config.task_run_as_user.and_then(|r| r.uid)
+            && range.contains(uid)
+        {
+            return Err(AppError::Config(format!(
+                "--task-uid-range {range} holds --task-run-as-user's uid {uid}: give a range without it"
+            )));
+        }
         flags.push(format!("--task-uid-range {range}"));
     }
     if flags.is_empty() {

@@ -152,8 +152,10 @@ fn hooks_run_as_their_tasks_uid() {
         "65534:65533",
     ]);
     sleeper(&a, "first");
-    let hook = |step: &str| json!({"exec": {"command": ["sh", "-c",
-        format!("echo $(id -u) $(id -g) $(id -G) > {d}/{step}")]}});
+    let hook = |step: &str| {
+        json!({"exec": {"command": ["sh", "-c",
+        format!("echo $(id -u) $(id -g) $(id -G) > {d}/{step}")]}})
+    };
     let r = a.create(json!({"name": "hooked", "spec": {"process": {
         "command": ["sh", "-c", format!("echo $(id -u) $(id -g) $(id -G) > {d}/main")],
         "lifecycle": {"preStart": hook("pre"), "postStop": hook("post")}}}}));
@@ -213,9 +215,15 @@ fn refusal(args: &[&str]) -> String {
 #[test]
 fn bad_ranges_stop_the_agent_with_the_reason() {
     let e = refusal(&["--task-uid-range", "200-100"]);
-    assert!(e.contains("--task-uid-range") && e.contains("200 is above 100"), "{e}");
+    assert!(
+        e.contains("--task-uid-range") && e.contains("200 is above 100"),
+        "{e}"
+    );
     let e = refusal(&["--task-uid-range", "0-100"]);
-    assert!(e.contains("\"0\" is not a numeric uid between 1 and 2147483647"), "{e}");
+    assert!(
+        e.contains("\"0\" is not a numeric uid between 1 and 2147483647"),
+        "{e}"
+    );
     let e = refusal(&["--task-uid-range", "100-2147483648"]);
     assert!(e.contains("between 1 and 2147483647"), "{e}");
     let e = refusal(&["--task-uid-range", "100"]);
@@ -230,12 +238,27 @@ fn bad_ranges_stop_the_agent_with_the_reason() {
         e.contains("--task-uid-range 100-109 holds 10 uids, fewer than --max-concurrent-tasks 11"),
         "{e}"
     );
+    let e = refusal(&[
+        "--task-uid-range",
+        "65000-65535",
+        "--task-run-as-user",
+        "65534",
+    ]);
+    assert!(
+        e.contains("--task-uid-range 65000-65535 holds --task-run-as-user's uid 65534"),
+        "{e}"
+    );
     // And it needs the capabilities to change ids.
     let tmp = tempfile::tempdir().unwrap();
     let out = std::process::Command::new("timeout")
         .args(["20", "setpriv", "--bounding-set=-setuid", "--inh-caps=-all"])
         .arg(support::agent::BIN)
-        .args(["--task-uid-range", "100-199", "--listen-addr", "127.0.0.1:0"])
+        .args([
+            "--task-uid-range",
+            "100-199",
+            "--listen-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
         .output()

@@ -1,8 +1,8 @@
 use std::io;
 
 use crate::runtime::RuntimeError;
-use crate::task::identity::UidRange;
 use crate::task::exhaustion::Exhaustion;
+use crate::task::identity::UidRange;
 
 /// Errors of the manager layer; `api::error` maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]

@@ -94,7 +94,10 @@ mod tests {
     #[test]
     fn the_lowest_free_uid_is_given_and_never_a_held_one() {
         let mut p = pool(10, 13);
-        assert_eq!([p.take(), p.take(), p.take()], [Some(10), Some(11), Some(12)]);
+        assert_eq!(
+            [p.take(), p.take(), p.take()],
+            [Some(10), Some(11), Some(12)]
+        );
         p.release(11);
         assert_eq!(p.take(), Some(11), "a released uid is given again");
         p.hold(13); // a re-adopted task's

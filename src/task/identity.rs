@@ -13,8 +13,9 @@ pub const MAX_ID: i64 = i32::MAX as i64;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecurityContext {
-    /// The uid the task runs as. Unset: the agent's `--task-run-as-user` (host tasks), the
-    /// main container's uid (sidecar tasks), else the agent's own.
+    /// The uid the task runs as. Unset: a uid of its own from the agent's
+    /// `--task-uid-range`, else its `--task-run-as-user` (host tasks), the main container's
+    /// uid (sidecar tasks), else the agent's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 2147483647))]
     pub run_as_user: Option<i64>,

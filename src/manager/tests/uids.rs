@@ -19,7 +19,11 @@ fn with_range(first: u32, last: u32) -> Setup {
 impl Setup {
     fn host_uid(&self, name: &str) -> Option<u32> {
         let stored = self.stored().into_iter().find(|r| r.name == name).unwrap();
-        assert_eq!(stored.host_uid, self.rt.host_uid(name), "{name}: record and start");
+        assert_eq!(
+            stored.host_uid,
+            self.rt.host_uid(name),
+            "{name}: record and start"
+        );
         stored.host_uid
     }
 }
@@ -80,7 +84,10 @@ async fn only_tasks_with_a_command_in_the_agents_container_as_its_default_user_g
     let remote_local_hook = from_json(serde_json::json!({"process": {
         "command": ["true"], "execMode": "Remote",
         "lifecycle": {"postStop": {"exec": {"command": ["true"]}, "execMode": "Local"}}}}));
-    s.mgr.create("remote-hook".into(), remote_local_hook).await.unwrap();
+    s.mgr
+        .create("remote-hook".into(), remote_local_hook)
+        .await
+        .unwrap();
     assert_eq!(s.host_uid("own-user"), None, "the user chose");
     assert_eq!(s.host_uid("own-group"), Some(100));
     assert_eq!(s.host_uid("remote"), None, "the main container's user");
@@ -91,7 +98,9 @@ async fn only_tasks_with_a_command_in_the_agents_container_as_its_default_user_g
 #[tokio::test]
 async fn a_sync_beyond_the_range_changes_nothing_and_frees_what_it_took() {
     let s = with_range(100, 101);
-    let three = ["a", "b", "c"].map(|n| (n.to_string(), spec("true"))).to_vec();
+    let three = ["a", "b", "c"]
+        .map(|n| (n.to_string(), spec("true")))
+        .to_vec();
     let err = s.mgr.sync(three).await.unwrap_err();
     assert!(matches!(err, ManagerError::NoTaskUid { .. }), "{err}");
     assert!(s.mgr.list().is_empty() && s.stored().is_empty());
@@ -127,15 +136,16 @@ async fn a_restarted_manager_keeps_every_tasks_uid() {
             last: 109,
         }),
     };
-    let mgr: Arc<Manager> = Manager::new(
-        s.store.clone(),
-        Runtimes::single(Arc::new(rt.clone())),
-        cfg,
-    );
+    let mgr: Arc<Manager> =
+        Manager::new(s.store.clone(), Runtimes::single(Arc::new(rt.clone())), cfg);
     mgr.recover().await.unwrap();
     assert_eq!(rt.host_uid("running"), Some(100), "adopted as its user");
     mgr.create("new".into(), spec("true")).await.unwrap();
-    assert_eq!(rt.host_uid("new"), Some(102), "neither the running nor the deleting one's");
+    assert_eq!(
+        rt.host_uid("new"),
+        Some(102),
+        "neither the running nor the deleting one's"
+    );
     rt.stop_gate.add_permits(1);
     until("doomed gone", || mgr.get("doomed").is_err()).await;
     mgr.create("after".into(), spec("true")).await.unwrap();
