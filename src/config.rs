@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-use crate::task::identity::RunAs;
+use crate::task::identity::{RunAs, UidRange};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -110,6 +110,14 @@ pub struct Config {
     #[arg(long, env = "TASK_RUN_AS_USER", value_name = "UID[:GID]",
           value_parser = RunAs::parse_flag)]
     pub task_run_as_user: Option<RunAs>,
+
+    /// Each host task runs as a uid of its own from FIRST-LAST (1..=2147483647), held
+    /// until the task is deleted, unless its securityContext says otherwise; the gid is
+    /// --task-run-as-user's, else the uid's number. At least --max-concurrent-tasks uids.
+    /// Needs CAP_SETUID and CAP_SETGID.
+    #[arg(long, env = "TASK_UID_RANGE", value_name = "FIRST-LAST",
+          value_parser = UidRange::parse_flag)]
+    pub task_uid_range: Option<UidRange>,
 
     /// Container mode: map a volume name to a host path (NAME=HOSTPATH). In a pod
     /// (POD_NAME/POD_NAMESPACE set) the own Pod's volumes are known too; these entries win.
@@ -222,6 +230,17 @@ mod tests {
         let c = parse(&["--task-run-as-user", "65534"]);
         assert_eq!(c.task_run_as_user, RunAs::parse_flag("65534:65534").ok());
         assert!(Config::try_parse_from(["task-executor", "--task-run-as-user", "nobody"]).is_err());
+    }
+
+    #[test]
+    fn task_uid_range_takes_first_and_last() {
+        assert_eq!(parse(&[]).task_uid_range, None);
+        let c = parse(&["--task-uid-range", "100000-165535"]);
+        assert_eq!(c.task_uid_range, UidRange::parse_flag("100000-165535").ok());
+        for bad in ["165535-100000", "0-10", "100000"] {
+            let e = Config::try_parse_from(["task-executor", "--task-uid-range", bad]).unwrap_err();
+            assert!(e.to_string().contains("--task-uid-range"), "{e}");
+        }
     }
 
     #[test]

@@ -97,25 +97,53 @@ pub fn agent_only_env() -> Vec<String> {
     names
 }
 
-/// `--task-run-as-user` needs the capabilities to change ids: without them every task
-/// would fail to start, so the agent doesn't start at all.
+/// `--task-run-as-user` and `--task-uid-range` need the capabilities to change ids:
+/// without them every task would fail to start, so the agent doesn't start at all. A
+/// range must also hold a uid for each task `--max-concurrent-tasks` lets run.
 fn check_task_identity(config: &Config) -> Result<(), AppError> {
     const SETGID: u64 = 1 << 6;
     const SETUID: u64 = 1 << 7;
-    let Some(run_as) = config.task_run_as_user else {
+    let mut flags = Vec::new();
+    if let Some(run_as) = config.task_run_as_user {
+        flags.push(format!(
+            "--task-run-as-user {}:{}",
+            run_as.uid.unwrap_or_default(),
+            run_as.gid.unwrap_or_default()
+        ));
+    }
+    if let Some(range) = config.task_uid_range {
+        let max = config.max_concurrent_tasks as u64;
+        if max > range.size() {
+            return Err(AppError::Config(format!(
+                "--task-uid-range {range} holds {} uids, fewer than --max-concurrent-tasks {max}: give it at least {max}",
+                range.size()
+            )));
+        }
+        // Tasks as the default user would share a uid with the task given it.
+        if let Some(uid) = config.task_run_as_user.and_then(|r| r.uid)
+            && range.contains(uid)
+        {
+            return Err(AppError::Config(format!(
+                "--task-uid-range {range} holds --task-run-as-user's uid {uid}: give a range without it"
+            )));
+        }
+        flags.push(format!("--task-uid-range {range}"));
+    }
+    if flags.is_empty() {
         return Ok(());
-    };
+    }
     let caps = runtime::procfs::own_effective_caps()?;
     if caps & (SETUID | SETGID) != SETUID | SETGID {
         return Err(AppError::Config(format!(
-            "--task-run-as-user {}:{} needs CAP_SETUID and CAP_SETGID (run the agent as root)",
-            run_as.uid.unwrap_or_default(),
-            run_as.gid.unwrap_or_default()
+            "{} needs CAP_SETUID and CAP_SETGID (run the agent as root)",
+            flags.join(" and ")
         )));
     }
+    let run_as = config.task_run_as_user.unwrap_or_default();
     tracing::info!(
         uid = run_as.uid,
         gid = run_as.gid,
+        uid_range = config.task_uid_range.map(|r| r.to_string()),
         "host tasks run as another user unless their securityContext says otherwise"
     );
     Ok(())
@@ -169,6 +197,7 @@ pub async fn run(
             max_concurrent: (config.max_concurrent_tasks > 0)
                 .then_some(config.max_concurrent_tasks),
             start_retry: config.start_retry_timeout,
+            task_uids: config.task_uid_range,
         },
     );
     manager.recover().await?;
@@ -416,6 +445,7 @@ mod tests {
             "AUTH_TOKEN_FILE",
             "TLS_KEY_FILE",
             "TASK_RUN_AS_USER",
+            "TASK_UID_RANGE",
             "POD_NAME",
             "TASK_EXECUTOR_SHIM_SERVER",
             "KUBECONFIG",

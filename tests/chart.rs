@@ -40,7 +40,14 @@ const CASES: &[(&str, &[&str])] = &[
     ("workload None", &["--set", "workload=None"]),
     (
         "tasks as the agent",
-        &["--set", "mode=host", "--set", "executor.taskRunAsUser="],
+        &[
+            "--set",
+            "mode=host",
+            "--set",
+            "executor.taskRunAsUser=",
+            "--set",
+            "executor.taskUidRange=",
+        ],
     ),
     (
         "token auth, TLS, no network policy",
@@ -380,6 +387,11 @@ fn sidecar_mode_shares_pids_and_has_the_capabilities() {
     // Tasks run as the main container's user; the agent's data stays out of its reach.
     assert!(!strings(a, "args").contains(&"--sidecar-run-as-target-user=false"));
     assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534", "Local tasks");
+    assert_eq!(
+        env_value(a, "TASK_UID_RANGE"),
+        "100000-165535",
+        "Local tasks"
+    );
     assert_main_mounts_nothing_of_the_agent(pod);
 
     let docs = render(&[
@@ -430,6 +442,7 @@ fn container_mode_mounts_the_cri_socket() {
     assert!(!flag_on(a, "ENABLE_SIDECAR_MODE", "--enable-sidecar-mode"));
     // Process tasks run as another user: they can't reach the socket (root's, 0660).
     assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534");
+    assert_eq!(env_value(a, "TASK_UID_RANGE"), "100000-165535");
     assert_eq!(
         strings(a, "securityContext.capabilities.add"),
         TASK_USER_CAPS
@@ -473,11 +486,40 @@ fn host_mode_runs_tasks_as_another_user_than_the_agent() {
         "--enable-container-mode"
     ));
 
-    // Tasks as the agent: no user to switch to, no capability at all.
+    // Each task a uid of its own, from a range above the users images have.
+    assert_eq!(env_value(a, "TASK_UID_RANGE"), "100000-165535");
+
+    // The range alone still needs the capabilities to switch users.
     let docs = render(&["--set", "mode=host", "--set", "executor.taskRunAsUser="]);
     let a = agent(pod_spec(&docs));
     assert!(env(a, "TASK_RUN_AS_USER").is_none());
+    assert_eq!(env_value(a, "TASK_UID_RANGE"), "100000-165535");
+    assert_eq!(
+        strings(a, "securityContext.capabilities.add"),
+        TASK_USER_CAPS
+    );
+    // Tasks as the agent: no user to switch to, no capability at all.
+    let docs = render(&[
+        "--set",
+        "mode=host",
+        "--set",
+        "executor.taskRunAsUser=",
+        "--set",
+        "executor.taskUidRange=",
+    ]);
+    let a = agent(pod_spec(&docs));
+    assert!(env(a, "TASK_RUN_AS_USER").is_none() && env(a, "TASK_UID_RANGE").is_none());
     assert!(seq(a, "securityContext.capabilities.add").is_empty());
+    let docs = render(&[
+        "--set",
+        "mode=host",
+        "--set",
+        "executor.taskUidRange=5000-5999",
+    ]);
+    assert_eq!(
+        env_value(agent(pod_spec(&docs)), "TASK_UID_RANGE"),
+        "5000-5999"
+    );
     let docs = render(&[
         "--set",
         "mode=host",

@@ -96,7 +96,9 @@ impl From<ManagerError> for ApiError {
             ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
-            ManagerError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ManagerError::ShuttingDown | ManagerError::NoTaskUid { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ManagerError::Runtime(
                 RuntimeError::Invalid(_) | RuntimeError::ContainerModeDisabled,
             ) => StatusCode::BAD_REQUEST,

@@ -38,6 +38,17 @@ impl Manager {
         {
             return Err(ManagerError::TooManyTasks(max));
         }
+        let exec_mode = self.runtimes.exec_mode_for(&spec);
+        let host_uid = match self.uid_pool() {
+            Some(mut pool) if super::uids::needs_uid(&spec, exec_mode) => {
+                let uid = pool.take().ok_or_else(|| ManagerError::NoTaskUid {
+                    range: pool.range(),
+                    size: pool.range().size(),
+                })?;
+                Some(uid)
+            }
+            _ => None,
+        };
         let seq = self.uid_seq.fetch_add(1, Ordering::Relaxed);
         let rec = TaskRecord {
             name: name.to_string(),
@@ -46,7 +57,8 @@ impl Manager {
                 Time::now().unix_millis(),
                 std::process::id()
             ),
-            exec_mode: self.runtimes.exec_mode_for(&spec),
+            exec_mode,
+            host_uid,
             spec,
             created_at: Time::now(),
             deletion_timestamp: None,

@@ -2,6 +2,7 @@ use std::io;
 
 use crate::runtime::RuntimeError;
 use crate::task::exhaustion::Exhaustion;
+use crate::task::identity::UidRange;
 
 /// Errors of the manager layer; `api::error` maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +17,11 @@ pub enum ManagerError {
     NotFound(String),
     #[error("maximum concurrent tasks ({0}) reached")]
     TooManyTasks(usize),
+    /// Every uid of `--task-uid-range` is held by a task the agent holds.
+    #[error(
+        "no free task uid: all {size} of --task-uid-range {range} are held by tasks of this agent; delete finished tasks to free theirs"
+    )]
+    NoTaskUid { range: UidRange, size: u64 },
     #[error("the agent is shutting down")]
     ShuttingDown,
     #[error(transparent)]

@@ -21,11 +21,12 @@ mod recover;
 mod start;
 #[cfg(test)]
 mod tests;
+mod uids;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
@@ -35,6 +36,7 @@ pub use error::ManagerError;
 
 use self::entry::Entry;
 use crate::runtime::{EventSink, Readiness, Runtime, RuntimeError, Runtimes, TaskRef};
+use crate::task::identity::UidRange;
 use crate::task::model::TaskSpec;
 use crate::task::store::Store;
 
@@ -46,6 +48,9 @@ pub struct ManagerConfig {
     /// How long a task whose start failed for lack of processes, file descriptors, memory
     /// or disk is retried (waiting, `ResourcesExhausted`) before it ends `StartError`.
     pub start_retry: Duration,
+    /// `--task-uid-range`: each task with a command in the agent's container gets a uid
+    /// of its own from it. `None`: they run as the runtime's default user.
+    pub task_uids: Option<UidRange>,
 }
 
 impl ManagerConfig {
@@ -59,6 +64,8 @@ pub struct Manager {
     tasks: RwLock<HashMap<String, Arc<Entry>>>,
     events: EventSink,
     uid_seq: AtomicU64,
+    /// The task uids held, with `--task-uid-range` (locked after `tasks` when both are).
+    host_uids: Option<Mutex<uids::UidPool>>,
     /// Names of tasks whose view changed (state, deletion mark, removal).
     changes: broadcast::Sender<String>,
 }
@@ -67,10 +74,12 @@ impl Manager {
     /// Builds the manager and starts its event loop.
     pub fn new(store: Store, runtimes: Runtimes, cfg: ManagerConfig) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let host_uids = cfg.task_uids.map(|r| Mutex::new(uids::UidPool::new(r)));
         let mgr = Arc::new(Manager {
             store,
             runtimes,
             cfg,
+            host_uids,
             tasks: RwLock::new(HashMap::new()),
             events: tx,
             uid_seq: AtomicU64::new(0),
@@ -170,13 +179,27 @@ impl Manager {
         self.read_tasks().get(name).cloned()
     }
 
-    /// Drops `entry` from the map unless the name has been taken by a newer entry.
+    /// Drops `entry` from the map unless the name has been taken by a newer entry, and
+    /// frees its uid (once: only the removal from the map does).
     fn forget(&self, entry: &Arc<Entry>) {
-        let name = entry.name();
+        let (name, host_uid) = {
+            let rec = entry.record();
+            (rec.name.clone(), rec.host_uid)
+        };
         let mut tasks = self.write_tasks();
         if tasks.get(&name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             tasks.remove(&name);
+            if let (Some(uid), Some(mut pool)) = (host_uid, self.uid_pool()) {
+                pool.release(uid);
+            }
         }
+    }
+
+    /// The held task uids, when the agent gives them out.
+    fn uid_pool(&self) -> Option<std::sync::MutexGuard<'_, uids::UidPool>> {
+        self.host_uids
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The runtime the task was created for (see `Runtimes::for_task`).
@@ -196,6 +219,7 @@ impl Manager {
                 .exec_mode
                 .or_else(|| self.runtimes.exec_mode_for(&rec.spec))
                 .unwrap_or(crate::task::model::ExecMode::Local),
+            host_uid: rec.host_uid,
         }
     }
 

@@ -24,7 +24,14 @@ impl Manager {
             let deleting = rec.deletion_timestamp.is_some();
             let has_final = rec.final_status.is_some();
             let entry = Entry::new(rec.clone(), state, Persisted::Yes);
-            self.write_tasks().insert(rec.name.clone(), entry.clone());
+            {
+                let mut tasks = self.write_tasks();
+                tasks.insert(rec.name.clone(), entry.clone());
+                // Its uid stays its own, and nobody else's, until it is forgotten.
+                if let (Some(uid), Some(mut pool)) = (rec.host_uid, self.uid_pool()) {
+                    pool.hold(uid);
+                }
+            }
             if deleting {
                 self.spawn_finalize(entry);
             } else if !has_final {

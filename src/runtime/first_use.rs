@@ -116,6 +116,7 @@ mod tests {
             dir: "/nonexistent".into(),
             spec: TaskSpec::default(),
             exec_mode: crate::task::model::ExecMode::Local,
+            host_uid: None,
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         rt.stop(task.clone(), Duration::ZERO).await.unwrap();

@@ -54,6 +54,9 @@ pub struct TaskRef {
     pub spec: TaskSpec,
     /// Where its process runs (decided when it was created; `Local` for container tasks).
     pub exec_mode: ExecMode,
+    /// Its own uid (from `--task-uid-range`) for its commands in the agent's container,
+    /// instead of the agent's default user; its securityContext still wins.
+    pub host_uid: Option<u32>,
 }
 
 /// A state a runtime observed.

@@ -53,6 +53,19 @@ impl ProcessRuntime {
         self
     }
 
+    /// Who the task's commands in the agent's container run as unless its securityContext
+    /// says: its own uid when it was given one, with the default's gid when
+    /// `--task-run-as-user` sets one, else the uid's number; else the default.
+    fn host_run_as(&self, task: &TaskRef) -> RunAs {
+        match task.host_uid {
+            Some(uid) => RunAs {
+                uid: Some(uid),
+                gid: Some(self.default_run_as.gid.unwrap_or(uid)),
+            },
+            None => self.default_run_as,
+        }
+    }
+
     /// Writes the launch record, starts the shim and waits until the task runs or failed.
     pub(crate) async fn launch(
         &self,
@@ -85,7 +98,7 @@ impl ProcessRuntime {
             // agent's default identity, those in the main container from its identity
             // (the shim reads it); the task's securityContext applies over either.
             run_as: sc.map(SecurityContext::run_as).unwrap_or_default(),
-            host_run_as: self.default_run_as,
+            host_run_as: self.host_run_as(&task),
             allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
             target,
             boot_id: records::boot_id().map(str::to_string),

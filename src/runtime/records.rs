@@ -282,7 +282,8 @@ pub struct Launch {
     #[serde(default, skip_serializing_if = "RunAs::is_empty")]
     pub run_as: RunAs,
     /// Who commands in the agent's own container run as unless `run_as` says otherwise
-    /// (`--task-run-as-user`); a hook of a `Remote` task may run there too.
+    /// (the task's uid from `--task-uid-range`, else `--task-run-as-user`); a hook of a
+    /// `Remote` task may run there too.
     #[serde(default, skip_serializing_if = "RunAs::is_empty")]
     pub host_run_as: RunAs,
     /// The task may gain privileges (setuid binaries); otherwise it runs with

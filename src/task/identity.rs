@@ -13,8 +13,9 @@ pub const MAX_ID: i64 = i32::MAX as i64;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecurityContext {
-    /// The uid the task runs as. Unset: the agent's `--task-run-as-user` (host tasks), the
-    /// main container's uid (sidecar tasks), else the agent's own.
+    /// The uid the task runs as. Unset: a uid of its own from the agent's
+    /// `--task-uid-range`, else its `--task-run-as-user` (host tasks), the main container's
+    /// uid (sidecar tasks), else the agent's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 2147483647))]
     pub run_as_user: Option<i64>,
@@ -86,6 +87,49 @@ impl RunAs {
     }
 }
 
+/// The uids of `--task-uid-range FIRST-LAST`: each host task gets one of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UidRange {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl UidRange {
+    /// `FIRST-LAST`, both within 1..=2^31-1 (0 is root; Kubernetes' bound above), FIRST
+    /// not above LAST.
+    pub fn parse_flag(s: &str) -> Result<UidRange, String> {
+        let id = |v: &str| -> Result<u32, String> {
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1 && i64::from(*n) <= MAX_ID)
+                .ok_or_else(|| format!("{v:?} is not a numeric uid between 1 and {MAX_ID}"))
+        };
+        let (first, last) = s
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 100000-165535"))?;
+        let (first, last) = (id(first)?, id(last)?);
+        if first > last {
+            return Err(format!("{s:?}: {first} is above {last}"));
+        }
+        Ok(UidRange { first, last })
+    }
+
+    /// How many uids it holds.
+    pub fn size(&self) -> u64 {
+        u64::from(self.last - self.first) + 1
+    }
+
+    pub fn contains(&self, uid: u32) -> bool {
+        (self.first..=self.last).contains(&uid)
+    }
+}
+
+impl std::fmt::Display for UidRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
 impl SecurityContext {
     /// The identity overrides it asks for (checked by `validate` before).
     pub fn run_as(&self) -> RunAs {
@@ -153,6 +197,29 @@ mod tests {
         assert_eq!(default.overlaid(group).apply(0, 0), (65534, 7));
         assert_eq!(RunAs::default().overlaid(group).apply(5, 6), (5, 7));
         assert_eq!(RunAs::default().apply(5, 6), (5, 6));
+    }
+
+    #[test]
+    fn the_uid_range_is_well_formed_and_never_root() {
+        let r = UidRange::parse_flag("100000-165535").unwrap();
+        assert_eq!((r.first, r.last, r.size()), (100000, 165535, 65536));
+        assert!(r.contains(100000) && r.contains(165535) && !r.contains(99999));
+        assert_eq!(UidRange::parse_flag("7-7").unwrap().size(), 1);
+        assert_eq!(r.to_string(), "100000-165535");
+        for bad in [
+            "",
+            "5",
+            "0-10",
+            "10-5",
+            "1-2147483648",
+            "a-b",
+            "-1-5",
+            "1-",
+            "1-2-3",
+        ] {
+            assert!(UidRange::parse_flag(bad).is_err(), "{bad:?}");
+        }
+        assert!(UidRange::parse_flag("1-2147483647").is_ok());
     }
 
     #[test]

@@ -40,6 +40,13 @@ pub struct TaskRecord {
     /// re-adopts it where it runs. Absent in records of older agents: the flags decide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec_mode: Option<ExecMode>,
+    /// The uid its commands in the agent's container run as, given from
+    /// `--task-uid-range` when it was created and held until it is forgotten, so a
+    /// restarted agent re-adopts it as the same user and never gives that uid to another
+    /// task. Absent: none was given (no range, a `runAsUser` of its own, no command in the
+    /// agent's container, or an older agent's record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_uid: Option<u32>,
     pub created_at: Time,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletion_timestamp: Option<Time>,
@@ -256,6 +263,7 @@ mod tests {
             uid: "u".into(),
             spec: TaskSpec::default(),
             exec_mode: None,
+            host_uid: None,
             created_at: Time::from_unix_millis(1_000),
             deletion_timestamp: None,
             final_status: None,
@@ -281,6 +289,7 @@ mod tests {
             uid: "u".into(),
             spec: TaskSpec::default(),
             exec_mode: None,
+            host_uid: None,
             created_at: Time::from_unix_millis(1_000),
             deletion_timestamp: None,
             final_status: None,
@@ -326,6 +335,7 @@ mod tests {
             uid: "u".into(),
             spec,
             exec_mode: Some(ExecMode::Remote),
+            host_uid: Some(100000),
             created_at: Time::from_unix_millis(1_000),
             deletion_timestamp: None,
             final_status: None,
@@ -334,8 +344,10 @@ mod tests {
         assert_eq!(store.load_all().unwrap(), std::slice::from_ref(&rec));
         // An older agent's record (no execMode) still loads.
         let mut v = serde_json::to_value(&rec).unwrap();
+        assert_eq!(v["hostUid"], 100000);
         v.as_object_mut().unwrap().remove("execMode");
+        v.as_object_mut().unwrap().remove("hostUid");
         let old: TaskRecord = serde_json::from_value(v).unwrap();
-        assert_eq!(old.exec_mode, None);
+        assert_eq!((old.exec_mode, old.host_uid), (None, None));
     }
 }

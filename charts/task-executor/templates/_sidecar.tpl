@@ -43,6 +43,7 @@ watchTasks: false
 criSocket: /var/run/containerd/containerd.sock
 privileged: false
 taskRunAsUser: "65534"
+taskUidRange: "100000-165535"
 sidecarJoinCgroup: false
 sidecarRunAsTargetUser: true
 extraArgs: []
@@ -95,12 +96,12 @@ securityContext: {}
 {{- $sc := dict }}
 {{- if ne .mode "sidecar" }}
 {{- /* Root owns the data dir (0700) and the credentials (0400), which tasks, running as
-       `taskRunAsUser`, can't read. Dropping to that user needs SETUID and SETGID, and
+       `taskRunAsUser` or a uid of `taskUidRange`, can't read. Dropping to that user needs SETUID and SETGID, and
        stopping its processes KILL; nothing else (tests/isolation.rs runs the agent with
        exactly these). Container mode: the CRI socket is root:root 0660, so uid 0 connects
        as its owner with no capability, while a process task (as taskRunAsUser) can't. */}}
 {{- $caps := dict "drop" (list "ALL") }}
-{{- if $e.taskRunAsUser }}
+{{- if or $e.taskRunAsUser $e.taskUidRange }}
 {{- $_ := set $caps "add" (list "SETUID" "SETGID" "KILL") }}
 {{- end }}
 {{- $sc = dict "runAsNonRoot" false "runAsUser" 0 "runAsGroup" 0 "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "capabilities" $caps "seccompProfile" (dict "type" "RuntimeDefault") }}
@@ -160,6 +161,12 @@ securityContext: {}
     # user unless their securityContext says otherwise.
     - name: TASK_RUN_AS_USER
       value: {{ include "task-executor.scalar" $e.taskRunAsUser | quote }}
+    {{- end }}
+    {{- if $e.taskUidRange }}
+    # Each of those tasks runs as a uid of its own from this range (unless its
+    # securityContext says otherwise), so tasks can't reach each other's processes.
+    - name: TASK_UID_RANGE
+      value: {{ $e.taskUidRange | quote }}
     {{- end }}
     {{- if not (kindIs "invalid" $e.maxBodyBytes) }}
     - name: MAX_BODY_BYTES

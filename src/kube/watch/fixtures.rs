@@ -123,6 +123,7 @@ impl Fixture {
                 stop_grace: Duration::from_secs(1),
                 max_concurrent,
                 start_retry: Duration::from_secs(1),
+                task_uids: None,
             },
         );
         let (sink, events) = EventSink::channel();

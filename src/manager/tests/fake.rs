@@ -36,6 +36,8 @@ struct State {
     calls: Vec<String>,
     events: Option<EventSink>,
     uids: HashMap<String, String>,
+    /// The task uid each task's last start or adoption was given.
+    host_uids: HashMap<String, Option<u32>>,
     stop_fails: usize,
 }
 
@@ -85,6 +87,11 @@ impl FakeRuntime {
     /// Calls so far, as "start NAME", "adopt NAME", "stop NAME".
     pub fn calls(&self) -> Vec<String> {
         self.st().calls.clone()
+    }
+
+    /// The task uid the task's last start or adoption was given.
+    pub fn host_uid(&self, name: &str) -> Option<u32> {
+        self.st().host_uids[name]
     }
 
     pub fn count(&self, call: &str) -> usize {
@@ -144,6 +151,7 @@ impl FakeRuntime {
                 st.calls.push(format!("{verb} {}", task.name));
                 st.events = Some(events);
                 st.uids.insert(task.name.clone(), task.uid.clone());
+                st.host_uids.insert(task.name.clone(), task.host_uid);
                 st.script
                     .get_mut(&task.name)
                     .and_then(VecDeque::pop_front)

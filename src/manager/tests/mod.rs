@@ -3,6 +3,7 @@
 //! (The same paths with real processes run end to end in tests/*.rs.)
 
 mod fake;
+mod uids;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ fn setup_with(cfg: impl FnOnce(&mut ManagerConfig)) -> Setup {
         stop_grace: Duration::from_millis(10),
         max_concurrent: None,
         start_retry: ManagerConfig::DEFAULT_START_RETRY,
+        task_uids: None,
     };
     cfg(&mut config);
     let runtimes = Runtimes::single(Arc::new(rt.clone()));
@@ -328,6 +330,7 @@ async fn recovery_adopts_running_tasks_finishes_deletions_and_keeps_results() {
         uid: format!("uid-{name}"),
         spec: spec("true"),
         exec_mode: None,
+        host_uid: None,
         created_at: Time::now(),
         deletion_timestamp: None,
         final_status: None,

@@ -126,6 +126,7 @@ mod tests {
                 ..Default::default()
             },
             exec_mode: crate::task::model::ExecMode::Local,
+            host_uid: None,
         };
         let ns = Namespaces {
             network: NamespaceMode::Node,

@@ -212,6 +212,7 @@ fn setup() -> Setup {
             ..Default::default()
         },
         exec_mode: crate::task::model::ExecMode::Local,
+        host_uid: None,
     };
     Setup {
         fake,

@@ -165,7 +165,7 @@ fn spawn_failure(argv0: &str, e: &SpawnError, place: &HookPlace, launch: &Launch
             e.error
         ),
         (Step::Identity, _) => format!(
-            "failed to start {argv0:?}{inside}: taking the task's identity (securityContext, --task-run-as-user): {}",
+            "failed to start {argv0:?}{inside}: taking the task's identity (securityContext, --task-uid-range, --task-run-as-user): {}",
             e.error
         ),
         _ => format!("failed to start {argv0:?}{inside}: {}", e.error),

@@ -232,7 +232,7 @@ impl<'a> Supervisor<'a> {
         let launch = self.launch;
         let mut what = format!("failed to start {:?}", launch.argv[0]);
         if e.step == Step::Identity {
-            what.push_str(": taking the task's identity (securityContext, --task-run-as-user)");
+            what.push_str(": taking the task's identity (securityContext, --task-uid-range, --task-run-as-user)");
         }
         if e.step == Step::WorkingDir {
             match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
