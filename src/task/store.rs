@@ -252,14 +252,10 @@ mod tests {
         fs::metadata(p).unwrap().permissions().mode() & 0o7777
     }
 
-    #[test]
-    fn the_data_dir_and_task_dirs_are_the_agents_alone() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().join("data");
-        let store = Store::open(&root).unwrap();
-        assert_eq!(mode(&root), 0o700);
-        let rec = TaskRecord {
-            name: "t".into(),
+    /// A bare record of task `name`.
+    fn record(name: &str) -> TaskRecord {
+        TaskRecord {
+            name: name.into(),
             uid: "u".into(),
             spec: TaskSpec::default(),
             exec_mode: None,
@@ -267,7 +263,16 @@ mod tests {
             created_at: Time::from_unix_millis(1_000),
             deletion_timestamp: None,
             final_status: None,
-        };
+        }
+    }
+
+    #[test]
+    fn the_data_dir_and_task_dirs_are_the_agents_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("data");
+        let store = Store::open(&root).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        let rec = record("t");
         let dir = store.create(&rec).unwrap();
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join(TASK_FILE)), 0o600);
@@ -284,16 +289,7 @@ mod tests {
         fs::create_dir_all(&old).unwrap();
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
-        let rec = TaskRecord {
-            name: "old".into(),
-            uid: "u".into(),
-            spec: TaskSpec::default(),
-            exec_mode: None,
-            host_uid: None,
-            created_at: Time::from_unix_millis(1_000),
-            deletion_timestamp: None,
-            final_status: None,
-        };
+        let rec = record("old");
         fsutil::write_new(&old.join(TASK_FILE), &rec, 0o600).unwrap();
         for (f, m) in [
             ("stdout.log", 0o644),

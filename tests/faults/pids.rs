@@ -31,15 +31,7 @@ fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
     let current = std::fs::read_to_string(cg.dir().join("pids.current")).unwrap();
     std::fs::write(cg.dir().join("pids.max"), current.trim()).unwrap();
 
-    let r = a.create(json!({"name": "late", "spec": {"process": {
-        "command": ["sh", "-c", marking(&markers, "")]}}}));
-    assert_eq!(r.status, 201, "{}", r.text());
-    let w = &r.json()["status"]["state"]["waiting"];
-    assert_eq!(w["reason"], "ResourcesExhausted", "{}", r.text());
-    assert!(
-        w["message"].as_str().unwrap().contains("out of processes"),
-        "{w}"
-    );
+    create_late_and_see_it_wait(&a, &markers);
     assert_eq!(a.request("GET", "/health", None).status, 200);
     // Reading a task's output needs blocking file reads; with no thread to be had they
     // run inline (this request's handler panicked and dropped the connection).
@@ -72,15 +64,7 @@ fn a_task_its_supervisor_could_not_spawn_is_given_back_and_runs_after_an_agent_r
     std::fs::write(cg.procs(), server.to_string()).unwrap();
     std::fs::write(cg.dir().join("pids.max"), "2").unwrap();
 
-    let r = a.create(json!({"name": "late", "spec": {"process": {
-        "command": ["sh", "-c", marking(&markers, "")]}}}));
-    assert_eq!(r.status, 201, "{}", r.text());
-    let w = &r.json()["status"]["state"]["waiting"];
-    assert_eq!(w["reason"], "ResourcesExhausted", "{}", r.text());
-    assert!(
-        w["message"].as_str().unwrap().contains("out of processes"),
-        "{w}"
-    );
+    create_late_and_see_it_wait(&a, &markers);
     // The shim got as far as claiming the launch (not a fork failure of the server, which
     // never gets that far) before its spawn failed.
     let journal = a.task_dir("late").join("run.jsonl");
@@ -99,4 +83,18 @@ fn a_task_its_supervisor_could_not_spawn_is_given_back_and_runs_after_an_agent_r
     );
     assert_eq!(runs(&markers).get("late"), Some(&1));
     a.delete_all_and_stop();
+}
+
+/// Creates task `late` (it marks each run in `markers`): accepted, and waiting because
+/// the machine is out of processes.
+fn create_late_and_see_it_wait(a: &Agent, markers: &std::path::Path) {
+    let r = a.create(json!({"name": "late", "spec": {"process": {
+        "command": ["sh", "-c", marking(markers, "")]}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let w = &r.json()["status"]["state"]["waiting"];
+    assert_eq!(w["reason"], "ResourcesExhausted", "{}", r.text());
+    assert!(
+        w["message"].as_str().unwrap().contains("out of processes"),
+        "{w}"
+    );
 }
