@@ -11,6 +11,15 @@
 //! exited child is reaped here, by pid, when its group is not the agent's. (A process that
 //! a `Command` child left behind in the agent's group is not reaped here: nothing tells it
 //! from the child itself.)
+//!
+//! A zombie that leads a process group with live members is left unreaped until they are
+//! gone. When a task's shim dies, the task's main process and the shim's other orphans (a
+//! double-forked `(cmd &)`, no longer a descendant of main) are re-parented here; main may
+//! then exit at any moment (its output pipe broke, say), and reaping it at once would make
+//! its group unprovable: the agent signals a group only while its leader is unreaped, so
+//! a pid reused meanwhile is never taken for the task's group (`signal_group`). Left a
+//! zombie, main lets the agent stop its group's survivors. It costs no pid: the kernel
+//! keeps a number taken while it is any live process's group id anyway.
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -40,12 +49,18 @@ pub fn start() -> std::io::Result<()> {
 /// returns how many. Only this function reaps such children, so a zombie seen here stays
 /// one (and its pid its own) until the `waitpid` on its pid below.
 pub fn reap_orphans(own_group: i32) -> usize {
+    let zombies: Vec<i32> = children()
+        .into_iter()
+        .filter(|&pid| procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group))
+        .collect();
+    if zombies.is_empty() {
+        return 0;
+    }
+    let led = groups_with_live_members();
     let mut reaped = 0;
-    for pid in children() {
-        let foreign_zombie =
-            procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group);
-        if !foreign_zombie {
-            continue;
+    for pid in zombies {
+        if led.contains(&pid) {
+            continue; // reaped once its group is gone (see the module's doc)
         }
         loop {
             match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
@@ -58,6 +73,17 @@ pub fn reap_orphans(own_group: i32) -> usize {
         }
     }
     reaped
+}
+
+/// The group ids of live (not zombie) processes: one scan of /proc, only when a zombie
+/// waits to be reaped.
+fn groups_with_live_members() -> std::collections::HashSet<i32> {
+    procfs::pids()
+        .into_iter()
+        .filter_map(procfs::stat)
+        .filter(|s| s.state != 'Z')
+        .map(|s| s.pgrp)
+        .collect()
 }
 
 /// This process's children: from each thread's `children` file, or a scan of /proc where
