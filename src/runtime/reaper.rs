@@ -127,6 +127,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_zombie_leading_a_live_group_is_reaped_once_the_group_is_gone() {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        let own = nix::unistd::getpgrp().as_raw();
+        // A group leader that exits at once, leaving a double-forked member (re-parented
+        // to this process, a subreaper).
+        let mut lead = Command::new("sh")
+            .args(["-c", "(sleep 37 >/dev/null 2>&1 & echo $!); exit 0"])
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        lead.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let member: i32 = out.trim().parse().unwrap();
+        let leader = lead.id() as i32;
+        wait_until("the leader to exit", || state(leader) == Some('Z'));
+        assert_eq!(procfs::stat(member).unwrap().pgrp, leader);
+        reap_orphans(own);
+        assert_eq!(state(leader), Some('Z'), "reaped while its group lives");
+        nix::sys::signal::kill(Pid::from_raw(member), nix::sys::signal::Signal::SIGKILL).unwrap();
+        wait_until("the member to die", || state(member) == Some('Z'));
+        assert_eq!(reap_orphans(own), 2);
+        assert_eq!((state(leader), state(member)), (None, None));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orphans_are_reaped_and_a_commands_child_keeps_its_exit_status() {
         start().unwrap();
