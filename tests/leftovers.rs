@@ -278,12 +278,20 @@ fn killed_supervisors_task_is_stopped(a: &Agent, name: &str, s: &Sleeps) {
     wait_for(T, "the main process stopped", || {
         (!pid_alive(main)).then_some(())
     });
+    // The agent (the subreaper it was re-parented to) reaps it once its group is gone.
+    wait_for(T, "the main process reaped", || {
+        task_executor::runtime::procfs::stat(main)
+            .is_none_or(|s| s.start_time != main_start)
+            .then_some(())
+    });
 }
 
 #[test]
 fn a_killed_supervisors_running_task_of_another_user_is_stopped_with_its_orphans() {
-    let a = Agent::start_wrapped(&CHART_HOST_CAPS, &["--task-run-as-user", "65534"]);
-    killed_supervisors_task_is_stopped(&a, "chart", &Sleeps(vec!["34001", "34002", "34003"]));
+    {
+        let a = Agent::start_wrapped(&CHART_HOST_CAPS, &["--task-run-as-user", "65534"]);
+        killed_supervisors_task_is_stopped(&a, "chart", &Sleeps(vec!["34001", "34002", "34003"]));
+    }
     // The same with an agent that has every capability.
     let a = Agent::start(&["--task-run-as-user", "65534"]);
     killed_supervisors_task_is_stopped(&a, "full", &Sleeps(vec!["34011", "34012", "34013"]));

@@ -135,6 +135,8 @@ mod tests {
         let own = nix::unistd::getpgrp().as_raw();
         // A group leader that exits at once, leaving a double-forked member (re-parented
         // to this process, a subreaper).
+        // Reaped by `reap_orphans`, which is what is tested.
+        #[allow(clippy::zombie_processes)]
         let mut lead = Command::new("sh")
             .args(["-c", "(sleep 37 >/dev/null 2>&1 & echo $!); exit 0"])
             .stdout(std::process::Stdio::piped())
