@@ -77,7 +77,7 @@ pub fn reap_orphans(own_group: i32) -> usize {
 
 /// The group ids of live (not zombie) processes: one scan of /proc, only when a zombie
 /// waits to be reaped.
-fn groups_with_live_members() -> std::collections::HashSet<i32> {
+pub fn groups_with_live_members() -> std::collections::HashSet<i32> {
     procfs::pids()
         .into_iter()
         .filter_map(procfs::stat)
@@ -88,7 +88,7 @@ fn groups_with_live_members() -> std::collections::HashSet<i32> {
 
 /// This process's children: from each thread's `children` file, or a scan of /proc where
 /// the kernel has none (CONFIG_PROC_CHILDREN).
-fn children() -> Vec<i32> {
+pub fn children() -> Vec<i32> {
     let me = std::process::id() as i32;
     let lists: Option<Vec<String>> = std::fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
         tasks
