@@ -268,3 +268,51 @@ fn orphans_are_reaped_and_a_dead_shim_server_is_replaced() {
     });
     assert_eq!(init.events_with("the shim server exited; the agent starts one of its own, and its next start gets a new one").len(), 1);
 }
+
+#[test]
+fn a_killed_supervisors_task_is_stopped_with_its_orphans_though_the_init_adopts_them() {
+    // In a pod the shim server is the init's child, so what a killed shim leaves (the
+    // task's main process and its double-forked orphan) is re-parented to the init. Main
+    // dies at once when the agent kills its `sleep 0.2` (its stderr is a broken pipe, and
+    // the shell reports "Killed"); reaped at once, its group (the orphan's) could no longer
+    // be proven the task's, and the orphan would survive.
+    let init = Init::start(&[], &[]);
+    let a = &init.agent;
+    let sleeps = ["38001", "38002", "38003"];
+    let running = || -> Vec<i32> {
+        sleeps
+            .iter()
+            .flat_map(|n| support::pids_with_cmdline(&["sleep", n]))
+            .collect()
+    };
+    let kill_all = |pids: Vec<i32>| {
+        for p in pids {
+            signal(p, "KILL");
+        }
+    };
+    a.run_sh(
+        "orphans",
+        &format!(
+            "(sleep {} &); sleep {} & setsid sleep {} & trap '' TERM; echo up; \
+             while true; do sleep 0.2; done",
+            sleeps[0], sleeps[1], sleeps[2]
+        ),
+    );
+    a.wait_state("orphans", "running", T);
+    wait_for(T, "the task's processes", || {
+        (running().len() == 3).then_some(())
+    });
+    let shim = support::agent::started_record(&a.task_dir("orphans")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    signal(shim, "KILL");
+    let t = a.wait_state("orphans", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    let t0 = std::time::Instant::now();
+    while !running().is_empty() && t0.elapsed() < T {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = running();
+    kill_all(left.clone());
+    assert!(left.is_empty(), "still running: {left:?}\n{}", a.log_tail());
+}

@@ -249,3 +249,50 @@ fn each_command_names_itself_in_the_journal_before_it_runs() {
         );
     }
 }
+
+/// Kills the shim of a running task of another user (65534) and checks that the agent
+/// reports `SupervisorLost` and stops the whole tree: the main process, its child, its
+/// setsid'd child and its double-forked orphan (which was the shim's child: re-parented
+/// to the agent, it is found only through main's group). Main's stderr is a broken pipe
+/// by then, so it dies as soon as the agent kills its `sleep 0.2` (the shell reports
+/// "Killed"): the agent must not reap it before it has stopped its group.
+fn killed_supervisors_task_is_stopped(a: &Agent, name: &str, s: &Sleeps) {
+    a.run_sh(name, &tree(s));
+    a.wait_state(name, "running", T);
+    s.wait_running(65534);
+    let shim = support::agent::started_record(&a.task_dir(name)).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let main = a.main_pid(name);
+    let main_start = task_executor::runtime::procfs::stat(main)
+        .unwrap()
+        .start_time;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let t = a.wait_state(name, "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    s.wait_gone(a);
+    wait_for(T, "the main process stopped", || {
+        (!pid_alive(main)).then_some(())
+    });
+    // The agent (the subreaper it was re-parented to) reaps it once its group is gone.
+    wait_for(T, "the main process reaped", || {
+        task_executor::runtime::procfs::stat(main)
+            .is_none_or(|s| s.start_time != main_start)
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_killed_supervisors_running_task_of_another_user_is_stopped_with_its_orphans() {
+    {
+        let a = Agent::start_wrapped(&CHART_HOST_CAPS, &["--task-run-as-user", "65534"]);
+        killed_supervisors_task_is_stopped(&a, "chart", &Sleeps(vec!["34001", "34002", "34003"]));
+    }
+    // The same with an agent that has every capability.
+    let a = Agent::start(&["--task-run-as-user", "65534"]);
+    killed_supervisors_task_is_stopped(&a, "full", &Sleeps(vec!["34011", "34012", "34013"]));
+}

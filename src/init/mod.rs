@@ -48,7 +48,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
 use self::procs::Exit;
@@ -307,29 +307,44 @@ impl Init {
         self.childless = false; // re-checked by the next reap
     }
 
+    /// Reaps each exited child by its pid, not with `waitpid(-1)`: a zombie orphan that
+    /// leads a process group with live members (a task's main process whose shim died,
+    /// re-parented here) is kept until they are gone, so the agent can still prove the
+    /// group is the task's and stop it (see `runtime::reaper`). The agent and the shim
+    /// server are reaped at once whatever their groups hold.
     fn reap(&mut self) {
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {
-                    self.childless = false;
-                    return;
-                }
-                Ok(ws) => {
-                    if let Some((pid, exit)) = Exit::of(ws) {
-                        self.exited(pid, exit);
+        use crate::runtime::{procfs, reaper};
+        let zombies: Vec<i32> = reaper::children()
+            .into_iter()
+            .filter(|&p| procfs::stat(p).is_some_and(|s| s.state == 'Z'))
+            .collect();
+        let led = match zombies.is_empty() {
+            true => Default::default(),
+            false => reaper::groups_with_live_members(),
+        };
+        for pid in zombies {
+            let ours = [
+                self.agent.as_ref().map(|a| a.pid),
+                self.server.as_ref().map(|s| s.pid),
+            ]
+            .contains(&Some(Pid::from_raw(pid)));
+            if led.contains(&pid) && !ours {
+                continue;
+            }
+            loop {
+                match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+                    Err(Errno::EINTR) => continue,
+                    Ok(ws) => {
+                        if let Some((pid, exit)) = Exit::of(ws) {
+                            self.exited(pid, exit);
+                        }
                     }
+                    Err(e) => tracing::warn!(pid, error = %e, "waitpid failed"),
                 }
-                Err(Errno::ECHILD) => {
-                    self.childless = true;
-                    return;
-                }
-                Err(Errno::EINTR) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "waitpid failed");
-                    return;
-                }
+                break;
             }
         }
+        self.childless = reaper::children().is_empty();
     }
 
     fn exited(&mut self, pid: Pid, exit: Exit) {

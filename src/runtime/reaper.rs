@@ -11,6 +11,15 @@
 //! exited child is reaped here, by pid, when its group is not the agent's. (A process that
 //! a `Command` child left behind in the agent's group is not reaped here: nothing tells it
 //! from the child itself.)
+//!
+//! A zombie that leads a process group with live members is left unreaped until they are
+//! gone. When a task's shim dies, the task's main process and the shim's other orphans (a
+//! double-forked `(cmd &)`, no longer a descendant of main) are re-parented here; main may
+//! then exit at any moment (its output pipe broke, say), and reaping it at once would make
+//! its group unprovable: the agent signals a group only while its leader is unreaped, so
+//! a pid reused meanwhile is never taken for the task's group (`signal_group`). Left a
+//! zombie, main lets the agent stop its group's survivors. It costs no pid: the kernel
+//! keeps a number taken while it is any live process's group id anyway.
 
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -40,12 +49,18 @@ pub fn start() -> std::io::Result<()> {
 /// returns how many. Only this function reaps such children, so a zombie seen here stays
 /// one (and its pid its own) until the `waitpid` on its pid below.
 pub fn reap_orphans(own_group: i32) -> usize {
+    let zombies: Vec<i32> = children()
+        .into_iter()
+        .filter(|&pid| procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group))
+        .collect();
+    if zombies.is_empty() {
+        return 0;
+    }
+    let led = groups_with_live_members();
     let mut reaped = 0;
-    for pid in children() {
-        let foreign_zombie =
-            procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group);
-        if !foreign_zombie {
-            continue;
+    for pid in zombies {
+        if led.contains(&pid) {
+            continue; // reaped once its group is gone (see the module's doc)
         }
         loop {
             match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
@@ -60,9 +75,20 @@ pub fn reap_orphans(own_group: i32) -> usize {
     reaped
 }
 
+/// The group ids of live (not zombie) processes: one scan of /proc, only when a zombie
+/// waits to be reaped.
+pub fn groups_with_live_members() -> std::collections::HashSet<i32> {
+    procfs::pids()
+        .into_iter()
+        .filter_map(procfs::stat)
+        .filter(|s| s.state != 'Z')
+        .map(|s| s.pgrp)
+        .collect()
+}
+
 /// This process's children: from each thread's `children` file, or a scan of /proc where
 /// the kernel has none (CONFIG_PROC_CHILDREN).
-fn children() -> Vec<i32> {
+pub fn children() -> Vec<i32> {
     let me = std::process::id() as i32;
     let lists: Option<Vec<String>> = std::fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
         tasks
@@ -99,6 +125,40 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    #[test]
+    fn a_zombie_leading_a_live_group_is_reaped_once_the_group_is_gone() {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        nix::sys::prctl::set_child_subreaper(true).unwrap();
+        let own = nix::unistd::getpgrp().as_raw();
+        // A group leader that exits at once, leaving a double-forked member (re-parented
+        // to this process, a subreaper).
+        // Reaped by `reap_orphans`, which is what is tested.
+        #[allow(clippy::zombie_processes)]
+        let mut lead = Command::new("sh")
+            .args(["-c", "(sleep 37 >/dev/null 2>&1 & echo $!); exit 0"])
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut out = String::new();
+        lead.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let member: i32 = out.trim().parse().unwrap();
+        let leader = lead.id() as i32;
+        wait_until("the leader to exit", || state(leader) == Some('Z'));
+        assert_eq!(procfs::stat(member).unwrap().pgrp, leader);
+        reap_orphans(own);
+        assert_eq!(state(leader), Some('Z'), "reaped while its group lives");
+        nix::sys::signal::kill(Pid::from_raw(member), nix::sys::signal::Signal::SIGKILL).unwrap();
+        wait_until("the member to die", || state(member) == Some('Z'));
+        assert_eq!(reap_orphans(own), 2);
+        assert_eq!((state(leader), state(member)), (None, None));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
