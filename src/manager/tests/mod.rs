@@ -273,12 +273,7 @@ async fn a_delete_that_fails_leaves_the_task_as_it_was_and_can_be_repeated() {
 async fn a_delete_during_a_start_waits_for_it_and_then_stops_the_task() {
     let s = setup();
     s.rt.gate_start_of("a");
-    let mgr = s.mgr.clone();
-    let create = tokio::spawn(async move { mgr.create("a".into(), spec("true")).await });
-    until("the record stored", || {
-        s.store.dir("a").join("task.json").exists()
-    })
-    .await;
+    let create = create_stored(&s, "a").await;
     s.mgr.delete("a").await.unwrap();
     assert_eq!(
         s.rt.count("stop a"),
@@ -297,12 +292,7 @@ async fn a_failed_start_and_a_delete_at_the_same_time_both_reach_the_disk() {
     s.rt.gate_start_of("a");
     s.rt.gate_stops();
     s.rt.script("a", &[Answer::Fails("no target".into())]);
-    let mgr = s.mgr.clone();
-    let create = tokio::spawn(async move { mgr.create("a".into(), spec("true")).await });
-    until("the record stored", || {
-        s.store.dir("a").join("task.json").exists()
-    })
-    .await;
+    let create = create_stored(&s, "a").await;
     let mgr = s.mgr.clone();
     let delete = tokio::spawn(async move { mgr.delete("a").await });
     s.rt.start_gate.add_permits(1);
@@ -428,12 +418,7 @@ async fn a_task_deleted_while_waiting_for_resources_is_not_started() {
 async fn a_create_whose_caller_went_away_still_starts_the_task() {
     let s = setup();
     s.rt.gate_start_of("a");
-    let mgr = s.mgr.clone();
-    let request = tokio::spawn(async move { mgr.create("a".into(), spec("true")).await });
-    until("the record stored", || {
-        s.store.dir("a").join("task.json").exists()
-    })
-    .await;
+    let request = create_stored(&s, "a").await;
     request.abort(); // the client disconnected: hyper drops the request's future
     let _ = request.await;
     s.rt.start_gate.add_permits(1);
@@ -445,12 +430,7 @@ async fn a_create_whose_caller_went_away_still_starts_the_task() {
 async fn a_delete_whose_caller_went_away_is_still_carried_out() {
     let s = setup();
     s.rt.gate_start_of("a");
-    let mgr = s.mgr.clone();
-    let create = tokio::spawn(async move { mgr.create("a".into(), spec("true")).await });
-    until("the record stored", || {
-        s.store.dir("a").join("task.json").exists()
-    })
-    .await;
+    let create = create_stored(&s, "a").await;
     let mgr = s.mgr.clone();
     let request = tokio::spawn(async move { mgr.delete("a").await });
     until("marker written", || {
@@ -595,4 +575,18 @@ async fn hook_states_move_forward_with_the_task() {
         unreachable!()
     };
     assert_eq!(post.exit_code, 2);
+}
+
+/// Starts creating task `name` (`true`) and returns once its record is stored; the
+/// create's own future is left running (its start may be gated).
+async fn create_stored(
+    s: &Setup,
+    name: &str,
+) -> tokio::task::JoinHandle<Result<TaskView, ManagerError>> {
+    let mgr = s.mgr.clone();
+    let n = name.to_string();
+    let create = tokio::spawn(async move { mgr.create(n, spec("true")).await });
+    let record = s.store.dir(name).join("task.json");
+    until("the record stored", || record.exists()).await;
+    create
 }
