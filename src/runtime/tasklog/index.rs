@@ -200,7 +200,7 @@ pub fn read_all(f: &File) -> io::Result<Option<(u64, Vec<Record>)>> {
         return Ok(None);
     }
     let mut buf = vec![0u8; len.min(SLOT * (65536 + 1)) as usize];
-    let n = read_at_most(f, &mut buf, 0)?;
+    let n = super::read_full_at(f, &mut buf, 0)?;
     buf.truncate(n - n % SLOT as usize);
     let header = &buf[..SLOT as usize];
     if u64::from_le_bytes(header[..8].try_into().expect("8 bytes")) != MAGIC {
@@ -228,7 +228,7 @@ pub fn read_after(f: &File, slots: u64, after: u64) -> io::Result<Option<Vec<Rec
         let slot = want % slots;
         // Read a run of slots up to the ring's end.
         let run = (slots - slot).min(128);
-        let n = read_at_most(f, &mut buf[..(run * SLOT) as usize], SLOT * (1 + slot))?;
+        let n = super::read_full_at(f, &mut buf[..(run * SLOT) as usize], SLOT * (1 + slot))?;
         let mut got = 0;
         for chunk in buf[..n - n % SLOT as usize].chunks_exact(SLOT as usize) {
             match Record::decode(chunk) {
@@ -245,22 +245,6 @@ pub fn read_after(f: &File, slots: u64, after: u64) -> io::Result<Option<Vec<Rec
             return Ok(Some(out));
         }
     }
-}
-
-fn read_at_most(f: &File, buf: &mut [u8], mut off: u64) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], off) {
-            Ok(0) => break,
-            Ok(k) => {
-                n += k;
-                off += k as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]
