@@ -4,8 +4,8 @@
 #![forbid(unsafe_code)]
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use task_executor::config::Config;
+use clap::{CommandFactory, Parser, Subcommand};
+use task_executor::config::{Config, go_flags};
 
 #[derive(Parser)]
 #[command(
@@ -72,7 +72,8 @@ struct InitArgs {
 const DRAIN_MARGIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Upstream's deployments write Go `flag` spellings (`-listen-addr=...`).
+    let cli = Cli::parse_from(go_flags::normalise(&Cli::command(), std::env::args_os()));
     match cli.command {
         Some(Command::Init(args)) => std::process::exit(init(args)?),
         Some(Command::Crd) => {
@@ -113,7 +114,8 @@ fn main() -> anyhow::Result<()> {
 /// its usage error instead of a restart loop.
 fn init(args: InitArgs) -> anyhow::Result<i32> {
     let argv0 = std::ffi::OsString::from("task-executor");
-    let agent = Config::try_parse_from(std::iter::once(argv0).chain(args.agent_args.clone()))
+    let argv = std::iter::once(argv0).chain(args.agent_args.clone());
+    let agent = Config::try_parse_from(go_flags::normalise(&Config::command(), argv))
         .unwrap_or_else(|e| e.exit());
     task_executor::telemetry::init(&agent.log_level, agent.log_format);
     let exe = std::env::current_exe().context("locating the task-executor binary")?;

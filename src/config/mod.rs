@@ -1,5 +1,6 @@
 //! Configuration: every flag also reads its environment variable (flags win), with the
-//! upstream names and defaults.
+//! upstream names and defaults. Flags take Go's spellings as well (`go_flags`), as
+//! upstream's deployments write them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +8,10 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
+pub mod go_flags;
+
 use crate::task::identity::{RunAs, UidRange};
+use go_flags::parse_go_bool;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -43,7 +47,7 @@ pub struct Config {
 
     /// Run process tasks inside the main container's namespaces.
     #[arg(long, env = "ENABLE_SIDECAR_MODE", default_value_t = false, num_args = 0..=1,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub enable_sidecar_mode: bool,
 
     /// The main container (Kubernetes container name, and the value of
@@ -53,7 +57,7 @@ pub struct Config {
 
     /// Run `spec.container` tasks as containers through CRI.
     #[arg(long, env = "ENABLE_CONTAINER_MODE", default_value_t = false, num_args = 0..=1,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub enable_container_mode: bool,
 
     /// CRI socket of the node's container runtime.
@@ -96,13 +100,13 @@ pub struct Config {
 
     /// Sidecar mode: also join the main container's cgroups (its limits and accounting).
     #[arg(long, env = "SIDECAR_JOIN_CGROUP", default_value_t = false, num_args = 0..=1,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub sidecar_join_cgroup: bool,
 
     /// Sidecar tasks run as the main container's uid, gid, groups and capabilities
     /// (false: as the agent, upstream's behaviour).
     #[arg(long, env = "SIDECAR_RUN_AS_TARGET_USER", default_value_t = true, num_args = 0..=1,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub sidecar_run_as_target_user: bool,
 
     /// Host tasks run as UID[:GID] (GID defaults to UID) unless their securityContext
@@ -126,7 +130,7 @@ pub struct Config {
 
     /// Watch Task custom resources addressed to this pod and run them.
     #[arg(long, env = "WATCH_TASKS", default_value_t = false, num_args = 0..=1,
-          default_missing_value = "true", action = ArgAction::Set)]
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub watch_tasks: bool,
 
     /// Each Kubernetes watch is renewed after this long (whole seconds); a watch connection
@@ -249,6 +253,70 @@ mod tests {
         assert!(Config::try_parse_from(args).is_err());
         let c = parse(&["--tls-cert-file", "/c.pem", "--tls-key-file", "/k.pem"]);
         assert_eq!(c.tls_key_file, Some(PathBuf::from("/k.pem")));
+    }
+
+    /// Every boolean flag, present and future, reads Go's spellings (`-name`, `-name=T`,
+    /// `--name=0`): a flag declared with clap's own bool parser fails here.
+    #[test]
+    fn every_boolean_flag_reads_go_spellings() {
+        use clap::CommandFactory;
+        let cmd = Config::command();
+        let bools: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| a.get_value_parser().type_id() == std::any::TypeId::of::<bool>())
+            .filter_map(|a| a.get_long().map(String::from))
+            .collect();
+        assert!(bools.len() >= 5, "{bools:?}");
+        for name in &bools {
+            for (word, want) in [
+                ("", true),
+                ("=T", true),
+                ("=1", true),
+                ("=False", false),
+                ("=0", false),
+            ] {
+                let argv = ["task-executor".to_string(), format!("-{name}{word}")];
+                let m = cmd
+                    .clone()
+                    .try_get_matches_from(go_flags::normalise(&cmd, argv))
+                    .unwrap_or_else(|e| panic!("-{name}{word}: {e}"));
+                let id = cmd
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(name))
+                    .unwrap()
+                    .get_id();
+                assert_eq!(m.get_one::<bool>(id.as_str()), Some(&want), "-{name}{word}");
+            }
+        }
+    }
+
+    /// Upstream's Pool sample and e2e command lines, word for word.
+    #[test]
+    fn upstream_command_lines_parse() {
+        use clap::CommandFactory;
+        let go = |args: &[&str]| {
+            let argv = std::iter::once("task-executor").chain(args.iter().copied());
+            Config::try_parse_from(go_flags::normalise(&Config::command(), argv)).unwrap()
+        };
+        let c = go(&["-listen-addr=0.0.0.0:5758"]);
+        assert_eq!(c.listen_addr.to_string(), "0.0.0.0:5758");
+        let c = go(&[
+            "-enable-sidecar-mode=true",
+            "-main-container-name=main",
+            "-data-dir=/tmp/tasks",
+        ]);
+        assert!(c.enable_sidecar_mode);
+        assert_eq!(c.main_container_name, "main");
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/tasks"));
+        let c = go(&[
+            "-data-dir",
+            "/x",
+            "-enable-container-mode",
+            "-cri-socket",
+            "/c.sock",
+        ]);
+        assert!(c.enable_container_mode);
+        assert_eq!(c.cri_socket, PathBuf::from("/c.sock"));
     }
 
     #[test]
