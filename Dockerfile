@@ -20,11 +20,18 @@ COPY . .
 RUN bash scripts/build-release /out
 
 FROM debian:bookworm-slim
-COPY --from=build /out/task-executor /usr/local/bin/task-executor
+# The binary sits where upstream OpenSandbox's image keeps its agent, /workspace/server:
+# upstream's Pool samples install it with an init container that runs
+# `cp /workspace/server /opt/opensandbox/task-executor` into an emptyDir and start the copy
+# in the sandbox's main container (README: "Upstream's Pool sample"). The file itself is
+# there (a symlink would not survive a `COPY --from` of that path); the name on PATH
+# links to it. The binary is static, so the copy runs in any image (busybox, distroless).
+COPY --from=build /out/task-executor /workspace/server
 # Default data dir, writable by the unprivileged default user (a bare `docker run`: tasks
 # then run as that user too). The chart runs the agent as root with a few capabilities,
 # mounts a volume here, and runs tasks as another user (charts/task-executor).
-RUN mkdir -p /var/lib/sandbox/tasks \
+RUN ln -s /workspace/server /usr/local/bin/task-executor \
+    && mkdir -p /var/lib/sandbox/tasks \
     && chown -R 65532:65532 /var/lib/sandbox
 USER 65532:65532
 EXPOSE 5758

@@ -828,6 +828,9 @@ fn dockerfile_passes_hadolint() {
     assert!(ci.contains("scripts/build-release"), "{ci}");
     for line in [
         "RUN bash scripts/build-release /out",
+        // Upstream's installer copies this path (tests/upstream_pool.rs runs it).
+        "COPY --from=build /out/task-executor /workspace/server",
+        "RUN ln -s /workspace/server /usr/local/bin/task-executor",
         "USER 65532:65532",
         "EXPOSE 5758",
         r#"ENTRYPOINT ["task-executor", "init", "--"]"#,

@@ -14,7 +14,8 @@
 //! instead of paying ~1 s start plus an image import each.
 //!
 //! Images are built here from the host's busybox-static: `localhost/busybox:test` (a
-//! shell image) and `localhost/pause:test` (the sandbox image), imported with `ctr`.
+//! shell image) and `localhost/pause:test` (the sandbox image), imported with `ctr`; a
+//! test imports images of its own with `import` (layers built with `Layer`).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -38,7 +39,7 @@ const BUSYBOX_BIN: &str = "/bin/busybox";
 const APPLETS: &[&str] = &[
     "sh", "sleep", "echo", "cat", "true", "false", "env", "ls", "pwd", "touch", "mkdir", "printf",
     "test", "kill", "ps", "id", "head", "tail", "wc", "sync", "rm", "date", "hostname", "grep",
-    "seq",
+    "seq", "cp", "chmod",
 ];
 
 pub struct Containerd {
@@ -242,8 +243,21 @@ fn setup_instance(base: &Path, run: &Path, socket: &Path) -> Result<(), String> 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let busybox = busybox_layer()?;
+    let images = [
+        Image {
+            name: BUSYBOX.into(),
+            config: serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
+            layers: vec![busybox.clone()],
+        },
+        Image {
+            name: PAUSE.into(),
+            config: serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "2147483647"]}),
+            layers: vec![busybox],
+        },
+    ];
     let tarball = run.join("images.tar");
-    fs::write(&tarball, oci_archive()?).map_err(|e| e.to_string())?;
+    fs::write(&tarball, oci_archive(&images)?).map_err(|e| e.to_string())?;
     let out = ctr(socket)
         .args(["images", "import"])
         .arg(&tarball)
@@ -263,18 +277,56 @@ fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-fn layer_tar() -> Result<Vec<u8>, String> {
+/// A file-system layer of a test image: an uncompressed tar built in memory.
+pub struct Layer(tar::Builder<Vec<u8>>);
+
+impl Default for Layer {
+    fn default() -> Self {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+}
+
+impl Layer {
+    fn header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size as u64);
+        h.set_mtime(0);
+        h
+    }
+
+    /// `path` ends with `/`.
+    pub fn dir(mut self, path: &str, mode: u32) -> Self {
+        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        // Appending to a Vec fails only for a path tar can't hold: a bug in the test.
+        self.0.append_data(&mut h, path, std::io::empty()).unwrap();
+        self
+    }
+
+    pub fn file(mut self, path: &str, mode: u32, data: &[u8]) -> Self {
+        let mut h = Self::header(tar::EntryType::Regular, mode, data.len());
+        self.0.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+/// The busybox layer of `BUSYBOX` and `PAUSE`: the host's busybox-static with a few
+/// applets, a root user, the usual top-level directories.
+pub fn busybox_layer() -> Result<Vec<u8>, String> {
     let busybox =
         fs::read(BUSYBOX_BIN).map_err(|e| format!("{BUSYBOX_BIN} (busybox-static): {e}"))?;
-    let mut b = tar::Builder::new(Vec::new());
-    let dir = |b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(mode);
-        h.set_size(0);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, std::io::empty())
-    };
+    let mut layer = Layer::default();
     for (d, mode) in [
         ("bin/", 0o755),
         ("etc/", 0o755),
@@ -284,61 +336,75 @@ fn layer_tar() -> Result<Vec<u8>, String> {
         ("dev/", 0o755),
         ("root/", 0o700),
     ] {
-        dir(&mut b, d, mode).map_err(|e| e.to_string())?;
+        layer = layer.dir(d, mode);
     }
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o755);
-    h.set_size(busybox.len() as u64);
-    h.set_mtime(0);
-    b.append_data(&mut h, "bin/busybox", busybox.as_slice())
-        .map_err(|e| e.to_string())?;
+    layer = layer.file("bin/busybox", 0o755, &busybox);
     for applet in APPLETS {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        h.set_mtime(0);
-        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
-            .map_err(|e| e.to_string())?;
+        layer = layer.symlink(&format!("bin/{applet}"), "busybox");
     }
-    let mut h = tar::Header::new_gnu();
-    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_mode(0o644);
-    h.set_size(passwd.len() as u64);
-    h.set_mtime(0);
-    b.append_data(&mut h, "etc/passwd", &passwd[..])
-        .map_err(|e| e.to_string())?;
-    b.into_inner().map_err(|e| e.to_string())
+    Ok(layer
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .finish())
 }
 
-/// An OCI image layout (as a tar) holding both test images over one busybox layer.
-fn oci_archive() -> Result<Vec<u8>, String> {
-    let layer = layer_tar()?;
-    let diff_id = sha256_hex(&layer);
-    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-    gz.write_all(&layer).map_err(|e| e.to_string())?;
-    let layer_gz = gz.finish().map_err(|e| e.to_string())?;
-    let layer_digest = sha256_hex(&layer_gz);
+/// A test image: its name, the `config` part of its OCI config (Env, Cmd, User...), and
+/// its layers (uncompressed tars, bottom first).
+pub struct Image {
+    pub name: String,
+    pub config: serde_json::Value,
+    pub layers: Vec<Vec<u8>>,
+}
 
-    let mut blobs: Vec<(String, Vec<u8>)> = vec![(layer_digest.clone(), layer_gz.clone())];
+/// Imports `images` into the shared instance (the `k8s.io` namespace CRI reads), replacing
+/// images of the same names. Panics when the import fails: these tests never skip.
+pub fn import(images: &[Image]) {
+    let cd = shared();
+    let archive = oci_archive(images).expect("building the OCI archive");
+    // The instance lock: no teardown and no other import while this one ingests.
+    let lock = File::options()
+        .write(true)
+        .open(Path::new(BASE).join("lock"))
+        .expect("containerd lock file");
+    let _held = Flock::lock(lock, FlockArg::LockExclusive).expect("containerd lock");
+    let tarball = tempfile::NamedTempFile::new_in(&cd.dir).expect("temp file for the archive");
+    fs::write(tarball.path(), archive).expect("writing the OCI archive");
+    let out = ctr(&cd.socket)
+        .args(["images", "import"])
+        .arg(tarball.path())
+        .output()
+        .expect("running ctr images import");
+    assert!(
+        out.status.success(),
+        "ctr images import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An OCI image layout (as a tar) holding `images`; layers they share are stored once.
+fn oci_archive(images: &[Image]) -> Result<Vec<u8>, String> {
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
     let mut manifests = Vec::new();
-    for (name, cfg) in [
-        (
-            BUSYBOX,
-            serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["sh"]}),
-        ),
-        (
-            PAUSE,
-            serde_json::json!({"Env": ["PATH=/bin"], "Entrypoint": ["/bin/sleep", "2147483647"]}),
-        ),
-    ] {
+    for image in images {
+        let mut diff_ids = Vec::new();
+        let mut layer_descs = Vec::new();
+        for layer in &image.layers {
+            diff_ids.push(format!("sha256:{}", sha256_hex(layer)));
+            let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+            gz.write_all(layer).map_err(|e| e.to_string())?;
+            let layer_gz = gz.finish().map_err(|e| e.to_string())?;
+            let digest = sha256_hex(&layer_gz);
+            layer_descs.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": format!("sha256:{digest}"),
+                "size": layer_gz.len(),
+            }));
+            blobs.push((digest, layer_gz));
+        }
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64",
             "os": "linux",
-            "config": cfg,
-            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
+            "config": image.config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
         }))
         .map_err(|e| e.to_string())?;
         let config_digest = sha256_hex(&config);
@@ -350,11 +416,7 @@ fn oci_archive() -> Result<Vec<u8>, String> {
                 "digest": format!("sha256:{config_digest}"),
                 "size": config.len(),
             },
-            "layers": [{
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": format!("sha256:{layer_digest}"),
-                "size": layer_gz.len(),
-            }],
+            "layers": layer_descs,
         }))
         .map_err(|e| e.to_string())?;
         let manifest_digest = sha256_hex(&manifest);
@@ -364,7 +426,7 @@ fn oci_archive() -> Result<Vec<u8>, String> {
             "size": manifest.len(),
             "platform": {"architecture": "amd64", "os": "linux"},
             "annotations": {
-                "io.containerd.image.name": name,
+                "io.containerd.image.name": image.name,
                 "org.opencontainers.image.ref.name": "test",
             },
         }));
@@ -377,23 +439,15 @@ fn oci_archive() -> Result<Vec<u8>, String> {
     }))
     .map_err(|e| e.to_string())?;
 
-    let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
-        h.set_mtime(0);
-        b.append_data(&mut h, path, data)
-    };
-    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(|e| e.to_string())?;
-    add("index.json", &index).map_err(|e| e.to_string())?;
+    let mut archive = Layer::default()
+        .file("oci-layout", 0o644, br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .file("index.json", 0o644, &index);
     blobs.sort_by(|a, b| a.0.cmp(&b.0));
     blobs.dedup_by(|a, b| a.0 == b.0);
     for (digest, data) in &blobs {
-        add(&format!("blobs/sha256/{digest}"), data).map_err(|e| e.to_string())?;
+        archive = archive.file(&format!("blobs/sha256/{digest}"), 0o644, data);
     }
-    b.into_inner().map_err(|e| e.to_string())
+    Ok(archive.finish())
 }
 
 /// The containers and sandboxes carrying the agent label `agent_id`, read through CRI.
