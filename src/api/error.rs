@@ -91,9 +91,18 @@ impl From<ManagerError> for ApiError {
             tracing::warn!(error = %e, "request refused: out of {}", x.what());
             return ApiError::new(status, format!("out of {}: {e}", x.what()));
         }
+        if e.read_only_store() {
+            // The node's or the volume's state, not the request's: retry once it is
+            // writable (`/readyz` says the same meanwhile).
+            tracing::warn!(error = %e, "request refused: the data dir is read-only");
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the data dir is read-only: {e}"),
+            );
+        }
         let status = match &e {
             ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
-            ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
+            ManagerError::AlreadyExists(_) | ManagerError::BeingDeleted(_) => StatusCode::CONFLICT,
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
             ManagerError::ShuttingDown | ManagerError::NoTaskUid { .. } => {
@@ -168,5 +177,15 @@ mod tests {
         assert_eq!(status, 503);
         assert!(msg.contains("out of processes"), "{msg}");
         assert_eq!(status_of(ManagerError::Store(os(nix::libc::EIO))).0, 500);
+    }
+
+    #[test]
+    fn a_read_only_data_dir_is_503_and_a_name_being_deleted_409() {
+        let (status, msg) = status_of(ManagerError::Store(std::io::Error::from_raw_os_error(
+            nix::libc::EROFS,
+        )));
+        assert_eq!(status, 503);
+        assert!(msg.starts_with("the data dir is read-only"), "{msg}");
+        assert_eq!(status_of(ManagerError::BeingDeleted("t".into())).0, 409);
     }
 }

@@ -95,6 +95,7 @@ impl Manager {
         desired: Vec<(String, TaskSpec)>,
     ) -> Result<Vec<TaskView>, ManagerError> {
         // Validate everything first so a bad element changes nothing.
+        let _one_sync_at_a_time = self.syncing.lock().await;
         let mut wanted: Vec<(String, TaskSpec)> = Vec::new();
         for (name, spec) in desired {
             self.validate(&name, &spec)?;
@@ -105,6 +106,14 @@ impl Manager {
         let names: HashSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
         let (to_delete, to_create): (Vec<String>, Vec<(String, TaskSpec)>) = {
             let tasks = self.read_tasks();
+            // A listed name whose task is being deleted can't be both: a conflict, found
+            // before anything changes.
+            if let Some((n, _)) = wanted
+                .iter()
+                .find(|(n, _)| tasks.get(n).is_some_and(|e| e.deletion_requested()))
+            {
+                return Err(ManagerError::BeingDeleted(n.clone()));
+            }
             let del = tasks
                 .keys()
                 .filter(|n| !names.contains(n.as_str()))

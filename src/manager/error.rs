@@ -13,6 +13,10 @@ pub enum ManagerError {
     InvalidSpec(String),
     #[error("task {0} already exists")]
     AlreadyExists(String),
+    /// A sync lists a task whose deletion was requested and is being carried out (as the
+    /// Kubernetes API server answers a create of an object being deleted).
+    #[error("task {0} is being deleted; it can be created again once it is gone")]
+    BeingDeleted(String),
     #[error("task {0} not found")]
     NotFound(String),
     #[error("maximum concurrent tasks ({0}) reached")]
@@ -34,6 +38,23 @@ pub enum ManagerError {
 }
 
 impl ManagerError {
+    /// The data dir's file system is read-only (EROFS): nothing can change until it is
+    /// writable again.
+    pub fn read_only_store(&self) -> bool {
+        let os = |e: &io::Error| e.raw_os_error() == Some(nix::libc::EROFS);
+        match self {
+            ManagerError::Store(e) => os(e),
+            ManagerError::Runtime(
+                RuntimeError::Launch(e)
+                | RuntimeError::OutOfResources { source: e }
+                | RuntimeError::Io(e)
+                | RuntimeError::Record { source: e, .. }
+                | RuntimeError::Journal { source: e, .. },
+            ) => os(e),
+            _ => false,
+        }
+    }
+
     /// The resource the machine ran out of, when that is why this failed.
     pub fn exhaustion(&self) -> Option<Exhaustion> {
         match self {

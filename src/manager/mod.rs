@@ -68,6 +68,9 @@ pub struct Manager {
     host_uids: Option<Mutex<uids::UidPool>>,
     /// Names of tasks whose view changed (state, deletion mark, removal).
     changes: broadcast::Sender<String>,
+    /// Held by a sync from its first look at the tasks to its answer: two overlapping
+    /// syncs leave what one of them, run alone, would (never the union of both).
+    syncing: tokio::sync::Mutex<()>,
 }
 
 impl Manager {
@@ -84,6 +87,7 @@ impl Manager {
             events: tx,
             uid_seq: AtomicU64::new(0),
             changes: broadcast::channel(1024).0,
+            syncing: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(events::event_loop(Arc::downgrade(&mgr), rx));
         mgr
@@ -161,8 +165,12 @@ impl Manager {
         detached(async move { mgr.request_deletion(&name).await }).await
     }
 
-    /// Ready when every runtime's dependencies are.
+    /// Ready when the store can take changes and every runtime's dependencies are there.
+    /// (A full data dir is no reason: a DELETE is how its space is freed.)
     pub async fn readiness(&self) -> Readiness {
+        if let Some(why) = self.store.unwritable() {
+            return Readiness::NotReady(why);
+        }
         for rt in self.runtimes.gating() {
             if let Readiness::NotReady(why) = rt.readiness().await {
                 return Readiness::NotReady(why);

@@ -6,14 +6,30 @@ use futures::StreamExt;
 
 use super::entry::{Entry, Persisted};
 use super::{Manager, ManagerError};
-use crate::task::model::TaskState;
+use crate::task::model::{TaskState, reason};
+use crate::task::store::TaskRecord;
 
 /// Tasks re-attached at once.
 const ADOPT_CONCURRENCY: usize = 32;
 
 impl Manager {
     pub(super) async fn recover_all(self: &Arc<Self>) -> Result<usize, ManagerError> {
-        let records = self.store.io(|s| s.load_all()).await?;
+        let records = self
+            .store
+            .io(|s| {
+                let mut records = s.load_all()?;
+                for rec in &mut records {
+                    if start_error_of_a_run(s, rec) {
+                        // An earlier version recorded this end for a task whose launch a
+                        // shim took (it ran out of descriptors reading the journal): the
+                        // journal is the authority, so the task is adopted instead.
+                        tracing::warn!(task = %rec.name, "a recorded start error contradicts the run journal; the journal is followed");
+                        rec.final_status = None;
+                    }
+                }
+                Ok(records)
+            })
+            .await?;
         let n = records.len();
         let mut adopt = Vec::new();
         for rec in records {
@@ -50,4 +66,17 @@ impl Manager {
         tracing::info!(tasks = n, "recovered tasks from the data dir");
         Ok(n)
     }
+}
+
+/// The record says the task failed to start, yet its journal shows a shim took its
+/// launch (a `claimed` or an `exit` line of a run). Blocking; only such records are read.
+fn start_error_of_a_run(store: &crate::task::store::Store, rec: &TaskRecord) -> bool {
+    use crate::runtime::records;
+    rec.final_status
+        .as_ref()
+        .is_some_and(|t| t.reason == reason::START_ERROR)
+        && rec.spec.process.is_some()
+        && records::read_run(&store.dir(&rec.name)).is_ok_and(|r| {
+            r.claimed.is_some() && r.exit.as_ref().is_none_or(|x| x.start_error.is_none())
+        })
 }

@@ -50,6 +50,9 @@ enum Attempt {
     /// Running, terminated, or failed for good (recorded).
     Settled,
     OutOfResources(RuntimeError),
+    /// The launch was sent (or found sent) but its journal could not be read: the
+    /// journal is the only authority now, so the task is adopted later, never failed.
+    Unobserved(RuntimeError),
 }
 
 impl Manager {
@@ -64,8 +67,10 @@ impl Manager {
     ) {
         let outcome = self.attempt(entry, adopt).await;
         drop(life);
-        if let Attempt::OutOfResources(e) = outcome {
-            self.retry_start(entry.clone(), e);
+        match outcome {
+            Attempt::Settled => {}
+            Attempt::OutOfResources(e) => self.retry_start(entry.clone(), e),
+            Attempt::Unobserved(e) => self.retry_adopt(entry.clone(), e),
         }
     }
 
@@ -83,6 +88,7 @@ impl Manager {
                 Attempt::Settled
             }
             Err(e @ RuntimeError::OutOfResources { .. }) => Attempt::OutOfResources(e),
+            Err(e @ RuntimeError::Journal { .. }) => Attempt::Unobserved(e),
             Err(e) => {
                 let t = Terminated::failed_to_start(e.task_reason(), 128, e.to_string());
                 self.fail_with(entry, t).await;
@@ -126,6 +132,36 @@ impl Manager {
                 match mgr.attempt(&entry, false).await {
                     Attempt::Settled => return,
                     Attempt::OutOfResources(e) => err = e,
+                    Attempt::Unobserved(e) => {
+                        drop(_life);
+                        mgr.retry_adopt(entry, e);
+                        return;
+                    }
+                }
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        });
+    }
+
+    /// Adopts the task again, with backoff, until its journal can be read: a launch was
+    /// sent, so it may run, and only its journal can say how it ended (an end recorded
+    /// here instead, say `StartError` for running out of descriptors while reading it,
+    /// would be a wrong answer for good). No end of retrying: nothing is given up.
+    fn retry_adopt(self: &Arc<Self>, entry: Arc<Entry>, first: RuntimeError) {
+        let mgr = self.clone();
+        tokio::spawn(async move {
+            let mut err = first;
+            let mut backoff = RETRY_FIRST;
+            loop {
+                tracing::warn!(task = %entry.name(), error = %err, retry_in = ?backoff, "the task's run journal can't be read; it is adopted again later");
+                tokio::time::sleep(backoff).await;
+                let _life = entry.lifecycle.lock().await;
+                if !mgr.still_wanted(&entry) {
+                    return;
+                }
+                match mgr.attempt(&entry, true).await {
+                    Attempt::Settled => return,
+                    Attempt::OutOfResources(e) | Attempt::Unobserved(e) => err = e,
                 }
                 backoff = (backoff * 2).min(RETRY_MAX);
             }

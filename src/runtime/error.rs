@@ -27,6 +27,15 @@ pub enum RuntimeError {
         #[source]
         source: io::Error,
     },
+    /// The task was handed to its supervisor (or found handed) but its run journal could
+    /// not be read or written (out of descriptors, say): the journal alone says how the
+    /// task is, so the caller looks again later and never records an end of its own.
+    #[error("run journal {path}: {source}")]
+    Journal {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("CRI runtime: {0}")]
     Cri(String),
     #[error("{0}")]
@@ -41,7 +50,8 @@ impl RuntimeError {
             RuntimeError::OutOfResources { source: e }
             | RuntimeError::Launch(e)
             | RuntimeError::Io(e)
-            | RuntimeError::Record { source: e, .. } => crate::task::exhaustion::Exhaustion::of(e),
+            | RuntimeError::Record { source: e, .. }
+            | RuntimeError::Journal { source: e, .. } => crate::task::exhaustion::Exhaustion::of(e),
             _ => None,
         }
     }

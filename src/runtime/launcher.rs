@@ -31,8 +31,9 @@ impl Launcher {
         }
     }
 
-    /// Starts the shim for `dir`; returns the read end of its notify pipe (its stdout).
-    pub async fn launch(&self, dir: &Path) -> io::Result<pipe::Receiver> {
+    /// Starts the shim for `dir`, for the launch with `nonce` (see `records::Launch`);
+    /// returns the read end of its notify pipe (its stdout).
+    pub async fn launch(&self, dir: &Path, nonce: Option<&str>) -> io::Result<pipe::Receiver> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         let mut server = self.server.lock().await;
         let mut last = None;
@@ -44,7 +45,7 @@ impl Launcher {
                 });
             }
             let sock = server.as_ref().expect("started above");
-            match send(sock, dir, &write).await {
+            match send(sock, dir, nonce, &write).await {
                 Ok(()) => {
                     drop(write); // only the shim holds the write end now
                     return pipe::Receiver::from_owned_fd(read);
@@ -139,8 +140,20 @@ fn take_inherited_server() -> Option<OwnedFd> {
         .take()
 }
 
-async fn send(sock: &AsyncFd<OwnedFd>, dir: &Path, notify: &OwnedFd) -> io::Result<()> {
-    let bytes = dir.as_os_str().as_bytes();
+/// One request: the directory's bytes, then (with a nonce) a NUL and the nonce; a path
+/// holds no NUL, so the server tells them apart.
+async fn send(
+    sock: &AsyncFd<OwnedFd>,
+    dir: &Path,
+    nonce: Option<&str>,
+    notify: &OwnedFd,
+) -> io::Result<()> {
+    let mut bytes = dir.as_os_str().as_bytes().to_vec();
+    if let Some(n) = nonce {
+        bytes.push(0);
+        bytes.extend_from_slice(n.as_bytes());
+    }
+    let bytes = &bytes[..];
     let fds = [notify.as_raw_fd()];
     loop {
         let mut ready = sock.writable().await?;

@@ -2,7 +2,6 @@
 //! learns of its exit through the shim's pipe or pidfds (`exit_watch`), never by polling,
 //! and reads how it went from the run journal (`outcome`).
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -104,13 +103,26 @@ impl ProcessRuntime {
             boot_id: records::boot_id().map(str::to_string),
             pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),
             post_stop: hook_launch(&task, HookName::PostStop, hook_target.as_ref()),
+            nonce: None,
         };
         let mut attempt = 1;
         let pipe = loop {
-            records::write_launch(&task.dir, &launch).map_err(RuntimeError::before_launch)?;
+            let launch = Launch {
+                nonce: Some(new_nonce()),
+                ..launch.clone()
+            };
+            let written =
+                records::write_launch(&task.dir, &launch).map_err(RuntimeError::before_launch)?;
+            if !written {
+                // A shim took an earlier launch (this is a restart's adoption or a retry
+                // that found it): the task is never launched again; the journal says how
+                // it is.
+                tracing::warn!(task = %task.name, "an earlier launch of the task was taken; following it instead of launching again");
+                return self.observe(task, events, None).await;
+            }
             let mut pipe = self
                 .launcher
-                .launch(&task.dir)
+                .launch(&task.dir, launch.nonce.as_deref())
                 .await
                 .map_err(RuntimeError::before_launch)?;
             match first_report(&mut pipe).await {
@@ -307,7 +319,7 @@ async fn first_report(pipe: &mut tokio::net::unix::pipe::Receiver) -> Report {
 }
 
 fn read_run(dir: &Path) -> Result<records::Run, RuntimeError> {
-    records::read_run(dir).map_err(|source| RuntimeError::Record {
+    records::read_run(dir).map_err(|source| RuntimeError::Journal {
         path: dir.join(records::RUN).display().to_string(),
         source,
     })
@@ -377,7 +389,26 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
             (_, true) => Ok(alive(None)),
             // It died after claiming the launch: the task may run, it is never run again.
             (Some(_), false) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
-            (None, false) => Err(RuntimeError::Launch(io::Error::other(NEVER_STARTED))),
+            // No shim took the launch (yet: one may still come, late). It is given up
+            // durably, under the journal's lock, before the failure is reported: a shim
+            // that comes later finds the exit line and runs nothing.
+            (None, false) => {
+                let rec = records::ExitRecord {
+                    exit_code: Some(128),
+                    finished_at: Some(crate::task::time::Time::now()),
+                    start_error: Some(NEVER_STARTED.into()),
+                    ..Default::default()
+                };
+                match records::record_outcome(&task.dir, &rec) {
+                    Ok((_, true)) => Err(RuntimeError::Launch(io::Error::other(NEVER_STARTED))),
+                    // A shim took it meanwhile after all (or recorded its end): its run.
+                    Ok(_) => judge(task, adopted),
+                    Err(source) => Err(RuntimeError::Journal {
+                        path: task.dir.join(records::RUN).display().to_string(),
+                        source,
+                    }),
+                }
+            }
         },
     }
 }
@@ -405,6 +436,17 @@ fn hook_launch(
         timeout_ms: h.timeout().as_millis() as u64,
         place,
     })
+}
+
+/// A launch's nonce: unique on this node (time, pid, a counter).
+fn new_nonce() -> String {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{:x}-{:x}-{:x}",
+        crate::task::time::Time::now().unix_millis(),
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
 
 /// A shim that ended before it claimed the launch: the task never ran.
@@ -559,7 +601,7 @@ async fn follow_journal(
 /// Whether a shim holds the lock on `path`. Only a missing file or a lock granted counts
 /// as "no": anything else (out of descriptors, say) is no proof the shim is gone.
 pub(crate) fn lock_held(path: &Path) -> bool {
-    match File::open(path) {
+    match crate::task::fsutil::open_nonblocking(path) {
         Err(e) => e.kind() != io::ErrorKind::NotFound,
         Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_err(),
     }

@@ -108,13 +108,21 @@ impl Run {
     }
 }
 
-/// Reads the journal; a missing file is an empty run.
+/// Reads the journal; a missing file is an empty run. Only a regular file is read (a
+/// FIFO or a symlink in its place is an error, never a wait), up to a bound.
 pub fn read_run(dir: &Path) -> io::Result<Run> {
-    let text = match std::fs::read(dir.join(RUN)) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Run::default()),
-        Err(e) => return Err(e),
-    };
+    match crate::task::fsutil::read_regular(&dir.join(RUN), MAX_JOURNAL_BYTES) {
+        Ok(text) => Ok(parse_run(&text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Run::default()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The most of a journal that is read: a launch line is at most about a request body
+/// (a few MiB), and `write_launch` replaces it rather than adding another.
+const MAX_JOURNAL_BYTES: u64 = crate::task::fsutil::MAX_RECORD_BYTES;
+
+fn parse_run(text: &[u8]) -> Run {
     let mut run = Run::default();
     for line in text.split(|b| *b == b'\n') {
         // Only complete, valid lines count: a torn write is not a record.
@@ -145,30 +153,92 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
             Err(_) => {}
         }
     }
-    Ok(run)
+    run
 }
 
-/// Starts the journal with the launch line (truncating an earlier, never-started one).
-/// Not fsynced: after a crash it is rewritten from task.json if the shim never started,
-/// and the shim's fdatasync of `started` makes it durable with that line. The file
-/// exists already (created with the task's record, its name durable), so this creates no
-/// inode.
-pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<()> {
+/// Starts the journal with the launch line, under the journal's lock (the one a shim
+/// holds from before its claim to its exit line), replacing an earlier launch that no
+/// shim took. Returns `false`, writing nothing, when the journal is taken: a shim holds
+/// it, or one claimed a launch (and may have run it), or the run already has an exit
+/// line (the agent gave the launch up): the task is never launched again, the journal
+/// tells how it is. Not fsynced: after a crash it is rewritten from task.json if no shim
+/// took it, and the shim's fdatasync of `claimed` makes it durable with that line. The
+/// file exists already (created with the task's record, its name durable, its space
+/// reserved), so the first launch creates no inode and truncates nothing.
+pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<bool> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    let f = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
         .mode(0o600) // holds the task's environment
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(dir.join(RUN))?;
-    f.write_all(&line(&Entry::Launch(Box::new(launch.clone())))?)
+    let len = f.metadata()?.len();
+    let Ok(mut f) = Flock::lock(f, FlockArg::LockExclusiveNonblock) else {
+        return Ok(false);
+    };
+    if len > 0 {
+        let mut text = Vec::new();
+        (&*f).take(MAX_JOURNAL_BYTES).read_to_end(&mut text)?;
+        let run = parse_run(&text);
+        if run.claimed.is_some() || run.exit.is_some() {
+            return Ok(false);
+        }
+        f.set_len(0)?;
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))?;
+    }
+    let bytes = line(&Entry::Launch(Box::new(launch.clone())))?;
+    f.write_all(&bytes)?;
+    if len > 0 {
+        // The truncation gave the create's reservation back; it is taken again.
+        crate::task::fsutil::reserve_space(
+            &f,
+            bytes.len() as u64,
+            crate::task::store::JOURNAL_RESERVE,
+        )?;
+    }
+    Ok(true)
 }
 
 /// Appends a line; with `durable`, fdatasyncs the journal (this line and all before it;
 /// the file's name already is durable).
+///
+/// A write the disk cut short (full, over quota) is taken back, so that the next line,
+/// once there is room, starts on a line of its own instead of being glued to a torn one
+/// (and lost with it).
 pub fn append(file: &mut std::fs::File, entry: &Entry, durable: bool) -> io::Result<()> {
-    file.write_all(&line(entry)?)?;
+    let bytes = line(entry)?;
+    let mut written = 0;
+    while written < bytes.len() {
+        match file.write(&bytes[written..]) {
+            Ok(0) => {
+                take_back(file, written);
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                take_back(file, written);
+                return Err(e);
+            }
+        }
+    }
     if durable { file.sync_data() } else { Ok(()) }
+}
+
+/// Cuts the last `written` bytes (a torn line of ours) off the journal. Shrinking needs no
+/// space, so it works on a full disk.
+fn take_back(file: &std::fs::File, written: usize) {
+    if written == 0 {
+        return;
+    }
+    if let Ok(m) = file.metadata() {
+        let _ = file.set_len(m.len().saturating_sub(written as u64));
+    }
 }
 
 /// Appends the exit line of a run no shim can finish (its supervisor died, the node
@@ -201,8 +271,10 @@ pub fn record_hook_outcome(dir: &Path, rec: &HookExit) -> io::Result<HookExit> {
 /// journal until then), may hold the lock a moment.
 fn lock_journal(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
     use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .append(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(dir.join(RUN))?;
     let mut tries = 0;
     loop {
@@ -290,6 +362,11 @@ pub struct Launch {
     /// `no_new_privs`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_privilege_escalation: bool,
+    /// Unique to this launch: the shim started for it is told it and claims the launch
+    /// only if the journal still holds this one (a shim that comes late, after the agent
+    /// replaced or gave up the launch, runs nothing). Absent in older agents' launches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
     /// Runs to completion before the main command; the main command runs only if it
     /// succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -442,6 +519,9 @@ impl HookExit {
 #[serde(rename_all = "camelCase")]
 pub struct Claim {
     pub shim: ProcIdentity,
+    /// The launch's `nonce` it took (absent in journals of older shims).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// The shim that took the launch spawned nothing of the task (why: the error), so the
@@ -517,9 +597,10 @@ mod tests {
             run_as: RunAs::default(),
             host_run_as: RunAs::default(),
             allow_privilege_escalation: false,
+            nonce: None,
         };
         assert!(!launch.from_earlier_boot());
-        write_launch(dir.path(), &launch).unwrap();
+        assert!(write_launch(dir.path(), &launch).unwrap());
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .open(dir.path().join(RUN))
@@ -548,14 +629,30 @@ mod tests {
             pid: 7,
             start_time: 9,
         };
-        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        append(
+            &mut f,
+            &Entry::Claimed(Claim {
+                shim: me,
+                nonce: None,
+            }),
+            false,
+        )
+        .unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_some());
         let back = Entry::Unclaimed(Unclaim {
             why: "Resource temporarily unavailable (os error 11)".into(),
         });
         append(&mut f, &back, false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_none());
-        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        append(
+            &mut f,
+            &Entry::Claimed(Claim {
+                shim: me,
+                nonce: None,
+            }),
+            false,
+        )
+        .unwrap();
         assert!(
             read_run(dir.path()).unwrap().claimed.is_some(),
             "a later claim stands"

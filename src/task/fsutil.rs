@@ -1,4 +1,8 @@
-//! Durable file writes: the only way task state reaches the disk.
+//! Durable file writes: the only way task state reaches the disk. And safe reads of
+//! what the data dir holds: a FIFO, a device or a symlink where a record should be (a
+//! stranger's doing, or a broken volume) is refused at `open` without blocking, and
+//! records are read up to a bound, so nothing in the data dir can wedge or exhaust the
+//! agent.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -72,14 +76,26 @@ pub fn write_new<T: Serialize>(path: &Path, value: &T, mode: u32) -> io::Result<
     f.sync_all()
 }
 
-/// Creates an empty file (it must not exist); the caller fsyncs the directory.
-pub fn create_empty(path: &Path, mode: u32) -> io::Result<()> {
-    OpenOptions::new()
+/// Creates an empty file (it must not exist) with `reserve` bytes allocated past its end
+/// (its size stays 0), so appends up to that much need no new block; the caller fsyncs
+/// the directory. Where the file system can't preallocate, the file is created without.
+pub fn create_reserved(path: &Path, mode: u32, reserve: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
-        .open(path)
-        .map(drop)
+        .open(path)?;
+    reserve_space(&f, 0, reserve)
+}
+
+/// Allocates `len` bytes from `at` (the end of `f`) without changing its size. ENOSPC and
+/// EDQUOT are reported; a file system without preallocation is not an error.
+pub fn reserve_space(f: &File, at: u64, len: u64) -> io::Result<()> {
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::KEEP_SIZE, at, len) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Creates an empty file unless it exists; the caller fsyncs the directory.
@@ -93,9 +109,51 @@ pub fn create_or_keep(path: &Path, mode: u32) -> io::Result<()> {
         .map(drop)
 }
 
-/// Reads a JSON file; `Ok(None)` when it does not exist.
+/// The most a task record is read up to: far above any record a request can make (a
+/// request body is at most a few MiB), far below what would hurt the agent.
+pub const MAX_RECORD_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Opens `path` to read without following a symlink and without blocking (a FIFO opens at
+/// once), and only if it is a regular file: anything else is `InvalidData`.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let f = open_nonblocking(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    Ok(f)
+}
+
+/// Opens `path` read-only, never following a symlink and never blocking in `open` (a
+/// FIFO, a device): for a lock probe or a read that checks what it opened.
+pub fn open_nonblocking(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+}
+
+/// Reads a regular file whole, refusing one longer than `max` bytes (`InvalidData`).
+pub fn read_regular(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_regular(path)?;
+    let mut bytes = Vec::new();
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {max} bytes", path.display()),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads a JSON file (a regular file, see `read_regular`); `Ok(None)` when it does not
+/// exist.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
-    match fs::read(path) {
+    match read_regular(path, MAX_RECORD_BYTES) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),

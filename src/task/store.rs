@@ -20,6 +20,12 @@ pub const TASK_FILE: &str = "task.json";
 /// the record, so that the directory's one fsync at create time also makes the journal's
 /// name durable: appends to it later need only an fdatasync of the file.
 pub const RUN_JOURNAL: &str = "run.jsonl";
+/// Space kept for the journal from the task's create on (allocated past its end, its size
+/// unchanged), so that its lines (the launch, the claim, the exit, those of hooks) need no
+/// new block when the disk fills up later: the exit of a task that ran is never lost to a
+/// full disk. A create that can't get it fails (507) before anything is promised. A launch
+/// line longer than this (a task with a huge environment) grows the journal as before.
+pub const JOURNAL_RESERVE: u64 = 16 * 1024;
 /// Present once a deletion was requested; its mtime is the deletion timestamp. An empty
 /// file, not a rewrite of `task.json`: creating it needs an inode but no data block, so a
 /// task can still be deleted (and its logs' space freed) when its logs filled the disk.
@@ -76,9 +82,22 @@ impl Store {
             // Not ours to change (a volume another user owns): say so, run anyway.
             tracing::warn!(path = %root.display(), error = %e, "the data dir is open to other users and can't be restricted to 0700");
         }
-        let probe = root.join(".write-test");
-        fs::write(&probe, b"ok")?;
-        fs::remove_file(&probe)?;
+        // Checked without allocating anything: a full data dir must not keep the agent
+        // from starting (it is how a DELETE frees the space), nor may a read-only one
+        // (reads are served; `/readyz` says why it is not ready).
+        match rustix::fs::access(root, rustix::fs::Access::WRITE_OK) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::ROFS => {
+                tracing::error!(path = %root.display(), "the data dir is read-only: tasks are served but none can be created, changed or deleted");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if let Err(e) = fs::remove_file(root.join(".write-test")) {
+            // The probe an earlier version wrote and could not remove (a full disk).
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::debug!(error = %e, "an earlier version's write probe stays");
+            }
+        }
         Ok(Store {
             root: root.to_path_buf(),
             root_sync: Arc::new(fsutil::DirSync::new(root)),
@@ -100,6 +119,19 @@ impl Store {
         &self.root
     }
 
+    /// Why the store can't take changes now, if it can't: its file system is mounted
+    /// read-only. One `statvfs`, no allocation.
+    pub fn unwritable(&self) -> Option<String> {
+        match rustix::fs::statvfs(&self.root) {
+            Ok(st) if st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) => Some(format!(
+                "the data dir {} is on a read-only file system",
+                self.root.display()
+            )),
+            Ok(_) => None,
+            Err(e) => Some(format!("the data dir {}: {e}", self.root.display())),
+        }
+    }
+
     /// The task's directory; `name` must already be validated.
     pub fn dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
@@ -114,7 +146,7 @@ impl Store {
         let dir = self.dir(&rec.name);
         fs::DirBuilder::new().mode(DIR_MODE).create(&dir)?;
         let written = fsutil::write_new(&dir.join(TASK_FILE), rec, 0o600)
-            .and_then(|()| fsutil::create_empty(&dir.join(RUN_JOURNAL), 0o600))
+            .and_then(|()| fsutil::create_reserved(&dir.join(RUN_JOURNAL), 0o600, JOURNAL_RESERVE))
             .and_then(|()| fsutil::sync_dir(&dir))
             .and_then(|()| self.root_sync.sync());
         if let Err(e) = written {
@@ -149,8 +181,36 @@ impl Store {
         self.root_sync.sync()
     }
 
+    /// Moves a task directory the agent can't load to `.quarantine/<name>.<ms>` (a name no
+    /// task can have), reported once in the log; left where it is if even that fails.
+    fn quarantine(&self, name: &str, dir: &Path, why: &str) {
+        let to = self
+            .root
+            .join(QUARANTINE)
+            .join(format!("{name}.{}", Time::now().unix_millis()));
+        let moved = fs::DirBuilder::new()
+            .mode(DIR_MODE)
+            .create(self.root.join(QUARANTINE))
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .and_then(|()| fs::rename(dir, &to))
+            .and_then(|()| self.root_sync.sync());
+        match moved {
+            Ok(()) => {
+                tracing::error!(task = name, reason = why, moved_to = %to.display(), "task directory quarantined: its name is free, its files are kept")
+            }
+            Err(e) => {
+                tracing::error!(task = name, reason = why, error = %e, "task directory can't be loaded nor quarantined; leaving it alone")
+            }
+        }
+    }
+
     /// Every stored task. A directory without a record is what a crash during creation
-    /// leaves (the request was never answered), so it is removed.
+    /// leaves (the request was never answered), so it is removed; one that holds more
+    /// than an empty journal, or a record that can't be read (torn, empty, not a regular
+    /// file), is quarantined (see `quarantine`).
     pub fn load_all(&self) -> io::Result<Vec<TaskRecord>> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.root)? {
@@ -165,6 +225,9 @@ impl Store {
             }
             let path = entry.path().join(TASK_FILE);
             match fsutil::read_json::<TaskRecord>(&path) {
+                Ok(Some(_)) if strange_journal(&entry.path()) => {
+                    self.quarantine(n, &entry.path(), "its run.jsonl is not a regular file");
+                }
                 Ok(Some(mut rec)) if rec.name == n => {
                     if rec.deletion_timestamp.is_none() {
                         rec.deletion_timestamp = marker_time(&entry.path().join(DELETING));
@@ -178,21 +241,30 @@ impl Store {
                     let _ = fs::remove_dir_all(entry.path());
                 }
                 Ok(Some(_)) | Err(_) => {
-                    // Never delete what we can't read: it may hold a result.
-                    tracing::error!(task = n, path = %path.display(), "unreadable task record; leaving it alone");
+                    // Never delete what we can't read: it may hold a result. Moved aside,
+                    // so the name is free again (a create, a sync naming it) and nothing
+                    // of it is lost.
+                    self.quarantine(n, &entry.path(), "its task.json is unreadable");
                 }
-                Ok(None) => {
+                Ok(None) if nothing_but_the_record(&entry.path()) => {
                     tracing::warn!(
                         task = n,
                         "removing a task directory left by an interrupted create"
                     );
                     let _ = fs::remove_dir_all(entry.path());
                 }
+                Ok(None) => {
+                    // Logs or a journal without a record: kept, out of the tasks' way.
+                    self.quarantine(n, &entry.path(), "it has no task.json");
+                }
             }
         }
         Ok(out)
     }
 }
+
+/// Where task directories the agent can't load are kept (see `Store::quarantine`).
+pub const QUARANTINE: &str = ".quarantine";
 
 /// The data dir and every task directory: the agent's alone (tasks running as another
 /// user can't list, read or write anything in them).
@@ -232,6 +304,12 @@ fn marker_time(marker: &Path) -> Option<Time> {
         .ok()?
         .as_millis();
     Some(Time::from_unix_millis(i64::try_from(ms).ok()?))
+}
+
+/// The journal's place holds something else than a regular file (a FIFO, a symlink, a
+/// device): nothing the agent reads or writes. One `lstat`.
+fn strange_journal(dir: &Path) -> bool {
+    fs::symlink_metadata(dir.join(RUN_JOURNAL)).is_ok_and(|m| !m.file_type().is_file())
 }
 
 /// True when `dir` holds the record and at most an empty journal: nothing ever ran.

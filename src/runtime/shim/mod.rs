@@ -44,11 +44,11 @@ use crate::task::exhaustion::Exhaustion;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 
-/// Runs the shim; returns the shim's own exit code. `licence` lets it fork the reaper of
-/// a sidecar task.
-pub fn run(dir: &Path, licence: &ForkServer) -> i32 {
+/// Runs the shim for the launch with `nonce` (none from older agents); returns the shim's
+/// own exit code. `licence` lets it fork the reaper of a sidecar task.
+pub fn run(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> i32 {
     notify_agent(records::SHIM_HELLO.as_bytes());
-    match supervise(dir, licence) {
+    match supervise(dir, nonce, licence) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
@@ -67,12 +67,14 @@ pub fn run(dir: &Path, licence: &ForkServer) -> i32 {
 static CLAIM_STANDS: AtomicBool = AtomicBool::new(false);
 
 /// flock needs no write access (directories work too); the journal is opened for appends.
+/// Neither follows a symlink nor blocks in `open` (a FIFO in the journal's place).
 fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
-    let f = if append {
-        OpenOptions::new().append(true).open(path)?
-    } else {
-        File::open(path)?
-    };
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(!append)
+        .append(append)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         io::Error::new(
             io::ErrorKind::WouldBlock,
@@ -81,7 +83,7 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
     })
 }
 
-fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
+fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Result<()> {
     let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     let _shim_lock = lock(&records::shim_lock(dir), false)?;
@@ -95,6 +97,18 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
         // A shim took this launch before and may have started the task: never again.
         return Err(io::Error::other(
             "the launch was already taken by a supervisor",
+        ));
+    }
+    if run.exit.is_some() {
+        // The agent gave the launch up (this shim came too late): nothing runs.
+        return Err(io::Error::other(
+            "the launch was given up before this supervisor took it",
+        ));
+    }
+    if nonce.is_some() && launch.nonce.as_deref() != nonce {
+        // The journal holds another launch than the one this shim was started for.
+        return Err(io::Error::other(
+            "the launch this supervisor was started for was replaced",
         ));
     }
     let me = ProcIdentity::of(std::process::id() as i32)
@@ -129,7 +143,10 @@ fn supervise(dir: &Path, licence: &ForkServer) -> io::Result<()> {
     // From here on the task may run: the launch and the claim must survive a power loss,
     // so that neither a restarted agent nor a restarted node runs it a second time.
     CLAIM_STANDS.store(true, Ordering::Relaxed);
-    let claim = Entry::Claimed(Claim { shim: me });
+    let claim = Entry::Claimed(Claim {
+        shim: me,
+        nonce: launch.nonce.clone(),
+    });
     if let Err(e) = records::append(journal, &claim, true) {
         return Err(give_back(dir, journal, e));
     }

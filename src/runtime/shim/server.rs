@@ -5,7 +5,7 @@
 //! once; it is single-threaded and forks a shim per request, which needs no exec.
 //!
 //! Its stdin is a SOCK_SEQPACKET socket to the agent. A request is one message: the task
-//! directory as bytes, with the write end of the agent's notify pipe attached
+//! directory as bytes (then, from agents that send one, a NUL and the launch's nonce), with the write end of the agent's notify pipe attached
 //! (SCM_RIGHTS). The shim is forked once (the server lets the kernel reap its children);
 //! the notify pipe becomes its stdout. The server exits when the agent's end closes; the
 //! shims live on. It holds nothing else: descriptors the agent inherited from its caller
@@ -43,7 +43,12 @@ pub fn serve(agent_only_env: Vec<String>) -> i32 {
         if n == 0 {
             return 0; // the agent is gone
         }
-        let dir = PathBuf::from(OsStr::from_bytes(&buf[..n]));
+        let (dir, nonce) = match buf[..n].iter().position(|b| *b == 0) {
+            Some(i) => (&buf[..i], Some(&buf[i + 1..n])),
+            None => (&buf[..n], None),
+        };
+        let nonce = nonce.map(|b| String::from_utf8_lossy(b).into_owned());
+        let dir = PathBuf::from(OsStr::from_bytes(dir));
         let Some(notify) = fds.into_iter().next() else {
             eprintln!(
                 "task-executor shim-server: request for {} without a notify pipe",
@@ -53,7 +58,12 @@ pub fn serve(agent_only_env: Vec<String>) -> i32 {
         };
         let mut notify = Some(notify);
         let spawned = forker.spawn_detached(|licence| {
-            become_shim(&dir, notify.take().expect("forked once"), licence)
+            become_shim(
+                &dir,
+                nonce.as_deref(),
+                notify.take().expect("forked once"),
+                licence,
+            )
         });
         if let Err(e) = spawned {
             // Tell the agent why (nothing started: it may try again later), then EOF.
@@ -75,7 +85,12 @@ fn warm_up() {
 }
 
 /// In the forked process: stdin from /dev/null, stdout the notify pipe, then be a shim.
-fn become_shim(dir: &std::path::Path, notify: OwnedFd, licence: &child_setup::ForkServer) -> i32 {
+fn become_shim(
+    dir: &std::path::Path,
+    nonce: Option<&str>,
+    notify: OwnedFd,
+    licence: &child_setup::ForkServer,
+) -> i32 {
     let rewired = File::open("/dev/null").and_then(|null| {
         nix::unistd::dup2_stdin(null.as_fd())?;
         nix::unistd::dup2_stdout(notify.as_fd())?;
@@ -86,5 +101,5 @@ fn become_shim(dir: &std::path::Path, notify: OwnedFd, licence: &child_setup::Fo
         eprintln!("task-executor shim {}: {e}", dir.display());
         return 1;
     }
-    super::run(dir, licence)
+    super::run(dir, nonce, licence)
 }
