@@ -10,7 +10,9 @@
 mod support;
 
 mod common;
+mod data_dir;
 mod disconnect;
 mod disk;
 mod kills;
+mod launch;
 mod pids;
