@@ -21,7 +21,11 @@ fn fill(fs: &Tmpfs) {
         .arg(format!("of={}", fs.path.join(".filler").display()))
         .stderr(std::process::Stdio::null())
         .status();
-    assert!(fs.free_bytes() < 4096, "the disk is full: {}", fs.free_bytes());
+    assert!(
+        fs.free_bytes() < 4096,
+        "the disk is full: {}",
+        fs.free_bytes()
+    );
 }
 
 fn remount(fs: &Tmpfs, how: &str) {
@@ -46,7 +50,10 @@ fn an_agent_restarted_on_a_full_data_dir_serves_reads_and_deletes_and_answers_50
     // It starts (a write probe needed a block it could not get) ...
     a.restart();
     let t = a.wait_state("old", "terminated", T);
-    assert_eq!(t["exitCode"], 0, "the finished task is served as it was: {t}");
+    assert_eq!(
+        t["exitCode"], 0,
+        "the finished task is served as it was: {t}"
+    );
     assert_eq!(a.stdout("old"), "kept\n");
     assert!(
         !fs.path.join(".write-test").exists(),
@@ -217,7 +224,13 @@ fn overlapping_syncs_leave_one_of_their_sets_never_the_union() {
         };
         let (rx, ry) = (send(x.clone()), send(y.clone()));
         let (rx, ry) = (rx.join().unwrap(), ry.join().unwrap());
-        assert_eq!((rx.status, ry.status), (200, 200), "{} {}", rx.text(), ry.text());
+        assert_eq!(
+            (rx.status, ry.status),
+            (200, 200),
+            "{} {}",
+            rx.text(),
+            ry.text()
+        );
         let mut live: Vec<String> = a
             .request("GET", "/getTasks", None)
             .json()
@@ -289,7 +302,10 @@ fn the_exit_of_a_task_is_recorded_when_the_disk_filled_up_while_it_ran() {
     let a = Agent::start_in(&fs.path, &[]);
     let outside = tempfile::tempdir().unwrap();
     let go = outside.path().join("go");
-    let script = format!("while [ ! -e {} ]; do sleep 0.05; done; exit 7", go.display());
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 7",
+        go.display()
+    );
     let task = |name: &str, pad: usize| {
         json!({"name": name, "spec": {"process": {
             "command": ["sh", "-c", &script],
@@ -318,4 +334,29 @@ fn the_exit_of_a_task_is_recorded_when_the_disk_filled_up_while_it_ran() {
     let t = a.wait_state("victim", "terminated", T);
     assert_eq!(t["exitCode"], 7, "the real exit, not a lost one: {t}");
     assert_eq!(t["reason"], "Failed", "{t}");
+}
+
+#[test]
+fn a_finished_task_whose_journal_was_emptied_is_reported_lost_never_run_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let markers = tmp.path().join("markers");
+    let mut a = Agent::start_in(&data, &[]);
+    a.run_sh("once", &super::common::marking(&markers, "echo output"));
+    let t = a.wait_state("once", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    a.kill9();
+    std::fs::write(data.join("once").join("run.jsonl"), b"").unwrap();
+    a.restart();
+    let t = a.wait_state("once", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    assert_eq!(
+        super::common::runs(&markers).get("once"),
+        Some(&1),
+        "the task ran again"
+    );
+    // And the verdict holds across restarts.
+    a.restart();
+    let again = a.wait_state("once", "terminated", T);
+    assert_eq!(again, t);
 }

@@ -188,7 +188,9 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
     // Given back (nothing of it was spawned): it may be launched again.
     records::append(
         &mut f,
-        &Entry::Unclaimed(records::Unclaim { why: "EAGAIN".into() }),
+        &Entry::Unclaimed(records::Unclaim {
+            why: "EAGAIN".into(),
+        }),
         false,
     )
     .unwrap();
