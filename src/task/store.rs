@@ -150,7 +150,13 @@ impl Store {
             .and_then(|()| fsutil::sync_dir(&dir))
             .and_then(|()| self.root_sync.sync());
         if let Err(e) = written {
-            let _ = fs::remove_dir_all(&dir);
+            // Undone by path, with no descriptor (out of them is one reason to be here): a
+            // directory left behind would refuse its name with 409 until a restart.
+            let _ = fs::remove_file(dir.join(TASK_FILE));
+            let _ = fs::remove_file(dir.join(RUN_JOURNAL));
+            if let Err(rm) = fs::remove_dir(&dir) {
+                tracing::error!(task = %rec.name, error = %rm, "could not undo a failed create");
+            }
             return Err(e);
         }
         Ok(dir)
@@ -342,6 +348,31 @@ mod tests {
             deletion_timestamp: None,
             final_status: None,
         }
+    }
+
+    /// Out of descriptors, a create fails (503 at the API) and leaves nothing: a
+    /// directory left behind would refuse the name (409) until a restart.
+    #[test]
+    fn a_create_that_runs_out_of_descriptors_leaves_no_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        // The lowest free descriptor number becomes the limit: the next open fails.
+        let lowest = std::os::fd::AsRawFd::as_raw_fd(&fs::File::open("/dev/null").unwrap());
+        let before = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let tight = rustix::process::Rlimit {
+            current: Some(lowest as u64),
+            maximum: before.maximum,
+        };
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, tight).unwrap();
+        let created = store.create(&record("t"));
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, before).unwrap();
+        let e = created.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EMFILE), "{e}");
+        assert!(
+            !store.dir("t").exists(),
+            "the failed create left its directory"
+        );
+        store.create(&record("t")).unwrap();
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod common;
 mod data_dir;
 mod disconnect;
 mod disk;
+mod fds;
 mod kills;
 mod launch;
 mod pids;
