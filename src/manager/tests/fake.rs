@@ -21,6 +21,8 @@ pub enum Answer {
     Fails(String),
     /// EAGAIN: out of processes, nothing started.
     OutOfProcesses,
+    /// The launch was sent, but its journal could not be read (EMFILE).
+    JournalUnreadable,
     /// As tokio's `spawn_blocking` does when no thread can be created.
     Panics,
     /// What a runtime observed at once (a task whose `preStart` hook runs, say).
@@ -166,6 +168,10 @@ impl FakeRuntime {
                 Answer::Panics => panic!(
                     "OS can't spawn worker thread: Resource temporarily unavailable (os error 11)"
                 ),
+                Answer::JournalUnreadable => Err(RuntimeError::Journal {
+                    path: format!("{}/run.jsonl", task.name),
+                    source: io::Error::from_raw_os_error(nix::errno::Errno::EMFILE as i32),
+                }),
                 Answer::OutOfProcesses => Err(RuntimeError::before_launch(
                     io::Error::from_raw_os_error(nix::errno::Errno::EAGAIN as i32),
                 )),

@@ -140,6 +140,29 @@ async fn a_start_failure_is_kept_durably() {
     );
 }
 
+/// A launch was sent but its journal could not be read (out of descriptors): the task
+/// may run, so no end is recorded for it; it is adopted again until its journal says.
+#[tokio::test]
+async fn a_task_whose_journal_cant_be_read_after_its_launch_is_adopted_never_failed() {
+    let s = setup();
+    s.rt.script(
+        "a",
+        &[
+            Answer::JournalUnreadable,
+            Answer::JournalUnreadable,
+            Answer::Running,
+        ],
+    );
+    let v = s.mgr.create("a".into(), spec("true")).await.unwrap();
+    assert!(!v.state.is_terminated(), "{v:?}");
+    until("the task to be adopted and running", || {
+        state(&s.mgr.get("a").unwrap()) == "running"
+    })
+    .await;
+    assert_eq!(s.rt.calls(), ["start a", "adopt a", "adopt a"]);
+    assert_eq!(s.stored()[0].final_status, None, "no end was recorded");
+}
+
 #[tokio::test]
 async fn sync_creates_the_missing_deletes_the_unlisted_and_leaves_the_rest() {
     let s = setup();
