@@ -360,3 +360,50 @@ fn a_finished_task_whose_journal_was_emptied_is_reported_lost_never_run_again() 
     let again = a.wait_state("once", "terminated", T);
     assert_eq!(again, t);
 }
+
+#[test]
+fn a_task_whose_exit_finds_no_room_reports_its_real_exit_once_there_is_room() {
+    // A launch line beyond the journal's reserved space (a big environment): the exit
+    // line needs a block the full disk can't give, and the shim waits for one.
+    let fs = Tmpfs::mount("size=8m");
+    let a = Agent::start_in(&fs.path, &[]);
+    let outside = tempfile::tempdir().unwrap();
+    let go = outside.path().join("go");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 7",
+        go.display()
+    );
+    let task = |name: &str, pad: usize| {
+        json!({"name": name, "spec": {"process": {
+            "command": ["sh", "-c", &script],
+            "env": [{"name": "PAD", "value": "p".repeat(pad)}]}}})
+    };
+    let journal_len = |name: &str| {
+        std::fs::metadata(fs.path.join(name).join("run.jsonl"))
+            .unwrap()
+            .len() as usize
+    };
+    let end = 6 * 4096 - 60;
+    a.create_ok(&task("probe1", 20_000));
+    a.wait_state("probe1", "running", T);
+    let pad = 20_000 + end - journal_len("probe1");
+    a.create_ok(&task("victim", pad));
+    a.wait_state("victim", "running", T);
+    let len = journal_len("victim");
+    assert!((end - 20..6 * 4096).contains(&len), "{len}");
+    fill(&fs);
+    std::fs::write(&go, b"").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let t = a.get("victim").unwrap();
+    assert!(
+        t["status"]["state"]["running"].is_object(),
+        "no end is shown before one is recorded: {t}"
+    );
+    std::fs::remove_file(fs.path.join(".filler")).unwrap();
+    let t = a.wait_state("victim", "terminated", T);
+    assert_eq!(t["exitCode"], 7, "the real exit, not a lost one: {t}");
+    let mut a = a;
+    a.restart();
+    let again = a.wait_state("victim", "terminated", T);
+    assert_eq!(again, t, "the same answer after a restart");
+}

@@ -156,10 +156,32 @@ impl<'a> Supervisor<'a> {
         })
     }
 
+    /// Appends to the journal. A durable line (an exit) the disk refuses for want of
+    /// space or because it went read-only is kept and retried until it is written: the
+    /// shim holds on to the run (its locks, so the agent shows it running) rather than die
+    /// and leave its outcome unknown. A stop request still ends it (SIGKILL after the
+    /// grace period).
     fn journal(&mut self, entry: &Entry, durable: bool) -> io::Result<()> {
-        match self.running_lock.as_mut() {
-            Some(j) => records::append(j, entry, durable),
-            None => Ok(()),
+        let Some(j) = self.running_lock.as_mut() else {
+            return Ok(());
+        };
+        let mut pause = std::time::Duration::from_millis(50);
+        let mut told = false;
+        loop {
+            match records::append(j, entry, durable) {
+                Err(e) if durable && disk_refused(&e) => {
+                    if !told {
+                        eprintln!(
+                            "task-executor shim {}: the journal can't take a line ({e}); retrying until it can",
+                            std::process::id()
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                r => return r,
+            }
         }
     }
 
@@ -642,4 +664,12 @@ impl<'a> Supervisor<'a> {
         self.main_done = true;
         self.journal(&Entry::Exit(rec), true)
     }
+}
+
+/// The disk refused a write for now (full, over quota, read-only): worth waiting out.
+fn disk_refused(e: &io::Error) -> bool {
+    matches!(
+        crate::task::exhaustion::Exhaustion::of(e),
+        Some(crate::task::exhaustion::Exhaustion::Disk)
+    ) || e.raw_os_error() == Some(nix::libc::EROFS)
 }
