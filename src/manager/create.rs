@@ -27,14 +27,25 @@ impl Manager {
         Ok(())
     }
 
-    /// Inserts a waiting entry, enforcing uniqueness and the concurrency limit.
-    pub(super) fn reserve(&self, name: &str, spec: TaskSpec) -> Result<Arc<Entry>, ManagerError> {
+    /// Inserts a waiting entry, enforcing uniqueness and the concurrency limit (of which
+    /// `freed` active tasks don't count: the caller deletes them next).
+    pub(super) fn reserve(
+        &self,
+        name: &str,
+        spec: TaskSpec,
+        freed: usize,
+    ) -> Result<Arc<Entry>, ManagerError> {
         let mut tasks = self.write_tasks();
         if tasks.contains_key(name) {
             return Err(ManagerError::AlreadyExists(name.to_string()));
         }
         if let Some(max) = self.cfg.max_concurrent
-            && tasks.values().filter(|e| e.is_active()).count() >= max
+            && tasks
+                .values()
+                .filter(|e| e.is_active())
+                .count()
+                .saturating_sub(freed)
+                >= max
         {
             return Err(ManagerError::TooManyTasks(max));
         }
@@ -90,6 +101,14 @@ impl Manager {
         Ok(entry.view())
     }
 
+    /// Gives back names reserved by a call that then failed (nothing of them was stored).
+    fn unreserve(&self, reserved: Vec<Arc<Entry>>) {
+        for e in reserved {
+            self.forget(&e);
+            e.set_persisted(Persisted::No);
+        }
+    }
+
     pub(super) async fn sync_all(
         self: &Arc<Self>,
         desired: Vec<(String, TaskSpec)>,
@@ -104,7 +123,7 @@ impl Manager {
             wanted.push((name, spec));
         }
         let names: HashSet<&str> = wanted.iter().map(|(n, _)| n.as_str()).collect();
-        let (to_delete, to_create): (Vec<String>, Vec<(String, TaskSpec)>) = {
+        let (to_delete, to_create, freed): (Vec<String>, Vec<(String, TaskSpec)>, usize) = {
             let tasks = self.read_tasks();
             // A listed name whose task is being deleted can't be both: a conflict, found
             // before anything changes.
@@ -114,18 +133,33 @@ impl Manager {
             {
                 return Err(ManagerError::BeingDeleted(n.clone()));
             }
-            let del = tasks
+            let del: Vec<String> = tasks
                 .keys()
                 .filter(|n| !names.contains(n.as_str()))
                 .cloned()
                 .collect();
+            let freed = del.iter().filter(|n| tasks[*n].is_active()).count();
             let new = wanted
                 .iter()
                 .filter(|(n, _)| !tasks.contains_key(n))
                 .cloned()
                 .collect();
-            (del, new)
+            (del, new, freed)
         };
+        // Every new name is reserved before anything is deleted: a sync that can't create
+        // what it lists (a name taken meanwhile, the concurrency limit) changes nothing.
+        let mut reserved = Vec::new();
+        for (name, spec) in to_create {
+            match self.reserve(&name, spec, freed) {
+                Ok(e) => reserved.push(e),
+                Err(ManagerError::AlreadyExists(_)) => {} // created concurrently: leave it alone
+                Err(e) => {
+                    // Undo the reservations of this call: nothing was stored or started yet.
+                    self.unreserve(reserved);
+                    return Err(e);
+                }
+            }
+        }
         // Each deletion is one durable marker (an fsync): many at once keep the store's
         // I/O threads busy instead of waiting for the disk one task at a time (5,000 in
         // turn took longer than a controller's request deadline).
@@ -137,21 +171,9 @@ impl Manager {
             .buffer_unordered(DELETIONS_AT_ONCE)
             .collect()
             .await;
-        deleted.into_iter().collect::<Result<(), _>>()?;
-        let mut reserved = Vec::new();
-        for (name, spec) in to_create {
-            match self.reserve(&name, spec) {
-                Ok(e) => reserved.push(e),
-                Err(ManagerError::AlreadyExists(_)) => {} // created concurrently: leave it alone
-                Err(e) => {
-                    // Undo the reservations of this call: nothing was stored or started yet.
-                    for e in reserved {
-                        self.forget(&e);
-                        e.set_persisted(Persisted::No);
-                    }
-                    return Err(e);
-                }
-            }
+        if let Err(e) = deleted.into_iter().collect::<Result<(), _>>() {
+            self.unreserve(reserved);
+            return Err(e);
         }
         let results =
             futures::future::join_all(reserved.into_iter().map(|e| self.start_reserved(e))).await;

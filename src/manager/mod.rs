@@ -142,7 +142,7 @@ impl Manager {
         spec: TaskSpec,
     ) -> Result<TaskView, ManagerError> {
         self.validate(&name, &spec)?;
-        let entry = self.reserve(&name, spec)?;
+        let entry = self.reserve(&name, spec, 0)?;
         let mgr = self.clone();
         detached(async move { mgr.start_reserved(entry).await }).await
     }

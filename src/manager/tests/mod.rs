@@ -206,6 +206,37 @@ async fn a_sync_with_one_bad_element_changes_nothing() {
     assert_eq!(s.rt.calls(), ["start old"]);
 }
 
+/// A sync that can't create what it lists deletes nothing either: every new name is
+/// reserved (within the limit, counting what the sync deletes as gone) first.
+#[tokio::test]
+async fn a_sync_over_the_limit_deletes_nothing_and_one_within_it_replaces_the_tasks() {
+    let s = setup_with(|c| c.max_concurrent = Some(2));
+    s.mgr.create("a".into(), spec("true")).await.unwrap();
+    s.mgr.create("b".into(), spec("true")).await.unwrap();
+    let over = vec![
+        ("c".into(), spec("true")),
+        ("d".into(), spec("true")),
+        ("e".into(), spec("true")),
+    ];
+    let err = s.mgr.sync(over).await.unwrap_err();
+    assert!(matches!(err, ManagerError::TooManyTasks(2)), "{err}");
+    for n in ["a", "b"] {
+        let v = s.mgr.get(n).unwrap();
+        assert_eq!(
+            v.deletion_timestamp, None,
+            "{n} was deleted by a failed sync"
+        );
+    }
+    assert_eq!(s.names(), ["a", "b"]);
+    // Replacing both by two others is within the limit.
+    let list = s
+        .mgr
+        .sync(vec![("c".into(), spec("true")), ("d".into(), spec("true"))])
+        .await
+        .unwrap();
+    assert!(list.iter().any(|v| v.name == "c") && list.iter().any(|v| v.name == "d"));
+}
+
 #[tokio::test]
 async fn the_concurrency_limit_counts_active_tasks_only() {
     let s = setup_with(|c| c.max_concurrent = Some(2));
