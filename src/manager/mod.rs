@@ -9,7 +9,9 @@
 //! Work that changes tasks (create, sync, delete) runs in tasks of its own, not in the
 //! caller's future: a client that disconnects mid-request cancels its wait for the answer,
 //! never the work, so a durable record is always started and a durable deletion marker is
-//! always followed through.
+//! always followed through. Syncs run one at a time (`syncing`), each reserving every name
+//! it creates before it deletes anything, so a sync that fails changes nothing and two
+//! overlapping ones leave one's set.
 
 mod census;
 mod create;

@@ -1,6 +1,9 @@
 //! The files a process task's directory holds. Besides the agent's `task.json`, a run is
 //! one append-only journal, `run.jsonl`, one JSON object per line: the agent writes the
-//! `launch` line; the shim appends `claimed` and makes both durable before it starts the
+//! `launch` line, under the journal's lock and only into a journal no shim holds, claimed
+//! or ended (`write_launch`), with a nonce the shim started for it must find there; the
+//! shim refuses a launch that is claimed, ended (the agent gave it up) or not its own, else
+//! appends `claimed` and makes both durable before it starts the
 //! task (from then on the task may have run, and is never started again; a shim that
 //! then could not spawn it, out of processes say, appends `unclaimed`, which gives the
 //! launch back), then appends `started` (its identity and the task's; durable with the exit line, as it only matters
@@ -10,6 +13,10 @@
 //! creating files is the costliest step of a task's start on ext4. A torn last line (a
 //! crash mid-write) is not valid JSON and is ignored. `stdout.log`/`stderr.log` appear on
 //! the task's first output.
+//!
+//! An append the disk cuts short is taken back (`append`), so the next line starts on a
+//! line of its own. The journal's space is reserved when the task is created (see
+//! `store::JOURNAL_RESERVE`).
 //!
 //! The shim's two locks live on files that exist anyway: the task directory (held for the
 //! shim's life) and `run.jsonl` (held until the exit line is written).

@@ -1,5 +1,7 @@
 //! The durable task store: `<data-dir>/<name>/task.json`, written atomically, plus
-//! whatever the runtime keeps beside it (shim records, logs).
+//! whatever the runtime keeps beside it (shim records, logs). Task directories that can't
+//! be loaded are moved to `.quarantine/`, never deleted; the store opens on a full or
+//! read-only data dir (reads are served; `unwritable` says why changes can't be).
 
 use std::fs;
 use std::io;
