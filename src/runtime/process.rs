@@ -206,11 +206,13 @@ impl ProcessRuntime {
                 // Its journal was emptied or lost, yet it left output: it ran (maybe still
                 // runs, unsupervised). Reported as lost, never run again.
                 let t = task.clone();
-                Some(Ok(crate::task::offload::offload(move || {
-                    tracing::error!(task = %t.name, "the task left output but its run journal says nothing; it is not run again");
-                    settle(&t, Unrecorded::SupervisorLost, &records::Run::default())
-                })
-                .await))
+                Some(
+                    crate::task::offload::offload(move || {
+                        tracing::error!(task = %t.name, "the task left output but its run journal says nothing; it is not run again");
+                        settle_durably(&t, Unrecorded::SupervisorLost, &records::Run::default())
+                    })
+                    .await,
+                )
             }
             StartState::NotStarted => None,
             StartState::Started => Some(self.observe(task, events, None).await),
@@ -360,7 +362,11 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
     }
     if run.launch.as_ref().is_some_and(Launch::from_earlier_boot) {
         // No shim survives a reboot: whatever the journal says, the run is over.
-        return Ok(Judged::Done(settle(task, Unrecorded::NodeRestarted, &run)));
+        return Ok(Judged::Done(settle_durably(
+            task,
+            Unrecorded::NodeRestarted,
+            &run,
+        )?));
     }
     let shim_of = |run: &records::Run| {
         run.started
@@ -382,7 +388,7 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
         return Ok(if lock_held(&records::running_lock(&task.dir)) {
             alive(None)
         } else {
-            Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))
+            Judged::Done(settle_durably(task, Unrecorded::SupervisorLost, &run)?)
         });
     }
     match &run.started {
@@ -392,13 +398,21 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
                 .flatten(),
         )),
         // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
-        Some(_) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
+        Some(_) => Ok(Judged::Done(settle_durably(
+            task,
+            Unrecorded::SupervisorLost,
+            &run,
+        )?)),
         None => match (&run.claimed, lock_held(&records::shim_lock(&task.dir))) {
             // Still starting (slow, or stopped, or its `preStart` hook runs): it is the
             // shim's; watch it like a running one.
             (_, true) => Ok(alive(None)),
             // It died after claiming the launch: the task may run, it is never run again.
-            (Some(_), false) => Ok(Judged::Done(settle(task, Unrecorded::SupervisorLost, &run))),
+            (Some(_), false) => Ok(Judged::Done(settle_durably(
+                task,
+                Unrecorded::SupervisorLost,
+                &run,
+            )?)),
             // No shim took the launch (yet: one may still come, late). It is given up
             // durably, under the journal's lock, before the failure is reported: a shim
             // that comes later finds the exit line and runs nothing.
@@ -446,6 +460,30 @@ fn hook_launch(
         timeout_ms: h.timeout().as_millis() as u64,
         place,
     })
+}
+
+/// `settle`, and the outcome it reports only if the journal now holds an exit line: an
+/// end that could not be recorded (a full or read-only disk) is never shown, since a
+/// restarted agent would report another. Blocking.
+fn settle_durably(
+    task: &TaskRef,
+    why: Unrecorded,
+    run: &records::Run,
+) -> Result<Observed, RuntimeError> {
+    let observed = settle(task, why, run);
+    recorded(&task.dir).map(|()| observed)
+}
+
+/// Ok when the journal holds an exit line; else a `Journal` error (retried by the caller).
+fn recorded(dir: &Path) -> Result<(), RuntimeError> {
+    if read_run(dir)?.exit.is_some() {
+        Ok(())
+    } else {
+        Err(RuntimeError::Journal {
+            path: dir.join(records::RUN).display().to_string(),
+            source: io::Error::other("the task's end could not be recorded"),
+        })
+    }
 }
 
 /// A launch's nonce: unique on this node (time, pid, a counter).
@@ -535,19 +573,33 @@ fn spawn_exit_waiter(
             Ok(run) if run.finished() => Some(outcome::observed(&run, &task)),
             // No journal (no launch line) any more: the task is being deleted.
             Ok(run) if run.launch.is_none() => None,
-            // The shim died: what it leaves is recorded durably (rare: off the loop).
+            // The shim died: what it leaves is recorded durably (rare: off the loop), and
+            // shown only once it is: while the disk refuses it, the task shows as it was
+            // and the recording is retried.
             Ok(run) => {
-                let t = task.clone();
-                Some(
-                    crate::task::offload::offload(move || {
-                        if run.claimed.is_none() {
-                            Observed::Terminated(outcome::never_started(&t, NEVER_STARTED))
+                let mut pause = Duration::from_millis(200);
+                loop {
+                    let (t, r) = (task.clone(), run.clone());
+                    let settled = crate::task::offload::offload(move || {
+                        if r.claimed.is_none() {
+                            let never = outcome::never_started(&t, NEVER_STARTED);
+                            recorded(&t.dir).map(|()| Observed::Terminated(never))
                         } else {
-                            settle(&t, Unrecorded::SupervisorLost, &run)
+                            settle_durably(&t, Unrecorded::SupervisorLost, &r)
                         }
                     })
-                    .await,
-                )
+                    .await;
+                    match settled {
+                        Ok(o) => break Some(o),
+                        // Deleted meanwhile: nothing to show.
+                        Err(_) if !task.dir.join(records::RUN).exists() => break None,
+                        Err(e) => {
+                            tracing::warn!(task = %task.name, error = %e, retry_in = ?pause, "the task's end can't be recorded; it is shown once it is");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(10));
+                        }
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(task = %task.name, error = %e, "unreadable run journal");

@@ -407,3 +407,48 @@ fn a_task_whose_exit_finds_no_room_reports_its_real_exit_once_there_is_room() {
     let again = a.wait_state("victim", "terminated", T);
     assert_eq!(again, t, "the same answer after a restart");
 }
+
+#[test]
+fn the_end_of_a_task_whose_shim_died_on_a_full_disk_is_shown_only_once_recorded() {
+    let fs = Tmpfs::mount("size=8m");
+    let mut a = Agent::start_in(&fs.path, &[]);
+    let task = |name: &str, pad: usize| {
+        json!({"name": name, "spec": {"process": {
+            "command": ["sleep", "600"],
+            "env": [{"name": "PAD", "value": "p".repeat(pad)}]}}})
+    };
+    let journal_len = |name: &str| {
+        std::fs::metadata(fs.path.join(name).join("run.jsonl"))
+            .unwrap()
+            .len() as usize
+    };
+    // The journal ends just before a page boundary beyond its reserved space.
+    let end = 6 * 4096 - 60;
+    a.create_ok(&task("probe1", 20_000));
+    a.wait_state("probe1", "running", T);
+    let pad = 20_000 + end - journal_len("probe1");
+    a.create_ok(&task("victim", pad));
+    a.wait_state("victim", "running", T);
+    let shim =
+        super::support::agent::started_record(&fs.path.join("victim")).unwrap()["shim"]["pid"]
+            .as_i64()
+            .unwrap() as i32;
+    fill(&fs);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = a.get("victim").unwrap();
+    assert!(
+        t["status"]["state"].get("terminated").is_none(),
+        "an end that isn't recorded is not shown: {t}"
+    );
+    std::fs::remove_file(fs.path.join(".filler")).unwrap();
+    let t = a.wait_state("victim", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    a.restart();
+    let again = a.wait_state("victim", "terminated", T);
+    assert_eq!(again, t, "the same end, the same times, after a restart");
+}
