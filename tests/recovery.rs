@@ -114,7 +114,8 @@ fn accepted_but_never_started_task_is_started_after_restart() {
     .unwrap();
     // The (empty) run journal is created with the record; nothing ran yet.
     std::fs::write(a.data_dir.join("torn/run.jsonl"), b"").unwrap();
-    // But an unreadable record beside a journal that says it ran: kept.
+    // But an unreadable record beside a journal that says it ran: kept, quarantined out
+    // of the tasks' way (its name is free again).
     std::fs::create_dir_all(a.data_dir.join("damaged")).unwrap();
     std::fs::write(a.data_dir.join("damaged/task.json"), b"garbage").unwrap();
     let launched =
@@ -130,10 +131,14 @@ fn accepted_but_never_started_task_is_started_after_restart() {
     assert!(a.get("never-accepted").is_none());
     assert!(!a.data_dir.join("never-accepted").exists());
     assert!(!a.data_dir.join("torn").exists());
-    assert!(
-        a.data_dir.join("damaged/run.jsonl").exists(),
-        "never delete what may hold a result"
-    );
+    let kept: Vec<_> = std::fs::read_dir(a.data_dir.join(".quarantine"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("damaged."))
+        .collect();
+    assert_eq!(kept.len(), 1, "never delete what may hold a result");
+    assert!(kept[0].path().join("run.jsonl").exists());
+    assert!(a.get("damaged").is_none());
 }
 
 #[test]
