@@ -92,37 +92,3 @@ fn clients_that_disconnect_mid_create_leave_no_task_behind_unstarted() {
         assert_eq!(ran.get(name), Some(&1), "{name} ran once: {ran:?}");
     }
 }
-
-/// A complete request whose client shuts its sending side (SHUT_WR) is answered; one whose
-/// client closes right after sending it is still carried out.
-#[test]
-fn a_complete_create_is_carried_out_whatever_its_client_does_after_sending_it() {
-    use std::io::Read;
-    let a = Agent::start(&[]);
-    let req = |name: &str| {
-        let body = json!({"name": name, "spec": {"process": {"command": ["true"]}}}).to_string();
-        format!(
-            "POST /tasks HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-    };
-    let mut s = TcpStream::connect(a.addr).unwrap();
-    s.write_all(req("half").as_bytes()).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 201"),
-        "a half-closed client gets its answer: {answer:?}"
-    );
-    let names: Vec<String> = (0..20).map(|i| format!("closed-{i}")).collect();
-    for name in &names {
-        let mut s = TcpStream::connect(a.addr).unwrap();
-        s.write_all(req(name).as_bytes()).unwrap();
-        drop(s); // FIN right after the request
-    }
-    for name in &names {
-        a.wait_state(name, "terminated", Duration::from_secs(30));
-    }
-}

@@ -109,9 +109,6 @@ async fn http<IO, S>(
     };
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
-        // A client that sent a complete request and then shut its side (or closed) is
-        // still answered, and its request carried out: EOF is not a cancellation.
-        .half_close(true)
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
