@@ -103,8 +103,8 @@ fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_runs() {
     let process = task.process.as_ref().unwrap();
     let hooks = process.lifecycle.as_ref().unwrap();
     assert_eq!(
-        hooks.pre_start.as_ref().unwrap().timeout(),
-        Duration::from_secs(30)
+        hooks.pre_start.as_ref().unwrap().timeout(None),
+        Some(Duration::from_secs(30))
     );
     // Encoded again in the agent's answers: the same bytes, field for field.
     let again = format!(
