@@ -88,7 +88,11 @@ fn a_sidecar_mode_agent_runs_local_tasks_in_its_own_container() {
     // agent's mode; the answer has no execMode, as upstream's `omitempty` echo.
     let r = a.create(probe("empty", Some("")));
     assert_eq!(r.status, 201, "{}", r.text());
-    assert!(r.json()["process"].get("execMode").is_none(), "{}", r.text());
+    assert!(
+        r.json()["process"].get("execMode").is_none(),
+        "{}",
+        r.text()
+    );
     assert_eq!(ran_in(&a, "empty"), main_namespaces(&main));
     // The metrics count each task by the runtime it ran on.
     assert_eq!(tasks_metric(&a, "host", "terminated"), 1);

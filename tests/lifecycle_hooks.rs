@@ -268,7 +268,10 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
         "main command: Succeeded, exit code 0; postStop hook failed: exit code 2; output: cleanup broke\n"
     );
     let full = a.get("ok-main").unwrap();
-    assert_eq!(full["status"]["state"]["terminated"], t, "both shapes agree");
+    assert_eq!(
+        full["status"]["state"]["terminated"], t,
+        "both shapes agree"
+    );
     let hs = &full["status"]["hooks"]["postStop"]["terminated"];
     assert_eq!(
         (hs["exitCode"].as_i64(), hs["reason"].as_str()),
@@ -296,7 +299,8 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
     let msg = t["message"].as_str().unwrap();
     assert!(
         msg.starts_with("main command: TaskTimeout, exit code ")
-            && msg.contains("Task exceeded timeout of 1 seconds; postStop hook failed: exit code 2"),
+            && msg
+                .contains("Task exceeded timeout of 1 seconds; postStop hook failed: exit code 2"),
         "{msg}"
     );
 

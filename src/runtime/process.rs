@@ -598,7 +598,11 @@ pub(crate) fn lock_held(path: &Path) -> bool {
 async fn stop(dir: &Path, grace: Duration, hooks: Option<Duration>) {
     // No deadline while a hook without a limit may run: the shim is alive and ends it.
     let deadline = hooks.and_then(|h| {
-        Instant::now().checked_add(grace.saturating_add(h).saturating_add(Duration::from_secs(5)))
+        Instant::now().checked_add(
+            grace
+                .saturating_add(h)
+                .saturating_add(Duration::from_secs(5)),
+        )
     });
     let shim_lock = records::shim_lock(dir);
     // The shim's identity: from its `started` line, or from its claim (its `preStart`
