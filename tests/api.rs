@@ -102,8 +102,8 @@ fn status_codes() {
         http::request(a.addr, method, path, Some(body)).unwrap()
     };
 
-    // Malformed JSON, no spec, an invalid spec, both runtimes at once, a zero timeout,
-    // container mode off; and setTasks without an array.
+    // Malformed JSON, no spec, an invalid spec, both runtimes at once, a misspelt
+    // execMode, container mode off; and setTasks without an array.
     let bad: [(&str, &[u8]); 8] = [
         ("/tasks", b"{not json"),
         ("/tasks", b""),
@@ -118,7 +118,7 @@ fn status_codes() {
         ),
         (
             "/tasks",
-            br#"{"name":"x","spec":{"process":{"command":["a"],"timeoutSeconds":0}}}"#,
+            br#"{"name":"x","spec":{"process":{"command":["a"],"execMode":"remote"}}}"#,
         ),
         (
             "/tasks",

@@ -103,8 +103,8 @@ fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_runs() {
     let process = task.process.as_ref().unwrap();
     let hooks = process.lifecycle.as_ref().unwrap();
     assert_eq!(
-        hooks.pre_start.as_ref().unwrap().timeout(),
-        Duration::from_secs(30)
+        hooks.pre_start.as_ref().unwrap().timeout(None),
+        Some(Duration::from_secs(30))
     );
     // Encoded again in the agent's answers: the same bytes, field for field.
     let again = format!(
@@ -139,7 +139,8 @@ fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_runs() {
     // With a main container (a stand-in in real namespaces) it runs: its `preStart`
     // runs first, in the agent's container, with the task's working directory
     // `/workspace`, which this machine lacks, so the hook can't start and the main
-    // command never runs; its `postStop` (`Remote`, as the task) runs too.
+    // command never runs; its `postStop` (no `execMode`: `Local`, as upstream's CRD
+    // defaults it, though the task is `Remote`) runs too, in the agent's container.
     let _main = support::standin::MainContainer::start(&container, "examples-main");
     let r = agent.call("POST", "/setTasks", Some("[]"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -161,7 +162,8 @@ fn upstream_lifecycle_shape_round_trips_byte_for_byte_and_runs() {
         .as_str()
         .unwrap();
     assert!(
-        post.contains(r#"inside the main container: working directory "/workspace""#),
+        post.contains(r#"failed to start "sh": working directory "/workspace""#)
+            && !post.contains("inside the main container"),
         "{status}"
     );
     assert_eq!(agent.stdout(name), "", "the main command never ran");

@@ -84,9 +84,19 @@ fn a_sidecar_mode_agent_runs_local_tasks_in_its_own_container() {
     assert_eq!(ran_in(&a, "remote"), main_namespaces(&main));
     assert_eq!(ran_in(&a, "local"), own_namespaces());
     assert_ne!(own_namespaces(), main_namespaces(&main));
+    // `execMode: ""` (Go's zero value) is unset, as upstream's agent reads it: the
+    // agent's mode; the answer has no execMode, as upstream's `omitempty` echo.
+    let r = a.create(probe("empty", Some("")));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert!(
+        r.json()["process"].get("execMode").is_none(),
+        "{}",
+        r.text()
+    );
+    assert_eq!(ran_in(&a, "empty"), main_namespaces(&main));
     // The metrics count each task by the runtime it ran on.
     assert_eq!(tasks_metric(&a, "host", "terminated"), 1);
-    assert_eq!(tasks_metric(&a, "sidecar", "terminated"), 2);
+    assert_eq!(tasks_metric(&a, "sidecar", "terminated"), 3);
 }
 
 #[test]
@@ -127,7 +137,7 @@ fn a_remote_task_without_a_main_container_ends_target_not_found() {
 #[test]
 fn an_invalid_exec_mode_is_a_400() {
     let a = Agent::start(&[]);
-    for bad in [json!("remote"), json!(""), json!(1)] {
+    for bad in [json!("remote"), json!("local "), json!(1)] {
         let r = a.create(json!({"name": "bad", "process": {"command": ["true"], "execMode": bad}}));
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
         assert!(

@@ -223,23 +223,54 @@ fn a_failed_pre_start_ends_the_task_and_the_main_command_never_runs() {
     );
 }
 
+/// What upstream's controller reads: `processStatus.terminated`, success being
+/// `exitCode == 0` alone (from `/getTasks`, upstream's wire shape, as it polls).
+fn controller_view(a: &Agent, name: &str) -> Value {
+    let r = a.call("GET", "/getTasks", None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in /getTasks"))["processStatus"]["terminated"]
+        .clone()
+}
+
 #[test]
-fn a_failed_post_stop_keeps_the_exit_code_and_a_success_is_not_succeeded() {
+fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
     let a = Agent::start(&[]);
     let post = hook("echo cleanup broke; exit 2");
     a.create_ok(&task("ok-main", "exit 0", None, Some(post.clone())));
-    a.create_ok(&task("failed-main", "exit 5", None, Some(post)));
-    let t = a.wait_state("ok-main", "terminated", T);
-    assert_eq!(t["reason"], "PostStopHookFailed", "{t}");
-    assert_eq!(t["exitCode"], 0, "the command's own exit code: {t}");
+    a.create_ok(&task("failed-main", "exit 5", None, Some(post.clone())));
+    let mut timed = task("timed-main", "exec sleep 1000", None, Some(post.clone()));
+    timed["spec"]["process"]["timeoutSeconds"] = json!(1);
+    a.create_ok(&timed);
+    a.create_ok(&task(
+        "pre-failed",
+        "exit 0",
+        Some(hook("exit 4")),
+        Some(post),
+    ));
+
+    // A clean-up that failed after a success is a failure the controller sees: exit code
+    // 1, upstream's reason; the command's own code is in the message and the hook's in
+    // its status.
+    a.wait_state("ok-main", "terminated", T);
+    let t = controller_view(&a, "ok-main");
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(1), Some("PostStopHookFailed")),
+        "{t}"
+    );
     assert_eq!(
         t["message"],
-        "postStop hook failed: exit code 2; output: cleanup broke\n"
+        "main command: Succeeded, exit code 0; postStop hook failed: exit code 2; output: cleanup broke\n"
     );
     let full = a.get("ok-main").unwrap();
     assert_eq!(
-        full["processStatus"]["terminated"]["reason"],
-        "PostStopHookFailed"
+        full["status"]["state"]["terminated"], t,
+        "both shapes agree"
     );
     let hs = &full["status"]["hooks"]["postStop"]["terminated"];
     assert_eq!(
@@ -247,19 +278,120 @@ fn a_failed_post_stop_keeps_the_exit_code_and_a_success_is_not_succeeded() {
         (Some(2), Some("PostStopHookFailed"))
     );
 
-    let t = a.wait_state("failed-main", "terminated", T);
+    // A failed command and a failed clean-up: upstream's reason, the command's own code.
+    a.wait_state("failed-main", "terminated", T);
+    let t = controller_view(&a, "failed-main");
     assert_eq!(
-        (t["reason"].as_str(), t["exitCode"].as_i64()),
-        (Some("Failed"), Some(5)),
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(5), Some("PostStopHookFailed")),
         "{t}"
     );
+    assert_eq!(
+        t["message"],
+        "main command: Failed, exit code 5; postStop hook failed: exit code 2; output: cleanup broke\n"
+    );
+
+    // A timeout (the command was stopped) then a failed clean-up: the same.
+    a.wait_state("timed-main", "terminated", T);
+    let t = controller_view(&a, "timed-main");
+    assert_eq!(t["reason"], "PostStopHookFailed", "{t}");
+    assert_ne!(t["exitCode"], 0, "{t}");
+    let msg = t["message"].as_str().unwrap();
     assert!(
-        t["message"]
-            .as_str()
-            .unwrap()
-            .contains("postStop hook failed: exit code 2"),
+        msg.starts_with("main command: TaskTimeout, exit code ")
+            && msg
+                .contains("Task exceeded timeout of 1 seconds; postStop hook failed: exit code 2"),
+        "{msg}"
+    );
+
+    // The command never ran (its preStart failed): that is why the task failed; the
+    // clean-up's failure is added to the message.
+    a.wait_state("pre-failed", "terminated", T);
+    let t = controller_view(&a, "pre-failed");
+    assert_eq!(
+        (t["exitCode"].as_i64(), t["reason"].as_str()),
+        (Some(1), Some("PreStartHookFailed")),
         "{t}"
     );
+    assert_eq!(
+        t["message"],
+        "preStart hook failed: exit code 4; postStop hook failed: exit code 2; output: cleanup broke\n"
+    );
+}
+
+/// The hooks' limits in the task's launch (its journal's first line), in milliseconds.
+fn launched_hook_limits(a: &Agent, name: &str) -> Vec<Value> {
+    let journal = read(&a.task_dir(name).join("run.jsonl"));
+    let first: Value = serde_json::from_str(journal.lines().next().unwrap()).unwrap();
+    let launch = first
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|v| v.get("argv").is_some())
+        .unwrap_or_else(|| panic!("no launch in {first}"));
+    ["preStart", "postStop"]
+        .iter()
+        .map(|h| launch[h]["timeoutMs"].clone())
+        .collect()
+}
+
+#[test]
+fn a_hook_timeout_of_zero_negative_or_unset_is_no_limit_unless_the_agent_sets_one() {
+    // As upstream: a hook is killed only when its timeoutSeconds is positive.
+    let a = Agent::start(&[]);
+    let cases = [
+        ("zero", json!(0)),
+        ("negative", json!(-1)),
+        ("unset", Value::Null),
+    ];
+    for (name, limit) in &cases {
+        let mut h = hook("sleep 1.5; echo slept");
+        if !limit.is_null() {
+            h["timeoutSeconds"] = limit.clone();
+        }
+        let r = a.create(task(name, "true", Some(h.clone()), Some(h)));
+        assert_eq!(r.status, 201, "{name}: {}", r.text());
+    }
+    for (name, _) in &cases {
+        let t = a.wait_state(name, "terminated", T);
+        assert_eq!(t["reason"], "Succeeded", "{name}: {t}");
+        for h in ["preStart", "postStop"] {
+            assert_eq!(hook_log(&a, name, h), "slept\n", "{name} {h}");
+        }
+        // No limit at all (the former default, 60 s, would take a minute to disprove by
+        // waiting): the launch carries none.
+        assert_eq!(
+            launched_hook_limits(&a, name),
+            [Value::Null, Value::Null],
+            "{name}"
+        );
+    }
+
+    // The agent's --hook-timeout (Go's spelling here) limits such hooks; a hook's own
+    // positive timeoutSeconds wins over it.
+    let b = Agent::start(&["-hook-timeout=1s"]);
+    let zero = hook_with_timeout("sleep 30", 0);
+    b.create_ok(&task("capped-unset", "true", Some(hook("sleep 30")), None));
+    b.create_ok(&task("capped-zero", "true", Some(zero), None));
+    b.create_ok(&task(
+        "own-limit",
+        "true",
+        Some(hook_with_timeout("sleep 1.5", 20)),
+        None,
+    ));
+    for name in ["capped-unset", "capped-zero"] {
+        let t = b.wait_state(name, "terminated", T);
+        assert_eq!(t["reason"], "PreStartHookFailed", "{name}: {t}");
+        assert!(
+            t["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("preStart hook timed out after 1s"),
+            "{name}: {t}"
+        );
+    }
+    let t = b.wait_state("own-limit", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
 }
 
 #[test]
@@ -307,7 +439,7 @@ fn a_hook_timeout_kills_the_hooks_whole_tree_and_only_it() {
         t["message"]
             .as_str()
             .unwrap()
-            .starts_with("postStop hook timed out after 1s"),
+            .starts_with("main command: Succeeded, exit code 0; postStop hook timed out after 1s"),
         "{t}"
     );
     wait_for(T, "the postStop tree to be gone", || {
@@ -397,11 +529,12 @@ fn each_hook_runs_where_its_exec_mode_says() {
         }
         h
     };
-    // A Remote task (the sidecar agent's default): its hooks follow it unless told.
+    // A Remote task (the sidecar agent's default): a hook without execMode, or with
+    // `""` (Go's zero value), runs Local, as upstream's CRD defaults it.
     a.create_ok(&task(
         "remote",
         NS_PROBE,
-        Some(probe(Some("Local"))),
+        Some(probe(Some(""))),
         Some(probe(None)),
     ));
     let mut local = task(
@@ -419,7 +552,7 @@ fn each_hook_runs_where_its_exec_mode_says() {
     let line = |s: String| s.trim().to_string();
     assert_eq!(line(a.stdout("remote")), inside);
     assert_eq!(line(hook_log(&a, "remote", "preStart")), own);
-    assert_eq!(line(hook_log(&a, "remote", "postStop")), inside);
+    assert_eq!(line(hook_log(&a, "remote", "postStop")), own);
     assert_eq!(line(a.stdout("local")), own);
     assert_eq!(line(hook_log(&a, "local", "preStart")), inside);
     assert_eq!(line(hook_log(&a, "local", "postStop")), own);

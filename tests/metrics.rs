@@ -127,7 +127,11 @@ fn counters_move_by_exactly_the_tasks_run() {
         )
     };
     assert_eq!(
-        (ended("Succeeded"), ended("Failed"), ended("StartError")),
+        (
+            ended("Succeeded"),
+            ended("Failed"),
+            ended("ProcessStartFailed")
+        ),
         (3.0, 2.0, 1.0)
     );
     assert_eq!(

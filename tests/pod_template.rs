@@ -230,7 +230,7 @@ fn what_a_template_task_cannot_do_is_a_400_naming_it() {
         json!([{"name": "h", "hostPath": {"path": file.display().to_string(), "type": "Directory"}}]),
     ));
     let t = a.wait_state("notdir", "terminated", T);
-    assert_eq!(t["reason"], "StartError", "{t}");
+    assert_eq!(t["reason"], "StartFailed", "{t}");
     assert!(
         t["message"]
             .as_str()

@@ -45,7 +45,7 @@ fn exit_codes_signals_and_start_failures() {
     let missing = a.wait_state("missing", "terminated", T);
     assert_eq!(
         (missing["exitCode"].as_i64(), missing["reason"].as_str()),
-        (Some(127), Some("StartError"))
+        (Some(127), Some("ProcessStartFailed"))
     );
     assert!(
         missing["message"]
@@ -56,7 +56,7 @@ fn exit_codes_signals_and_start_failures() {
     );
     assert!(missing["startedAt"].is_null());
     let baddir = a.wait_state("baddir", "terminated", T);
-    assert_eq!(baddir["reason"], "StartError");
+    assert_eq!(baddir["reason"], "ProcessStartFailed");
     assert!(
         baddir["message"].as_str().unwrap().contains("No such file"),
         "{baddir}"
@@ -121,7 +121,7 @@ fn tasks_start_with_clean_signal_state_and_search_their_own_path() {
     let t = a.wait_state("not-on-agent-path", "terminated", T);
     assert_eq!(
         (t["exitCode"].as_i64(), t["reason"].as_str()),
-        (Some(127), Some("StartError")),
+        (Some(127), Some("ProcessStartFailed")),
         "{t}"
     );
 }

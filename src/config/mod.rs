@@ -77,6 +77,11 @@ pub struct Config {
     #[arg(long, env = "STOP_GRACE_PERIOD", default_value = "10s", value_parser = humantime::parse_duration)]
     pub stop_grace_period: Duration,
 
+    /// Limit for a lifecycle hook that sets no positive `timeoutSeconds` (0: none, as
+    /// upstream: such a hook runs until it ends).
+    #[arg(long, env = "HOOK_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub hook_timeout: Duration,
+
     /// Time allowed to receive a request body (408 after it), like upstream's ReadTimeout.
     #[arg(long, env = "REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::manager::TaskView;
 use crate::task::fields;
-use crate::task::model::{self, HookStatuses, TaskSpec, TaskState};
+use crate::task::model::{HookStatuses, TaskSpec, TaskState};
 
 pub const GROUP: &str = "task-executor.io";
 /// Set by the agent on every Task it runs; removed once the task's processes are gone.
@@ -151,12 +151,9 @@ impl TaskCrStatus {
         let (phase, exit_code) = match state {
             TaskState::Waiting(_) => (phase::WAITING, None),
             TaskState::Running(_) => (phase::RUNNING, None),
-            // A failed `postStop` hook keeps the exit code 0 of the command, not the phase.
-            TaskState::Terminated(t)
-                if t.exit_code == 0 && t.reason != model::reason::POST_STOP_HOOK_FAILED =>
-            {
-                (phase::SUCCEEDED, Some(0))
-            }
+            // As upstream's controller reads it: success is exit code 0 alone (a failed
+            // `postStop` hook's task has exit code 1, or the command's own).
+            TaskState::Terminated(t) if t.exit_code == 0 => (phase::SUCCEEDED, Some(0)),
             TaskState::Terminated(t) => (phase::FAILED, Some(t.exit_code)),
         };
         TaskCrStatus {

@@ -48,7 +48,7 @@ pub struct ManagerConfig {
     /// `None`: unlimited.
     pub max_concurrent: Option<usize>,
     /// How long a task whose start failed for lack of processes, file descriptors, memory
-    /// or disk is retried (waiting, `ResourcesExhausted`) before it ends `StartError`.
+    /// or disk is retried (waiting, `ResourcesExhausted`) before it ends `StartFailed`.
     pub start_retry: Duration,
     /// `--task-uid-range`: each task with a command in the agent's container gets a uid
     /// of its own from it. `None`: they run as the runtime's default user.

@@ -5,7 +5,7 @@
 //! or disk (`RuntimeError::OutOfResources`: nothing of the task ran) leaves the task
 //! `waiting` with reason `ResourcesExhausted` and a message saying what ran out, and is
 //! retried with exponential backoff (0.2 s doubling to 10 s) for `start_retry` (default
-//! 5 min); after that it ends `StartError`. The lifecycle lock is not held between
+//! 5 min); after that it ends `StartFailed`. The lifecycle lock is not held between
 //! attempts, so a deletion in the meantime goes ahead and ends the retries.
 
 use std::sync::Arc;

@@ -78,7 +78,7 @@ pub(super) fn needs_uid(spec: &TaskSpec, exec_mode: Option<ExecMode>) -> bool {
         HookName::ALL
             .iter()
             .filter_map(|h| l.hook(*h))
-            .any(|h| h.exec_mode(mode) == ExecMode::Local)
+            .any(|h| h.exec_mode() == ExecMode::Local)
     });
     mode == ExecMode::Local || local_hook
 }

@@ -72,7 +72,7 @@ impl RuntimeError {
         match self {
             RuntimeError::TargetNotFound { .. } => reason::TARGET_NOT_FOUND,
             RuntimeError::Cri(_) => reason::RUNTIME_ERROR,
-            _ => reason::START_ERROR,
+            _ => reason::START_FAILED,
         }
     }
 }

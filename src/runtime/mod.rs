@@ -177,7 +177,7 @@ impl Runtimes {
             HookName::ALL
                 .iter()
                 .filter_map(|h| l.hook(*h))
-                .any(|h| h.exec_mode(mode) == ExecMode::Remote)
+                .any(|h| h.exec_mode() == ExecMode::Remote)
         });
         match mode {
             ExecMode::Remote => Ok(&self.sidecar),

@@ -19,13 +19,19 @@ use crate::task::time::Time;
 pub const TASK_MARKER: &str = "TASK_EXECUTOR_TASK";
 
 /// How a finished run ended, as the API shows it: the main command's exit line, and
-/// what its hooks did to it. A `preStart` that failed ends the task `PreStartHookFailed`
-/// (exit code 1, the hook's end and output tail in the message); a `postStop` that failed
-/// turns a success into `PostStopHookFailed` (exit code kept) and adds its end to the
-/// message of any other outcome, whose reason and exit code stay.
+/// what its hooks did to it, as upstream's controller reads it (success is
+/// `exitCode == 0` alone). A `preStart` that failed ends the task `PreStartHookFailed`
+/// (exit code 1, the hook's end and output tail in the message). A `postStop` that failed
+/// after a main command that ran and ended (however: success, failure, timeout) ends the
+/// task `PostStopHookFailed` (upstream's stop error), exit code 1 after a success, else
+/// the main command's own; the message gives the main command's end, then the hook's.
+/// Where the main command never ran (a failed `preStart`, a failed start) or its end is
+/// unknown (its supervisor died), the reason and exit code stay and the message gets the
+/// hook's end.
 pub fn terminated_of(exit: &ExitRecord, run: &Run, task: &TaskRef) -> Terminated {
+    let pre_failed = exit.pre_start_failed && exit.unrecorded.is_none();
     let mut t = match run.pre_start.exit.as_ref() {
-        Some(pre) if exit.pre_start_failed && exit.unrecorded.is_none() => {
+        Some(pre) if pre_failed => {
             let mut why = hook_failure(pre, run);
             if exit.stop_requested {
                 why.push_str("; the task was stopped on request");
@@ -43,9 +49,20 @@ pub fn terminated_of(exit: &ExitRecord, run: &Run, task: &TaskRef) -> Terminated
     };
     if let Some(post) = run.post_stop.exit.as_ref().filter(|x| !x.succeeded()) {
         let why = hook_failure(post, run);
-        if t.reason == reason::SUCCEEDED {
+        let main_ended = !pre_failed && exit.unrecorded.is_none() && exit.start_error.is_none();
+        if main_ended {
+            let mut main = format!("main command: {}, exit code {}", t.reason, t.exit_code);
+            if let Some(sig) = t.signal {
+                main.push_str(&format!(", signal {}", signal_name(sig)));
+            }
+            if let Some(m) = t.message.take() {
+                main.push_str(&format!(": {m}"));
+            }
             t.reason = reason::POST_STOP_HOOK_FAILED.into();
-            t.message = Some(why);
+            if t.exit_code == 0 {
+                t.exit_code = 1;
+            }
+            t.message = Some(format!("{main}; {why}"));
         } else {
             t.message = Some(match t.message.take() {
                 Some(m) => format!("{m}; {why}"),
@@ -64,7 +81,8 @@ pub fn hook_failure(x: &HookExit, run: &Run) -> String {
         .launch
         .as_ref()
         .and_then(|l| l.hook(x.hook))
-        .map(|h| std::time::Duration::from_millis(h.timeout_ms));
+        .and_then(|h| h.timeout_ms)
+        .map(std::time::Duration::from_millis);
     let how = match (
         x.unrecorded,
         &x.start_error,
@@ -215,7 +233,7 @@ pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
                 format!("main container is gone: {err}"),
             )
         } else {
-            (reason::START_ERROR, err.clone())
+            (reason::PROCESS_START_FAILED, err.clone())
         };
         let mut t = Terminated::failed_to_start(why, rec.exit_code.unwrap_or(128), msg);
         t.finished_at = rec.finished_at.unwrap_or(t.finished_at);

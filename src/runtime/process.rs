@@ -33,6 +33,9 @@ pub struct ProcessRuntime {
     max_log_bytes: u64,
     /// Who host tasks run as unless their securityContext says (`--task-run-as-user`).
     default_run_as: RunAs,
+    /// The limit of a hook that sets no positive `timeoutSeconds` (`--hook-timeout`;
+    /// `None`: no limit, as upstream).
+    hook_timeout: Option<Duration>,
 }
 
 impl ProcessRuntime {
@@ -43,7 +46,14 @@ impl ProcessRuntime {
             grace,
             max_log_bytes,
             default_run_as: RunAs::default(),
+            hook_timeout: None,
         }
+    }
+
+    /// Hooks that set no positive `timeoutSeconds` are killed after `limit`.
+    pub fn with_hook_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.hook_timeout = limit;
+        self
     }
 
     /// Host tasks run as `run_as` unless their securityContext says otherwise.
@@ -90,7 +100,12 @@ impl ProcessRuntime {
             .chain(p.env.iter().cloned())
             .collect(),
             working_dir: p.working_dir.clone(),
-            timeout_ms: task.spec.effective_timeout().map(|s| s as u64 * 1000),
+            // Zero or negative: a deadline already passed, as upstream reads it (the
+            // command starts and is stopped at once, `TaskTimeout`).
+            timeout_ms: task
+                .spec
+                .effective_timeout()
+                .map(|s| (s.max(0) as u64).saturating_mul(1000)),
             grace_ms: self.grace.as_millis() as u64,
             max_log_bytes: self.max_log_bytes,
             // Commands in the agent's container (the task's or a hook's) start from the
@@ -101,8 +116,18 @@ impl ProcessRuntime {
             allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
             target,
             boot_id: records::boot_id().map(str::to_string),
-            pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),
-            post_stop: hook_launch(&task, HookName::PostStop, hook_target.as_ref()),
+            pre_start: hook_launch(
+                &task,
+                HookName::PreStart,
+                hook_target.as_ref(),
+                self.hook_timeout,
+            ),
+            post_stop: hook_launch(
+                &task,
+                HookName::PostStop,
+                hook_target.as_ref(),
+                self.hook_timeout,
+            ),
             nonce: None,
         };
         let mut attempt = 1;
@@ -224,20 +249,22 @@ impl ProcessRuntime {
         task: TaskRef,
         grace: Duration,
     ) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        let limit = self.hook_timeout;
         Box::pin(async move {
             // A stop waits for the task's hooks too: a `preStart` is stopped (with the
-            // grace period), a `postStop` runs to its end or timeout.
-            let hooks: Duration = task
+            // grace period), a `postStop` runs to its end or timeout (`None`: a hook
+            // without one; then the stop waits as long as the shim runs it).
+            let hooks: Option<Duration> = task
                 .spec
                 .lifecycle_hooks()
                 .map(|l| {
                     HookName::ALL
                         .iter()
                         .filter_map(|h| l.hook(*h))
-                        .map(|h| h.timeout())
+                        .map(|h| h.timeout(limit))
                         .sum()
                 })
-                .unwrap_or_default();
+                .unwrap_or(Some(Duration::ZERO));
             stop(&task.dir, grace, hooks).await;
             Ok(())
         })
@@ -443,9 +470,10 @@ fn hook_launch(
     task: &TaskRef,
     name: HookName,
     hook_target: Option<&Result<Target, String>>,
+    hook_timeout: Option<Duration>,
 ) -> Option<HookLaunch> {
     let h = task.spec.lifecycle_hooks()?.hook(name)?;
-    let place = match h.exec_mode(task.exec_mode) {
+    let place = match h.exec_mode() {
         ExecMode::Local => HookPlace::Local,
         ExecMode::Remote => match hook_target {
             Some(Ok(t)) => HookPlace::Remote(t.clone()),
@@ -457,7 +485,7 @@ fn hook_launch(
     };
     Some(HookLaunch {
         argv: h.command().to_vec(),
-        timeout_ms: h.timeout().as_millis() as u64,
+        timeout_ms: h.timeout(hook_timeout).map(|t| t.as_millis() as u64),
         place,
     })
 }
@@ -685,8 +713,15 @@ pub(crate) fn lock_held(path: &Path) -> bool {
 
 /// Asks the shim to stop the task's tree (it applies the grace period, then SIGKILL) and
 /// waits until the shim is gone. Only cheap non-blocking checks run between sleeps.
-async fn stop(dir: &Path, grace: Duration, hooks: Duration) {
-    let deadline = Instant::now() + grace + hooks + Duration::from_secs(5);
+async fn stop(dir: &Path, grace: Duration, hooks: Option<Duration>) {
+    // No deadline while a hook without a limit may run: the shim is alive and ends it.
+    let deadline = hooks.and_then(|h| {
+        Instant::now().checked_add(
+            grace
+                .saturating_add(h)
+                .saturating_add(Duration::from_secs(5)),
+        )
+    });
     let shim_lock = records::shim_lock(dir);
     // The shim's identity: from its `started` line, or from its claim (its `preStart`
     // hook runs, or it is starting).
@@ -713,7 +748,7 @@ async fn stop(dir: &Path, grace: Duration, hooks: Duration) {
             let _ = shim.signal(Signal::SIGTERM);
             signalled = true;
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             if let Some(shim) = rec.as_ref().and_then(|r| ProcHandle::of(&r.shim)) {
                 tracing::warn!(dir = %dir.display(), "supervisor ignored the stop request; killing it");
                 let _ = shim.signal(Signal::SIGKILL);

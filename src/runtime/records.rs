@@ -398,7 +398,9 @@ impl Launch {
 #[serde(rename_all = "camelCase")]
 pub struct HookLaunch {
     pub argv: Vec<String>,
-    pub timeout_ms: u64,
+    /// `None`: no limit (launches of earlier versions always have one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
     pub place: HookPlace,
 }
 

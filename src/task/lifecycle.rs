@@ -1,6 +1,11 @@
 //! Where a process task runs (`execMode`) and its lifecycle hooks (`lifecycle.preStart`,
 //! `lifecycle.postStop`), in upstream's wire shape (OpenSandbox's `Process`, field for
 //! field, so its JSON round-trips byte for byte).
+//!
+//! Defaults are upstream's (its pull request #420): a hook without `execMode` runs
+//! `Local`; `execMode: ""` is unset (Go's zero value); a hook's `timeoutSeconds` unset,
+//! zero or negative sets no limit (the agent's `--hook-timeout`, when given, applies
+//! then).
 
 use std::time::Duration;
 
@@ -17,6 +22,24 @@ pub enum ExecMode {
 }
 
 impl ExecMode {
+    /// Reads an optional `execMode` as upstream's Go agent does: absent, `null` and `""`
+    /// (Go's zero value, which its `omitempty` never sends but a hand-written request
+    /// may) are all unset; any other value must be `Local` or `Remote`.
+    pub fn deserialize_optional<'de, D>(d: D) -> Result<Option<ExecMode>, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        match Option::<String>::deserialize(d)?.as_deref() {
+            None | Some("") => Ok(None),
+            Some("Local") => Ok(Some(ExecMode::Local)),
+            Some("Remote") => Ok(Some(ExecMode::Remote)),
+            Some(other) => Err(serde::de::Error::unknown_variant(
+                other,
+                &["Local", "Remote"],
+            )),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ExecMode::Local => "Local",
@@ -91,13 +114,17 @@ pub struct LifecycleHandler {
     /// answer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<ExecAction>,
-    /// Where the hook runs; unset: where the task's main command runs (its effective
-    /// `execMode`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Where the hook runs; unset (or `""`): `Local`, as upstream's CRD defaults it,
+    /// wherever the task's main command runs.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ExecMode::deserialize_optional"
+    )]
     pub exec_mode: Option<ExecMode>,
-    /// The hook's process group is killed after this many seconds (default 60).
+    /// The hook's whole tree is killed after this many seconds; unset, zero or negative:
+    /// no limit (as upstream), unless the agent's `--hook-timeout` sets one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
     pub timeout_seconds: Option<i64>,
 }
 
@@ -109,20 +136,19 @@ pub struct ExecAction {
 }
 
 impl LifecycleHandler {
-    pub const DEFAULT_TIMEOUT_SECONDS: i64 = 60;
-
-    /// How long the hook may run.
-    pub fn timeout(&self) -> Duration {
-        let secs = self
-            .timeout_seconds
-            .unwrap_or(Self::DEFAULT_TIMEOUT_SECONDS);
-        Duration::from_secs(secs.max(1) as u64)
+    /// How long the hook may run: its own positive `timeoutSeconds`, else `default` (the
+    /// agent's `--hook-timeout`; `None`: no limit, as upstream has none).
+    pub fn timeout(&self, default: Option<Duration>) -> Option<Duration> {
+        match self.timeout_seconds {
+            Some(secs) if secs > 0 => Some(Duration::from_secs(secs as u64)),
+            _ => default,
+        }
     }
 
-    /// Where the hook runs: its own `execMode`, else the task's (`task`, its effective
-    /// one), so that a hook sees what the main command sees.
-    pub fn exec_mode(&self, task: ExecMode) -> ExecMode {
-        self.exec_mode.unwrap_or(task)
+    /// Where the hook runs: its own `execMode`, else `Local` (upstream's default, what
+    /// its CRD declares), whatever the task's mode.
+    pub fn exec_mode(&self) -> ExecMode {
+        self.exec_mode.unwrap_or(ExecMode::Local)
     }
 
     /// The hook's argv (empty only for a hook that failed validation).
@@ -145,11 +171,6 @@ impl LifecycleHandler {
         }
         if exec.command.iter().any(|a| a.contains('\0')) {
             return Err(format!("{what}.exec.command must not contain NUL bytes"));
-        }
-        if let Some(t) = self.timeout_seconds
-            && t <= 0
-        {
-            return Err(format!("{what}.timeoutSeconds must be positive, got {t}"));
         }
         Ok(())
     }
@@ -192,15 +213,25 @@ mod tests {
     #[test]
     fn defaults_and_checks() {
         let h = hook(serde_json::json!({"exec": {"command": ["true"]}}));
-        assert_eq!(h.timeout(), Duration::from_secs(60));
-        assert_eq!(h.exec_mode(ExecMode::Local), ExecMode::Local);
-        assert_eq!(
-            h.exec_mode(ExecMode::Remote),
-            ExecMode::Remote,
-            "the task's mode"
-        );
+        assert_eq!(h.timeout(None), None, "no limit");
+        let cap = Some(Duration::from_secs(7));
+        assert_eq!(h.timeout(cap), cap, "the agent's --hook-timeout");
+        assert_eq!(h.exec_mode(), ExecMode::Local, "upstream's default");
         assert_eq!(h.command(), ["true"]);
         assert!(h.validate("p").is_ok());
+        for (t, want) in [(0, cap), (-3, cap), (5, Some(Duration::from_secs(5)))] {
+            let h = hook(serde_json::json!({"exec": {"command": ["x"]}, "timeoutSeconds": t}));
+            assert!(h.validate("p").is_ok(), "{t}");
+            assert_eq!(h.timeout(cap), want, "{t}");
+        }
+        for (v, want) in [
+            (serde_json::json!(""), None),
+            (serde_json::json!(null), None),
+            (serde_json::json!("Remote"), Some(ExecMode::Remote)),
+        ] {
+            let h = hook(serde_json::json!({"exec": {"command": ["x"]}, "execMode": v}));
+            assert_eq!(h.exec_mode, want, "{v}");
+        }
         let bad = [
             (serde_json::json!({}), "p.exec is required"),
             (
@@ -210,10 +241,6 @@ mod tests {
             (
                 serde_json::json!({"exec": {"command": [""]}}),
                 "p.exec.command[0] must not be empty",
-            ),
-            (
-                serde_json::json!({"exec": {"command": ["x"]}, "timeoutSeconds": 0}),
-                "p.timeoutSeconds must be positive, got 0",
             ),
         ];
         for (v, want) in bad {

@@ -40,8 +40,13 @@ pub struct ProcessSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<i64>,
     /// `Local` (the agent's container) or `Remote` (inside the pod's main container);
-    /// unset: `Remote` exactly when the agent runs with `--enable-sidecar-mode`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// unset (or `""`, Go's zero value): `Remote` exactly when the agent runs with
+    /// `--enable-sidecar-mode`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "ExecMode::deserialize_optional"
+    )]
     pub exec_mode: Option<ExecMode>,
     /// Hooks run before the main command starts and after it has stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,7 +140,15 @@ pub mod reason {
     pub const SUCCEEDED: &str = "Succeeded";
     pub const FAILED: &str = "Failed";
     pub const TIMEOUT: &str = "TaskTimeout";
+    /// A container task's container could not be started (the CRI's and kubelet's word).
     pub const START_ERROR: &str = "StartError";
+    /// A process task's command could not be started (missing binary, not executable,
+    /// bad working directory, identity): upstream's word for its own failed exec.
+    pub const PROCESS_START_FAILED: &str = "ProcessStartFailed";
+    /// The agent could not start the task (its supervisor could not be launched, the
+    /// machine ran out of resources past `--start-retry-timeout`, a volume could not be
+    /// prepared): upstream's word for any other failed start.
+    pub const START_FAILED: &str = "StartFailed";
     pub const SUPERVISOR_LOST: &str = "SupervisorLost";
     pub const NODE_RESTARTED: &str = "NodeRestarted";
     pub const TARGET_RESTARTED: &str = "TargetRestarted";
@@ -150,8 +163,9 @@ pub mod reason {
     /// Waiting: the main command never started (its `preStart` hook failed, or it could
     /// not be started) and the `postStop` hook runs.
     pub const POST_STOP_HOOK_RUNNING: &str = "PostStopHookRunning";
-    /// The `postStop` hook failed after a main command that succeeded (a failed one keeps
-    /// its own reason); also the reason of a failed `postStop` hook's status.
+    /// The `postStop` hook failed after the main command ran and ended (exit code 1 after
+    /// a success, else the command's own); also the reason of a failed `postStop` hook's
+    /// status.
     pub const POST_STOP_HOOK_FAILED: &str = "PostStopHookFailed";
 }
 
@@ -333,16 +347,14 @@ impl TaskSpec {
         if let Some(t) = &self.pod_template_spec {
             check_container(&t.task()?.container, "podTemplateSpec.spec.containers[0]")?;
         }
-        for t in [
-            self.timeout_seconds,
-            self.process.as_ref().and_then(|p| p.timeout_seconds),
-        ]
-        .into_iter()
-        .flatten()
+        // A process task's zero or negative timeout is upstream's "already timed out"
+        // (its agent stops the task at its first check); a container task's must be
+        // positive, as Kubernetes' `activeDeadlineSeconds`.
+        if self.is_container_task()
+            && let Some(t) = self.timeout_seconds
+            && t <= 0
         {
-            if t <= 0 {
-                return Err(format!("timeoutSeconds must be positive, got {t}"));
-            }
+            return Err(format!("timeoutSeconds must be positive, got {t}"));
         }
         Ok(())
     }
@@ -481,6 +493,15 @@ mod tests {
             timeout_seconds: Some(0),
             ..Default::default()
         };
-        assert!(p.validate().unwrap_err().contains("timeoutSeconds"));
+        assert!(p.validate().is_ok(), "upstream's already-timed-out task");
+        let c = TaskSpec {
+            container: Some(ContainerSpec {
+                image: "busybox".into(),
+                ..Default::default()
+            }),
+            timeout_seconds: Some(0),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().contains("timeoutSeconds"));
     }
 }

@@ -2,7 +2,7 @@
 //! commands as root. It runs in fresh mount and PID namespaces (util-linux `unshare`),
 //! chrooted into a private tmpfs that holds only its own binary (under a random
 //! directory), the shared libraries that binary needs, `/proc`, `/dev/null` and its data
-//! dir, with an empty environment. Any command a task names is absent (a StartError), the
+//! dir, with an empty environment. Any command a task names is absent (a ProcessStartFailed), the
 //! task sees none of the host's processes or files, and everything is gone when the
 //! namespaces end (killing `unshare` kills the PID namespace's init, the agent, and with
 //! it every process in it).

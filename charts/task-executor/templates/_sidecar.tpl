@@ -36,6 +36,7 @@ logLevel: info
 logFormat: json
 reconcileInterval: 500ms
 stopGracePeriod: 10s
+hookTimeout: 0s
 maxConcurrentTasks: 0
 maxBodyBytes: null
 maxLogBytes: null
@@ -154,6 +155,8 @@ securityContext: {}
       value: {{ $e.reconcileInterval | quote }}
     - name: STOP_GRACE_PERIOD
       value: {{ $e.stopGracePeriod | quote }}
+    - name: HOOK_TIMEOUT
+      value: {{ $e.hookTimeout | quote }}
     - name: MAX_CONCURRENT_TASKS
       value: {{ include "task-executor.scalar" $e.maxConcurrentTasks | quote }}
     {{- if $e.taskRunAsUser }}

@@ -132,11 +132,11 @@ async fn a_start_failure_is_kept_durably() {
     let TaskState::Terminated(t) = v.state else {
         panic!("{v:?}")
     };
-    assert_eq!(t.reason, reason::START_ERROR);
+    assert_eq!(t.reason, reason::START_FAILED);
     let rec = &s.stored()[0];
     assert_eq!(
         rec.final_status.as_ref().map(|t| t.reason.as_str()),
-        Some(reason::START_ERROR)
+        Some(reason::START_FAILED)
     );
 }
 
@@ -444,7 +444,7 @@ async fn a_start_that_stays_out_of_processes_ends_after_the_retry_period() {
     let TaskState::Terminated(t) = s.mgr.get("a").unwrap().state else {
         unreachable!()
     };
-    assert_eq!(t.reason, reason::START_ERROR);
+    assert_eq!(t.reason, reason::START_FAILED);
     assert!(
         t.message.as_deref().unwrap().contains("gave up after"),
         "{t:?}"
@@ -506,7 +506,7 @@ async fn a_runtime_that_panics_fails_the_start_instead_of_leaving_it_waiting() {
     let TaskState::Terminated(t) = &v.state else {
         panic!("{v:?}")
     };
-    assert_eq!(t.reason, reason::START_ERROR);
+    assert_eq!(t.reason, reason::START_FAILED);
     assert!(
         t.message
             .as_deref()

@@ -34,8 +34,9 @@ pub struct HookJob {
     /// `None` when it could not be started.
     pub process: Option<ProcIdentity>,
     pub started: Time,
-    pub deadline: Instant,
-    pub timeout: Duration,
+    /// When its timeout runs out (`None`: no limit).
+    pub deadline: Option<Instant>,
+    pub timeout: Option<Duration>,
     pub timed_out: bool,
     pub stop: HookStop,
     /// Recorded in the journal: the hook is over.
@@ -47,13 +48,13 @@ pub struct HookJob {
 }
 
 impl HookJob {
-    pub fn new(name: HookName, job: usize, timeout: Duration) -> Self {
+    pub fn new(name: HookName, job: usize, timeout: Option<Duration>) -> Self {
         HookJob {
             name,
             job,
             process: None,
             started: Time::now(),
-            deadline: Instant::now() + timeout,
+            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
             timeout,
             timed_out: false,
             stop: HookStop::No,
@@ -72,7 +73,7 @@ impl HookJob {
             HookStop::Grace(t) | HookStop::Killing(t) => Some(t),
             HookStop::No => None,
         };
-        let deadline = (!self.timed_out && !self.ended).then_some(self.deadline);
+        let deadline = self.deadline.filter(|_| !self.timed_out && !self.ended);
         [kill, deadline].into_iter().flatten().min()
     }
 

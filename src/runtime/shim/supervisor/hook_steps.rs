@@ -28,7 +28,7 @@ impl Supervisor<'_> {
             return Ok(());
         };
         let job = hook_job(name);
-        let mut h = HookJob::new(name, job, Duration::from_millis(spec.timeout_ms));
+        let mut h = HookJob::new(name, job, spec.timeout_ms.map(Duration::from_millis));
         h.before = kill::tops(self.proc.as_fd(), self.me, self.place.spare());
         // From here on the hook may run: never again (durable before it is spawned).
         self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
@@ -45,7 +45,7 @@ impl Supervisor<'_> {
                         self.place.release_after(job);
                         h.process = Some(p);
                         h.started = Time::now();
-                        h.deadline = Instant::now() + h.timeout;
+                        h.deadline = h.timeout.and_then(|t| Instant::now().checked_add(t));
                         self.pipes[slot_of(name)] = Some(r);
                         let rec = HookStart {
                             hook: name,
@@ -113,7 +113,7 @@ impl Supervisor<'_> {
         if h.process.is_none() {
             return;
         }
-        if !h.ended && !h.timed_out && now >= h.deadline {
+        if !h.ended && !h.timed_out && h.deadline.is_some_and(|d| now >= d) {
             // Over its timeout: its whole tree is killed, and it counts as failed.
             h.timed_out = true;
             h.stop = HookStop::Killing(now + hooks::KILL_AGAIN);

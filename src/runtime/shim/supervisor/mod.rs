@@ -209,7 +209,7 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Starts the main command and writes its `started` line. A start failure is recorded
-    /// as the run's exit (`StartError`), except for a first command out of resources.
+    /// as the run's exit (`ProcessStartFailed`), except for a first command out of resources.
     fn start_main(&mut self, first: bool) -> io::Result<()> {
         let (out_r, out_w) = io::pipe()?;
         let (err_r, err_w) = io::pipe()?;
@@ -230,7 +230,8 @@ impl<'a> Supervisor<'a> {
         self.deadline = self
             .launch
             .timeout_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
+            // A deadline past what a clock can hold is no deadline (no overflow panic).
+            .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
         self.target_check = self
             .launch
             .target
