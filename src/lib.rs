@@ -342,13 +342,36 @@ fn pod_watch(
     })
 }
 
+/// Where process tasks' cgroups are made, logged once with what the tasks get.
+fn task_containment(config: &Config) -> Option<crate::runtime::containment::Parent> {
+    use crate::runtime::containment;
+    let found = if config.task_cgroups {
+        containment::detect()
+    } else {
+        Err("--task-cgroups=false".to_string())
+    };
+    match found {
+        Ok(p) => {
+            tracing::info!(mechanism = p.kind.as_str(), parent = %p.dir.display(), "process tasks get a cgroup each");
+            crate::metrics::containment(p.kind.as_str());
+            Some(p)
+        }
+        Err(why) => {
+            tracing::warn!(why = %why, "no cgroup per task: a task's processes are ended by its process tree, and what escapes a dead supervisor is found by its uid (with --task-uid-range) or its marker");
+            crate::metrics::containment("none");
+            None
+        }
+    }
+}
+
 async fn build_runtimes(
     config: &Config,
     kube: &crate::kube::KubeClient,
 ) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
-        .with_default_run_as(config.task_run_as_user.unwrap_or_default());
+        .with_default_run_as(config.task_run_as_user.unwrap_or_default())
+        .with_containment(task_containment(config));
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
     let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {

@@ -13,6 +13,7 @@ use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
+use super::containment::{self, Parent};
 use super::exit_watch::ExitWatch;
 use super::launcher::Launcher;
 use super::outcome::{self, settle};
@@ -34,6 +35,8 @@ pub struct ProcessRuntime {
     max_log_bytes: u64,
     /// Who host tasks run as unless their securityContext says (`--task-run-as-user`).
     default_run_as: RunAs,
+    /// Where each task's cgroup is made (`None`: the agent can make none).
+    containment: Option<Parent>,
 }
 
 impl ProcessRuntime {
@@ -44,7 +47,14 @@ impl ProcessRuntime {
             grace,
             max_log_bytes,
             default_run_as: RunAs::default(),
+            containment: None,
         }
+    }
+
+    /// Each task gets a cgroup under `parent` (see `containment`).
+    pub fn with_containment(mut self, parent: Option<Parent>) -> Self {
+        self.containment = parent;
+        self
     }
 
     /// Host tasks run as `run_as` unless their securityContext says otherwise.
@@ -104,6 +114,7 @@ impl ProcessRuntime {
             boot_id: records::boot_id().map(str::to_string),
             pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),
             post_stop: hook_launch(&task, HookName::PostStop, hook_target.as_ref()),
+            containment: self.containment.clone(),
         };
         let mut attempt = 1;
         let pipe = loop {
@@ -215,7 +226,9 @@ impl ProcessRuntime {
                 })
                 .unwrap_or_default();
             stop(&task.dir, grace, hooks).await;
-            Ok(())
+            let (dir, uid) = (task.dir.clone(), task.host_uid);
+            crate::task::offload::offload(move || end_leftovers(&dir, uid)).await
+                .map_err(RuntimeError::Io)
         })
     }
 }
@@ -605,8 +618,44 @@ async fn stop(dir: &Path, grace: Duration, hooks: Duration) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-    // Whatever outlived a dead supervisor goes too (its group, while provably its own).
-    if let Some(main) = rec.and_then(|r| r.main) {
+    // Whatever outlived a dead supervisor goes too: without a cgroup, main's group while
+    // provably its own, and never once its exit is recorded (its group id may be anyone's
+    // by then); with one, `end_leftovers` ends all of it.
+    let run = records::read_run(dir).unwrap_or_default();
+    let contained = run.claimed.as_ref().is_some_and(|c| c.cgroup.is_some());
+    if !contained
+        && run.exit.is_none()
+        && let Some(main) = rec.and_then(|r| r.main)
+    {
         signal_group(&main, Signal::SIGKILL);
     }
+}
+
+/// How long a stop waits for a task's cgroup (or uid) to be empty before it reports
+/// failure (and is retried): SIGKILLed processes only need to be scheduled to die.
+const EMPTY_WAIT: Duration = Duration::from_secs(10);
+
+/// After the shim is gone: ends everything of the task that is left, through its cgroup,
+/// else (with a uid of its own) every process of its uid. An error (something is left)
+/// keeps the task, and so its uid, until a retry proves it empty. Blocking.
+fn end_leftovers(dir: &Path, host_uid: Option<u32>) -> io::Result<()> {
+    let run = records::read_run(dir)?;
+    let cgroup = run.claimed.and_then(|c| c.cgroup);
+    if let Some(cg) = &cgroup
+        && !containment::kill(cg, EMPTY_WAIT)?
+    {
+        return Err(io::Error::other(format!(
+            "the task's cgroup {} is not empty after SIGKILL",
+            cg.display()
+        )));
+    }
+    if cgroup.is_none()
+        && let Some(uid) = host_uid
+        && !containment::kill_uid_until_gone(uid, EMPTY_WAIT)
+    {
+        return Err(io::Error::other(format!(
+            "processes of the task's uid {uid} are left after SIGKILL"
+        )));
+    }
+    Ok(())
 }

@@ -297,6 +297,9 @@ pub struct Launch {
     /// Runs once the main command has ended (or could not start, or `preStart` failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_stop: Option<HookLaunch>,
+    /// Where the shim makes the task's cgroup (`None`: the agent can make none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<super::containment::Parent>,
 }
 
 impl Launch {
@@ -442,6 +445,9 @@ impl HookExit {
 #[serde(rename_all = "camelCase")]
 pub struct Claim {
     pub shim: ProcIdentity,
+    /// The task's cgroup, made before the claim: everything of the task is in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// The shim that took the launch spawned nothing of the task (why: the error), so the
@@ -517,6 +523,7 @@ mod tests {
             run_as: RunAs::default(),
             host_run_as: RunAs::default(),
             allow_privilege_escalation: false,
+            containment: None,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();
@@ -548,14 +555,14 @@ mod tests {
             pid: 7,
             start_time: 9,
         };
-        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        append(&mut f, &Entry::Claimed(Claim { shim: me, cgroup: None }), false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_some());
         let back = Entry::Unclaimed(Unclaim {
             why: "Resource temporarily unavailable (os error 11)".into(),
         });
         append(&mut f, &back, false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_none());
-        append(&mut f, &Entry::Claimed(Claim { shim: me }), false).unwrap();
+        append(&mut f, &Entry::Claimed(Claim { shim: me, cgroup: None }), false).unwrap();
         assert!(
             read_run(dir.path()).unwrap().claimed.is_some(),
             "a later claim stands"
