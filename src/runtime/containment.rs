@@ -89,17 +89,19 @@ fn try_kind(kind: Kind, mounts: &str, own: &str) -> Result<Parent, String> {
         })
         .ok_or("the agent is in no cgroup of it")?;
     if path.starts_with("/..") {
-        return Err(format!("the agent's cgroup {path} is outside the mounted tree"));
+        return Err(format!(
+            "the agent's cgroup {path} is outside the mounted tree"
+        ));
     }
-    let own_dir = mount.join(path.trim_start_matches('/'));
-    if kind == Kind::V2 && !own_dir.join("cgroup.kill").exists() {
-        return Err("no cgroup.kill (Linux 5.14 or later)".into());
-    }
-    let dir = own_dir.join(PARENT_NAME);
+    let dir = mount.join(path.trim_start_matches('/')).join(PARENT_NAME);
     match fs::create_dir(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    // (A root cgroup has no `cgroup.kill`; every other one has, from Linux 5.14.)
+    if kind == Kind::V2 && !dir.join("cgroup.kill").exists() {
+        return Err("no cgroup.kill (Linux 5.14 or later)".into());
     }
     // A probe proves cgroups can be made there (a read-only mount, no delegation).
     let probe = dir.join(format!("probe-{}", std::process::id()));
@@ -188,7 +190,9 @@ pub fn kill(dir: &Path, wait: Duration) -> io::Result<bool> {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 // EBUSY: a child cgroup (made by the task) or a process just entering.
-                Err(e) => tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove the task's cgroup"),
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove the task's cgroup")
+                }
             }
             return Ok(true);
         }
@@ -235,7 +239,11 @@ pub fn kill_uid(uid: u32) -> usize {
         let ids: Vec<u32> = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|r| r.split_whitespace().filter_map(|v| v.parse().ok()).collect())
+            .map(|r| {
+                r.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default();
         if !ids.iter().take(3).any(|u| *u == uid) {
             continue;
@@ -284,7 +292,10 @@ mod tests {
             mount_point(Kind::V1Freezer, mounts),
             Some(PathBuf::from("/sys/fs/cgroup/freezer"))
         );
-        assert_eq!(mount_point(Kind::V2, "1 2 0:1 / / rw - ext4 /dev/x rw\n"), None);
+        assert_eq!(
+            mount_point(Kind::V2, "1 2 0:1 / / rw - ext4 /dev/x rw\n"),
+            None
+        );
     }
 
     /// Both kinds, on this machine's real hierarchies (it has both): a setsid'd,

@@ -227,7 +227,8 @@ impl ProcessRuntime {
                 .unwrap_or_default();
             stop(&task.dir, grace, hooks).await;
             let (dir, uid) = (task.dir.clone(), task.host_uid);
-            crate::task::offload::offload(move || end_leftovers(&dir, uid)).await
+            crate::task::offload::offload(move || end_leftovers(&dir, uid))
+                .await
                 .map_err(RuntimeError::Io)
         })
     }

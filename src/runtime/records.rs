@@ -555,14 +555,30 @@ mod tests {
             pid: 7,
             start_time: 9,
         };
-        append(&mut f, &Entry::Claimed(Claim { shim: me, cgroup: None }), false).unwrap();
+        append(
+            &mut f,
+            &Entry::Claimed(Claim {
+                shim: me,
+                cgroup: None,
+            }),
+            false,
+        )
+        .unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_some());
         let back = Entry::Unclaimed(Unclaim {
             why: "Resource temporarily unavailable (os error 11)".into(),
         });
         append(&mut f, &back, false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_none());
-        append(&mut f, &Entry::Claimed(Claim { shim: me, cgroup: None }), false).unwrap();
+        append(
+            &mut f,
+            &Entry::Claimed(Claim {
+                shim: me,
+                cgroup: None,
+            }),
+            false,
+        )
+        .unwrap();
         assert!(
             read_run(dir.path()).unwrap().claimed.is_some(),
             "a later claim stands"
