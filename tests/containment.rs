@@ -237,3 +237,23 @@ fn delete_never_signals_the_group_of_a_main_whose_exit_is_recorded() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+#[test]
+fn a_tasks_main_process_dies_with_its_supervisor_even_with_no_agent() {
+    // No cgroups and no agent to clean up (it was killed first): the main process dies
+    // of its parent-death signal the moment its shim does.
+    let mut a = Agent::start(&["--task-cgroups=false"]);
+    let main = Sleep("35051");
+    a.run("orphaned", &["sleep", "35051"]);
+    a.wait_state("orphaned", "running", T);
+    let pid = main.wait_running();
+    let shim = support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    a.kill9();
+    kill9(shim);
+    assert!(
+        main.gone_soon(),
+        "main (pid {pid}) outlived its supervisor"
+    );
+}
