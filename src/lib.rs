@@ -371,7 +371,10 @@ async fn build_runtimes(
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
         .with_default_run_as(config.task_run_as_user.unwrap_or_default())
-        .with_containment(task_containment(config));
+        .with_containment(task_containment(config))
+        .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
+            |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),
+        ));
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
     let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {

@@ -252,8 +252,45 @@ fn a_tasks_main_process_dies_with_its_supervisor_even_with_no_agent() {
         .unwrap() as i32;
     a.kill9();
     kill9(shim);
-    assert!(
-        main.gone_soon(),
-        "main (pid {pid}) outlived its supervisor"
+    assert!(main.gone_soon(), "main (pid {pid}) outlived its supervisor");
+}
+
+/// Runs the rest of its argv under a seccomp filter that answers EPERM to
+/// `pidfd_send_signal` (x86-64 syscall 424), as a profile older than the call does.
+const NO_PIDFD_SIGNAL: &str = r#"
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def ins(code, jt, jf, k): return struct.pack("HBBI", code, jt, jf, k)
+prog = b"".join([
+    ins(0x20, 0, 0, 0),            # ld [nr]
+    ins(0x15, 0, 1, 424),          # jeq pidfd_send_signal
+    ins(0x06, 0, 0, 0x00050001),   # ret ERRNO(EPERM)
+    ins(0x06, 0, 0, 0x7fff0000),   # ret ALLOW
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+fbuf = ctypes.create_string_buffer(fprog)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                      # no_new_privs
+assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(fbuf)), 0, 0) == 0  # filter
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+#[test]
+fn an_agent_that_cannot_signal_through_pidfds_is_not_ready_and_says_why() {
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the filter's syscall number"
     );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("no_pidfd_signal.py");
+    std::fs::write(&script, NO_PIDFD_SIGNAL).unwrap();
+    let script = script.to_str().unwrap();
+    let a = Agent::start_wrapped(&["python3", script], &[]);
+    let r = a.call("GET", "/readyz", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("pidfd_send_signal"), "{}", r.text());
+    // The same agent without the filter is ready.
+    let a = Agent::start(&[]);
+    assert_eq!(a.call("GET", "/readyz", None).status, 200);
 }

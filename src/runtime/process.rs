@@ -37,6 +37,8 @@ pub struct ProcessRuntime {
     default_run_as: RunAs,
     /// Where each task's cgroup is made (`None`: the agent can make none).
     containment: Option<Parent>,
+    /// Why this agent can't stop tasks (`proc_handle::check_signalling`), if it can't.
+    cannot_signal: Option<std::sync::Arc<str>>,
 }
 
 impl ProcessRuntime {
@@ -48,6 +50,21 @@ impl ProcessRuntime {
             max_log_bytes,
             default_run_as: RunAs::default(),
             containment: None,
+            cannot_signal: None,
+        }
+    }
+
+    /// The result of `proc_handle::check_signalling`: a failure makes the agent not ready.
+    pub fn with_signalling(mut self, checked: Result<(), String>) -> Self {
+        self.cannot_signal = checked.err().map(Into::into);
+        self
+    }
+
+    /// Not ready when it could not stop a task it started.
+    pub(crate) fn own_readiness(&self) -> super::Readiness {
+        match &self.cannot_signal {
+            Some(why) => super::Readiness::NotReady(why.to_string()),
+            None => super::Readiness::Ready,
         }
     }
 
@@ -268,6 +285,11 @@ impl Runtime for ProcessRuntime {
 
     fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
         self.stop_task(task, grace)
+    }
+
+    fn readiness(&self) -> BoxFuture<'static, super::Readiness> {
+        let r = self.own_readiness();
+        Box::pin(async move { r })
     }
 }
 
