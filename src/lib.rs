@@ -89,6 +89,7 @@ pub fn agent_only_env() -> Vec<String> {
     names.extend(
         [
             runtime::launcher::SERVER_ON_STDIN_ENV,
+            runtime::launcher::TASK_OOM_SCORE_ADJ_ENV,
             "RUST_LOG",
             "KUBECONFIG",
         ]

@@ -294,3 +294,38 @@ fn an_agent_that_cannot_signal_through_pidfds_is_not_ready_and_says_why() {
     let a = Agent::start(&[]);
     assert_eq!(a.call("GET", "/readyz", None).status, 200);
 }
+
+#[test]
+fn tasks_keep_the_containers_oom_score_after_the_inits_shim_server_died() {
+    // The init raises the agent's oom_score_adj, not the shim server's. Once that server
+    // is killed, the agent starts one of its own: its tasks must not inherit the agent's.
+    let init = support::init::Init::start(&[], &[]);
+    let a = &init.agent;
+    let base = support::init::oom_score_adj(init.pid());
+    let server = init.server_pid().expect("the init's shim server");
+    kill9(server);
+    wait_for(T, "the server gone", || (!pid_alive(server)).then_some(()));
+    a.run("oom", &["cat", "/proc/self/oom_score_adj"]);
+    let t = a.wait_state("oom", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    assert_eq!(a.stdout("oom").trim(), base.to_string());
+}
+
+#[test]
+fn the_init_passes_no_inherited_descriptor_to_the_agent() {
+    // A descriptor without close-on-exec, as a careless caller leaves one.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("leaked-descriptor");
+    let f = std::fs::File::create(&marker).unwrap();
+    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    let init = support::init::Init::start(&[], &[]);
+    drop(f);
+    let agent = init.agent_pid().unwrap();
+    let leaked: Vec<String> = std::fs::read_dir(format!("/proc/{agent}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.contains("leaked-descriptor"))
+        .collect();
+    assert!(leaked.is_empty(), "the agent holds {leaked:?}");
+}

@@ -559,6 +559,19 @@ pub fn spawn(
     Ok(pid)
 }
 
+/// Marks every descriptor from 3 up close-on-exec, so that what this process inherited
+/// from its caller is not passed on to the processes it starts (the init: its agent and
+/// shim server). Its own descriptors are opened close-on-exec anyway.
+pub fn cloexec_inherited() -> io::Result<()> {
+    // SAFETY: with CLOSE_RANGE_CLOEXEC nothing is closed: only the flag is set, so no
+    // descriptor owned elsewhere in the process becomes invalid.
+    let r = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as c_int) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// In the cloned child, after its identity change (which clears the setting): it is
 /// SIGKILLed when its supervisor dies, and it goes no further if the supervisor died
 /// already (it was re-parented: nobody would name, watch or stop it). The setting lasts
