@@ -373,6 +373,7 @@ async fn build_runtimes(
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
         .with_default_run_as(config.task_run_as_user.unwrap_or_default())
         .with_containment(task_containment(config))
+        .with_end_with_main(config.end_task_with_main)
         .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
             |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),
         ));

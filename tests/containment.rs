@@ -317,7 +317,11 @@ fn the_init_passes_no_inherited_descriptor_to_the_agent() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("leaked-descriptor");
     let f = std::fs::File::create(&marker).unwrap();
-    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+    nix::fcntl::fcntl(
+        &f,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
     let init = support::init::Init::start(&[], &[]);
     drop(f);
     let agent = init.agent_pid().unwrap();
@@ -328,4 +332,37 @@ fn the_init_passes_no_inherited_descriptor_to_the_agent() {
         .filter(|p| p.contains("leaked-descriptor"))
         .collect();
     assert!(leaked.is_empty(), "the agent holds {leaked:?}");
+}
+
+#[test]
+fn with_end_task_with_main_what_main_left_running_ends_with_it() {
+    let a = Agent::start(&["--end-task-with-main"]);
+    let daemon = Sleep("35061");
+    let child = Sleep("35062");
+    a.run_sh(
+        "leaves",
+        "(setsid sleep 35061 &); sleep 35062 & sleep 0.5; echo done",
+    );
+    let t = a.wait_state("leaves", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    assert_eq!(a.stdout("leaves"), "done\n");
+    assert!(
+        daemon.gone_soon(),
+        "the daemon outlived main\n{}",
+        a.log_tail()
+    );
+    assert!(
+        child.gone_soon(),
+        "the child outlived main\n{}",
+        a.log_tail()
+    );
+    // Without the option they run on (upstream's behaviour) until the task is deleted.
+    let a = Agent::start(&[]);
+    let daemon = Sleep("35063");
+    a.run_sh("stays", "(setsid sleep 35063 &); sleep 0.5");
+    a.wait_state("stays", "terminated", T);
+    daemon.wait_running();
+    a.delete("stays");
+    a.wait_gone("stays", T);
+    assert!(daemon.gone_soon(), "deleted with its task");
 }

@@ -37,6 +37,8 @@ pub struct ProcessRuntime {
     default_run_as: RunAs,
     /// Where each task's cgroup is made (`None`: the agent can make none).
     containment: Option<Parent>,
+    /// `--end-task-with-main`.
+    end_with_main: bool,
     /// Why this agent can't stop tasks (`proc_handle::check_signalling`), if it can't.
     cannot_signal: Option<std::sync::Arc<str>>,
 }
@@ -51,7 +53,14 @@ impl ProcessRuntime {
             default_run_as: RunAs::default(),
             containment: None,
             cannot_signal: None,
+            end_with_main: false,
         }
+    }
+
+    /// What a task's main command leaves running ends when it exits.
+    pub fn with_end_with_main(mut self, yes: bool) -> Self {
+        self.end_with_main = yes;
+        self
     }
 
     /// The result of `proc_handle::check_signalling`: a failure makes the agent not ready.
@@ -132,6 +141,7 @@ impl ProcessRuntime {
             pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),
             post_stop: hook_launch(&task, HookName::PostStop, hook_target.as_ref()),
             containment: self.containment.clone(),
+            end_with_main: self.end_with_main,
         };
         let mut attempt = 1;
         let pipe = loop {

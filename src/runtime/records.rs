@@ -300,6 +300,9 @@ pub struct Launch {
     /// Where the shim makes the task's cgroup (`None`: the agent can make none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containment: Option<super::containment::Parent>,
+    /// What the main command left running is SIGKILLed when it exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub end_with_main: bool,
 }
 
 impl Launch {
@@ -524,6 +527,7 @@ mod tests {
             host_run_as: RunAs::default(),
             allow_privilege_escalation: false,
             containment: None,
+            end_with_main: false,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();
