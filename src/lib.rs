@@ -89,6 +89,7 @@ pub fn agent_only_env() -> Vec<String> {
     names.extend(
         [
             runtime::launcher::SERVER_ON_STDIN_ENV,
+            runtime::launcher::TASK_OOM_SCORE_ADJ_ENV,
             "RUST_LOG",
             "KUBECONFIG",
         ]
@@ -342,6 +343,28 @@ fn pod_watch(
     })
 }
 
+/// Where process tasks' cgroups are made, logged once with what the tasks get.
+fn task_containment(config: &Config) -> Option<crate::runtime::containment::Parent> {
+    use crate::runtime::containment;
+    let found = if config.task_cgroups {
+        containment::detect()
+    } else {
+        Err("--task-cgroups=false".to_string())
+    };
+    match found {
+        Ok(p) => {
+            tracing::info!(mechanism = p.kind.as_str(), parent = %p.dir.display(), "process tasks get a cgroup each");
+            crate::metrics::containment(p.kind.as_str());
+            Some(p)
+        }
+        Err(why) => {
+            tracing::warn!(why = %why, "no cgroup per task: a task's processes are ended by its process tree, and what escapes a dead supervisor is found by its uid (with --task-uid-range) or its marker");
+            crate::metrics::containment("none");
+            None
+        }
+    }
+}
+
 async fn build_runtimes(
     config: &Config,
     kube: &crate::kube::KubeClient,
@@ -349,7 +372,12 @@ async fn build_runtimes(
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
         .with_default_run_as(config.task_run_as_user.unwrap_or_default())
-        .with_hook_timeout(Some(config.hook_timeout).filter(|t| !t.is_zero()));
+        .with_hook_timeout(Some(config.hook_timeout).filter(|t| !t.is_zero()))
+        .with_containment(task_containment(config))
+        .with_end_with_main(config.end_task_with_main)
+        .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
+            |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),
+        ));
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
     let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {

@@ -34,6 +34,10 @@ enum Command {
         /// The open-file soft limit for tasks (the agent's own, before it raised it).
         #[arg(long)]
         nofile_soft: Option<u64>,
+        /// The oom_score_adj for shims and tasks (the container's, when the agent's was
+        /// raised by the init).
+        #[arg(long, allow_negative_numbers = true)]
+        oom_score_adj: Option<i32>,
     },
     /// Measure latency, throughput, list time and memory against a raw spawn loop.
     Bench {
@@ -80,10 +84,20 @@ fn main() -> anyhow::Result<()> {
             print!("{}", task_executor::kube::crd::crd_yaml()?);
             Ok(())
         }
-        Some(Command::ShimServer { nofile_soft }) => {
+        Some(Command::ShimServer {
+            nofile_soft,
+            oom_score_adj,
+        }) => {
             if let Some(soft) = nofile_soft {
                 // Best effort: tasks then keep the raised limit, which only ever helps.
                 let _ = task_executor::limits::set_nofile_soft(soft);
+            }
+            if let Some(adj) = oom_score_adj {
+                // Back to the container's value: down to the value the init had needs no
+                // privilege (the kernel's oom_score_adj_min).
+                if let Err(e) = std::fs::write("/proc/self/oom_score_adj", adj.to_string()) {
+                    eprintln!("task-executor shim-server: oom_score_adj {adj}: {e}");
+                }
             }
             std::process::exit(task_executor::runtime::shim::server::serve(
                 task_executor::agent_only_env(),

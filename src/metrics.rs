@@ -64,6 +64,11 @@ struct WatchLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ContainmentLabels {
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CriLabels {
     method: String,
 }
@@ -80,6 +85,7 @@ struct Metrics {
     supervisors_lost: Counter,
     watch_restarts: Family<WatchLabels, Counter>,
     cri_duration: Family<CriLabels, Histogram>,
+    containment: Family<ContainmentLabels, Gauge>,
     /// Serialises scrapes: the task gauge is reset and refilled for each one.
     render: Mutex<()>,
 }
@@ -176,6 +182,12 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Unit::Seconds,
         cri_duration.clone(),
     );
+    let containment = Family::<ContainmentLabels, Gauge>::default();
+    r.register(
+        "containment",
+        "1 for how process tasks are contained: cgroup-v2, cgroup-v1-freezer, or none",
+        containment.clone(),
+    );
     // The process metrics keep their conventional names (no prefix).
     root.register_collector(Box::new(ProcessCollector));
     Metrics {
@@ -190,6 +202,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         supervisors_lost,
         watch_restarts,
         cri_duration,
+        containment,
         render: Mutex::new(()),
     }
 });
@@ -218,6 +231,16 @@ pub fn task_terminated(kind: &str, reason: &str, ran: Option<Duration>) {
             .get_or_create(&KindLabels { kind: kind.into() })
             .observe(d.as_secs_f64());
     }
+}
+
+/// How process tasks are contained (set once at start).
+pub fn containment(mechanism: &str) {
+    METRICS
+        .containment
+        .get_or_create(&ContainmentLabels {
+            mechanism: mechanism.into(),
+        })
+        .set(1);
 }
 
 /// A task's supervisor was found dead without an exit record.

@@ -114,6 +114,21 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub sidecar_run_as_target_user: bool,
 
+    /// Each process task gets a cgroup of its own (cgroup v2 with cgroup.kill, else the v1
+    /// freezer) where the agent can make one, so everything of it ends with it, even after
+    /// its supervisor died. false: no cgroups (tasks are ended by their process trees).
+    #[arg(long, env = "TASK_CGROUPS", default_value_t = true, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub task_cgroups: bool,
+
+    /// When a process task's main command exits, SIGKILL whatever it left running (its
+    /// daemons), as runc ends a container when its init exits; its deadline
+    /// (timeoutSeconds) then bounds all of it. false: what main left runs on until the
+    /// task is deleted (upstream's behaviour).
+    #[arg(long, env = "END_TASK_WITH_MAIN", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub end_task_with_main: bool,
+
     /// Host tasks run as UID[:GID] (GID defaults to UID) unless their securityContext
     /// says otherwise. Unset: as the agent. Needs CAP_SETUID and CAP_SETGID.
     #[arg(long, env = "TASK_RUN_AS_USER", value_name = "UID[:GID]",

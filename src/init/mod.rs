@@ -52,7 +52,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 
 use self::procs::Exit;
-use crate::runtime::launcher::SERVER_ON_STDIN_ENV;
+use crate::runtime::launcher::{SERVER_ON_STDIN_ENV, TASK_OOM_SCORE_ADJ_ENV};
 
 /// How often the stop sequence looks for supervisors newly re-parented to the init.
 const DRAIN_TICK: Duration = Duration::from_millis(250);
@@ -73,6 +73,10 @@ pub struct Options {
 
 /// Runs the init until it is told to stop; returns the exit code for the container.
 pub fn run(opts: Options) -> i32 {
+    // What the init's caller left open is not the agent's (nor its tasks').
+    if let Err(e) = crate::runtime::child_setup::cloexec_inherited() {
+        tracing::warn!(error = %e, "cannot mark inherited descriptors close-on-exec");
+    }
     match Init::new(opts) {
         Ok(mut init) => init.run(),
         Err(e) => {
@@ -408,18 +412,23 @@ impl Init {
                 ),
             }
         }
+        // The container's oom_score_adj, for a shim server the agent starts itself.
+        let own_oom = std::fs::read_to_string("/proc/self/oom_score_adj")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let oom_env = (TASK_OOM_SCORE_ADJ_ENV, own_oom.as_str());
         let spawned = match &self.server {
             Some(s) => spawn::spawn(
                 &self.opts.exe,
                 &self.opts.agent_args,
-                &[(SERVER_ON_STDIN_ENV, "stdin")],
+                &[(SERVER_ON_STDIN_ENV, "stdin"), oom_env],
                 spawn::Stdin::Fd(&s.socket),
                 false,
             ),
             None => spawn::spawn(
                 &self.opts.exe,
                 &self.opts.agent_args,
-                &[],
+                &[oom_env],
                 spawn::Stdin::Null,
                 false,
             ),

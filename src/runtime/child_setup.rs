@@ -399,6 +399,8 @@ struct ChildArgs<'a> {
     caps: Option<CapSets>,
     no_new_privs: bool,
     announce: Option<(RawFd, &'a [u8], &'a [u8])>,
+    /// The spawning process, as the child's `getppid` should name it.
+    parent: libc::pid_t,
     /// errno of the failed step, written by the child (0: it exec'ed).
     errno: AtomicI32,
     step: AtomicI32,
@@ -509,6 +511,7 @@ pub fn spawn(
         caps: plan.creds.as_ref().and_then(|c| c.caps),
         no_new_privs: plan.no_new_privs,
         announce: announce.map(|a| (a.journal.as_raw_fd(), a.head, a.tail)),
+        parent: std::process::id() as libc::pid_t,
         errno: AtomicI32::new(0),
         step: AtomicI32::new(0),
     };
@@ -554,6 +557,39 @@ pub fn spawn(
         return Err(fail(step, io::Error::from_raw_os_error(errno)));
     }
     Ok(pid)
+}
+
+/// Marks every descriptor from 3 up close-on-exec, so that what this process inherited
+/// from its caller is not passed on to the processes it starts (the init: its agent and
+/// shim server). Its own descriptors are opened close-on-exec anyway.
+pub fn cloexec_inherited() -> io::Result<()> {
+    // SAFETY: with CLOSE_RANGE_CLOEXEC nothing is closed: only the flag is set, so no
+    // descriptor owned elsewhere in the process becomes invalid.
+    let r = unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as c_int) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// In the cloned child, after its identity change (which clears the setting): it is
+/// SIGKILLed when its supervisor dies, and it goes no further if the supervisor died
+/// already (it was re-parented: nobody would name, watch or stop it). The setting lasts
+/// across exec (but not a set-user-ID one), so a task's main process ends with its
+/// supervisor. `getppid` reads 0 where the parent is outside the child's PID namespace:
+/// the death signal stands for the check there.
+///
+/// # Safety
+/// Raw system calls only, in the child of `spawn`.
+unsafe fn die_with_parent(parent: libc::pid_t) -> bool {
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return false;
+        }
+        let ppid = libc::syscall(libc::SYS_getppid) as libc::pid_t;
+        ppid == parent || ppid == 0
+    }
 }
 
 /// The cloned child: set up and exec, or record why not and exit. Raw system calls only,
@@ -682,6 +718,9 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         }
         if a.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             return fail(4, errno());
+        }
+        if !die_with_parent(a.parent) {
+            return fail(2, libc::ESRCH);
         }
         if !a.cwd_path.is_null() && libc::chdir(a.cwd_path) != 0 {
             return fail(1, errno());

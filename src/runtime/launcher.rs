@@ -72,10 +72,19 @@ impl Launcher {
             .arg("shim-server")
             // Tasks get the open-file limit the agent was started with, not its raised one.
             .args(crate::limits::original_nofile().map(|n| format!("--nofile-soft={n}")))
+            // Under the init, the agent's oom_score_adj was raised: tasks keep the
+            // container's (the init's), as with the init's own server.
+            .args(
+                std::env::var(TASK_OOM_SCORE_ADJ_ENV)
+                    .ok()
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(|v| format!("--oom-score-adj={v}")),
+            )
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .env_remove(SERVER_ON_STDIN_ENV)
+            .env_remove(TASK_OOM_SCORE_ADJ_ENV)
             // Outside the agent's group, so the reaper (which leaves the agent's own group
             // to those who wait for its members) reaps it and shims it leaves behind.
             .process_group(0)
@@ -98,6 +107,10 @@ fn into_async(sock: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 /// agent's stdin is then a socket to the init's shim server. Not passed on to a server the
 /// agent starts itself (whose environment its shims and host tasks inherit).
 pub const SERVER_ON_STDIN_ENV: &str = "TASK_EXECUTOR_SHIM_SERVER";
+
+/// Set by `task-executor init` in the agent's environment: the container's oom_score_adj
+/// (the init's), which a shim server the agent starts itself gives back to its shims.
+pub const TASK_OOM_SCORE_ADJ_ENV: &str = "TASK_EXECUTOR_TASK_OOM_SCORE_ADJ";
 
 /// The server socket handed over on stdin, until the launcher takes it. Process-wide, as
 /// the descriptor it came from is.

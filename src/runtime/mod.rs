@@ -5,6 +5,8 @@ pub mod child_setup; // the crate's only `unsafe`: fork licence, task spawn, fd 
 #[forbid(unsafe_code)]
 pub mod container;
 #[forbid(unsafe_code)]
+pub mod containment; // a cgroup per process task: ending all of it, proving it gone
+#[forbid(unsafe_code)]
 pub mod error;
 #[forbid(unsafe_code)]
 pub mod exit_watch;

@@ -379,6 +379,9 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
 /// dies) falls back to the task's marker, where environments are readable.
 /// `before`: the journal as the shim left it (which hooks had ended); `run`: as it is now.
 fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) {
+    if stop_cgroup(task, run) {
+        return;
+    }
     let mut named = false;
     for h in HookName::ALL {
         let r = run.hook(h);
@@ -394,6 +397,26 @@ fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) {
     }
     if !named && let Some(claim) = &run.claimed {
         stop_marked(&task.name, claim.shim.start_time);
+    }
+}
+
+/// Ends the task's cgroup, when its shim made one (see `containment`): everything of the
+/// task is in it, also what was re-parented to the dead shim. Whether it was proven empty
+/// (otherwise the journal's names are the fallback, and a stop retries the cgroup).
+fn stop_cgroup(task: &TaskRef, run: &Run) -> bool {
+    let Some(cg) = run.claimed.as_ref().and_then(|c| c.cgroup.as_ref()) else {
+        return false;
+    };
+    match super::containment::kill(cg, std::time::Duration::from_secs(10)) {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(task = %task.name, cgroup = %cg.display(), "the task's cgroup is not empty after SIGKILL");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(task = %task.name, cgroup = %cg.display(), error = %e, "cannot end the task's cgroup");
+            false
+        }
     }
 }
 

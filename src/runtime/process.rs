@@ -12,6 +12,7 @@ use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 
+use super::containment::{self, Parent};
 use super::exit_watch::ExitWatch;
 use super::launcher::Launcher;
 use super::outcome::{self, settle};
@@ -36,6 +37,12 @@ pub struct ProcessRuntime {
     /// The limit of a hook that sets no positive `timeoutSeconds` (`--hook-timeout`;
     /// `None`: no limit, as upstream).
     hook_timeout: Option<Duration>,
+    /// Where each task's cgroup is made (`None`: the agent can make none).
+    containment: Option<Parent>,
+    /// `--end-task-with-main`.
+    end_with_main: bool,
+    /// Why this agent can't stop tasks (`proc_handle::check_signalling`), if it can't.
+    cannot_signal: Option<std::sync::Arc<str>>,
 }
 
 impl ProcessRuntime {
@@ -47,12 +54,41 @@ impl ProcessRuntime {
             max_log_bytes,
             default_run_as: RunAs::default(),
             hook_timeout: None,
+            containment: None,
+            cannot_signal: None,
+            end_with_main: false,
         }
     }
 
     /// Hooks that set no positive `timeoutSeconds` are killed after `limit`.
     pub fn with_hook_timeout(mut self, limit: Option<Duration>) -> Self {
         self.hook_timeout = limit;
+        self
+    }
+
+    /// What a task's main command leaves running ends when it exits.
+    pub fn with_end_with_main(mut self, yes: bool) -> Self {
+        self.end_with_main = yes;
+        self
+    }
+
+    /// The result of `proc_handle::check_signalling`: a failure makes the agent not ready.
+    pub fn with_signalling(mut self, checked: Result<(), String>) -> Self {
+        self.cannot_signal = checked.err().map(Into::into);
+        self
+    }
+
+    /// Not ready when it could not stop a task it started.
+    pub(crate) fn own_readiness(&self) -> super::Readiness {
+        match &self.cannot_signal {
+            Some(why) => super::Readiness::NotReady(why.to_string()),
+            None => super::Readiness::Ready,
+        }
+    }
+
+    /// Each task gets a cgroup under `parent` (see `containment`).
+    pub fn with_containment(mut self, parent: Option<Parent>) -> Self {
+        self.containment = parent;
         self
     }
 
@@ -129,6 +165,8 @@ impl ProcessRuntime {
                 self.hook_timeout,
             ),
             nonce: None,
+            containment: self.containment.clone(),
+            end_with_main: self.end_with_main,
         };
         let mut attempt = 1;
         let pipe = loop {
@@ -266,7 +304,10 @@ impl ProcessRuntime {
                 })
                 .unwrap_or(Some(Duration::ZERO));
             stop(&task.dir, grace, hooks).await;
-            Ok(())
+            let (dir, uid) = (task.dir.clone(), task.host_uid);
+            crate::task::offload::offload(move || end_leftovers(&dir, uid))
+                .await
+                .map_err(RuntimeError::Io)
         })
     }
 }
@@ -305,6 +346,11 @@ impl Runtime for ProcessRuntime {
 
     fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>> {
         self.stop_task(task, grace)
+    }
+
+    fn readiness(&self) -> BoxFuture<'static, super::Readiness> {
+        let r = self.own_readiness();
+        Box::pin(async move { r })
     }
 }
 
@@ -758,8 +804,44 @@ async fn stop(dir: &Path, grace: Duration, hooks: Option<Duration>) {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(50));
     }
-    // Whatever outlived a dead supervisor goes too (its group, while provably its own).
-    if let Some(main) = rec.and_then(|r| r.main) {
+    // Whatever outlived a dead supervisor goes too: without a cgroup, main's group while
+    // provably its own, and never once its exit is recorded (its group id may be anyone's
+    // by then); with one, `end_leftovers` ends all of it.
+    let run = records::read_run(dir).unwrap_or_default();
+    let contained = run.claimed.as_ref().is_some_and(|c| c.cgroup.is_some());
+    if !contained
+        && run.exit.is_none()
+        && let Some(main) = rec.and_then(|r| r.main)
+    {
         signal_group(&main, Signal::SIGKILL);
     }
+}
+
+/// How long a stop waits for a task's cgroup (or uid) to be empty before it reports
+/// failure (and is retried): SIGKILLed processes only need to be scheduled to die.
+const EMPTY_WAIT: Duration = Duration::from_secs(10);
+
+/// After the shim is gone: ends everything of the task that is left, through its cgroup,
+/// else (with a uid of its own) every process of its uid. An error (something is left)
+/// keeps the task, and so its uid, until a retry proves it empty. Blocking.
+fn end_leftovers(dir: &Path, host_uid: Option<u32>) -> io::Result<()> {
+    let run = records::read_run(dir)?;
+    let cgroup = run.claimed.and_then(|c| c.cgroup);
+    if let Some(cg) = &cgroup
+        && !containment::kill(cg, EMPTY_WAIT)?
+    {
+        return Err(io::Error::other(format!(
+            "the task's cgroup {} is not empty after SIGKILL",
+            cg.display()
+        )));
+    }
+    if cgroup.is_none()
+        && let Some(uid) = host_uid
+        && !containment::kill_uid_until_gone(uid, EMPTY_WAIT)
+    {
+        return Err(io::Error::other(format!(
+            "processes of the task's uid {uid} are left after SIGKILL"
+        )));
+    }
+    Ok(())
 }

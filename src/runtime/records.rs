@@ -381,6 +381,12 @@ pub struct Launch {
     /// Runs once the main command has ended (or could not start, or `preStart` failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_stop: Option<HookLaunch>,
+    /// Where the shim makes the task's cgroup (`None`: the agent can make none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<super::containment::Parent>,
+    /// What the main command left running is SIGKILLed when it exits.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub end_with_main: bool,
 }
 
 impl Launch {
@@ -531,6 +537,9 @@ pub struct Claim {
     /// The launch's `nonce` it took (absent in journals of older shims).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// The task's cgroup, made before the claim: everything of the task is in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// The shim that took the launch spawned nothing of the task (why: the error), so the
@@ -607,6 +616,8 @@ mod tests {
             host_run_as: RunAs::default(),
             allow_privilege_escalation: false,
             nonce: None,
+            containment: None,
+            end_with_main: false,
         };
         assert!(!launch.from_earlier_boot());
         assert!(write_launch(dir.path(), &launch).unwrap());
@@ -643,6 +654,7 @@ mod tests {
             &Entry::Claimed(Claim {
                 shim: me,
                 nonce: None,
+                cgroup: None,
             }),
             false,
         )
@@ -658,6 +670,7 @@ mod tests {
             &Entry::Claimed(Claim {
                 shim: me,
                 nonce: None,
+                cgroup: None,
             }),
             false,
         )

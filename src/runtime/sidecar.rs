@@ -230,6 +230,9 @@ impl Runtime for SidecarRuntime {
     fn readiness(&self) -> BoxFuture<'static, Readiness> {
         let rt = self.clone();
         Box::pin(async move {
+            if let Readiness::NotReady(why) = rt.process.own_readiness() {
+                return Readiness::NotReady(why);
+            }
             match rt.locator.locate().await {
                 Ok(_) => Readiness::Ready,
                 Err(e) => {

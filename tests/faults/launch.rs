@@ -177,6 +177,7 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         &Entry::Claimed(records::Claim {
             shim: me,
             nonce: Some("n1".into()),
+            cgroup: None,
         }),
         false,
     )

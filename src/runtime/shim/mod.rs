@@ -38,6 +38,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use self::place::{MAIN, POST_STOP, PRE_START, Place};
 use super::child_setup::{Cwd, ForkServer};
+use super::containment;
 use super::procfs::ProcIdentity;
 use super::records::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
 use crate::task::exhaustion::Exhaustion;
@@ -128,12 +129,23 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
     mask.thread_block()?;
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
+    // Before anything of the task (or its reaper) is forked: all of it is born inside.
+    let cgroup = enter_cgroup(&launch, &me)?;
+    let left = |cgroup: &Option<std::path::PathBuf>| {
+        if let Some(dir) = cgroup {
+            containment::leave_and_remove(dir);
+        }
+    };
     let place = match place(licence, &launch) {
         Ok(p) => p,
         // Out of processes, memory or file descriptors before anything of the task ran
         // (the sidecar reaper is ours): the agent starts it again later.
-        Err(e) if Exhaustion::of(&e).is_some() => return Err(e),
+        Err(e) if Exhaustion::of(&e).is_some() => {
+            left(&cgroup);
+            return Err(e);
+        }
         Err(e) => {
+            left(&cgroup);
             let what = format!("failed to start {:?}", launch.argv[0]);
             return finish_start_error(running_lock, &e, &what, &launch);
         }
@@ -146,9 +158,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
     let claim = Entry::Claimed(Claim {
         shim: me,
         nonce: launch.nonce.clone(),
+        cgroup: cgroup.clone(),
     });
     if let Err(e) = records::append(journal, &claim, true) {
-        return Err(give_back(dir, journal, e));
+        let e = give_back(dir, journal, e);
+        left(&cgroup);
+        return Err(e);
     }
     match sup.start_first() {
         Ok(()) => {}
@@ -156,11 +171,26 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         // agent starts it again later rather than failing it for good.
         Err(supervisor::FirstStart::Exhausted(e)) => {
             let journal = sup.journal_file().expect("held until the run ends");
-            return Err(give_back(dir, journal, e));
+            let e = give_back(dir, journal, e);
+            if !CLAIM_STANDS.load(Ordering::Relaxed) {
+                left(&cgroup);
+            }
+            return Err(e);
         }
         Err(supervisor::FirstStart::Failed(e)) => return Err(e),
     }
     sup.run(&sigfd)
+}
+
+/// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after
+/// the shim's identity, unique on this boot. A cgroup that can't be made fails the start
+/// before anything of the task ran: the operator's containment is never silently lost.
+fn enter_cgroup(launch: &Launch, me: &ProcIdentity) -> io::Result<Option<std::path::PathBuf>> {
+    let Some(parent) = &launch.containment else {
+        return Ok(None);
+    };
+    let name = format!("task-{}-{}", me.pid, me.start_time);
+    containment::create_and_enter(parent, &name).map(Some)
 }
 
 /// Nothing of the task was spawned after all: the claim is given back in the journal, so

@@ -635,7 +635,18 @@ impl<'a> Supervisor<'a> {
             target_gone: self.target_gone_now(),
             ..Default::default()
         };
-        self.record_main(rec)
+        self.record_main(rec)?;
+        self.end_with_main();
+        Ok(())
+    }
+
+    /// `--end-task-with-main`: what the main command left running is SIGKILLed now (and
+    /// again every round until none is left), as runc ends a container with its init.
+    fn end_with_main(&mut self) {
+        if self.launch.end_with_main && self.stopping == Stopping::No {
+            self.signal_tree(Signal::SIGKILL);
+            self.stopping = Stopping::Killing(Instant::now() + KILL_AGAIN);
+        }
     }
 
     /// The reaper inside the main container is gone and never reported the task's exit.

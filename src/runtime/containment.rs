@@ -1,0 +1,333 @@
+//! A cgroup per process task: everything a task starts (its main command, hooks, what
+//! they daemonise, its shim) is in it, so everything of it can be ended at once and
+//! proven gone, even after its shim died (a double-forked `setsid` child re-parented to
+//! a dead shim has no other trace).
+//!
+//! The agent picks the hierarchy once at start (`detect`): cgroup v2 where it has
+//! `cgroup.kill` (Linux 5.14), else the cgroup v1 freezer. Task cgroups live in a
+//! `task-executor` directory under the agent's own cgroup, so a pod's tasks stay within
+//! its limits. The shim creates its task's cgroup and moves itself in before it claims the
+//! launch (nothing of the task runs yet, and every process it forks is born inside); the
+//! path is journaled in the claim, so a restarted agent still finds it.
+//!
+//! Ending (`kill`): v2 writes `cgroup.kill` and waits for `cgroup.events` to read
+//! `populated 0`; v1 freezes the cgroup (nothing in it can fork or exit meanwhile, so
+//! the pids read are its own), SIGKILLs each, thaws it and waits until `cgroup.procs` is
+//! empty. Then the directory is removed. Only "empty" is proof that nothing of the task
+//! runs: a caller that got `false` must not hand the task's uid on.
+//!
+//! Without cgroups, `kill_uid` is the fallback for a task with a uid of its own: every
+//! process with that uid is the task's.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use super::proc_handle::ProcHandle;
+use super::procfs;
+
+/// The directory task cgroups are made in, under the agent's own cgroup.
+const PARENT_NAME: &str = "task-executor";
+
+/// Which kind of cgroup a task gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Kind {
+    /// cgroup v2 with `cgroup.kill`.
+    V2,
+    /// The cgroup v1 freezer hierarchy.
+    V1Freezer,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::V2 => "cgroup-v2",
+            Kind::V1Freezer => "cgroup-v1-freezer",
+        }
+    }
+}
+
+/// Where the shim makes its task's cgroup; written by the agent into the launch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Parent {
+    pub kind: Kind,
+    pub dir: PathBuf,
+}
+
+/// The containment this agent gives process tasks: a cgroup per task, or why not.
+pub fn detect() -> Result<Parent, String> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let mut why = Vec::new();
+    for kind in [Kind::V2, Kind::V1Freezer] {
+        match try_kind(kind, &mounts, &own) {
+            Ok(p) => return Ok(p),
+            Err(e) => why.push(format!("{}: {e}", kind.as_str())),
+        }
+    }
+    Err(why.join("; "))
+}
+
+fn try_kind(kind: Kind, mounts: &str, own: &str) -> Result<Parent, String> {
+    let mount = mount_point(kind, mounts).ok_or("not mounted")?;
+    let path = own
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctl, path) = (p.next()?, p.next()?, p.next()?);
+            let ours = match kind {
+                Kind::V2 => ctl.is_empty(),
+                Kind::V1Freezer => ctl.split(',').any(|c| c == "freezer"),
+            };
+            ours.then(|| path.to_string())
+        })
+        .ok_or("the agent is in no cgroup of it")?;
+    if path.starts_with("/..") {
+        return Err(format!(
+            "the agent's cgroup {path} is outside the mounted tree"
+        ));
+    }
+    let dir = mount.join(path.trim_start_matches('/')).join(PARENT_NAME);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    // (A root cgroup has no `cgroup.kill`; every other one has, from Linux 5.14.)
+    if kind == Kind::V2 && !dir.join("cgroup.kill").exists() {
+        return Err("no cgroup.kill (Linux 5.14 or later)".into());
+    }
+    // A probe proves cgroups can be made there (a read-only mount, no delegation).
+    let probe = dir.join(format!("probe-{}", std::process::id()));
+    fs::create_dir(&probe).map_err(|e| format!("cannot create {}: {e}", probe.display()))?;
+    let _ = fs::remove_dir(&probe);
+    Ok(Parent { kind, dir })
+}
+
+/// Where the hierarchy is mounted (the first mount of it).
+fn mount_point(kind: Kind, mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
+        let point = pre.split_whitespace().nth(4)?;
+        let wanted = match kind {
+            Kind::V2 => fstype == "cgroup2",
+            Kind::V1Freezer => fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"),
+        };
+        wanted.then(|| PathBuf::from(point))
+    })
+}
+
+/// Creates the task's cgroup `name` under `parent` and moves the calling process into
+/// it: everything it forks from now on is born there. Returns its path.
+pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
+    let dir = parent.dir.join(name);
+    fs::create_dir(&dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("task cgroup {}: {e}", dir.display())))?;
+    if let Err(e) = fs::write(dir.join("cgroup.procs"), b"0") {
+        let _ = fs::remove_dir(&dir);
+        return Err(io::Error::new(
+            e.kind(),
+            format!("entering task cgroup {}: {e}", dir.display()),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Moves the calling process back to the parent and removes the task's cgroup (a shim
+/// whose task never started).
+pub fn leave_and_remove(dir: &Path) {
+    if let Some(parent) = dir.parent() {
+        let _ = fs::write(parent.join("cgroup.procs"), b"0");
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// Whether nothing runs in the cgroup (a missing cgroup is empty).
+pub fn is_empty(dir: &Path) -> io::Result<bool> {
+    if dir.join("cgroup.events").exists() {
+        let events = match fs::read_to_string(dir.join("cgroup.events")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        return Ok(events.lines().any(|l| l == "populated 0"));
+    }
+    match fs::read_to_string(dir.join("cgroup.procs")) {
+        Ok(t) => Ok(t.trim().is_empty()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Ends every process in the task's cgroup and removes it; waits up to `wait` for it to
+/// be empty. Returns whether it was proven empty. Blocking.
+pub fn kill(dir: &Path, wait: Duration) -> io::Result<bool> {
+    if !dir.exists() {
+        return Ok(true);
+    }
+    let deadline = Instant::now() + wait;
+    if dir.join("cgroup.kill").exists() {
+        match fs::write(dir.join("cgroup.kill"), b"1") {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(e),
+        }
+    } else {
+        kill_frozen(dir, deadline)?;
+    }
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if is_empty(dir)? {
+            match fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // EBUSY: a child cgroup (made by the task) or a process just entering.
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot remove the task's cgroup")
+                }
+            }
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        if !dir.join("cgroup.kill").exists() {
+            // v1: what was forked while the freezer settled goes too.
+            kill_frozen(dir, deadline)?;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// v1: freeze, SIGKILL every member, thaw (the kills are delivered on thawing).
+fn kill_frozen(dir: &Path, deadline: Instant) -> io::Result<()> {
+    let state = dir.join("freezer.state");
+    fs::write(&state, b"FROZEN")?;
+    // Freezing takes a moment per process; FREEZING until all are.
+    while fs::read_to_string(&state)?.trim() != "FROZEN" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let procs = fs::read_to_string(dir.join("cgroup.procs"))?;
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // Frozen, so the pid can't have been freed and reused since it was listed.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    fs::write(&state, b"THAWED")
+}
+
+/// The cgroup-less fallback for a task with a uid of its own: SIGKILLs every process
+/// whose real, effective or saved uid is `uid` (each through a handle checked to be the
+/// process read); returns how many were left.
+pub fn kill_uid(uid: u32) -> usize {
+    let Ok(proc) = fs::File::open("/proc") else {
+        return 0;
+    };
+    let mut left = 0;
+    for pid in procfs::pids() {
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let ids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .map(|r| {
+                r.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !ids.iter().take(3).any(|u| *u == uid) {
+            continue;
+        }
+        use std::os::fd::AsFd;
+        if let Ok((h, st)) = ProcHandle::open_at(proc.as_fd(), pid)
+            && st.state != 'Z'
+        {
+            left += 1;
+            let _ = h.signal(Signal::SIGKILL);
+        }
+    }
+    left
+}
+
+/// Ends the uid's processes, SIGKILL rounds until none is left or `wait` passed; whether
+/// none is. Blocking.
+pub fn kill_uid_until_gone(uid: u32, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    loop {
+        if kill_uid(uid) == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_found_by_type_and_controller() {
+        let mounts = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+            35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+            37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            mount_point(Kind::V2, mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            mount_point(Kind::V1Freezer, mounts),
+            Some(PathBuf::from("/sys/fs/cgroup/freezer"))
+        );
+        assert_eq!(
+            mount_point(Kind::V2, "1 2 0:1 / / rw - ext4 /dev/x rw\n"),
+            None
+        );
+    }
+
+    /// Both kinds, on this machine's real hierarchies (it has both): a setsid'd,
+    /// double-forked process in a task cgroup is ended, and the cgroup removed.
+    #[test]
+    fn kill_ends_double_forked_daemons_in_both_kinds() {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        for kind in [Kind::V2, Kind::V1Freezer] {
+            let parent = try_kind(kind, &mounts, &own)
+                .unwrap_or_else(|e| panic!("this machine has {}: {e}", kind.as_str()));
+            let name = format!("unit-{}-{}", std::process::id(), kind.as_str());
+            let dir = parent.dir.join(&name);
+            fs::create_dir(&dir).unwrap();
+            // The shell enters the cgroup itself, then double-forks a setsid'd sleep.
+            let mut sh = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo 0 > {}/cgroup.procs && (setsid sleep 4441 &) ; echo ok",
+                    dir.display()
+                ))
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            sh.wait().unwrap();
+            let t0 = Instant::now();
+            while is_empty(&dir).unwrap() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            assert!(!is_empty(&dir).unwrap(), "the daemon runs in {kind:?}");
+            assert!(kill(&dir, Duration::from_secs(10)).unwrap(), "{kind:?}");
+            assert!(!dir.exists(), "{kind:?}: the cgroup is removed");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Nothing of a task outlives it, even after its supervisor (shim) died: each process
+//! task gets a cgroup of its own (this machine has both cgroup v2 with `cgroup.kill` and
+//! the v1 freezer), and without cgroups a task with a uid of its own is swept by its uid.
+//! Only what is the task's is touched: a process whose exit is recorded is never
+//! signalled. Real processes, real cgroups; needs root.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::time::Duration;
+
+use serde_json::json;
+use support::agent::Agent;
+use support::{pid_alive, pids_with_cmdline, wait_for};
+
+const T: Duration = Duration::from_secs(30);
+
+/// `sleep N` processes (N unique to each test), SIGKILLed when dropped, so a failing test
+/// leaves nothing running.
+struct Sleep(&'static str);
+
+impl Sleep {
+    fn pids(&self) -> Vec<i32> {
+        pids_with_cmdline(&["sleep", self.0])
+    }
+
+    fn wait_running(&self) -> i32 {
+        wait_for(T, &format!("sleep {} running", self.0), || {
+            self.pids().first().copied()
+        })
+    }
+
+    /// Whether it is gone within a few seconds (SIGKILLed processes only need to be
+    /// scheduled to die).
+    fn gone_soon(&self) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if self.pids().is_empty() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        for p in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+fn claim(a: &Agent, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(a.task_dir(name).join("run.jsonl")).unwrap();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("claimed").cloned())
+        .unwrap_or_else(|| panic!("no claim: {text}"))
+}
+
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_task_that_kills_its_own_supervisor_leaves_nothing_running() {
+    // The issue's reproduction: a setsid'd, double-forked daemon re-parented to the shim,
+    // then the shim killed by the task itself. Without a cgroup the daemon survived
+    // SupervisorLost and DELETE.
+    let a = Agent::start(&[]);
+    let daemon = Sleep("35001");
+    let r = a.create(json!({"name": "selfkill", "spec": {"process": {
+        "command": ["sh", "-c", "(setsid sleep 35001 &); sleep 0.3; kill -9 $PPID; sleep 1"],
+        "timeoutSeconds": 5}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = a.wait_state("selfkill", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    assert!(
+        daemon.gone_soon(),
+        "the daemon outlived its task's supervisor\n{}",
+        a.log_tail()
+    );
+    // The cgroup is journaled with the claim, and gone once the task is deleted.
+    let cg = claim(&a, "selfkill")["cgroup"]
+        .as_str()
+        .expect("a cgroup in the claim")
+        .to_string();
+    a.delete("selfkill");
+    a.wait_gone("selfkill", T);
+    assert!(
+        !std::path::Path::new(&cg).exists(),
+        "{cg} removed with the task"
+    );
+}
+
+#[test]
+fn killing_a_shim_ends_its_tasks_daemons_after_an_agent_restart() {
+    // kill -9 of the agent, then of the shim: the restarted agent knows the task's cgroup
+    // only from the journal, and ends everything in it.
+    let mut a = Agent::start(&[]);
+    let daemon = Sleep("35011");
+    let child = Sleep("35012");
+    a.run_sh(
+        "orphans",
+        "(setsid sleep 35011 &); sleep 35012 & echo up; while true; do sleep 0.2; done",
+    );
+    a.wait_state("orphans", "running", T);
+    daemon.wait_running();
+    child.wait_running();
+    let shim = support::agent::started_record(&a.task_dir("orphans")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    a.kill9();
+    kill9(shim);
+    a.restart();
+    let t = a.wait_state("orphans", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    assert!(daemon.gone_soon(), "the daemon survived\n{}", a.log_tail());
+    assert!(child.gone_soon(), "the child survived\n{}", a.log_tail());
+}
+
+/// A task's uid (`--task-uid-range` with one uid) is handed to the next task only when
+/// nothing of the previous one runs: its daemon, escaped from a killed shim, must be gone
+/// when the next task gets the same uid.
+fn uid_is_free_only_when_empty(extra: &[&str], n: &'static str) {
+    let mut args = vec!["--task-uid-range", "41000-41000"];
+    args.extend_from_slice(extra);
+    let a = Agent::start(&args);
+    let daemon = Sleep(n);
+    a.run_sh(
+        "first",
+        &format!("(setsid sleep {n} &); echo up; while true; do sleep 0.2; done"),
+    );
+    a.wait_state("first", "running", T);
+    daemon.wait_running();
+    // The task runs as its uid: it can't kill its (root) shim itself.
+    let shim = support::agent::started_record(&a.task_dir("first")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    kill9(shim);
+    let t = a.wait_state("first", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    a.delete("first");
+    a.wait_gone("first", T);
+    assert!(
+        daemon.pids().is_empty(),
+        "the first task's daemon runs when its uid is free again\n{}",
+        a.log_tail()
+    );
+    a.run_sh("second", "id -u");
+    let t = a.wait_state("second", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    assert_eq!(a.stdout("second").trim(), "41000");
+}
+
+#[test]
+fn a_uid_is_handed_on_only_when_nothing_of_its_task_runs() {
+    uid_is_free_only_when_empty(&[], "35021");
+}
+
+#[test]
+fn without_cgroups_a_task_with_its_own_uid_is_swept_by_its_uid() {
+    uid_is_free_only_when_empty(&["--task-cgroups=false"], "35031");
+}
+
+#[test]
+fn the_containment_is_shown_in_metrics() {
+    let a = Agent::start(&[]);
+    let m = a.call("GET", "/metrics", None).text();
+    assert!(
+        m.contains(r#"task_executor_containment{mechanism="cgroup-v2"} 1"#),
+        "{m}"
+    );
+    let a = Agent::start(&["--task-cgroups=false"]);
+    let m = a.call("GET", "/metrics", None).text();
+    assert!(
+        m.contains(r#"task_executor_containment{mechanism="none"} 1"#),
+        "{m}"
+    );
+}
+
+#[test]
+fn delete_never_signals_the_group_of_a_main_whose_exit_is_recorded() {
+    // The journal names a main process whose exit is recorded and whose shim is dead; its
+    // pid (and, within a clock tick, its start time) may be someone else's by now. Staged
+    // with a live bystander as that identity: DELETE must leave it alone.
+    let mut a = Agent::start(&["--task-cgroups=false"]);
+    a.kill9();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let dir = a.data_dir.join("ended");
+    std::fs::create_dir_all(&dir).unwrap();
+    let argv = ["true"];
+    let rec = json!({"name": "ended", "uid": "uid-ended", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": argv}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    let _bystander = Sleep("35041");
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("35041")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = bystander.id() as i32;
+    let start = task_executor::runtime::procfs::stat(pid)
+        .unwrap()
+        .start_time;
+    let id = json!({"pid": pid, "startTime": start});
+    let dead_shim = json!({"pid": 4_000_000, "startTime": 1});
+    let lines = [
+        json!({"launch": {"argv": argv, "env": [], "graceMs": 1000, "maxLogBytes": 4096,
+                          "bootId": this_boot.trim()}}),
+        json!({"claimed": {"shim": dead_shim}}),
+        json!({"started": {"shim": dead_shim, "main": id, "startedAt": "2026-01-01T00:00:01Z"}}),
+        json!({"exit": {"exitCode": 0, "startedAt": "2026-01-01T00:00:01Z",
+                        "finishedAt": "2026-01-01T00:00:02Z"}}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("run.jsonl"), text).unwrap();
+    a.restart();
+    let t = a.wait_state("ended", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    a.delete("ended");
+    a.wait_gone("ended", T);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        pid_alive(pid),
+        "DELETE killed a process group the task no longer owned"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+#[test]
+fn a_tasks_main_process_dies_with_its_supervisor_even_with_no_agent() {
+    // No cgroups and no agent to clean up (it was killed first): the main process dies
+    // of its parent-death signal the moment its shim does.
+    let mut a = Agent::start(&["--task-cgroups=false"]);
+    let main = Sleep("35051");
+    a.run("orphaned", &["sleep", "35051"]);
+    a.wait_state("orphaned", "running", T);
+    let pid = main.wait_running();
+    let shim = support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    a.kill9();
+    kill9(shim);
+    assert!(main.gone_soon(), "main (pid {pid}) outlived its supervisor");
+}
+
+/// Runs the rest of its argv under a seccomp filter that answers EPERM to
+/// `pidfd_send_signal` (x86-64 syscall 424), as a profile older than the call does.
+const NO_PIDFD_SIGNAL: &str = r#"
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def ins(code, jt, jf, k): return struct.pack("HBBI", code, jt, jf, k)
+prog = b"".join([
+    ins(0x20, 0, 0, 0),            # ld [nr]
+    ins(0x15, 0, 1, 424),          # jeq pidfd_send_signal
+    ins(0x06, 0, 0, 0x00050001),   # ret ERRNO(EPERM)
+    ins(0x06, 0, 0, 0x7fff0000),   # ret ALLOW
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+fbuf = ctypes.create_string_buffer(fprog)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                      # no_new_privs
+assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(fbuf)), 0, 0) == 0  # filter
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+#[test]
+fn an_agent_that_cannot_signal_through_pidfds_is_not_ready_and_says_why() {
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the filter's syscall number"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("no_pidfd_signal.py");
+    std::fs::write(&script, NO_PIDFD_SIGNAL).unwrap();
+    let script = script.to_str().unwrap();
+    let a = Agent::start_wrapped(&["python3", script], &[]);
+    let r = a.call("GET", "/readyz", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("pidfd_send_signal"), "{}", r.text());
+    // The same agent without the filter is ready.
+    let a = Agent::start(&[]);
+    assert_eq!(a.call("GET", "/readyz", None).status, 200);
+}
+
+#[test]
+fn tasks_keep_the_containers_oom_score_after_the_inits_shim_server_died() {
+    // The init raises the agent's oom_score_adj, not the shim server's. Once that server
+    // is killed, the agent starts one of its own: its tasks must not inherit the agent's.
+    let init = support::init::Init::start(&[], &[]);
+    let a = &init.agent;
+    let base = support::init::oom_score_adj(init.pid());
+    let server = init.server_pid().expect("the init's shim server");
+    kill9(server);
+    wait_for(T, "the server gone", || (!pid_alive(server)).then_some(()));
+    a.run("oom", &["cat", "/proc/self/oom_score_adj"]);
+    let t = a.wait_state("oom", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    assert_eq!(a.stdout("oom").trim(), base.to_string());
+}
+
+#[test]
+fn the_init_passes_no_inherited_descriptor_to_the_agent() {
+    // A descriptor without close-on-exec, as a careless caller leaves one.
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("leaked-descriptor");
+    let f = std::fs::File::create(&marker).unwrap();
+    nix::fcntl::fcntl(
+        &f,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let init = support::init::Init::start(&[], &[]);
+    drop(f);
+    let agent = init.agent_pid().unwrap();
+    let leaked: Vec<String> = std::fs::read_dir(format!("/proc/{agent}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.contains("leaked-descriptor"))
+        .collect();
+    assert!(leaked.is_empty(), "the agent holds {leaked:?}");
+}
+
+#[test]
+fn with_end_task_with_main_what_main_left_running_ends_with_it() {
+    let a = Agent::start(&["--end-task-with-main"]);
+    let daemon = Sleep("35061");
+    let child = Sleep("35062");
+    a.run_sh(
+        "leaves",
+        "(setsid sleep 35061 &); sleep 35062 & sleep 0.5; echo done",
+    );
+    let t = a.wait_state("leaves", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    assert_eq!(a.stdout("leaves"), "done\n");
+    assert!(
+        daemon.gone_soon(),
+        "the daemon outlived main\n{}",
+        a.log_tail()
+    );
+    assert!(
+        child.gone_soon(),
+        "the child outlived main\n{}",
+        a.log_tail()
+    );
+    // Without the option they run on (upstream's behaviour) until the task is deleted.
+    let a = Agent::start(&[]);
+    let daemon = Sleep("35063");
+    a.run_sh("stays", "(setsid sleep 35063 &); sleep 0.5");
+    a.wait_state("stays", "terminated", T);
+    daemon.wait_running();
+    a.delete("stays");
+    a.wait_gone("stays", T);
+    assert!(daemon.gone_soon(), "deleted with its task");
+}
