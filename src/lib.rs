@@ -50,6 +50,7 @@ use crate::runtime::process::ProcessRuntime;
 use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
 use crate::runtime::{Runtime, Runtimes};
 use crate::task::model::ExecMode;
+use crate::task::policy::{PolicyLevel, TaskPolicy};
 use crate::task::store::Store;
 
 /// Errors that stop the agent from starting or serving.
@@ -149,6 +150,51 @@ fn check_task_identity(config: &Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// The task policy of `--task-policy` and its allowlists, over the configured identity.
+fn task_policy(config: &Config) -> TaskPolicy {
+    TaskPolicy {
+        level: config.task_policy,
+        run_as: config.task_run_as_user,
+        uid_range: config.task_uid_range,
+        remote_runs_as_target: config.sidecar_run_as_target_user,
+        main_container: config.main_container_name.clone(),
+        host_paths: config.task_host_path_allow.clone(),
+        images: config.task_image_allow.clone(),
+    }
+}
+
+/// `restricted` never runs a task as root: its tasks need a non-root identity to run
+/// as, so an agent that would run them as itself (root) doesn't start.
+fn check_task_policy(config: &Config) -> Result<(), AppError> {
+    if let Some(p) = config.task_host_path_allow.iter().find(|p| !p.is_absolute()) {
+        return Err(AppError::Config(format!(
+            "--task-host-path-allow {}: expected an absolute directory",
+            p.display()
+        )));
+    }
+    if config.task_policy != PolicyLevel::Restricted {
+        return Ok(());
+    }
+    let own_identity = config.task_uid_range.is_none()
+        && config.task_run_as_user.and_then(|r| r.uid).is_none();
+    if own_identity && nix::unistd::geteuid().is_root() {
+        return Err(AppError::Config(
+            "--task-policy restricted runs no task as root: give host tasks a user (--task-run-as-user or --task-uid-range)".into(),
+        ));
+    }
+    if config.task_run_as_user.and_then(|r| r.uid) == Some(0) {
+        return Err(AppError::Config(
+            "--task-policy restricted runs no task as root: --task-run-as-user must not be 0".into(),
+        ));
+    }
+    if !config.sidecar_run_as_target_user {
+        return Err(AppError::Config(
+            "--task-policy restricted needs --sidecar-run-as-target-user (else commands in the main container run as the agent, root)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// How long in-flight requests may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -180,6 +226,7 @@ pub async fn run(
         _ => None,
     };
     check_task_identity(&config)?;
+    check_task_policy(&config)?;
     let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -198,6 +245,7 @@ pub async fn run(
                 .then_some(config.max_concurrent_tasks),
             start_retry: config.start_retry_timeout,
             task_uids: config.task_uid_range,
+            policy: task_policy(&config),
         },
     );
     manager.recover().await?;

@@ -443,6 +443,23 @@ fn container_mode_mounts_the_cri_socket() {
     // Process tasks run as another user: they can't reach the socket (root's, 0660).
     assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534");
     assert_eq!(env_value(a, "TASK_UID_RANGE"), "100000-165535");
+    // The task policy: baseline, no host path, any image.
+    assert_eq!(env_value(a, "TASK_POLICY"), "baseline");
+    assert!(env(a, "TASK_HOST_PATH_ALLOW").is_none() && env(a, "TASK_IMAGE_ALLOW").is_none());
+    let docs = render(&[
+        "--set",
+        "mode=container",
+        "--set",
+        "executor.taskPolicy=restricted",
+        "--set",
+        "executor.taskHostPathAllow={/srv/a,/srv/b}",
+        "--set",
+        "executor.taskImageAllow={busybox}",
+    ]);
+    let a = agent(pod_spec(&docs));
+    assert_eq!(env_value(a, "TASK_POLICY"), "restricted");
+    assert_eq!(env_value(a, "TASK_HOST_PATH_ALLOW"), "/srv/a,/srv/b");
+    assert_eq!(env_value(a, "TASK_IMAGE_ALLOW"), "busybox");
     assert_eq!(
         strings(a, "securityContext.capabilities.add"),
         TASK_USER_CAPS

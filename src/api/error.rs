@@ -92,7 +92,9 @@ impl From<ManagerError> for ApiError {
             return ApiError::new(status, format!("out of {}: {e}", x.what()));
         }
         let status = match &e {
-            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
+            ManagerError::InvalidName(_)
+            | ManagerError::InvalidSpec(_)
+            | ManagerError::Refused(_) => StatusCode::BAD_REQUEST,
             ManagerError::AlreadyExists(_) => StatusCode::CONFLICT,
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
