@@ -47,7 +47,7 @@ use crate::runtime::container::volumes::{
 use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::first_use::FirstUse;
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
+use crate::runtime::sidecar::{EnvLocator, MainContainerLocator, SidecarRuntime, Unlocatable};
 use crate::runtime::{Runtime, Runtimes};
 use crate::task::model::ExecMode;
 use crate::task::policy::{PolicyLevel, TaskPolicy};
@@ -166,7 +166,11 @@ fn task_policy(config: &Config) -> TaskPolicy {
 /// `restricted` never runs a task as root: its tasks need a non-root identity to run
 /// as, so an agent that would run them as itself (root) doesn't start.
 fn check_task_policy(config: &Config) -> Result<(), AppError> {
-    if let Some(p) = config.task_host_path_allow.iter().find(|p| !p.is_absolute()) {
+    if let Some(p) = config
+        .task_host_path_allow
+        .iter()
+        .find(|p| !p.is_absolute())
+    {
         return Err(AppError::Config(format!(
             "--task-host-path-allow {}: expected an absolute directory",
             p.display()
@@ -175,8 +179,8 @@ fn check_task_policy(config: &Config) -> Result<(), AppError> {
     if config.task_policy != PolicyLevel::Restricted {
         return Ok(());
     }
-    let own_identity = config.task_uid_range.is_none()
-        && config.task_run_as_user.and_then(|r| r.uid).is_none();
+    let own_identity =
+        config.task_uid_range.is_none() && config.task_run_as_user.and_then(|r| r.uid).is_none();
     if own_identity && nix::unistd::geteuid().is_root() {
         return Err(AppError::Config(
             "--task-policy restricted runs no task as root: give host tasks a user (--task-run-as-user or --task-uid-range)".into(),
@@ -184,7 +188,8 @@ fn check_task_policy(config: &Config) -> Result<(), AppError> {
     }
     if config.task_run_as_user.and_then(|r| r.uid) == Some(0) {
         return Err(AppError::Config(
-            "--task-policy restricted runs no task as root: --task-run-as-user must not be 0".into(),
+            "--task-policy restricted runs no task as root: --task-run-as-user must not be 0"
+                .into(),
         ));
     }
     if !config.sidecar_run_as_target_user {
@@ -399,21 +404,23 @@ async fn build_runtimes(
         .with_default_run_as(config.task_run_as_user.unwrap_or_default());
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
-    let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
-        container: config.main_container_name.clone(),
-    });
+    // In a pod (POD_NAME set) the main container is the Pod's and the runtime's answer,
+    // and nothing else: an environment variable any process can set never decides it
+    // there (fails closed: no answer, no target). Outside one, upstream's env scan.
     let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace) {
-        (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
-            Arc::new(crate::kube::locator::KubeLocator::new(
-                kube.clone(),
-                ns.clone(),
-                pod.clone(),
-                config.main_container_name.clone(),
-                crate::kube::locator::default_resolvers(&config.cri_socket),
-            )),
-            env,
-        ])),
-        _ => env,
+        (Some(pod), Some(ns)) => Arc::new(crate::kube::locator::KubeLocator::new(
+            kube.clone(),
+            ns.clone(),
+            pod.clone(),
+            config.main_container_name.clone(),
+            crate::kube::locator::default_resolvers(&config.cri_socket),
+        )),
+        (Some(_), None) => Arc::new(Unlocatable(
+            "POD_NAME is set without POD_NAMESPACE: the Pod can't be read".into(),
+        )),
+        _ => Arc::new(EnvLocator {
+            container: config.main_container_name.clone(),
+        }),
     };
     let sidecar = SidecarRuntime::new(
         process.clone(),

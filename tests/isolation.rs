@@ -251,7 +251,12 @@ fn a_task_may_escalate_only_when_its_security_context_allows_it() {
         "{msg}"
     );
     assert_eq!(strict.request("GET", "/tasks/escalating", None).status, 404);
-    let a = Agent::start(&["--task-run-as-user", "65534:65534", "--task-policy", "privileged"]);
+    let a = Agent::start(&[
+        "--task-run-as-user",
+        "65534:65534",
+        "--task-policy",
+        "privileged",
+    ]);
     let probe = format!("{} -u; grep NoNewPrivs /proc/self/status", suid.display());
     for (name, allow) in [("confined", None), ("escalating", Some(true))] {
         let mut p = json!({"command": ["sh", "-c", &probe]});
@@ -476,5 +481,9 @@ fn a_sidecar_task_has_the_main_containers_identity_and_no_more() {
     let r = a.create(json!({"name": "as-root", "spec": {"process": {
         "command": ["id"], "securityContext": {"runAsUser": 0}}}}));
     assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.text().contains("--sidecar-run-as-target-user"), "{}", r.text());
+    assert!(
+        r.text().contains("--sidecar-run-as-target-user"),
+        "{}",
+        r.text()
+    );
 }

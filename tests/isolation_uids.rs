@@ -57,7 +57,11 @@ fn each_task_gets_a_uid_of_its_own_and_a_deleted_tasks_uid_is_given_again() {
     let r = a.create(json!({"name": "chosen", "spec": {"process": {
         "command": ["sh", "-c", PRINT_IDS], "securityContext": {"runAsUser": 1234}}}}));
     assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.text().contains("--task-uid-range 3000000-3000003"), "{}", r.text());
+    assert!(
+        r.text().contains("--task-uid-range 3000000-3000003"),
+        "{}",
+        r.text()
+    );
     sleeper(&a, "c");
     assert_eq!(ids(&a, "c"), "3000003\n3000003\n3000003\n");
 

@@ -24,7 +24,10 @@ fn refused(a: &Agent, name: &str, sc: serde_json::Value, field: &str, policy: &s
             && msg.contains(&format!("task policy \"{policy}\"")),
         "{msg}"
     );
-    assert_eq!(a.request("GET", &format!("/tasks/{name}"), None).status, 404);
+    assert_eq!(
+        a.request("GET", &format!("/tasks/{name}"), None).status,
+        404
+    );
     assert!(!a.task_dir(name).exists(), "nothing stored for {name}");
     msg
 }
@@ -39,7 +42,13 @@ fn with_a_task_identity_root_and_other_uids_are_refused() {
         "65534",
     ]);
     for (i, uid) in [0, 1000, 300005, 65534].into_iter().enumerate() {
-        refused(&a, &format!("u{i}"), json!({"runAsUser": uid}), "runAsUser", "baseline");
+        refused(
+            &a,
+            &format!("u{i}"),
+            json!({"runAsUser": uid}),
+            "runAsUser",
+            "baseline",
+        );
     }
     refused(&a, "g", json!({"runAsGroup": 0}), "runAsGroup", "baseline");
     // The configured group may be asked for; a request asking for nothing is unchanged.
@@ -56,7 +65,13 @@ fn with_a_task_identity_root_and_other_uids_are_refused() {
 #[test]
 fn restricted_never_runs_root_nor_escalates() {
     let a = Agent::start(&["--task-policy", "restricted", "--task-run-as-user", "65534"]);
-    refused(&a, "root", json!({"runAsUser": 0}), "runAsUser", "restricted");
+    refused(
+        &a,
+        "root",
+        json!({"runAsUser": 0}),
+        "runAsUser",
+        "restricted",
+    );
     refused(
         &a,
         "esc",
@@ -87,7 +102,12 @@ fn restricted_without_a_task_user_does_not_start() {
     let out = std::process::Command::new("timeout")
         .arg("20")
         .arg(support::agent::BIN)
-        .args(["--task-policy", "restricted", "--listen-addr", "127.0.0.1:0"])
+        .args([
+            "--task-policy",
+            "restricted",
+            "--listen-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--data-dir")
         .arg(tmp.path().join("data"))
         .output()

@@ -135,12 +135,22 @@ pub struct Config {
 
     /// Container mode: host directories a `podTemplateSpec` `hostPath` volume may name
     /// (at or below one of them). Empty (the default): none.
-    #[arg(long, env = "TASK_HOST_PATH_ALLOW", value_name = "DIR", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TASK_HOST_PATH_ALLOW",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
     pub task_host_path_allow: Vec<PathBuf>,
 
     /// Container mode: images a task may run: exact (`busybox`, any of its tags and
     /// digests), or a prefix ending in `/` (`registry.example/team/`). Empty: any.
-    #[arg(long, env = "TASK_IMAGE_ALLOW", value_name = "IMAGE", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "TASK_IMAGE_ALLOW",
+        value_name = "IMAGE",
+        value_delimiter = ','
+    )]
     pub task_image_allow: Vec<String>,
 
     /// Container mode: map a volume name to a host path (NAME=HOSTPATH). In a pod

@@ -107,7 +107,10 @@ impl TaskPolicy {
                 return Err(self.refusal(
                     "spec.container.targetContainer",
                     t,
-                    &format!("only the main container {:?} may be targeted", self.main_container),
+                    &format!(
+                        "only the main container {:?} may be targeted",
+                        self.main_container
+                    ),
                 ));
             }
         }
@@ -135,7 +138,10 @@ impl TaskPolicy {
                         )
                     };
                     return Err(self.refusal(
-                        &format!("spec.podTemplateSpec.spec.volumes[{:?}].hostPath.path", v.name),
+                        &format!(
+                            "spec.podTemplateSpec.spec.volumes[{:?}].hostPath.path",
+                            v.name
+                        ),
                         path,
                         &allowed,
                     ));
@@ -156,9 +162,16 @@ impl TaskPolicy {
         let restricted = self.level == PolicyLevel::Restricted;
         let configured = self.run_as.is_some() || self.uid_range.is_some();
         if restricted {
-            for (field, v) in [("runAsUser", sc.run_as_user), ("runAsGroup", sc.run_as_group)] {
+            for (field, v) in [
+                ("runAsUser", sc.run_as_user),
+                ("runAsGroup", sc.run_as_group),
+            ] {
                 if v == Some(0) {
-                    return Err(self.refusal(&format!("{AT}.{field}"), &0, "tasks never run as root"));
+                    return Err(self.refusal(
+                        &format!("{AT}.{field}"),
+                        &0,
+                        "tasks never run as root",
+                    ));
                 }
             }
         }
@@ -174,7 +187,10 @@ impl TaskPolicy {
             self.check_local_ids(sc)?;
         }
         if modes.contains(&ExecMode::Remote) && self.remote_runs_as_target {
-            for (field, v) in [("runAsUser", sc.run_as_user), ("runAsGroup", sc.run_as_group)] {
+            for (field, v) in [
+                ("runAsUser", sc.run_as_user),
+                ("runAsGroup", sc.run_as_group),
+            ] {
                 if let Some(v) = v {
                     return Err(self.refusal(
                         &format!("{AT}.{field}"),
@@ -210,8 +226,12 @@ impl TaskPolicy {
             && configured_gid.map(i64::from) != Some(gid)
         {
             let why = match configured_gid {
-                Some(c) => format!("tasks run with --task-run-as-user's gid {c}; a task may ask only for that one"),
-                None => "each task runs with its uid's number as gid; a task may not choose one".into(),
+                Some(c) => format!(
+                    "tasks run with --task-run-as-user's gid {c}; a task may ask only for that one"
+                ),
+                None => {
+                    "each task runs with its uid's number as gid; a task may not choose one".into()
+                }
             };
             return Err(self.refusal(&format!("{AT}.runAsGroup"), &gid, &why));
         }
@@ -302,8 +322,14 @@ mod tests {
         let local = Some(ExecMode::Local);
         for u in [0, 1000, 300005, 65534] {
             let e = p.check(&task(uid(u)), local).unwrap_err();
-            assert!(e.starts_with("spec.process.securityContext.runAsUser: Forbidden"), "{e}");
-            assert!(e.contains("\"baseline\"") && e.contains("--task-uid-range"), "{e}");
+            assert!(
+                e.starts_with("spec.process.securityContext.runAsUser: Forbidden"),
+                "{e}"
+            );
+            assert!(
+                e.contains("\"baseline\"") && e.contains("--task-uid-range"),
+                "{e}"
+            );
         }
         assert!(p.check(&task(SecurityContext::default()), local).is_ok());
         let only_user = TaskPolicy {
@@ -317,7 +343,12 @@ mod tests {
             run_as_group: Some(0),
             ..Default::default()
         };
-        assert!(only_user.check(&task(root_group), local).unwrap_err().contains("runAsGroup"));
+        assert!(
+            only_user
+                .check(&task(root_group), local)
+                .unwrap_err()
+                .contains("runAsGroup")
+        );
         let escalate = SecurityContext {
             allow_privilege_escalation: Some(true),
             ..Default::default()
@@ -325,7 +356,11 @@ mod tests {
         let e = p.check(&task(escalate.clone()), local).unwrap_err();
         assert!(e.contains("allowPrivilegeEscalation"), "{e}");
         // Privileged: the operator allowed everything.
-        assert!(ranged(PolicyLevel::Privileged).check(&task(uid(0)), local).is_ok());
+        assert!(
+            ranged(PolicyLevel::Privileged)
+                .check(&task(uid(0)), local)
+                .is_ok()
+        );
         // No identity configured, baseline: the agent's own identity is the limit.
         let open = TaskPolicy::default();
         assert!(open.check(&task(uid(0)), local).is_ok());
@@ -334,7 +369,12 @@ mod tests {
             level: PolicyLevel::Restricted,
             ..Default::default()
         };
-        assert!(strict.check(&task(uid(0)), local).unwrap_err().contains("\"restricted\""));
+        assert!(
+            strict
+                .check(&task(uid(0)), local)
+                .unwrap_err()
+                .contains("\"restricted\"")
+        );
         assert!(strict.check(&task(escalate), local).is_err());
         assert!(strict.check(&task(uid(1000)), local).is_ok());
     }

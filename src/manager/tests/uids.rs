@@ -174,5 +174,9 @@ async fn a_task_asking_for_another_identity_is_refused_and_nothing_is_kept() {
     assert!(err.to_string().contains("runAsUser"), "{err}");
     assert!(s.mgr.get("root").is_err() && !s.store.dir("root").exists());
     s.mgr.create("plain".into(), spec("true")).await.unwrap();
-    assert_eq!(s.host_uid("plain"), Some(100), "the only uid was still free");
+    assert_eq!(
+        s.host_uid("plain"),
+        Some(100),
+        "the only uid was still free"
+    );
 }
