@@ -446,7 +446,7 @@ async fn build_runtimes(
         // In a pod, volume names are also those of the own Pod (read on demand).
         let volumes: Arc<dyn VolumeResolver> = match (&config.pod_name, &config.pod_namespace) {
             (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
-                Arc::new(PodVolumes::new(
+                let pod_volumes = PodVolumes::new(
                     flags,
                     Arc::new(crate::kube::pod::OwnPod::new(
                         kube.clone(),
@@ -454,7 +454,12 @@ async fn build_runtimes(
                         pod.clone(),
                     )),
                     POD_VOLUMES_TIMEOUT,
-                ))
+                );
+                // The task policy: a task mounts only what the main container does.
+                Arc::new(match config.task_policy {
+                    PolicyLevel::Privileged => pod_volumes,
+                    _ => pod_volumes.mounted_by(config.main_container_name.clone()),
+                })
             }
             _ => Arc::new(StaticVolumes::new(flags)),
         };
@@ -468,6 +473,13 @@ async fn build_runtimes(
             poll_interval: config.reconcile_interval,
             grace: config.stop_grace_period,
             max_log_bytes: config.max_log_bytes,
+            // Restricted: never the image's (maybe root) user; the configured task user,
+            // else nobody.
+            run_as: (config.task_policy == PolicyLevel::Restricted).then(|| {
+                let r = config.task_run_as_user.unwrap_or_default();
+                let uid = r.uid.unwrap_or(65534);
+                (uid, r.gid.unwrap_or(uid))
+            }),
         };
         Some(ContainerRuntime::connect(cfg, volumes).map_err(|e| AppError::Config(e.to_string()))?)
     } else {
