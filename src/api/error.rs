@@ -124,7 +124,16 @@ impl From<AuthError> for ApiError {
             AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AuthError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let mut err = ApiError::new(status, e.to_string());
+        let message = match &e {
+            // The caller is not authenticated yet: what the API server said (addresses,
+            // its error text) is for the agent's log (`auth::refused`), not for it.
+            AuthError::Unavailable(_) => {
+                "cannot check the credential now: the authenticator did not answer; try again later"
+                    .to_string()
+            }
+            _ => e.to_string(),
+        };
+        let mut err = ApiError::new(status, message);
         if status == StatusCode::UNAUTHORIZED {
             err.challenge = Some("Bearer");
         }
