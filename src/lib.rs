@@ -401,7 +401,8 @@ async fn build_runtimes(
 ) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
-        .with_default_run_as(config.task_run_as_user.unwrap_or_default());
+        .with_default_run_as(config.task_run_as_user.unwrap_or_default())
+        .with_default_seccomp(config.task_policy == PolicyLevel::Restricted);
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
     // In a pod (POD_NAME set) the main container is the Pod's and the runtime's answer,

@@ -110,3 +110,68 @@ fn a_task_as_the_agent_keeps_its_capabilities_and_gets_roots_environment() {
     assert_eq!(line(&out, "CapBnd"), line(&own, "CapBnd"), "{out}");
     assert_eq!(line(&out, "nofile "), nofile_line(), "{out}");
 }
+
+const SECCOMP_PROBE: &str = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; \
+     if unshare -U true 2>/dev/null; then echo unshare: allowed; else echo unshare: refused; fi; \
+     if unshare -m true 2>/dev/null; then echo mount-ns: allowed; else echo mount-ns: refused; fi";
+
+fn seccomp_probe(a: &Agent, name: &str, sc: serde_json::Value) -> String {
+    let r = a.create(json!({"name": name, "spec": {"process": {
+        "command": ["sh", "-c", SECCOMP_PROBE], "securityContext": sc}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(a.wait_state(name, "terminated", T)["exitCode"], 0);
+    a.stdout(name)
+}
+
+/// `RuntimeDefault` refuses what containerd's default profile refuses (here: new
+/// namespaces, which the agent's root could otherwise make); unset, nothing changes.
+#[test]
+fn a_task_asking_for_runtime_default_runs_under_the_seccomp_filter() {
+    let a = Agent::start(&[]);
+    let out = seccomp_probe(
+        &a,
+        "filtered",
+        json!({"seccompProfile": {"type": "RuntimeDefault"}}),
+    );
+    assert_eq!(
+        out, "NoNewPrivs:\t1\nSeccomp:\t2\nunshare: refused\nmount-ns: refused\n",
+        "{out}"
+    );
+    let out = seccomp_probe(&a, "plain", json!({}));
+    assert!(out.contains("Seccomp:\t0\n"), "{out}");
+    assert!(
+        out.contains("mount-ns: allowed"),
+        "the agent's root may: {out}"
+    );
+    // What can't be done is a 400 naming the field.
+    for (sc, field) in [
+        (
+            json!({"seccompProfile": {"type": "Localhost", "localhostProfile": "p.json"}}),
+            "seccompProfile.type",
+        ),
+        (
+            json!({"seccompProfile": {"type": "RuntimeDefault"}, "allowPrivilegeEscalation": true}),
+            "seccompProfile",
+        ),
+    ] {
+        let r = a.create(json!({"name": "bad", "spec": {"process": {
+            "command": ["true"], "securityContext": sc}}}));
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains(field), "{}", r.text());
+    }
+}
+
+#[test]
+fn restricted_filters_every_task_and_refuses_unconfined() {
+    let a = Agent::start(&["--task-policy", "restricted", "--task-run-as-user", "65534"]);
+    let out = seccomp_probe(&a, "default", json!({}));
+    assert!(out.starts_with("NoNewPrivs:\t1\nSeccomp:\t2\n"), "{out}");
+    let r = a.create(json!({"name": "open", "spec": {"process": {
+        "command": ["true"], "securityContext": {"seccompProfile": {"type": "Unconfined"}}}}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("seccompProfile.type") && r.text().contains("restricted"),
+        "{}",
+        r.text()
+    );
+}

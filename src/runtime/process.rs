@@ -34,6 +34,8 @@ pub struct ProcessRuntime {
     max_log_bytes: u64,
     /// Who host tasks run as unless their securityContext says (`--task-run-as-user`).
     default_run_as: RunAs,
+    /// Tasks without a `seccompProfile` get `RuntimeDefault` (`--task-policy restricted`).
+    default_seccomp: bool,
 }
 
 impl ProcessRuntime {
@@ -44,7 +46,14 @@ impl ProcessRuntime {
             grace,
             max_log_bytes,
             default_run_as: RunAs::default(),
+            default_seccomp: false,
         }
+    }
+
+    /// Tasks without a `seccompProfile` run under `RuntimeDefault`.
+    pub fn with_default_seccomp(mut self, on: bool) -> Self {
+        self.default_seccomp = on;
+        self
     }
 
     /// Host tasks run as `run_as` unless their securityContext says otherwise.
@@ -100,6 +109,10 @@ impl ProcessRuntime {
             run_as: sc.map(SecurityContext::run_as).unwrap_or_default(),
             host_run_as: self.host_run_as(&task),
             allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
+            seccomp: match sc.and_then(|s| s.seccomp_profile.as_ref()) {
+                Some(p) => p.is_runtime_default(),
+                None => self.default_seccomp,
+            },
             target,
             boot_id: records::boot_id().map(str::to_string),
             pre_start: hook_launch(&task, HookName::PreStart, hook_target.as_ref()),

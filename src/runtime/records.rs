@@ -290,6 +290,9 @@ pub struct Launch {
     /// `no_new_privs`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_privilege_escalation: bool,
+    /// Every command of the task runs under the `RuntimeDefault` seccomp filter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seccomp: bool,
     /// Runs to completion before the main command; the main command runs only if it
     /// succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -517,6 +520,7 @@ mod tests {
             run_as: RunAs::default(),
             host_run_as: RunAs::default(),
             allow_privilege_escalation: false,
+            seccomp: false,
         };
         assert!(!launch.from_earlier_boot());
         write_launch(dir.path(), &launch).unwrap();

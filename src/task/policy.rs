@@ -10,7 +10,8 @@
 //!   `runAsUser`/`runAsGroup`) when it runs as the main container's user; container tasks
 //!   mount host paths only under `--task-host-path-allow`, run only images matching
 //!   `--task-image-allow` (when set) and target only the main container.
-//! - `restricted`: `baseline`, and never uid 0 nor privilege escalation.
+//! - `restricted`: `baseline`, and never uid 0, never privilege escalation, never
+//!   `seccompProfile: Unconfined` (`RuntimeDefault` is its default).
 //!
 //! Every refusal is a message for a 400 that names the field and the policy. Checks
 //! needing the Pod (which of its volumes a container task may mount) live with the
@@ -182,6 +183,18 @@ impl TaskPolicy {
                 "a task may not gain privileges beyond the configured task identity"
             };
             return Err(self.refusal(&format!("{AT}.allowPrivilegeEscalation"), &true, why));
+        }
+        if restricted
+            && sc
+                .seccomp_profile
+                .as_ref()
+                .is_some_and(|p| p.is_unconfined())
+        {
+            return Err(self.refusal(
+                &format!("{AT}.seccompProfile.type"),
+                &"Unconfined",
+                "every task has a seccomp filter",
+            ));
         }
         if modes.contains(&ExecMode::Local) && configured {
             self.check_local_ids(sc)?;

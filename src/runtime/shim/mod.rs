@@ -22,6 +22,7 @@ pub(in crate::runtime) mod kill;
 pub(crate) mod logs;
 pub(crate) mod ns_reaper;
 mod place;
+mod seccomp;
 pub mod server;
 mod spawn;
 mod supervisor;
