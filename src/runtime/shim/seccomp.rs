@@ -158,7 +158,8 @@ pub fn runtime_default() -> io::Result<Vec<BpfProgram>> {
 /// seccompiler matches exact numbers only, and no jump crosses the insertion point.
 fn no_x32(prog: &mut BpfProgram) {
     use seccompiler::sock_filter;
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
+    // BPF_LD | BPF_W | BPF_ABS (0x00 | 0x00 | 0x20).
+    const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
     const BPF_RET_K: u16 = 0x06;
     const X32_SYSCALL_BIT: u32 = 0x4000_0000;
