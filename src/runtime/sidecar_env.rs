@@ -4,7 +4,9 @@
 //! place, which a task can't forge:
 //!
 //! - it is PID 1 of a PID namespace other than the agent's (a container's init; a task
-//!   joined to the main container is never its PID 1);
+//!   joined to the main container is never its PID 1), or, in the agent's own PID
+//!   namespace (a pod's shared one), its parent is outside that namespace (the runtime
+//!   started it; whatever is started or re-parented inside has a parent inside);
 //! - that namespace's user namespace is the agent's (a task without privilege can make a
 //!   PID namespace only inside a user namespace of its own);
 //! - no process running the agent's executable (the agent, a task's supervisor) is among
@@ -100,11 +102,16 @@ fn scan_env(container: &str) -> Result<ProcIdentity, String> {
 fn candidate(pid: i32, own: &Own) -> Result<(), &'static str> {
     let p = pid.to_string();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|_| "gone")?;
-    if !is_namespace_init(&status) {
+    let pid_ns = ns(&p, "pid").ok_or("gone")?;
+    if Some(&pid_ns) == own.pid_ns.as_ref() {
+        // A pod's shared PID namespace (the agent's too): a container's init was started
+        // by the runtime from outside it, so its parent is not in the namespace (0);
+        // anything started inside it, or re-parented there, has a parent in it.
+        if procfs::stat(pid).map(|s| s.ppid) != Some(0) {
+            return Err("not started from outside the agent's PID namespace");
+        }
+    } else if !is_namespace_init(&status) {
         return Err("not PID 1 of its PID namespace");
-    }
-    if ns(&p, "pid").is_none() || ns(&p, "pid") == own.pid_ns {
-        return Err("in the agent's PID namespace");
     }
     if ns(&p, "user") != own.user_ns {
         return Err("in another user namespace");
@@ -155,10 +162,7 @@ mod tests {
     #[test]
     fn the_agent_itself_and_its_children_are_never_candidates() {
         let own = Own::read();
-        assert_eq!(
-            candidate(own.pid, &own),
-            Err("not PID 1 of its PID namespace")
-        );
+        assert!(candidate(own.pid, &own).is_err());
         let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
