@@ -47,9 +47,10 @@ use crate::runtime::container::volumes::{
 use crate::runtime::container::{ContainerRuntime, ContainerRuntimeConfig};
 use crate::runtime::first_use::FirstUse;
 use crate::runtime::process::ProcessRuntime;
-use crate::runtime::sidecar::{ChainLocator, EnvLocator, MainContainerLocator, SidecarRuntime};
+use crate::runtime::sidecar::{EnvLocator, MainContainerLocator, SidecarRuntime, Unlocatable};
 use crate::runtime::{Runtime, Runtimes};
 use crate::task::model::ExecMode;
+use crate::task::policy::{PolicyLevel, TaskPolicy};
 use crate::task::store::Store;
 
 /// Errors that stop the agent from starting or serving.
@@ -150,6 +151,56 @@ fn check_task_identity(config: &Config) -> Result<(), AppError> {
     Ok(())
 }
 
+/// The task policy of `--task-policy` and its allowlists, over the configured identity.
+fn task_policy(config: &Config) -> TaskPolicy {
+    TaskPolicy {
+        level: config.task_policy,
+        run_as: config.task_run_as_user,
+        uid_range: config.task_uid_range,
+        remote_runs_as_target: config.sidecar_run_as_target_user,
+        main_container: config.main_container_name.clone(),
+        host_paths: config.task_host_path_allow.clone(),
+        images: config.task_image_allow.clone(),
+    }
+}
+
+/// `restricted` never runs a task as root: its tasks need a non-root identity to run
+/// as, so an agent that would run them as itself (root) doesn't start.
+fn check_task_policy(config: &Config) -> Result<(), AppError> {
+    if let Some(p) = config
+        .task_host_path_allow
+        .iter()
+        .find(|p| !p.is_absolute())
+    {
+        return Err(AppError::Config(format!(
+            "--task-host-path-allow {}: expected an absolute directory",
+            p.display()
+        )));
+    }
+    if config.task_policy != PolicyLevel::Restricted {
+        return Ok(());
+    }
+    let own_identity =
+        config.task_uid_range.is_none() && config.task_run_as_user.and_then(|r| r.uid).is_none();
+    if own_identity && nix::unistd::geteuid().is_root() {
+        return Err(AppError::Config(
+            "--task-policy restricted runs no task as root: give host tasks a user (--task-run-as-user or --task-uid-range)".into(),
+        ));
+    }
+    if config.task_run_as_user.and_then(|r| r.uid) == Some(0) {
+        return Err(AppError::Config(
+            "--task-policy restricted runs no task as root: --task-run-as-user must not be 0"
+                .into(),
+        ));
+    }
+    if !config.sidecar_run_as_target_user {
+        return Err(AppError::Config(
+            "--task-policy restricted needs --sidecar-run-as-target-user (else commands in the main container run as the agent, root)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// How long in-flight requests may take to finish once shutdown starts.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -181,6 +232,7 @@ pub async fn run(
         _ => None,
     };
     check_task_identity(&config)?;
+    check_task_policy(&config)?;
     let store = Store::open(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -199,6 +251,7 @@ pub async fn run(
                 .then_some(config.max_concurrent_tasks),
             start_retry: config.start_retry_timeout,
             task_uids: config.task_uid_range,
+            policy: task_policy(&config),
         },
     );
     manager.recover().await?;
@@ -377,24 +430,27 @@ async fn build_runtimes(
         .with_end_with_main(config.end_task_with_main)
         .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
             |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),
-        ));
+        ))
+        .with_default_seccomp(config.task_policy == PolicyLevel::Restricted);
     // Every agent can run a task inside the main container (`execMode: Remote`), so the
     // sidecar runtime is always built; it looks for the main container per task.
-    let env: Arc<dyn MainContainerLocator> = Arc::new(EnvLocator {
-        container: config.main_container_name.clone(),
-    });
+    // In a pod (POD_NAME set) the main container is the Pod's and the runtime's answer,
+    // and nothing else: an environment variable any process can set never decides it
+    // there (fails closed: no answer, no target). Outside one, upstream's env scan.
     let locator: Arc<dyn MainContainerLocator> = match (&config.pod_name, &config.pod_namespace) {
-        (Some(pod), Some(ns)) => Arc::new(ChainLocator(vec![
-            Arc::new(crate::kube::locator::KubeLocator::new(
-                kube.clone(),
-                ns.clone(),
-                pod.clone(),
-                config.main_container_name.clone(),
-                crate::kube::locator::default_resolvers(&config.cri_socket),
-            )),
-            env,
-        ])),
-        _ => env,
+        (Some(pod), Some(ns)) => Arc::new(crate::kube::locator::KubeLocator::new(
+            kube.clone(),
+            ns.clone(),
+            pod.clone(),
+            config.main_container_name.clone(),
+            crate::kube::locator::default_resolvers(&config.cri_socket),
+        )),
+        (Some(_), None) => Arc::new(Unlocatable(
+            "POD_NAME is set without POD_NAMESPACE: the Pod can't be read".into(),
+        )),
+        _ => Arc::new(EnvLocator {
+            container: config.main_container_name.clone(),
+        }),
     };
     let sidecar = SidecarRuntime::new(
         process.clone(),
@@ -420,7 +476,7 @@ async fn build_runtimes(
         // In a pod, volume names are also those of the own Pod (read on demand).
         let volumes: Arc<dyn VolumeResolver> = match (&config.pod_name, &config.pod_namespace) {
             (Some(pod), Some(ns)) if !pod.is_empty() && !ns.is_empty() => {
-                Arc::new(PodVolumes::new(
+                let pod_volumes = PodVolumes::new(
                     flags,
                     Arc::new(crate::kube::pod::OwnPod::new(
                         kube.clone(),
@@ -428,7 +484,12 @@ async fn build_runtimes(
                         pod.clone(),
                     )),
                     POD_VOLUMES_TIMEOUT,
-                ))
+                );
+                // The task policy: a task mounts only what the main container does.
+                Arc::new(match config.task_policy {
+                    PolicyLevel::Privileged => pod_volumes,
+                    _ => pod_volumes.mounted_by(config.main_container_name.clone()),
+                })
             }
             _ => Arc::new(StaticVolumes::new(flags)),
         };
@@ -442,6 +503,13 @@ async fn build_runtimes(
             poll_interval: config.reconcile_interval,
             grace: config.stop_grace_period,
             max_log_bytes: config.max_log_bytes,
+            // Restricted: never the image's (maybe root) user; the configured task user,
+            // else nobody.
+            run_as: (config.task_policy == PolicyLevel::Restricted).then(|| {
+                let r = config.task_run_as_user.unwrap_or_default();
+                let uid = r.uid.unwrap_or(65534);
+                (uid, r.gid.unwrap_or(uid))
+            }),
         };
         Some(ContainerRuntime::connect(cfg, volumes).map_err(|e| AppError::Config(e.to_string()))?)
     } else {

@@ -246,6 +246,12 @@ fn an_api_server_that_cannot_answer_means_503_never_allow() {
         );
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(r.json()["code"], "Service Unavailable");
+        // Nothing of the API server's answer (its address, the connect error) goes to a
+        // caller that is not authenticated yet; the agent's log has it.
+        assert_eq!(
+            r.json()["message"],
+            "cannot check the credential now: the authenticator did not answer; try again later"
+        );
     }
     assert!(!agent.task_dir("never").exists());
     let log = agent.log_text();
@@ -265,6 +271,11 @@ fn an_api_server_that_cannot_answer_means_503_never_allow() {
     assert_eq!(r.status, 503, "{}", r.text());
     let r = call(a, "GET", "/getTasks", Some(VIEWER_TOKEN), None);
     assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        !r.text().contains("500") && !r.text().contains(&api.addr.to_string()),
+        "{}",
+        r.text()
+    );
     // Back: the same request goes through.
     api.reviews(|r| r.fail_with(None));
     let r = call(a, "POST", "/tasks", ctl, Some(&task("later")));

@@ -443,6 +443,23 @@ fn container_mode_mounts_the_cri_socket() {
     // Process tasks run as another user: they can't reach the socket (root's, 0660).
     assert_eq!(env_value(a, "TASK_RUN_AS_USER"), "65534");
     assert_eq!(env_value(a, "TASK_UID_RANGE"), "100000-165535");
+    // The task policy: baseline, no host path, any image.
+    assert_eq!(env_value(a, "TASK_POLICY"), "baseline");
+    assert!(env(a, "TASK_HOST_PATH_ALLOW").is_none() && env(a, "TASK_IMAGE_ALLOW").is_none());
+    let docs = render(&[
+        "--set",
+        "mode=container",
+        "--set",
+        "executor.taskPolicy=restricted",
+        "--set",
+        "executor.taskHostPathAllow={/srv/a,/srv/b}",
+        "--set",
+        "executor.taskImageAllow={busybox}",
+    ]);
+    let a = agent(pod_spec(&docs));
+    assert_eq!(env_value(a, "TASK_POLICY"), "restricted");
+    assert_eq!(env_value(a, "TASK_HOST_PATH_ALLOW"), "/srv/a,/srv/b");
+    assert_eq!(env_value(a, "TASK_IMAGE_ALLOW"), "busybox");
     assert_eq!(
         strings(a, "securityContext.capabilities.add"),
         TASK_USER_CAPS
@@ -1119,25 +1136,41 @@ fn network_policy_admits_the_api_port_only_from_listed_namespaces() {
         .expect("a rule for the agent's port");
     let from = seq(api, "from");
     assert!(!from.is_empty(), "the agent's port is open to all");
+    // Only the controller's pods: no sibling sandbox of the release namespace, no other
+    // pod of the controller's namespace.
+    assert_eq!(from.len(), 1, "{from:?}");
+    assert_eq!(
+        at(&from[0], "namespaceSelector.matchLabels")
+            .get("kubernetes.io/metadata.name")
+            .and_then(Value::as_str),
+        Some("opensandbox-system"),
+        "{from:?}"
+    );
+    let labels = at(&from[0], "podSelector.matchLabels");
+    assert_eq!(
+        labels.get("control-plane").and_then(Value::as_str),
+        Some("controller-manager"),
+        "{from:?}"
+    );
+    // Opt-ins: the release namespace, more namespaces.
+    let docs2 = render(&[
+        "--set",
+        "networkPolicy.allowReleaseNamespace=true",
+        "--set",
+        "networkPolicy.controller.podLabels=null",
+    ]);
+    let from2 = seq(
+        &seq(doc(&docs2, "NetworkPolicy"), "spec.ingress")[0],
+        "from",
+    );
     assert!(
-        from.iter().any(|p| at(p, "podSelector")
+        from2.iter().any(|p| at(p, "podSelector")
             .as_mapping()
             .is_some_and(|m| m.is_empty())
             && at(p, "namespaceSelector").is_null()),
-        "release namespace not admitted: {from:?}"
+        "release namespace not admitted: {from2:?}"
     );
-    let admits_namespace = |name: &str| {
-        from.iter().any(|p| {
-            at(p, "namespaceSelector.matchLabels")
-                .get("kubernetes.io/metadata.name")
-                .and_then(Value::as_str)
-                == Some(name)
-        })
-    };
-    assert!(
-        admits_namespace("opensandbox-system"),
-        "controller namespace not admitted: {from:?}"
-    );
+    assert!(at(&from2[0], "podSelector").is_null(), "{from2:?}");
     // The main container's declared port stays reachable.
     assert!(rules.iter().any(|r| {
         seq(r, "from").is_empty()

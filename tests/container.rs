@@ -301,6 +301,20 @@ fn process_tasks_still_work_in_container_mode() {
 fn target_container_shares_the_pid_namespace() {
     let env = setup(&[]);
     let a = &env.agent;
+    // Only the main container may be targeted (the task policy); before it runs, a task
+    // targeting it ends TargetNotFound.
+    let r = a.create(container_task(
+        "absent",
+        json!({"command": ["true"], "targetContainer": "absent"}),
+    ));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("targetContainer"), "{}", r.text());
+    a.create_ok(&container_task(
+        "no-target",
+        json!({"command": ["true"], "targetContainer": "main"}),
+    ));
+    let t = a.wait_state("no-target", "terminated", T);
+    assert_eq!(t["reason"], "TargetNotFound", "{t}");
     a.create_ok(&sh("main", "sleep 300"));
     a.wait_state("main", "running", T);
     a.create_ok(&container_task(
@@ -317,12 +331,6 @@ fn target_container_shares_the_pid_namespace() {
     a.create_ok(&sh("isolated", "ps | grep -v grep | grep -q 'sleep 300'"));
     let t = a.wait_state("isolated", "terminated", T);
     assert_eq!(t["exitCode"], 1, "{t}");
-    a.create_ok(&container_task(
-        "no-target",
-        json!({"command": ["true"], "targetContainer": "absent"}),
-    ));
-    let t = a.wait_state("no-target", "terminated", T);
-    assert_eq!(t["reason"], "TargetNotFound", "{t}");
     env.finish();
 }
 

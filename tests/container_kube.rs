@@ -20,7 +20,14 @@ fn pod(name: &str, volumes: Value) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}")},
-        "spec": {"containers": [{"name": "task-executor", "image": "example/agent"}],
+        // The main container mounts every volume: under the task policy, tasks may
+        // mount only the main container's volumes.
+        "spec": {"containers": [
+                    {"name": "main", "image": "example/main", "volumeMounts":
+                        volumes.as_array().into_iter().flatten()
+                            .map(|v| json!({"name": v["name"], "mountPath": "/v"}))
+                            .collect::<Vec<_>>()},
+                    {"name": "task-executor", "image": "example/agent"}],
                  "volumes": volumes},
         "status": {"phase": "Running"}
     })

@@ -136,6 +136,9 @@ fn a_hostile_host_task_reaches_nothing_of_the_agent_or_other_tasks() {
             ("AUTH_MODE", "token"),
             ("AUTH_TOKEN_FILE", token_path),
             ("TASK_RUN_AS_USER", "65534"),
+            // The victim's own uid is the request's choice here, which only the
+            // privileged task policy allows with a configured task identity.
+            ("TASK_POLICY", "privileged"),
             ("KUBECONFIG", "/root/.kube/config"),
             ("HTTPS_PROXY", "http://proxy.invalid:3128"),
             ("USER_VAR", "kept"),
@@ -236,7 +239,24 @@ fn a_hostile_host_task_reaches_nothing_of_the_agent_or_other_tasks() {
 fn a_task_may_escalate_only_when_its_security_context_allows_it() {
     let shared = open_dir();
     let suid = setuid_id(shared.path());
-    let a = Agent::start(&["--task-run-as-user", "65534:65534"]);
+    // Baseline (the default) refuses escalation beyond the configured task identity.
+    let strict = Agent::start(&["--task-run-as-user", "65534:65534"]);
+    let r = strict.create(json!({"name": "escalating", "spec": {"process": {
+        "command": ["true"], "securityContext": {"allowPrivilegeEscalation": true}}}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.contains("spec.process.securityContext.allowPrivilegeEscalation")
+            && msg.contains("\"baseline\""),
+        "{msg}"
+    );
+    assert_eq!(strict.request("GET", "/tasks/escalating", None).status, 404);
+    let a = Agent::start(&[
+        "--task-run-as-user",
+        "65534:65534",
+        "--task-policy",
+        "privileged",
+    ]);
     let probe = format!("{} -u; grep NoNewPrivs /proc/self/status", suid.display());
     for (name, allow) in [("confined", None), ("escalating", Some(true))] {
         let mut p = json!({"command": ["sh", "-c", &probe]});
@@ -289,9 +309,24 @@ fn a_task_as_another_user_runs_writes_where_told_and_its_logs_are_served() {
         fs::metadata(&a.data_dir).unwrap().permissions().mode() & 0o777,
         0o700
     );
-    // A securityContext overrides the flag; its group defaults to its user's. Upstream's
-    // wire shape (top-level `process`) carries it too, and answers echo it in both.
-    let sc = json!({"runAsUser": 1234});
+    // Another user than the configured one is refused (the task policy, baseline by
+    // default), root first of all; nothing is kept of the refused task.
+    for uid in [0, 1234] {
+        let r = a.create(json!({"name": "other", "process": {
+            "command": ["id"], "securityContext": {"runAsUser": uid}}}));
+        assert_eq!(r.status, 400, "{}", r.text());
+        let msg = r.json()["message"].as_str().unwrap().to_string();
+        assert!(
+            msg.starts_with("spec.process.securityContext.runAsUser: Forbidden")
+                && msg.contains("--task-policy")
+                && msg.contains("--task-run-as-user's uid 65534"),
+            "{msg}"
+        );
+        assert_eq!(a.request("GET", "/tasks/other", None).status, 404);
+    }
+    // The configured one may be asked for. Upstream's wire shape (top-level `process`)
+    // carries it too, and answers echo it in both.
+    let sc = json!({"runAsUser": 65534});
     let r = a.create(json!({"name": "other", "process": {
         "command": ["sh", "-c", "echo $(id -u) $(id -g) $(id -G)"],
         "securityContext": sc}}));
@@ -300,7 +335,7 @@ fn a_task_as_another_user_runs_writes_where_told_and_its_logs_are_served() {
     assert_eq!(t["process"]["securityContext"], sc);
     assert_eq!(t["spec"]["process"]["securityContext"], sc);
     a.wait_state("other", "terminated", T);
-    assert_eq!(a.stdout("other"), "1234 1234 1234\n");
+    assert_eq!(a.stdout("other"), "65534 65534 65534\n");
 }
 
 #[test]
@@ -441,14 +476,14 @@ fn a_sidecar_task_has_the_main_containers_identity_and_no_more() {
     // The container's sets, not the agent's root with every capability.
     assert!(out.contains("CapBnd:\t0000000000000501"), "{out}");
 
-    // securityContext overrides the ids; the capability sets stay the container's.
-    let r = a.create(json!({"name": "as-other", "spec": {"process": {
-        "command": ["sh", "-c", "echo $(id -u) $(id -g) $(id -G); grep CapBnd /proc/self/status"],
-        "securityContext": {"runAsUser": 1001, "runAsGroup": 1002}}}}));
-    assert_eq!(r.status, 201);
-    assert_eq!(a.wait_state("as-other", "terminated", T)["exitCode"], 0);
-    assert_eq!(
-        a.stdout("as-other"),
-        "1001 1002 1002 2000\nCapBnd:\t0000000000000501\n"
+    // Another identity inside the main container is refused (the task runs as the main
+    // container's user); only the privileged task policy lets a request choose.
+    let r = a.create(json!({"name": "as-root", "spec": {"process": {
+        "command": ["id"], "securityContext": {"runAsUser": 0}}}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("--sidecar-run-as-target-user"),
+        "{}",
+        r.text()
     );
 }

@@ -49,14 +49,19 @@ fn each_task_gets_a_uid_of_its_own_and_a_deleted_tasks_uid_is_given_again() {
     assert_eq!(ids(&a, "a"), "3000000\n3000000\n3000000\n");
     assert_eq!(ids(&a, "b"), "3000001\n3000001\n3000001\n");
     assert_eq!(proc_uid(a.main_pid("b")), 3000001);
-    // A finished task still holds its uid; runAsUser overrides the range and takes none.
+    // A finished task still holds its uid; a runAsUser of the request's choosing is
+    // refused (the task policy) and takes none.
     a.run_sh("done", PRINT_IDS);
     assert_eq!(a.wait_state("done", "terminated", T)["exitCode"], 0);
     assert_eq!(ids(&a, "done"), "3000002\n3000002\n3000002\n");
     let r = a.create(json!({"name": "chosen", "spec": {"process": {
         "command": ["sh", "-c", PRINT_IDS], "securityContext": {"runAsUser": 1234}}}}));
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(ids(&a, "chosen"), "1234\n1234\n1234\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("--task-uid-range 3000000-3000003"),
+        "{}",
+        r.text()
+    );
     sleeper(&a, "c");
     assert_eq!(ids(&a, "c"), "3000003\n3000003\n3000003\n");
 

@@ -47,9 +47,12 @@ fn setup() -> Env {
     );
     let socket = cd.socket.display().to_string();
     let volume = format!("data={}", vol.display());
+    let allow = host.display().to_string();
     let agent = Agent::start_in(
         &data,
         &[
+            "--task-host-path-allow",
+            &allow,
             "--enable-container-mode=true",
             "--cri-socket",
             &socket,

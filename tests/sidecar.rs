@@ -278,3 +278,109 @@ fn join_cgroup_holds_when_the_agent_has_a_cgroup_namespace_of_its_own() {
     drop(a);
     main.stop();
 }
+
+/// Processes that carry the main container's variable but are no container's init are
+/// never taken for it, however old: a task's leftover (in the agent's PID namespace, or
+/// PID 1 of a namespace of its own below its supervisor), a stray process, and PID 1 of a
+/// namespace in a user namespace of its own. Remote tasks then run in the real one.
+#[test]
+fn a_process_that_sets_the_variable_cannot_squat_the_main_container() {
+    let name = unique("main-squat");
+    let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
+    let marker = format!("SANDBOX_MAIN_CONTAINER={name}");
+    for (task, script) in [
+        (
+            "plain",
+            format!("env -u TASK_EXECUTOR_TASK {marker} sleep 1000"),
+        ),
+        (
+            "own-ns",
+            format!(
+                "exec unshare --pid --fork --mount-proc env -u TASK_EXECUTOR_TASK {marker} sleep 1000"
+            ),
+        ),
+        (
+            "detached",
+            format!("setsid env -u TASK_EXECUTOR_TASK {marker} sleep 1000 & exit 0"),
+        ),
+    ] {
+        let r = a.create(json!({"name": task, "spec": {"process": {
+            "command": ["sh", "-c", script], "execMode": "Local"}}}));
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    a.wait_state("plain", "running", T);
+    a.wait_state("own-ns", "running", T);
+    a.wait_state("detached", "terminated", T);
+    let mut stray = std::process::Command::new("env")
+        .args([marker.as_str(), "sleep", "1000"])
+        .spawn()
+        .unwrap();
+    let mut userns = std::process::Command::new("unshare")
+        .args([
+            "--user",
+            "--map-root-user",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "env",
+            &marker,
+            "sleep",
+            "1000",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let r = a.request("GET", "/readyz", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    a.run("early", &["hostname"]);
+    let t = a.wait_state("early", "terminated", T);
+    assert_eq!(t["reason"], "TargetNotFound", "{t}");
+
+    // The real one, younger than every squatter, is found.
+    let main = MainContainer::start(&name, "real-host");
+    a.run("inside", &["hostname"]);
+    assert_eq!(a.wait_state("inside", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("inside").trim(), main.hostname);
+    for task in ["plain", "own-ns", "detached"] {
+        a.delete(task);
+    }
+    for task in ["plain", "own-ns", "detached"] {
+        a.wait_gone(task, T);
+    }
+    for c in [&mut stray, &mut userns] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// In a pod (POD_NAME set) only the Pod and the runtime name the main container: with
+/// the API server unreachable, a process carrying the variable (here a real container
+/// init) is not taken; the agent fails closed.
+#[test]
+fn in_a_pod_the_variable_is_never_consulted() {
+    let name = unique("main-podonly");
+    let _main = MainContainer::start(&name, "env-host");
+    let dir = tempfile::tempdir().unwrap();
+    let a = Agent::start_with_env(
+        &["--enable-sidecar-mode=true", "--main-container-name", &name],
+        &[
+            ("POD_NAME", "sandbox-0"),
+            ("POD_NAMESPACE", "default"),
+            ("KUBECONFIG", dir.path().join("absent").to_str().unwrap()),
+        ],
+    );
+    let r = a.request("GET", "/readyz", None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(!r.text().contains("SANDBOX_MAIN_CONTAINER"), "{}", r.text());
+    a.run("remote", &["hostname"]);
+    let t = a.wait_state("remote", "terminated", T);
+    assert_eq!(t["reason"], "TargetNotFound", "{t}");
+    assert!(
+        !t["message"]
+            .as_str()
+            .unwrap()
+            .contains("SANDBOX_MAIN_CONTAINER"),
+        "{t}"
+    );
+}

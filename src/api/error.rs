@@ -101,7 +101,9 @@ impl From<ManagerError> for ApiError {
             );
         }
         let status = match &e {
-            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => StatusCode::BAD_REQUEST,
+            ManagerError::InvalidName(_)
+            | ManagerError::InvalidSpec(_)
+            | ManagerError::Refused(_) => StatusCode::BAD_REQUEST,
             ManagerError::AlreadyExists(_) | ManagerError::BeingDeleted(_) => StatusCode::CONFLICT,
             ManagerError::NotFound(_) => StatusCode::NOT_FOUND,
             ManagerError::TooManyTasks(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -131,7 +133,16 @@ impl From<AuthError> for ApiError {
             AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AuthError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let mut err = ApiError::new(status, e.to_string());
+        let message = match &e {
+            // The caller is not authenticated yet: what the API server said (addresses,
+            // its error text) is for the agent's log (`auth::refused`), not for it.
+            AuthError::Unavailable(_) => {
+                "cannot check the credential now: the authenticator did not answer; try again later"
+                    .to_string()
+            }
+            _ => e.to_string(),
+        };
+        let mut err = ApiError::new(status, message);
         if status == StatusCode::UNAUTHORIZED {
             err.challenge = Some("Bearer");
         }

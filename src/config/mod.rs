@@ -11,6 +11,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 pub mod go_flags;
 
 use crate::task::identity::{RunAs, UidRange};
+use crate::task::policy::PolicyLevel;
 use go_flags::parse_go_bool;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -143,6 +144,35 @@ pub struct Config {
           value_parser = UidRange::parse_flag)]
     pub task_uid_range: Option<UidRange>,
 
+    /// What a request may ask for beyond the configured task identity and places:
+    /// privileged (anything, upstream's behaviour), baseline (no other uid or gid than
+    /// the configured task identity, no privilege escalation with one, container tasks
+    /// confined to the allowlists and the main container), restricted (baseline, never
+    /// root, never privilege escalation). See the README's "Task policy".
+    #[arg(long, env = "TASK_POLICY", value_name = "LEVEL", default_value = "baseline",
+          value_parser = PolicyLevel::parse_flag)]
+    pub task_policy: PolicyLevel,
+
+    /// Container mode: host directories a `podTemplateSpec` `hostPath` volume may name
+    /// (at or below one of them). Empty (the default): none.
+    #[arg(
+        long,
+        env = "TASK_HOST_PATH_ALLOW",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
+    pub task_host_path_allow: Vec<PathBuf>,
+
+    /// Container mode: images a task may run: exact (`busybox`, any of its tags and
+    /// digests), or a prefix ending in `/` (`registry.example/team/`). Empty: any.
+    #[arg(
+        long,
+        env = "TASK_IMAGE_ALLOW",
+        value_name = "IMAGE",
+        value_delimiter = ','
+    )]
+    pub task_image_allow: Vec<String>,
+
     /// Container mode: map a volume name to a host path (NAME=HOSTPATH). In a pod
     /// (POD_NAME/POD_NAMESPACE set) the own Pod's volumes are known too; these entries win.
     #[arg(long = "volume", env = "VOLUMES", value_delimiter = ',')]
@@ -247,6 +277,17 @@ mod tests {
         // Tasks run as the agent unless told otherwise; sidecar tasks as the container.
         assert_eq!(c.task_run_as_user, None);
         assert!(c.sidecar_run_as_target_user);
+        assert_eq!(c.task_policy, PolicyLevel::Baseline);
+        assert!(c.task_host_path_allow.is_empty() && c.task_image_allow.is_empty());
+    }
+
+    #[test]
+    fn task_policy_takes_the_three_levels() {
+        let c = parse(&["--task-policy", "restricted", "--task-image-allow", "a,b/"]);
+        assert_eq!(c.task_policy, PolicyLevel::Restricted);
+        assert_eq!(c.task_image_allow, ["a", "b/"]);
+        let e = Config::try_parse_from(["task-executor", "--task-policy", "none"]).unwrap_err();
+        assert!(e.to_string().contains("--task-policy"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,10 @@ impl Manager {
             return Err(ManagerError::InvalidName(why));
         }
         spec.validate().map_err(ManagerError::InvalidSpec)?;
+        self.cfg
+            .policy
+            .check(spec, self.runtimes.exec_mode_for(spec))
+            .map_err(ManagerError::Refused)?;
         self.runtimes.for_spec(spec)?.validate(spec)?;
         Ok(())
     }

@@ -11,6 +11,9 @@ pub enum ManagerError {
     InvalidName(String),
     #[error("invalid task spec: {0}")]
     InvalidSpec(String),
+    /// The task asks for more than `--task-policy` and the configured identity allow.
+    #[error("{0}")]
+    Refused(String),
     #[error("task {0} already exists")]
     AlreadyExists(String),
     /// A sync lists a task whose deletion was requested and is being carried out (as the

@@ -40,6 +40,7 @@ use self::entry::Entry;
 use crate::runtime::{EventSink, Readiness, Runtime, RuntimeError, Runtimes, TaskRef};
 use crate::task::identity::UidRange;
 use crate::task::model::TaskSpec;
+use crate::task::policy::TaskPolicy;
 use crate::task::store::Store;
 
 #[derive(Clone, Debug)]
@@ -53,6 +54,8 @@ pub struct ManagerConfig {
     /// `--task-uid-range`: each task with a command in the agent's container gets a uid
     /// of its own from it. `None`: they run as the runtime's default user.
     pub task_uids: Option<UidRange>,
+    /// `--task-policy` and its allowlists: what a request may ask for.
+    pub policy: TaskPolicy,
 }
 
 impl ManagerConfig {

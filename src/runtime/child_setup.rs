@@ -309,6 +309,8 @@ pub struct ExecPlan {
     /// Set `no_new_privs` before exec: setuid binaries and file capabilities grant
     /// nothing.
     no_new_privs: bool,
+    /// Seccomp filters installed just before exec, in order (see `shim::seccomp`).
+    seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 /// The step at which a task's process could not be started.
@@ -371,7 +373,14 @@ impl ExecPlan {
             cwd,
             creds,
             no_new_privs,
+            seccomp: Vec::new(),
         })
+    }
+
+    /// Installs these seccomp filters just before exec (needs `no_new_privs`).
+    pub fn with_seccomp(mut self, filters: Vec<seccompiler::BpfProgram>) -> Self {
+        self.seccomp = filters;
+        self
     }
 }
 
@@ -398,12 +407,21 @@ struct ChildArgs<'a> {
     creds: Option<(u32, u32, *const u32, usize)>,
     caps: Option<CapSets>,
     no_new_privs: bool,
+    /// `sock_fprog`s of the plan's seccomp filters.
+    seccomp: Vec<SockFprog>,
     announce: Option<(RawFd, &'a [u8], &'a [u8])>,
     /// The spawning process, as the child's `getppid` should name it.
     parent: libc::pid_t,
     /// errno of the failed step, written by the child (0: it exec'ed).
     errno: AtomicI32,
     step: AtomicI32,
+}
+
+/// The kernel's `sock_fprog`: a BPF program for `seccomp(SECCOMP_SET_MODE_FILTER)`.
+#[repr(C)]
+struct SockFprog {
+    len: libc::c_ushort,
+    filter: *const seccompiler::sock_filter,
 }
 
 /// The kernel's `__user_cap_header_struct`.
@@ -510,6 +528,14 @@ pub fn spawn(
             .map(|c| (c.uid, c.gid, c.groups.as_ptr(), c.groups.len())),
         caps: plan.creds.as_ref().and_then(|c| c.caps),
         no_new_privs: plan.no_new_privs,
+        seccomp: plan
+            .seccomp
+            .iter()
+            .map(|p| SockFprog {
+                len: p.len() as libc::c_ushort,
+                filter: p.as_ptr(),
+            })
+            .collect(),
         announce: announce.map(|a| (a.journal.as_raw_fd(), a.head, a.tail)),
         parent: std::process::id() as libc::pid_t,
         errno: AtomicI32::new(0),
@@ -721,6 +747,12 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         }
         if !die_with_parent(a.parent) {
             return fail(2, libc::ESRCH);
+        }
+        for prog in &a.seccomp {
+            // SECCOMP_SET_MODE_FILTER (1), no flags; `prog` points into the plan.
+            if libc::syscall(libc::SYS_seccomp, 1, 0, prog as *const SockFprog) != 0 {
+                return fail(4, errno());
+            }
         }
         if !a.cwd_path.is_null() && libc::chdir(a.cwd_path) != 0 {
             return fail(1, errno());

@@ -31,6 +31,8 @@ pub mod shim;
 #[forbid(unsafe_code)]
 pub mod sidecar;
 #[forbid(unsafe_code)]
+pub mod sidecar_env;
+#[forbid(unsafe_code)]
 pub mod tasklog;
 
 use std::path::PathBuf;

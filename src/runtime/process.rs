@@ -43,6 +43,8 @@ pub struct ProcessRuntime {
     end_with_main: bool,
     /// Why this agent can't stop tasks (`proc_handle::check_signalling`), if it can't.
     cannot_signal: Option<std::sync::Arc<str>>,
+    /// Tasks without a `seccompProfile` get `RuntimeDefault` (`--task-policy restricted`).
+    default_seccomp: bool,
 }
 
 impl ProcessRuntime {
@@ -57,6 +59,7 @@ impl ProcessRuntime {
             containment: None,
             cannot_signal: None,
             end_with_main: false,
+            default_seccomp: false,
         }
     }
 
@@ -89,6 +92,12 @@ impl ProcessRuntime {
     /// Each task gets a cgroup under `parent` (see `containment`).
     pub fn with_containment(mut self, parent: Option<Parent>) -> Self {
         self.containment = parent;
+        self
+    }
+
+    /// Tasks without a `seccompProfile` run under `RuntimeDefault`.
+    pub fn with_default_seccomp(mut self, on: bool) -> Self {
+        self.default_seccomp = on;
         self
     }
 
@@ -150,6 +159,10 @@ impl ProcessRuntime {
             run_as: sc.map(SecurityContext::run_as).unwrap_or_default(),
             host_run_as: self.host_run_as(&task),
             allow_privilege_escalation: !SecurityContext::no_new_privs(sc),
+            seccomp: match sc.and_then(|s| s.seccomp_profile.as_ref()) {
+                Some(p) => p.is_runtime_default(),
+                None => self.default_seccomp,
+            },
             target,
             boot_id: records::boot_id().map(str::to_string),
             pre_start: hook_launch(

@@ -374,6 +374,9 @@ pub struct Launch {
     /// replaced or gave up the launch, runs nothing). Absent in older agents' launches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// Every command of the task runs under the `RuntimeDefault` seccomp filter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub seccomp: bool,
     /// Runs to completion before the main command; the main command runs only if it
     /// succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -618,6 +621,7 @@ mod tests {
             nonce: None,
             containment: None,
             end_with_main: false,
+            seccomp: false,
         };
         assert!(!launch.from_earlier_boot());
         assert!(write_launch(dir.path(), &launch).unwrap());

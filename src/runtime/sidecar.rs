@@ -10,77 +10,27 @@ use futures::future::BoxFuture;
 
 use super::proc_handle::ProcHandle;
 use super::process::ProcessRuntime;
-use super::procfs::{self, ProcIdentity};
+use super::procfs::ProcIdentity;
 use super::records::{self, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
 use crate::task::model::{ExecMode, TaskSpec};
 
-/// Finds the main container's init process. Implementations: Kubernetes Pod status
-/// (in `crate::kube`), then the upstream env-var scan below.
+/// Finds the main container's init process. Implementations: Kubernetes Pod status and
+/// CRI (in `crate::kube`) in a pod, upstream's env-var scan (`sidecar_env`) outside one.
 pub trait MainContainerLocator: Send + Sync + 'static {
     /// The main container's PID 1 as this agent sees it, or why it can't be found.
     fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>>;
 }
 
-/// Upstream's way: the process whose environment holds `SANDBOX_MAIN_CONTAINER=<name>`.
-/// Prefers the oldest such process that is not a task of ours (tasks inherit the env).
-pub struct EnvLocator {
-    pub container: String,
-}
+pub use super::sidecar_env::EnvLocator;
 
-impl MainContainerLocator for EnvLocator {
+/// A locator that can't work as configured; says why on every lookup.
+pub struct Unlocatable(pub String);
+
+impl MainContainerLocator for Unlocatable {
     fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
-        let container = self.container.clone();
-        Box::pin(async move { crate::task::offload::offload(move || scan_env(&container)).await })
-    }
-}
-
-fn scan_env(container: &str) -> Result<ProcIdentity, String> {
-    let want = format!("SANDBOX_MAIN_CONTAINER={container}");
-    let me = std::process::id() as i32;
-    let mut best: Option<(u64, i32)> = None;
-    for pid in procfs::pids() {
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if !raw.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
-            continue;
-        }
-        // Our tasks carry TASK_EXECUTOR_TASK; they are never the main container itself.
-        if raw
-            .split(|b| *b == 0)
-            .any(|kv| kv.starts_with(b"TASK_EXECUTOR_TASK="))
-        {
-            continue;
-        }
-        if let Some(s) = procfs::stat(pid)
-            && best.is_none_or(|(t, _)| s.start_time < t)
-        {
-            best = Some((s.start_time, pid));
-        }
-    }
-    let (_, pid) = best.ok_or_else(|| format!("no process has {want} in its environment"))?;
-    ProcIdentity::of(pid).ok_or_else(|| format!("process {pid} exited"))
-}
-
-/// Tries each locator in order; the first that answers wins.
-pub struct ChainLocator(pub Vec<Arc<dyn MainContainerLocator>>);
-
-impl MainContainerLocator for ChainLocator {
-    fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
-        Box::pin(async move {
-            let mut why = Vec::new();
-            for l in &self.0 {
-                match l.locate().await {
-                    Ok(p) => return Ok(p),
-                    Err(e) => why.push(e),
-                }
-            }
-            Err(why.join("; "))
-        })
+        let why = self.0.clone();
+        Box::pin(async move { Err(why) })
     }
 }
 

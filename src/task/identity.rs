@@ -28,6 +28,32 @@ pub struct SecurityContext {
     /// false: the task runs with `no_new_privs` (unlike Kubernetes, whose default is true).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_privilege_escalation: Option<bool>,
+    /// The task's seccomp filter, in Kubernetes' shape: `RuntimeDefault` (the refusals of
+    /// containerd's default profile) or `Unconfined`. Unset: `RuntimeDefault` under
+    /// `--task-policy restricted`, else none. `Localhost` is not supported (a 400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp_profile: Option<SeccompProfile>,
+}
+
+/// Kubernetes' `SeccompProfile`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SeccompProfile {
+    /// `RuntimeDefault`, `Unconfined` (or `Localhost`, refused).
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub localhost_profile: Option<String>,
+}
+
+impl SeccompProfile {
+    pub fn is_unconfined(&self) -> bool {
+        self.type_ == "Unconfined"
+    }
+
+    pub fn is_runtime_default(&self) -> bool {
+        self.type_ == "RuntimeDefault"
+    }
 }
 
 /// Identity overrides for a task's processes, as the shim applies them over its base
@@ -157,6 +183,33 @@ impl SecurityContext {
             {
                 return Err(format!(
                     "{what}.{field}: Invalid value: {n}: must be between 0 and {MAX_ID}, inclusive"
+                ));
+            }
+        }
+        if let Some(p) = &self.seccomp_profile {
+            let at = format!("{what}.seccompProfile");
+            match p.type_.as_str() {
+                "RuntimeDefault" | "Unconfined" => {}
+                "Localhost" => {
+                    return Err(format!(
+                        "{at}.type: Unsupported value: \"Localhost\": supported values: \"RuntimeDefault\", \"Unconfined\""
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "{at}.type: Unsupported value: {other:?}: supported values: \"RuntimeDefault\", \"Unconfined\""
+                    ));
+                }
+            }
+            if p.localhost_profile.is_some() {
+                return Err(format!(
+                    "{at}.localhostProfile: Forbidden: only with type Localhost"
+                ));
+            }
+            // A filter without no_new_privs needs CAP_SYS_ADMIN, which tasks never get.
+            if p.is_runtime_default() && self.allow_privilege_escalation == Some(true) {
+                return Err(format!(
+                    "{at}: Forbidden: RuntimeDefault needs allowPrivilegeEscalation unset or false (a seccomp filter implies no_new_privs)"
                 ));
             }
         }

@@ -10,6 +10,7 @@ pub mod lifecycle;
 pub mod model;
 pub mod name;
 pub mod offload;
+pub mod policy;
 pub mod store;
 pub mod template;
 pub mod time;

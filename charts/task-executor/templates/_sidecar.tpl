@@ -45,6 +45,9 @@ criSocket: /var/run/containerd/containerd.sock
 privileged: false
 taskRunAsUser: "65534"
 taskUidRange: "100000-165535"
+taskPolicy: baseline
+taskHostPathAllow: []
+taskImageAllow: []
 sidecarJoinCgroup: false
 sidecarRunAsTargetUser: true
 extraArgs: []
@@ -170,6 +173,18 @@ securityContext: {}
     # securityContext says otherwise), so tasks can't reach each other's processes.
     - name: TASK_UID_RANGE
       value: {{ $e.taskUidRange | quote }}
+    {{- end }}
+    # What a request may ask for beyond the configured identity and places (README:
+    # "Task policy"): privileged, baseline or restricted.
+    - name: TASK_POLICY
+      value: {{ $e.taskPolicy | quote }}
+    {{- with $e.taskHostPathAllow }}
+    - name: TASK_HOST_PATH_ALLOW
+      value: {{ join "," . | quote }}
+    {{- end }}
+    {{- with $e.taskImageAllow }}
+    - name: TASK_IMAGE_ALLOW
+      value: {{ join "," . | quote }}
     {{- end }}
     {{- if not (kindIs "invalid" $e.maxBodyBytes) }}
     - name: MAX_BODY_BYTES

@@ -124,6 +124,7 @@ impl Fixture {
                 max_concurrent,
                 start_retry: Duration::from_secs(1),
                 task_uids: None,
+                policy: Default::default(),
             },
         );
         let (sink, events) = EventSink::channel();

@@ -31,6 +31,7 @@ fn setup_with(cfg: impl FnOnce(&mut ManagerConfig)) -> Setup {
         max_concurrent: None,
         start_retry: ManagerConfig::DEFAULT_START_RETRY,
         task_uids: None,
+        policy: Default::default(),
     };
     cfg(&mut config);
     let runtimes = Runtimes::single(Arc::new(rt.clone()));

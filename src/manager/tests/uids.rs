@@ -135,6 +135,7 @@ async fn a_restarted_manager_keeps_every_tasks_uid() {
             first: 100,
             last: 109,
         }),
+        policy: Default::default(),
     };
     let mgr: Arc<Manager> =
         Manager::new(s.store.clone(), Runtimes::single(Arc::new(rt.clone())), cfg);
@@ -150,4 +151,32 @@ async fn a_restarted_manager_keeps_every_tasks_uid() {
     until("doomed gone", || mgr.get("doomed").is_err()).await;
     mgr.create("after".into(), spec("true")).await.unwrap();
     assert_eq!(rt.host_uid("after"), Some(101));
+}
+
+/// The policy refuses before anything is reserved: no record, no uid taken.
+#[tokio::test]
+async fn a_task_asking_for_another_identity_is_refused_and_nothing_is_kept() {
+    let range = UidRange {
+        first: 100,
+        last: 100,
+    };
+    let s = setup_with(|c| {
+        c.task_uids = Some(range);
+        c.policy.uid_range = Some(range);
+    });
+    let mut root = spec("true");
+    root.process.as_mut().unwrap().security_context = Some(SecurityContext {
+        run_as_user: Some(0),
+        ..Default::default()
+    });
+    let err = s.mgr.create("root".into(), root).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Refused(_)), "{err:?}");
+    assert!(err.to_string().contains("runAsUser"), "{err}");
+    assert!(s.mgr.get("root").is_err() && !s.store.dir("root").exists());
+    s.mgr.create("plain".into(), spec("true")).await.unwrap();
+    assert_eq!(
+        s.host_uid("plain"),
+        Some(100),
+        "the only uid was still free"
+    );
 }

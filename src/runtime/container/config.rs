@@ -29,6 +29,9 @@ pub struct ContainerRuntimeConfig {
     /// Grace of a timeout stop.
     pub grace: Duration,
     pub max_log_bytes: u64,
+    /// `--task-policy restricted`: containers run as this non-root uid and gid instead
+    /// of their image's user.
+    pub run_as: Option<(u32, u32)>,
 }
 
 impl ContainerRuntimeConfig {

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod cri;
+pub mod hardening;
 pub mod logs;
 pub mod monitor;
 pub mod own_volumes;
@@ -56,6 +57,8 @@ struct Inner {
     agent_id: String,
     socket: PathBuf,
     max_log_bytes: u64,
+    /// `--task-policy restricted`: the non-root uid and gid containers run as.
+    run_as: Option<(u32, u32)>,
     cancel: CancellationToken,
 }
 
@@ -98,6 +101,7 @@ impl ContainerRuntime {
                 agent_id,
                 socket: cfg.socket,
                 max_log_bytes: cfg.max_log_bytes,
+                run_as: cfg.run_as,
                 cancel,
             }),
         }
@@ -291,7 +295,8 @@ impl Inner {
             ipc: sb.ipc,
             target_id,
         };
-        let config = spec::container_config(&task, &c, &self.agent_id, mounts, &ns);
+        let mut config = spec::container_config(&task, &c, &self.agent_id, mounts, &ns);
+        hardening::harden(&mut config, self.run_as);
         let mut sandbox_config = sb.config.clone();
         // The runtime writes the log at <log_directory>/<log_path>: the task dir.
         sandbox_config.log_directory = task.dir.display().to_string();

@@ -196,6 +196,7 @@ fn setup() -> Setup {
             poll_interval: Duration::from_millis(50),
             grace: Duration::from_secs(1),
             max_log_bytes: 1 << 20,
+            run_as: None,
         },
     );
     let dir = tempfile::tempdir().unwrap();

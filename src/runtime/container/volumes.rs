@@ -82,6 +82,9 @@ pub struct PodVolumes {
     known: Mutex<(HashMap<String, PathBuf>, u64)>,
     /// Held by the one read in flight; lookups that wait for it reuse its answer.
     reading: Mutex<()>,
+    /// The task policy (`baseline`, `restricted`): only the Pod volumes this container
+    /// (the main one) mounts, never the agent's own (its token, data dir, CRI socket).
+    mounted_by: Option<String>,
 }
 
 impl PodVolumes {
@@ -98,7 +101,14 @@ impl PodVolumes {
             timeout,
             known: Mutex::new((HashMap::new(), 0)),
             reading: Mutex::new(()),
+            mounted_by: None,
         }
+    }
+
+    /// Only the Pod volumes that `container` mounts are known (`--volume` entries stay).
+    pub fn mounted_by(mut self, container: String) -> Self {
+        self.mounted_by = Some(container);
+        self
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, (HashMap<String, PathBuf>, u64)> {
@@ -114,11 +124,15 @@ impl PodVolumes {
                 return;
             }
             let (source, timeout) = (self.source.clone(), self.timeout);
+            let only = self.mounted_by.clone();
             let job = self
                 .handle
                 .spawn(async move { tokio::time::timeout(timeout, source.fetch()).await });
             let outcome = match self.handle.block_on(job) {
-                Ok(Ok(Ok(pod))) => Ok(volumes_from_pod(&pod)),
+                Ok(Ok(Ok(pod))) => Ok(match &only {
+                    Some(c) => mounted_volumes(&pod, c),
+                    None => volumes_from_pod(&pod),
+                }),
                 Ok(Ok(Err(e))) => Err(e),
                 Ok(Err(_)) => Err(format!("no answer within {timeout:?}")),
                 Err(e) => Err(e.to_string()),
@@ -166,6 +180,22 @@ impl VolumeResolver for PodVolumes {
         names.dedup();
         names
     }
+}
+
+/// [`volumes_from_pod`], only those that `container` mounts: what the main container's
+/// own code reaches anyway.
+pub fn mounted_volumes(pod: &Pod, container: &str) -> HashMap<String, PathBuf> {
+    let mounted: Vec<&str> = pod
+        .spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter(|c| c.name == container)
+        .flat_map(|c| c.volume_mounts.iter().flatten())
+        .map(|m| m.name.as_str())
+        .collect();
+    let mut all = volumes_from_pod(pod);
+    all.retain(|name, _| mounted.contains(&name.as_str()));
+    all
 }
 
 /// The host paths of a Pod's volumes: hostPath volumes at their path; emptyDir,
@@ -216,6 +246,29 @@ mod tests {
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn the_policy_knows_only_what_the_main_container_mounts() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p", "uid": "u"},
+            "spec": {
+                "containers": [
+                    {"name": "main", "volumeMounts": [{"name": "work", "mountPath": "/w"}]},
+                    {"name": "task-executor", "volumeMounts": [
+                        {"name": "data", "mountPath": "/var/lib/sandbox/tasks"},
+                        {"name": "cri", "mountPath": "/run/containerd/containerd.sock"}]}
+                ],
+                "volumes": [
+                    {"name": "work", "emptyDir": {}},
+                    {"name": "data", "emptyDir": {}},
+                    {"name": "cri", "hostPath": {"path": "/run/containerd/containerd.sock"}}
+                ]
+            }
+        }));
+        let m = mounted_volumes(&p, "main");
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["work"]);
+        assert_eq!(volumes_from_pod(&p).len(), 3);
     }
 
     #[test]

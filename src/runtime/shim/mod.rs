@@ -17,10 +17,12 @@
 
 mod cgroup;
 mod hooks;
+mod hygiene;
 pub(in crate::runtime) mod kill;
 pub(crate) mod logs;
 pub(crate) mod ns_reaper;
 mod place;
+mod seccomp;
 pub mod server;
 mod spawn;
 mod supervisor;
@@ -115,6 +117,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
     let me = ProcIdentity::of(std::process::id() as i32)
         .ok_or_else(|| io::Error::other("no /proc/self"))?;
     nix::sys::prctl::set_child_subreaper(true)?;
+    hygiene::set_task_limits()?;
 
     let mut mask = SigSet::empty();
     for s in [
@@ -267,8 +270,7 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
             Some(Cwd::Fd(fd)) => Some(Cwd::Fd(fd.try_clone()?)),
         })
     };
-    let host_env = spawn::environment(spawn::host_base_env(), &launch.env);
-    let host_identity = spawn::Identity::of(launch, None);
+    let (host_env, host_identity) = hygiene::host_start(launch);
     let mut host = Vec::new();
     for &job in &jobs {
         host.push(match argv(job).filter(|_| !inside(job)) {

@@ -49,6 +49,8 @@ pub struct Identity {
     /// `None`: the shim's own ids and capabilities.
     pub creds: Option<Creds>,
     pub no_new_privs: bool,
+    /// Under the `RuntimeDefault` seccomp filter (`shim::seccomp`).
+    pub seccomp: bool,
 }
 
 impl Identity {
@@ -82,6 +84,7 @@ impl Identity {
         Identity {
             creds,
             no_new_privs,
+            seccomp: launch.seccomp,
         }
     }
 }
@@ -130,7 +133,7 @@ pub fn plan(
         })
         .collect::<io::Result<Vec<_>>>()?;
     let program = argv.first().map(String::as_bytes).unwrap_or_default();
-    ExecPlan::new(
+    let plan = ExecPlan::new(
         program,
         path,
         args,
@@ -138,7 +141,11 @@ pub fn plan(
         cwd,
         identity.creds.clone(),
         identity.no_new_privs,
-    )
+    )?;
+    Ok(match identity.seccomp {
+        true => plan.with_seccomp(super::seccomp::runtime_default()?),
+        false => plan,
+    })
 }
 
 /// A working directory as the task gave it, if it gave one.
@@ -209,6 +216,7 @@ mod tests {
         let keep = Identity {
             creds: None,
             no_new_privs: false,
+            seccomp: false,
         };
         let plan = plan(&argv, &env, Cwd::Inherit, &keep).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();

@@ -1,0 +1,124 @@
+//! `--task-policy`: a request can only lower privilege below what the operator configured.
+//! Real agents (as root) and real tasks: the refusals are 400s naming the field and the
+//! policy, before anything is stored; allowed requests run with what they asked for, as
+//! the tasks' own `id` shows. Needs root.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::agent::Agent;
+
+const T: Duration = Duration::from_secs(30);
+
+fn refused(a: &Agent, name: &str, sc: serde_json::Value, field: &str, policy: &str) -> String {
+    let r = a.create(json!({"name": name, "spec": {"process": {
+        "command": ["id", "-u"], "securityContext": sc}}}));
+    assert_eq!(r.status, 400, "{sc}: {}", r.text());
+    let body = r.json();
+    assert_eq!(body["code"], "Bad Request");
+    let msg = body["message"].as_str().unwrap().to_string();
+    assert!(
+        msg.starts_with(&format!("spec.process.securityContext.{field}: Forbidden"))
+            && msg.contains(&format!("task policy \"{policy}\"")),
+        "{msg}"
+    );
+    assert_eq!(
+        a.request("GET", &format!("/tasks/{name}"), None).status,
+        404
+    );
+    assert!(!a.task_dir(name).exists(), "nothing stored for {name}");
+    msg
+}
+
+/// The reproduction: uid 0 against a uid range (and a default user) is a 400.
+#[test]
+fn with_a_task_identity_root_and_other_uids_are_refused() {
+    let a = Agent::start(&[
+        "--task-uid-range",
+        "300000-300100",
+        "--task-run-as-user",
+        "65534",
+    ]);
+    for (i, uid) in [0, 1000, 300005, 65534].into_iter().enumerate() {
+        refused(
+            &a,
+            &format!("u{i}"),
+            json!({"runAsUser": uid}),
+            "runAsUser",
+            "baseline",
+        );
+    }
+    refused(&a, "g", json!({"runAsGroup": 0}), "runAsGroup", "baseline");
+    // The configured group may be asked for; a request asking for nothing is unchanged.
+    a.run("plain", &["id", "-u"]);
+    assert_eq!(a.wait_state("plain", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("plain"), "300000\n");
+    let r = a.create(json!({"name": "grp", "spec": {"process": {
+        "command": ["id", "-g"], "securityContext": {"runAsGroup": 65534}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(a.wait_state("grp", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("grp"), "65534\n");
+}
+
+#[test]
+fn restricted_never_runs_root_nor_escalates() {
+    let a = Agent::start(&["--task-policy", "restricted", "--task-run-as-user", "65534"]);
+    refused(
+        &a,
+        "root",
+        json!({"runAsUser": 0}),
+        "runAsUser",
+        "restricted",
+    );
+    refused(
+        &a,
+        "esc",
+        json!({"allowPrivilegeEscalation": true}),
+        "allowPrivilegeEscalation",
+        "restricted",
+    );
+    a.run("plain", &["id", "-u"]);
+    assert_eq!(a.wait_state("plain", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("plain"), "65534\n");
+}
+
+#[test]
+fn privileged_lets_the_request_choose() {
+    let a = Agent::start(&["--task-policy", "privileged", "--task-run-as-user", "65534"]);
+    let r = a.create(json!({"name": "root", "spec": {"process": {
+        "command": ["id", "-u"], "securityContext": {"runAsUser": 0}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(a.wait_state("root", "terminated", T)["exitCode"], 0);
+    assert_eq!(a.stdout("root"), "0\n");
+}
+
+/// An agent (root) whose tasks would run as itself can't apply `restricted`: it
+/// doesn't start, and says why.
+#[test]
+fn restricted_without_a_task_user_does_not_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg("20")
+        .arg(support::agent::BIN)
+        .args([
+            "--task-policy",
+            "restricted",
+            "--listen-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && out.status.code() != Some(124),
+        "{out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--task-policy restricted runs no task as root"),
+        "{err}"
+    );
+}
