@@ -43,15 +43,17 @@ async fn an_answer_is_rendered_once_and_again_after_each_change() {
     assert_eq!(RENDERS.load(Ordering::SeqCst), 1);
 
     // A hook's state is part of the view.
-    let mut hooks = HookStatuses::default();
-    hooks.pre_start = Some(TaskState::Terminated(crate::task::model::Terminated {
-        exit_code: 0,
-        signal: None,
-        reason: "Succeeded".into(),
-        message: None,
-        started_at: None,
-        finished_at: Time::now(),
-    }));
+    let hooks = HookStatuses {
+        pre_start: Some(TaskState::Terminated(crate::task::model::Terminated {
+            exit_code: 0,
+            signal: None,
+            reason: "Succeeded".into(),
+            message: None,
+            started_at: None,
+            finished_at: Time::now(),
+        })),
+        ..Default::default()
+    };
     s.rt.report(
         "a",
         crate::runtime::Observed::WithHooks(
