@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+mod finished;
 pub mod slow_clients;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +80,8 @@ pub struct BenchOptions {
     pub latency_samples: usize,
     /// Running tasks re-adopted after a kill -9 of the agent (0: skip).
     pub adopted_tasks: usize,
+    /// Finished tasks held, listed and loaded again after a kill -9 (0: skip).
+    pub finished_tasks: usize,
 }
 
 struct Agent {
@@ -209,6 +212,12 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         ms(slow.health.iter().max().copied().unwrap_or_default()),
     ));
     out.push_str(&format!(
+        "| agent RSS with {} idle keep-alive connections (each after one request) | {:.1} MiB (+{:.1} KiB a connection) | | |\n",
+        slow.idle,
+        slow.rss_idle_conns_kib as f64 / 1024.0,
+        slow.rss_idle_conns_kib.saturating_sub(slow.rss_idle_kib) as f64 / slow.idle.max(1) as f64
+    ));
+    out.push_str(&format!(
         "| agent RSS with those connections open | {:.1} MiB (+{:.1} KiB a connection) | | |\n",
         slow.rss_loaded_kib as f64 / 1024.0,
         slow.rss_loaded_kib.saturating_sub(slow.rss_idle_kib) as f64
@@ -230,6 +239,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         "| agent CPU with 100 log followers of 10 idle tasks, 5 s | {follow_cpu} ticks | | |\n"
     ));
     drop(agent);
+    if opts.finished_tasks > 0 {
+        out.push_str(&finished::run(opts.finished_tasks, opts.clients)?.rows());
+    }
     if opts.adopted_tasks > 0 {
         let r = readoption(opts.adopted_tasks, opts.clients)?;
         out.push_str(&format!(

@@ -52,6 +52,9 @@ enum Command {
         /// Running tasks to re-adopt after a kill -9 of the agent (0: skip).
         #[arg(long, default_value_t = 5_000)]
         adopted_tasks: usize,
+        /// Finished tasks to hold, list, and load again after a kill -9 (0: skip).
+        #[arg(long, default_value_t = 100_000)]
+        finished_tasks: usize,
     },
 }
 
@@ -109,6 +112,7 @@ fn main() -> anyhow::Result<()> {
             duration,
             latency_samples,
             adopted_tasks,
+            finished_tasks,
         }) => {
             let opts = task_executor::bench::BenchOptions {
                 held_tasks,
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 latency_samples,
                 adopted_tasks,
+                finished_tasks,
             };
             print!("{}", task_executor::bench::run(&opts)?);
             Ok(())

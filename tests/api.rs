@@ -443,3 +443,58 @@ fn get_with_wait_answers_when_the_task_terminates() {
     assert_eq!(a.request("GET", "/tasks/short?wait=soon", None).status, 400);
     assert_eq!(a.request("GET", "/tasks/nope?wait=1s", None).status, 404);
 }
+
+/// A list longer than one piece of the stream (64 KiB) is sent chunked, as one JSON array
+/// in name order whose elements are the tasks' own answers; a short one keeps its length.
+#[test]
+fn a_long_task_list_is_streamed_whole_and_in_order() {
+    let a = Agent::start(&[]);
+    a.run("short", &["true"]);
+    a.wait_state("short", "terminated", T);
+    let short = a.request("GET", "/getTasks", None);
+    assert!(
+        short.header("content-length").is_some(),
+        "{:?}",
+        short.headers
+    );
+    assert!(short.body.ends_with(b"]\n"));
+
+    // 120 tasks of about 1 KiB each: the list is two pieces.
+    let arg = "x".repeat(1000);
+    let mut sent: Vec<Value> = (0..120)
+        .map(|i| json!({"name": format!("t-{i:03}"), "process": {"command": ["true", arg]}}))
+        .collect();
+    // setTasks deletes what it does not list.
+    sent.push(json!({"name": "short", "process": {"command": ["true"]}}));
+    let r = a.request("POST", "/setTasks", Some(&Value::Array(sent)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    for i in 0..120 {
+        a.wait_state(&format!("t-{i:03}"), "terminated", T);
+    }
+    let list = a.request("GET", "/getTasks", None);
+    assert_eq!(list.status, 200);
+    assert_eq!(list.header("content-type"), Some("application/json"));
+    assert_eq!(
+        list.header("transfer-encoding"),
+        Some("chunked"),
+        "{:?}",
+        list.headers
+    );
+    assert!(list.body.len() > 120 * 1000);
+    assert!(list.body.ends_with(b"]\n"));
+    let tasks = list.json();
+    let tasks = tasks.as_array().unwrap();
+    let names: Vec<&str> = tasks.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    let mut want: Vec<String> = (0..120).map(|i| format!("t-{i:03}")).collect();
+    want.push("short".into());
+    want.sort();
+    assert_eq!(names, want);
+    for t in tasks {
+        let name = t["name"].as_str().unwrap();
+        assert_eq!(
+            &a.get(name).unwrap(),
+            t,
+            "{name} as listed and as read alone"
+        );
+    }
+}

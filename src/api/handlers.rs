@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 
 use super::error::ApiError;
 use super::unknown_fields::{self, WriteQuery};
-use super::wire::{Health, TaskRequest, TaskResponse};
+use super::wire::{self, Health, TaskRequest, TaskResponse};
 use crate::task::fields::{self, Decoded};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -107,8 +107,21 @@ fn log_unknown(task: &str, unknown: &[String]) {
 }
 
 pub fn get(state: &AppState, name: &str) -> Result<Response, ApiError> {
-    let view = state.manager.get(name)?;
-    Ok(json_response(StatusCode::OK, &TaskResponse::from(view)))
+    let task = state.manager.get_rendered(name, wire::render_task)?;
+    let mut body = BytesMut::with_capacity(task.len() + 1);
+    body.extend_from_slice(&task);
+    body.put_u8(b'\n');
+    Ok(json_bytes(body.freeze()))
+}
+
+/// A 200 with a JSON body already made.
+fn json_bytes(body: Bytes) -> Response {
+    let mut resp = Response::new(body.into());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// Long-poll: answers as soon as the task has terminated or is being deleted
@@ -125,9 +138,8 @@ pub async fn get_when_settled(
         |v: &crate::manager::TaskView| v.state.is_terminated() || v.deletion_timestamp.is_some();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let view = state.manager.get(name)?;
-        if settled(&view) {
-            return Ok(json_response(StatusCode::OK, &TaskResponse::from(view)));
+        if settled(&state.manager.get(name)?) {
+            return get(state, name);
         }
         loop {
             match tokio::time::timeout_at(deadline, changes.recv()).await {
@@ -148,23 +160,71 @@ pub async fn delete(state: &AppState, name: &str) -> Result<Response, ApiError> 
     Ok(resp)
 }
 
+/// What one piece of a streamed `GET /getTasks` holds at least (the last holds the rest):
+/// large enough that 10,000 tasks are a few dozen writes, small enough that the list of
+/// 100,000 never exists as a whole beside the tasks' cached answers.
+const LIST_CHUNK: usize = 64 * 1024;
+
+/// All tasks, as a JSON array of their cached answers. A list that fits in one piece is
+/// sent with its length; a longer one is streamed (chunked) as it is assembled.
 pub fn list(state: &AppState) -> Response {
-    // Serialised one task at a time: thousands of tasks never exist twice in memory.
-    let mut body = Vec::with_capacity(64 * 1024);
-    body.push(b'[');
-    state.manager.for_each_sorted(|v| {
-        if body.len() > 1 {
-            body.push(b',');
-        }
-        let _ = serde_json::to_writer(&mut body, &TaskResponse::from(v));
-    });
-    body.extend_from_slice(b"]\n");
-    let mut resp = Response::new(body.into());
+    let mut pieces = ListPieces {
+        tasks: state.manager.list_rendered(wire::render_task),
+        started: false,
+        done: false,
+    };
+    let Some(first) = pieces.next() else {
+        return json_bytes(Bytes::from_static(b"[]\n"));
+    };
+    if pieces.done {
+        return json_bytes(first);
+    }
+    let stream = futures::stream::iter(
+        std::iter::once(first)
+            .chain(pieces)
+            .map(Ok::<_, std::convert::Infallible>),
+    );
+    let mut resp = warp::reply::Reply::into_response(warp::reply::stream(stream));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// `[`, the tasks' answers separated by commas, `]` and a newline, in pieces of about
+/// `LIST_CHUNK` bytes. Each answer is copied once, from its cache into its piece.
+struct ListPieces {
+    tasks: crate::manager::Listing,
+    started: bool,
+    done: bool,
+}
+
+impl Iterator for ListPieces {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        let mut piece = BytesMut::with_capacity(LIST_CHUNK.min(self.tasks.remaining() * 512 + 8));
+        if !self.started {
+            piece.put_u8(b'[');
+        }
+        while piece.len() < LIST_CHUNK {
+            let Some(task) = self.tasks.next() else {
+                piece.extend_from_slice(b"]\n");
+                self.done = true;
+                break;
+            };
+            if self.started {
+                piece.put_u8(b',');
+            }
+            self.started = true;
+            piece.extend_from_slice(&task);
+        }
+        Some(piece.freeze())
+    }
 }
 
 pub async fn sync(state: &AppState, body: Bytes, query: &str) -> Result<Response, ApiError> {

@@ -148,6 +148,15 @@ impl From<TaskView> for TaskResponse {
     }
 }
 
+/// A task's answer as bytes (no trailing newline): what the manager caches per task and
+/// `GET /tasks/{name}` and `GET /getTasks` send.
+pub fn render_task(view: TaskView) -> bytes::Bytes {
+    // Serialising owned, plain data to a Vec can't fail.
+    serde_json::to_vec(&TaskResponse::from(view))
+        .unwrap_or_else(|_| b"{}".to_vec())
+        .into()
+}
+
 /// `/health` and `/readyz`: `healthy`, `ready`, or `notReady` with a reason.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Health {

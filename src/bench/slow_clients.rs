@@ -29,8 +29,12 @@ pub struct Report {
     pub fds_idle: usize,
     pub fds_loaded: usize,
     pub fds_after: usize,
-    /// The agent's resident memory (KiB) before and with the load open.
+    /// The agent's resident memory (KiB) before, with the idle connections open (before
+    /// the trickling ones), and with the whole load open.
     pub rss_idle_kib: u64,
+    pub rss_idle_conns_kib: u64,
+    /// Idle connections opened.
+    pub idle: usize,
     pub rss_loaded_kib: u64,
     /// Time from closing the clients to the fds being back (or the wait giving up).
     pub settle: Duration,
@@ -58,6 +62,8 @@ pub fn run(addr: SocketAddr, agent_pid: u32, load: &Load) -> std::io::Result<Rep
         read_health_answer(&mut s)?;
         idle.push(s);
     }
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_idle_conns_kib = rss_kib(agent_pid)?;
 
     // Trickling headers, one byte a second on each connection, from one thread.
     let trickle: Vec<TcpStream> = (0..load.trickling)
@@ -117,6 +123,8 @@ pub fn run(addr: SocketAddr, agent_pid: u32, load: &Load) -> std::io::Result<Rep
         fds_loaded,
         fds_after,
         rss_idle_kib,
+        rss_idle_conns_kib,
+        idle: load.idle,
         rss_loaded_kib,
         settle: closed.elapsed(),
     })

@@ -25,15 +25,16 @@ mod start;
 mod tests;
 mod uids;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 
-pub use entry::TaskView;
+pub use entry::{Render, TaskView};
 pub use error::ManagerError;
 
 use self::entry::Entry;
@@ -66,7 +67,8 @@ pub struct Manager {
     store: Store,
     runtimes: Runtimes,
     cfg: ManagerConfig,
-    tasks: RwLock<HashMap<String, Arc<Entry>>>,
+    /// By name: kept sorted, so a list is a walk, never a sort.
+    tasks: RwLock<BTreeMap<String, Arc<Entry>>>,
     events: EventSink,
     uid_seq: AtomicU64,
     /// The task uids held, with `--task-uid-range` (locked after `tasks` when both are).
@@ -88,7 +90,7 @@ impl Manager {
             runtimes,
             cfg,
             host_uids,
-            tasks: RwLock::new(HashMap::new()),
+            tasks: RwLock::new(BTreeMap::new()),
             events: tx,
             uid_seq: AtomicU64::new(0),
             changes: broadcast::channel(1024).0,
@@ -120,24 +122,31 @@ impl Manager {
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
-    /// All tasks, ordered by name.
-    pub fn list(&self) -> Vec<TaskView> {
-        let mut out = Vec::new();
-        self.for_each_sorted(|v| out.push(v));
-        out
+    /// The task's answer as `render` makes it, from the task's cache when its view has not
+    /// changed since the last render. `render` is the agent's one answer shape.
+    pub fn get_rendered(&self, name: &str, render: Render) -> Result<Bytes, ManagerError> {
+        self.entry(name)
+            .map(|e| e.rendered(render))
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
-    /// Visits every task in name order, one view at a time (no copy of the whole set).
-    pub fn for_each_sorted(&self, mut f: impl FnMut(TaskView)) {
-        let mut entries: Vec<(String, Arc<Entry>)> = self
-            .read_tasks()
-            .iter()
-            .map(|(n, e)| (n.clone(), e.clone()))
-            .collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (_, e) in entries {
-            f(e.view());
+    /// All tasks, ordered by name.
+    pub fn list(&self) -> Vec<TaskView> {
+        self.snapshot().iter().map(|e| e.view()).collect()
+    }
+
+    /// Every task's answer in name order, rendered (or taken from its cache) as the
+    /// listing is consumed: the set of tasks is fixed when this is called, each task's
+    /// answer when it is reached. Holds one reference per task, never a copy of them.
+    pub fn list_rendered(&self, render: Render) -> Listing {
+        Listing {
+            entries: self.snapshot().into_iter(),
+            render,
         }
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Entry>> {
+        self.read_tasks().values().cloned().collect()
     }
 
     /// Creates the task: its record is durable and its start was tried when this returns.
@@ -236,12 +245,37 @@ impl Manager {
         }
     }
 
-    fn read_tasks(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Entry>>> {
+    fn read_tasks(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Entry>>> {
         self.tasks.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_tasks(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Entry>>> {
+    fn write_tasks(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Entry>>> {
         self.tasks.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The answers of a set of tasks, in name order (see `Manager::list_rendered`).
+pub struct Listing {
+    entries: std::vec::IntoIter<Arc<Entry>>,
+    render: Render,
+}
+
+impl Listing {
+    /// Tasks not yet reached.
+    pub fn remaining(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+impl Iterator for Listing {
+    type Item = Bytes;
+
+    fn next(&mut self) -> Option<Bytes> {
+        self.entries.next().map(|e| e.rendered(self.render))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.entries.size_hint()
     }
 }
 

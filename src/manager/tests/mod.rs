@@ -3,6 +3,7 @@
 //! (The same paths with real processes run end to end in tests/*.rs.)
 
 mod fake;
+mod rendered;
 mod uids;
 
 use std::sync::Arc;
