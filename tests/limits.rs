@@ -409,3 +409,92 @@ fn without_cgroups_a_task_of_its_own_uid_gets_its_pids_limit_as_rlimit_nproc() {
     assert!(a.stdout("plain").contains("4096"), "{}", a.stdout("plain"));
     a.delete_all_and_stop();
 }
+
+/// The cgroup v1 directory of `controller` a process is in.
+fn cgroup_of(pid: i32, controller: &str) -> PathBuf {
+    let text = read(&PathBuf::from(format!("/proc/{pid}/cgroup")));
+    let path = text
+        .lines()
+        .find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctls, path) = (p.next()?, p.next()?, p.next()?);
+            ctls.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
+        })
+        .unwrap_or_else(|| panic!("{pid} has no {controller} cgroup: {text}"));
+    PathBuf::from(format!("/sys/fs/cgroup/{controller}{path}"))
+}
+
+#[test]
+fn container_tasks_get_their_limits_through_cri() {
+    let cd = support::containerd::shared();
+    let tmp = tempfile::Builder::new()
+        .prefix("te-lim-")
+        .tempdir()
+        .unwrap();
+    let socket = cd.socket.display().to_string();
+    let mut a = Agent::start_in(
+        tmp.path(),
+        &[
+            "--enable-container-mode=true",
+            "--cri-socket",
+            &socket,
+            "--stop-grace-period",
+            "1s",
+        ],
+    );
+    let sleeps = Sleeps("36031");
+    a.create_ok(&json!({"name": "boxed", "spec": {"container": {
+        "image": support::containerd::BUSYBOX,
+        "command": ["sleep", "36031"],
+        "resources": {"limits": {"memory": "48Mi", "cpu": "500m"}, "requests": {"cpu": "250m"}},
+    }}}));
+    a.wait_state("boxed", "running", T);
+    let pid = wait_for(T, "the container's sleep", || {
+        pids_with_cmdline(&["sleep", "36031"]).first().copied()
+    });
+    let mem = cgroup_of(pid, "memory");
+    assert_eq!(
+        read(&mem.join("memory.limit_in_bytes")),
+        (48u64 << 20).to_string()
+    );
+    let cpu = cgroup_of(pid, "cpu");
+    assert_eq!(read(&cpu.join("cpu.cfs_quota_us")), "50000");
+    assert_eq!(read(&cpu.join("cpu.cfs_period_us")), "100000");
+    assert_eq!(read(&cpu.join("cpu.shares")), "256");
+    // Upstream's podTemplateSpec: the container's resources, the same way.
+    a.create_ok(&json!({"name": "templated", "podTemplateSpec": {"spec": {"containers": [{
+        "name": "c", "image": support::containerd::BUSYBOX,
+        "command": ["sh", "-c", "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max"],
+        "resources": {"limits": {"memory": "40Mi"}},
+    }]}}}));
+    a.wait_state("templated", "terminated", T);
+    let log =
+        std::fs::read_to_string(a.task_dir("templated").join("container.log")).unwrap_or_default();
+    assert!(log.contains(&(40u64 << 20).to_string()), "{log}");
+    // This node has cgroup v1: the CRI can't be given a pids limit.
+    let r = a.create(json!({"name": "pids", "spec": {"container": {
+        "image": support::containerd::BUSYBOX, "command": ["true"],
+        "resources": {"limits": {"task-executor.io/pids": 10}},
+    }}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        error_message(&r).starts_with("container.resources.limits[task-executor.io/pids]: container tasks get a pids limit only on cgroup v2 nodes"),
+        "{}",
+        r.text()
+    );
+    let r = a.create(json!({"name": "bad", "spec": {"container": {
+        "image": support::containerd::BUSYBOX, "command": ["true"],
+        "resources": {"limits": {"memory": "lots"}},
+    }}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        error_message(&r)
+            .contains("container.resources.limits.memory: \"lots\" is not a valid quantity"),
+        "{}",
+        r.text()
+    );
+    a.delete_all_and_stop();
+    drop(sleeps);
+}

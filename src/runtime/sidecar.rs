@@ -154,7 +154,9 @@ impl Runtime for SidecarRuntime {
             .is_some_and(|r| !r.is_empty());
         if asked && self.join_cgroup {
             return Err(RuntimeError::Invalid(
-                "process.resources: this agent can't enforce them for a task with commands in                  the main container: --sidecar-join-cgroup moves those into the main                  container's cgroups, out of the task's own"
+                "process.resources: this agent can't enforce them for a task with commands in \
+                 the main container: --sidecar-join-cgroup moves those into the main \
+                 container's cgroups, out of the task's own"
                     .into(),
             ));
         }

@@ -115,7 +115,9 @@ pub fn check_resources(c: &ContainerSpec, at: &str, v2: bool) -> Result<(), Stri
     };
     if l.pids.is_some() && !v2 {
         return Err(format!(
-            "{at}.resources.limits[{}]: container tasks get a pids limit only on cgroup v2              nodes (the CRI has no pids field; its unified map is cgroup v2's), and this node              has cgroup v1",
+            "{at}.resources.limits[{}]: container tasks get a pids limit only on cgroup v2 \
+             nodes (the CRI has no pids field; its unified map is cgroup v2's), and this \
+             node has cgroup v1",
             crate::task::resources::PIDS
         ));
     }
