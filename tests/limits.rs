@@ -91,20 +91,19 @@ fn a_task_over_its_memory_limit_ends_oom_killed_with_137() {
     assert!(usage["oomKills"].as_u64().unwrap() >= 1, "{usage}");
     let peak = usage["memoryPeakBytes"].as_u64().unwrap();
     assert!((24 << 20..=32 << 20).contains(&peak), "{usage}");
-    // The limit is the cgroup's, without swap beyond it.
+    // Its cgroups went with it (its shim removed them once nothing of it was left).
     let mem = v1_cgroup(&a, "hog", "memory");
-    assert_eq!(
-        read(&mem.join("memory.limit_in_bytes")),
-        (32u64 << 20).to_string()
-    );
-    assert_eq!(
-        read(&mem.join("memory.memsw.limit_in_bytes")),
-        (32u64 << 20).to_string()
-    );
+    wait_for(T, "the task's memory cgroup removed", || {
+        (!mem.exists()).then_some(())
+    });
 
-    // A process of the task other than its main one: the shell reports 137 itself.
+    // A process of the task other than its main one: the shell reports 137 itself. The
+    // limit is the cgroup's, without swap beyond it, as the task reads it first.
+    let script = "d=/sys/fs/cgroup/memory$(grep :memory: /proc/self/cgroup | cut -d: -f3); \
+                  cat $d/memory.limit_in_bytes $d/memory.memsw.limit_in_bytes; \
+                  tail /dev/zero; exit $?";
     a.create_ok(&json!({"name": "hog-child", "spec": {"process": process(
-        &["sh", "-c", "tail /dev/zero; exit $?"],
+        &["sh", "-c", script],
         json!({"limits": {"memory": "32Mi"}}),
     )}}));
     let t = a.wait_state("hog-child", "terminated", T);
@@ -113,11 +112,9 @@ fn a_task_over_its_memory_limit_ends_oom_killed_with_137() {
         (&json!("OOMKilled"), &json!(137)),
         "{t}"
     );
+    let limit = (32u64 << 20).to_string();
+    assert_eq!(a.stdout("hog-child"), format!("{limit}\n{limit}\n"));
 
-    // Deleted: its cgroups go with it.
-    a.delete("hog");
-    a.wait_gone("hog", T);
-    assert!(!mem.exists(), "{} removed with the task", mem.display());
     a.delete_all_and_stop();
 }
 
@@ -497,4 +494,55 @@ fn container_tasks_get_their_limits_through_cri() {
     );
     a.delete_all_and_stop();
     drop(sleeps);
+}
+
+#[test]
+fn a_task_in_the_main_container_gets_its_limits_unless_it_joins_its_cgroups() {
+    let name = format!("lim-main-{}", std::process::id());
+    let _main = support::standin::MainContainer::start(&name, "lim-host");
+    let sidecar = ["--enable-sidecar-mode=true", "--main-container-name", &name];
+    let mut a = Agent::start(&sidecar);
+    // Its reaper and it, inside the main container's namespaces, are in its cgroups.
+    let _sleeps = Sleeps("36041");
+    a.create_ok(&json!({"name": "inside", "spec": {"process": process(
+        &["sh", "-c", "cat /proc/self/cgroup; exec sleep 36041"],
+        json!({"limits": {"memory": "40Mi", "task-executor.io/pids": 7}}),
+    )}}));
+    a.wait_state("inside", "running", T);
+    wait_for(T, "its cgroups printed", || {
+        a.stdout("inside").contains(":memory:").then_some(())
+    });
+    let mem = v1_cgroup(&a, "inside", "memory");
+    assert_eq!(
+        read(&mem.join("memory.limit_in_bytes")),
+        (40u64 << 20).to_string()
+    );
+    assert_eq!(
+        read(&v1_cgroup(&a, "inside", "pids").join("pids.max")),
+        "9",
+        "its 7, its shim and its reaper"
+    );
+    let rel = mem
+        .strip_prefix("/sys/fs/cgroup/memory")
+        .unwrap()
+        .display()
+        .to_string();
+    assert!(
+        a.stdout("inside").contains(&format!(":memory:/{rel}")),
+        "{}",
+        a.stdout("inside")
+    );
+    a.delete_all_and_stop();
+    // Joining the main container's cgroups would leave the task's own: refused.
+    let joined = [&sidecar[..], &["--sidecar-join-cgroup=true"]].concat();
+    let mut a = Agent::start(&joined);
+    let r = a.create(json!({"name": "joined", "spec": {"process": process(
+        &["true"], json!({"limits": {"memory": "40Mi"}}))}}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        error_message(&r).contains("--sidecar-join-cgroup"),
+        "{}",
+        r.text()
+    );
+    a.delete_all_and_stop();
 }

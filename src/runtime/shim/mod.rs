@@ -195,7 +195,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         }
         Err(supervisor::FirstStart::Failed(e)) => return Err(e),
     }
-    sup.run(&sigfd)
+    sup.run(&sigfd)?;
+    // Nothing of the task is left (what they counted is in its exit line): its limits'
+    // cgroups go now rather than when it is deleted. One a process escaped into stays
+    // (rmdir refuses it) for the agent's stop.
+    limits::leave_and_remove(&limit_cgroups);
+    Ok(())
 }
 
 /// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after
