@@ -418,15 +418,36 @@ fn task_containment(config: &Config) -> Option<crate::runtime::containment::Pare
     }
 }
 
+/// Where process tasks' limits and usage are kept, logged once.
+fn task_limits(
+    config: &Config,
+    containment: Option<&crate::runtime::containment::Parent>,
+) -> crate::runtime::limits::Controllers {
+    let why_none = if config.task_cgroups {
+        "the agent can make no cgroup (see the start log)"
+    } else {
+        "--task-cgroups=false"
+    };
+    let c = crate::runtime::limits::detect(containment, why_none);
+    tracing::info!(controllers = %c.summary(), pids_limit = config.task_pids_limit, "resource limits per process task");
+    c
+}
+
 async fn build_runtimes(
     config: &Config,
     kube: &crate::kube::KubeClient,
 ) -> Result<Built, AppError> {
     let exe = std::env::current_exe()?;
+    let containment = task_containment(config);
     let process = ProcessRuntime::new(exe, config.stop_grace_period, config.max_log_bytes)
         .with_default_run_as(config.task_run_as_user.unwrap_or_default())
         .with_hook_timeout(Some(config.hook_timeout).filter(|t| !t.is_zero()))
-        .with_containment(task_containment(config))
+        .with_limits(
+            task_limits(config, containment.as_ref()),
+            Some(config.task_pids_limit).filter(|n| *n > 0),
+            config.task_uid_range.is_some(),
+        )
+        .with_containment(containment)
         .with_end_with_main(config.end_task_with_main)
         .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
             |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),

@@ -10,6 +10,7 @@
 //! path forgets one.
 
 use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -73,6 +74,22 @@ struct CriLabels {
     method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    task: String,
+}
+
+/// What one task used, as its cgroups counted it: a running task's now, an ended one's at
+/// its end (`memory_bytes` only while it runs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskUsage {
+    pub task: String,
+    pub cpu_seconds: Option<f64>,
+    pub memory_peak_bytes: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub oom_kills: Option<u64>,
+}
+
 struct Metrics {
     registry: Registry,
     tasks: Family<StateLabels, Gauge>,
@@ -86,7 +103,12 @@ struct Metrics {
     watch_restarts: Family<WatchLabels, Counter>,
     cri_duration: Family<CriLabels, Histogram>,
     containment: Family<ContainmentLabels, Gauge>,
-    /// Serialises scrapes: the task gauge is reset and refilled for each one.
+    task_cpu: Family<TaskLabels, Counter<f64, AtomicU64>>,
+    task_memory_peak: Family<TaskLabels, Gauge>,
+    task_memory: Family<TaskLabels, Gauge>,
+    task_oom_kills: Family<TaskLabels, Counter>,
+    /// Serialises scrapes: the task gauge (and the per-task usage) is reset and refilled
+    /// for each one.
     render: Mutex<()>,
 }
 
@@ -188,6 +210,33 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 for how process tasks are contained: cgroup-v2, cgroup-v1-freezer, or none",
         containment.clone(),
     );
+    let task_cpu = Family::<TaskLabels, Counter<f64, AtomicU64>>::default();
+    r.register_with_unit(
+        "task_cpu_usage",
+        "CPU time a process task's cgroup used (user and system), by task: now while it runs, at its main command's end after",
+        Unit::Seconds,
+        task_cpu.clone(),
+    );
+    let task_memory_peak = Family::<TaskLabels, Gauge>::default();
+    r.register_with_unit(
+        "task_memory_peak",
+        "The most memory a process task's cgroup held at once, by task",
+        Unit::Bytes,
+        task_memory_peak.clone(),
+    );
+    let task_memory = Family::<TaskLabels, Gauge>::default();
+    r.register_with_unit(
+        "task_memory_usage",
+        "Memory a running process task's cgroup holds now, by task",
+        Unit::Bytes,
+        task_memory.clone(),
+    );
+    let task_oom_kills = Family::<TaskLabels, Counter>::default();
+    r.register(
+        "task_oom_kills",
+        "Processes of a process task the kernel's OOM killer ended, by task",
+        task_oom_kills.clone(),
+    );
     // The process metrics keep their conventional names (no prefix).
     root.register_collector(Box::new(ProcessCollector));
     Metrics {
@@ -203,6 +252,10 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         watch_restarts,
         cri_duration,
         containment,
+        task_cpu,
+        task_memory_peak,
+        task_memory,
+        task_oom_kills,
         render: Mutex::new(()),
     }
 });
@@ -288,8 +341,9 @@ pub fn http_request(method: &str, route: &str, code: u16, took: Duration) {
 }
 
 /// The exposition of every metric. `tasks` are the counts of the tasks held now, by
-/// (kind, state); `openmetrics` chooses OpenMetrics text over Prometheus text 0.0.4.
-pub fn render(tasks: &[(&str, &str, u64)], openmetrics: bool) -> String {
+/// (kind, state); `usage` what each task held now used; `openmetrics` chooses
+/// OpenMetrics text over Prometheus text 0.0.4.
+pub fn render(tasks: &[(&str, &str, u64)], usage: &[TaskUsage], openmetrics: bool) -> String {
     let m = &*METRICS;
     let _one_at_a_time = m.render.lock().unwrap_or_else(|e| e.into_inner());
     m.tasks.clear();
@@ -300,6 +354,28 @@ pub fn render(tasks: &[(&str, &str, u64)], openmetrics: bool) -> String {
                 state: (*state).into(),
             })
             .set(*n as i64);
+    }
+    for f in [&m.task_memory_peak, &m.task_memory] {
+        f.clear();
+    }
+    m.task_cpu.clear();
+    m.task_oom_kills.clear();
+    for u in usage {
+        let l = TaskLabels {
+            task: u.task.clone(),
+        };
+        if let Some(c) = u.cpu_seconds {
+            m.task_cpu.get_or_create(&l).inc_by(c);
+        }
+        if let Some(b) = u.memory_peak_bytes {
+            m.task_memory_peak.get_or_create(&l).set(b as i64);
+        }
+        if let Some(b) = u.memory_bytes {
+            m.task_memory.get_or_create(&l).set(b as i64);
+        }
+        if let Some(n) = u.oom_kills {
+            m.task_oom_kills.get_or_create(&l).inc_by(n);
+        }
     }
     let mut out = String::with_capacity(16 * 1024);
     let encoded = if openmetrics {
@@ -421,17 +497,32 @@ mod tests {
     fn renders_both_formats_with_process_metrics() {
         task_started("unit-test", Some(Duration::from_millis(3)));
         task_terminated("unit-test", "Succeeded", Some(Duration::from_millis(20)));
-        let text = render(&[("unit-test", "running", 2)], false);
+        let used = TaskUsage {
+            task: "unit-task".into(),
+            cpu_seconds: Some(1.5),
+            memory_peak_bytes: Some(4096),
+            memory_bytes: None,
+            oom_kills: Some(1),
+        };
+        let text = render(&[("unit-test", "running", 2)], &[used], false);
+        assert!(
+            text.contains("task_executor_task_cpu_usage_seconds_total{task=\"unit-task\"} 1.5"),
+            "{text}"
+        );
+        assert!(text.contains("task_executor_task_memory_peak_bytes{task=\"unit-task\"} 4096"));
+        assert!(text.contains("task_executor_task_oom_kills_total{task=\"unit-task\"} 1"));
+        assert!(!text.contains("task_executor_task_memory_usage_bytes{"));
         assert!(text.contains("task_executor_tasks{kind=\"unit-test\",state=\"running\"} 2"));
         assert!(text.contains("task_executor_tasks_started_total{kind=\"unit-test\"}"));
         assert!(text.contains("process_open_fds "));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(!text.contains("# EOF"));
-        let om = render(&[], true);
+        let om = render(&[], &[], true);
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(
             !om.contains("state=\"running\""),
             "the gauge is refilled per scrape"
         );
+        assert!(!om.contains("unit-task"), "so is the usage");
     }
 }

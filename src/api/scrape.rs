@@ -11,7 +11,7 @@ pub fn metrics(state: &AppState, headers: &HeaderMap) -> Response {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    let body = crate::metrics::render(&state.manager.census(), openmetrics);
+    let body = crate::metrics::render(&state.manager.census(), &usage(state), openmetrics);
     let mut resp = Response::new(body.into());
     let ct = if openmetrics {
         crate::metrics::OPENMETRICS_CONTENT_TYPE
@@ -21,4 +21,32 @@ pub fn metrics(state: &AppState, headers: &HeaderMap) -> Response {
     resp.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
     resp
+}
+
+/// What each task held used: running ones read from their cgroups now, ended ones as
+/// their status says.
+fn usage(state: &AppState) -> Vec<crate::metrics::TaskUsage> {
+    let mut out: Vec<crate::metrics::TaskUsage> = crate::runtime::limits::live_usage()
+        .into_iter()
+        .map(|(task, u, now)| crate::metrics::TaskUsage {
+            task,
+            cpu_seconds: u.cpu_seconds,
+            memory_peak_bytes: u.memory_peak_bytes,
+            memory_bytes: now,
+            oom_kills: u.oom_kills,
+        })
+        .collect();
+    let live: std::collections::HashSet<String> = out.iter().map(|o| o.task.clone()).collect();
+    for (task, u) in state.manager.usage_census() {
+        if !live.contains(&task) {
+            out.push(crate::metrics::TaskUsage {
+                task,
+                cpu_seconds: u.cpu_seconds,
+                memory_peak_bytes: u.memory_peak_bytes,
+                memory_bytes: None,
+                oom_kills: u.oom_kills,
+            });
+        }
+    }
+    out
 }

@@ -142,6 +142,7 @@ impl From<TaskView> for TaskResponse {
             status: TaskStatus {
                 state: v.state,
                 hooks: v.hooks,
+                usage: v.usage,
             },
             spec: v.spec,
         }

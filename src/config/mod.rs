@@ -122,6 +122,12 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub task_cgroups: bool,
 
+    /// The most processes (threads) a process task may have at once, unless its
+    /// `resources.limits["task-executor.io/pids"]` says (0: no limit). Held by the task's
+    /// pids cgroup, else, for a task with a uid of its own, by RLIMIT_NPROC.
+    #[arg(long, env = "TASK_PIDS_LIMIT", default_value_t = 4096)]
+    pub task_pids_limit: u64,
+
     /// When a process task's main command exits, SIGKILL whatever it left running (its
     /// daemons), as runc ends a container when its init exits; its deadline
     /// (timeoutSeconds) then bounds all of it. false: what main left runs on until the
@@ -279,6 +285,7 @@ mod tests {
         assert!(c.sidecar_run_as_target_user);
         assert_eq!(c.task_policy, PolicyLevel::Baseline);
         assert!(c.task_host_path_allow.is_empty() && c.task_image_allow.is_empty());
+        assert_eq!(c.task_pids_limit, 4096);
     }
 
     #[test]

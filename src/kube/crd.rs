@@ -9,7 +9,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::manager::TaskView;
 use crate::task::fields;
-use crate::task::model::{HookStatuses, TaskSpec, TaskState};
+use crate::task::model::{HookStatuses, ResourceUsage, TaskSpec, TaskState};
 
 pub const GROUP: &str = "task-executor.io";
 /// Set by the agent on every Task it runs; removed once the task's processes are gone.
@@ -132,6 +132,9 @@ pub struct TaskCrStatus {
     /// The generation of the spec the agent ran (later spec changes are not applied).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What the task used, once it ended, as the HTTP API shows it (`status.usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ResourceUsage>,
 }
 
 pub mod phase {
@@ -162,11 +165,15 @@ impl TaskCrStatus {
             state: Some(state.clone()),
             hooks: hooks.cloned(),
             observed_generation,
+            usage: None,
         }
     }
 
     pub fn from_view(view: &TaskView, observed_generation: Option<i64>) -> Self {
-        Self::from_state(&view.state, view.hooks.as_ref(), observed_generation)
+        TaskCrStatus {
+            usage: view.usage.clone(),
+            ..Self::from_state(&view.state, view.hooks.as_ref(), observed_generation)
+        }
     }
 
     /// True once the status says the task started (or ended): such a Task is never run again.

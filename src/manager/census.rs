@@ -31,6 +31,18 @@ impl Manager {
         out
     }
 
+    /// What each task held that ended used (as its status shows it), by name.
+    pub fn usage_census(&self) -> Vec<(String, crate::task::model::ResourceUsage)> {
+        let tasks = self.read_tasks();
+        tasks
+            .values()
+            .filter_map(|e| {
+                let u = e.usage().as_deref().cloned()?;
+                Some((e.name(), u))
+            })
+            .collect()
+    }
+
     /// `host`, `sidecar` or `container`: the runtime the task runs on.
     fn kind_of(&self, e: &Entry) -> &'static str {
         match self.runtime_of(e).map(|rt| rt.kind()) {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::task::model::{HookStatuses, TaskSpec, TaskState};
+use crate::task::model::{HookStatuses, ResourceUsage, TaskSpec, TaskState};
 use crate::task::store::TaskRecord;
 use crate::task::time::Time;
 
@@ -26,6 +26,8 @@ pub struct TaskView {
     pub state: TaskState,
     /// How its lifecycle hooks are or ended (`None` before the first one started).
     pub hooks: Option<HookStatuses>,
+    /// What it used, once it ended (`None`: not known).
+    pub usage: Option<ResourceUsage>,
     pub deletion_timestamp: Option<Time>,
 }
 
@@ -48,6 +50,8 @@ pub(super) struct Entry {
     /// Locked after `state` when both are. Boxed: most tasks have no hooks, and an
     /// unboxed pair of hook states made every entry 200 bytes larger.
     hooks: Mutex<Option<Box<HookStatuses>>>,
+    /// What the task used, once it ended. Locked after `hooks`; boxed as they are.
+    usage: Mutex<Option<Box<ResourceUsage>>>,
     /// Held while the task starts, stops or its record is rewritten, so those never
     /// overlap: a delete waits for a start in flight, and two updates of `task.json` are
     /// never written at once.
@@ -106,6 +110,7 @@ impl Entry {
             record: Mutex::new(record),
             state: Mutex::new(state),
             hooks: Mutex::new(None),
+            usage: Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
             deleting: tokio::sync::Mutex::new(()),
             persisted: AtomicU8::new(persisted as u8),
@@ -136,6 +141,10 @@ impl Entry {
         self.tracked(&self.hooks)
     }
 
+    pub(super) fn usage(&self) -> Tracked<'_, Option<Box<ResourceUsage>>> {
+        self.tracked(&self.usage)
+    }
+
     fn invalidate(&self) {
         let mut rendered = lock(&self.rendered);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -144,9 +153,10 @@ impl Entry {
 
     pub(super) fn view(&self) -> TaskView {
         // State before record, the order `apply` takes them in: the opposite deadlocks.
-        let (state, hooks) = {
+        let (state, hooks, usage) = {
             let state = lock(&self.state);
-            (state.clone(), lock(&self.hooks).as_deref().cloned())
+            let hooks = lock(&self.hooks).as_deref().cloned();
+            (state.clone(), hooks, lock(&self.usage).as_deref().cloned())
         };
         let rec = lock(&self.record);
         TaskView {
@@ -154,6 +164,7 @@ impl Entry {
             spec: rec.spec.clone(),
             state,
             hooks,
+            usage,
             deletion_timestamp: rec.deletion_timestamp,
         }
     }

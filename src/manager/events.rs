@@ -13,6 +13,10 @@ impl Manager {
     /// Moves the task's state forward (never back: a late "running" never hides an exit;
     /// a waiting task may show another reason), and its hooks' states with it.
     pub(super) fn apply(&self, entry: &Entry, observed: Observed) {
+        let (observed, usage) = match observed {
+            Observed::WithUsage(o, u) => (*o, Some(u)),
+            o => (o, None),
+        };
         let (observed, hooks) = match observed {
             Observed::WithHooks(o, h) => (*o, Some(h)),
             o => (o, None),
@@ -21,10 +25,18 @@ impl Manager {
             Observed::Waiting(w) => TaskState::Waiting(w),
             Observed::Running { started_at } => TaskState::Running(model::Running { started_at }),
             Observed::Terminated(t) => TaskState::Terminated(t),
-            Observed::WithHooks(..) => return, // never nested
+            // Never nested otherwise.
+            Observed::WithHooks(..) | Observed::WithUsage(..) => return,
         };
         let mut state = entry.state();
         let mut changed = false;
+        if let Some(u) = usage {
+            let mut mine = entry.usage();
+            if mine.as_deref() != Some(&u) {
+                *mine = Some(Box::new(u));
+                changed = true;
+            }
+        }
         if let Some(h) = hooks {
             let mut mine = entry.hooks();
             let merged = mine.get_or_insert_with(Default::default);

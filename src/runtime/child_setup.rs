@@ -311,6 +311,9 @@ pub struct ExecPlan {
     no_new_privs: bool,
     /// Seccomp filters installed just before exec, in order (see `shim::seccomp`).
     seccomp: Vec<seccompiler::BpfProgram>,
+    /// `RLIMIT_NPROC` (soft and hard), set before the identity change: the most processes
+    /// (threads) the uid it takes may have.
+    nproc: Option<u64>,
 }
 
 /// The step at which a task's process could not be started.
@@ -374,7 +377,14 @@ impl ExecPlan {
             creds,
             no_new_privs,
             seccomp: Vec::new(),
+            nproc: None,
         })
+    }
+
+    /// Limits the processes of the uid the plan runs as (`RLIMIT_NPROC`, soft and hard).
+    pub fn with_nproc(mut self, nproc: Option<u64>) -> Self {
+        self.nproc = nproc;
+        self
     }
 
     /// Installs these seccomp filters just before exec (needs `no_new_privs`).
@@ -409,6 +419,7 @@ struct ChildArgs<'a> {
     no_new_privs: bool,
     /// `sock_fprog`s of the plan's seccomp filters.
     seccomp: Vec<SockFprog>,
+    nproc: Option<u64>,
     announce: Option<(RawFd, &'a [u8], &'a [u8])>,
     /// The spawning process, as the child's `getppid` should name it.
     parent: libc::pid_t,
@@ -536,6 +547,7 @@ pub fn spawn(
                 filter: p.as_ptr(),
             })
             .collect(),
+        nproc: plan.nproc,
         announce: announce.map(|a| (a.journal.as_raw_fd(), a.head, a.tail)),
         parent: std::process::id() as libc::pid_t,
         errno: AtomicI32::new(0),
@@ -700,6 +712,24 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
                 {
                     return fail(4, errno());
                 }
+            }
+        }
+        if let Some(n) = a.nproc {
+            // Before the uid changes: counted from then on (and a uid already over it
+            // can't exec).
+            let lim = libc::rlimit64 {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                libc::RLIMIT_NPROC,
+                &lim as *const libc::rlimit64,
+                std::ptr::null_mut::<libc::rlimit64>(),
+            ) != 0
+            {
+                return fail(4, errno());
             }
         }
         if let Some((uid, gid, groups, n)) = a.creds

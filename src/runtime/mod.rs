@@ -15,6 +15,8 @@ pub mod first_use;
 #[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]
+pub mod limits; // resource limits and usage per process task, through its cgroups
+#[forbid(unsafe_code)]
 pub mod outcome;
 #[forbid(unsafe_code)]
 pub mod proc_handle;
@@ -44,7 +46,9 @@ use tokio::sync::mpsc;
 
 pub use error::RuntimeError;
 
-use crate::task::model::{ExecMode, HookName, HookStatuses, TaskSpec, Terminated, Waiting};
+use crate::task::model::{
+    ExecMode, HookName, HookStatuses, ResourceUsage, TaskSpec, Terminated, Waiting,
+};
 use crate::task::time::Time;
 
 /// What a runtime needs to know about one incarnation of a task.
@@ -74,6 +78,8 @@ pub enum Observed {
     Terminated(Terminated),
     /// One of the above, with how the task's lifecycle hooks are or ended.
     WithHooks(Box<Observed>, HookStatuses),
+    /// One of the above (hooks included), with what the task used (its end's).
+    WithUsage(Box<Observed>, ResourceUsage),
 }
 
 /// Sent by a runtime when a task's state changes after `start`/`adopt` returned.

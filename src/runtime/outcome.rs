@@ -45,7 +45,7 @@ pub fn terminated_of(exit: &ExitRecord, run: &Run, task: &TaskRef) -> Terminated
                 finished_at: exit.finished_at.unwrap_or(pre.finished_at),
             }
         }
-        _ => terminated_from(exit, task),
+        _ => with_oom_kills(terminated_from(exit, task), exit, task),
     };
     if let Some(post) = run.post_stop.exit.as_ref().filter(|x| !x.succeeded()) {
         let why = hook_failure(post, run);
@@ -187,10 +187,55 @@ pub fn observed(run: &Run, task: &TaskRef) -> Observed {
             },
         },
     };
-    match hook_statuses(run) {
+    let state = match hook_statuses(run) {
         Some(h) => Observed::WithHooks(Box::new(state), h),
         None => state,
+    };
+    with_usage(state, run)
+}
+
+/// `o`, with what the run's cgroups counted once it is over.
+pub fn with_usage(o: Observed, run: &Run) -> Observed {
+    match run.exit.as_ref().and_then(|x| x.usage.clone()) {
+        Some(u) if run.finished() => Observed::WithUsage(Box::new(o), u),
+        _ => o,
     }
+}
+
+/// A run the kernel's OOM killer reached into (its cgroup counted OOM kills) and that
+/// failed ends `OOMKilled` (kubelet's word, as containerd reports a container with an
+/// OOM event), its exit code kept (137 for a main command SIGKILLed), the message saying
+/// which memory limit was reached. A timeout stays a timeout.
+fn with_oom_kills(mut t: Terminated, rec: &ExitRecord, task: &TaskRef) -> Terminated {
+    let Some(n) = rec.usage.as_ref().and_then(|u| u.oom_kills) else {
+        return t;
+    };
+    if n == 0 || t.exit_code == 0 || rec.timed_out || rec.start_error.is_some() {
+        return t;
+    }
+    let limit = task
+        .spec
+        .process
+        .as_ref()
+        .and_then(|p| p.resources.as_ref())
+        .and_then(|r| r.limits.get(crate::task::resources::MEMORY))
+        .map(|q| q.0.clone());
+    let processes = if n == 1 {
+        "a process".to_string()
+    } else {
+        format!("{n} processes")
+    };
+    let why = match limit {
+        Some(l) => format!("its memory limit ({l}) was reached"),
+        None => "the memory of the agent's cgroup (the pod's limit) ran out".into(),
+    };
+    let oom = format!("the kernel's OOM killer ended {processes} of the task: {why}");
+    t.reason = reason::OOM_KILLED.into();
+    t.message = Some(match t.message.take() {
+        Some(m) => format!("{oom}; {m}"),
+        None => oom,
+    });
+    t
 }
 
 /// Maps an exit line to the status the API shows (the main command's part).
@@ -278,6 +323,16 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
         started_at: run.started.as_ref().and_then(|s| s.started_at),
         finished_at: Some(Time::now()),
         unrecorded: Some(why),
+        // What its cgroups counted, read before they are ended: an OOM kill of its
+        // supervisor shows as one.
+        usage: match (why, &run.claimed) {
+            (Unrecorded::SupervisorLost, Some(c)) => {
+                let dirs = c.cgroups();
+                let dirs: Vec<&std::path::Path> = dirs.iter().map(|d| d.as_path()).collect();
+                Some(super::limits::usage(&dirs)).filter(|u| !dirs.is_empty() && !u.is_empty())
+            }
+            _ => None,
+        },
         ..Default::default()
     };
     let wrote = match run.exit.as_ref() {
@@ -343,10 +398,11 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
     match now.exit.as_ref() {
         Some(x) => {
             let t = terminated_of(x, &now, task);
-            match hook_statuses(&now) {
+            let o = match hook_statuses(&now) {
                 Some(h) => Observed::WithHooks(Box::new(Observed::Terminated(t)), h),
                 None => Observed::Terminated(t),
-            }
+            };
+            with_usage(o, &now)
         }
         None => Observed::Terminated(terminated_from(&rec, task)),
     }
@@ -408,7 +464,13 @@ fn stop_cgroup(task: &TaskRef, run: &Run) -> bool {
         return false;
     };
     match super::containment::kill(cg, std::time::Duration::from_secs(10)) {
-        Ok(true) => true,
+        Ok(true) => {
+            // Its limits' cgroups hold nothing of it either now.
+            if let Some(c) = &run.claimed {
+                super::limits::remove(&c.limits);
+            }
+            true
+        }
         Ok(false) => {
             tracing::warn!(task = %task.name, cgroup = %cg.display(), "the task's cgroup is not empty after SIGKILL");
             false

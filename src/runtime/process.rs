@@ -15,6 +15,7 @@ use tokio::net::unix::pipe;
 use super::containment::{self, Parent};
 use super::exit_watch::ExitWatch;
 use super::launcher::Launcher;
+use super::limits;
 use super::outcome::{self, settle};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
 use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
@@ -45,6 +46,12 @@ pub struct ProcessRuntime {
     cannot_signal: Option<std::sync::Arc<str>>,
     /// Tasks without a `seccompProfile` get `RuntimeDefault` (`--task-policy restricted`).
     default_seccomp: bool,
+    /// Where tasks' limits and usage are kept (`limits::detect`).
+    controllers: std::sync::Arc<limits::Controllers>,
+    /// The pids limit of tasks that set none (`--task-pids-limit`; `None`: none).
+    default_pids: Option<u64>,
+    /// `--task-uid-range` is set: a task without `runAsUser` gets a uid of its own.
+    own_uids: bool,
 }
 
 impl ProcessRuntime {
@@ -60,7 +67,67 @@ impl ProcessRuntime {
             cannot_signal: None,
             end_with_main: false,
             default_seccomp: false,
+            controllers: std::sync::Arc::new(limits::Controllers::none(
+                "the agent was not told where task cgroups go",
+            )),
+            default_pids: None,
+            own_uids: false,
         }
+    }
+
+    /// Tasks' limits go to `controllers`; `default_pids` is the pids limit of a task that
+    /// sets none; `own_uids`: tasks get uids of their own (`--task-uid-range`).
+    pub fn with_limits(
+        mut self,
+        controllers: limits::Controllers,
+        default_pids: Option<u64>,
+        own_uids: bool,
+    ) -> Self {
+        self.controllers = std::sync::Arc::new(controllers);
+        self.default_pids = default_pids;
+        self.own_uids = own_uids;
+        self
+    }
+
+    /// What the task's shim does for its `resources` (and the agent's pids default), or
+    /// why they can't be enforced here (a 400). `supervisors`: its shim, and its reaper
+    /// when something of it runs in the main container; `own_uid`: all of its commands
+    /// run as a uid of its own.
+    pub(crate) fn plan_limits(
+        &self,
+        spec: &crate::task::model::TaskSpec,
+        supervisors: u64,
+        own_uid: bool,
+    ) -> Result<Option<limits::LaunchLimits>, RuntimeError> {
+        let Some(p) = &spec.process else {
+            return Ok(None);
+        };
+        let asked = match &p.resources {
+            Some(r) => r
+                .resolve("process.resources")
+                .map_err(RuntimeError::Invalid)?,
+            None => Default::default(),
+        };
+        let cx = limits::TaskContext {
+            at: "process.resources",
+            default_pids: self.default_pids,
+            supervisors,
+            own_uid,
+        };
+        self.controllers
+            .plan(&asked, cx)
+            .map_err(RuntimeError::Invalid)
+    }
+
+    /// Whether a new task would have a uid of its own for all of its commands, on this
+    /// runtime (tasks in the agent's container only).
+    fn would_have_own_uid(&self, spec: &crate::task::model::TaskSpec) -> bool {
+        self.own_uids
+            && spec
+                .process
+                .as_ref()
+                .and_then(|p| p.security_context.as_ref())
+                .is_none_or(|sc| sc.run_as_user.is_none())
     }
 
     /// Hooks that set no positive `timeoutSeconds` are killed after `limit`.
@@ -180,6 +247,25 @@ impl ProcessRuntime {
             nonce: None,
             containment: self.containment.clone(),
             end_with_main: self.end_with_main,
+            limits: None,
+        };
+        // The shim, and its reaper when a command runs in the main container.
+        let remote_hook = [&launch.pre_start, &launch.post_stop]
+            .into_iter()
+            .flatten()
+            .any(|h| !matches!(h.place, HookPlace::Local));
+        let supervisors = if launch.target.is_some() || remote_hook {
+            2
+        } else {
+            1
+        };
+        let own_uid = task.host_uid.is_some()
+            && launch.target.is_none()
+            && !remote_hook
+            && launch.run_as.uid.is_none();
+        let launch = Launch {
+            limits: self.plan_limits(&task.spec, supervisors, own_uid)?,
+            ..launch
         };
         let mut attempt = 1;
         let pipe = loop {
@@ -259,7 +345,10 @@ impl ProcessRuntime {
                 shim,
                 main,
                 hooks,
+                cgroups,
             } => {
+                // Its usage is in `/metrics` while it runs.
+                limits::track(&task.uid, &task.name, cgroups);
                 let watch = match pipe {
                     Some(p) => ExitWatch::Pipe(p),
                     None => ExitWatch::Pids { shim, main },
@@ -317,6 +406,7 @@ impl ProcessRuntime {
                 })
                 .unwrap_or(Some(Duration::ZERO));
             stop(&task.dir, grace, hooks).await;
+            limits::untrack(&task.uid);
             let (dir, uid) = (task.dir.clone(), task.host_uid);
             crate::task::offload::offload(move || end_leftovers(&dir, uid))
                 .await
@@ -330,8 +420,10 @@ impl Runtime for ProcessRuntime {
         "process"
     }
 
-    fn validate(&self, _spec: &crate::task::model::TaskSpec) -> Result<(), RuntimeError> {
-        Ok(())
+    fn validate(&self, spec: &crate::task::model::TaskSpec) -> Result<(), RuntimeError> {
+        // Tasks here run in the agent's container, all of their commands.
+        self.plan_limits(spec, 1, self.would_have_own_uid(spec))
+            .map(drop)
     }
 
     fn start(
@@ -434,6 +526,8 @@ enum Judged {
         main: Option<PidFd>,
         /// It has lifecycle hooks: its journal says when it moves on.
         hooks: bool,
+        /// Its cgroups (none yet while it is starting).
+        cgroups: Vec<PathBuf>,
     },
 }
 
@@ -468,6 +562,11 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
             .flatten(),
         main,
         hooks,
+        cgroups: run
+            .claimed
+            .as_ref()
+            .map(records::Claim::cgroups)
+            .unwrap_or_default(),
     };
     if run.exit.is_some() {
         // Its main command is over; its `postStop` hook runs, unless its shim died.
@@ -656,6 +755,7 @@ fn spawn_exit_waiter(
         if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
         }
+        limits::untrack(&task.uid);
         let observed = match read_run(&task.dir) {
             Ok(run) if run.finished() => Some(outcome::observed(&run, &task)),
             // No journal (no launch line) any more: the task is being deleted.
@@ -839,6 +939,11 @@ const EMPTY_WAIT: Duration = Duration::from_secs(10);
 /// keeps the task, and so its uid, until a retry proves it empty. Blocking.
 fn end_leftovers(dir: &Path, host_uid: Option<u32>) -> io::Result<()> {
     let run = records::read_run(dir)?;
+    let limit_cgroups = run
+        .claimed
+        .as_ref()
+        .map(|c| c.limits.clone())
+        .unwrap_or_default();
     let cgroup = run.claimed.and_then(|c| c.cgroup);
     if let Some(cg) = &cgroup
         && !containment::kill(cg, EMPTY_WAIT)?
@@ -847,6 +952,11 @@ fn end_leftovers(dir: &Path, host_uid: Option<u32>) -> io::Result<()> {
             "the task's cgroup {} is not empty after SIGKILL",
             cg.display()
         )));
+    }
+    // Everything of the task was in its containment cgroup, so these are empty too (one
+    // that can't be removed, holding a cgroup the task made, is logged and left).
+    if cgroup.is_some() {
+        limits::remove(&limit_cgroups);
     }
     if cgroup.is_none()
         && let Some(uid) = host_uid

@@ -390,6 +390,9 @@ pub struct Launch {
     /// What the main command left running is SIGKILLed when it exits.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub end_with_main: bool,
+    /// The task's limits and the cgroups that count its usage (`None`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<super::limits::LaunchLimits>,
 }
 
 impl Launch {
@@ -543,6 +546,17 @@ pub struct Claim {
     /// The task's cgroup, made before the claim: everything of the task is in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<std::path::PathBuf>,
+    /// The task's cgroups in cgroup v1 controller hierarchies (memory, cpu, pids), made
+    /// before the claim, with its limits: everything of the task is in them too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<std::path::PathBuf>,
+}
+
+impl Claim {
+    /// Every cgroup of the task: its containment cgroup and its v1 ones.
+    pub fn cgroups(&self) -> Vec<std::path::PathBuf> {
+        self.cgroup.iter().chain(&self.limits).cloned().collect()
+    }
 }
 
 /// The shim that took the launch spawned nothing of the task (why: the error), so the
@@ -585,6 +599,10 @@ pub struct ExitRecord {
     /// Written by the agent when no shim could record the exit: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unrecorded: Option<Unrecorded>,
+    /// What the task's cgroups counted when its main command ended (or its shim was
+    /// found dead); `oomKills` set when the kernel's OOM killer ended any of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::task::model::ResourceUsage>,
 }
 
 /// Why a run's exit was not recorded by its shim.
@@ -622,6 +640,7 @@ mod tests {
             containment: None,
             end_with_main: false,
             seccomp: false,
+            limits: None,
         };
         assert!(!launch.from_earlier_boot());
         assert!(write_launch(dir.path(), &launch).unwrap());
@@ -659,6 +678,7 @@ mod tests {
                 shim: me,
                 nonce: None,
                 cgroup: None,
+                limits: Vec::new(),
             }),
             false,
         )
@@ -675,6 +695,7 @@ mod tests {
                 shim: me,
                 nonce: None,
                 cgroup: None,
+                limits: Vec::new(),
             }),
             false,
         )

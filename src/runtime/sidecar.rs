@@ -144,8 +144,23 @@ impl Runtime for SidecarRuntime {
         "sidecar"
     }
 
-    fn validate(&self, _spec: &TaskSpec) -> Result<(), RuntimeError> {
-        Ok(())
+    fn validate(&self, spec: &TaskSpec) -> Result<(), RuntimeError> {
+        // Something of the task runs in the main container (here only such tasks come),
+        // as the main container's user, never as a uid of the task's own.
+        let asked = spec
+            .process
+            .as_ref()
+            .and_then(|p| p.resources.as_ref())
+            .is_some_and(|r| !r.is_empty());
+        if asked && self.join_cgroup {
+            return Err(RuntimeError::Invalid(
+                "process.resources: this agent can't enforce them for a task with commands in \
+                 the main container: --sidecar-join-cgroup moves those into the main \
+                 container's cgroups, out of the task's own"
+                    .into(),
+            ));
+        }
+        self.process.plan_limits(spec, 2, false).map(drop)
     }
 
     fn start(

@@ -11,6 +11,7 @@ pub mod model;
 pub mod name;
 pub mod offload;
 pub mod policy;
+pub mod resources;
 pub mod store;
 pub mod template;
 pub mod time;

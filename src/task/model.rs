@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 pub use super::identity::SecurityContext;
 pub use super::lifecycle::{ExecAction, ExecMode, HookName, Lifecycle, LifecycleHandler};
+pub use super::resources::ResourceRequirements;
 use super::template::{PodTemplate, TemplateTask};
 use super::time::Time;
 
@@ -55,6 +56,12 @@ pub struct ProcessSpec {
     /// privileges (`allowPrivilegeEscalation`, default false: `no_new_privs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub security_context: Option<SecurityContext>,
+    /// Kubernetes' `ResourceRequirements` for all of the task's commands together:
+    /// `limits.cpu`, `limits.memory`, `limits["task-executor.io/pids"]`, `requests.cpu`,
+    /// `requests.memory`. Enforced through the task's cgroup; a task asking for what this
+    /// agent can't enforce is refused (400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -74,6 +81,10 @@ pub struct ContainerSpec {
     /// Share this container's PID namespace (like `kubectl debug --target`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_container: Option<String>,
+    /// Kubernetes' `ResourceRequirements`, handed to the container runtime (CRI
+    /// `LinuxContainerResources`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -167,6 +178,9 @@ pub mod reason {
     /// a success, else the command's own); also the reason of a failed `postStop` hook's
     /// status.
     pub const POST_STOP_HOOK_FAILED: &str = "PostStopHookFailed";
+    /// The kernel's OOM killer ended the task's process: its memory limit was reached
+    /// (kubelet's word; exit code 137).
+    pub const OOM_KILLED: &str = "OOMKilled";
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -176,6 +190,34 @@ pub struct TaskStatus {
     /// before its first hook started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hooks: Option<HookStatuses>,
+    /// What the process task used, once it ended (absent without a cgroup of its own;
+    /// a running task's usage is in `/metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ResourceUsage>,
+}
+
+/// What a task's cgroup counted: all of its commands (hooks too) and their supervisor,
+/// up to its main command's end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    /// CPU time used, user and system, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_seconds: Option<f64>,
+    /// The most memory the task held at once (its cgroup's peak, page cache included),
+    /// in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
+    /// Processes of the task the kernel's OOM killer ended (its memory limit was
+    /// reached); absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kills: Option<u64>,
+}
+
+impl ResourceUsage {
+    pub fn is_empty(&self) -> bool {
+        *self == ResourceUsage::default()
+    }
 }
 
 /// How each lifecycle hook is or ended, in the shape of a task state: `running`, then
@@ -340,6 +382,9 @@ impl TaskSpec {
             if let Some(sc) = &p.security_context {
                 sc.validate("process.securityContext")?;
             }
+            if let Some(r) = &p.resources {
+                r.resolve("process.resources")?;
+            }
         }
         if let Some(c) = &self.container {
             check_container(c, "container")?;
@@ -377,6 +422,18 @@ impl TaskSpec {
         self.container.is_some() || self.pod_template_spec.is_some()
     }
 
+    /// What the task's `resources` ask for (a process task's, or a container task's);
+    /// empty when nothing (or something invalid: `validate` refuses that).
+    pub fn limits(&self) -> super::resources::TaskLimits {
+        let r = match (&self.process, self.container_task()) {
+            (Some(p), _) => p.resources.clone(),
+            (None, Some(Ok(t))) => t.container.resources,
+            _ => None,
+        };
+        r.and_then(|r| r.resolve("resources").ok())
+            .unwrap_or_default()
+    }
+
     /// The process task's lifecycle hooks, if it has any.
     pub fn lifecycle_hooks(&self) -> Option<&Lifecycle> {
         self.process
@@ -393,6 +450,9 @@ fn check_container(c: &ContainerSpec, what: &str) -> Result<(), String> {
     check_argv(&c.command, &c.args, what)?;
     check_env(&c.env, what)?;
     check_dir(c.working_dir.as_deref(), what)?;
+    if let Some(r) = &c.resources {
+        r.resolve(&format!("{what}.resources"))?;
+    }
     for m in &c.volume_mounts {
         if m.name.is_empty() || !m.mount_path.starts_with('/') {
             return Err(format!(

@@ -4,13 +4,14 @@
 //! turn it into the agent's container spec.
 //!
 //! What the agent honours: the container's `image`, `command`, `args`, `env` (values),
-//! `workingDir` and `volumeMounts`, the template's `hostPath` and `emptyDir` volumes
+//! `workingDir`, `volumeMounts` and `resources` (`cpu` and `memory` limits and requests,
+//! to the container runtime), the template's `hostPath` and `emptyDir` volumes
 //! (any other volume kind names one of the pod's volumes), and `activeDeadlineSeconds`
 //! (the task's timeout, unless `spec.timeoutSeconds` is set). Fields that describe
 //! or are defaults (`metadata`, the container's `name`, `imagePullPolicy`,
 //! `terminationMessage*`, the pod's `restartPolicy`, `dnsPolicy`, `schedulerName`,
 //! `terminationGracePeriodSeconds`, `enableServiceLinks`, `priority`,
-//! `preemptionPolicy`) and empty values (`resources: {}`) are accepted. Anything else that
+//! `preemptionPolicy`) and empty values are accepted. Anything else that
 //! is set would be dropped, so the task is refused, naming it.
 
 use std::borrow::Cow;
@@ -50,9 +51,9 @@ impl JsonSchema for PodTemplate {
             "type": "object",
             "description": "A Kubernetes PodTemplateSpec (core/v1) with exactly one container, \
                             run as a CRI container task (container mode). Honoured: the \
-                            container's image, command, args, env (values), workingDir and \
-                            volumeMounts; the template's hostPath and emptyDir volumes. Kept \
-                            and echoed as sent.",
+                            container's image, command, args, env (values), workingDir, \
+                            volumeMounts and resources (cpu, memory); the template's \
+                            hostPath and emptyDir volumes. Kept and echoed as sent.",
             "x-kubernetes-preserve-unknown-fields": true,
         })
     }
@@ -120,6 +121,7 @@ const CONTAINER_FIELDS: &[&str] = &[
     "imagePullPolicy",
     "terminationMessagePath",
     "terminationMessagePolicy",
+    "resources",
 ];
 const MOUNT_FIELDS: &[&str] = &["name", "mountPath", "readOnly"];
 
@@ -191,6 +193,33 @@ impl PodTemplate {
                 read_only: m.read_only.unwrap_or(false),
             });
         }
+        let resources = match &c.resources {
+            Some(r) if r.claims.as_ref().is_some_and(|c| !c.is_empty()) => {
+                return Err(format!(
+                    "{at}.resources.claims is not supported by the agent (a task has no pod resource claims)"
+                ));
+            }
+            Some(r) => {
+                let own = |m: &Option<
+                    std::collections::BTreeMap<
+                        String,
+                        k8s_openapi::apimachinery::pkg::api::resource::Quantity,
+                    >,
+                >| {
+                    m.iter()
+                        .flatten()
+                        .map(|(k, v)| (k.clone(), super::resources::Quantity(v.0.clone())))
+                        .collect()
+                };
+                let r = super::resources::ResourceRequirements {
+                    limits: own(&r.limits),
+                    requests: own(&r.requests),
+                };
+                r.resolve(&format!("{at}.resources"))?;
+                Some(r).filter(|r| !r.is_empty())
+            }
+            None => None,
+        };
         let used: HashSet<String> = mounts.iter().map(|m| m.name.clone()).collect();
         Ok(TemplateTask {
             container: ContainerSpec {
@@ -201,6 +230,7 @@ impl PodTemplate {
                 volume_mounts: mounts,
                 working_dir: c.working_dir.clone().filter(|d| !d.is_empty()),
                 target_container: None,
+                resources,
             },
             volumes: volumes
                 .into_iter()

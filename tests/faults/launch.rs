@@ -178,6 +178,7 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
             shim: me,
             nonce: Some("n1".into()),
             cgroup: None,
+            limits: Vec::new(),
         }),
         false,
     )

@@ -17,7 +17,10 @@ const T: Duration = Duration::from_secs(30);
 #[test]
 fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
     let cg = TestCgroup::new(&format!("te-faults-{}", std::process::id()));
-    let mut a = Agent::start(&[]);
+    // No pids cgroup per task (`--task-pids-limit=0`): this test moves the agent into a
+    // pids cgroup of its own after start, which tasks' own cgroups (made under the
+    // agent's cgroup of its start) would not be in.
+    let mut a = Agent::start(&["--task-pids-limit=0"]);
     let markers = a.data_dir.parent().unwrap().join("runs");
     std::fs::write(cg.procs(), a.pid().to_string()).unwrap();
     a.run("hold-1", &["sleep", "600"]);
@@ -53,7 +56,8 @@ fn out_of_processes_a_create_waits_a_delete_answers_and_the_task_runs_later() {
 
 #[test]
 fn a_task_its_supervisor_could_not_spawn_is_given_back_and_runs_after_an_agent_restart() {
-    let mut a = Agent::start(&[]);
+    // No pids cgroup per task: the shim would leave the test's pids cgroup for it.
+    let mut a = Agent::start(&["--task-pids-limit=0"]);
     let markers = a.data_dir.parent().unwrap().join("runs");
     // The shim server alone goes into a pids cgroup with room for one shim: the shim is
     // forked, claims the launch, and its spawn of the task fails with EAGAIN.

@@ -40,6 +40,7 @@ hookTimeout: 0s
 maxConcurrentTasks: 0
 maxBodyBytes: null
 maxLogBytes: null
+taskPidsLimit: null
 watchTasks: false
 criSocket: /var/run/containerd/containerd.sock
 privileged: false
@@ -193,6 +194,11 @@ securityContext: {}
     {{- if not (kindIs "invalid" $e.maxLogBytes) }}
     - name: MAX_LOG_BYTES
       value: {{ include "task-executor.scalar" $e.maxLogBytes | quote }}
+    {{- end }}
+    {{- if not (kindIs "invalid" $e.taskPidsLimit) }}
+    # The most processes a task may have unless its resources say (0: none).
+    - name: TASK_PIDS_LIMIT
+      value: {{ include "task-executor.scalar" $e.taskPidsLimit | quote }}
     {{- end }}
     {{- if eq .mode "sidecar" }}
     - name: ENABLE_SIDECAR_MODE

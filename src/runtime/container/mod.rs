@@ -489,6 +489,13 @@ impl Runtime for ContainerRuntime {
 
     fn validate(&self, spec: &TaskSpec) -> Result<(), RuntimeError> {
         let t = container_task(spec)?;
+        let at = if t.from_template {
+            "podTemplateSpec.spec.containers[0]"
+        } else {
+            "container"
+        };
+        spec::check_resources(&t.container, at, spec::node_cgroup_v2())
+            .map_err(RuntimeError::Invalid)?;
         self.inner.resolve_mounts(&t, None).map(|_| ())
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, KeyValue, LinuxContainerConfig,
+    ContainerConfig, ContainerMetadata, KeyValue, LinuxContainerConfig, LinuxContainerResources,
     LinuxContainerSecurityContext, Mount, NamespaceMode, NamespaceOption,
 };
 
@@ -83,7 +83,7 @@ pub fn container_config(
         labels: labels_map,
         log_path: LOG_FILE.into(),
         linux: Some(LinuxContainerConfig {
-            resources: None,
+            resources: linux_resources(c, node_cgroup_v2()),
             security_context: Some(LinuxContainerSecurityContext {
                 namespace_options: Some(NamespaceOption {
                     network: ns.network as i32,
@@ -97,6 +97,59 @@ pub fn container_config(
         }),
         ..Default::default()
     }
+}
+
+/// Whether the node's cgroups are v2 only (`/sys/fs/cgroup` is a cgroup2 mount), as the
+/// container runtime then makes them.
+pub fn node_cgroup_v2() -> bool {
+    static V2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V2.get_or_init(|| std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists())
+}
+
+/// Refuses what the container runtime can't be told: a pids limit on a cgroup v1 node
+/// (CRI's `LinuxContainerResources` has no pids field; its `unified` map is v2's).
+pub fn check_resources(c: &ContainerSpec, at: &str, v2: bool) -> Result<(), String> {
+    let l = match &c.resources {
+        Some(r) => r.resolve(&format!("{at}.resources"))?,
+        None => return Ok(()),
+    };
+    if l.pids.is_some() && !v2 {
+        return Err(format!(
+            "{at}.resources.limits[{}]: container tasks get a pids limit only on cgroup v2 \
+             nodes (the CRI has no pids field; its unified map is cgroup v2's), and this \
+             node has cgroup v1",
+            crate::task::resources::PIDS
+        ));
+    }
+    Ok(())
+}
+
+/// The container's `resources` as CRI's `LinuxContainerResources`, as kubelet fills them:
+/// a CFS quota per 100 ms for `limits.cpu`, shares for `requests.cpu` (else the limit),
+/// `memory_limit_in_bytes` with no swap beyond it, the pids limit through `unified`
+/// (`pids.max`, cgroup v2). `None`: nothing asked.
+pub fn linux_resources(c: &ContainerSpec, v2: bool) -> Option<LinuxContainerResources> {
+    use crate::task::resources as r;
+    let l = c.resources.as_ref()?.resolve("resources").ok()?;
+    if l.is_empty() {
+        return None;
+    }
+    let mut out = LinuxContainerResources::default();
+    if let Some(m) = l.cpu_millis {
+        out.cpu_period = r::CPU_PERIOD_US as i64;
+        out.cpu_quota = r::cpu_quota_us(m) as i64;
+    }
+    if let Some(m) = l.cpu_request_millis {
+        out.cpu_shares = r::cpu_shares(m) as i64;
+    }
+    if let Some(b) = l.memory_bytes {
+        out.memory_limit_in_bytes = b.min(i64::MAX as u64) as i64;
+        out.memory_swap_limit_in_bytes = out.memory_limit_in_bytes;
+    }
+    if let Some(n) = l.pids.filter(|_| v2) {
+        out.unified.insert("pids.max".into(), n.to_string());
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -160,5 +213,35 @@ mod tests {
         assert_eq!(nso.pid, NamespaceMode::Target as i32);
         assert_eq!(nso.target_id, "abc");
         assert_eq!(nso.network, NamespaceMode::Node as i32);
+    }
+
+    #[test]
+    fn resources_become_cri_linux_resources() {
+        use crate::task::resources::{PIDS, Quantity, ResourceRequirements};
+        let q = |s: &str| Quantity(s.into());
+        let c = ContainerSpec {
+            image: "i".into(),
+            resources: Some(ResourceRequirements {
+                limits: [("cpu", "500m"), ("memory", "64Mi"), (PIDS, "20")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), q(v)))
+                    .collect(),
+                requests: [("cpu".to_string(), q("250m"))].into_iter().collect(),
+            }),
+            ..Default::default()
+        };
+        let r = linux_resources(&c, true).unwrap();
+        assert_eq!(
+            (r.cpu_period, r.cpu_quota, r.cpu_shares),
+            (100_000, 50_000, 256)
+        );
+        assert_eq!(r.memory_limit_in_bytes, 64 << 20);
+        assert_eq!(r.memory_swap_limit_in_bytes, 64 << 20);
+        assert_eq!(r.unified.get("pids.max").map(String::as_str), Some("20"));
+        assert!(check_resources(&c, "container", true).is_ok());
+        let e = check_resources(&c, "container", false).unwrap_err();
+        assert!(e.starts_with("container.resources.limits[task-executor.io/pids]: container tasks get a pids limit only on cgroup v2"), "{e}");
+        let none = ContainerSpec::default();
+        assert_eq!(linux_resources(&none, true), None);
     }
 }

@@ -58,6 +58,12 @@ pub fn host_start(launch: &Launch) -> (Vec<(OsString, OsString)>, Identity) {
         identity.creds = Some(if c.uid == own { c } else { without_caps(c) });
     }
     let uid = identity.creds.as_ref().map_or(own, |c| c.uid);
+    // The task's pids limit without a pids cgroup: every process of its own uid is its.
+    identity.nproc = launch
+        .limits
+        .as_ref()
+        .and_then(|l| l.nproc)
+        .filter(|_| launch.host_run_as.uid == Some(uid) && uid != own);
     (host_env(uid, &launch.env), identity)
 }
 

@@ -41,6 +41,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use self::place::{MAIN, POST_STOP, PRE_START, Place};
 use super::child_setup::{Cwd, ForkServer};
 use super::containment;
+use super::limits;
 use super::procfs::ProcIdentity;
 use super::records::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
 use crate::task::exhaustion::Exhaustion;
@@ -134,7 +135,17 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
 
     // Before anything of the task (or its reaper) is forked: all of it is born inside.
     let cgroup = enter_cgroup(&launch, &me)?;
+    let limit_cgroups = match enter_limits(&launch, cgroup.as_deref(), &me) {
+        Ok(dirs) => dirs,
+        Err(e) => {
+            if let Some(dir) = &cgroup {
+                containment::leave_and_remove(dir);
+            }
+            return Err(e);
+        }
+    };
     let left = |cgroup: &Option<std::path::PathBuf>| {
+        limits::leave_and_remove(&limit_cgroups);
         if let Some(dir) = cgroup {
             containment::leave_and_remove(dir);
         }
@@ -153,7 +164,8 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
             return finish_start_error(running_lock, &e, &what, &launch);
         }
     };
-    let mut sup = supervisor::Supervisor::new(dir, &launch, place, me, running_lock)?;
+    let mut sup = supervisor::Supervisor::new(dir, &launch, place, me, running_lock)?
+        .with_cgroups(cgroup.iter().chain(&limit_cgroups).cloned().collect());
     let journal = sup.journal_file().expect("held until the run ends");
     // From here on the task may run: the launch and the claim must survive a power loss,
     // so that neither a restarted agent nor a restarted node runs it a second time.
@@ -162,6 +174,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         shim: me,
         nonce: launch.nonce.clone(),
         cgroup: cgroup.clone(),
+        limits: limit_cgroups.clone(),
     });
     if let Err(e) = records::append(journal, &claim, true) {
         let e = give_back(dir, journal, e);
@@ -182,7 +195,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         }
         Err(supervisor::FirstStart::Failed(e)) => return Err(e),
     }
-    sup.run(&sigfd)
+    sup.run(&sigfd)?;
+    // Nothing of the task is left (what they counted is in its exit line): its limits'
+    // cgroups go now rather than when it is deleted. One a process escaped into stays
+    // (rmdir refuses it) for the agent's stop.
+    limits::leave_and_remove(&limit_cgroups);
+    Ok(())
 }
 
 /// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after
@@ -194,6 +212,21 @@ fn enter_cgroup(launch: &Launch, me: &ProcIdentity) -> io::Result<Option<std::pa
     };
     let name = format!("task-{}-{}", me.pid, me.start_time);
     containment::create_and_enter(parent, &name).map(Some)
+}
+
+/// Makes the task's cgroups of its limits (as the launch says; named as its containment
+/// cgroup), writes its limits and moves the shim in, before anything of the task runs. A
+/// limit that can't be set fails the start: it is never silently unenforced.
+fn enter_limits(
+    launch: &Launch,
+    containment: Option<&Path>,
+    me: &ProcIdentity,
+) -> io::Result<Vec<std::path::PathBuf>> {
+    let Some(l) = &launch.limits else {
+        return Ok(Vec::new());
+    };
+    let name = format!("task-{}-{}", me.pid, me.start_time);
+    limits::enter(l, containment, &name)
 }
 
 /// Nothing of the task was spawned after all: the claim is given back in the journal, so

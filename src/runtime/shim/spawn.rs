@@ -51,6 +51,8 @@ pub struct Identity {
     pub no_new_privs: bool,
     /// Under the `RuntimeDefault` seccomp filter (`shim::seccomp`).
     pub seccomp: bool,
+    /// `RLIMIT_NPROC` of the task's own uid (its pids limit without a pids cgroup).
+    pub nproc: Option<u64>,
 }
 
 impl Identity {
@@ -85,6 +87,7 @@ impl Identity {
             creds,
             no_new_privs,
             seccomp: launch.seccomp,
+            nproc: None,
         }
     }
 }
@@ -141,7 +144,8 @@ pub fn plan(
         cwd,
         identity.creds.clone(),
         identity.no_new_privs,
-    )?;
+    )?
+    .with_nproc(identity.nproc);
     Ok(match identity.seccomp {
         true => plan.with_seccomp(super::seccomp::runtime_default()?),
         false => plan,
@@ -217,6 +221,7 @@ mod tests {
             creds: None,
             no_new_privs: false,
             seccomp: false,
+            nproc: None,
         };
         let plan = plan(&argv, &env, Cwd::Inherit, &keep).unwrap();
         let null = std::fs::File::open("/dev/null").unwrap();

@@ -113,6 +113,9 @@ pub struct Supervisor<'a> {
     logs: [CappedLog; SLOTS],
     tails: [Tail; 2],
     pipes: [Option<io::PipeReader>; SLOTS],
+    /// The task's cgroups (containment and limits): what they counted goes into the exit
+    /// line.
+    cgroups: Vec<std::path::PathBuf>,
 }
 
 impl<'a> Supervisor<'a> {
@@ -153,7 +156,14 @@ impl<'a> Supervisor<'a> {
             ],
             tails: [Tail::default(), Tail::default()],
             pipes: [None, None, None, None],
+            cgroups: Vec::new(),
         })
+    }
+
+    /// The task's cgroups, whose usage (and OOM kills) its exit line records.
+    pub fn with_cgroups(mut self, cgroups: Vec<std::path::PathBuf>) -> Self {
+        self.cgroups = cgroups;
+        self
     }
 
     /// Appends to the journal. A durable line (an exit) the disk refuses for want of
@@ -672,7 +682,12 @@ impl<'a> Supervisor<'a> {
     }
 
     /// Writes the main command's exit line (durably); the run goes on with `postStop`.
-    fn record_main(&mut self, rec: ExitRecord) -> io::Result<()> {
+    fn record_main(&mut self, mut rec: ExitRecord) -> io::Result<()> {
+        if !self.cgroups.is_empty() {
+            // Read after the main command was reaped: an OOM kill of it is counted by then.
+            let dirs: Vec<&Path> = self.cgroups.iter().map(|d| d.as_path()).collect();
+            rec.usage = Some(crate::runtime::limits::usage(&dirs)).filter(|u| !u.is_empty());
+        }
         self.main_done = true;
         self.journal(&Entry::Exit(rec), true)
     }
