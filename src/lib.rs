@@ -296,6 +296,7 @@ pub async fn run(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         shutdown_grace: SHUTDOWN_GRACE,
+        guarded: state.auth.required(),
     };
     api::server::serve(listener, api::routes(state), tls, options, stop).await;
     if let Some(c) = container {

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use warp::http::{Request, Response};
 
 use super::ServerOptions;
+use crate::api::auth::Proven;
 
 /// The client's address, in each request's extensions (warp's `addr::remote()` only
 /// works on warp's own server).
@@ -44,12 +45,14 @@ impl<B> BodyOf for Response<B> {
     type Body = B;
 }
 
-/// Serves one accepted connection until it ends, times out, or shutdown drains it.
+/// Serves one accepted connection until it ends, times out, is evicted for a newcomer
+/// (see `slots`), or shutdown drains it.
 pub async fn serve<S>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
     tls: Option<TlsAcceptor>,
+    activity: Arc<Activity>,
     opts: &ServerOptions,
     stop: CancellationToken,
 ) where
@@ -64,17 +67,26 @@ pub async fn serve<S>(
 {
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = tls else {
-        return http(stream, peer, service, opts, stop).await;
+        return http(stream, peer, service, activity, opts, stop).await;
     };
+    let evicted = activity.evicted.clone();
     // A TLS connection starts with a handshake record (0x16); anything else is most
     // likely plain HTTP sent to the HTTPS port, which gets a plain answer saying so.
-    match tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)).await {
+    let peeked = tokio::select! {
+        p = tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)) => p,
+        () = evicted.cancelled() => return,
+    };
+    match peeked {
         Ok(Ok(Some(0x16))) => {}
         Ok(Ok(Some(_))) => return plain_http_on_tls_port(stream, peer).await,
         _ => return,
     }
-    match tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => http(tls, peer, service, opts, stop).await,
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)) => a,
+        () = evicted.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(tls)) => http(tls, peer, service, activity, opts, stop).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -84,6 +96,7 @@ async fn http<IO, S>(
     io: IO,
     peer: SocketAddr,
     service: S,
+    activity: Arc<Activity>,
     opts: &ServerOptions,
     stop: CancellationToken,
 ) where
@@ -97,7 +110,6 @@ async fn http<IO, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: io,
         activity: activity.clone(),
@@ -112,9 +124,20 @@ async fn http<IO, S>(
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
+    let evicted = activity.evicted.clone();
     loop {
         let deadline = activity.deadline(opts);
         tokio::select! {
+            () = evicted.cancelled(), if !draining => {
+                // Between requests: closed now. Chosen while idle but a request came in
+                // since: it is answered first.
+                if activity.phase.load(Ordering::Relaxed) != BUSY {
+                    tracing::debug!(%peer, "closing a connection that never authenticated: its slot is needed");
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -195,23 +218,56 @@ const BUSY: u8 = 1;
 const IDLE: u8 = 2;
 
 /// Where a connection is: receiving a header, serving a request, or idle between
-/// requests; and since when.
-struct Activity {
+/// requests; and since when; whether a request on it proved a credential.
+pub struct Activity {
     start: Instant,
     phase: AtomicU8,
     /// Milliseconds from `start` to the phase's start.
     since_ms: AtomicU64,
     changed: Notify,
+    /// Requests need a credential (`ServerOptions::guarded`).
+    guarded: bool,
+    proven: Proven,
+    /// Cancelled when the connection's slot was given to a newcomer.
+    evicted: CancellationToken,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub fn new(guarded: bool) -> Self {
         // A new connection waits for its first header.
         Activity {
             start: Instant::now(),
             phase: AtomicU8::new(HEADER),
             since_ms: AtomicU64::new(0),
             changed: Notify::new(),
+            guarded,
+            proven: Proven::default(),
+            evicted: CancellationToken::new(),
+        }
+    }
+
+    /// May be closed for a newcomer: no request on it proved a credential, and none is
+    /// being served.
+    pub fn evictable(&self) -> bool {
+        !self.proven.get() && self.phase.load(Ordering::Relaxed) != BUSY
+    }
+
+    /// When the current phase began (the earliest is the longest waiting).
+    pub fn phase_since(&self) -> Instant {
+        self.start + Duration::from_millis(self.since_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn evict(&self) {
+        self.evicted.cancel();
+    }
+
+    /// An idle connection that never proved a credential, where one is needed, is
+    /// closed as soon as a silent new one would be: it serves no caller worth a slot.
+    fn idle_limit(&self, opts: &ServerOptions) -> Duration {
+        if self.guarded && !self.proven.get() {
+            opts.idle_timeout.min(opts.header_read_timeout)
+        } else {
+            opts.idle_timeout
         }
     }
 
@@ -233,7 +289,7 @@ impl Activity {
     fn deadline(&self, opts: &ServerOptions) -> Option<Instant> {
         let limit = match self.phase.load(Ordering::Relaxed) {
             HEADER => opts.header_read_timeout,
-            IDLE => opts.idle_timeout,
+            IDLE => self.idle_limit(opts),
             _ => return None,
         };
         let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
@@ -331,6 +387,7 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.activity.set(BUSY);
         req.extensions_mut().insert(PeerAddr(self.peer));
+        req.extensions_mut().insert(self.activity.proven.clone());
         let mut inner = self.inner.clone();
         let activity = self.activity.clone();
         Box::pin(async move {
