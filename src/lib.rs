@@ -284,6 +284,7 @@ pub async fn run(
         auth,
         max_body: config.max_body_bytes,
         body_timeout: config.request_timeout,
+        show_task_env: config.show_task_env,
     });
     let stop = CancellationToken::new();
     let stopping = stop.clone();

@@ -33,14 +33,15 @@ fn seed_shape_create_get_list_golden() {
     a.wait_state("my-first-task", "terminated", T);
     let mut got = a.get("my-first-task").unwrap();
     normalize_times(&mut got);
+    // Environment values are not echoed (names only) unless --show-task-env.
     let golden = json!({
         "name": "my-first-task",
         "spec": {"process": {"command": ["sh", "-c"], "args": ["exit 0"],
-                 "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"}},
+                 "env": [{"name": "DEBUG_MODE"}], "workingDir": "/tmp"}},
         "status": {"state": {"terminated": {"exitCode": 0, "reason": "Succeeded",
                    "startedAt": "<time>", "finishedAt": "<time>"}}},
         "process": {"command": ["sh", "-c"], "args": ["exit 0"],
-                    "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"},
+                    "env": [{"name": "DEBUG_MODE"}], "workingDir": "/tmp"},
         "processStatus": {"terminated": {"exitCode": 0, "reason": "Succeeded",
                           "startedAt": "<time>", "finishedAt": "<time>"}}
     });
@@ -67,12 +68,13 @@ fn upstream_wire_format_round_trips() {
     let mut got = a.request("GET", "/getTasks", None).json();
     normalize_times(&mut got);
     let t = &got[0];
-    // The controller reads `name`, `process` and `processStatus`.
+    // The controller reads `name`, `process` and `processStatus` (and compares no env:
+    // a listed task that exists is left alone, so values need not come back).
     assert_eq!(t["name"], "bs-0");
     assert_eq!(
         t["process"],
         json!({"command": ["/bin/sh"], "args": ["-c", "sleep 30"],
-        "env": [{"name": "A", "value": "b"}], "timeoutSeconds": 60})
+        "env": [{"name": "A"}], "timeoutSeconds": 60})
     );
     assert_eq!(
         t["processStatus"],
@@ -496,5 +498,42 @@ fn a_long_task_list_is_streamed_whole_and_in_order() {
             t,
             "{name} as listed and as read alone"
         );
+    }
+}
+
+#[test]
+fn env_values_are_echoed_only_when_the_operator_asks() {
+    let task = json!({"name": "secretive", "spec": {"process": {
+        "command": ["printenv", "API_KEY"],
+        "env": [{"name": "API_KEY", "value": "s3cr3t"}, {"name": "EMPTY", "value": ""}]}}});
+    let hidden = Agent::start(&[]);
+    let shown = Agent::start(&["--show-task-env"]);
+    for (a, show) in [(&hidden, false), (&shown, true)] {
+        let created = a.create(task.clone());
+        assert_eq!(created.status, 201, "{}", created.text());
+        let done = a.wait_state("secretive", "terminated", T);
+        // The task itself got the value.
+        assert_eq!(done["exitCode"], 0, "{done}");
+        assert_eq!(a.stdout("secretive"), "s3cr3t\n");
+        let synced = a.request("POST", "/setTasks", Some(&json!([task])));
+        assert_eq!(synced.status, 200, "{}", synced.text());
+        let answers = [
+            created.text(),
+            a.request("GET", "/tasks/secretive", None).text(),
+            a.request("GET", "/getTasks", None).text(),
+            synced.text(),
+        ];
+        for text in answers {
+            assert_eq!(text.contains("s3cr3t"), show, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let t = if v.is_array() { &v[0] } else { &v };
+            let want = if show {
+                json!([{"name": "API_KEY", "value": "s3cr3t"}, {"name": "EMPTY"}])
+            } else {
+                json!([{"name": "API_KEY"}, {"name": "EMPTY"}])
+            };
+            assert_eq!(t["spec"]["process"]["env"], want, "{t}");
+            assert_eq!(t["process"]["env"], want, "{t}");
+        }
     }
 }
