@@ -537,3 +537,39 @@ fn env_values_are_echoed_only_when_the_operator_asks() {
         }
     }
 }
+
+/// A raw `POST /tasks` of a task named `name`, complete with its body.
+fn post_task_bytes(name: &str) -> Vec<u8> {
+    let body = json!({"name": name, "spec": {"process": {"command": ["true"]}}}).to_string();
+    format!(
+        "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_complete_request_is_carried_out_when_its_client_closes_and_answered_on_a_half_close() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    let a = Agent::start(&[]);
+    // Half-closed (SHUT_WR) right after sending: the answer still comes.
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.write_all(&post_task_bytes("half-closed")).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let r = http::parse(&answer).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "half-closed");
+    // Closed right after sending: nobody reads the answer, but the task is created.
+    let names: Vec<String> = (0..5).map(|i| format!("closed-{i}")).collect();
+    for name in &names {
+        let mut s = TcpStream::connect(a.addr).unwrap();
+        s.write_all(&post_task_bytes(name)).unwrap();
+    }
+    for name in &names {
+        support::wait_for(T, "the task of a closed client", || a.get(name));
+    }
+}

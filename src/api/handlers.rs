@@ -149,6 +149,7 @@ pub async fn get_when_settled(
     state: &AppState,
     name: &str,
     wait: std::time::Duration,
+    client_gone: &tokio_util::sync::CancellationToken,
 ) -> Result<Response, ApiError> {
     // Subscribe before looking, so a change between the two is not missed.
     let mut changes = state.manager.subscribe();
@@ -160,7 +161,12 @@ pub async fn get_when_settled(
             return get(state, name);
         }
         loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
+            let changed = tokio::select! {
+                c = tokio::time::timeout_at(deadline, changes.recv()) => c,
+                // Nobody may be left to read the answer: it is the task as it is.
+                () = client_gone.cancelled() => return get(state, name),
+            };
+            match changed {
                 // Timed out (or the agent is going away): answer with the task as it is.
                 Err(_) | Ok(Err(RecvError::Closed)) => return get(state, name),
                 Ok(Ok(changed)) if changed != name => continue,

@@ -28,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use warp::http::{Request, Response};
 
-use super::ServerOptions;
+use super::{ClientGone, ServerOptions};
 use crate::api::auth::Proven;
 
 /// The client's address, in each request's extensions (warp's `addr::remote()` only
@@ -66,8 +66,9 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let _ = stream.set_nodelay(true);
+    let fin = FinWatch::of(&stream);
     let Some(acceptor) = tls else {
-        return http(stream, peer, service, activity, opts, stop).await;
+        return http(stream, peer, service, activity, fin, opts, stop).await;
     };
     let evicted = activity.evicted.clone();
     // A TLS connection starts with a handshake record (0x16); anything else is most
@@ -86,7 +87,7 @@ pub async fn serve<S>(
         () = evicted.cancelled() => return,
     };
     match accepted {
-        Ok(Ok(tls)) => http(tls, peer, service, activity, opts, stop).await,
+        Ok(Ok(tls)) => http(tls, peer, service, activity, fin, opts, stop).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -97,6 +98,7 @@ async fn http<IO, S>(
     peer: SocketAddr,
     service: S,
     activity: Arc<Activity>,
+    fin: Option<FinWatch>,
     opts: &ServerOptions,
     stop: CancellationToken,
 ) where
@@ -119,15 +121,23 @@ async fn http<IO, S>(
         activity: activity.clone(),
         peer,
     };
+    // A client that half-closes (or closes) right after a complete request still has
+    // it carried out and answered: hyper does not drop it at the read side's EOF.
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .half_close(true)
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
     let evicted = activity.evicted.clone();
+    let mut fin_seen = false;
     loop {
         let deadline = activity.deadline(opts);
         tokio::select! {
+            () = FinWatch::wait(fin.as_ref()), if !fin_seen => {
+                fin_seen = true;
+                activity.client_gone.cancel();
+            }
             () = evicted.cancelled(), if !draining => {
                 // Between requests: closed now. Chosen while idle but a request came in
                 // since: it is answered first.
@@ -155,6 +165,43 @@ async fn http<IO, S>(
                 // Idle connections close now; a request in flight finishes first.
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+        }
+    }
+}
+
+/// Notices the client's FIN on the connection's socket (a duplicate of its descriptor,
+/// registered on its own for `EPOLLRDHUP`) without reading: hyper reads the requests.
+/// With half-close on, hyper itself does not look at the socket while it serves one.
+pub struct FinWatch(TcpStream);
+
+impl FinWatch {
+    /// `None` where the descriptor can't be duplicated or registered (out of descriptors):
+    /// the connection is served without it.
+    fn of(stream: &TcpStream) -> Option<FinWatch> {
+        use std::os::fd::AsFd;
+        let fd = stream.as_fd().try_clone_to_owned().ok()?;
+        TcpStream::from_std(std::net::TcpStream::from(fd))
+            .ok()
+            .map(FinWatch)
+    }
+
+    /// Returns once the client's FIN has arrived; never without a watch.
+    async fn wait(fin: Option<&FinWatch>) {
+        let Some(FinWatch(socket)) = fin else {
+            return std::future::pending().await;
+        };
+        loop {
+            match socket.ready(tokio::io::Interest::READABLE).await {
+                Ok(ready) if ready.is_read_closed() => return,
+                // Only request bytes, which are hyper's to read: wait for the next event.
+                Ok(_) => {
+                    // try_io clears the readiness when told the read would block.
+                    let _ = socket.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                    });
+                }
+                Err(_) => return std::future::pending().await,
             }
         }
     }
@@ -230,6 +277,8 @@ pub struct Activity {
     proven: Proven,
     /// Cancelled when the connection's slot was given to a newcomer.
     evicted: CancellationToken,
+    /// Cancelled when the client has sent its FIN (see `ClientGone`).
+    client_gone: CancellationToken,
 }
 
 impl Activity {
@@ -243,6 +292,7 @@ impl Activity {
             guarded,
             proven: Proven::default(),
             evicted: CancellationToken::new(),
+            client_gone: CancellationToken::new(),
         }
     }
 
@@ -388,6 +438,8 @@ where
         self.activity.set(BUSY);
         req.extensions_mut().insert(PeerAddr(self.peer));
         req.extensions_mut().insert(self.activity.proven.clone());
+        req.extensions_mut()
+            .insert(ClientGone(self.activity.client_gone.clone()));
         let mut inner = self.inner.clone();
         let activity = self.activity.clone();
         Box::pin(async move {

@@ -19,6 +19,13 @@ use warp::Filter;
 use warp::reply::Response;
 
 pub use conn::PeerAddr;
+
+/// In each request's extensions: cancelled once the client has closed its sending side
+/// (a FIN: a full close or a half-close, SHUT_WR, which TCP can't tell apart). A request
+/// is still carried out and answered then; what only waits for the client (a log
+/// follower, a `?wait=` long-poll) ends, so a client that went away holds nothing.
+#[derive(Clone, Debug)]
+pub struct ClientGone(pub CancellationToken);
 pub use tls::TlsFiles;
 
 /// How connections are served.
