@@ -573,3 +573,22 @@ fn a_complete_request_is_carried_out_when_its_client_closes_and_answered_on_a_ha
         support::wait_for(T, "the task of a closed client", || a.get(name));
     }
 }
+
+#[test]
+fn a_long_poll_whose_client_closes_frees_its_connection() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let a = Agent::start(&["--max-connections=1"]);
+    a.run("sleeper", &["sleep", "1000"]);
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.write_all(b"GET /tasks/sleeper?wait=5m HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    drop(s);
+    // The only slot comes free long before the 5 minutes.
+    support::wait_for(Duration::from_secs(30), "a free connection slot", || {
+        http::request(a.addr, "GET", "/health", None)
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    a.delete("sleeper");
+}
