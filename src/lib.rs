@@ -284,6 +284,7 @@ pub async fn run(
         auth,
         max_body: config.max_body_bytes,
         body_timeout: config.request_timeout,
+        show_task_env: config.show_task_env,
     });
     let stop = CancellationToken::new();
     let stopping = stop.clone();
@@ -296,6 +297,7 @@ pub async fn run(
         header_read_timeout: config.header_read_timeout,
         idle_timeout: config.idle_timeout,
         shutdown_grace: SHUTDOWN_GRACE,
+        guarded: state.auth.required(),
     };
     api::server::serve(listener, api::routes(state), tls, options, stop).await;
     if let Some(c) = container {

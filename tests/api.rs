@@ -44,14 +44,15 @@ fn seed_shape_create_get_list_golden() {
         usage["cpuSeconds"].is_number() && usage["memoryPeakBytes"].is_u64(),
         "{usage}"
     );
+    // Environment values are not echoed (names only) unless --show-task-env.
     let golden = json!({
         "name": "my-first-task",
         "spec": {"process": {"command": ["sh", "-c"], "args": ["exit 0"],
-                 "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"}},
+                 "env": [{"name": "DEBUG_MODE"}], "workingDir": "/tmp"}},
         "status": {"state": {"terminated": {"exitCode": 0, "reason": "Succeeded",
                    "startedAt": "<time>", "finishedAt": "<time>"}}},
         "process": {"command": ["sh", "-c"], "args": ["exit 0"],
-                    "env": [{"name": "DEBUG_MODE", "value": "true"}], "workingDir": "/tmp"},
+                    "env": [{"name": "DEBUG_MODE"}], "workingDir": "/tmp"},
         "processStatus": {"terminated": {"exitCode": 0, "reason": "Succeeded",
                           "startedAt": "<time>", "finishedAt": "<time>"}}
     });
@@ -79,12 +80,13 @@ fn upstream_wire_format_round_trips() {
     let mut got = a.request("GET", "/getTasks", None).json();
     normalize_times(&mut got);
     let t = &got[0];
-    // The controller reads `name`, `process` and `processStatus`.
+    // The controller reads `name`, `process` and `processStatus` (and compares no env:
+    // a listed task that exists is left alone, so values need not come back).
     assert_eq!(t["name"], "bs-0");
     assert_eq!(
         t["process"],
         json!({"command": ["/bin/sh"], "args": ["-c", "sleep 30"],
-        "env": [{"name": "A", "value": "b"}], "timeoutSeconds": 60})
+        "env": [{"name": "A"}], "timeoutSeconds": 60})
     );
     assert_eq!(
         t["processStatus"],
@@ -509,4 +511,96 @@ fn a_long_task_list_is_streamed_whole_and_in_order() {
             "{name} as listed and as read alone"
         );
     }
+}
+
+#[test]
+fn env_values_are_echoed_only_when_the_operator_asks() {
+    let task = json!({"name": "secretive", "spec": {"process": {
+        "command": ["printenv", "API_KEY"],
+        "env": [{"name": "API_KEY", "value": "s3cr3t"}, {"name": "EMPTY", "value": ""}]}}});
+    let hidden = Agent::start(&[]);
+    let shown = Agent::start(&["--show-task-env"]);
+    for (a, show) in [(&hidden, false), (&shown, true)] {
+        let created = a.create(task.clone());
+        assert_eq!(created.status, 201, "{}", created.text());
+        let done = a.wait_state("secretive", "terminated", T);
+        // The task itself got the value.
+        assert_eq!(done["exitCode"], 0, "{done}");
+        assert_eq!(a.stdout("secretive"), "s3cr3t\n");
+        let synced = a.request("POST", "/setTasks", Some(&json!([task])));
+        assert_eq!(synced.status, 200, "{}", synced.text());
+        let answers = [
+            created.text(),
+            a.request("GET", "/tasks/secretive", None).text(),
+            a.request("GET", "/getTasks", None).text(),
+            synced.text(),
+        ];
+        for text in answers {
+            assert_eq!(text.contains("s3cr3t"), show, "{text}");
+            let v: Value = serde_json::from_str(&text).unwrap();
+            let t = if v.is_array() { &v[0] } else { &v };
+            let want = if show {
+                json!([{"name": "API_KEY", "value": "s3cr3t"}, {"name": "EMPTY"}])
+            } else {
+                json!([{"name": "API_KEY"}, {"name": "EMPTY"}])
+            };
+            assert_eq!(t["spec"]["process"]["env"], want, "{t}");
+            assert_eq!(t["process"]["env"], want, "{t}");
+        }
+    }
+}
+
+/// A raw `POST /tasks` of a task named `name`, complete with its body.
+fn post_task_bytes(name: &str) -> Vec<u8> {
+    let body = json!({"name": name, "spec": {"process": {"command": ["true"]}}}).to_string();
+    format!(
+        "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_complete_request_is_carried_out_when_its_client_closes_and_answered_on_a_half_close() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    let a = Agent::start(&[]);
+    // Half-closed (SHUT_WR) right after sending: the answer still comes.
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.write_all(&post_task_bytes("half-closed")).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let r = http::parse(&answer).unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["name"], "half-closed");
+    // Closed right after sending: nobody reads the answer, but the task is created.
+    let names: Vec<String> = (0..5).map(|i| format!("closed-{i}")).collect();
+    for name in &names {
+        let mut s = TcpStream::connect(a.addr).unwrap();
+        s.write_all(&post_task_bytes(name)).unwrap();
+    }
+    for name in &names {
+        support::wait_for(T, "the task of a closed client", || a.get(name));
+    }
+}
+
+#[test]
+fn a_long_poll_whose_client_closes_frees_its_connection() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let a = Agent::start(&["--max-connections=1"]);
+    a.run("sleeper", &["sleep", "1000"]);
+    let mut s = TcpStream::connect(a.addr).unwrap();
+    s.write_all(b"GET /tasks/sleeper?wait=5m HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    drop(s);
+    // The only slot comes free long before the 5 minutes.
+    support::wait_for(Duration::from_secs(30), "a free connection slot", || {
+        http::request(a.addr, "GET", "/health", None)
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    a.delete("sleeper");
 }

@@ -3,7 +3,8 @@
 
 mod support;
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
@@ -52,16 +53,25 @@ fn assert_unauthorized(r: &Response, what: &str) {
 
 /// An agent in token mode with `tokens` in its token file (0600, as the chart mounts it).
 fn token_agent(tokens: &str) -> (Agent, tempfile::TempDir, std::path::PathBuf) {
+    token_agent_with(tokens, &[])
+}
+
+fn token_agent_with(
+    tokens: &str,
+    extra: &[&str],
+) -> (Agent, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tokens");
     std::fs::write(&file, tokens).unwrap();
     let mode = std::os::unix::fs::PermissionsExt::from_mode(0o600);
     std::fs::set_permissions(&file, mode).unwrap();
-    let agent = Agent::start(&[
+    let mut args = vec![
         "--auth-mode=token",
         "--auth-token-file",
         file.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args);
     (agent, dir, file)
 }
 
@@ -272,4 +282,112 @@ fn no_auth_stays_the_default_and_warns_only_beyond_loopback() {
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(text.matches("no authentication").count(), 1, "{text}");
+}
+
+/// A GET on a kept-alive connection; the answer's status line, or `None` once the agent
+/// has closed the connection.
+fn keep_alive_get(s: &mut TcpStream, path: &str, token: Option<&str>) -> Option<String> {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes())
+        .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Until the header and as many body bytes as it announces have come.
+    let complete = |buf: &[u8]| {
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (buf.len() >= end + 4 + len).then_some(())
+    };
+    while complete(&buf).is_none() {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.lines().next().map(str::to_string)
+}
+
+/// Whether the agent closed `s` (EOF within the read timeout).
+fn closed_by_agent(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(T)).unwrap();
+    matches!(s.read(&mut [0u8; 64]), Ok(0) | Err(_))
+}
+
+#[test]
+fn idle_unauthenticated_connections_never_keep_an_authenticated_caller_out() {
+    let (agent, _dir, _file) = token_agent_with(
+        "the-token\n",
+        &[
+            "--max-connections=4",
+            "--idle-timeout=1h",
+            "--header-read-timeout=1h",
+        ],
+    );
+    let addr = agent.addr;
+    // Every slot held without a credential: kept-alive probes and silent sockets.
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            if i % 2 == 0 {
+                let status = keep_alive_get(&mut s, "/health", None);
+                assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+            }
+            s
+        })
+        .collect();
+    // A caller with the token is served, again and again, on new connections.
+    for _ in 0..6 {
+        let r = call(addr, "GET", "/getTasks", Some("the-token"), None);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // The oldest were closed for them.
+    assert!(closed_by_agent(&mut held[0]));
+
+    // An authenticated connection is never taken: with every slot proven, a newcomer
+    // is refused (503) and the proven ones keep working.
+    let mut proven: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let status = keep_alive_get(&mut s, "/getTasks", Some("the-token"));
+            assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+            s
+        })
+        .collect();
+    let r = call(addr, "GET", "/getTasks", Some("the-token"), None);
+    assert_eq!(r.status, 503, "{}", r.text());
+    for s in &mut proven {
+        let status = keep_alive_get(s, "/getTasks", Some("the-token"));
+        assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    }
+    drop(held);
+}
+
+#[test]
+fn an_idle_connection_that_never_authenticated_is_closed_first() {
+    let (agent, _dir, _file) = token_agent_with(
+        "the-token\n",
+        &["--idle-timeout=1h", "--header-read-timeout=1s"],
+    );
+    let addr = agent.addr;
+    let mut proven = TcpStream::connect(addr).unwrap();
+    let status = keep_alive_get(&mut proven, "/getTasks", Some("the-token"));
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    let mut probe = TcpStream::connect(addr).unwrap();
+    let status = keep_alive_get(&mut probe, "/health", None);
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    // The probe's connection goes after --header-read-timeout, not --idle-timeout...
+    assert!(closed_by_agent(&mut probe));
+    // ...while the authenticated one, idle for longer, is still served.
+    let status = keep_alive_get(&mut proven, "/getTasks", Some("the-token"));
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
 }

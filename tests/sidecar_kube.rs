@@ -30,6 +30,12 @@ struct PodContainer {
 
 impl PodContainer {
     fn start(hostname: &str) -> PodContainer {
+        Self::start_in(hostname, false)
+    }
+
+    /// `shared_pid_namespace`: the container's process is not its PID namespace's init
+    /// (a pod with `shareProcessNamespace: true`, the chart's sidecar mode).
+    fn start_in(hostname: &str, shared_pid_namespace: bool) -> PodContainer {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -46,6 +52,7 @@ impl PodContainer {
             hostname,
             Options {
                 cgroup: Some(&cgroup),
+                shared_pid_namespace,
                 ..Default::default()
             },
         );
@@ -158,6 +165,11 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     assert_ne!(first.ns("uts"), ns_link("self", "uts"));
     assert_eq!(probe(&agent, "probe-a"), expected(&first, "main-a"));
 
+    // A finished task that left a process running in the first container.
+    agent.run_sh("leaver", "sleep 4646 & exit 0");
+    assert_eq!(agent.wait_state("leaver", "terminated", T)["exitCode"], 0);
+    assert_eq!(support::pids_with_cmdline(&["sleep", "4646"]).len(), 1);
+
     // A long task in the first container; then the container is replaced (new ID, one
     // restart) while the old process is still there, so only the Pod watch can tell.
     agent.run("long", &["sleep", "4545"]);
@@ -189,6 +201,17 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
         "the Pod was not watched again"
     );
     assert!(support::pids_with_cmdline(&["sleep", "4545"]).is_empty());
+    // What the finished task left in the old container is stopped too; its outcome stays.
+    wait_for(T, "the finished task's leftover to be stopped", || {
+        support::pids_with_cmdline(&["sleep", "4646"])
+            .is_empty()
+            .then_some(())
+    });
+    let leaver = agent.get("leaver").unwrap();
+    assert_eq!(
+        leaver["status"]["state"]["terminated"]["reason"], "Succeeded",
+        "{leaver}"
+    );
     assert!(
         first.alive(),
         "the old stand-in must outlive the test of the watch path"
@@ -207,5 +230,51 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     assert_eq!(
         a["status"]["state"]["terminated"]["reason"], "Succeeded",
         "{a}"
+    );
+}
+
+#[test]
+fn a_finished_tasks_leftovers_stop_when_its_container_process_dies_in_a_shared_pid_namespace() {
+    assert!(nix::unistd::geteuid().is_root(), "this test needs root");
+    let tmp = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    let main = PodContainer::start_in("main-shared", true);
+    let agent = Agent::start_with_env(
+        &[
+            "--enable-sidecar-mode=true",
+            "--main-container-name",
+            "main",
+            "--stop-grace-period=1s",
+        ],
+        &[
+            ("POD_NAME", POD),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+    api.put_pod(pod(&main, 0));
+    wait_for(T, "/readyz to say ready", || {
+        (agent.request("GET", "/readyz", None).status == 200).then_some(())
+    });
+    agent.run_sh("leaver", "sleep 4747 & exit 0");
+    assert_eq!(agent.wait_state("leaver", "terminated", T)["exitCode"], 0);
+    let left = support::pids_with_cmdline(&["sleep", "4747"]);
+    assert_eq!(left.len(), 1);
+    assert_eq!(ns_link(left[0], "pid"), main.ns("pid"));
+
+    // The container's process dies; its PID namespace (and, unless the agent acts, the
+    // leftover) lives on. The Pod is not updated: the task's supervisor notices by itself.
+    main.main.kill_process();
+    wait_for(T, "the finished task's leftover to be stopped", || {
+        support::pids_with_cmdline(&["sleep", "4747"])
+            .is_empty()
+            .then_some(())
+    });
+    let t = agent.get("leaver").unwrap();
+    assert_eq!(
+        t["status"]["state"]["terminated"]["reason"], "Succeeded",
+        "{t}"
     );
 }

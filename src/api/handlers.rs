@@ -22,6 +22,24 @@ pub struct AppState {
     pub auth: super::auth::Authenticator,
     pub max_body: usize,
     pub body_timeout: std::time::Duration,
+    /// Answers show env values (`--show-task-env`); otherwise names only.
+    pub show_task_env: bool,
+}
+
+impl AppState {
+    /// How a task's answer is made (fixed for the agent's life, so a task's cached answer
+    /// is always of this kind).
+    fn render(&self) -> crate::manager::Render {
+        if self.show_task_env {
+            wire::render_task
+        } else {
+            wire::render_task_without_env_values
+        }
+    }
+
+    fn response(&self, view: crate::manager::TaskView) -> TaskResponse {
+        TaskResponse::of(view, self.show_task_env)
+    }
 }
 
 /// A JSON body with a trailing newline, like Go's `json.Encoder`.
@@ -92,7 +110,7 @@ pub async fn create(state: &AppState, body: Bytes, query: &str) -> Result<Respon
     let resp = match created {
         Ok(view) => {
             log_unknown(&view.name, &unknown);
-            json_response(StatusCode::CREATED, &TaskResponse::from(view))
+            json_response(StatusCode::CREATED, &state.response(view))
         }
         Err(e) => e.noting_unknown(&unknown).into_response(),
     };
@@ -107,7 +125,7 @@ fn log_unknown(task: &str, unknown: &[String]) {
 }
 
 pub fn get(state: &AppState, name: &str) -> Result<Response, ApiError> {
-    let task = state.manager.get_rendered(name, wire::render_task)?;
+    let task = state.manager.get_rendered(name, state.render())?;
     let mut body = BytesMut::with_capacity(task.len() + 1);
     body.extend_from_slice(&task);
     body.put_u8(b'\n');
@@ -131,6 +149,7 @@ pub async fn get_when_settled(
     state: &AppState,
     name: &str,
     wait: std::time::Duration,
+    client_gone: &tokio_util::sync::CancellationToken,
 ) -> Result<Response, ApiError> {
     // Subscribe before looking, so a change between the two is not missed.
     let mut changes = state.manager.subscribe();
@@ -142,7 +161,12 @@ pub async fn get_when_settled(
             return get(state, name);
         }
         loop {
-            match tokio::time::timeout_at(deadline, changes.recv()).await {
+            let changed = tokio::select! {
+                c = tokio::time::timeout_at(deadline, changes.recv()) => c,
+                // Nobody may be left to read the answer: it is the task as it is.
+                () = client_gone.cancelled() => return get(state, name),
+            };
+            match changed {
                 // Timed out (or the agent is going away): answer with the task as it is.
                 Err(_) | Ok(Err(RecvError::Closed)) => return get(state, name),
                 Ok(Ok(changed)) if changed != name => continue,
@@ -169,7 +193,7 @@ const LIST_CHUNK: usize = 64 * 1024;
 /// sent with its length; a longer one is streamed (chunked) as it is assembled.
 pub fn list(state: &AppState) -> Response {
     let mut pieces = ListPieces {
-        tasks: state.manager.list_rendered(wire::render_task),
+        tasks: state.manager.list_rendered(state.render()),
         started: false,
         done: false,
     };
@@ -273,7 +297,7 @@ pub async fn sync(state: &AppState, body: Bytes, query: &str) -> Result<Response
                     log_unknown(name, fields);
                 }
             }
-            let tasks: Vec<TaskResponse> = views.into_iter().map(TaskResponse::from).collect();
+            let tasks: Vec<TaskResponse> = views.into_iter().map(|v| state.response(v)).collect();
             json_response(StatusCode::OK, &tasks)
         }
         Err(e) => e.noting_unknown(&unknown).into_response(),

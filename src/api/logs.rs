@@ -31,7 +31,13 @@ use crate::task::model::HookName;
 /// Bytes per chunk of the answer (and per blocking read batch).
 const BATCH: usize = 64 * 1024;
 
-pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Response, ApiError> {
+/// `client_gone`: cancelled once the client has closed its side; a follower ends then.
+pub async fn logs(
+    state: &Arc<AppState>,
+    name: &str,
+    query: &str,
+    client_gone: tokio_util::sync::CancellationToken,
+) -> Result<Response, ApiError> {
     let q = LogQuery::parse(query).map_err(ApiError::bad_request)?;
     let follow = q.follow.unwrap_or(false);
     // Subscribe before looking, so that an end between the two is not missed.
@@ -88,6 +94,7 @@ pub async fn logs(state: &Arc<AppState>, name: &str, query: &str) -> Result<Resp
         select,
         tx,
         meter: meter.clone(),
+        client_gone,
     };
     tokio::spawn(follower.run(flush, changes.zip(watch)));
     let body =
@@ -120,6 +127,7 @@ struct Follower {
     select: Select,
     tx: mpsc::Sender<Result<Bytes, std::convert::Infallible>>,
     meter: StreamMeter,
+    client_gone: tokio_util::sync::CancellationToken,
 }
 
 type Waiters = (tokio::sync::broadcast::Receiver<String>, watch::DirWatch);
@@ -135,7 +143,10 @@ impl Follower {
         };
         loop {
             tokio::select! {
-                () = self.tx.closed() => return, // the client went away
+                () = self.tx.closed() => return, // the connection is gone
+                // The client closed its side: a half-close can't be told from a close
+                // until a write fails, and a quiet task may never write again.
+                () = self.client_gone.cancelled() => return,
                 () = dir.changed() => {}
                 change = changes.recv() => match change {
                     Ok(n) if n != self.name => continue,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use percent_encoding::percent_decode_str;
+use tokio_util::sync::CancellationToken;
 use warp::http::{Method, StatusCode};
 use warp::reply::Response;
 use warp::{Buf, Filter};
@@ -14,6 +15,7 @@ use warp::{Buf, Filter};
 use super::error::ApiError;
 use super::handlers::{self, AppState};
 use super::route::Route;
+use super::server::ClientGone;
 
 pub fn routes(
     state: Arc<AppState>,
@@ -32,14 +34,29 @@ fn api_routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<ClientGone>())
         .and(warp::body::stream())
         .and_then(
-            move |method, path: warp::path::FullPath, query: String, len, headers, body| {
+            move |method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  len,
+                  headers,
+                  gone: Option<ClientGone>,
+                  body| {
                 let state = state.clone();
                 async move {
                     let access =
                         super::access::Access::start(&method, &Route::parse(path.as_str()));
-                    let resp = dispatch(state, method, path.as_str(), &query, len, &headers, body)
+                    let request = Request {
+                        method,
+                        path: path.as_str(),
+                        query: &query,
+                        len,
+                        headers: &headers,
+                        gone: gone.map(|g| g.0).unwrap_or_default(),
+                    };
+                    let resp = dispatch(state, request, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
                     access.finish(&resp);
@@ -54,19 +71,35 @@ fn api_routes(
         .unify()
 }
 
+/// What `dispatch` needs of a request besides its body.
+struct Request<'a> {
+    method: Method,
+    path: &'a str,
+    query: &'a str,
+    len: Option<u64>,
+    headers: &'a warp::http::HeaderMap,
+    /// Cancelled once the client has closed its side (see `ClientGone`); never without a
+    /// connection that reports it.
+    gone: CancellationToken,
+}
+
 async fn dispatch<S, B>(
     state: Arc<AppState>,
-    method: Method,
-    path: &str,
-    query: &str,
-    len: Option<u64>,
-    headers: &warp::http::HeaderMap,
+    req: Request<'_>,
     body: S,
 ) -> Result<Response, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin + Send,
     B: Buf,
 {
+    let Request {
+        method,
+        path,
+        query,
+        len,
+        headers,
+        gone,
+    } = req;
     let route = Route::parse(path);
     let get = method == Method::GET || method == Method::HEAD;
     match (&route, &method) {
@@ -82,11 +115,11 @@ where
             handlers::create(&state, read_body(body, len, &state).await?, query).await
         }
         (Route::Task(name), _) if get => match wait_param(query)? {
-            Some(wait) => handlers::get_when_settled(&state, name, wait).await,
+            Some(wait) => handlers::get_when_settled(&state, name, wait, &gone).await,
             None => handlers::get(&state, name),
         },
         (Route::Task(name), &Method::DELETE) => handlers::delete(&state, name).await,
-        (Route::TaskLogs(name), _) if get => super::logs::logs(&state, name, query).await,
+        (Route::TaskLogs(name), _) if get => super::logs::logs(&state, name, query, gone).await,
         (Route::Unmatched(_), _) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}"),

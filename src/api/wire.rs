@@ -129,6 +129,17 @@ pub struct TaskResponse {
 
 impl From<TaskView> for TaskResponse {
     fn from(v: TaskView) -> Self {
+        TaskResponse::of(v, true)
+    }
+}
+
+impl TaskResponse {
+    /// The answer for a task; without `show_env`, its environment variables keep their
+    /// names (and `valueFrom`) but lose their values, wherever the spec holds them.
+    pub fn of(mut v: TaskView, show_env: bool) -> Self {
+        if !show_env {
+            conceal_env_values(&mut v.spec);
+        }
         let process = v.spec.process.clone().map(|mut p| {
             p.timeout_seconds = v.spec.effective_timeout();
             p
@@ -150,12 +161,59 @@ impl From<TaskView> for TaskResponse {
 }
 
 /// A task's answer as bytes (no trailing newline): what the manager caches per task and
-/// `GET /tasks/{name}` and `GET /getTasks` send.
+/// `GET /tasks/{name}` and `GET /getTasks` send (`--show-task-env`).
 pub fn render_task(view: TaskView) -> bytes::Bytes {
+    render(TaskResponse::of(view, true))
+}
+
+/// The same without environment values (the default).
+pub fn render_task_without_env_values(view: TaskView) -> bytes::Bytes {
+    render(TaskResponse::of(view, false))
+}
+
+fn render(resp: TaskResponse) -> bytes::Bytes {
     // Serialising owned, plain data to a Vec can't fail.
-    serde_json::to_vec(&TaskResponse::from(view))
+    serde_json::to_vec(&resp)
         .unwrap_or_else(|_| b"{}".to_vec())
         .into()
+}
+
+/// Drops every environment value of a spec: the process's, the container's, and those of
+/// a `podTemplateSpec`'s containers (kept as the client sent them, so walked as JSON).
+fn conceal_env_values(spec: &mut TaskSpec) {
+    let clear = |env: &mut Vec<crate::task::model::EnvVar>| {
+        for e in env {
+            e.value.clear();
+        }
+    };
+    if let Some(p) = spec.process.as_mut() {
+        clear(&mut p.env);
+    }
+    if let Some(c) = spec.container.as_mut() {
+        clear(&mut c.env);
+    }
+    if let Some(t) = spec.pod_template_spec.as_mut() {
+        let pod = t.0.get_mut("spec").and_then(|s| s.as_object_mut());
+        for list in pod.into_iter().flat_map(|p| {
+            p.iter_mut()
+                .filter(|(k, _)| {
+                    matches!(
+                        k.as_str(),
+                        "containers" | "initContainers" | "ephemeralContainers"
+                    )
+                })
+                .filter_map(|(_, v)| v.as_array_mut())
+        }) {
+            for c in list {
+                let env = c.get_mut("env").and_then(|e| e.as_array_mut());
+                for e in env.into_iter().flatten() {
+                    if let Some(e) = e.as_object_mut() {
+                        e.remove("value");
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `/health` and `/readyz`: `healthy`, `ready`, or `notReady` with a reason.
@@ -172,4 +230,35 @@ pub struct ErrorBody<'a> {
     /// The status text (Go's `http.StatusText`), e.g. `Not Found`.
     pub code: &'a str,
     pub message: &'a str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_env_value_of_a_spec_is_dropped_names_and_references_kept() {
+        let mut spec: TaskSpec = serde_json::from_value(json!({
+            "container": {"image": "busybox", "env": [{"name": "C", "value": "c-secret"}]},
+            "podTemplateSpec": {"spec": {
+                "containers": [{"name": "x", "image": "busybox", "env": [
+                    {"name": "P", "value": "p-secret"},
+                    {"name": "R", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}],
+                "initContainers": [{"name": "i", "env": [{"name": "I", "value": "i-secret"}]}]}}
+        }))
+        .unwrap();
+        conceal_env_values(&mut spec);
+        let out = serde_json::to_value(&spec).unwrap();
+        assert!(!out.to_string().contains("secret\""), "{out}");
+        assert_eq!(out["container"]["env"], json!([{"name": "C"}]));
+        assert_eq!(
+            out["podTemplateSpec"]["spec"]["containers"][0]["env"],
+            json!([{"name": "P"}, {"name": "R", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}])
+        );
+        assert_eq!(
+            out["podTemplateSpec"]["spec"]["initContainers"][0]["env"],
+            json!([{"name": "I"}])
+        );
+    }
 }

@@ -136,6 +136,12 @@ pub struct Config {
           default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
     pub end_task_with_main: bool,
 
+    /// Answers show the values of tasks' environment variables (upstream's behaviour).
+    /// false: only their names, so no caller of /getTasks reads another's secrets.
+    #[arg(long, env = "SHOW_TASK_ENV", default_value_t = false, num_args = 0..=1,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_go_bool)]
+    pub show_task_env: bool,
+
     /// Host tasks run as UID[:GID] (GID defaults to UID) unless their securityContext
     /// says otherwise. Unset: as the agent. Needs CAP_SETUID and CAP_SETGID.
     #[arg(long, env = "TASK_RUN_AS_USER", value_name = "UID[:GID]",

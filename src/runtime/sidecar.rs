@@ -74,8 +74,8 @@ impl SidecarRuntime {
 
     /// The main container was replaced (the Pod watch saw a new container ID or restart):
     /// stops every running task whose target is not the current main container, so it is
-    /// reported `TargetRestarted` instead of living on in a dead container's namespaces.
-    /// Returns how many tasks were signalled.
+    /// reported `TargetRestarted` instead of living on in a dead container's namespaces,
+    /// and what finished tasks left running there. Returns how many tasks were signalled.
     pub async fn target_changed(&self) -> usize {
         let current = self.locator.locate().await.ok();
         let dirs: Vec<PathBuf> = self
@@ -209,24 +209,34 @@ impl Runtime for SidecarRuntime {
 }
 
 /// Stops the task in `dir` if it runs in a container other than `current`: writes the
-/// `target-restarted` marker, then SIGTERMs the shim (which stops the task tree).
-/// `None`: the task has finished (or never started) and needs no more tracking.
+/// `target-restarted` marker, then SIGTERMs the shim (which stops the task tree). A
+/// finished task's shim that still lives (the task left processes running) is SIGTERMed
+/// too, without the marker. `None`: nothing of the task is left to watch.
 fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Option<bool> {
     let run = records::read_run(dir).ok()?;
-    if run.exit.is_some() || !dir.exists() {
+    if !dir.exists() {
         return None;
     }
+    let finished = run.exit.is_some();
     // Records not written yet: the task is starting; keep tracking it.
     let (Some(shim), Some(launch)) = (run.started, run.launch) else {
-        return Some(false);
+        return (!finished).then_some(false);
     };
     let target = launch.target?;
+    let Some(shim_handle) = ProcHandle::of(&shim.shim) else {
+        // A finished task whose shim is gone left nothing behind it could stop.
+        return (!finished).then_some(false);
+    };
     if current == Some(&target.process) {
         return Some(false);
     }
-    let Some(shim_handle) = ProcHandle::of(&shim.shim) else {
-        return Some(false);
-    };
+    if finished {
+        // Its shim still supervises what the task left running in the old container:
+        // SIGTERM ends that (grace, then SIGKILL); the task's outcome stays as recorded.
+        let _ = shim_handle.signal(nix::sys::signal::Signal::SIGTERM);
+        tracing::info!(dir = %dir.display(), shim = shim.shim.pid, "stopping what a finished task left in a replaced main container");
+        return Some(true);
+    }
     use std::os::unix::fs::OpenOptionsExt;
     let marked = std::fs::OpenOptions::new()
         .write(true)

@@ -91,7 +91,9 @@ pub struct ContainerSpec {
 #[serde(rename_all = "camelCase")]
 pub struct EnvVar {
     pub name: String,
-    #[serde(default)]
+    /// Omitted when empty, as Kubernetes' `EnvVar` (`omitempty`), and in answers unless
+    /// the agent runs with `--show-task-env`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub value: String,
 }
 

@@ -12,8 +12,11 @@ use super::wait_for;
 
 pub struct MainContainer {
     child: Child,
-    /// PID 1 of the stand-in's PID namespace, as the host sees it.
+    /// The container's process (PID 1 of the stand-in's PID namespace unless the options
+    /// ask for an `init` of its own), as the host sees it.
     pub pid: i32,
+    /// The PID namespace's init when it is not the container's process.
+    init: Option<i32>,
     pub hostname: String,
 }
 
@@ -30,6 +33,10 @@ pub struct Options<'a> {
     pub setpriv: &'a str,
     /// Put PID 1 into this cgroup.
     pub cgroup: Option<&'a TestCgroup>,
+    /// The container's process is not its PID namespace's init but a child of another
+    /// (as in a pod with `shareProcessNamespace`, where the pause process is PID 1): when
+    /// it dies, the PID namespace and what else runs in it live on.
+    pub shared_pid_namespace: bool,
     /// And into these (other hierarchies).
     pub more_cgroups: &'a [&'a TestCgroup],
 }
@@ -74,11 +81,20 @@ impl MainContainer {
             .marker
             .map(|m| format!("SANDBOX_MAIN_CONTAINER={m} "))
             .unwrap_or_default();
-        let script = format!(
-            "{join}hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
-             cd /mnt/only-here && \
-             exec {user}env {marker}STANDIN_TAG={tag} TARGET_VAR=hello-from-target sleep 100000"
+        let container = format!(
+            "exec {user}env {marker}STANDIN_TAG={tag} TARGET_VAR=hello-from-target sleep 100000"
         );
+        let script = if opts.shared_pid_namespace {
+            format!(
+                "hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
+                 cd /mnt/only-here && {{ {join}{container} & }} && exec env STANDIN_INIT={tag} sleep 100000"
+            )
+        } else {
+            format!(
+                "{join}hostname {hostname} && mount -t tmpfs tmpfs /mnt && mkdir /mnt/only-here && \
+                 cd /mnt/only-here && {container}"
+            )
+        };
         let child = Command::new("unshare")
             .args([
                 "--pid",
@@ -95,21 +111,24 @@ impl MainContainer {
             .stdin(Stdio::null())
             .spawn()
             .expect("unshare (util-linux) must be installed and the tests run as root");
-        let want = format!("STANDIN_TAG={tag}");
-        let pid = wait_for(Duration::from_secs(10), "stand-in main container", || {
-            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-                env.split(|b| *b == 0)
-                    .any(|kv| kv == want.as_bytes())
-                    .then_some(pid)
-            })
-        });
+        let pid = find_by_env(&format!("STANDIN_TAG={tag}"), "stand-in main container");
+        let init = opts
+            .shared_pid_namespace
+            .then(|| find_by_env(&format!("STANDIN_INIT={tag}"), "stand-in init"));
         MainContainer {
             child,
             pid,
+            init,
             hostname: hostname.to_string(),
         }
+    }
+
+    /// Ends the container's process only (its PID namespace lives on with an init of its
+    /// own, see `Options::shared_pid_namespace`).
+    pub fn kill_process(&self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.pid.to_string()])
+            .status();
     }
 
     /// The namespace link (e.g. "uts:[4026532123]") of the stand-in.
@@ -126,12 +145,27 @@ impl MainContainer {
 
     /// Ends the container: its PID 1 dies, and the kernel kills its whole PID namespace.
     pub fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &self.pid.to_string()])
-            .status();
+        for pid in std::iter::once(self.pid).chain(self.init) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The process whose environment holds `entry`.
+fn find_by_env(entry: &str, what: &str) -> i32 {
+    wait_for(Duration::from_secs(10), what, || {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            env.split(|b| *b == 0)
+                .any(|kv| kv == entry.as_bytes())
+                .then_some(pid)
+        })
+    })
 }
 
 impl Drop for MainContainer {

@@ -12,6 +12,7 @@ mod kubernetes;
 mod token;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sha2::{Digest, Sha256};
 use warp::Filter;
@@ -53,34 +54,56 @@ pub enum Authenticator {
 }
 
 impl Authenticator {
-    /// Checks a request's credential against what its route requires.
+    /// Whether requests need a credential at all (`--auth-mode` other than `none`).
+    pub fn required(&self) -> bool {
+        !matches!(self, Authenticator::None)
+    }
+
+    /// Checks a request's credential against what its route requires. `Ok(true)`: the
+    /// request carried a credential that passed; `Ok(false)`: it needed none.
     pub async fn check(
         &self,
         method: &Method,
         path: &str,
         headers: &HeaderMap,
-    ) -> Result<(), AuthError> {
+    ) -> Result<bool, AuthError> {
         if matches!(self, Authenticator::None) {
-            return Ok(());
+            return Ok(false);
         }
         let access = access::required(method, path);
         if access == Access::Public {
-            return Ok(());
+            return Ok(false);
         }
         let token = bearer(headers).ok_or(AuthError::Unauthenticated(
             "missing bearer token (Authorization: Bearer <token>)",
         ))?;
         match self {
-            Authenticator::None => Ok(()),
+            Authenticator::None => Ok(false),
             Authenticator::Token(file) => {
                 if file.accepts(token) {
-                    Ok(())
+                    Ok(true)
                 } else {
                     Err(AuthError::Unauthenticated("invalid bearer token"))
                 }
             }
-            Authenticator::Kubernetes(k) => k.check(token, &access).await,
+            Authenticator::Kubernetes(k) => k.check(token, &access).await.map(|()| true),
         }
+    }
+}
+
+/// Marks the connection a request came on (the server puts a handle in every request's
+/// extensions) once a request on it has passed a credential check: the server keeps such
+/// connections, and may close ones that never proved anything when it needs their slots.
+#[derive(Clone, Debug, Default)]
+pub struct Proven(Arc<AtomicBool>);
+
+impl Proven {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -106,12 +129,21 @@ pub fn guard(
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<Proven>())
         .and_then(
-            move |method: Method, path: warp::path::FullPath, headers: HeaderMap| {
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  headers: HeaderMap,
+                  proven: Option<Proven>| {
                 let auth = auth.clone();
                 async move {
                     match auth.check(&method, path.as_str(), &headers).await {
-                        Ok(()) => Err(warp::reject()),
+                        Ok(with_credential) => {
+                            if with_credential && let Some(p) = proven {
+                                p.set();
+                            }
+                            Err(warp::reject())
+                        }
                         Err(e) => {
                             refused(&method, path.as_str(), &e);
                             Ok(ApiError::from(e).into_response())

@@ -28,7 +28,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use warp::http::{Request, Response};
 
-use super::ServerOptions;
+use super::{ClientGone, ServerOptions};
+use crate::api::auth::Proven;
 
 /// The client's address, in each request's extensions (warp's `addr::remote()` only
 /// works on warp's own server).
@@ -44,12 +45,14 @@ impl<B> BodyOf for Response<B> {
     type Body = B;
 }
 
-/// Serves one accepted connection until it ends, times out, or shutdown drains it.
+/// Serves one accepted connection until it ends, times out, is evicted for a newcomer
+/// (see `slots`), or shutdown drains it.
 pub async fn serve<S>(
     stream: TcpStream,
     peer: SocketAddr,
     service: S,
     tls: Option<TlsAcceptor>,
+    activity: Arc<Activity>,
     opts: &ServerOptions,
     stop: CancellationToken,
 ) where
@@ -63,18 +66,28 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let _ = stream.set_nodelay(true);
+    let fin = FinWatch::of(&stream);
     let Some(acceptor) = tls else {
-        return http(stream, peer, service, opts, stop).await;
+        return http(stream, peer, service, activity, fin, opts, stop).await;
     };
+    let evicted = activity.evicted.clone();
     // A TLS connection starts with a handshake record (0x16); anything else is most
     // likely plain HTTP sent to the HTTPS port, which gets a plain answer saying so.
-    match tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)).await {
+    let peeked = tokio::select! {
+        p = tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)) => p,
+        () = evicted.cancelled() => return,
+    };
+    match peeked {
         Ok(Ok(Some(0x16))) => {}
         Ok(Ok(Some(_))) => return plain_http_on_tls_port(stream, peer).await,
         _ => return,
     }
-    match tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => http(tls, peer, service, opts, stop).await,
+    let accepted = tokio::select! {
+        a = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)) => a,
+        () = evicted.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(tls)) => http(tls, peer, service, activity, fin, opts, stop).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
@@ -84,6 +97,8 @@ async fn http<IO, S>(
     io: IO,
     peer: SocketAddr,
     service: S,
+    activity: Arc<Activity>,
+    fin: Option<FinWatch>,
     opts: &ServerOptions,
     stop: CancellationToken,
 ) where
@@ -97,7 +112,6 @@ async fn http<IO, S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Watched {
         inner: io,
         activity: activity.clone(),
@@ -107,14 +121,33 @@ async fn http<IO, S>(
         activity: activity.clone(),
         peer,
     };
+    // A client that half-closes (or closes) right after a complete request still has
+    // it carried out and answered: hyper does not drop it at the read side's EOF.
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        .half_close(true)
         .serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
+    let evicted = activity.evicted.clone();
+    let mut fin_seen = false;
     loop {
         let deadline = activity.deadline(opts);
         tokio::select! {
+            () = FinWatch::wait(fin.as_ref()), if !fin_seen => {
+                fin_seen = true;
+                activity.client_gone.cancel();
+            }
+            () = evicted.cancelled(), if !draining => {
+                // Between requests: closed now. Chosen while idle but a request came in
+                // since: it is answered first.
+                if activity.phase.load(Ordering::Relaxed) != BUSY {
+                    tracing::debug!(%peer, "closing a connection that never authenticated: its slot is needed");
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -132,6 +165,43 @@ async fn http<IO, S>(
                 // Idle connections close now; a request in flight finishes first.
                 conn.as_mut().graceful_shutdown();
                 draining = true;
+            }
+        }
+    }
+}
+
+/// Notices the client's FIN on the connection's socket (a duplicate of its descriptor,
+/// registered on its own for `EPOLLRDHUP`) without reading: hyper reads the requests.
+/// With half-close on, hyper itself does not look at the socket while it serves one.
+pub struct FinWatch(TcpStream);
+
+impl FinWatch {
+    /// `None` where the descriptor can't be duplicated or registered (out of descriptors):
+    /// the connection is served without it.
+    fn of(stream: &TcpStream) -> Option<FinWatch> {
+        use std::os::fd::AsFd;
+        let fd = stream.as_fd().try_clone_to_owned().ok()?;
+        TcpStream::from_std(std::net::TcpStream::from(fd))
+            .ok()
+            .map(FinWatch)
+    }
+
+    /// Returns once the client's FIN has arrived; never without a watch.
+    async fn wait(fin: Option<&FinWatch>) {
+        let Some(FinWatch(socket)) = fin else {
+            return std::future::pending().await;
+        };
+        loop {
+            match socket.ready(tokio::io::Interest::READABLE).await {
+                Ok(ready) if ready.is_read_closed() => return,
+                // Only request bytes, which are hyper's to read: wait for the next event.
+                Ok(_) => {
+                    // try_io clears the readiness when told the read would block.
+                    let _ = socket.try_io(tokio::io::Interest::READABLE, || {
+                        Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+                    });
+                }
+                Err(_) => return std::future::pending().await,
             }
         }
     }
@@ -195,23 +265,59 @@ const BUSY: u8 = 1;
 const IDLE: u8 = 2;
 
 /// Where a connection is: receiving a header, serving a request, or idle between
-/// requests; and since when.
-struct Activity {
+/// requests; and since when; whether a request on it proved a credential.
+pub struct Activity {
     start: Instant,
     phase: AtomicU8,
     /// Milliseconds from `start` to the phase's start.
     since_ms: AtomicU64,
     changed: Notify,
+    /// Requests need a credential (`ServerOptions::guarded`).
+    guarded: bool,
+    proven: Proven,
+    /// Cancelled when the connection's slot was given to a newcomer.
+    evicted: CancellationToken,
+    /// Cancelled when the client has sent its FIN (see `ClientGone`).
+    client_gone: CancellationToken,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub fn new(guarded: bool) -> Self {
         // A new connection waits for its first header.
         Activity {
             start: Instant::now(),
             phase: AtomicU8::new(HEADER),
             since_ms: AtomicU64::new(0),
             changed: Notify::new(),
+            guarded,
+            proven: Proven::default(),
+            evicted: CancellationToken::new(),
+            client_gone: CancellationToken::new(),
+        }
+    }
+
+    /// May be closed for a newcomer: no request on it proved a credential, and none is
+    /// being served.
+    pub fn evictable(&self) -> bool {
+        !self.proven.get() && self.phase.load(Ordering::Relaxed) != BUSY
+    }
+
+    /// When the current phase began (the earliest is the longest waiting).
+    pub fn phase_since(&self) -> Instant {
+        self.start + Duration::from_millis(self.since_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn evict(&self) {
+        self.evicted.cancel();
+    }
+
+    /// An idle connection that never proved a credential, where one is needed, is
+    /// closed as soon as a silent new one would be: it serves no caller worth a slot.
+    fn idle_limit(&self, opts: &ServerOptions) -> Duration {
+        if self.guarded && !self.proven.get() {
+            opts.idle_timeout.min(opts.header_read_timeout)
+        } else {
+            opts.idle_timeout
         }
     }
 
@@ -233,7 +339,7 @@ impl Activity {
     fn deadline(&self, opts: &ServerOptions) -> Option<Instant> {
         let limit = match self.phase.load(Ordering::Relaxed) {
             HEADER => opts.header_read_timeout,
-            IDLE => opts.idle_timeout,
+            IDLE => self.idle_limit(opts),
             _ => return None,
         };
         let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
@@ -331,6 +437,9 @@ where
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         self.activity.set(BUSY);
         req.extensions_mut().insert(PeerAddr(self.peer));
+        req.extensions_mut().insert(self.activity.proven.clone());
+        req.extensions_mut()
+            .insert(ClientGone(self.activity.client_gone.clone()));
         let mut inner = self.inner.clone();
         let activity = self.activity.clone();
         Box::pin(async move {

@@ -5,6 +5,7 @@
 //! served here as a service on hyper's HTTP/1 connections.
 
 mod conn;
+mod slots;
 pub mod tls;
 
 use std::sync::Arc;
@@ -12,13 +13,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warp::Filter;
 use warp::reply::Response;
 
 pub use conn::PeerAddr;
+
+/// In each request's extensions: cancelled once the client has closed its sending side
+/// (a FIN: a full close or a half-close, SHUT_WR, which TCP can't tell apart). A request
+/// is still carried out and answered then; what only waits for the client (a log
+/// follower, a `?wait=` long-poll) ends, so a client that went away holds nothing.
+#[derive(Clone, Debug)]
+pub struct ClientGone(pub CancellationToken);
 pub use tls::TlsFiles;
 
 /// How connections are served.
@@ -33,6 +40,10 @@ pub struct ServerOptions {
     pub idle_timeout: Duration,
     /// Time in-flight requests get to finish once shutdown starts.
     pub shutdown_grace: Duration,
+    /// Requests need a credential (`--auth-mode` other than `none`): a connection on
+    /// which none was proven is closed after `header_read_timeout` idle, and gives way to
+    /// a new connection at the limit (see `slots`).
+    pub guarded: bool,
 }
 
 /// Serves `filter` on `listener` until `stop` is cancelled, then stops accepting, lets
@@ -51,7 +62,7 @@ pub async fn serve<F>(
         + 'static,
 {
     let service = warp::service(filter);
-    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let slots = slots::Slots::new(opts.max_connections, opts.guarded);
     let connections = TaskTracker::new();
     let saturated = AtomicBool::new(false);
     loop {
@@ -66,19 +77,25 @@ pub async fn serve<F>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if !saturated.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    max = opts.max_connections,
-                    "connection limit reached; refusing new connections"
-                );
+        let (slot, activity) = match slots.admit() {
+            slots::Admitted::Yes(slot, activity) => {
+                if saturated.swap(false, Ordering::Relaxed) {
+                    tracing::info!("below the connection limit again; accepting connections");
+                }
+                (slot, activity)
             }
-            conn::refuse(stream, tls.is_some());
-            continue;
+            slots::Admitted::Evicting(slot, activity) => (slot, activity),
+            slots::Admitted::No => {
+                if !saturated.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        max = opts.max_connections,
+                        "connection limit reached; refusing new connections"
+                    );
+                }
+                conn::refuse(stream, tls.is_some());
+                continue;
+            }
         };
-        if saturated.swap(false, Ordering::Relaxed) {
-            tracing::info!("below the connection limit again; accepting connections");
-        }
         // The TLS files are looked at per connection, so a renewed certificate is used
         // from the next connection on.
         let acceptor = tls.as_ref().map(|t| t.acceptor());
@@ -86,7 +103,7 @@ pub async fn serve<F>(
         let opts = opts.clone();
         let stop = stop.clone();
         connections.spawn(async move {
-            conn::serve(stream, peer, service, acceptor, &opts, stop).await;
+            conn::serve(stream, peer, service, acceptor, activity, &opts, stop).await;
             drop(slot);
         });
     }

@@ -518,7 +518,8 @@ impl<'a> Supervisor<'a> {
         let next = [
             self.deadline.filter(|_| main_running && !self.timed_out),
             kill_at,
-            self.target_check.filter(|_| main_running),
+            self.target_check
+                .filter(|_| main_running || self.leftovers_live()),
             drain_until,
             self.hook.as_ref().and_then(HookJob::next_timer),
         ]
@@ -587,11 +588,13 @@ impl<'a> Supervisor<'a> {
         }
         if let (Some(t), Some(target)) = (self.target_check, self.launch.target.as_ref())
             && now >= t
-            && main_running
+            && (main_running || self.leftovers_live())
         {
             self.target_check = Some(now + TARGET_CHECK);
             if !target.process.is_alive() && !self.target_gone {
-                // The container the task lives in restarted: the task goes with it.
+                // The container the task lives in restarted: the task goes with it, and so
+                // does what a finished task left running there (in a pod's shared PID
+                // namespace nothing else would end it).
                 self.target_gone = true;
                 self.begin_kill();
             }
@@ -623,6 +626,11 @@ impl<'a> Supervisor<'a> {
             _ => {}
         }
         self.check_hook_timers(now);
+    }
+
+    /// The run is over and recorded, and processes it left behind still run.
+    fn leftovers_live(&self) -> bool {
+        self.phase == Phase::Done && !self.children_gone
     }
 
     fn target_gone_now(&self) -> bool {
