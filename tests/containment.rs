@@ -116,9 +116,22 @@ fn killing_a_shim_ends_its_tasks_daemons_after_an_agent_restart() {
     a.wait_state("orphans", "running", T);
     daemon.wait_running();
     child.wait_running();
-    let shim = support::agent::started_record(&a.task_dir("orphans")).unwrap()["shim"]["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let started = support::agent::started_record(&a.task_dir("orphans")).unwrap();
+    let shim = started["shim"]["pid"].as_i64().unwrap() as i32;
+    // Both are recorded with their pidfd inodes (pidfs), which the stop checks.
+    let journal = std::fs::read_to_string(a.task_dir("orphans").join("run.jsonl")).unwrap();
+    for (what, id) in [
+        ("shim", &started["shim"]),
+        ("main", &started["main"]),
+        ("claim", &claim(&a, "orphans")["shim"]),
+    ] {
+        assert!(id["pidfdIno"].as_u64().is_some(), "{what}: {journal}");
+    }
+    assert!(
+        journal.contains(r#"{"spawned":{"process":{"pid":"#),
+        "{journal}"
+    );
+    assert_eq!(journal.matches("pidfdIno").count(), 4, "{journal}");
     a.kill9();
     kill9(shim);
     a.restart();
@@ -365,4 +378,57 @@ fn with_end_task_with_main_what_main_left_running_ends_with_it() {
     a.delete("stays");
     a.wait_gone("stays", T);
     assert!(daemon.gone_soon(), "deleted with its task");
+}
+
+#[test]
+fn a_process_that_took_a_recorded_pid_in_the_same_tick_is_never_signalled() {
+    // The journal names a main process (pid and start time, as a pid reused within one
+    // clock tick shows them) whose shim died without recording its exit: the agent stops
+    // what is left (`SupervisorLost`). Staged with a live bystander group under that pid
+    // and start time, but another pidfd inode (pidfs, Linux 6.9+): it is another process,
+    // and neither it, its group nor its children may be touched.
+    let mut a = Agent::start(&["--task-cgroups=false"]);
+    a.kill9();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let dir = a.data_dir.join("recycled");
+    std::fs::create_dir_all(&dir).unwrap();
+    let argv = ["sleep", "35072"];
+    let rec = json!({"name": "recycled", "uid": "uid-recycled", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": argv}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    let bystanders = (Sleep("35071"), Sleep("35072"));
+    let mut bystander = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sleep 35071 & exec sleep 35072")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = bystander.id() as i32;
+    let child = bystanders.0.wait_running();
+    bystanders.1.wait_running();
+    let real = task_executor::runtime::procfs::ProcIdentity::of(pid).unwrap();
+    let ino = real.pidfd_ino.expect("pidfs on this kernel (6.9+)");
+    let id = json!({"pid": pid, "startTime": real.start_time, "pidfdIno": ino + 1});
+    let dead_shim = json!({"pid": 4_000_000, "startTime": 1});
+    let lines = [
+        json!({"launch": {"argv": argv, "env": [], "graceMs": 1000, "maxLogBytes": 4096,
+                          "bootId": this_boot.trim()}}),
+        json!({"claimed": {"shim": dead_shim}}),
+        json!({"spawned": {"process": id}}),
+        json!({"started": {"shim": dead_shim, "main": id, "startedAt": "2026-01-01T00:00:01Z"}}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("run.jsonl"), text).unwrap();
+    a.restart();
+    let t = a.wait_state("recycled", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    a.delete("recycled");
+    a.wait_gone("recycled", T);
+    assert!(
+        pid_alive(pid) && pid_alive(child),
+        "a process that only shared the recorded pid and start time was killed\n{}",
+        a.log_tail()
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
 }

@@ -649,10 +649,7 @@ mod tests {
     fn a_claim_given_back_no_longer_stands() {
         let dir = tempfile::tempdir().unwrap();
         let mut f = std::fs::File::create(dir.path().join(RUN)).unwrap();
-        let me = ProcIdentity {
-            pid: 7,
-            start_time: 9,
-        };
+        let me = ProcIdentity::without_inode(7, 9);
         append(
             &mut f,
             &Entry::Claimed(Claim {
