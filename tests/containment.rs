@@ -89,17 +89,48 @@ fn a_task_that_kills_its_own_supervisor_leaves_nothing_running() {
         "the daemon outlived its task's supervisor\n{}",
         a.log_tail()
     );
-    // The cgroup is journaled with the claim, and gone once the task is deleted.
+    // The cgroup is journaled with the claim, and removed once proven empty, before the
+    // end is shown.
     let cg = claim(&a, "selfkill")["cgroup"]
         .as_str()
         .expect("a cgroup in the claim")
         .to_string();
-    a.delete("selfkill");
-    a.wait_gone("selfkill", T);
     assert!(
         !std::path::Path::new(&cg).exists(),
-        "{cg} removed with the task"
+        "{cg} removed with the task's end"
     );
+    // Proven, so said.
+    let msg = t["message"].as_str().unwrap();
+    assert!(
+        msg.contains("stopped: its cgroup was killed and is empty"),
+        "{t}"
+    );
+    a.delete("selfkill");
+    a.wait_gone("selfkill", T);
+}
+
+#[test]
+fn a_tasks_cgroup_is_removed_when_the_task_ends() {
+    // Not only at DELETE: an agent that never deletes its tasks leaves no empty cgroup
+    // per task behind.
+    let a = Agent::start(&[]);
+    a.run_sh("ends", "echo done");
+    let t = a.wait_state("ends", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    let cg = std::path::PathBuf::from(claim(&a, "ends")["cgroup"].as_str().expect("a cgroup"));
+    wait_for(T, "the task's cgroup removed by its supervisor", || {
+        (!cg.exists()).then_some(())
+    });
+    // A task whose daemon runs on keeps its cgroup (the daemon is in it) until deleted.
+    let daemon = Sleep("35081");
+    a.run_sh("leaves", "(setsid sleep 35081 &); echo done");
+    a.wait_state("leaves", "terminated", T);
+    daemon.wait_running();
+    let cg = std::path::PathBuf::from(claim(&a, "leaves")["cgroup"].as_str().unwrap());
+    assert!(cg.exists());
+    a.delete("leaves");
+    a.wait_gone("leaves", T);
+    assert!(daemon.gone_soon() && !cg.exists());
 }
 
 #[test]
@@ -162,6 +193,16 @@ fn uid_is_free_only_when_empty(extra: &[&str], n: &'static str) {
     kill9(shim);
     let t = a.wait_state("first", "terminated", T);
     assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    // "Stopped" only where proven: by the cgroup seen empty.
+    let msg = t["message"].as_str().unwrap();
+    let contained = !extra.contains(&"--task-cgroups=false");
+    assert_eq!(msg.contains("the task was stopped"), contained, "{t}");
+    if !contained {
+        assert!(
+            msg.contains("nothing proves that all of the task stopped"),
+            "{t}"
+        );
+    }
     a.delete("first");
     a.wait_gone("first", T);
     assert!(
@@ -422,6 +463,11 @@ fn a_process_that_took_a_recorded_pid_in_the_same_tick_is_never_signalled() {
     a.restart();
     let t = a.wait_state("recycled", "terminated", T);
     assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    let msg = t["message"].as_str().unwrap();
+    assert!(
+        msg.contains("nothing proves that all of the task stopped"),
+        "{t}"
+    );
     a.delete("recycled");
     a.wait_gone("recycled", T);
     assert!(

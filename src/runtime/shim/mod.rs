@@ -180,9 +180,18 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
             }
             return Err(e);
         }
-        Err(supervisor::FirstStart::Failed(e)) => return Err(e),
+        Err(supervisor::FirstStart::Failed(e)) => {
+            drop(sup);
+            left(&cgroup);
+            return Err(e);
+        }
     }
-    sup.run(&sigfd)
+    let ran = sup.run(&sigfd);
+    // The shim leaves once nothing of the task is left: its cgroup would stay behind
+    // empty, one per task, if it did not remove it itself.
+    drop(sup);
+    left(&cgroup);
+    ran
 }
 
 /// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after
