@@ -478,3 +478,29 @@ fn a_process_that_took_a_recorded_pid_in_the_same_tick_is_never_signalled() {
     let _ = bystander.kill();
     let _ = bystander.wait();
 }
+
+#[test]
+fn a_timeout_ends_everything_of_the_task_and_its_cgroup() {
+    // `timeoutSeconds` bounds what main left running too: the timeout's kill reaches the
+    // whole task (a setsid'd, double-forked daemon included), and then its cgroup goes.
+    let a = Agent::start(&["--end-task-with-main"]);
+    let daemon = Sleep("35091");
+    let main = Sleep("35092");
+    let r = a.create(json!({"name": "late", "spec": {"process": {
+        "command": ["sh", "-c", "(setsid sleep 35091 &); exec sleep 35092"],
+        "timeoutSeconds": 1}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    daemon.wait_running();
+    let t = a.wait_state("late", "terminated", T);
+    assert_eq!(t["reason"], "TaskTimeout", "{t}");
+    assert!(
+        daemon.gone_soon(),
+        "the daemon outlived the timeout\n{}",
+        a.log_tail()
+    );
+    assert!(main.gone_soon());
+    let cg = std::path::PathBuf::from(claim(&a, "late")["cgroup"].as_str().expect("a cgroup"));
+    wait_for(T, "the task's cgroup removed", || {
+        (!cg.exists()).then_some(())
+    });
+}
