@@ -504,3 +504,29 @@ fn a_timeout_ends_everything_of_the_task_and_its_cgroup() {
         (!cg.exists()).then_some(())
     });
 }
+
+#[test]
+fn nothing_of_a_task_outlives_the_inits_stop() {
+    // SIGTERM to the init (the container stops): a `postStop` hook keeps its supervisor
+    // past the stop timeout, so the init SIGKILLs the supervisor. The hook, its daemon and
+    // the task's cgroup must all be gone once the init has exited.
+    let mut init = support::init::Init::start(&[], &["--stop-grace-period", "0s"]);
+    let a = &init.agent;
+    let (hook, daemon, main) = (Sleep("35101"), Sleep("35103"), Sleep("35102"));
+    let r = a.create(json!({"name": "lingers", "spec": {"process": {
+        "command": ["sleep", "35102"],
+        "lifecycle": {"postStop": {"exec": {"command":
+            ["sh", "-c", "(setsid sleep 35103 &); exec sleep 35101"]}}}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    a.wait_state("lingers", "running", T);
+    main.wait_running();
+    let cg = std::path::PathBuf::from(claim(a, "lingers")["cgroup"].as_str().expect("a cgroup"));
+    init.signal("TERM");
+    let status = init.wait_exit(Duration::from_secs(60));
+    assert!(status.code().is_some(), "{status:?}");
+    assert!(
+        hook.pids().is_empty() && daemon.pids().is_empty() && main.pids().is_empty(),
+        "a task's process outlived the init"
+    );
+    assert!(!cg.exists(), "{} outlived the init", cg.display());
+}

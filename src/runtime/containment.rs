@@ -161,6 +161,37 @@ pub fn leave_and_remove(dir: &Path) {
     }
 }
 
+/// The task cgroups (made by `create_and_enter`) process `pid` is in, as this process's
+/// mounts show them: how the init finds its tasks' cgroups from their shims and orphans.
+pub fn task_cgroups_of(pid: i32) -> Vec<PathBuf> {
+    let (Ok(mounts), Ok(theirs)) = (
+        fs::read_to_string("/proc/self/mountinfo"),
+        fs::read_to_string(format!("/proc/{pid}/cgroup")),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for l in theirs.lines() {
+        let mut p = l.splitn(3, ':');
+        let (Some(_), Some(ctl), Some(path)) = (p.next(), p.next(), p.next()) else {
+            continue;
+        };
+        let kind = match ctl {
+            "" => Kind::V2,
+            c if c.split(',').any(|c| c == "freezer") => Kind::V1Freezer,
+            _ => continue,
+        };
+        let under_ours = Path::new(path)
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == PARENT_NAME);
+        if let Some(mount) = mount_point(kind, &mounts).filter(|_| under_ours) {
+            out.push(mount.join(path.trim_start_matches('/')));
+        }
+    }
+    out
+}
+
 /// Whether nothing runs in the cgroup (a missing cgroup is empty).
 pub fn is_empty(dir: &Path) -> io::Result<bool> {
     if dir.join("cgroup.events").exists() {
