@@ -89,17 +89,48 @@ fn a_task_that_kills_its_own_supervisor_leaves_nothing_running() {
         "the daemon outlived its task's supervisor\n{}",
         a.log_tail()
     );
-    // The cgroup is journaled with the claim, and gone once the task is deleted.
+    // The cgroup is journaled with the claim, and removed once proven empty, before the
+    // end is shown.
     let cg = claim(&a, "selfkill")["cgroup"]
         .as_str()
         .expect("a cgroup in the claim")
         .to_string();
-    a.delete("selfkill");
-    a.wait_gone("selfkill", T);
     assert!(
         !std::path::Path::new(&cg).exists(),
-        "{cg} removed with the task"
+        "{cg} removed with the task's end"
     );
+    // Proven, so said.
+    let msg = t["message"].as_str().unwrap();
+    assert!(
+        msg.contains("stopped: its cgroup was killed and is empty"),
+        "{t}"
+    );
+    a.delete("selfkill");
+    a.wait_gone("selfkill", T);
+}
+
+#[test]
+fn a_tasks_cgroup_is_removed_when_the_task_ends() {
+    // Not only at DELETE: an agent that never deletes its tasks leaves no empty cgroup
+    // per task behind.
+    let a = Agent::start(&[]);
+    a.run_sh("ends", "echo done");
+    let t = a.wait_state("ends", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    let cg = std::path::PathBuf::from(claim(&a, "ends")["cgroup"].as_str().expect("a cgroup"));
+    wait_for(T, "the task's cgroup removed by its supervisor", || {
+        (!cg.exists()).then_some(())
+    });
+    // A task whose daemon runs on keeps its cgroup (the daemon is in it) until deleted.
+    let daemon = Sleep("35081");
+    a.run_sh("leaves", "(setsid sleep 35081 &); echo done");
+    a.wait_state("leaves", "terminated", T);
+    daemon.wait_running();
+    let cg = std::path::PathBuf::from(claim(&a, "leaves")["cgroup"].as_str().unwrap());
+    assert!(cg.exists());
+    a.delete("leaves");
+    a.wait_gone("leaves", T);
+    assert!(daemon.gone_soon() && !cg.exists());
 }
 
 #[test]
@@ -116,9 +147,22 @@ fn killing_a_shim_ends_its_tasks_daemons_after_an_agent_restart() {
     a.wait_state("orphans", "running", T);
     daemon.wait_running();
     child.wait_running();
-    let shim = support::agent::started_record(&a.task_dir("orphans")).unwrap()["shim"]["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let started = support::agent::started_record(&a.task_dir("orphans")).unwrap();
+    let shim = started["shim"]["pid"].as_i64().unwrap() as i32;
+    // Both are recorded with their pidfd inodes (pidfs), which the stop checks.
+    let journal = std::fs::read_to_string(a.task_dir("orphans").join("run.jsonl")).unwrap();
+    for (what, id) in [
+        ("shim", &started["shim"]),
+        ("main", &started["main"]),
+        ("claim", &claim(&a, "orphans")["shim"]),
+    ] {
+        assert!(id["pidfdIno"].as_u64().is_some(), "{what}: {journal}");
+    }
+    assert!(
+        journal.contains(r#"{"spawned":{"process":{"pid":"#),
+        "{journal}"
+    );
+    assert_eq!(journal.matches("pidfdIno").count(), 4, "{journal}");
     a.kill9();
     kill9(shim);
     a.restart();
@@ -149,6 +193,16 @@ fn uid_is_free_only_when_empty(extra: &[&str], n: &'static str) {
     kill9(shim);
     let t = a.wait_state("first", "terminated", T);
     assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    // "Stopped" only where proven: by the cgroup seen empty.
+    let msg = t["message"].as_str().unwrap();
+    let contained = !extra.contains(&"--task-cgroups=false");
+    assert_eq!(msg.contains("the task was stopped"), contained, "{t}");
+    if !contained {
+        assert!(
+            msg.contains("nothing proves that all of the task stopped"),
+            "{t}"
+        );
+    }
     a.delete("first");
     a.wait_gone("first", T);
     assert!(
@@ -365,4 +419,114 @@ fn with_end_task_with_main_what_main_left_running_ends_with_it() {
     a.delete("stays");
     a.wait_gone("stays", T);
     assert!(daemon.gone_soon(), "deleted with its task");
+}
+
+#[test]
+fn a_process_that_took_a_recorded_pid_in_the_same_tick_is_never_signalled() {
+    // The journal names a main process (pid and start time, as a pid reused within one
+    // clock tick shows them) whose shim died without recording its exit: the agent stops
+    // what is left (`SupervisorLost`). Staged with a live bystander group under that pid
+    // and start time, but another pidfd inode (pidfs, Linux 6.9+): it is another process,
+    // and neither it, its group nor its children may be touched.
+    let mut a = Agent::start(&["--task-cgroups=false"]);
+    a.kill9();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let dir = a.data_dir.join("recycled");
+    std::fs::create_dir_all(&dir).unwrap();
+    let argv = ["sleep", "35072"];
+    let rec = json!({"name": "recycled", "uid": "uid-recycled", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": argv}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    let bystanders = (Sleep("35071"), Sleep("35072"));
+    let mut bystander = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("sleep 35071 & exec sleep 35072")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = bystander.id() as i32;
+    let child = bystanders.0.wait_running();
+    bystanders.1.wait_running();
+    let real = task_executor::runtime::procfs::ProcIdentity::of(pid).unwrap();
+    let ino = real.pidfd_ino.expect("pidfs on this kernel (6.9+)");
+    let id = json!({"pid": pid, "startTime": real.start_time, "pidfdIno": ino + 1});
+    let dead_shim = json!({"pid": 4_000_000, "startTime": 1});
+    let lines = [
+        json!({"launch": {"argv": argv, "env": [], "graceMs": 1000, "maxLogBytes": 4096,
+                          "bootId": this_boot.trim()}}),
+        json!({"claimed": {"shim": dead_shim}}),
+        json!({"spawned": {"process": id}}),
+        json!({"started": {"shim": dead_shim, "main": id, "startedAt": "2026-01-01T00:00:01Z"}}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.join("run.jsonl"), text).unwrap();
+    a.restart();
+    let t = a.wait_state("recycled", "terminated", T);
+    assert_eq!(t["reason"], "SupervisorLost", "{t}");
+    let msg = t["message"].as_str().unwrap();
+    assert!(
+        msg.contains("nothing proves that all of the task stopped"),
+        "{t}"
+    );
+    a.delete("recycled");
+    a.wait_gone("recycled", T);
+    assert!(
+        pid_alive(pid) && pid_alive(child),
+        "a process that only shared the recorded pid and start time was killed\n{}",
+        a.log_tail()
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+#[test]
+fn a_timeout_ends_everything_of_the_task_and_its_cgroup() {
+    // `timeoutSeconds` bounds what main left running too: the timeout's kill reaches the
+    // whole task (a setsid'd, double-forked daemon included), and then its cgroup goes.
+    let a = Agent::start(&["--end-task-with-main"]);
+    let daemon = Sleep("35091");
+    let main = Sleep("35092");
+    let r = a.create(json!({"name": "late", "spec": {"process": {
+        "command": ["sh", "-c", "(setsid sleep 35091 &); exec sleep 35092"],
+        "timeoutSeconds": 1}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    daemon.wait_running();
+    let t = a.wait_state("late", "terminated", T);
+    assert_eq!(t["reason"], "TaskTimeout", "{t}");
+    assert!(
+        daemon.gone_soon(),
+        "the daemon outlived the timeout\n{}",
+        a.log_tail()
+    );
+    assert!(main.gone_soon());
+    let cg = std::path::PathBuf::from(claim(&a, "late")["cgroup"].as_str().expect("a cgroup"));
+    wait_for(T, "the task's cgroup removed", || {
+        (!cg.exists()).then_some(())
+    });
+}
+
+#[test]
+fn nothing_of_a_task_outlives_the_inits_stop() {
+    // SIGTERM to the init (the container stops): a `postStop` hook keeps its supervisor
+    // past the stop timeout, so the init SIGKILLs the supervisor. The hook, its daemon and
+    // the task's cgroup must all be gone once the init has exited.
+    let mut init = support::init::Init::start(&[], &["--stop-grace-period", "0s"]);
+    let a = &init.agent;
+    let (hook, daemon, main) = (Sleep("35101"), Sleep("35103"), Sleep("35102"));
+    let r = a.create(json!({"name": "lingers", "spec": {"process": {
+        "command": ["sleep", "35102"],
+        "lifecycle": {"postStop": {"exec": {"command":
+            ["sh", "-c", "(setsid sleep 35103 &); exec sleep 35101"]}}}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    a.wait_state("lingers", "running", T);
+    main.wait_running();
+    let cg = std::path::PathBuf::from(claim(a, "lingers")["cgroup"].as_str().expect("a cgroup"));
+    init.signal("TERM");
+    let status = init.wait_exit(Duration::from_secs(60));
+    assert!(status.code().is_some(), "{status:?}");
+    assert!(
+        hook.pids().is_empty() && daemon.pids().is_empty() && main.pids().is_empty(),
+        "a task's process outlived the init"
+    );
+    assert!(!cg.exists(), "{} outlived the init", cg.display());
 }

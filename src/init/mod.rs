@@ -20,8 +20,10 @@
 //!   `--agent-stop-timeout` before a SIGKILL. Then, as the container and everything in it
 //!   is about to go, each remaining supervisor is asked to stop its task (SIGTERM to the
 //!   shim: SIGTERM to the task's tree, the grace period, SIGKILL, exit recorded), and the
-//!   init exits with the agent's status once they are gone. Other signals are forwarded
-//!   to the agent as they are.
+//!   init exits with the agent's status once they are gone, after ending the cgroup of
+//!   every task it saw a supervisor or orphan of (what runs outside its tree, what a
+//!   supervisor killed at the deadline left). Other signals are forwarded to the agent
+//!   as they are.
 //!
 //! Why the init, not the agent, owns the shim server: the shims then descend from the init,
 //! not from the agent, so they keep the container's OOM score (only the agent's is
@@ -123,6 +125,8 @@ struct Init {
     restarts: u64,
     /// Set when wait(2) reports that the init has no child left.
     childless: bool,
+    /// While draining: the task cgroups its children (shims, orphans) were seen in.
+    task_cgroups: Vec<PathBuf>,
 }
 
 impl Init {
@@ -153,6 +157,7 @@ impl Init {
             },
             restarts: 0,
             childless: false,
+            task_cgroups: Vec::new(),
         })
     }
 
@@ -161,6 +166,9 @@ impl Init {
             self.reap();
             self.step();
             if matches!(self.phase, Phase::Draining { .. }) && self.childless {
+                // What of a task is outside the init's tree (inside a main container's
+                // PID namespace) or was left by a supervisor killed at the deadline.
+                self.end_task_cgroups();
                 tracing::info!(exit_code = self.last_exit.code, "task-executor init exits");
                 return self.last_exit.code;
             }
@@ -216,6 +224,13 @@ impl Init {
                 // Supervisors re-parented to us since the last look get their stop request
                 // too. A pid listed here is our unreaped child, so it can't be reused.
                 let children = procs::children();
+                for &c in &children {
+                    for cg in crate::runtime::containment::task_cgroups_of(c) {
+                        if !self.task_cgroups.contains(&cg) {
+                            self.task_cgroups.push(cg);
+                        }
+                    }
+                }
                 if now >= *deadline {
                     if !*killed && !children.is_empty() {
                         tracing::warn!(
@@ -228,6 +243,9 @@ impl Init {
                     for &c in &children {
                         let _ = kill(Pid::from_raw(c), Signal::SIGKILL);
                     }
+                    if !children.is_empty() {
+                        self.end_task_cgroups();
+                    }
                 } else {
                     for c in children {
                         if !signalled.contains(&c) {
@@ -235,6 +253,22 @@ impl Init {
                             signalled.push(c);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Ends every task cgroup seen while draining (everything in it, SIGKILL) and removes
+    /// it: nothing of a task outlives the container's stop. Bounded: a second each.
+    fn end_task_cgroups(&mut self) {
+        for cg in std::mem::take(&mut self.task_cgroups) {
+            match crate::runtime::containment::kill(&cg, Duration::from_secs(1)) {
+                Ok(true) => tracing::debug!(cgroup = %cg.display(), "task cgroup ended"),
+                Ok(false) => {
+                    tracing::warn!(cgroup = %cg.display(), "task cgroup not empty after SIGKILL")
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %cg.display(), error = %e, "cannot end a task cgroup")
                 }
             }
         }

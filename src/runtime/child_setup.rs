@@ -473,7 +473,13 @@ pub struct Announce<'a> {
 /// The announcement line from the text of `/proc/self/stat` into `out`; its length, or
 /// `None` if the text is not a stat line or `out` is too small. Runs in the cloned child:
 /// no allocation, no panic (checked slicing only).
-fn announcement(stat: &[u8], head: &[u8], tail: &[u8], out: &mut [u8]) -> Option<usize> {
+fn announcement(
+    stat: &[u8],
+    pidfd_ino: Option<u64>,
+    head: &[u8],
+    tail: &[u8],
+    out: &mut [u8],
+) -> Option<usize> {
     let digits = |f: &[u8]| !f.is_empty() && f.iter().all(u8::is_ascii_digit);
     let pid = stat.split(|b| *b == b' ').next().filter(|f| digits(f))?;
     let close = stat.iter().rposition(|b| *b == b')')?;
@@ -484,6 +490,23 @@ fn announcement(stat: &[u8], head: &[u8], tail: &[u8], out: &mut [u8]) -> Option
         .filter(|f| !f.is_empty())
         .nth(19)
         .filter(|f| digits(f))?;
+    // The inode in decimal, on the stack.
+    let mut digits_buf = [0u8; 20];
+    let mut at = digits_buf.len();
+    if let Some(mut n) = pidfd_ino {
+        loop {
+            at -= 1;
+            digits_buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let (ino_key, ino): (&[u8], &[u8]) = match pidfd_ino {
+        Some(_) => (b",\"pidfdIno\":", &digits_buf[at..]),
+        None => (b"", b""),
+    };
     let mut len = 0usize;
     for part in [
         head,
@@ -491,6 +514,8 @@ fn announcement(stat: &[u8], head: &[u8], tail: &[u8], out: &mut [u8]) -> Option
         pid,
         b",\"startTime\":",
         start,
+        ino_key,
+        ino,
         b"}",
         tail,
     ] {
@@ -630,6 +655,29 @@ unsafe fn die_with_parent(parent: libc::pid_t) -> bool {
     }
 }
 
+/// The inode of a pidfd of the calling process where pidfds live on pidfs (see
+/// `procfs::pidfs_inode`); `None` on older kernels or when it can't be had.
+///
+/// # Safety
+/// Raw system calls only, in the child of `spawn`.
+unsafe fn own_pidfd_inode() -> Option<u64> {
+    // SAFETY: plain system calls; the structs written into are on this stack.
+    unsafe {
+        let pid = libc::syscall(libc::SYS_getpid);
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as c_int;
+        if fd < 0 {
+            return None;
+        }
+        let mut fs: libc::statfs = std::mem::zeroed();
+        let mut st: libc::stat = std::mem::zeroed();
+        let ok = libc::fstatfs(fd, &mut fs) == 0
+            && fs.f_type as u64 == crate::runtime::procfs::PIDFS_MAGIC
+            && libc::fstat(fd, &mut st) == 0;
+        libc::close(fd);
+        ok.then_some(st.st_ino as u64)
+    }
+}
+
 /// The cloned child: set up and exec, or record why not and exit. Raw system calls only,
 /// no allocation, no lock, no panic: it shares the parent's memory.
 extern "C" fn child(arg: *mut c_void) -> c_int {
@@ -677,9 +725,10 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
             if n <= 0 {
                 return fail(2, if n < 0 { read_errno } else { libc::EIO });
             }
+            let ino = own_pidfd_inode();
             let Some(len) = stat
                 .get(..n as usize)
-                .and_then(|text| announcement(text, head, tail, &mut line))
+                .and_then(|text| announcement(text, ino, head, tail, &mut line))
             else {
                 return fail(2, libc::EINVAL);
             };
@@ -838,27 +887,32 @@ mod tests {
         let mut out = [0u8; 256];
         for hook in [None, Some(HookName::PreStart), Some(HookName::PostStop)] {
             let head = records::spawned_head(hook);
-            let n = announcement(stat, &head, records::SPAWNED_TAIL, &mut out).unwrap();
+            let n = announcement(stat, None, &head, records::SPAWNED_TAIL, &mut out).unwrap();
             let (line, end) = out[..n].split_at(n - 1);
             assert_eq!(end, b"\n");
             match serde_json::from_slice::<Entry>(line).unwrap() {
                 Entry::Spawned(s) => assert_eq!(
                     (s.hook, s.process),
-                    (
-                        hook,
-                        ProcIdentity {
-                            pid: 4242,
-                            start_time: 98765
-                        }
-                    )
+                    (hook, ProcIdentity::without_inode(4242, 98765))
                 ),
                 other => panic!("{other:?}"),
             }
         }
         let head = records::spawned_head(None);
         let tail = records::SPAWNED_TAIL;
-        assert_eq!(announcement(stat, &head, tail, &mut [0u8; 16]), None);
-        assert_eq!(announcement(b"4242 (a) S 1", &head, tail, &mut out), None);
-        assert_eq!(announcement(b"", &head, tail, &mut out), None);
+        assert_eq!(announcement(stat, None, &head, tail, &mut [0u8; 16]), None);
+        assert_eq!(
+            announcement(b"4242 (a) S 1", None, &head, tail, &mut out),
+            None
+        );
+        assert_eq!(announcement(b"", None, &head, tail, &mut out), None);
+        // With the pidfd inode (pidfs), up to u64's largest.
+        for ino in [0, 7, u64::MAX] {
+            let n = announcement(stat, Some(ino), &head, tail, &mut out).unwrap();
+            match serde_json::from_slice::<Entry>(&out[..n - 1]).unwrap() {
+                Entry::Spawned(s) => assert_eq!(s.process.pidfd_ino, Some(ino)),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -141,13 +141,55 @@ pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// Moves the calling process back to the parent and removes the task's cgroup (a shim
-/// whose task never started).
+/// Moves the calling process (the shim) out of the task's cgroup and removes it, if
+/// nothing else is left in it: a shim whose task never started, or one whose task's
+/// processes are all gone, so that no empty cgroup outlives its task. Out to the parent,
+/// else (cgroup v2 with controllers enabled there, which allows no process in it) to the
+/// agent's own cgroup above it. A cgroup still in use stays (EBUSY) for the stop to end.
 pub fn leave_and_remove(dir: &Path) {
-    if let Some(parent) = dir.parent() {
-        let _ = fs::write(parent.join("cgroup.procs"), b"0");
+    let out = dir
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .any(|up| fs::write(up.join("cgroup.procs"), b"0").is_ok());
+    match fs::remove_dir(dir) {
+        Ok(()) => tracing::debug!(cgroup = %dir.display(), "task cgroup removed"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::debug!(cgroup = %dir.display(), moved_out = out, error = %e, "task cgroup left for the stop to end")
+        }
     }
-    let _ = fs::remove_dir(dir);
+}
+
+/// The task cgroups (made by `create_and_enter`) process `pid` is in, as this process's
+/// mounts show them: how the init finds its tasks' cgroups from their shims and orphans.
+pub fn task_cgroups_of(pid: i32) -> Vec<PathBuf> {
+    let (Ok(mounts), Ok(theirs)) = (
+        fs::read_to_string("/proc/self/mountinfo"),
+        fs::read_to_string(format!("/proc/{pid}/cgroup")),
+    ) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for l in theirs.lines() {
+        let mut p = l.splitn(3, ':');
+        let (Some(_), Some(ctl), Some(path)) = (p.next(), p.next(), p.next()) else {
+            continue;
+        };
+        let kind = match ctl {
+            "" => Kind::V2,
+            c if c.split(',').any(|c| c == "freezer") => Kind::V1Freezer,
+            _ => continue,
+        };
+        let under_ours = Path::new(path)
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == PARENT_NAME);
+        if let Some(mount) = mount_point(kind, &mounts).filter(|_| under_ours) {
+            out.push(mount.join(path.trim_start_matches('/')));
+        }
+    }
+    out
 }
 
 /// Whether nothing runs in the cgroup (a missing cgroup is empty).

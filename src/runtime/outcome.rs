@@ -7,7 +7,7 @@ use nix::sys::signal::Signal;
 
 use super::proc_handle::{ProcHandle, signal_group};
 use super::procfs::{self, ProcIdentity};
-use super::records::{self, ExitRecord, HookExit, Run, Unrecorded};
+use super::records::{self, ExitRecord, HookExit, Leftovers, Run, Unrecorded};
 use super::shim::kill;
 use super::{Observed, TaskRef};
 use crate::task::model::{
@@ -45,7 +45,7 @@ pub fn terminated_of(exit: &ExitRecord, run: &Run, task: &TaskRef) -> Terminated
                 finished_at: exit.finished_at.unwrap_or(pre.finished_at),
             }
         }
-        _ => with_oom_kills(terminated_from(exit, task), exit, task),
+        _ => with_oom_kills(terminated_from(exit, run.leftovers, task), exit, task),
     };
     if let Some(post) = run.post_stop.exit.as_ref().filter(|x| !x.succeeded()) {
         let why = hook_failure(post, run);
@@ -238,35 +238,65 @@ fn with_oom_kills(mut t: Terminated, rec: &ExitRecord, task: &TaskRef) -> Termin
     t
 }
 
-/// Maps an exit line to the status the API shows (the main command's part).
-pub fn terminated_from(rec: &ExitRecord, task: &TaskRef) -> Terminated {
+/// What the message of a task whose supervisor died says of its processes: "stopped"
+/// only when its cgroup was seen empty.
+fn leftovers_said(l: Option<Leftovers>) -> &'static str {
+    match l {
+        Some(Leftovers::CgroupEmpty) => "the task was stopped: its cgroup was killed and is empty",
+        Some(Leftovers::CgroupNotEmpty) => {
+            "its cgroup was killed but not seen empty yet; it is ended again when the task is \
+             deleted"
+        }
+        Some(Leftovers::NamedKilled) => {
+            "the processes its journal names were killed, with their descendants and process \
+             groups; without a cgroup nothing proves that all of the task stopped"
+        }
+        Some(Leftovers::MarkedKilled) => {
+            "the processes carrying the task's marker were killed; without a cgroup nothing \
+             proves that all of the task stopped"
+        }
+        None => "whether anything of the task still runs is not known",
+    }
+}
+
+/// Maps an exit line to the status the API shows (the main command's part); `leftovers`:
+/// what stopping a dead supervisor's task proved.
+pub fn terminated_from(
+    rec: &ExitRecord,
+    leftovers: Option<Leftovers>,
+    task: &TaskRef,
+) -> Terminated {
     if let Some(why) = rec.unrecorded {
         let started = rec.started_at.is_some();
+        let lost = |what: &str| format!("{what}; {}", leftovers_said(leftovers));
         let (reason, message) = match (why, started) {
             (Unrecorded::SupervisorLost, true) => (
                 reason::SUPERVISOR_LOST,
-                "the task's supervisor died before recording an exit status; the task was stopped",
+                lost("the task's supervisor died before recording an exit status"),
             ),
             (Unrecorded::SupervisorLost, false) => (
                 reason::SUPERVISOR_LOST,
-                "the task's supervisor died while starting the task; it is not started again, \
-                 as it may already have run",
+                lost(
+                    "the task's supervisor died while starting the task; it is not started \
+                     again, as it may already have run",
+                ),
             ),
             (Unrecorded::NodeRestarted, true) => (
                 reason::NODE_RESTARTED,
-                "the node restarted while the task ran",
+                "the node restarted while the task ran".into(),
             ),
             (Unrecorded::NodeRestarted, false) => (
                 reason::NODE_RESTARTED,
                 "the node restarted while the task was starting; it is not started again, as \
-                 it may already have run",
+                 it may already have run"
+                    .into(),
             ),
         };
         return Terminated {
             exit_code: 137,
             signal: None,
             reason: reason.into(),
-            message: Some(message.into()),
+            message: Some(message),
             started_at: rec.started_at,
             finished_at: rec.finished_at.unwrap_or_else(Time::now),
         };
@@ -342,7 +372,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
             Err(e) => {
                 // Reported, but nothing is stopped on a judgement that could not be recorded.
                 tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
-                return Observed::Terminated(terminated_from(&rec, task));
+                return Observed::Terminated(terminated_from(&rec, None, task));
             }
         },
     };
@@ -387,7 +417,11 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
                 if wrote {
                     crate::metrics::supervisor_lost();
                 }
-                stop_leftovers(task, run, &now);
+                let known = stop_leftovers(task, run, &now);
+                tracing::info!(task = %task.name, leftovers = ?known, "stopped what the task's supervisor left");
+                if let Err(e) = records::record_leftovers(&task.dir, known) {
+                    tracing::warn!(task = %task.name, error = %e, "could not record what stopping the task proved");
+                }
             }
             Unrecorded::NodeRestarted => {
                 tracing::warn!(task = %task.name, "task was cut short by a node restart");
@@ -404,7 +438,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
             };
             with_usage(o, &now)
         }
-        None => Observed::Terminated(terminated_from(&rec, task)),
+        None => Observed::Terminated(terminated_from(&rec, None, task)),
     }
 }
 
@@ -421,7 +455,7 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
         tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
         (rec, false)
     });
-    terminated_from(&effective, task)
+    terminated_from(&effective, None, task)
 }
 
 /// Stops what outlived a dead supervisor: each command that had not ended (the main
@@ -434,10 +468,13 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
 /// journal of an earlier version; a sidecar task, whose reaper kills it when the shim
 /// dies) falls back to the task's marker, where environments are readable.
 /// `before`: the journal as the shim left it (which hooks had ended); `run`: as it is now.
-fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) {
-    if stop_cgroup(task, run) {
-        return;
-    }
+/// Returns what is known afterwards.
+fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) -> Leftovers {
+    let contained = match stop_cgroup(task, run) {
+        Some(true) => return Leftovers::CgroupEmpty,
+        Some(false) => true,
+        None => false,
+    };
     let mut named = false;
     for h in HookName::ALL {
         let r = run.hook(h);
@@ -454,30 +491,34 @@ fn stop_leftovers(task: &TaskRef, before: &Run, run: &Run) {
     if !named && let Some(claim) = &run.claimed {
         stop_marked(&task.name, claim.shim.start_time);
     }
+    match (contained, named) {
+        (true, _) => Leftovers::CgroupNotEmpty,
+        (false, true) => Leftovers::NamedKilled,
+        (false, false) => Leftovers::MarkedKilled,
+    }
 }
 
 /// Ends the task's cgroup, when its shim made one (see `containment`): everything of the
 /// task is in it, also what was re-parented to the dead shim. Whether it was proven empty
-/// (otherwise the journal's names are the fallback, and a stop retries the cgroup).
-fn stop_cgroup(task: &TaskRef, run: &Run) -> bool {
-    let Some(cg) = run.claimed.as_ref().and_then(|c| c.cgroup.as_ref()) else {
-        return false;
-    };
+/// (otherwise the journal's names are the fallback, and a stop retries the cgroup);
+/// `None` without a cgroup.
+fn stop_cgroup(task: &TaskRef, run: &Run) -> Option<bool> {
+    let cg = run.claimed.as_ref().and_then(|c| c.cgroup.as_ref())?;
     match super::containment::kill(cg, std::time::Duration::from_secs(10)) {
         Ok(true) => {
             // Its limits' cgroups hold nothing of it either now.
             if let Some(c) = &run.claimed {
                 super::limits::remove(&c.limits);
             }
-            true
+            Some(true)
         }
         Ok(false) => {
             tracing::warn!(task = %task.name, cgroup = %cg.display(), "the task's cgroup is not empty after SIGKILL");
-            false
+            Some(false)
         }
         Err(e) => {
             tracing::warn!(task = %task.name, cgroup = %cg.display(), error = %e, "cannot end the task's cgroup");
-            false
+            Some(false)
         }
     }
 }

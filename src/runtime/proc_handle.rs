@@ -36,13 +36,26 @@ impl ProcHandle {
     }
 
     /// The recorded process, if it is still there (a zombie counts: its pid is not free).
+    /// Where its pidfd inode was recorded, a pidfd opened after the handle must show the
+    /// same one: the recorded process then held the pid from its record until now, so
+    /// the handle is its own, even when another process got the pid within the same
+    /// clock tick (same start time).
     pub fn of(id: &ProcIdentity) -> Option<ProcHandle> {
         if id.pid <= 0 {
             return None;
         }
         let proc = File::open("/proc").ok()?;
         let (h, stat) = Self::open_at(proc.as_fd(), id.pid).ok()?;
-        (stat.start_time == id.start_time).then_some(h)
+        if stat.start_time != id.start_time {
+            return None;
+        }
+        if id.pidfd_ino.is_some() {
+            let now = procfs::pidfd_open(id.pid).and_then(|fd| procfs::pidfs_inode(fd.as_fd()));
+            if !id.inode_matches(now) {
+                return None;
+            }
+        }
+        Some(h)
     }
 
     /// The process's stat now; an error (ESRCH) once it has been reaped.
@@ -157,10 +170,12 @@ impl PidFd {
     /// A pidfd of the recorded process if it is still there (exited but unreaped counts).
     /// The identity is checked after opening: a pidfd opened on a reused pid would show
     /// another start time, so a match proves the pidfd is the recorded process's.
+    /// Where its pidfd inode was recorded, the pidfd's own inode must match it too.
     pub fn of(id: &ProcIdentity) -> Option<PidFd> {
         let pid = rustix::process::Pid::from_raw(id.pid)?;
         let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
-        let same = procfs::stat(id.pid).is_some_and(|s| s.start_time == id.start_time);
+        let same = procfs::stat(id.pid).is_some_and(|s| s.start_time == id.start_time)
+            && id.inode_matches(procfs::pidfs_inode(fd.as_fd()));
         same.then_some(PidFd(fd))
     }
 
@@ -228,6 +243,7 @@ pub fn signal_group(leader: &ProcIdentity, sig: Signal) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
 
     #[test]
     fn a_handle_never_reaches_a_reaped_process() {
@@ -254,5 +270,33 @@ mod tests {
             ..ProcIdentity::of(std::process::id() as i32).unwrap()
         };
         assert!(ProcHandle::of(&wrong).is_none() && PidFd::of(&wrong).is_none());
+    }
+
+    /// A pid reused within one clock tick shows the recorded start time: only the pidfd
+    /// inode tells the processes apart. Staged with a live process recorded with its own
+    /// pid and start time but another inode: it is never reached.
+    #[test]
+    fn a_recorded_inode_that_differs_is_another_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let id = ProcIdentity::of(child.id() as i32).unwrap();
+        let ino = id.pidfd_ino.expect("pidfs on this kernel");
+        let other = ProcIdentity {
+            pidfd_ino: Some(ino + 1),
+            ..id
+        };
+        assert!(ProcHandle::of(&other).is_none());
+        assert!(PidFd::of(&other).is_none());
+        assert_eq!(signal_group(&other, Signal::SIGKILL), 0);
+        assert!(ProcHandle::of(&id).is_some() && PidFd::of(&id).is_some());
+        // An identity recorded without an inode falls back to the start time.
+        let old = ProcIdentity::without_inode(id.pid, id.start_time);
+        assert!(ProcHandle::of(&old).is_some());
+        assert!(child.try_wait().unwrap().is_none(), "never signalled");
+        assert_eq!(signal_group(&id, Signal::SIGKILL), 1);
+        child.wait().unwrap();
     }
 }

@@ -1,25 +1,60 @@
-//! Reading /proc: process identity (pid + start time), stat, environment.
+//! Reading /proc: process identity (pid, start time, pidfd inode), stat, environment.
 
 use std::ffi::OsString;
 use std::fs;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStringExt;
 
-/// A process as it was when recorded: the pid alone could be reused, the start time can't.
+/// A process as it was when recorded. The pid alone could be reused; the start time
+/// (clock ticks, 10 ms) tells processes apart only across ticks; the inode of a pidfd on
+/// pidfs (Linux 6.9+) is unique on this boot, so where it was recorded it decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProcIdentity {
     pub pid: i32,
     /// Field 22 of /proc/PID/stat (clock ticks after boot).
     pub start_time: u64,
+    /// The pidfs inode of the process's pidfds (`None`: older kernels, older journals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pidfd_ino: Option<u64>,
 }
 
 impl ProcIdentity {
+    /// The process that has `pid` now, with its pidfd inode where pidfs gives one.
     pub fn of(pid: i32) -> Option<Self> {
-        stat(pid).map(|s| ProcIdentity {
+        let fd = pidfd_open(pid);
+        let s = stat(pid)?;
+        let pidfd_ino = match &fd {
+            // The stat read is this pidfd's process only if it still holds the pid: a
+            // process that was reaped meanwhile shows no pid in the pidfd's fdinfo.
+            Some(fd) if pidfd_holds(fd.as_fd(), pid) => pidfs_inode(fd.as_fd()),
+            Some(_) => return None,
+            None => None,
+        };
+        Some(ProcIdentity {
             pid,
             start_time: s.start_time,
+            pidfd_ino,
         })
+    }
+
+    /// A recorded identity without a pidfd inode (older journals, tests).
+    pub fn without_inode(pid: i32, start_time: u64) -> Self {
+        ProcIdentity {
+            pid,
+            start_time,
+            pidfd_ino: None,
+        }
+    }
+
+    /// Whether a pidfd's inode (`now`, of the process that has the pid now) fits this
+    /// recorded identity: equal where both are known; where either is not (an older
+    /// kernel, an older journal) the start time, checked by the caller, decides alone.
+    pub fn inode_matches(&self, now: Option<u64>) -> bool {
+        match (self.pidfd_ino, now) {
+            (Some(then), Some(now)) => then == now,
+            _ => true,
+        }
     }
 
     /// True when the same process (not a reused pid, not a zombie, not exiting) is still
@@ -33,6 +68,38 @@ impl ProcIdentity {
 
 /// Kernel task flag: the process is exiting.
 const PF_EXITING: u64 = 0x4;
+
+/// `PIDFS_MAGIC`: the file system of pidfds from Linux 6.9 (before: anonymous inodes,
+/// one inode for all).
+pub(crate) const PIDFS_MAGIC: u64 = 0x5049_4446;
+
+/// A pidfd of the process that has `pid` now (`None`: no such process, or no pidfds).
+pub fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+}
+
+/// The inode of a pidfd where pidfds live on pidfs: the same for every pidfd of one
+/// process, never reused within a boot. `None` on older kernels.
+pub fn pidfs_inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    let fs = rustix::fs::fstatfs(fd).ok()?;
+    #[allow(clippy::unnecessary_cast)] // f_type's type differs between targets
+    if fs.f_type as u64 != PIDFS_MAGIC {
+        return None;
+    }
+    Some(rustix::fs::fstat(fd).ok()?.st_ino as u64)
+}
+
+/// Whether the pidfd's process still has `pid` (is not reaped), by the pidfd's fdinfo.
+fn pidfd_holds(fd: BorrowedFd<'_>, pid: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).is_ok_and(|info| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("Pid:"))
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            == Some(pid)
+    })
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Stat {
@@ -143,5 +210,22 @@ mod tests {
             ..me
         };
         assert!(!reused.is_alive());
+    }
+
+    #[test]
+    fn identities_carry_the_pidfs_inode_on_this_kernel() {
+        // This machine runs Linux 6.18: pidfds are on pidfs, one inode per process.
+        let me = ProcIdentity::of(std::process::id() as i32).unwrap();
+        let ino = me.pidfd_ino.expect("a pidfs inode");
+        assert_eq!(ProcIdentity::of(me.pid).unwrap().pidfd_ino, Some(ino));
+        let parent = ProcIdentity::of(std::os::unix::process::parent_id() as i32).unwrap();
+        assert_ne!(parent.pidfd_ino, Some(ino));
+        assert!(me.inode_matches(Some(ino)) && !me.inode_matches(Some(ino + 1)));
+        assert!(ProcIdentity::without_inode(me.pid, me.start_time).inode_matches(Some(ino)));
+        // Old journals, without the field, still read.
+        let old: ProcIdentity = serde_json::from_str(r#"{"pid":7,"startTime":9}"#).unwrap();
+        assert_eq!(old, ProcIdentity::without_inode(7, 9));
+        let json = serde_json::to_string(&me).unwrap();
+        assert!(json.contains("pidfdIno"), "{json}");
     }
 }

@@ -62,6 +62,24 @@ pub enum Entry {
     HookStarted(HookStart),
     /// How a hook ended (durable), by its shim or, for a shim that died, by the agent.
     HookExit(HookExit),
+    /// What the agent proved of a dead supervisor's task after stopping it.
+    Leftovers(Leftovers),
+}
+
+/// What is known of a task's processes once the agent stopped what its dead supervisor
+/// left (written once, after the exit line): "stopped" is said only when proven.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Leftovers {
+    /// Its cgroup was killed and seen empty (v2 `populated 0`, v1 no process left).
+    CgroupEmpty,
+    /// Its cgroup was killed but not seen empty (it is ended again at DELETE).
+    CgroupNotEmpty,
+    /// No cgroup: the processes the journal names, their descendants and groups, were
+    /// SIGKILLed; what they may have left elsewhere is not known.
+    NamedKilled,
+    /// No cgroup and no process named: those carrying the task's marker were SIGKILLed.
+    MarkedKilled,
 }
 
 /// What the journal says so far.
@@ -76,6 +94,8 @@ pub struct Run {
     pub exit: Option<ExitRecord>,
     pub pre_start: HookRun,
     pub post_stop: HookRun,
+    /// What the agent proved after stopping a dead supervisor's task.
+    pub leftovers: Option<Leftovers>,
 }
 
 /// What the journal says of one hook.
@@ -157,6 +177,7 @@ fn parse_run(text: &[u8]) -> Run {
                     r.exit = Some(x);
                 }
             }
+            Ok(Entry::Leftovers(l)) => run.leftovers = Some(l),
             Err(_) => {}
         }
     }
@@ -271,6 +292,13 @@ pub fn record_hook_outcome(dir: &Path, rec: &HookExit) -> io::Result<HookExit> {
     }
     append(&mut f, &Entry::HookExit(rec.clone()), true)?;
     Ok(rec.clone())
+}
+
+/// Appends what stopping a dead supervisor's task proved (durably: the task's message
+/// reads the same after a restart).
+pub fn record_leftovers(dir: &Path, what: Leftovers) -> io::Result<()> {
+    let mut f = lock_journal(dir)?;
+    append(&mut f, &Entry::Leftovers(what), true)
 }
 
 /// The journal, locked, for a caller that knows its shim is gone: another such caller, or
@@ -668,10 +696,7 @@ mod tests {
     fn a_claim_given_back_no_longer_stands() {
         let dir = tempfile::tempdir().unwrap();
         let mut f = std::fs::File::create(dir.path().join(RUN)).unwrap();
-        let me = ProcIdentity {
-            pid: 7,
-            start_time: 9,
-        };
+        let me = ProcIdentity::without_inode(7, 9);
         append(
             &mut f,
             &Entry::Claimed(Claim {

@@ -193,14 +193,19 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
             }
             return Err(e);
         }
-        Err(supervisor::FirstStart::Failed(e)) => return Err(e),
+        Err(supervisor::FirstStart::Failed(e)) => {
+            drop(sup);
+            left(&cgroup);
+            return Err(e);
+        }
     }
-    sup.run(&sigfd)?;
-    // Nothing of the task is left (what they counted is in its exit line): its limits'
-    // cgroups go now rather than when it is deleted. One a process escaped into stays
-    // (rmdir refuses it) for the agent's stop.
-    limits::leave_and_remove(&limit_cgroups);
-    Ok(())
+    let ran = sup.run(&sigfd);
+    // Nothing of the task is left (what they counted is in its exit line): the shim leaves
+    // its cgroups and removes them rather than leaving one empty set per task until it is
+    // deleted. One a process escaped into stays (rmdir refuses it) for the agent's stop.
+    drop(sup);
+    left(&cgroup);
+    ran
 }
 
 /// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after

@@ -484,6 +484,7 @@ impl Served {
         Ok(ProcIdentity {
             pid: outer,
             start_time: stat.start_time,
+            pidfd_ino: procfs::pidfs_inode(fd.as_fd()),
         })
     }
 

@@ -118,7 +118,7 @@ impl Place {
         let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr], announce)?;
         self.live.push((pid, job));
         // Our unreaped child: the pid is still its own.
-        Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity { pid, start_time: 0 }))
+        Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity::without_inode(pid, 0)))
     }
 
     /// Signals the process group of every command not reaped yet (`job`: of that command
