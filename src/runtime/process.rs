@@ -279,12 +279,12 @@ impl ProcessRuntime {
     ) -> Option<Result<Observed, RuntimeError>> {
         match start_state(&task.dir).await {
             StartState::NotStarted if ran_without_journal(&task.dir) => {
-                // Its journal was emptied or lost, yet it left output: it ran (maybe still
-                // runs, unsupervised). Reported as lost, never run again.
+                // Its journal was emptied or lost, yet it bears a claim's mark or the task
+                // left output: it ran (maybe still runs, unsupervised). Reported as lost, never run again.
                 let t = task.clone();
                 Some(
                     crate::task::offload::offload(move || {
-                        tracing::error!(task = %t.name, "the task left output but its run journal says nothing; it is not run again");
+                        tracing::error!(task = %t.name, "the task's launch was claimed but its run journal says nothing; it is not run again");
                         settle_durably(&t, Unrecorded::SupervisorLost, &records::Run::default())
                     })
                     .await,
@@ -587,18 +587,19 @@ fn new_nonce() -> String {
 /// A shim that ended before it claimed the launch: the task never ran.
 const NEVER_STARTED: &str = "the supervisor exited before starting the task (see the agent's log)";
 
-/// The journal names no launch, yet the task's output (its logs, their index) is there:
-/// what only a run leaves.
+/// The journal names no launch, yet it bears the mark of a claim or the task's output
+/// (its logs, their index) is there: what only a run leaves.
 fn ran_without_journal(dir: &Path) -> bool {
     let journal_says_nothing = records::read_run(dir).is_ok_and(|r| r.launch.is_none());
     journal_says_nothing
-        && [
-            records::STDOUT,
-            records::STDERR,
-            super::tasklog::index::INDEX_FILE,
-        ]
-        .iter()
-        .any(|f| dir.join(f).exists())
+        && (records::claim_marked(dir)
+            || [
+                records::STDOUT,
+                records::STDERR,
+                super::tasklog::index::INDEX_FILE,
+            ]
+            .iter()
+            .any(|f| dir.join(f).exists()))
 }
 
 /// What the journal says about a task found after a restart.
