@@ -69,7 +69,8 @@ pub enum Observed {
     /// Not started yet, for the reason given (its `preStart` hook runs, say).
     Waiting(Waiting),
     Running {
-        started_at: Time,
+        /// `None`: unknown (see `model::Running`).
+        started_at: Option<Time>,
     },
     Terminated(Terminated),
     /// One of the above, with how the task's lifecycle hooks are or ended.

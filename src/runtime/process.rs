@@ -277,7 +277,7 @@ impl ProcessRuntime {
         task: TaskRef,
         events: EventSink,
     ) -> Option<Result<Observed, RuntimeError>> {
-        match start_state(&task.dir).await {
+        match start_state(&task.dir) {
             StartState::NotStarted if ran_without_journal(&task.dir) => {
                 // Its journal was emptied or lost, yet it bears a claim's mark or the task
                 // left output: it ran (maybe still runs, unsupervised). Reported as lost, never run again.
@@ -292,6 +292,12 @@ impl ProcessRuntime {
             }
             StartState::NotStarted => None,
             StartState::Started => Some(self.observe(task, events, None).await),
+            // Its shim says soon: the caller adopts it again later (the task shows as
+            // waiting meanwhile).
+            StartState::Starting => Some(Err(RuntimeError::Journal {
+                path: task.dir.join(records::RUN).display().to_string(),
+                source: io::Error::other("its supervisor is still starting it"),
+            })),
         }
     }
 
@@ -608,26 +614,38 @@ enum StartState {
     NotStarted,
     /// A shim took it (or the node restarted since): how it went is in the journal.
     Started,
+    /// A shim holds the task but has not yet said whether it runs it (no claim, or no
+    /// `started` line after its claim): looked at again later, never waited for here, so
+    /// that a restart's recovery (and the API behind it) is not held up.
+    Starting,
 }
 
-async fn start_state(dir: &Path) -> StartState {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let run = records::read_run(dir).unwrap_or_default();
-        let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
-        if run.started.is_some() || run.exit.is_some() || rebooted {
-            return StartState::Started;
-        }
-        // A shim that holds its lock is starting: wait for its `started` line (or its end).
-        let starting = lock_held(&records::shim_lock(dir));
-        if !starting || Instant::now() >= deadline {
-            return if run.claimed.is_some() || starting {
-                StartState::Started
-            } else {
-                StartState::NotStarted
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+/// Never waits: one read of the journal and one lock probe.
+fn start_state(dir: &Path) -> StartState {
+    let run = records::read_run(dir).unwrap_or_default();
+    let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
+    if run.started.is_some() || run.exit.is_some() || rebooted {
+        return StartState::Started;
+    }
+    if !lock_held(&records::shim_lock(dir)) {
+        return if run.claimed.is_some() {
+            StartState::Started
+        } else {
+            StartState::NotStarted
+        };
+    }
+    let hooks = run
+        .launch
+        .as_ref()
+        .is_some_and(|l| l.pre_start.is_some() || l.post_stop.is_some());
+    match (&run.launch, &run.claimed) {
+        // A journal emptied under a running shim: it runs the task, and nothing more will
+        // be learnt of its start.
+        (None, _) => StartState::Started,
+        // Its hooks' steps are followed through the journal (a `preStart` may run long).
+        (Some(_), Some(_)) if hooks => StartState::Started,
+        // Between its claim and its `started` line, or before its claim: moments.
+        (Some(_), _) => StartState::Starting,
     }
 }
 
