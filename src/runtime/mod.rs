@@ -12,6 +12,8 @@ pub mod error;
 pub mod exit_watch;
 #[forbid(unsafe_code)]
 pub mod first_use;
+// One inotify instance for every adopted task's journal: no descriptor per task.
+pub mod journal_watch;
 #[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]

@@ -14,9 +14,11 @@ use tokio::net::unix::pipe;
 
 use super::containment::{self, Parent};
 use super::exit_watch::ExitWatch;
+use super::journal_watch::JournalWatch;
 use super::launcher::Launcher;
 use super::outcome::{self, settle};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
+use super::procfs::ProcIdentity;
 use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
 use crate::task::identity::{RunAs, SecurityContext};
@@ -262,7 +264,7 @@ impl ProcessRuntime {
             } => {
                 let watch = match pipe {
                     Some(p) => ExitWatch::Pipe(p),
-                    None => ExitWatch::Pids { shim, main },
+                    None => adopted_watch(&task, shim, main, hooks),
                 };
                 spawn_exit_waiter(task, events, watch, hooks, observed.clone());
                 Ok(observed)
@@ -436,8 +438,9 @@ enum Judged {
     /// Its shim runs it (or one of its hooks): `observed` is where it stands.
     Alive {
         observed: Observed,
-        shim: Option<PidFd>,
-        main: Option<PidFd>,
+        /// Only an adopted task's: a started one is watched on its pipe.
+        shim: Option<ProcIdentity>,
+        main: Option<ProcIdentity>,
         /// It has lifecycle hooks: its journal says when it moves on.
         hooks: bool,
     },
@@ -466,12 +469,9 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
             .map(|s| s.shim)
             .or_else(|| run.claimed.as_ref().map(|c| c.shim))
     };
-    let alive = |main: Option<PidFd>| Judged::Alive {
+    let alive = |main: Option<ProcIdentity>| Judged::Alive {
         observed: outcome::observed(&run, task),
-        // Only an adopted task needs them: a started one is watched on its pipe.
-        shim: adopted
-            .then(|| shim_of(&run).and_then(|s| PidFd::of(&s)))
-            .flatten(),
+        shim: adopted.then(|| shim_of(&run)).flatten(),
         main,
         hooks,
     };
@@ -484,11 +484,9 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
         });
     }
     match &run.started {
-        Some(started) if lock_held(&records::running_lock(&task.dir)) => Ok(alive(
-            adopted
-                .then(|| started.main.and_then(|m| PidFd::of(&m)))
-                .flatten(),
-        )),
+        Some(started) if lock_held(&records::running_lock(&task.dir)) => {
+            Ok(alive(adopted.then_some(started.main).flatten()))
+        }
         // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
         Some(_) => Ok(Judged::Done(settle_durably(
             task,
@@ -649,6 +647,38 @@ fn start_state(dir: &Path) -> StartState {
     }
 }
 
+/// How an adopted task's end is awaited: a task with hooks through its journal (and its
+/// shim's pidfd: one descriptor); any other through the journal watcher shared by all
+/// (none of its own), else, where inotify can't be had, its shim's and main process's
+/// pidfds.
+fn adopted_watch(
+    task: &TaskRef,
+    shim: Option<ProcIdentity>,
+    main: Option<ProcIdentity>,
+    hooks: bool,
+) -> ExitWatch {
+    let pidfd = |id: Option<ProcIdentity>| id.and_then(|i| PidFd::of(&i));
+    if hooks {
+        return ExitWatch::Pids {
+            shim: pidfd(shim),
+            main: None,
+        };
+    }
+    match JournalWatch::new(&records::running_lock(&task.dir)) {
+        Ok(w) => ExitWatch::Journal(w),
+        Err(e) => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot watch run journals with inotify; adopted tasks are watched through pidfds");
+            }
+            ExitWatch::Pids {
+                shim: pidfd(shim),
+                main: pidfd(main),
+            }
+        }
+    }
+}
+
 fn spawn_exit_waiter(
     task: TaskRef,
     events: EventSink,
@@ -670,7 +700,7 @@ fn spawn_exit_waiter(
             // as its shim says it (on the pipe), or as its journal shows it (adopted).
             (ExitWatch::Pipe(p), true) => follow_pipe(p, &task, &send).await,
             (ExitWatch::Pids { shim, .. }, true) => follow_journal(shim, &task, &send, shown).await,
-            (watch, false) => watch.wait(&journal).await,
+            (watch, _) => watch.wait(&journal).await,
         };
         if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");
