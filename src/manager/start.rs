@@ -153,7 +153,7 @@ impl Manager {
             let mut err = first;
             let mut backoff = RETRY_FIRST;
             loop {
-                tracing::warn!(task = %entry.name(), error = %err, retry_in = ?backoff, "the task's run journal can't be read; it is adopted again later");
+                tracing::warn!(task = %entry.name(), error = %err, retry_in = ?backoff, "the task's run journal can't be read or says nothing settled yet; it is adopted again later");
                 tokio::time::sleep(backoff).await;
                 let _life = entry.lifecycle.lock().await;
                 if !mgr.still_wanted(&entry) {

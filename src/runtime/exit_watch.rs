@@ -19,12 +19,15 @@ use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
+use super::journal_watch::JournalWatch;
 use super::proc_handle::PidFd;
 use super::process::lock_held;
 
 pub enum ExitWatch {
     /// EOF on the stdout pipe of a shim this agent started.
     Pipe(pipe::Receiver),
+    /// The release of an adopted task's journal, as the shared watcher hears of it.
+    Journal(JournalWatch),
     /// pidfds of an adopted shim and of its task (either may be gone already).
     Pids {
         shim: Option<PidFd>,
@@ -44,6 +47,15 @@ impl ExitWatch {
                     }
                 }
             }
+            ExitWatch::Journal(mut w) => loop {
+                if !lock_held(journal) {
+                    return Ok(());
+                }
+                if !w.changed().await {
+                    // The watch is gone (the journal removed, or the watcher failed).
+                    return poll_until_free(journal).await;
+                }
+            },
             ExitWatch::Pids { shim, main } => {
                 let shim = shim.map(|p| watch(p.into_fd())).transpose()?;
                 let mut main = main.map(|p| watch(p.into_fd())).transpose()?;
@@ -67,6 +79,16 @@ impl ExitWatch {
             }
         }
     }
+}
+
+/// Looks at the journal's lock every little while (at most every 100 ms) until it is free.
+async fn poll_until_free(journal: &Path) -> io::Result<()> {
+    let mut pause = Duration::from_millis(2);
+    while lock_held(journal) {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+    Ok(())
 }
 
 fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {

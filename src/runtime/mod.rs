@@ -12,6 +12,8 @@ pub mod error;
 pub mod exit_watch;
 #[forbid(unsafe_code)]
 pub mod first_use;
+// One inotify instance for every adopted task's journal: no descriptor per task.
+pub mod journal_watch;
 #[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]
@@ -73,7 +75,8 @@ pub enum Observed {
     /// Not started yet, for the reason given (its `preStart` hook runs, say).
     Waiting(Waiting),
     Running {
-        started_at: Time,
+        /// `None`: unknown (see `model::Running`).
+        started_at: Option<Time>,
     },
     Terminated(Terminated),
     /// One of the above, with how the task's lifecycle hooks are or ended.

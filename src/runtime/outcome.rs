@@ -130,7 +130,7 @@ pub fn hook_statuses(run: &Run) -> Option<HookStatuses> {
         *out.slot(h) = match (&r.exit, &r.started) {
             (Some(x), _) => Some(TaskState::Terminated(hook_terminated(x, run))),
             (None, Some(s)) => Some(TaskState::Running(Running {
-                started_at: s.started_at,
+                started_at: Some(s.started_at),
             })),
             (None, None) => None,
         };
@@ -168,7 +168,7 @@ pub fn observed(run: &Run, task: &TaskRef) -> Observed {
         (Some(x), true) => Observed::Terminated(terminated_of(x, run, task)),
         _ => match (&run.started, &run.exit) {
             (Some(s), _) => Observed::Running {
-                started_at: s.started_at.unwrap_or_else(Time::now),
+                started_at: s.started_at,
             },
             (None, Some(_)) => Observed::Waiting(Waiting {
                 reason: Some(reason::POST_STOP_HOOK_RUNNING.into()),
@@ -182,9 +182,9 @@ pub fn observed(run: &Run, task: &TaskRef) -> Observed {
                     ),
                 })
             }
-            (None, None) => Observed::Running {
-                started_at: Time::now(),
-            },
+            // Its shim runs it, but the journal lost the line saying since when (it was
+            // emptied): unknown, never the time this agent looked.
+            (None, None) => Observed::Running { started_at: None },
         },
     };
     let state = match hook_statuses(run) {

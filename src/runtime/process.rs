@@ -14,10 +14,12 @@ use tokio::net::unix::pipe;
 
 use super::containment::{self, Parent};
 use super::exit_watch::ExitWatch;
+use super::journal_watch::JournalWatch;
 use super::launcher::Launcher;
 use super::limits;
 use super::outcome::{self, settle};
 use super::proc_handle::{PidFd, ProcHandle, signal_group};
+use super::procfs::ProcIdentity;
 use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
 use crate::task::identity::{RunAs, SecurityContext};
@@ -351,7 +353,7 @@ impl ProcessRuntime {
                 limits::track(&task.uid, &task.name, cgroups);
                 let watch = match pipe {
                     Some(p) => ExitWatch::Pipe(p),
-                    None => ExitWatch::Pids { shim, main },
+                    None => adopted_watch(&task, shim, main, hooks),
                 };
                 spawn_exit_waiter(task, events, watch, hooks, observed.clone());
                 Ok(observed)
@@ -366,14 +368,14 @@ impl ProcessRuntime {
         task: TaskRef,
         events: EventSink,
     ) -> Option<Result<Observed, RuntimeError>> {
-        match start_state(&task.dir).await {
+        match start_state(&task.dir) {
             StartState::NotStarted if ran_without_journal(&task.dir) => {
-                // Its journal was emptied or lost, yet it left output: it ran (maybe still
-                // runs, unsupervised). Reported as lost, never run again.
+                // Its journal was emptied or lost, yet it bears a claim's mark or the task
+                // left output: it ran (maybe still runs, unsupervised). Reported as lost, never run again.
                 let t = task.clone();
                 Some(
                     crate::task::offload::offload(move || {
-                        tracing::error!(task = %t.name, "the task left output but its run journal says nothing; it is not run again");
+                        tracing::error!(task = %t.name, "the task's launch was claimed but its run journal says nothing; it is not run again");
                         settle_durably(&t, Unrecorded::SupervisorLost, &records::Run::default())
                     })
                     .await,
@@ -381,6 +383,12 @@ impl ProcessRuntime {
             }
             StartState::NotStarted => None,
             StartState::Started => Some(self.observe(task, events, None).await),
+            // Its shim says soon: the caller adopts it again later (the task shows as
+            // waiting meanwhile).
+            StartState::Starting => Some(Err(RuntimeError::Journal {
+                path: task.dir.join(records::RUN).display().to_string(),
+                source: io::Error::other("its supervisor is still starting it"),
+            })),
         }
     }
 
@@ -522,8 +530,9 @@ enum Judged {
     /// Its shim runs it (or one of its hooks): `observed` is where it stands.
     Alive {
         observed: Observed,
-        shim: Option<PidFd>,
-        main: Option<PidFd>,
+        /// Only an adopted task's: a started one is watched on its pipe.
+        shim: Option<ProcIdentity>,
+        main: Option<ProcIdentity>,
         /// It has lifecycle hooks: its journal says when it moves on.
         hooks: bool,
         /// Its cgroups (none yet while it is starting).
@@ -554,12 +563,9 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
             .map(|s| s.shim)
             .or_else(|| run.claimed.as_ref().map(|c| c.shim))
     };
-    let alive = |main: Option<PidFd>| Judged::Alive {
+    let alive = |main: Option<ProcIdentity>| Judged::Alive {
         observed: outcome::observed(&run, task),
-        // Only an adopted task needs them: a started one is watched on its pipe.
-        shim: adopted
-            .then(|| shim_of(&run).and_then(|s| PidFd::of(&s)))
-            .flatten(),
+        shim: adopted.then(|| shim_of(&run)).flatten(),
         main,
         hooks,
         cgroups: run
@@ -577,11 +583,9 @@ fn judge(task: &TaskRef, adopted: bool) -> Result<Judged, RuntimeError> {
         });
     }
     match &run.started {
-        Some(started) if lock_held(&records::running_lock(&task.dir)) => Ok(alive(
-            adopted
-                .then(|| started.main.and_then(|m| PidFd::of(&m)))
-                .flatten(),
-        )),
+        Some(started) if lock_held(&records::running_lock(&task.dir)) => {
+            Ok(alive(adopted.then_some(started.main).flatten()))
+        }
         // The shim is gone: it just wrote the exit line (`settle` then finds it), or died.
         Some(_) => Ok(Judged::Done(settle_durably(
             task,
@@ -686,18 +690,19 @@ fn new_nonce() -> String {
 /// A shim that ended before it claimed the launch: the task never ran.
 const NEVER_STARTED: &str = "the supervisor exited before starting the task (see the agent's log)";
 
-/// The journal names no launch, yet the task's output (its logs, their index) is there:
-/// what only a run leaves.
+/// The journal names no launch, yet it bears the mark of a claim or the task's output
+/// (its logs, their index) is there: what only a run leaves.
 fn ran_without_journal(dir: &Path) -> bool {
     let journal_says_nothing = records::read_run(dir).is_ok_and(|r| r.launch.is_none());
     journal_says_nothing
-        && [
-            records::STDOUT,
-            records::STDERR,
-            super::tasklog::index::INDEX_FILE,
-        ]
-        .iter()
-        .any(|f| dir.join(f).exists())
+        && (records::claim_marked(dir)
+            || [
+                records::STDOUT,
+                records::STDERR,
+                super::tasklog::index::INDEX_FILE,
+            ]
+            .iter()
+            .any(|f| dir.join(f).exists()))
 }
 
 /// What the journal says about a task found after a restart.
@@ -706,26 +711,70 @@ enum StartState {
     NotStarted,
     /// A shim took it (or the node restarted since): how it went is in the journal.
     Started,
+    /// A shim holds the task but has not yet said whether it runs it (no claim, or no
+    /// `started` line after its claim): looked at again later, never waited for here, so
+    /// that a restart's recovery (and the API behind it) is not held up.
+    Starting,
 }
 
-async fn start_state(dir: &Path) -> StartState {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let run = records::read_run(dir).unwrap_or_default();
-        let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
-        if run.started.is_some() || run.exit.is_some() || rebooted {
-            return StartState::Started;
+/// Never waits: one read of the journal and one lock probe.
+fn start_state(dir: &Path) -> StartState {
+    let run = records::read_run(dir).unwrap_or_default();
+    let rebooted = run.launch.as_ref().is_some_and(Launch::from_earlier_boot);
+    if run.started.is_some() || run.exit.is_some() || rebooted {
+        return StartState::Started;
+    }
+    if !lock_held(&records::shim_lock(dir)) {
+        return if run.claimed.is_some() {
+            StartState::Started
+        } else {
+            StartState::NotStarted
+        };
+    }
+    let hooks = run
+        .launch
+        .as_ref()
+        .is_some_and(|l| l.pre_start.is_some() || l.post_stop.is_some());
+    match (&run.launch, &run.claimed) {
+        // A journal emptied under a running shim: it runs the task, and nothing more will
+        // be learnt of its start.
+        (None, _) => StartState::Started,
+        // Its hooks' steps are followed through the journal (a `preStart` may run long).
+        (Some(_), Some(_)) if hooks => StartState::Started,
+        // Between its claim and its `started` line, or before its claim: moments.
+        (Some(_), _) => StartState::Starting,
+    }
+}
+
+/// How an adopted task's end is awaited: a task with hooks through its journal (and its
+/// shim's pidfd: one descriptor); any other through the journal watcher shared by all
+/// (none of its own), else, where inotify can't be had, its shim's and main process's
+/// pidfds.
+fn adopted_watch(
+    task: &TaskRef,
+    shim: Option<ProcIdentity>,
+    main: Option<ProcIdentity>,
+    hooks: bool,
+) -> ExitWatch {
+    let pidfd = |id: Option<ProcIdentity>| id.and_then(|i| PidFd::of(&i));
+    if hooks {
+        return ExitWatch::Pids {
+            shim: pidfd(shim),
+            main: None,
+        };
+    }
+    match JournalWatch::new(&records::running_lock(&task.dir)) {
+        Ok(w) => ExitWatch::Journal(w),
+        Err(e) => {
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot watch run journals with inotify; adopted tasks are watched through pidfds");
+            }
+            ExitWatch::Pids {
+                shim: pidfd(shim),
+                main: pidfd(main),
+            }
         }
-        // A shim that holds its lock is starting: wait for its `started` line (or its end).
-        let starting = lock_held(&records::shim_lock(dir));
-        if !starting || Instant::now() >= deadline {
-            return if run.claimed.is_some() || starting {
-                StartState::Started
-            } else {
-                StartState::NotStarted
-            };
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -750,7 +799,7 @@ fn spawn_exit_waiter(
             // as its shim says it (on the pipe), or as its journal shows it (adopted).
             (ExitWatch::Pipe(p), true) => follow_pipe(p, &task, &send).await,
             (ExitWatch::Pids { shim, .. }, true) => follow_journal(shim, &task, &send, shown).await,
-            (watch, false) => watch.wait(&journal).await,
+            (watch, _) => watch.wait(&journal).await,
         };
         if let Err(e) = waited {
             tracing::error!(task = %task.name, error = %e, "waiting for task exit failed");

@@ -35,6 +35,35 @@ pub const RUN: &str = crate::task::store::RUN_JOURNAL;
 pub const STDOUT: &str = "stdout.log";
 pub const STDERR: &str = "stderr.log";
 
+/// The journal's mark that a shim claimed a launch of it (the task may have run): its
+/// sticky bit, which means nothing on a regular file. A mode bit because it lives outside
+/// the journal's lines (an emptied journal keeps it, so a task that printed nothing is
+/// still known to have run) and costs no write of its own: the shim sets it just before
+/// its claim line and fsyncs both at once, the fsync the claim needs anyway.
+const CLAIM_MARK: u32 = 0o1000;
+
+/// Sets or clears `CLAIM_MARK` on the open journal; the caller makes it durable.
+pub fn set_claim_mark(journal: &std::fs::File, on: bool) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = journal.metadata()?.permissions().mode() & 0o7777;
+    let want = if on {
+        mode | CLAIM_MARK
+    } else {
+        mode & !CLAIM_MARK
+    };
+    if want == mode {
+        return Ok(());
+    }
+    journal.set_permissions(std::fs::Permissions::from_mode(want))
+}
+
+/// Whether the journal in `dir` bears `CLAIM_MARK`. One `lstat`.
+pub fn claim_marked(dir: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(dir.join(RUN))
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & CLAIM_MARK != 0)
+}
+
 /// Locked (flock, exclusive) by the shim for its whole life: free means no supervisor.
 pub fn shim_lock(dir: &Path) -> PathBuf {
     dir.to_path_buf()
@@ -215,6 +244,9 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<bool> {
         if run.claimed.is_some() || run.exit.is_some() {
             return Ok(false);
         }
+        // A claim given back leaves its mark: cleared before the truncation, so that an
+        // empty journal never bears the mark of a launch that ran nothing.
+        set_claim_mark(&f, false)?;
         f.set_len(0)?;
         use std::io::Seek;
         f.seek(io::SeekFrom::Start(0))?;

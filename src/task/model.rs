@@ -127,7 +127,9 @@ pub struct Waiting {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Running {
-    pub started_at: Time,
+    /// `null` when unknown (a task re-adopted after its run journal was damaged), never a
+    /// made-up time.
+    pub started_at: Option<Time>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

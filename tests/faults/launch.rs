@@ -105,6 +105,7 @@ fn a_shim_for_the_journals_launch_runs_it_once_and_claims_it_with_its_nonce() {
     let run = records::read_run(&dir).unwrap();
     assert_eq!(run.claimed.unwrap().nonce.as_deref(), Some("n1"));
     assert_eq!(run.exit.unwrap().exit_code, Some(0));
+    assert!(records::claim_marked(&dir), "the claim marks the journal");
     // A second shim for the same launch (a request the server had queued) runs nothing.
     let said = server.shim(&dir, Some("n1"));
     assert!(said.contains("error"), "{said}");
@@ -184,7 +185,9 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
     assert!(!records::write_launch(&dir, &again).unwrap());
     assert_eq!(journal(), before, "a claimed launch was rewritten");
 
-    // Given back (nothing of it was spawned): it may be launched again.
+    // Given back (nothing of it was spawned): it may be launched again, and the claim's
+    // mark goes with it.
+    records::set_claim_mark(&f, true).unwrap();
     records::append(
         &mut f,
         &Entry::Unclaimed(records::Unclaim {
@@ -197,7 +200,52 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
     let run = records::read_run(&dir).unwrap();
     assert_eq!(run.launch.unwrap().nonce.as_deref(), Some("n2"));
     assert!(run.claimed.is_none());
+    assert!(
+        !records::claim_marked(&dir),
+        "a given-back claim's mark is cleared"
+    );
     // An exit line (the agent gave the launch up) also closes it for good.
     records::record_outcome(&dir, &ExitRecord::default()).unwrap();
     assert!(!records::write_launch(&dir, &again).unwrap());
+}
+
+/// §5 of the launch's edges: a task that printed nothing leaves no logs, so only a mark
+/// made when its launch was claimed, outside the journal's lines, says it ran once the
+/// journal is emptied. Reported lost, never run again.
+#[test]
+fn a_finished_task_without_output_whose_journal_was_emptied_is_not_run_again() {
+    use super::support::agent::Agent;
+    let t = std::time::Duration::from_secs(30);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let markers = tmp.path().join("markers");
+    let mut a = Agent::start_in(&data, &[]);
+    a.run_sh("quiet", &super::common::marking(&markers, "exit 0"));
+    let done = a.wait_state("quiet", "terminated", t);
+    assert_eq!(done["exitCode"], 0, "{done}");
+    a.kill9();
+    let dir = data.join("quiet");
+    for f in [records::STDOUT, records::STDERR, "output.idx"] {
+        assert!(!dir.join(f).exists(), "{f}: the task left no output");
+    }
+    // Emptied in place, as `truncate -s 0` or `: >` does.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(dir.join(records::RUN))
+        .unwrap();
+    a.restart();
+    let lost = a.wait_state("quiet", "terminated", t);
+    assert_eq!(lost["reason"], "SupervisorLost", "{lost}");
+    assert_eq!(
+        super::common::runs(&markers).get("quiet"),
+        Some(&1),
+        "the task ran again"
+    );
+    a.restart();
+    assert_eq!(
+        a.wait_state("quiet", "terminated", t),
+        lost,
+        "the same verdict"
+    );
 }

@@ -9,6 +9,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod adopt;
 mod common;
 mod data_dir;
 mod disconnect;

@@ -214,19 +214,16 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Refuses a connection beyond the limit at once: a 503 where the connection is plain
-/// HTTP (written only if the socket takes it right away), then close.
-pub fn refuse(stream: TcpStream, tls: bool) {
+/// Refuses a connection at once (beyond the limit, or out of descriptors): a 503 saying
+/// `why` where the connection is plain HTTP (written only if the socket takes it right
+/// away), then close.
+pub fn refuse(stream: TcpStream, tls: bool, why: &str) {
     if !tls {
         // Read what already arrived, so closing does not reset the connection before the
         // client has read the answer.
         let mut buf = [0u8; 4096];
         let _ = stream.try_read(&mut buf);
-        let _ = stream.try_write(&raw_answer(
-            503,
-            "Service Unavailable",
-            "too many connections; try again later",
-        ));
+        let _ = stream.try_write(&raw_answer(503, "Service Unavailable", why));
     }
 }
 

@@ -65,6 +65,11 @@ pub async fn serve<F>(
     let slots = slots::Slots::new(opts.max_connections, opts.guarded);
     let connections = TaskTracker::new();
     let saturated = AtomicBool::new(false);
+    // A descriptor kept for the moment the agent runs out of them (the classic accept
+    // trick): given up so that a waiting client can be accepted and told so, instead of
+    // waiting unanswered in the backlog until descriptors are freed.
+    let mut reserve = open_reserve();
+    let mut starved = false;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -72,11 +77,35 @@ pub async fn serve<F>(
         };
         let (stream, peer) = match accepted {
             Ok(pair) => pair,
+            Err(e) if out_of_descriptors(&e) && reserve.is_some() => {
+                if !std::mem::replace(&mut starved, true) {
+                    tracing::warn!(error = %e, "out of file descriptors: new connections are answered 503 until some are freed");
+                }
+                reserve = None;
+                continue;
+            }
             Err(e) => {
                 accept_failed(&e).await;
                 continue;
             }
         };
+        if reserve.is_none() {
+            reserve = open_reserve();
+            if reserve.is_none() {
+                // Still out of descriptors: this client is told, and its descriptor
+                // becomes the reserve again.
+                conn::refuse(
+                    stream,
+                    tls.is_some(),
+                    "the agent is out of file descriptors; try again later",
+                );
+                reserve = open_reserve();
+                continue;
+            }
+        }
+        if std::mem::replace(&mut starved, false) {
+            tracing::info!("file descriptors are free again; accepting connections");
+        }
         let (slot, activity) = match slots.admit() {
             slots::Admitted::Yes(slot, activity) => {
                 if saturated.swap(false, Ordering::Relaxed) {
@@ -92,7 +121,11 @@ pub async fn serve<F>(
                         "connection limit reached; refusing new connections"
                     );
                 }
-                conn::refuse(stream, tls.is_some());
+                conn::refuse(
+                    stream,
+                    tls.is_some(),
+                    "too many connections; try again later",
+                );
                 continue;
             }
         };
@@ -119,6 +152,15 @@ pub async fn serve<F>(
             opts.shutdown_grace
         );
     }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// The reserve descriptor (see `serve`); `None` when none can be had now.
+fn open_reserve() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
 }
 
 /// An `accept` that failed. Out of file descriptors (EMFILE/ENFILE) the pending

@@ -81,7 +81,7 @@ impl Runtime for Arc<FakeRuntime> {
             .insert(task.name, (task.uid, events));
         Box::pin(async {
             Ok(Observed::Running {
-                started_at: Time::now(),
+                started_at: Some(Time::now()),
             })
         })
     }

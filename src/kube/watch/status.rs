@@ -137,7 +137,7 @@ pub(super) fn events_for(before: Option<&TaskState>, now: &TaskState) -> Vec<Tas
         }
         TaskState::Running(r) => {
             if !started_before {
-                out.push(started(&r.started_at));
+                out.push(started(r.started_at.as_ref()));
             }
         }
         TaskState::Terminated(t) => {
@@ -147,7 +147,7 @@ pub(super) fn events_for(before: Option<&TaskState>, now: &TaskState) -> Vec<Tas
             if let Some(at) = &t.started_at
                 && !started_before
             {
-                out.push(started(at));
+                out.push(started(Some(at)));
             }
             out.push(ended(t));
         }
@@ -155,12 +155,15 @@ pub(super) fn events_for(before: Option<&TaskState>, now: &TaskState) -> Vec<Tas
     out
 }
 
-fn started(at: &crate::task::time::Time) -> TaskEvent {
+fn started(at: Option<&crate::task::time::Time>) -> TaskEvent {
     TaskEvent {
         warning: false,
         reason: event::STARTED,
         action: "Start",
-        note: format!("task started at {at}"),
+        note: match at {
+            Some(at) => format!("task started at {at}"),
+            None => "task started (when is unknown)".into(),
+        },
     }
 }
 

@@ -323,7 +323,9 @@ async fn a_relist_without_a_task_deletes_its_task_and_keeps_the_others() {
 #[test]
 fn events_tell_each_change_once() {
     let t = Time::now();
-    let running = TaskState::Running(crate::task::model::Running { started_at: t });
+    let running = TaskState::Running(crate::task::model::Running {
+        started_at: Some(t),
+    });
     let exit = |code| {
         TaskState::Terminated(Terminated::from_exit(
             Some(code),

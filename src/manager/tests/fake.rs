@@ -161,7 +161,7 @@ impl FakeRuntime {
             };
             match answer {
                 Answer::Running => Ok(Observed::Running {
-                    started_at: Time::now(),
+                    started_at: Some(Time::now()),
                 }),
                 Answer::Fails(why) => Err(RuntimeError::Launch(io::Error::other(why))),
                 Answer::Observed(o) => Ok(o),

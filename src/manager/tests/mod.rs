@@ -538,7 +538,7 @@ async fn hook_states_move_forward_with_the_task() {
     };
     let running_hook = || {
         TaskState::Running(Running {
-            started_at: Time::now(),
+            started_at: Some(Time::now()),
         })
     };
     let done_hook = |code| {
@@ -584,7 +584,7 @@ async fn hook_states_move_forward_with_the_task() {
         "h",
         with(
             Observed::Running {
-                started_at: Time::now(),
+                started_at: Some(Time::now()),
             },
             hooks(Some(done_hook(0)), None),
         ),

@@ -58,7 +58,7 @@ async fn an_answer_is_rendered_once_and_again_after_each_change() {
         "a",
         crate::runtime::Observed::WithHooks(
             Box::new(crate::runtime::Observed::Running {
-                started_at: Time::now(),
+                started_at: Some(Time::now()),
             }),
             hooks,
         ),

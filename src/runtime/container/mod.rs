@@ -373,7 +373,7 @@ impl Inner {
                     deadline: status::deadline(&st, timeout),
                 });
                 Ok(running.unwrap_or(Observed::Running {
-                    started_at: Time::now(),
+                    started_at: Some(Time::now()),
                 }))
             }
         }

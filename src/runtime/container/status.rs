@@ -41,7 +41,7 @@ pub fn deadline(s: &ContainerStatus, timeout: Option<i64>) -> Option<Time> {
 pub fn observed(s: &ContainerStatus, timeout: Option<i64>, timed_out: bool) -> Option<Observed> {
     match state_of(s) {
         ContainerState::ContainerRunning => Some(Observed::Running {
-            started_at: time_from_nanos(s.started_at).unwrap_or_else(Time::now),
+            started_at: Some(time_from_nanos(s.started_at).unwrap_or_else(Time::now)),
         }),
         ContainerState::ContainerExited => {
             Some(Observed::Terminated(terminated(s, timeout, timed_out)))

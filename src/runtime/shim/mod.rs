@@ -176,7 +176,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         cgroup: cgroup.clone(),
         limits: limit_cgroups.clone(),
     });
-    if let Err(e) = records::append(journal, &claim, true) {
+    // Marked on the journal's inode too, durable with the claim (one fsync for both): an
+    // emptied journal still says the task may have run (see `records::set_claim_mark`).
+    // A file system that refuses the mark leaves only the task's logs to say so.
+    let _ = records::set_claim_mark(journal, true);
+    let claimed = records::append(journal, &claim, false).and_then(|()| journal.sync_all());
+    if let Err(e) = claimed {
         let e = give_back(dir, journal, e);
         left(&cgroup);
         return Err(e);
@@ -246,6 +251,7 @@ fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
         Err(_) => records::read_run(dir).is_ok_and(|r| r.claimed.is_none()),
     };
     if given_back {
+        let _ = records::set_claim_mark(journal, false);
         CLAIM_STANDS.store(false, Ordering::Relaxed);
     } else {
         eprintln!(
