@@ -48,8 +48,7 @@ impl<B> BodyOf for Response<B> {
 /// Serves one accepted connection until it ends, times out, is evicted for a newcomer
 /// (see `slots`), or shutdown drains it.
 pub async fn serve<S>(
-    stream: TcpStream,
-    peer: SocketAddr,
+    Accepted { stream, fin, peer }: Accepted,
     service: S,
     tls: Option<TlsAcceptor>,
     activity: Arc<Activity>,
@@ -66,7 +65,6 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let _ = stream.set_nodelay(true);
-    let fin = FinWatch::of(&stream);
     let Some(acceptor) = tls else {
         return http(stream, peer, service, activity, fin, opts, stop).await;
     };
@@ -170,6 +168,13 @@ async fn http<IO, S>(
     }
 }
 
+/// A connection the accept loop took, with its FIN watch (see `FinWatch::of`).
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub fin: Option<FinWatch>,
+    pub peer: SocketAddr,
+}
+
 /// Notices the client's FIN on the connection's socket (a duplicate of its descriptor,
 /// registered on its own for `EPOLLRDHUP`) without reading: hyper reads the requests.
 /// With half-close on, hyper itself does not look at the socket while it serves one.
@@ -177,8 +182,9 @@ pub struct FinWatch(TcpStream);
 
 impl FinWatch {
     /// `None` where the descriptor can't be duplicated or registered (out of descriptors):
-    /// the connection is served without it.
-    fn of(stream: &TcpStream) -> Option<FinWatch> {
+    /// the connection is served without it. Made by the accept loop, never concurrently
+    /// by connections: see its reserve descriptor.
+    pub fn of(stream: &TcpStream) -> Option<FinWatch> {
         use std::os::fd::AsFd;
         let fd = stream.as_fd().try_clone_to_owned().ok()?;
         TcpStream::from_std(std::net::TcpStream::from(fd))
@@ -217,7 +223,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Refuses a connection at once (beyond the limit, or out of descriptors): a 503 saying
 /// `why` where the connection is plain HTTP (written only if the socket takes it right
 /// away), then close.
-pub fn refuse(stream: TcpStream, tls: bool, why: &str) {
+pub fn refuse(stream: &TcpStream, tls: bool, why: &str) {
     if !tls {
         // Read what already arrived, so closing does not reset the connection before the
         // client has read the answer.

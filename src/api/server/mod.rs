@@ -95,11 +95,17 @@ pub async fn serve<F>(
                 // Still out of descriptors: this client is told, and its descriptor
                 // becomes the reserve again.
                 conn::refuse(
-                    stream,
+                    &stream,
                     tls.is_some(),
                     "the agent is out of file descriptors; try again later",
                 );
-                reserve = open_reserve();
+                // Its descriptor, shut down, is the reserve now: one freed by closing it
+                // could be taken at once by another connection's own (see `conn`), and
+                // the listener would be left with no reserve while out of descriptors.
+                reserve = stream.into_std().ok().map(|s| {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    std::os::fd::OwnedFd::from(s)
+                });
                 continue;
             }
         }
@@ -122,7 +128,7 @@ pub async fn serve<F>(
                     );
                 }
                 conn::refuse(
-                    stream,
+                    &stream,
                     tls.is_some(),
                     "too many connections; try again later",
                 );
@@ -135,8 +141,12 @@ pub async fn serve<F>(
         let service = service.clone();
         let opts = opts.clone();
         let stop = stop.clone();
+        // Here, one connection at a time, so that no connection takes a descriptor the
+        // accept loop just freed for its reserve.
+        let fin = conn::FinWatch::of(&stream);
+        let accepted = conn::Accepted { stream, fin, peer };
         connections.spawn(async move {
-            conn::serve(stream, peer, service, acceptor, activity, &opts, stop).await;
+            conn::serve(accepted, service, acceptor, activity, &opts, stop).await;
             drop(slot);
         });
     }
@@ -159,8 +169,8 @@ fn out_of_descriptors(e: &std::io::Error) -> bool {
 }
 
 /// The reserve descriptor (see `serve`); `None` when none can be had now.
-fn open_reserve() -> Option<std::fs::File> {
-    std::fs::File::open("/dev/null").ok()
+fn open_reserve() -> Option<std::os::fd::OwnedFd> {
+    std::fs::File::open("/dev/null").ok().map(Into::into)
 }
 
 /// An `accept` that failed. Out of file descriptors (EMFILE/ENFILE) the pending
