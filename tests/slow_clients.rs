@@ -258,3 +258,46 @@ fn the_open_file_limit_is_raised_for_the_agent_but_not_for_tasks() {
     let fds = fd_count(pid).unwrap();
     assert!(fds < 1024, "{fds}");
 }
+
+/// A kept-alive connection parked between requests (see `api::server::park`) serves
+/// what comes next: two pipelined requests in one write, then a POST with a body, then
+/// a GET again.
+#[test]
+fn a_parked_connection_serves_pipelined_requests_and_bodies() {
+    let agent = Agent::start(&[]);
+    let mut s = TcpStream::connect(agent.addr).unwrap();
+    assert!(keep_alive_get(&mut s, "/health").starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while buf.windows(2).filter(|w| w == b"}\n").count() < 2 {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&buf)
+            .matches("HTTP/1.1 200")
+            .count(),
+        2
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let body = r#"{"name":"parked","spec":{"process":{"command":["true"]}}}"#;
+    write!(
+        s,
+        "POST /tasks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    while !buf.ends_with(b"}") && !buf.ends_with(b"}\n") {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 201"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(keep_alive_get(&mut s, "/health").starts_with("HTTP/1.1 200"));
+}

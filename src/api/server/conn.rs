@@ -13,23 +13,22 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use warp::http::{Request, Response};
+use warp::http::{Request, Response, Version};
 
+use super::activity::{Activity, Watched};
+use super::park::{Park, ReqBody, Rewind, says_close};
 use super::{ClientGone, ServerOptions};
-use crate::api::auth::Proven;
 
 /// The client's address, in each request's extensions (warp's `addr::remote()` only
 /// works on warp's own server).
@@ -45,53 +44,77 @@ impl<B> BodyOf for Response<B> {
     type Body = B;
 }
 
+/// What serving a connection needs of warp's service.
+pub trait WarpService:
+    tower_service::Service<
+        Request<ReqBody>,
+        Response = warp::reply::Response,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Unpin
+    + 'static
+{
+}
+
+impl<S> WarpService for S where
+    S: tower_service::Service<
+            Request<ReqBody>,
+            Response = warp::reply::Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
 /// Serves one accepted connection until it ends, times out, is evicted for a newcomer
 /// (see `slots`), or shutdown drains it.
-pub async fn serve<S>(
+pub async fn serve<S: WarpService>(
     Accepted { stream, fin, peer }: Accepted,
     service: S,
     tls: Option<TlsAcceptor>,
     activity: Arc<Activity>,
     opts: &ServerOptions,
     stop: CancellationToken,
-) where
-    S: tower_service::Service<
-            Request<Incoming>,
-            Response = warp::reply::Response,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = tls else {
         return http(stream, peer, service, activity, fin, opts, stop).await;
     };
     let evicted = activity.evicted.clone();
-    // A TLS connection starts with a handshake record (0x16); anything else is most
-    // likely plain HTTP sent to the HTTPS port, which gets a plain answer saying so.
-    let peeked = tokio::select! {
-        p = tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)) => p,
-        () = evicted.cancelled() => return,
-    };
-    match peeked {
-        Ok(Ok(Some(0x16))) => {}
-        Ok(Ok(Some(_))) => return plain_http_on_tls_port(stream, peer).await,
-        _ => return,
-    }
-    let accepted = tokio::select! {
-        a = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)) => a,
-        () = evicted.cancelled() => return,
-    };
-    match accepted {
-        Ok(Ok(tls)) => http(tls, peer, service, activity, fin, opts, stop).await,
-        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-    }
+    // Boxed: a TLS stream is large, and inline it would size every connection's task.
+    Box::pin(async move {
+        // A TLS connection starts with a handshake record (0x16); anything else is most
+        // likely plain HTTP sent to the HTTPS port, which gets a plain answer saying so.
+        let peeked = tokio::select! {
+            p = tokio::time::timeout(opts.header_read_timeout, super::peek_byte(&stream)) => p,
+            () = evicted.cancelled() => return,
+        };
+        match peeked {
+            Ok(Ok(Some(0x16))) => {}
+            Ok(Ok(Some(_))) => return plain_http_on_tls_port(stream, peer).await,
+            _ => return,
+        }
+        let accepted = tokio::select! {
+            a = tokio::time::timeout(opts.header_read_timeout, acceptor.accept(stream)) => a,
+            () = evicted.cancelled() => return,
+        };
+        match accepted {
+            Ok(Ok(tls)) => http(tls, peer, service, activity, fin, opts, stop).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        }
+    })
+    .await
 }
 
-async fn http<IO, S>(
+/// The connection's HTTP/1: hyper while a request is on its way or served, and between
+/// requests only the stream (parked, see `park`), watched by the timeouts either way.
+async fn http<IO: Park, S: WarpService>(
     io: IO,
     peer: SocketAddr,
     service: S,
@@ -99,69 +122,131 @@ async fn http<IO, S>(
     fin: Option<FinWatch>,
     opts: &ServerOptions,
     stop: CancellationToken,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: tower_service::Service<
-            Request<Incoming>,
-            Response = warp::reply::Response,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let io = TokioIo::new(Watched {
-        inner: io,
-        activity: activity.clone(),
-    });
+) {
     let svc = ConnService {
         inner: service,
         activity: activity.clone(),
         peer,
     };
-    // A client that half-closes (or closes) right after a complete request still has
-    // it carried out and answered: hyper does not drop it at the read side's EOF.
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .half_close(true)
-        .serve_connection(io, svc);
-    tokio::pin!(conn);
+    let mut io = io;
+    // Bytes a parked hyper had read past the last request (pipelined ones).
+    let mut pre = Bytes::new();
+    loop {
+        if pre.is_empty() {
+            loop {
+                let deadline = activity.deadline(opts);
+                tokio::select! {
+                    () = io.ready() => break,
+                    // Between requests: closed now (a request that arrives is first seen
+                    // by `io.ready`).
+                    () = activity.evicted.cancelled() => {
+                        tracing::debug!(%peer, "closing a connection that never authenticated: its slot is needed");
+                        return;
+                    }
+                    () = sleep_until(deadline) => {
+                        if let Some(why) = activity.expired(opts) {
+                            tracing::debug!(%peer, why, "closing connection");
+                            return;
+                        }
+                    }
+                    () = stop.cancelled() => return,
+                }
+            }
+        }
+        let watched = Watched {
+            inner: Rewind { pre, inner: io },
+            activity: activity.clone(),
+        };
+        // Boxed: it exists only while a request is on its way, and the task that parks
+        // stays small.
+        // A client that half-closes (or closes) right after a complete request still has
+        // it carried out and answered: hyper does not drop it at the read side's EOF.
+        let conn = Box::new(
+            hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .half_close(true)
+                .serve_connection(TokioIo::new(watched), svc.clone()),
+        );
+        let Some(parts) = exchange(conn, peer, &activity, fin.as_ref(), opts, &stop).await else {
+            return;
+        };
+        let rewind = parts.io.into_inner().inner;
+        io = rewind.inner;
+        pre = match (parts.read_buf.is_empty(), rewind.pre.is_empty()) {
+            (_, true) => parts.read_buf,
+            (true, false) => rewind.pre,
+            (false, false) => {
+                let mut both = BytesMut::from(&parts.read_buf[..]);
+                both.extend_from_slice(&rewind.pre);
+                both.freeze()
+            }
+        };
+    }
+}
+
+type Conn<IO, S> =
+    hyper::server::conn::http1::Connection<TokioIo<Watched<Rewind<IO>>>, ConnService<S>>;
+type Parts<IO, S> = hyper::server::conn::http1::Parts<TokioIo<Watched<Rewind<IO>>>, ConnService<S>>;
+
+/// Runs hyper on the connection until it ends (`None`: closed) or, after a clean
+/// exchange, is idle (`Some`: its stream and any bytes it read ahead, to park).
+async fn exchange<IO: Park, S: WarpService>(
+    mut conn: Box<Conn<IO, S>>,
+    peer: SocketAddr,
+    activity: &Activity,
+    fin: Option<&FinWatch>,
+    opts: &ServerOptions,
+    stop: &CancellationToken,
+) -> Option<Parts<IO, S>> {
+    let mut parking = false;
     let mut draining = false;
-    let evicted = activity.evicted.clone();
-    let mut fin_seen = false;
     loop {
         let deadline = activity.deadline(opts);
         tokio::select! {
-            () = FinWatch::wait(fin.as_ref()), if !fin_seen => {
-                fin_seen = true;
+            // Once seen, the FIN stays: the token says it for the connection's life.
+            () = FinWatch::wait(fin), if !activity.client_gone.is_cancelled() => {
                 activity.client_gone.cancel();
             }
-            () = evicted.cancelled(), if !draining => {
-                // Between requests: closed now. Chosen while idle but a request came in
-                // since: it is answered first.
-                if activity.phase.load(Ordering::Relaxed) != BUSY {
+            () = activity.evicted.cancelled(), if !draining => {
+                // Chosen while idle but a request came in since: it is answered first.
+                if !activity.busy() {
                     tracing::debug!(%peer, "closing a connection that never authenticated: its slot is needed");
-                    return;
+                    return None;
                 }
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
                 draining = true;
             }
-            result = conn.as_mut() => {
+            result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    return None;
                 }
-                return;
+                let parts = (*conn).into_parts();
+                if parking && !draining {
+                    return Some(parts);
+                }
+                // hyper closed it (the client asked, or shutdown): shut it down as hyper
+                // would have.
+                let mut io = parts.io.into_inner();
+                let _ = tokio::time::timeout(opts.header_read_timeout, io.shutdown()).await;
+                return None;
             }
-            () = activity.changed.notified() => {}
+            () = activity.changed.notified() => {
+                if !parking && activity.parkable() {
+                    // Idle now: hyper ends the connection without shutting the stream.
+                    Pin::new(&mut *conn).graceful_shutdown();
+                    parking = true;
+                }
+            }
             () = sleep_until(deadline) => {
                 if let Some(why) = activity.expired(opts) {
                     tracing::debug!(%peer, why, "closing connection");
-                    return;
+                    return None;
                 }
             }
             () = stop.cancelled(), if !draining => {
                 // Idle connections close now; a request in flight finishes first.
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut *conn).graceful_shutdown();
                 draining = true;
             }
         }
@@ -263,156 +348,9 @@ fn raw_answer(status: u16, reason: &str, message: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-const HEADER: u8 = 0;
-const BUSY: u8 = 1;
-const IDLE: u8 = 2;
-
-/// Where a connection is: receiving a header, serving a request, or idle between
-/// requests; and since when; whether a request on it proved a credential.
-pub struct Activity {
-    start: Instant,
-    phase: AtomicU8,
-    /// Milliseconds from `start` to the phase's start.
-    since_ms: AtomicU64,
-    changed: Notify,
-    /// Requests need a credential (`ServerOptions::guarded`).
-    guarded: bool,
-    proven: Proven,
-    /// Cancelled when the connection's slot was given to a newcomer.
-    evicted: CancellationToken,
-    /// Cancelled when the client has sent its FIN (see `ClientGone`).
-    client_gone: CancellationToken,
-}
-
-impl Activity {
-    pub fn new(guarded: bool) -> Self {
-        // A new connection waits for its first header.
-        Activity {
-            start: Instant::now(),
-            phase: AtomicU8::new(HEADER),
-            since_ms: AtomicU64::new(0),
-            changed: Notify::new(),
-            guarded,
-            proven: Proven::default(),
-            evicted: CancellationToken::new(),
-            client_gone: CancellationToken::new(),
-        }
-    }
-
-    /// May be closed for a newcomer: no request on it proved a credential, and none is
-    /// being served.
-    pub fn evictable(&self) -> bool {
-        !self.proven.get() && self.phase.load(Ordering::Relaxed) != BUSY
-    }
-
-    /// When the current phase began (the earliest is the longest waiting).
-    pub fn phase_since(&self) -> Instant {
-        self.start + Duration::from_millis(self.since_ms.load(Ordering::Relaxed))
-    }
-
-    pub fn evict(&self) {
-        self.evicted.cancel();
-    }
-
-    /// An idle connection that never proved a credential, where one is needed, is
-    /// closed as soon as a silent new one would be: it serves no caller worth a slot.
-    fn idle_limit(&self, opts: &ServerOptions) -> Duration {
-        if self.guarded && !self.proven.get() {
-            opts.idle_timeout.min(opts.header_read_timeout)
-        } else {
-            opts.idle_timeout
-        }
-    }
-
-    fn set(&self, phase: u8) {
-        self.since_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        self.phase.store(phase, Ordering::Relaxed);
-        // A stored permit if the watchdog is not waiting: no change is missed.
-        self.changed.notify_one();
-    }
-
-    /// Bytes arrived: on an idle connection, a request header has begun.
-    fn read(&self) {
-        if self.phase.load(Ordering::Relaxed) == IDLE {
-            self.set(HEADER);
-        }
-    }
-
-    fn deadline(&self, opts: &ServerOptions) -> Option<Instant> {
-        let limit = match self.phase.load(Ordering::Relaxed) {
-            HEADER => opts.header_read_timeout,
-            IDLE => self.idle_limit(opts),
-            _ => return None,
-        };
-        let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
-        Some(self.start + since + limit)
-    }
-
-    fn expired(&self, opts: &ServerOptions) -> Option<&'static str> {
-        let passed = self.deadline(opts).is_some_and(|d| d <= Instant::now());
-        match self.phase.load(Ordering::Relaxed) {
-            HEADER if passed => Some("request header not received in time"),
-            IDLE if passed => Some("idle keep-alive connection"),
-            _ => None,
-        }
-    }
-}
-
-/// The connection's stream, noting when request bytes arrive.
-struct Watched<IO> {
-    inner: IO,
-    activity: Arc<Activity>,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.activity.read();
-        }
-        polled
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
 /// warp's service for one connection: marks the connection busy while a request is
-/// served and tags each request with the client's address.
+/// served, notes whether the exchange can leave the connection parked, and tags each
+/// request with the client's address.
 #[derive(Clone)]
 struct ConnService<S> {
     inner: S,
@@ -422,23 +360,16 @@ struct ConnService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S> hyper::service::Service<Request<Incoming>> for ConnService<S>
-where
-    S: tower_service::Service<
-            Request<Incoming>,
-            Response = warp::reply::Response,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: WarpService> hyper::service::Service<Request<Incoming>> for ConnService<S> {
     type Response = Response<Tracked>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
 
-    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        self.activity.set(BUSY);
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let keep = req.version() == Version::HTTP_11 && !says_close(req.headers());
+        self.activity
+            .request(keep, http_body::Body::is_end_stream(req.body()));
+        let mut req = req.map(|body| ReqBody::new(body, self.activity.clone()));
         req.extensions_mut().insert(PeerAddr(self.peer));
         req.extensions_mut().insert(self.activity.proven.clone());
         req.extensions_mut()
@@ -447,6 +378,9 @@ where
         let activity = self.activity.clone();
         Box::pin(async move {
             let resp = tower_service::Service::call(&mut inner, req).await?;
+            if says_close(resp.headers()) {
+                activity.closing();
+            }
             Ok(resp.map(|body| Tracked {
                 body,
                 _done: IdleOnDrop(activity),
@@ -466,10 +400,9 @@ struct IdleOnDrop(Arc<Activity>);
 
 impl Drop for IdleOnDrop {
     fn drop(&mut self) {
-        self.0.set(IDLE);
+        self.0.answered();
     }
 }
-
 impl http_body::Body for Tracked {
     type Data = Bytes;
     type Error = warp::Error;

@@ -4,7 +4,9 @@
 //! warp's own server has none of this (no TLS, no limits, no timeouts), so its filter is
 //! served here as a service on hyper's HTTP/1 connections.
 
+mod activity;
 mod conn;
+mod park;
 mod slots;
 pub mod tls;
 
@@ -59,6 +61,7 @@ pub async fn serve<F>(
         + Clone
         + Send
         + Sync
+        + Unpin
         + 'static,
 {
     let service = warp::service(filter);

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::conn::Activity;
+use super::activity::Activity;
 
 pub struct Slots {
     max: usize,
