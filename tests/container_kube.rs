@@ -158,3 +158,72 @@ fn volume_names_come_from_the_own_pod() {
     agent.delete_all_and_stop();
     assert!(containerd::leftovers(&cd.socket, &agent_id).0.is_empty());
 }
+
+/// Under the task policy a container task may mount only the Pod volumes the main
+/// container mounts: never one only the agent mounts (its token, its data dir, the CRI
+/// socket), which would hand a task what the agent alone holds. Refused with a 400 before
+/// any CRI call; the main container's volume in the same Pod is mounted.
+#[test]
+fn the_agents_own_pod_volumes_are_never_mounted_into_a_task() {
+    let cd = containerd::shared();
+    let pod_name = format!("own-volumes-{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let [shared, secret] = ["shared", "secret"].map(|d| {
+        let p = tmp.path().join(d);
+        fs::create_dir_all(&p).unwrap();
+        p
+    });
+    let _sandbox = KubeletPod::start(&pod_name, NS, None);
+    let api = FakeApiServer::start();
+    let kubeconfig = tmp.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig, NS);
+    api.put_pod(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": NS, "uid": format!("uid-{pod_name}")},
+        "spec": {"containers": [
+                    {"name": "main", "image": "example/main",
+                     "volumeMounts": [{"name": "shared", "mountPath": "/shared"}]},
+                    {"name": "task-executor", "image": "example/agent",
+                     "volumeMounts": [{"name": "agent-token", "mountPath": "/var/run/token"},
+                                      {"name": "shared", "mountPath": "/shared"}]}],
+                 "volumes": [{"name": "shared", "hostPath": {"path": shared}},
+                             {"name": "agent-token", "hostPath": {"path": secret}}]},
+        "status": {"phase": "Running"}
+    }));
+    let socket = cd.socket.display().to_string();
+    let agent = Agent::start_with_env(
+        &["--enable-container-mode=true", "--cri-socket", &socket],
+        &[
+            ("POD_NAME", &pod_name),
+            ("POD_NAMESPACE", NS),
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ],
+    );
+
+    let r = agent.call(
+        "POST",
+        "/tasks",
+        Some(&writer("w-token", "agent-token").to_string()),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let msg = r.json()["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("agent-token"), "names the volume: {msg}");
+    assert!(agent.get("w-token").is_none(), "nothing of it was kept");
+    assert_eq!(fs::read_dir(&secret).unwrap().count(), 0);
+
+    // A volume the main container mounts (the agent too) is the main container's own.
+    agent.create_ok(&writer("w-shared", "shared"));
+    let t = agent.wait_state("w-shared", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert_eq!(
+        fs::read_to_string(shared.join("w-shared.txt")).unwrap(),
+        "w-shared\n"
+    );
+
+    // The refused task never reached the runtime: one container, the allowed one.
+    let agent_id = task_executor::runtime::container::agent_id(&format!("pod:{NS}/{pod_name}"));
+    assert_eq!(containerd::leftovers(&cd.socket, &agent_id).0.len(), 1);
+    let mut agent = agent;
+    agent.delete_all_and_stop();
+    assert!(containerd::leftovers(&cd.socket, &agent_id).0.is_empty());
+}

@@ -122,3 +122,57 @@ fn restricted_without_a_task_user_does_not_start() {
         "{err}"
     );
 }
+
+/// Mounts a FUSE file system at argv[1] the way a FUSE daemon does (open `/dev/fuse`,
+/// `mount(2)` with its descriptor), then exits: the connection is aborted, the mount stays
+/// (accesses answer ENOTCONN) until unmounted. No FUSE package is needed.
+const MOUNT_FUSE: &str = r#"
+import ctypes, os, sys
+fd = os.open("/dev/fuse", os.O_RDWR)
+libc = ctypes.CDLL(None, use_errno=True)
+opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0".encode()
+if libc.mount(b"probe", sys.argv[1].encode(), b"fuse", 0, opts) != 0:
+    e = ctypes.get_errno()
+    sys.exit(f"mount: {os.strerror(e)}")
+"#;
+
+/// Upstream's own example of a hook: a `preStart` that mounts a FUSE file system for the
+/// main command. Possible where the policy allows it (`baseline`, the task as the agent's
+/// identity); under `restricted` the same hook runs as the task user, confined (no new
+/// privileges, the `RuntimeDefault` filter), its mount fails and so does the task,
+/// `PreStartHookFailed`.
+/// The agent runs in a mount namespace of its own, so nothing is mounted on the host.
+#[test]
+fn a_pre_start_hook_can_mount_fuse_where_the_policy_allows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("mount_fuse.py");
+    std::fs::write(&script, MOUNT_FUSE).unwrap();
+    let script = script.to_str().unwrap().to_string();
+    let task = |name: &str| {
+        let mnt = dir.path().join(name);
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mnt = mnt.to_str().unwrap().to_string();
+        json!({"name": name, "spec": {"process": {
+            // The main command sees the hook's mount (it reads the table only: the
+            // aborted connection is never touched).
+            "command": ["sh", "-c", format!("grep -c ' {mnt} .* fuse ' /proc/self/mountinfo")],
+            "lifecycle": {"preStart": {"exec": {"command": ["python3", &script, &mnt]}}}}}})
+    };
+    let wrapper = ["unshare", "--mount", "--propagation", "private", "--"];
+
+    let a = Agent::start_wrapped(&wrapper, &[]);
+    let r = a.create(task("fuse"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = a.wait_state("fuse", "terminated", T);
+    assert_eq!(t["exitCode"], 0, "{t}");
+    assert_eq!(a.stdout("fuse"), "1\n");
+
+    let a = Agent::start_wrapped(
+        &wrapper,
+        &["--task-policy", "restricted", "--task-run-as-user", "65534"],
+    );
+    let r = a.create(task("confined"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = a.wait_state("confined", "terminated", T);
+    assert_eq!(t["reason"], "PreStartHookFailed", "{t}");
+}
