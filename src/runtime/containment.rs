@@ -31,7 +31,24 @@ use super::proc_handle::ProcHandle;
 use super::procfs;
 
 /// The directory task cgroups are made in, under the agent's own cgroup.
-const PARENT_NAME: &str = "task-executor";
+pub(super) const PARENT_NAME: &str = "task-executor";
+
+/// The agent's own parent of task cgroups, `task-executor` beside the agent in its cgroup
+/// `path` of the hierarchy mounted at `mount`, made if missing.
+pub(super) fn make_parent(mount: &Path, path: &str) -> Result<PathBuf, String> {
+    if path.starts_with("/..") {
+        return Err(format!(
+            "the agent's cgroup {path} is outside the mounted tree"
+        ));
+    }
+    let dir = mount.join(path.trim_start_matches('/')).join(PARENT_NAME);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    Ok(dir)
+}
 
 /// Which kind of cgroup a task gets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,17 +105,7 @@ fn try_kind(kind: Kind, mounts: &str, own: &str) -> Result<Parent, String> {
             ours.then(|| path.to_string())
         })
         .ok_or("the agent is in no cgroup of it")?;
-    if path.starts_with("/..") {
-        return Err(format!(
-            "the agent's cgroup {path} is outside the mounted tree"
-        ));
-    }
-    let dir = mount.join(path.trim_start_matches('/')).join(PARENT_NAME);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
-    }
+    let dir = make_parent(&mount, &path)?;
     // (A root cgroup has no `cgroup.kill`; every other one has, from Linux 5.14.)
     if kind == Kind::V2 && !dir.join("cgroup.kill").exists() {
         return Err("no cgroup.kill (Linux 5.14 or later)".into());

@@ -33,12 +33,9 @@ use std::sync::{LazyLock, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::containment::{Kind, Parent};
+use super::containment::{Kind, Parent, make_parent};
 use crate::task::model::ResourceUsage;
 use crate::task::resources::{self, TaskLimits};
-
-/// The directory task cgroups are made in, under the agent's own cgroup (as containment's).
-const PARENT_NAME: &str = "task-executor";
 
 pub const MEMORY: &str = "memory";
 pub const CPU: &str = "cpu";
@@ -315,17 +312,7 @@ fn v1_parent(ctl: &str, mounts: &str, own: &str) -> Result<PathBuf, String> {
             (a == b).then(|| path.to_string())
         })
         .ok_or("the agent is in no cgroup of it")?;
-    if path.starts_with("/..") {
-        return Err(format!(
-            "the agent's cgroup {path} is outside the mounted tree"
-        ));
-    }
-    let dir = mount.join(path.trim_start_matches('/')).join(PARENT_NAME);
-    match fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
-    }
+    let dir = make_parent(&mount, &path)?;
     // Old kernels: a v1 memory cgroup counts against its parent's limit only with this.
     if ctl == MEMORY
         && fs::read_to_string(dir.join("memory.use_hierarchy")).is_ok_and(|t| t.trim() == "0")
@@ -822,7 +809,11 @@ mod tests {
         for ctl in [MEMORY, CPU, CPUACCT, PIDS] {
             let dir = v1_parent(ctl, &mounts, &own)
                 .unwrap_or_else(|e| panic!("this machine has a v1 {ctl} hierarchy: {e}"));
-            assert!(dir.ends_with(PARENT_NAME), "{}", dir.display());
+            assert!(
+                dir.ends_with(crate::runtime::containment::PARENT_NAME),
+                "{}",
+                dir.display()
+            );
         }
     }
 }
