@@ -470,6 +470,15 @@ fn container_mode_mounts_the_cri_socket() {
 /// runs one with exactly these), and no more.
 const TASK_USER_CAPS: [&str; 3] = ["SETUID", "SETGID", "KILL"];
 
+/// Tasks' environment values stay out of answers unless the operator turns them on.
+#[test]
+fn task_env_values_are_shown_only_when_asked() {
+    let a = agent(pod_spec(&render(&["--set", "mode=host"]))).clone();
+    assert!(env(&a, "SHOW_TASK_ENV").is_none(), "off by default");
+    let on = render(&["--set", "mode=host", "--set", "executor.showTaskEnv=true"]);
+    assert_eq!(env_value(agent(pod_spec(&on)), "SHOW_TASK_ENV"), "true");
+}
+
 #[test]
 fn host_mode_runs_tasks_as_another_user_than_the_agent() {
     let docs = render(&["--set", "mode=host"]);

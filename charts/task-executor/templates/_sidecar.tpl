@@ -41,6 +41,7 @@ maxConcurrentTasks: 0
 maxBodyBytes: null
 maxLogBytes: null
 taskPidsLimit: null
+showTaskEnv: false
 watchTasks: false
 criSocket: /var/run/containerd/containerd.sock
 privileged: false
@@ -199,6 +200,11 @@ securityContext: {}
     # The most processes a task may have unless its resources say (0: none).
     - name: TASK_PIDS_LIMIT
       value: {{ include "task-executor.scalar" $e.taskPidsLimit | quote }}
+    {{- end }}
+    {{- if $e.showTaskEnv }}
+    # Answers show tasks' environment values, as upstream's do (off: names only).
+    - name: SHOW_TASK_ENV
+      value: "true"
     {{- end }}
     {{- if eq .mode "sidecar" }}
     - name: ENABLE_SIDECAR_MODE
