@@ -178,8 +178,11 @@ impl Init {
 impl Drop for Init {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // The agent and the server first (they'd be re-parented away from the init),
-            // then the init; the shims go with `agent`'s drop.
+            // The init is stopped first: it restarts a dead agent or shim server, and one
+            // it started after its children were listed would outlive the test. Then the
+            // agent and the server (they'd be re-parented away from the init), then the
+            // init; the shims go with `agent`'s drop.
+            signal(self.pid, "STOP");
             for (pid, _) in children_of(self.pid) {
                 signal(pid, "KILL");
             }
