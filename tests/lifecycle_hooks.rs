@@ -223,20 +223,6 @@ fn a_failed_pre_start_ends_the_task_and_the_main_command_never_runs() {
     );
 }
 
-/// What upstream's controller reads: `processStatus.terminated`, success being
-/// `exitCode == 0` alone (from `/getTasks`, upstream's wire shape, as it polls).
-fn controller_view(a: &Agent, name: &str) -> Value {
-    let r = a.call("GET", "/getTasks", None);
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /getTasks"))["processStatus"]["terminated"]
-        .clone()
-}
-
 #[test]
 fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
     let a = Agent::start(&[]);
@@ -257,7 +243,7 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
     // 1, upstream's reason; the command's own code is in the message and the hook's in
     // its status.
     a.wait_state("ok-main", "terminated", T);
-    let t = controller_view(&a, "ok-main");
+    let t = a.controller_view("ok-main");
     assert_eq!(
         (t["exitCode"].as_i64(), t["reason"].as_str()),
         (Some(1), Some("PostStopHookFailed")),
@@ -280,7 +266,7 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
 
     // A failed command and a failed clean-up: upstream's reason, the command's own code.
     a.wait_state("failed-main", "terminated", T);
-    let t = controller_view(&a, "failed-main");
+    let t = a.controller_view("failed-main");
     assert_eq!(
         (t["exitCode"].as_i64(), t["reason"].as_str()),
         (Some(5), Some("PostStopHookFailed")),
@@ -293,7 +279,7 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
 
     // A timeout (the command was stopped) then a failed clean-up: the same.
     a.wait_state("timed-main", "terminated", T);
-    let t = controller_view(&a, "timed-main");
+    let t = a.controller_view("timed-main");
     assert_eq!(t["reason"], "PostStopHookFailed", "{t}");
     assert_ne!(t["exitCode"], 0, "{t}");
     let msg = t["message"].as_str().unwrap();
@@ -307,7 +293,7 @@ fn a_failed_post_stop_fails_the_task_as_upstream_reports_it() {
     // The command never ran (its preStart failed): that is why the task failed; the
     // clean-up's failure is added to the message.
     a.wait_state("pre-failed", "terminated", T);
-    let t = controller_view(&a, "pre-failed");
+    let t = a.controller_view("pre-failed");
     assert_eq!(
         (t["exitCode"].as_i64(), t["reason"].as_str()),
         (Some(1), Some("PreStartHookFailed")),

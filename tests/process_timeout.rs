@@ -8,23 +8,10 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use support::agent::Agent;
 
 const T: Duration = Duration::from_secs(30);
-
-/// `processStatus.terminated` of each task, as the controller reads `/getTasks`.
-fn controller_view(a: &Agent, name: &str) -> Value {
-    let r = a.call("GET", "/getTasks", None);
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == name)
-        .unwrap_or_else(|| panic!("{name} not in /getTasks"))["processStatus"]["terminated"]
-        .clone()
-}
 
 #[test]
 fn a_zero_or_negative_timeout_stops_the_task_at_once_as_timed_out() {
@@ -44,7 +31,7 @@ fn a_zero_or_negative_timeout_stops_the_task_at_once_as_timed_out() {
     assert_eq!(r.status, 200, "{}", r.text());
     for (name, secs) in [("zero", 0), ("negative", -5)] {
         a.wait_state(name, "terminated", T);
-        let t = controller_view(&a, name);
+        let t = a.controller_view(name);
         assert_eq!(t["reason"], "TaskTimeout", "{name}: {t}");
         assert_ne!(t["exitCode"], 0, "{name}: {t}");
         assert_eq!(
@@ -77,7 +64,7 @@ fn a_timeout_too_large_for_a_clock_is_no_deadline() {
     assert_eq!(r.status, 200, "{}", r.text());
     for name in ["huge", "huge-hook"] {
         a.wait_state(name, "terminated", T);
-        let t = controller_view(&a, name);
+        let t = a.controller_view(name);
         assert_eq!(
             (t["exitCode"].as_i64(), t["reason"].as_str()),
             (Some(0), Some("Succeeded")),

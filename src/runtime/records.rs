@@ -728,35 +728,20 @@ mod tests {
     fn a_claim_given_back_no_longer_stands() {
         let dir = tempfile::tempdir().unwrap();
         let mut f = std::fs::File::create(dir.path().join(RUN)).unwrap();
-        let me = ProcIdentity::without_inode(7, 9);
-        append(
-            &mut f,
-            &Entry::Claimed(Claim {
-                shim: me,
-                nonce: None,
-                cgroup: None,
-                limits: Vec::new(),
-            }),
-            false,
-        )
-        .unwrap();
+        let claim = Entry::Claimed(Claim {
+            shim: ProcIdentity::without_inode(7, 9),
+            nonce: None,
+            cgroup: None,
+            limits: Vec::new(),
+        });
+        append(&mut f, &claim, false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_some());
         let back = Entry::Unclaimed(Unclaim {
             why: "Resource temporarily unavailable (os error 11)".into(),
         });
         append(&mut f, &back, false).unwrap();
         assert!(read_run(dir.path()).unwrap().claimed.is_none());
-        append(
-            &mut f,
-            &Entry::Claimed(Claim {
-                shim: me,
-                nonce: None,
-                cgroup: None,
-                limits: Vec::new(),
-            }),
-            false,
-        )
-        .unwrap();
+        append(&mut f, &claim, false).unwrap();
         assert!(
             read_run(dir.path()).unwrap().claimed.is_some(),
             "a later claim stands"

@@ -387,6 +387,20 @@ impl Agent {
         self.data_dir.join(name)
     }
 
+    /// What upstream's controller reads: `processStatus.terminated` of `name` from
+    /// `/getTasks` (upstream's wire shape, as it polls), success being `exitCode == 0`.
+    pub fn controller_view(&self, name: &str) -> Value {
+        let r = self.call("GET", "/getTasks", None);
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not in /getTasks"))["processStatus"]["terminated"]
+            .clone()
+    }
+
     pub fn stdout(&self, name: &str) -> String {
         fs::read_to_string(self.task_dir(name).join("stdout.log")).unwrap_or_default()
     }
