@@ -591,7 +591,19 @@ fn a_long_poll_whose_client_closes_frees_its_connection() {
     use std::io::Write;
     use std::net::TcpStream;
     let a = Agent::start(&["--max-connections=1"]);
-    a.run("sleeper", &["sleep", "1000"]);
+    // The start-up probe's connection may still hold the only slot for a moment
+    // (the agent then answers 503 and closes), so the create is retried until it
+    // gets through; a refused connection never reaches the handler, so no retry
+    // can create the task twice.
+    let body = serde_json::to_vec(
+        &json!({"name": "sleeper", "spec": {"process": {"command": ["sleep", "1000"]}}}),
+    )
+    .unwrap();
+    support::wait_for(Duration::from_secs(30), "the create to get a slot", || {
+        http::request(a.addr, "POST", "/tasks", Some(&body))
+            .ok()
+            .filter(|r| r.status == 201)
+    });
     let mut s = TcpStream::connect(a.addr).unwrap();
     s.write_all(b"GET /tasks/sleeper?wait=5m HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
