@@ -339,7 +339,8 @@ impl Drop for StopShims {
 /// SIGTERMs the shim of every task under `data` (it stops its task and leaves) and waits
 /// until all are gone.
 fn stop_shims(data: &std::path::Path) {
-    use crate::runtime::{proc_handle::ProcHandle, process::lock_held, records};
+    use crate::runtime::{process::lock_held, records};
+    use crate::sys::proc_handle::ProcHandle;
     let dirs: Vec<PathBuf> = std::fs::read_dir(data)
         .into_iter()
         .flatten()

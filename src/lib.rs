@@ -2,7 +2,8 @@
 //!
 //! Layers, each importing only those below it:
 //! `api` (HTTP) → `kube` (Kubernetes integrations) → `manager` (create / delete / sync) →
-//! `runtime` (process, sidecar, container backends) → `task` (model, names, store).
+//! `runtime` (process, sidecar, container backends) → `task` (model, names, store) →
+//! `sys` (the OS: /proc, process handles, durable files, blocking-work pools).
 //! Exit events flow back runtime → manager over a channel. `agent` composes them and runs
 //! the agent (`run`, what `main` calls). See README.md for the API.
 #![deny(unsafe_code)]
@@ -26,6 +27,8 @@ pub mod manager;
 #[forbid(unsafe_code)]
 pub mod metrics;
 pub mod runtime; // holds `runtime::child_setup`, the one module allowed `unsafe`
+#[forbid(unsafe_code)]
+pub mod sys;
 #[forbid(unsafe_code)]
 pub mod task;
 #[forbid(unsafe_code)]

@@ -165,7 +165,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        // Only short reads and scans run there (`task::offload`; the store writes on
+        // Only short reads and scans run there (`sys::offload`; the store writes on
         // threads of its own); few threads keep few malloc arenas.
         .max_blocking_threads(8)
         .enable_all()

@@ -263,9 +263,7 @@ fn delete_never_signals_the_group_of_a_main_whose_exit_is_recorded() {
         .spawn()
         .unwrap();
     let pid = bystander.id() as i32;
-    let start = task_executor::runtime::procfs::stat(pid)
-        .unwrap()
-        .start_time;
+    let start = task_executor::sys::procfs::stat(pid).unwrap().start_time;
     let id = json!({"pid": pid, "startTime": start});
     let dead_shim = json!({"pid": 4_000_000, "startTime": 1});
     let lines = [
@@ -447,7 +445,7 @@ fn a_process_that_took_a_recorded_pid_in_the_same_tick_is_never_signalled() {
     let pid = bystander.id() as i32;
     let child = bystanders.0.wait_running();
     bystanders.1.wait_running();
-    let real = task_executor::runtime::procfs::ProcIdentity::of(pid).unwrap();
+    let real = task_executor::sys::procfs::ProcIdentity::of(pid).unwrap();
     let ino = real.pidfd_ino.expect("pidfs on this kernel (6.9+)");
     let id = json!({"pid": pid, "startTime": real.start_time, "pidfdIno": ino + 1});
     let dead_shim = json!({"pid": 4_000_000, "startTime": 1});

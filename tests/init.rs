@@ -222,7 +222,7 @@ fn orphans_are_reaped_and_a_dead_shim_server_is_replaced() {
     let server = init.server_pid().unwrap();
     signal(server, "KILL");
     wait_for(T, "the shim re-parented to the init", || {
-        let s = task_executor::runtime::procfs::stat(shim)?;
+        let s = task_executor::sys::procfs::stat(shim)?;
         (s.ppid == init.pid()).then_some(())
     });
     // The agent starts a server of its own for the next task.
@@ -245,7 +245,7 @@ fn orphans_are_reaped_and_a_dead_shim_server_is_replaced() {
     std::fs::write(&go, b"").unwrap();
     assert_eq!(a.wait_state("orphaned", "terminated", T)["exitCode"], 7);
     wait_for(T, "the shim reaped", || {
-        task_executor::runtime::procfs::stat(shim)
+        task_executor::sys::procfs::stat(shim)
             .is_none()
             .then_some(())
     });

@@ -169,9 +169,7 @@ fn leftovers_of_a_supervisor_that_died_while_starting_a_task_of_another_user_are
     let mut task = start_task_processes("window", &sleeps);
     sleeps.wait_running(65534);
     let main = task.id() as i32;
-    let start = task_executor::runtime::procfs::stat(main)
-        .unwrap()
-        .start_time;
+    let start = task_executor::sys::procfs::stat(main).unwrap().start_time;
     let spawned = json!({"spawned": {"process": {"pid": main, "startTime": start}}});
     std::fs::write(
         dir.join("run.jsonl"),
@@ -264,9 +262,7 @@ fn killed_supervisors_task_is_stopped(a: &Agent, name: &str, s: &Sleeps) {
         .as_i64()
         .unwrap() as i32;
     let main = a.main_pid(name);
-    let main_start = task_executor::runtime::procfs::stat(main)
-        .unwrap()
-        .start_time;
+    let main_start = task_executor::sys::procfs::stat(main).unwrap().start_time;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim),
         nix::sys::signal::Signal::SIGKILL,
@@ -280,7 +276,7 @@ fn killed_supervisors_task_is_stopped(a: &Agent, name: &str, s: &Sleeps) {
     });
     // The agent (the subreaper it was re-parented to) reaps it once its group is gone.
     wait_for(T, "the main process reaped", || {
-        task_executor::runtime::procfs::stat(main)
+        task_executor::sys::procfs::stat(main)
             .is_none_or(|s| s.start_time != main_start)
             .then_some(())
     });

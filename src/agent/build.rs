@@ -166,7 +166,7 @@ pub(super) async fn build_runtimes(
         )
         .with_containment(containment)
         .with_end_with_main(config.end_task_with_main)
-        .with_signalling(crate::runtime::proc_handle::check_signalling().inspect_err(
+        .with_signalling(crate::sys::proc_handle::check_signalling().inspect_err(
             |why| tracing::error!(why = %why, "the agent cannot stop tasks: not ready"),
         ))
         .with_default_seccomp(config.task_policy == PolicyLevel::Restricted);

@@ -66,7 +66,7 @@ pub(super) fn check_task_identity(config: &Config) -> Result<(), AppError> {
     if flags.is_empty() {
         return Ok(());
     }
-    let caps = runtime::procfs::own_effective_caps()?;
+    let caps = crate::sys::procfs::own_effective_caps()?;
     if caps & (SETUID | SETGID) != SETUID | SETGID {
         return Err(AppError::Config(format!(
             "{} needs CAP_SETUID and CAP_SETGID (run the agent as root)",

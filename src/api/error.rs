@@ -7,7 +7,7 @@ use warp::reply::Response;
 use super::auth::AuthError;
 use crate::manager::ManagerError;
 use crate::runtime::RuntimeError;
-use crate::task::exhaustion::Exhaustion;
+use crate::sys::exhaustion::Exhaustion;
 
 #[derive(Debug)]
 pub struct ApiError {

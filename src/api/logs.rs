@@ -68,7 +68,7 @@ pub async fn logs(
         false => None,
     };
     let streams = q.streams();
-    let reader = crate::task::offload::offload(move || set.open(streams))
+    let reader = crate::sys::offload::offload(move || set.open(streams))
         .await
         .map_err(|e| {
             ApiError::new(
@@ -79,7 +79,7 @@ pub async fn logs(
     let mut select = Select::new(reader, &q);
     // Output written after a task ended (by daemons it left) is not waited for.
     let flush = !follow || ended;
-    select = crate::task::offload::offload(move || {
+    select = crate::sys::offload::offload(move || {
         select.skip_to_tail(flush);
         select
     })
@@ -169,7 +169,7 @@ impl Follower {
     async fn drain(&mut self, flush: bool) -> bool {
         loop {
             let mut select = std::mem::replace(&mut self.select, Select::empty());
-            let (select, chunk) = crate::task::offload::offload(move || {
+            let (select, chunk) = crate::sys::offload::offload(move || {
                 let chunk = select.batch(flush);
                 (select, chunk)
             })

@@ -351,7 +351,8 @@ impl Init {
     /// group is the task's and stop it (see `runtime::reaper`). The agent and the shim
     /// server are reaped at once whatever their groups hold.
     fn reap(&mut self) {
-        use crate::runtime::{procfs, reaper};
+        use crate::runtime::reaper;
+        use crate::sys::procfs;
         let zombies: Vec<i32> = reaper::children()
             .into_iter()
             .filter(|&p| procfs::stat(p).is_some_and(|s| s.state == 'Z'))

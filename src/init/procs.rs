@@ -30,9 +30,9 @@ pub fn children() -> Vec<i32> {
             .filter_map(|p| p.parse().ok())
             .collect();
     }
-    crate::runtime::procfs::pids()
+    crate::sys::procfs::pids()
         .into_iter()
-        .filter(|&p| crate::runtime::procfs::stat(p).is_some_and(|s| s.ppid == me))
+        .filter(|&p| crate::sys::procfs::stat(p).is_some_and(|s| s.ppid == me))
         .collect()
 }
 

@@ -14,8 +14,8 @@ use super::KubeClient;
 use super::KubeError;
 use super::pod::{ContainerId, fetch_main_container};
 use crate::runtime::container::cri::{Cri, GrpcCri};
-use crate::runtime::procfs::{self, ProcIdentity};
 use crate::runtime::sidecar::MainContainerLocator;
+use crate::sys::procfs::{self, ProcIdentity};
 
 /// Finds a container's process from its ID. The locator tries resolvers in order: the
 /// runtime's own answer through CRI (where a CRI socket is mounted), then the
@@ -38,7 +38,7 @@ impl ContainerPidResolver for CgroupScanResolver {
 
     fn container_pid(&self, id: &ContainerId) -> BoxFuture<'_, Result<ProcIdentity, String>> {
         let id = id.id.clone();
-        Box::pin(async move { crate::task::offload::offload(move || scan_cgroups(&id)).await })
+        Box::pin(async move { crate::sys::offload::offload(move || scan_cgroups(&id)).await })
     }
 }
 
@@ -92,7 +92,7 @@ impl CriPidResolver {
 
     async fn find(&self, id: &str) -> Result<ProcIdentity, String> {
         let socket = self.socket.clone();
-        crate::task::offload::offload(move || runtime_shares_pid_namespace(&socket)).await?;
+        crate::sys::offload::offload(move || runtime_shares_pid_namespace(&socket)).await?;
         let cri = self.client()?;
         let pid = tokio::time::timeout(self.timeout, cri.container_pid(id))
             .await

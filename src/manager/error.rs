@@ -1,7 +1,7 @@
 use std::io;
 
 use crate::runtime::RuntimeError;
-use crate::task::exhaustion::Exhaustion;
+use crate::sys::exhaustion::Exhaustion;
 use crate::task::identity::UidRange;
 
 /// Errors of the manager layer; `api::error` maps each to an HTTP status.

@@ -671,7 +671,7 @@ unsafe fn own_pidfd_inode() -> Option<u64> {
         let mut fs: libc::statfs = std::mem::zeroed();
         let mut st: libc::stat = std::mem::zeroed();
         let ok = libc::fstatfs(fd, &mut fs) == 0
-            && fs.f_type as u64 == crate::runtime::procfs::PIDFS_MAGIC
+            && fs.f_type as u64 == crate::sys::procfs::PIDFS_MAGIC
             && libc::fstat(fd, &mut st) == 0;
         libc::close(fd);
         ok.then_some(st.st_ino as u64)
@@ -875,8 +875,8 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::procfs::ProcIdentity;
     use crate::runtime::records::{self, Entry};
+    use crate::sys::procfs::ProcIdentity;
     use crate::task::model::HookName;
 
     #[test]

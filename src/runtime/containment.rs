@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use super::proc_handle::ProcHandle;
-use super::procfs;
+use crate::sys::proc_handle::ProcHandle;
+use crate::sys::procfs;
 
 /// The directory task cgroups are made in, under the agent's own cgroup.
 pub(super) const PARENT_NAME: &str = "task-executor";

@@ -16,7 +16,7 @@ pub enum RuntimeError {
     Launch(#[source] io::Error),
     /// The task was not started because the machine ran out of something (processes,
     /// file descriptors, memory, disk): nothing of it ran, so starting it later is safe.
-    #[error("could not start the task: out of {}: {source}", crate::task::exhaustion::Exhaustion::of(.source).map_or("resources", |x| x.what()))]
+    #[error("could not start the task: out of {}: {source}", crate::sys::exhaustion::Exhaustion::of(.source).map_or("resources", |x| x.what()))]
     OutOfResources {
         #[source]
         source: io::Error,
@@ -45,13 +45,13 @@ pub enum RuntimeError {
 impl RuntimeError {
     /// The resource the machine ran out of, when that is why this failed (for the API's
     /// answer). Only `OutOfResources` also says that the task did not start.
-    pub fn exhaustion(&self) -> Option<crate::task::exhaustion::Exhaustion> {
+    pub fn exhaustion(&self) -> Option<crate::sys::exhaustion::Exhaustion> {
         match self {
             RuntimeError::OutOfResources { source: e }
             | RuntimeError::Launch(e)
             | RuntimeError::Io(e)
             | RuntimeError::Record { source: e, .. }
-            | RuntimeError::Journal { source: e, .. } => crate::task::exhaustion::Exhaustion::of(e),
+            | RuntimeError::Journal { source: e, .. } => crate::sys::exhaustion::Exhaustion::of(e),
             _ => None,
         }
     }
@@ -59,7 +59,7 @@ impl RuntimeError {
     /// A failure to hand the task to its supervisor, before anything of it could run:
     /// `OutOfResources` when the machine ran out of something, else `Launch`.
     pub fn before_launch(e: io::Error) -> Self {
-        if crate::task::exhaustion::Exhaustion::of(&e).is_some() {
+        if crate::sys::exhaustion::Exhaustion::of(&e).is_some() {
             RuntimeError::OutOfResources { source: e }
         } else {
             RuntimeError::Launch(e)

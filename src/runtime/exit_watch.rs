@@ -20,8 +20,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
 use super::journal_watch::JournalWatch;
-use super::proc_handle::PidFd;
 use super::process::lock_held;
+use crate::sys::proc_handle::PidFd;
 
 pub enum ExitWatch {
     /// EOF on the stdout pipe of a shim this agent started.

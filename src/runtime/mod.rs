@@ -21,11 +21,7 @@ pub mod limits; // resource limits and usage per process task, through its cgrou
 #[forbid(unsafe_code)]
 pub mod outcome;
 #[forbid(unsafe_code)]
-pub mod proc_handle;
-#[forbid(unsafe_code)]
 pub mod process;
-#[forbid(unsafe_code)]
-pub mod procfs;
 #[forbid(unsafe_code)]
 pub mod reaper;
 #[forbid(unsafe_code)]

@@ -5,11 +5,11 @@
 
 use nix::sys::signal::Signal;
 
-use super::proc_handle::{ProcHandle, signal_group};
-use super::procfs::{self, ProcIdentity};
 use super::records::{self, ExitRecord, HookExit, Leftovers, Run, Unrecorded};
 use super::shim::kill;
 use super::{Observed, TaskRef};
+use crate::sys::proc_handle::{ProcHandle, signal_group};
+use crate::sys::procfs::{self, ProcIdentity};
 use crate::task::model::{
     HookName, HookStatuses, Running, TaskState, Terminated, Waiting, reason, signal_name,
 };

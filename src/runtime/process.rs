@@ -18,10 +18,10 @@ use super::journal_watch::JournalWatch;
 use super::launcher::Launcher;
 use super::limits;
 use super::outcome::{self, settle};
-use super::proc_handle::{PidFd, ProcHandle, signal_group};
-use super::procfs::ProcIdentity;
 use super::records::{self, HookLaunch, HookPlace, Launch, Target, Unrecorded};
 use super::{EventSink, Observed, Runtime, RuntimeError, RuntimeEvent, TaskRef};
+use crate::sys::proc_handle::{PidFd, ProcHandle, signal_group};
+use crate::sys::procfs::ProcIdentity;
 use crate::task::identity::{RunAs, SecurityContext};
 use crate::task::model::{ExecMode, HookName};
 
@@ -337,7 +337,7 @@ impl ProcessRuntime {
             // Recovery: thousands at once, off the event loop's two workers.
             None => {
                 let t = task.clone();
-                crate::task::offload::offload(move || judge(&t, true)).await?
+                crate::sys::offload::offload(move || judge(&t, true)).await?
             }
         };
         match judged {
@@ -374,7 +374,7 @@ impl ProcessRuntime {
                 // left output: it ran (maybe still runs, unsupervised). Reported as lost, never run again.
                 let t = task.clone();
                 Some(
-                    crate::task::offload::offload(move || {
+                    crate::sys::offload::offload(move || {
                         tracing::error!(task = %t.name, "the task's launch was claimed but its run journal says nothing; it is not run again");
                         settle_durably(&t, Unrecorded::SupervisorLost, &records::Run::default())
                     })
@@ -416,7 +416,7 @@ impl ProcessRuntime {
             stop(&task.dir, grace, hooks).await;
             limits::untrack(&task.uid);
             let (dir, uid) = (task.dir.clone(), task.host_uid);
-            crate::task::offload::offload(move || end_leftovers(&dir, uid))
+            crate::sys::offload::offload(move || end_leftovers(&dir, uid))
                 .await
                 .map_err(RuntimeError::Io)
         })
@@ -816,7 +816,7 @@ fn spawn_exit_waiter(
                 let mut pause = Duration::from_millis(200);
                 loop {
                     let (t, r) = (task.clone(), run.clone());
-                    let settled = crate::task::offload::offload(move || {
+                    let settled = crate::sys::offload::offload(move || {
                         if r.claimed.is_none() {
                             let never = outcome::never_started(&t, NEVER_STARTED);
                             recorded(&t.dir).map(|()| Observed::Terminated(never))
@@ -913,7 +913,7 @@ async fn follow_journal(
 /// Whether a shim holds the lock on `path`. Only a missing file or a lock granted counts
 /// as "no": anything else (out of descriptors, say) is no proof the shim is gone.
 pub(crate) fn lock_held(path: &Path) -> bool {
-    match crate::task::fsutil::open_nonblocking(path) {
+    match crate::sys::fsutil::open_nonblocking(path) {
         Err(e) => e.kind() != io::ErrorKind::NotFound,
         Ok(f) => Flock::lock(f, FlockArg::LockSharedNonblock).is_err(),
     }

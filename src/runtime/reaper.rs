@@ -26,7 +26,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::procfs;
+use crate::sys::procfs;
 
 pub fn start() -> std::io::Result<()> {
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::procfs::ProcIdentity;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::identity::RunAs;
 use crate::task::model::{EnvVar, HookName};
 use crate::task::time::Time;
@@ -167,7 +167,7 @@ impl Run {
 /// Reads the journal; a missing file is an empty run. Only a regular file is read (a
 /// FIFO or a symlink in its place is an error, never a wait), up to a bound.
 pub fn read_run(dir: &Path) -> io::Result<Run> {
-    match crate::task::fsutil::read_regular(&dir.join(RUN), MAX_JOURNAL_BYTES) {
+    match crate::sys::fsutil::read_regular(&dir.join(RUN), MAX_JOURNAL_BYTES) {
         Ok(text) => Ok(parse_run(&text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Run::default()),
         Err(e) => Err(e),
@@ -176,7 +176,7 @@ pub fn read_run(dir: &Path) -> io::Result<Run> {
 
 /// The most of a journal that is read: a launch line is at most about a request body
 /// (a few MiB), and `write_launch` replaces it rather than adding another.
-const MAX_JOURNAL_BYTES: u64 = crate::task::fsutil::MAX_RECORD_BYTES;
+const MAX_JOURNAL_BYTES: u64 = crate::sys::fsutil::MAX_RECORD_BYTES;
 
 fn parse_run(text: &[u8]) -> Run {
     let mut run = Run::default();
@@ -255,7 +255,7 @@ pub fn write_launch(dir: &Path, launch: &Launch) -> io::Result<bool> {
     f.write_all(&bytes)?;
     if len > 0 {
         // The truncation gave the create's reservation back; it is taken again.
-        crate::task::fsutil::reserve_space(
+        crate::sys::fsutil::reserve_space(
             &f,
             bytes.len() as u64,
             crate::task::store::JOURNAL_RESERVE,

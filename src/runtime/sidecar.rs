@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::proc_handle::ProcHandle;
 use super::process::ProcessRuntime;
-use super::procfs::ProcIdentity;
 use super::records::{self, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
+use crate::sys::proc_handle::ProcHandle;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::model::{ExecMode, TaskSpec};
 
 /// Finds the main container's init process. Implementations: Kubernetes Pod status and
@@ -86,7 +86,7 @@ impl SidecarRuntime {
             .cloned()
             .collect();
         let container = self.container.clone();
-        let (signalled, finished) = crate::task::offload::offload(move || {
+        let (signalled, finished) = crate::sys::offload::offload(move || {
             let mut signalled = 0;
             let mut finished = Vec::new();
             for dir in dirs {

@@ -20,8 +20,8 @@ use std::os::unix::fs::MetadataExt;
 
 use futures::future::BoxFuture;
 
-use super::procfs::{self, ProcIdentity};
 use super::sidecar::MainContainerLocator;
+use crate::sys::procfs::{self, ProcIdentity};
 
 pub struct EnvLocator {
     pub container: String,
@@ -30,7 +30,7 @@ pub struct EnvLocator {
 impl MainContainerLocator for EnvLocator {
     fn locate(&self) -> BoxFuture<'_, Result<ProcIdentity, String>> {
         let container = self.container.clone();
-        Box::pin(async move { crate::task::offload::offload(move || scan_env(&container)).await })
+        Box::pin(async move { crate::sys::offload::offload(move || scan_env(&container)).await })
     }
 }
 

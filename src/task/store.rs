@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::fsutil;
-use super::io_workers::IoWorkers;
 use super::model::{ExecMode, TaskSpec, Terminated};
 use super::name;
 use super::time::Time;
+use crate::sys::fsutil;
+use crate::sys::io_workers::IoWorkers;
 
 pub const TASK_FILE: &str = "task.json";
 /// The runtime's journal of the task's run (see `runtime::records`). Created empty with

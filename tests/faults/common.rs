@@ -100,11 +100,9 @@ pub fn runs(markers: &Path) -> BTreeMap<String, usize> {
 
 /// The agent's child running `shim-server`.
 pub fn shim_server(agent: i32) -> Option<i32> {
-    task_executor::runtime::procfs::pids()
-        .into_iter()
-        .find(|pid| {
-            let ppid = task_executor::runtime::procfs::stat(*pid).map(|s| s.ppid);
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            ppid == Some(agent) && cmd.ends_with(b"shim-server\0")
-        })
+    task_executor::sys::procfs::pids().into_iter().find(|pid| {
+        let ppid = task_executor::sys::procfs::stat(*pid).map(|s| s.ppid);
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        ppid == Some(agent) && cmd.ends_with(b"shim-server\0")
+    })
 }

@@ -169,7 +169,7 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         .append(true)
         .open(dir.join(records::RUN))
         .unwrap();
-    let me = task_executor::runtime::procfs::ProcIdentity::without_inode(1, 1);
+    let me = task_executor::sys::procfs::ProcIdentity::without_inode(1, 1);
     records::append(
         &mut f,
         &Entry::Claimed(records::Claim {

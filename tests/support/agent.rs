@@ -74,18 +74,16 @@ impl Agent {
     /// The host pid of a process that has `ns_pid` in the agent's own PID namespace.
     pub fn host_pid(&self, ns_pid: i32) -> Option<i32> {
         let ns = fs::read_link(format!("/proc/{}/ns/pid", self.ns_init()?)).ok()?;
-        task_executor::runtime::procfs::pids()
-            .into_iter()
-            .find(|p| {
-                fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns)
-                    && fs::read_to_string(format!("/proc/{p}/status"))
-                        .ok()
-                        .and_then(|s| {
-                            let line = s.lines().find(|l| l.starts_with("NSpid:"))?.to_string();
-                            line.split_whitespace().last()?.parse::<i32>().ok()
-                        })
-                        == Some(ns_pid)
-            })
+        task_executor::sys::procfs::pids().into_iter().find(|p| {
+            fs::read_link(format!("/proc/{p}/ns/pid")).ok().as_ref() == Some(&ns)
+                && fs::read_to_string(format!("/proc/{p}/status"))
+                    .ok()
+                    .and_then(|s| {
+                        let line = s.lines().find(|l| l.starts_with("NSpid:"))?.to_string();
+                        line.split_whitespace().last()?.parse::<i32>().ok()
+                    })
+                    == Some(ns_pid)
+        })
     }
 
     /// True when the process (a host pid) lives in the agent's own PID namespace.

@@ -165,10 +165,10 @@ impl Init {
 
     /// The init's children that exited and were not reaped.
     pub fn zombies(&self) -> Vec<i32> {
-        task_executor::runtime::procfs::pids()
+        task_executor::sys::procfs::pids()
             .into_iter()
             .filter(|p| {
-                task_executor::runtime::procfs::stat(*p)
+                task_executor::sys::procfs::stat(*p)
                     .is_some_and(|s| s.ppid == self.pid && s.state == 'Z')
             })
             .collect()
@@ -194,11 +194,10 @@ impl Drop for Init {
 
 /// Live (non-zombie) children of `parent` with their argv.
 pub fn children_of(parent: i32) -> Vec<(i32, Vec<String>)> {
-    task_executor::runtime::procfs::pids()
+    task_executor::sys::procfs::pids()
         .into_iter()
         .filter(|p| {
-            task_executor::runtime::procfs::stat(*p)
-                .is_some_and(|s| s.ppid == parent && s.state != 'Z')
+            task_executor::sys::procfs::stat(*p).is_some_and(|s| s.ppid == parent && s.state != 'Z')
         })
         .map(|p| (p, argv(p)))
         .collect()

@@ -44,7 +44,7 @@ pub fn pid_alive(pid: i32) -> bool {
 /// Pids of live (non-zombie) processes whose argv is exactly `argv`.
 pub fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
     let want = argv.join("\0");
-    task_executor::runtime::procfs::pids()
+    task_executor::sys::procfs::pids()
         .into_iter()
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {

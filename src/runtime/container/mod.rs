@@ -283,7 +283,7 @@ impl Inner {
             return Ok(Observed::Terminated(t));
         }
         let (dir, vols) = (task.dir.clone(), t.volumes.clone());
-        crate::task::offload::offload(move || own_volumes::prepare(&dir, &vols)).await?;
+        crate::sys::offload::offload(move || own_volumes::prepare(&dir, &vols)).await?;
         let c = t.container;
         let sb = self.sandboxes.get().await?;
         let target_id = match c.target_container.as_deref() {
@@ -360,8 +360,7 @@ impl Inner {
             Some(Observed::Terminated(t)) => {
                 self.monitor.unwatch(&id);
                 let (dir, max) = (task.dir.clone(), self.max_log_bytes);
-                let _ =
-                    crate::task::offload::offload(move || logs::enforce_budget(&dir, max)).await;
+                let _ = crate::sys::offload::offload(move || logs::enforce_budget(&dir, max)).await;
                 Ok(Observed::Terminated(t))
             }
             running => {

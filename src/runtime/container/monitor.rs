@@ -255,7 +255,7 @@ impl State {
         };
         let w = entry.watch;
         let (dir, max) = (w.task.dir.clone(), self.cfg.max_log_bytes);
-        let _ = crate::task::offload::offload(move || logs::enforce_budget(&dir, max)).await;
+        let _ = crate::sys::offload::offload(move || logs::enforce_budget(&dir, max)).await;
         tracing::info!(task = %w.task.name, container = %id, exit_code = t.exit_code, reason = %t.reason, "container exited");
         let _ = w.events.send(RuntimeEvent {
             name: w.task.name,
@@ -297,7 +297,7 @@ impl State {
             .map(|(id, e)| (id.clone(), e.watch.task.dir.clone()))
             .collect();
         for (id, dir) in dirs {
-            let rotated = crate::task::offload::offload(move || logs::rotate_if_needed(&dir, max))
+            let rotated = crate::sys::offload::offload(move || logs::rotate_if_needed(&dir, max))
                 .await
                 .unwrap_or(false);
             if rotated && let Err(s) = self.cri.reopen_container_log(&id).await {

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::logs::{self, CappedLog};
-use crate::runtime::procfs::ProcIdentity;
 use crate::runtime::records::HookExit;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 

@@ -15,8 +15,8 @@ use std::os::fd::BorrowedFd;
 
 use nix::sys::signal::Signal;
 
-use crate::runtime::proc_handle::ProcHandle;
-use crate::runtime::procfs;
+use crate::sys::proc_handle::ProcHandle;
+use crate::sys::procfs;
 
 /// Sends `sig` to every live descendant of `root` (pids as the /proc at `proc` shows
 /// them), except `spare` itself (its descendants are signalled). Returns how many live

@@ -42,9 +42,9 @@ use self::place::{MAIN, POST_STOP, PRE_START, Place};
 use super::child_setup::{Cwd, ForkServer};
 use super::containment;
 use super::limits;
-use super::procfs::ProcIdentity;
 use super::records::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
-use crate::task::exhaustion::Exhaustion;
+use crate::sys::exhaustion::Exhaustion;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 

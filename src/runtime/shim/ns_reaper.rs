@@ -36,7 +36,7 @@ use super::cgroup;
 use super::kill;
 use super::place::JobExit;
 use crate::runtime::child_setup::{self, ExecPlan, ForkServer, SpawnError, Step};
-use crate::runtime::procfs::{self, ProcIdentity};
+use crate::sys::procfs::{self, ProcIdentity};
 
 /// What the reaper needs to enter the main container, opened by the shim.
 pub struct Entry {
@@ -478,7 +478,7 @@ impl Served {
     fn identity(&self, pid: i32) -> io::Result<ProcIdentity> {
         let pid = rustix::process::Pid::from_raw(pid).ok_or(io::ErrorKind::InvalidInput)?;
         let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
-        let outer = crate::runtime::proc_handle::pidfd_pid_at(self.proc.as_fd(), fd.as_fd())
+        let outer = crate::sys::proc_handle::pidfd_pid_at(self.proc.as_fd(), fd.as_fd())
             .ok_or(io::ErrorKind::NotFound)?;
         let stat = procfs::stat_at(self.proc.as_fd(), outer).ok_or(io::ErrorKind::NotFound)?;
         Ok(ProcIdentity {

@@ -14,8 +14,8 @@ use nix::unistd::Pid;
 
 use super::ns_reaper::Reaper;
 use crate::runtime::child_setup::{self, Announce, ExecPlan, SpawnError, Step};
-use crate::runtime::procfs::ProcIdentity;
 use crate::runtime::records;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
 
 /// The task's own command.

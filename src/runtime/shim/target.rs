@@ -12,8 +12,8 @@ use nix::sched::CloneFlags;
 use super::cgroup;
 use super::ns_reaper::Entry;
 use crate::runtime::child_setup::{CapSets, Creds, Cwd};
-use crate::runtime::procfs;
 use crate::runtime::records::Target;
+use crate::sys::procfs;
 
 pub struct Prepared {
     pub entry: Entry,

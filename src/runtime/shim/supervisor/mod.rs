@@ -30,10 +30,10 @@ use super::logs::{self, CappedLog};
 use super::place::{JobExit, MAIN, Place};
 use super::{notify_agent, release_agent};
 use crate::runtime::child_setup::{SpawnError, Step};
-use crate::runtime::proc_handle;
-use crate::runtime::procfs::ProcIdentity;
 use crate::runtime::records::{self, Entry, ExitRecord, Launch, ShimRecord, Unrecorded};
-use crate::task::exhaustion::Exhaustion;
+use crate::sys::exhaustion::Exhaustion;
+use crate::sys::proc_handle;
+use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 
@@ -704,7 +704,7 @@ impl<'a> Supervisor<'a> {
 /// The disk refused a write for now (full, over quota, read-only): worth waiting out.
 fn disk_refused(e: &io::Error) -> bool {
     matches!(
-        crate::task::exhaustion::Exhaustion::of(e),
-        Some(crate::task::exhaustion::Exhaustion::Disk)
+        crate::sys::exhaustion::Exhaustion::of(e),
+        Some(crate::sys::exhaustion::Exhaustion::Disk)
     ) || e.raw_os_error() == Some(nix::libc::EROFS)
 }

@@ -1,0 +1,16 @@
+//! The operating system, below every other layer: what the kernel offers, wrapped once
+//! and imported from everywhere, importing nothing else of the crate.
+//!
+//! - `procfs`: every parse of `/proc` (identities, status, stat, mountinfo, cgroups).
+//! - `proc_handle`: a process named by pid plus start time, signalled only while it is
+//!   still that process (a pidfd where the kernel has one).
+//! - `fsutil`: whole-file replacement, directory syncs, the durable write path.
+//! - `io_workers` and `offload`: blocking file work kept off the async threads.
+//! - `exhaustion`: which errors mean "out of descriptors, memory or threads".
+
+pub mod exhaustion;
+pub mod fsutil;
+pub mod io_workers;
+pub mod offload;
+pub mod proc_handle;
+pub mod procfs;
