@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::sys::procfs;
+
 mod finished;
 pub mod slow_clients;
 
@@ -386,10 +388,8 @@ fn wait_all(addr: SocketAddr, n: usize, state: &str) -> Result<(), BenchError> {
 }
 
 fn status_field(pid: u32, name: &str) -> Result<u64, BenchError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    procfs::Status::of(pid as i32)?
+        .number(name)
         .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/status")))
 }
 
@@ -599,10 +599,8 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 /// recently the binary file was read.
 fn rss_kib(pid: u32) -> Result<(u64, u64), BenchError> {
     let field = |file: &str, name: &str| -> Result<u64, BenchError> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        procfs::Status::file(pid as i32, file)?
+            .number(name)
             .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/{file}")))
     };
     Ok((
@@ -612,13 +610,7 @@ fn rss_kib(pid: u32) -> Result<(u64, u64), BenchError> {
 }
 
 fn cpu_ticks(pid: u32) -> Result<u64, BenchError> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let f: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Ok(n(11) + n(12)) // utime + stime
+    let stat = procfs::stat(pid as i32)
+        .ok_or_else(|| BenchError::Setup(format!("no /proc/{pid}/stat")))?;
+    Ok(stat.utime + stat.stime)
 }

@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::sys::procfs;
+
 /// `Content-Type` of the OpenMetrics text format (what Prometheus asks for first).
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -461,30 +463,15 @@ impl ProcessStats {
     fn read() -> Option<ProcessStats> {
         // USER_HZ, the unit of /proc's tick counts, is 100 on every Linux architecture.
         const TICKS: f64 = 100.0;
-        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // Fields after the command name (which may hold spaces and parentheses).
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-        let status = std::fs::read_to_string("/proc/self/status").ok()?;
-        let field = |key: &str| {
-            status.lines().find_map(|l| {
-                l.strip_prefix(key)?
-                    .split_whitespace()
-                    .next()?
-                    .parse::<u64>()
-                    .ok()
-            })
-        };
-        let boot = std::fs::read_to_string("/proc/stat")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("btime ")?.trim().parse::<u64>().ok())?;
+        let stat = procfs::stat(std::process::id() as i32)?;
+        let status = procfs::Status::own().ok()?;
+        let boot = procfs::boot_time_seconds()?;
         Some(ProcessStats {
-            rss_bytes: field("VmRSS:")? * 1024,
+            rss_bytes: status.number("VmRSS:")? * 1024,
             open_fds: std::fs::read_dir("/proc/self/fd").ok()?.count() as u64,
-            threads: field("Threads:")?,
-            cpu_seconds: (num(11)? + num(12)?) as f64 / TICKS,
-            start_time_seconds: boot as f64 + num(19)? as f64 / TICKS,
+            threads: stat.threads,
+            cpu_seconds: (stat.utime + stat.stime) as f64 / TICKS,
+            start_time_seconds: boot as f64 + stat.start_time as f64 / TICKS,
         })
     }
 }

@@ -131,11 +131,8 @@ pub fn run(addr: SocketAddr, agent_pid: u32, load: &Load) -> std::io::Result<Rep
 }
 
 fn rss_kib(pid: u32) -> std::io::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    Ok(status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    Ok(crate::sys::procfs::Status::of(pid as i32)?
+        .number("VmRSS:")
         .unwrap_or(0))
 }
 

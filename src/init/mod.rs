@@ -223,7 +223,7 @@ impl Init {
             } => {
                 // Supervisors re-parented to us since the last look get their stop request
                 // too. A pid listed here is our unreaped child, so it can't be reused.
-                let children = procs::children();
+                let children = crate::sys::procfs::own_children();
                 for &c in &children {
                     for cg in crate::runtime::containment::task_cgroups_of(c) {
                         if !self.task_cgroups.contains(&cg) {
@@ -353,7 +353,7 @@ impl Init {
     fn reap(&mut self) {
         use crate::runtime::reaper;
         use crate::sys::procfs;
-        let zombies: Vec<i32> = reaper::children()
+        let zombies: Vec<i32> = procfs::own_children()
             .into_iter()
             .filter(|&p| procfs::stat(p).is_some_and(|s| s.state == 'Z'))
             .collect();
@@ -383,7 +383,7 @@ impl Init {
                 break;
             }
         }
-        self.childless = reaper::children().is_empty();
+        self.childless = procfs::own_children().is_empty();
     }
 
     fn exited(&mut self, pid: Pid, exit: Exit) {

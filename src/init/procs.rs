@@ -14,28 +14,6 @@ use nix::unistd::Pid;
 /// to spare a task that holds a large share of the memory.
 pub const AGENT_OOM_SCORE_RAISE: i32 = 100;
 
-/// The pids of the calling process's children (those of each of its threads; the init has
-/// one). Falls back to a scan of /proc where the kernel lacks `/proc/PID/task/TID/children`.
-pub fn children() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let lists: Option<Vec<String>> = fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
-        tasks
-            .map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
-            .collect()
-    });
-    if let Some(lists) = lists {
-        return lists
-            .iter()
-            .flat_map(|l| l.split_ascii_whitespace())
-            .filter_map(|p| p.parse().ok())
-            .collect();
-    }
-    crate::sys::procfs::pids()
-        .into_iter()
-        .filter(|&p| crate::sys::procfs::stat(p).is_some_and(|s| s.ppid == me))
-        .collect()
-}
-
 /// Makes `pid` (the agent, just started) the OOM killer's preferred victim over the init.
 /// Raising a score needs no privilege; an error is returned for the caller to log.
 pub fn raise_oom_score(pid: i32) -> std::io::Result<i32> {
@@ -100,18 +78,5 @@ mod tests {
             (137, "killed by SIGKILL")
         );
         assert!(Exit::of(WaitStatus::StillAlive).is_none());
-    }
-
-    #[test]
-    fn children_are_listed() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let pid = child.id() as i32;
-        let listed = children().contains(&pid);
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(listed);
     }
 }

@@ -154,7 +154,7 @@ fn scan_cgroups(id: &str) -> Result<ProcIdentity, String> {
         if pid == me {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        let Ok(text) = procfs::cgroups_text(Some(pid)) else {
             continue;
         };
         if !text.lines().any(|l| cgroup_line_names(l, id)) {
@@ -178,10 +178,10 @@ pub fn cgroup_line_names(line: &str, id: &str) -> bool {
     if id.is_empty() {
         return false;
     }
-    let Some(path) = line.splitn(3, ':').nth(2) else {
+    let Some(entry) = procfs::cgroup_entries(line).next() else {
         return false;
     };
-    path.split('/').any(|seg| {
+    entry.path.split('/').any(|seg| {
         let seg = seg.strip_suffix(".scope").unwrap_or(seg);
         seg == id
             || seg

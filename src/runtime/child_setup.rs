@@ -168,13 +168,10 @@ impl ForkServer {
     }
 }
 
-/// Threads of this process, from /proc/self/stat (field 20).
+/// Threads of this process.
 fn thread_count() -> io::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    stat.rsplit(')')
-        .next()
-        .and_then(|rest| rest.split_whitespace().nth(17))
-        .and_then(|n| n.parse().ok())
+    crate::sys::procfs::stat(std::process::id() as i32)
+        .map(|s| s.threads)
         .ok_or_else(|| io::Error::other("unreadable /proc/self/stat"))
 }
 
@@ -285,16 +282,7 @@ pub struct Creds {
     pub caps: Option<CapSets>,
 }
 
-/// A process's capability sets, as bit masks (bit N: capability N), as
-/// `/proc/PID/status` lists them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CapSets {
-    pub inheritable: u64,
-    pub permitted: u64,
-    pub effective: u64,
-    pub bounding: u64,
-    pub ambient: u64,
-}
+pub use crate::sys::procfs::CapSets;
 
 /// Everything a task's process needs up to its exec, prepared by the caller: the child
 /// only makes system calls on it, and allocates nothing.

@@ -79,8 +79,8 @@ pub struct Parent {
 
 /// The containment this agent gives process tasks: a cgroup per task, or why not.
 pub fn detect() -> Result<Parent, String> {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let own = fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let mounts = procfs::own_mountinfo().map_err(|e| e.to_string())?;
+    let own = procfs::cgroups_text(None).map_err(|e| e.to_string())?;
     let mut why = Vec::new();
     for kind in [Kind::V2, Kind::V1Freezer] {
         match try_kind(kind, &mounts, &own) {
@@ -93,19 +93,14 @@ pub fn detect() -> Result<Parent, String> {
 
 fn try_kind(kind: Kind, mounts: &str, own: &str) -> Result<Parent, String> {
     let mount = mount_point(kind, mounts).ok_or("not mounted")?;
-    let path = own
-        .lines()
-        .find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, ctl, path) = (p.next()?, p.next()?, p.next()?);
-            let ours = match kind {
-                Kind::V2 => ctl.is_empty(),
-                Kind::V1Freezer => ctl.split(',').any(|c| c == "freezer"),
-            };
-            ours.then(|| path.to_string())
+    let path = procfs::cgroup_entries(own)
+        .find(|e| match kind {
+            Kind::V2 => e.is_v2(),
+            Kind::V1Freezer => e.has("freezer"),
         })
-        .ok_or("the agent is in no cgroup of it")?;
-    let dir = make_parent(&mount, &path)?;
+        .ok_or("the agent is in no cgroup of it")?
+        .path;
+    let dir = make_parent(&mount, path)?;
     // (A root cgroup has no `cgroup.kill`; every other one has, from Linux 5.14.)
     if kind == Kind::V2 && !dir.join("cgroup.kill").exists() {
         return Err("no cgroup.kill (Linux 5.14 or later)".into());
@@ -119,17 +114,12 @@ fn try_kind(kind: Kind, mounts: &str, own: &str) -> Result<Parent, String> {
 
 /// Where the hierarchy is mounted (the first mount of it).
 fn mount_point(kind: Kind, mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mut post = post.split_whitespace();
-        let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
-        let point = pre.split_whitespace().nth(4)?;
-        let wanted = match kind {
-            Kind::V2 => fstype == "cgroup2",
-            Kind::V1Freezer => fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"),
-        };
-        wanted.then(|| PathBuf::from(point))
-    })
+    procfs::cgroup_mounts(mounts)
+        .find(|m| match kind {
+            Kind::V2 => m.v2,
+            Kind::V1Freezer => !m.v2 && m.has("freezer"),
+        })
+        .map(|m| m.point)
 }
 
 /// Creates the task's cgroup `name` under `parent` and moves the calling process into
@@ -171,21 +161,16 @@ pub fn leave_and_remove(dir: &Path) {
 /// The task cgroups (made by `create_and_enter`) process `pid` is in, as this process's
 /// mounts show them: how the init finds its tasks' cgroups from their shims and orphans.
 pub fn task_cgroups_of(pid: i32) -> Vec<PathBuf> {
-    let (Ok(mounts), Ok(theirs)) = (
-        fs::read_to_string("/proc/self/mountinfo"),
-        fs::read_to_string(format!("/proc/{pid}/cgroup")),
-    ) else {
+    let (Ok(mounts), Ok(theirs)) = (procfs::own_mountinfo(), procfs::cgroups_text(Some(pid)))
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for l in theirs.lines() {
-        let mut p = l.splitn(3, ':');
-        let (Some(_), Some(ctl), Some(path)) = (p.next(), p.next(), p.next()) else {
-            continue;
-        };
-        let kind = match ctl {
-            "" => Kind::V2,
-            c if c.split(',').any(|c| c == "freezer") => Kind::V1Freezer,
+    for entry in procfs::cgroup_entries(&theirs) {
+        let path = entry.path;
+        let kind = match entry {
+            e if e.is_v2() => Kind::V2,
+            e if e.has("freezer") => Kind::V1Freezer,
             _ => continue,
         };
         let under_ours = Path::new(path)
@@ -282,18 +267,10 @@ pub fn kill_uid(uid: u32) -> usize {
     };
     let mut left = 0;
     for pid in procfs::pids() {
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        let Ok(status) = procfs::Status::of(pid) else {
             continue;
         };
-        let ids: Vec<u32> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|r| {
-                r.split_whitespace()
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let ids = status.ids("Uid:");
         if !ids.iter().take(3).any(|u| *u == uid) {
             continue;
         }

@@ -34,6 +34,7 @@ use std::sync::{LazyLock, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::containment::{Kind, Parent, make_parent};
+use crate::sys::procfs;
 use crate::task::model::ResourceUsage;
 use crate::task::resources::{self, TaskLimits};
 
@@ -215,10 +216,7 @@ pub fn detect(containment: Option<&Parent>, why_none: &str) -> Controllers {
     let Some(parent) = containment else {
         return Controllers::none(&format!("no cgroup per task: {why_none}"));
     };
-    let (Ok(mounts), Ok(own)) = (
-        fs::read_to_string("/proc/self/mountinfo"),
-        fs::read_to_string("/proc/self/cgroup"),
-    ) else {
+    let (Ok(mounts), Ok(own)) = (procfs::own_mountinfo(), procfs::cgroups_text(None)) else {
         return Controllers::none("/proc/self/mountinfo or /proc/self/cgroup unreadable");
     };
     let mut c = Controllers::default();
@@ -300,19 +298,17 @@ fn enable_v2(dir: &Path, ctl: &str) -> Result<(), String> {
 /// cgroup of the hierarchy that has it.
 fn v1_parent(ctl: &str, mounts: &str, own: &str) -> Result<PathBuf, String> {
     let (mount, controllers) = v1_mount(ctl, mounts).ok_or("not mounted")?;
-    let path = own
-        .lines()
-        .find_map(|l| {
-            let mut p = l.splitn(3, ':');
-            let (_, ctls, path) = (p.next()?, p.next()?, p.next()?);
-            let mut a: Vec<&str> = ctls.split(',').collect();
-            let mut b: Vec<&str> = controllers.iter().map(String::as_str).collect();
-            a.sort_unstable();
-            b.sort_unstable();
-            (a == b).then(|| path.to_string())
+    let mut want: Vec<&str> = controllers.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    let path = procfs::cgroup_entries(own)
+        .find(|e| {
+            let mut have: Vec<&str> = e.controllers.split(',').collect();
+            have.sort_unstable();
+            have == want
         })
-        .ok_or("the agent is in no cgroup of it")?;
-    let dir = make_parent(&mount, &path)?;
+        .ok_or("the agent is in no cgroup of it")?
+        .path;
+    let dir = make_parent(&mount, path)?;
     // Old kernels: a v1 memory cgroup counts against its parent's limit only with this.
     if ctl == MEMORY
         && fs::read_to_string(dir.join("memory.use_hierarchy")).is_ok_and(|t| t.trim() == "0")
@@ -328,37 +324,29 @@ fn v1_parent(ctl: &str, mounts: &str, own: &str) -> Result<PathBuf, String> {
 
 /// The mount of the v1 hierarchy with `ctl`, and all of its controllers.
 fn v1_mount(ctl: &str, mounts: &str) -> Option<(PathBuf, Vec<String>)> {
-    mounts.lines().find_map(|l| {
-        let (pre, post) = l.split_once(" - ")?;
-        let mut post = post.split_whitespace();
-        let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
-        if fstype != "cgroup" || !opts.split(',').any(|o| o == ctl) {
-            return None;
-        }
-        let point = pre.split_whitespace().nth(4)?;
-        let known = [
-            "cpu",
-            "cpuacct",
-            "cpuset",
-            "memory",
-            "devices",
-            "freezer",
-            "net_cls",
-            "blkio",
-            "perf_event",
-            "net_prio",
-            "hugetlb",
-            "pids",
-            "rdma",
-            "misc",
-        ];
-        let controllers = opts
-            .split(',')
-            .filter(|o| known.contains(o))
-            .map(str::to_string)
-            .collect();
-        Some((PathBuf::from(point), controllers))
-    })
+    const KNOWN: [&str; 14] = [
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "memory",
+        "devices",
+        "freezer",
+        "net_cls",
+        "blkio",
+        "perf_event",
+        "net_prio",
+        "hugetlb",
+        "pids",
+        "rdma",
+        "misc",
+    ];
+    let m = procfs::cgroup_mounts(mounts).find(|m| !m.v2 && m.has(ctl))?;
+    let controllers = m
+        .options
+        .into_iter()
+        .filter(|o| KNOWN.contains(&o.as_str()))
+        .collect();
+    Some((m.point, controllers))
 }
 
 /// One setting: the files it goes to and their values, in cgroup v1 and in v2 (a file

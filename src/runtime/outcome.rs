@@ -555,9 +555,7 @@ fn stop_marked(name: &str, since: u64) {
         else {
             continue;
         };
-        let marked = std::fs::read(format!("/proc/{pid}/environ"))
-            .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()));
-        if !marked {
+        if !procfs::environ_has(pid, &want) {
             continue;
         }
         use std::os::fd::AsFd;

@@ -49,7 +49,7 @@ pub fn start() -> std::io::Result<()> {
 /// returns how many. Only this function reaps such children, so a zombie seen here stays
 /// one (and its pid its own) until the `waitpid` on its pid below.
 pub fn reap_orphans(own_group: i32) -> usize {
-    let zombies: Vec<i32> = children()
+    let zombies: Vec<i32> = procfs::own_children()
         .into_iter()
         .filter(|&pid| procfs::stat(pid).is_some_and(|s| s.state == 'Z' && s.pgrp != own_group))
         .collect();
@@ -84,28 +84,6 @@ pub fn groups_with_live_members() -> std::collections::HashSet<i32> {
         .filter(|s| s.state != 'Z')
         .map(|s| s.pgrp)
         .collect()
-}
-
-/// This process's children: from each thread's `children` file, or a scan of /proc where
-/// the kernel has none (CONFIG_PROC_CHILDREN).
-pub fn children() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let lists: Option<Vec<String>> = std::fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
-        tasks
-            .map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
-            .collect()
-    });
-    match lists {
-        Some(lists) => lists
-            .iter()
-            .flat_map(|l| l.split_ascii_whitespace())
-            .filter_map(|p| p.parse().ok())
-            .collect(),
-        None => procfs::pids()
-            .into_iter()
-            .filter(|&p| procfs::stat(p).is_some_and(|s| s.ppid == me))
-            .collect(),
-    }
 }
 
 #[cfg(test)]
@@ -212,7 +190,7 @@ mod tests {
         }
         wait_until("no zombie child left outside the own group", || {
             let own = nix::unistd::getpgrp().as_raw();
-            children()
+            procfs::own_children()
                 .into_iter()
                 .all(|p| procfs::stat(p).is_none_or(|s| s.state != 'Z' || s.pgrp == own))
         });

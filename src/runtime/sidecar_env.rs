@@ -73,10 +73,7 @@ fn scan_env(container: &str) -> Result<ProcIdentity, String> {
         if pid == own.pid {
             continue;
         }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if !raw.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+        if !procfs::environ_has(pid, &want) {
             continue;
         }
         if let Err(why) = candidate(pid, &own) {
@@ -101,7 +98,7 @@ fn scan_env(container: &str) -> Result<ProcIdentity, String> {
 /// Why process `pid` can't be a container's init, if it can't.
 fn candidate(pid: i32, own: &Own) -> Result<(), &'static str> {
     let p = pid.to_string();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|_| "gone")?;
+    let status = procfs::Status::of(pid).map_err(|_| "gone")?;
     let pid_ns = ns(&p, "pid").ok_or("gone")?;
     if Some(&pid_ns) == own.pid_ns.as_ref() {
         // A pod's shared PID namespace (the agent's too): a container's init was started
@@ -110,7 +107,7 @@ fn candidate(pid: i32, own: &Own) -> Result<(), &'static str> {
         if procfs::stat(pid).map(|s| s.ppid) != Some(0) {
             return Err("not started from outside the agent's PID namespace");
         }
-    } else if !is_namespace_init(&status) {
+    } else if !status.is_namespace_init() {
         return Err("not PID 1 of its PID namespace");
     }
     if ns(&p, "user") != own.user_ns {
@@ -120,15 +117,6 @@ fn candidate(pid: i32, own: &Own) -> Result<(), &'static str> {
         return Err("started by the agent or a task");
     }
     Ok(())
-}
-
-/// The last `NSpid` entry (its pid in its own namespace) is 1.
-fn is_namespace_init(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .and_then(|ids| ids.split_whitespace().last())
-        == Some("1")
 }
 
 /// True when an ancestor of `pid` runs the agent's executable (the agent, a supervisor).
@@ -150,14 +138,6 @@ fn below_own_executable(pid: i32, own: &Own) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_namespace_init_is_pid_1_in_its_own_namespace() {
-        assert!(is_namespace_init("Name:\tsleep\nNSpid:\t4242\t1\n"));
-        assert!(!is_namespace_init("NSpid:\t4242\t7\n"));
-        assert!(!is_namespace_init("NSpid:\t4242\n"));
-        assert!(!is_namespace_init("Name:\tx\n"));
-    }
 
     #[test]
     fn the_agent_itself_and_its_children_are_never_candidates() {

@@ -1,9 +1,16 @@
-//! Reading /proc: process identity (pid, start time, pidfd inode), stat, environment.
+//! Reading /proc, the one place that parses it: process identity (pid, start time,
+//! pidfd inode), `stat`, `status` (ids, capability sets), the environment, and the
+//! cgroup views (`mountinfo`'s cgroup mounts, `/proc/PID/cgroup`).
+//!
+//! (The one exception is the pre-exec child in `runtime::child_setup`, which may not
+//! allocate and reads `/proc/self/stat` with raw system calls.)
 
 use std::ffi::OsString;
 use std::fs;
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
 
 /// A process as it was when recorded. The pid alone could be reused; the start time
 /// (clock ticks, 10 ms) tells processes apart only across ticks; the inode of a pidfd on
@@ -107,6 +114,11 @@ pub struct Stat {
     pub ppid: i32,
     pub pgrp: i32,
     pub flags: u64,
+    /// CPU time in user and kernel mode, clock ticks (fields 14 and 15).
+    pub utime: u64,
+    pub stime: u64,
+    /// Threads of the process (field 20).
+    pub threads: u64,
     pub start_time: u64,
 }
 
@@ -126,6 +138,9 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
         ppid: f.get(1)?.parse().ok()?,
         pgrp: f.get(2)?.parse().ok()?,
         flags: f.get(6)?.parse().ok()?,
+        utime: f.get(11)?.parse().ok()?,
+        stime: f.get(12)?.parse().ok()?,
+        threads: f.get(17)?.parse().ok()?,
         start_time: f.get(19)?.parse().ok()?,
     })
 }
@@ -163,8 +178,30 @@ pub fn pids() -> Vec<i32> {
         .collect()
 }
 
+/// This process's children: from each thread's `children` file, or a scan of /proc where
+/// the kernel has none (CONFIG_PROC_CHILDREN).
+pub fn own_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let lists: Option<Vec<String>> = fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
+        tasks
+            .map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .collect()
+    });
+    match lists {
+        Some(lists) => lists
+            .iter()
+            .flat_map(|l| l.split_ascii_whitespace())
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        None => pids()
+            .into_iter()
+            .filter(|&p| stat(p).is_some_and(|s| s.ppid == me))
+            .collect(),
+    }
+}
+
 /// The NUL-separated environment a process was exec'ed with, as bytes.
-pub fn environ(pid: i32) -> std::io::Result<Vec<(OsString, OsString)>> {
+pub fn environ(pid: i32) -> io::Result<Vec<(OsString, OsString)>> {
     let raw = fs::read(format!("/proc/{pid}/environ"))?;
     Ok(raw
         .split(|b| *b == 0)
@@ -180,14 +217,205 @@ pub fn environ(pid: i32) -> std::io::Result<Vec<(OsString, OsString)>> {
         .collect())
 }
 
+/// Whether process `pid` was exec'ed with `entry` (`KEY=value`) in its environment.
+/// False where it is unreadable (gone, or another user's without CAP_SYS_PTRACE).
+pub fn environ_has(pid: i32, entry: &str) -> bool {
+    fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == entry.as_bytes()))
+}
+
 /// This process's effective capabilities (bit N: capability N).
-pub fn own_effective_caps() -> std::io::Result<u64> {
-    let status = fs::read_to_string("/proc/self/status")?;
-    status
+pub fn own_effective_caps() -> io::Result<u64> {
+    Status::own()?
+        .mask("CapEff:")
+        .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))
+}
+
+/// A process's five capability sets (bit N: capability N).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub inheritable: u64,
+    pub permitted: u64,
+    pub effective: u64,
+    pub bounding: u64,
+    pub ambient: u64,
+}
+
+/// A `/proc/PID/status` (or another file of `Key: value` lines, such as `smaps_rollup`),
+/// read once and looked up by key (`"Uid:"`, `"CapEff:"`, `"VmRSS:"` ...).
+pub struct Status {
+    text: String,
+    /// For error messages: `self/status`, `42/status` ...
+    of: String,
+}
+
+impl Status {
+    pub fn of(pid: i32) -> io::Result<Self> {
+        Self::read(&format!("{pid}/status"))
+    }
+
+    pub fn own() -> io::Result<Self> {
+        Self::read("self/status")
+    }
+
+    /// `/proc/PID/<file>`, a file of the same `Key: value` shape.
+    pub fn file(pid: i32, file: &str) -> io::Result<Self> {
+        Self::read(&format!("{pid}/{file}"))
+    }
+
+    fn read(of: &str) -> io::Result<Self> {
+        Ok(Self {
+            text: fs::read_to_string(format!("/proc/{of}"))?,
+            of: of.to_string(),
+        })
+    }
+
+    /// The first number of a field (`VmRSS:` in KiB, `Threads:` ...).
+    pub fn number(&self, key: &str) -> Option<u64> {
+        self.field(key)?.split_whitespace().next()?.parse().ok()
+    }
+
+    #[cfg(test)]
+    fn parse(text: &str) -> Self {
+        Self {
+            text: text.to_string(),
+            of: "test".into(),
+        }
+    }
+
+    fn field(&self, key: &str) -> Option<&str> {
+        self.text.lines().find_map(|l| l.strip_prefix(key))
+    }
+
+    /// A list of numbers: `Uid:`/`Gid:` (real, effective, saved, filesystem), `Groups:`.
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.field(key)
+            .map(|rest| {
+                rest.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The effective id of `Uid:` or `Gid:`.
+    pub fn effective_id(&self, key: &str) -> io::Result<u32> {
+        self.ids(key)
+            .get(1)
+            .copied()
+            .ok_or_else(|| self.missing(key))
+    }
+
+    /// A hexadecimal mask (`CapEff:` ...).
+    pub fn mask(&self, key: &str) -> Option<u64> {
+        self.field(key)
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    }
+
+    pub fn caps(&self) -> io::Result<CapSets> {
+        let mask = |key: &str| self.mask(key).ok_or_else(|| self.missing(key));
+        Ok(CapSets {
+            inheritable: mask("CapInh:")?,
+            permitted: mask("CapPrm:")?,
+            effective: mask("CapEff:")?,
+            bounding: mask("CapBnd:")?,
+            // Kernels before 4.3 have no ambient set.
+            ambient: mask("CapAmb:").unwrap_or(0),
+        })
+    }
+
+    /// PID 1 of its own PID namespace (the last of `NSpid:`).
+    pub fn is_namespace_init(&self) -> bool {
+        self.field("NSpid:")
+            .and_then(|ids| ids.split_whitespace().last())
+            == Some("1")
+    }
+
+    fn missing(&self, key: &str) -> io::Error {
+        io::Error::other(format!("no {key} in /proc/{}", self.of))
+    }
+}
+
+/// When the system booted, in seconds since the epoch (`btime` of `/proc/stat`).
+pub fn boot_time_seconds() -> Option<u64> {
+    fs::read_to_string("/proc/stat")
+        .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .ok_or_else(|| std::io::Error::other("no CapEff in /proc/self/status"))
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())
+}
+
+/// A cgroup hierarchy mounted where this process sees it (from `/proc/self/mountinfo`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupMount {
+    pub point: PathBuf,
+    /// The unified (v2) hierarchy; else a v1 one with `options`' controllers.
+    pub v2: bool,
+    /// The super options (`rw,memory`): a v1 hierarchy's controllers are among them.
+    pub options: Vec<String>,
+}
+
+impl CgroupMount {
+    pub fn has(&self, controller: &str) -> bool {
+        self.options.iter().any(|o| o == controller)
+    }
+}
+
+/// This process's `/proc/self/mountinfo`.
+pub fn own_mountinfo() -> io::Result<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+}
+
+/// The cgroup mounts a `mountinfo` text lists, in its order.
+pub fn cgroup_mounts(mountinfo: &str) -> impl Iterator<Item = CgroupMount> + '_ {
+    mountinfo.lines().filter_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        let (fstype, _source, opts) = (post.next()?, post.next()?, post.next()?);
+        let v2 = match fstype {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => return None,
+        };
+        Some(CgroupMount {
+            point: PathBuf::from(pre.split_whitespace().nth(4)?),
+            v2,
+            options: opts.split(',').map(str::to_string).collect(),
+        })
+    })
+}
+
+/// `/proc/PID/cgroup` of `pid` (`None`: this process's own).
+pub fn cgroups_text(pid: Option<i32>) -> io::Result<String> {
+    match pid {
+        Some(pid) => fs::read_to_string(format!("/proc/{pid}/cgroup")),
+        None => fs::read_to_string("/proc/self/cgroup"),
+    }
+}
+
+/// One line of `/proc/PID/cgroup`: a hierarchy's controllers (empty for v2) and the
+/// process's cgroup in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupEntry<'a> {
+    pub controllers: &'a str,
+    pub path: &'a str,
+}
+
+impl CgroupEntry<'_> {
+    pub fn is_v2(&self) -> bool {
+        self.controllers.is_empty()
+    }
+
+    pub fn has(&self, controller: &str) -> bool {
+        self.controllers.split(',').any(|c| c == controller)
+    }
+}
+
+pub fn cgroup_entries(text: &str) -> impl Iterator<Item = CgroupEntry<'_>> {
+    text.lines().filter_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, controllers, path) = (p.next()?, p.next()?, p.next()?);
+        Some(CgroupEntry { controllers, path })
+    })
 }
 
 #[cfg(test)]
@@ -199,6 +427,55 @@ mod tests {
         let line = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 0 0";
         let s = parse_stat(line).unwrap();
         assert_eq!((s.state, s.ppid, s.pgrp, s.start_time), ('S', 1, 42, 98765));
+        assert_eq!(s.threads, 1);
+    }
+
+    #[test]
+    fn status_ids_masks_and_namespace_init() {
+        let st = Status::parse(
+            "Name:\tsh\nNSpid:\t4242\t1\nUid:\t0\t1000\t0\t1000\nGid:\t5\t6\t7\t8\n\
+             Groups:\t4 24 27 \nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+             CapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n",
+        );
+        assert_eq!(st.effective_id("Uid:").unwrap(), 1000);
+        assert_eq!(st.effective_id("Gid:").unwrap(), 6);
+        assert_eq!(st.ids("Groups:"), vec![4, 24, 27]);
+        let caps = st.caps().unwrap();
+        assert_eq!((caps.permitted, caps.ambient), (0x1ff_ffff_ffff, 0));
+        assert!(st.is_namespace_init());
+        assert!(Status::parse("NSpid:\t4242\n").caps().is_err());
+        assert!(!Status::parse("NSpid:\t4242\n").is_namespace_init());
+        assert!(!Status::parse("NSpid:\t4242\t7\n").is_namespace_init());
+        assert!(!Status::parse("Name:\tx\n").is_namespace_init());
+    }
+
+    #[test]
+    fn cgroup_mounts_and_entries() {
+        let mounts = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+            35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+            41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+        let found: Vec<CgroupMount> = cgroup_mounts(mounts).collect();
+        assert_eq!(found.len(), 2);
+        assert!(!found[0].v2 && found[0].has("memory"));
+        assert_eq!(found[1].point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert!(found[1].v2);
+        let own = "12:memory:/a/b\n0::/c:d\n";
+        let e: Vec<CgroupEntry> = cgroup_entries(own).collect();
+        assert!(e[0].has("memory") && !e[0].is_v2());
+        assert_eq!((e[1].is_v2(), e[1].path), (true, "/c:d"));
+    }
+
+    #[test]
+    fn children_are_listed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let listed = own_children().contains(&pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listed);
     }
 
     #[test]

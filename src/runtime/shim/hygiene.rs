@@ -87,9 +87,7 @@ pub fn without_caps(creds: Creds) -> Creds {
 }
 
 fn own_caps(key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix(key))?.trim();
-    u64::from_str_radix(hex, 16).ok()
+    crate::sys::procfs::Status::own().ok()?.mask(key)
 }
 
 /// Sets the shim's own limits to the tasks' (inherited by every command it starts): the

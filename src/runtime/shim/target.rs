@@ -3,7 +3,7 @@
 //! namespace, and the results are open descriptors the reaper uses from inside.
 
 use std::ffi::OsString;
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
 
@@ -84,9 +84,8 @@ pub fn prepare(target: &Target) -> io::Result<Prepared> {
 /// The target's effective uid and gid, its supplementary groups and its capability sets
 /// (as far as this process holds them: a task never gets more than its supervisor has).
 fn creds(pid: i32) -> io::Result<Creds> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let own = fs::read_to_string("/proc/self/status")?;
-    let (theirs, ours) = (cap_sets(&status, pid)?, cap_sets(&own, pid)?);
+    let status = procfs::Status::of(pid)?;
+    let (theirs, ours) = (status.caps()?, procfs::Status::own()?.caps()?);
     let held = ours.permitted;
     let permitted = theirs.permitted & held;
     let inheritable = theirs.inheritable & (held | ours.inheritable);
@@ -97,45 +96,11 @@ fn creds(pid: i32) -> io::Result<Creds> {
         bounding: theirs.bounding,
         ambient: theirs.ambient & permitted & inheritable,
     };
-    let ids = |key: &str| -> Vec<u32> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|rest| {
-                rest.split_whitespace()
-                    .filter_map(|v| v.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let missing = |key: &str| io::Error::other(format!("no {key} in /proc/{pid}/status"));
-    // Uid:/Gid: list real, effective, saved, filesystem ids: the effective one applies.
-    let uid = *ids("Uid:").get(1).ok_or_else(|| missing("Uid:"))?;
-    let gid = *ids("Gid:").get(1).ok_or_else(|| missing("Gid:"))?;
     Ok(Creds {
-        uid,
-        gid,
-        groups: ids("Groups:"),
+        uid: status.effective_id("Uid:")?,
+        gid: status.effective_id("Gid:")?,
+        groups: status.ids("Groups:"),
         caps: Some(caps),
-    })
-}
-
-/// The capability sets a `/proc/PID/status` lists (hexadecimal masks).
-fn cap_sets(status: &str, pid: i32) -> io::Result<CapSets> {
-    let mask = |key: &str| -> io::Result<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .ok_or_else(|| io::Error::other(format!("no {key} in /proc/{pid}/status")))
-    };
-    Ok(CapSets {
-        inheritable: mask("CapInh:")?,
-        permitted: mask("CapPrm:")?,
-        effective: mask("CapEff:")?,
-        bounding: mask("CapBnd:")?,
-        // Kernels before 4.3 have no ambient set.
-        ambient: mask("CapAmb:").unwrap_or(0),
     })
 }
 
@@ -155,7 +120,9 @@ mod tests {
             .collect();
         assert_eq!(me.groups, groups);
         // Our own sets, read back as they are.
-        let status = fs::read_to_string("/proc/self/status").unwrap();
-        assert_eq!(me.caps, Some(cap_sets(&status, 0).unwrap()));
+        assert_eq!(
+            me.caps,
+            Some(procfs::Status::own().unwrap().caps().unwrap())
+        );
     }
 }
