@@ -4,7 +4,7 @@
 //! `api` (HTTP) → `kube` (Kubernetes integrations) → `manager` (create / delete / sync) →
 //! `runtime` (process, sidecar, container backends) → `task` (model, names, store).
 //! Exit events flow back runtime → manager over a channel. `agent` composes them and runs
-//! the agent (`run`, what `main` calls). See README.md for the API.
+//! the agent (`run`, what `main` calls). See docs/api.md for the API.
 #![deny(unsafe_code)]
 
 #[forbid(unsafe_code)]
