@@ -23,7 +23,7 @@ FROM debian:bookworm-slim
 # The binary sits where upstream OpenSandbox's image keeps its agent, /workspace/server:
 # upstream's Pool samples install it with an init container that runs
 # `cp /workspace/server /opt/opensandbox/task-executor` into an emptyDir and start the copy
-# in the sandbox's main container (README: "Upstream's Pool sample"). The file itself is
+# in the sandbox's main container (docs/deploying.md: "Upstream's Pool sample"). The file itself is
 # there (a symlink would not survive a `COPY --from` of that path); the name on PATH
 # links to it. The binary is static, so the copy runs in any image (busybox, distroless).
 COPY --from=build /out/task-executor /workspace/server
@@ -39,5 +39,5 @@ EXPOSE 5758
 # httpGet on :5758 — /health for liveness, /readyz for readiness (see the chart).
 # The container's first process is the init role, which runs the agent (its flags follow
 # `--`, e.g. `docker run IMAGE --enable-sidecar-mode`) and restarts it if it dies, so an
-# agent crash does not end the container and its tasks (README: "In a pod").
+# agent crash does not end the container and its tasks (docs/in-pod.md).
 ENTRYPOINT ["task-executor", "init", "--"]

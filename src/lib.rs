@@ -5,7 +5,7 @@
 //! `runtime` (process, sidecar, container backends) → `task` (model, names, store) →
 //! `sys` (the OS: /proc, process handles, durable files, blocking-work pools).
 //! Exit events flow back runtime → manager over a channel. `agent` composes them and runs
-//! the agent (`run`, what `main` calls). See README.md for the API.
+//! the agent (`run`, what `main` calls). See docs/api.md for the API.
 #![deny(unsafe_code)]
 
 #[forbid(unsafe_code)]

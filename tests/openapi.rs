@@ -1,5 +1,5 @@
 //! The OpenAPI document (`GET /openapi.json`) as a contract: it is valid OpenAPI 3.1
-//! (openapi-spec-validator), every example in README.md and examples/ is a valid request
+//! (openapi-spec-validator), every example in README.md, docs/ and examples/ is a valid request
 //! or answer by it, real answers of a live agent match it (status, content type, body
 //! schema), and a property-based fuzzer driven by it (schemathesis) finds no 5xx and no
 //! answer that contradicts it. The tools come from `scripts/install-api-tools`; a missing
@@ -137,7 +137,7 @@ fn the_document_is_valid_openapi_3_1_and_lists_every_route() {
     ] {
         assert!(doc["paths"][path][method].is_object(), "{method} {path}");
     }
-    // README's status table, by route.
+    // docs/api.md's status table, by route.
     let codes = |m: &str, p: &str| -> Vec<String> {
         doc["paths"][p][m]["responses"]
             .as_object()
@@ -206,7 +206,7 @@ fn curl_bodies(text: &str) -> Vec<(String, String)> {
 }
 
 #[test]
-fn every_example_in_the_readme_and_examples_fits_the_document() {
+fn every_example_in_the_readme_docs_and_examples_fits_the_document() {
     let a = Agent::start(&[]);
     let doc = document(&a);
     let request = component("TaskRequest");
@@ -216,8 +216,21 @@ fn every_example_in_the_readme_and_examples_fits_the_document() {
     let answer = component("TaskResponse");
     let answers = json!({"type": "array", "items": answer});
     let mut checked = 0;
-    for f in ["README.md", "examples/curl-session.sh"] {
-        let text = std::fs::read_to_string(repo().join(f)).unwrap();
+    // The README's tour, every page of docs/ (sorted, so failures come in a stable
+    // order) and the session script.
+    let mut docs: Vec<String> = std::fs::read_dir(repo().join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".md"))
+        .map(|n| format!("docs/{n}"))
+        .collect();
+    docs.sort();
+    let files = ["README.md".to_string()]
+        .into_iter()
+        .chain(docs)
+        .chain(["examples/curl-session.sh".to_string()]);
+    for f in files {
+        let text = std::fs::read_to_string(repo().join(&f)).unwrap();
         for (path, body) in curl_bodies(&text) {
             let v: Value =
                 serde_json::from_str(&body).unwrap_or_else(|e| panic!("{f}: {body}: {e}"));
@@ -269,7 +282,10 @@ fn every_example_in_the_readme_and_examples_fits_the_document() {
         &spec,
         "examples/task.yaml spec",
     );
-    assert!(checked >= 8, "only {checked} README/curl examples found");
+    assert!(
+        checked >= 8,
+        "only {checked} README/docs/curl examples found"
+    );
     // Both wire shapes are valid requests.
     for shape in [
         json!({"name": "a", "spec": {"process": {"command": ["true"]}}}),

@@ -4,7 +4,7 @@
 //! dialect of OpenAPI 3.1) from the Rust types the handlers decode and encode: requests
 //! from their deserialising side, answers from their serialising side (where the two
 //! differ, the request's schema is named `…Input`). This file only says which route takes
-//! and answers which type, with the status codes of README's table. Built once.
+//! and answers which type, with the status codes of docs/api.md's table. Built once.
 
 use std::sync::LazyLock;
 
@@ -218,7 +218,7 @@ fn error(description: &str, s: &Schemas) -> Value {
     json!({"description": description, "content": json_body(&s.error)})
 }
 
-/// The errors a request with a JSON body may meet (README's status table).
+/// The errors a request with a JSON body may meet (docs/api.md's status table).
 fn body_errors(s: &Schemas, extra: &[(&str, &str)]) -> Map<String, Value> {
     let mut m = Map::new();
     for (code, why) in [

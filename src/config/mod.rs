@@ -160,7 +160,7 @@ pub struct Config {
     /// privileged (anything, upstream's behaviour), baseline (no other uid or gid than
     /// the configured task identity, no privilege escalation with one, container tasks
     /// confined to the allowlists and the main container), restricted (baseline, never
-    /// root, never privilege escalation). See the README's "Task policy".
+    /// root, never privilege escalation). See docs/security.md, "Task policy".
     #[arg(long, env = "TASK_POLICY", value_name = "LEVEL", default_value = "baseline",
           value_parser = PolicyLevel::parse_flag)]
     pub task_policy: PolicyLevel,

@@ -176,7 +176,7 @@ securityContext: {}
     - name: TASK_UID_RANGE
       value: {{ $e.taskUidRange | quote }}
     {{- end }}
-    # What a request may ask for beyond the configured identity and places (README:
+    # What a request may ask for beyond the configured identity and places (docs/security.md:
     # "Task policy"): privileged, baseline or restricted.
     - name: TASK_POLICY
       value: {{ $e.taskPolicy | quote }}
