@@ -4,9 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::entry::Entry;
-use super::{Manager, ManagerError};
+use backon::Retryable;
 
+use super::entry::Entry;
+use super::{Manager, ManagerError, backoff};
+
+const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
 impl Manager {
@@ -44,35 +47,31 @@ impl Manager {
         let _life = entry.lifecycle.lock().await;
         let task = self.task_ref(&entry);
         let name = task.name.clone();
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            let stopped = match self.runtime_of(&entry) {
+        // Both steps never give up, so no error comes back.
+        let _ = (|| async {
+            match self.runtime_of(&entry) {
                 Ok(rt) => {
                     super::start::unpanicked(rt.stop(task.clone(), self.cfg.stop_grace)).await
                 }
                 Err(_) => Ok(()), // its runtime is off now: nothing of ours can be running
-            };
-            match stopped {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(task = %name, error = %e, retry_in = ?backoff, "stopping the task failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
             }
-        }
-        let mut backoff = Duration::from_millis(500);
-        loop {
+        })
+        .retry(backoff::forever(RETRY_FIRST, RETRY_MAX))
+        .sleep(tokio::time::sleep)
+        .notify(|e, retry_in| {
+            tracing::warn!(task = %name, error = %e, retry_in = ?retry_in, "stopping the task failed");
+        })
+        .await;
+        let _ = (|| {
             let n = name.clone();
-            match self.store.io(move |s| s.remove(&n)).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(task = %name, error = %e, retry_in = ?backoff, "removing the task directory failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                }
-            }
-        }
+            self.store.io(move |s| s.remove(&n))
+        })
+        .retry(backoff::forever(RETRY_FIRST, RETRY_MAX))
+        .sleep(tokio::time::sleep)
+        .notify(|e, retry_in| {
+            tracing::warn!(task = %name, error = %e, retry_in = ?retry_in, "removing the task directory failed");
+        })
+        .await;
         self.forget(&entry);
         tracing::info!(task = %name, "task deleted");
         self.changed(&name);

@@ -13,6 +13,7 @@
 //! it creates before it deletes anything, so a sync that fails changes nothing and two
 //! overlapping ones leave one's set.
 
+mod backoff;
 mod census;
 mod create;
 mod delete;

@@ -11,17 +11,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::Retryable;
 use tokio::sync::MutexGuard;
-use tokio::time::Instant;
 
-use super::Manager;
 use super::entry::Entry;
+use super::{Manager, backoff};
 use crate::runtime::{Observed, RuntimeError};
 use crate::task::model::{self, TaskState, Terminated, Waiting};
 
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Between attempts to persist a final status the disk refused.
+const PERSIST_RETRY_FIRST: Duration = Duration::from_millis(500);
 const PERSIST_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A runtime call that panics (tokio's `spawn_blocking` does when the OS refuses a thread)
@@ -99,16 +100,51 @@ impl Manager {
 
     /// Shows why the task waits (before the caller answers), then retries in the background.
     fn retry_start(self: &Arc<Self>, entry: Arc<Entry>, first: RuntimeError) {
-        let give_up_at = Instant::now() + self.cfg.start_retry;
         if RETRY_FIRST < self.cfg.start_retry {
             self.show_backoff(&entry, &first, RETRY_FIRST, 1);
         }
         let mgr = self.clone();
         tokio::spawn(async move {
-            let mut err = first;
-            let mut backoff = RETRY_FIRST;
-            for attempt in 1u32.. {
-                if Instant::now() + backoff > give_up_at {
+            // The caller's attempt failed with `first`: handing it back as the first
+            // result makes backon wait before the next attempt.
+            let mut first = Some(first);
+            let mut attempt = 1;
+            let outcome = (|| {
+                let (mgr, entry, first) = (mgr.clone(), entry.clone(), first.take());
+                async move {
+                    if let Some(e) = first {
+                        return Err(e);
+                    }
+                    let _life = entry.lifecycle.lock().await;
+                    if !mgr.still_wanted(&entry) {
+                        return Ok(None);
+                    }
+                    // Out of resources means nothing ran: a fresh start, not an adoption.
+                    match mgr.attempt(&entry, false).await {
+                        Attempt::Settled => Ok(None),
+                        Attempt::OutOfResources(e) => Err(e),
+                        Attempt::Unobserved(e) => Ok(Some(e)),
+                    }
+                }
+            })
+            .retry(backoff::for_at_most(
+                RETRY_FIRST,
+                RETRY_MAX,
+                mgr.cfg.start_retry,
+            ))
+            .sleep(tokio::time::sleep)
+            .notify(|err, retry_in| {
+                // The first wait was shown before the caller was answered.
+                if attempt > 1 {
+                    mgr.show_backoff(&entry, err, retry_in, attempt);
+                }
+                attempt += 1;
+            })
+            .await;
+            match outcome {
+                Ok(None) => {}
+                Ok(Some(launched)) => mgr.retry_adopt(entry, launched),
+                Err(err) => {
                     let _life = entry.lifecycle.lock().await;
                     if mgr.still_wanted(&entry) {
                         let why = format!(
@@ -118,27 +154,7 @@ impl Manager {
                         let t = Terminated::failed_to_start(err.task_reason(), 128, why);
                         mgr.fail_with(&entry, t).await;
                     }
-                    return;
                 }
-                if attempt > 1 {
-                    mgr.show_backoff(&entry, &err, backoff, attempt);
-                }
-                tokio::time::sleep(backoff).await;
-                let _life = entry.lifecycle.lock().await;
-                if !mgr.still_wanted(&entry) {
-                    return;
-                }
-                // Out of resources means nothing ran: a fresh start, not an adoption.
-                match mgr.attempt(&entry, false).await {
-                    Attempt::Settled => return,
-                    Attempt::OutOfResources(e) => err = e,
-                    Attempt::Unobserved(e) => {
-                        drop(_life);
-                        mgr.retry_adopt(entry, e);
-                        return;
-                    }
-                }
-                backoff = (backoff * 2).min(RETRY_MAX);
             }
         });
     }
@@ -150,21 +166,30 @@ impl Manager {
     fn retry_adopt(self: &Arc<Self>, entry: Arc<Entry>, first: RuntimeError) {
         let mgr = self.clone();
         tokio::spawn(async move {
-            let mut err = first;
-            let mut backoff = RETRY_FIRST;
-            loop {
-                tracing::warn!(task = %entry.name(), error = %err, retry_in = ?backoff, "the task's run journal can't be read or says nothing settled yet; it is adopted again later");
-                tokio::time::sleep(backoff).await;
-                let _life = entry.lifecycle.lock().await;
-                if !mgr.still_wanted(&entry) {
-                    return;
+            let mut first = Some(first);
+            // Never gives up, so no error comes back.
+            let _ = (|| {
+                let (mgr, entry, first) = (mgr.clone(), entry.clone(), first.take());
+                async move {
+                    if let Some(e) = first {
+                        return Err(e);
+                    }
+                    let _life = entry.lifecycle.lock().await;
+                    if !mgr.still_wanted(&entry) {
+                        return Ok(());
+                    }
+                    match mgr.attempt(&entry, true).await {
+                        Attempt::Settled => Ok(()),
+                        Attempt::OutOfResources(e) | Attempt::Unobserved(e) => Err(e),
+                    }
                 }
-                match mgr.attempt(&entry, true).await {
-                    Attempt::Settled => return,
-                    Attempt::OutOfResources(e) | Attempt::Unobserved(e) => err = e,
-                }
-                backoff = (backoff * 2).min(RETRY_MAX);
-            }
+            })
+            .retry(backoff::forever(RETRY_FIRST, RETRY_MAX))
+            .sleep(tokio::time::sleep)
+            .notify(|err, retry_in| {
+                tracing::warn!(task = %entry.name(), error = %err, retry_in = ?retry_in, "the task's run journal can't be read or says nothing settled yet; it is adopted again later");
+            })
+            .await;
         });
     }
 
@@ -216,25 +241,27 @@ impl Manager {
     fn persist_later(self: &Arc<Self>, entry: Arc<Entry>) {
         let mgr = self.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(500);
-            loop {
-                tokio::time::sleep(backoff).await;
-                let _life = entry.lifecycle.lock().await;
-                if !mgr.still_wanted(&entry) {
-                    return;
-                }
-                let rec = entry.record().clone();
-                match mgr.store.io(move |s| s.update(&rec)).await {
-                    Ok(()) => {
-                        tracing::info!(task = %entry.name(), "start failure persisted");
-                        return;
+            tokio::time::sleep(PERSIST_RETRY_FIRST).await;
+            // Never gives up, so no error comes back.
+            let _ = (|| {
+                let (mgr, entry) = (mgr.clone(), entry.clone());
+                async move {
+                    let _life = entry.lifecycle.lock().await;
+                    if !mgr.still_wanted(&entry) {
+                        return Ok(());
                     }
-                    Err(e) => {
-                        tracing::warn!(task = %entry.name(), error = %e, retry_in = ?backoff, "persisting the start failure failed")
-                    }
+                    let rec = entry.record().clone();
+                    mgr.store.io(move |s| s.update(&rec)).await?;
+                    tracing::info!(task = %entry.name(), "start failure persisted");
+                    Ok(())
                 }
-                backoff = (backoff * 2).min(PERSIST_RETRY_MAX);
-            }
+            })
+            .retry(backoff::forever(PERSIST_RETRY_FIRST * 2, PERSIST_RETRY_MAX))
+            .sleep(tokio::time::sleep)
+            .notify(|e: &std::io::Error, retry_in| {
+                tracing::warn!(task = %entry.name(), error = %e, retry_in = ?retry_in, "persisting the start failure failed");
+            })
+            .await;
         });
     }
 }
