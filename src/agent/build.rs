@@ -71,7 +71,7 @@ pub(super) fn start_kube_integrations(
 ) -> Result<(), AppError> {
     let pod = config.pod_name.clone().zip(config.pod_namespace.clone());
     if config.enable_sidecar_mode
-        && let Some(watch) = pod_watch(config, kube, sidecar)
+        && let Some(watch) = restart_watch(config, kube, sidecar)
     {
         watch();
     }
@@ -82,7 +82,7 @@ pub(super) fn start_kube_integrations(
             ));
         };
         let events = crate::kube::events::EventSink::spawn(kube.clone(), pod.clone());
-        crate::kube::watch::spawn(kube.clone(), ns, pod, manager.clone(), events);
+        crate::kube::task_controller::start(kube.clone(), ns, pod, manager.clone(), events);
     }
     Ok(())
 }
@@ -98,7 +98,7 @@ pub(super) struct Built {
 
 /// Starts the watch of the own Pod that stops the tasks of a replaced main container, when
 /// the agent knows its Pod.
-pub(super) fn pod_watch(
+pub(super) fn restart_watch(
     config: &Config,
     kube: &crate::kube::KubeClient,
     sidecar: SidecarRuntime,
@@ -106,7 +106,7 @@ pub(super) fn pod_watch(
     let (pod, ns) = config.pod_name.clone().zip(config.pod_namespace.clone())?;
     let (kube, container) = (kube.clone(), config.main_container_name.clone());
     Some(move || {
-        crate::kube::pod_watch::spawn_pod_watch(kube, ns, pod, container, move |_| {
+        crate::kube::restart_watch::start(kube, ns, pod, container, move |_| {
             let sidecar = sidecar.clone();
             tokio::spawn(async move { sidecar.target_changed().await });
         })
@@ -199,7 +199,7 @@ pub(super) async fn build_runtimes(
     );
     // In sidecar mode the Pod watch starts with the agent; otherwise with the first
     // `Remote` task (most agents never have one).
-    let remote: Arc<dyn Runtime> = match pod_watch(config, kube, sidecar.clone()) {
+    let remote: Arc<dyn Runtime> = match restart_watch(config, kube, sidecar.clone()) {
         Some(watch) if !config.enable_sidecar_mode => {
             Arc::new(FirstUse::new(Arc::new(sidecar.clone()), watch))
         }

@@ -38,7 +38,7 @@
 
 pub mod backoff;
 pub mod procs;
-mod spawn;
+mod start_child;
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
@@ -453,18 +453,18 @@ impl Init {
             .unwrap_or_default();
         let oom_env = (TASK_OOM_SCORE_ADJ_ENV, own_oom.as_str());
         let spawned = match &self.server {
-            Some(s) => spawn::spawn(
+            Some(s) => start_child::start_child(
                 &self.opts.exe,
                 &self.opts.agent_args,
                 &[(SERVER_ON_STDIN_ENV, "stdin"), oom_env],
-                spawn::Stdin::Fd(&s.socket),
+                start_child::Stdin::Fd(&s.socket),
                 false,
             ),
-            None => spawn::spawn(
+            None => start_child::start_child(
                 &self.opts.exe,
                 &self.opts.agent_args,
                 &[oom_env],
-                spawn::Stdin::Null,
+                start_child::Stdin::Null,
                 false,
             ),
         };
@@ -509,11 +509,11 @@ impl Init {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        let pid = spawn::spawn(
+        let pid = start_child::start_child(
             &self.opts.exe,
             &["shim-server".into()],
             &[],
-            spawn::Stdin::Fd(&theirs),
+            start_child::Stdin::Fd(&theirs),
             true,
         )?;
         Ok(Server { pid, socket: ours })

@@ -1,6 +1,6 @@
 //! Sidecar mode: the main container's init process, found through the own Pod's status
 //! (`containerStatuses[].containerID`) and then a PID resolver (the Pod watch that reports
-//! a replaced main container is in `pod_watch`).
+//! a replaced main container is in `restart_watch`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};

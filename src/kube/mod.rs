@@ -8,10 +8,10 @@ pub mod error;
 pub mod events;
 pub mod locator;
 pub mod pod;
-pub mod pod_watch;
+pub mod restart_watch;
 pub mod review;
-pub mod watch;
-pub mod watching;
+pub mod task_controller;
+pub mod watch_stream;
 
 pub use client::{KubeClient, KubeTimeouts};
 pub use error::KubeError;

@@ -1,6 +1,6 @@
 //! Process set-up that needs `unsafe`; the only module of the crate allowed it.
 //!
-//! - `ForkServer`: the licence to `fork` a process that then runs Rust code, which is only
+//! - `ForkServer`: the proof that this process may `fork` one that then runs Rust code, which is only
 //!   sound in a single-threaded process. The shim server checks it once; its shims (and a
 //!   shim's in-container reaper) are forked children of it and single-threaded too.
 //! - `spawn`: starting a task's process (the shim on the host, the reaper inside the main
@@ -80,10 +80,10 @@ fn set_mask(mask: u64) -> io::Result<u64> {
     Ok(old)
 }
 
-/// The shim server's licence to fork: proof, checked once at start, that the process is
+/// The shim server's permission to fork: proof, checked once at start, that the process is
 /// single-threaded. After `fork` the child runs arbitrary Rust code, which is only sound
 /// when no other thread could have held a lock (malloc, stdio) at that moment. The server
-/// never starts a thread, nor do the shims and reapers it forks, so the licence holds in
+/// never starts a thread, nor do the shims and reapers it forks, so the permission holds in
 /// them too and is handed down to them. Neither `Send` nor `Sync`, so it stays on the
 /// thread that checked.
 pub struct ForkServer(std::marker::PhantomData<*const ()>);
@@ -121,10 +121,10 @@ impl ForkServer {
     /// linger as zombies and need no wait (SIGCHLD is ignored); the child gets the default
     /// SIGCHLD back before `f` runs, as a shim must reap its own children.
     pub fn spawn_detached(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<()> {
-        self.fork(|licence| {
+        self.fork(|forker| {
             // SAFETY: SIG_DFL installs no handler; we are the only thread.
             match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
-                Ok(_) => f(licence),
+                Ok(_) => f(forker),
                 Err(_) => 1,
             }
         })
@@ -140,11 +140,11 @@ impl ForkServer {
         payload: P,
         f: fn(&ForkServer, P) -> i32,
     ) -> io::Result<i32> {
-        self.fork(move |licence| {
+        self.fork(move |forker| {
             // SAFETY: the child's live objects are `payload` (whose descriptors stay, see
             // `OwnsFds`) and what `f`, a function capturing nothing, creates later.
             unsafe { close_all_but(&payload.fds()) };
-            f(licence, payload)
+            f(forker, payload)
         })
     }
 
@@ -155,7 +155,7 @@ impl ForkServer {
     fn fork(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<i32> {
         use nix::unistd::{ForkResult, fork};
         // SAFETY: the process has exactly one thread: checked by `init` in the process
-        // this licence was made in, and neither it nor its forked children start one.
+        // this permission was made in, and neither it nor its forked children start one.
         match unsafe { fork() }? {
             ForkResult::Parent { child } => Ok(child.as_raw()),
             ForkResult::Child => {

@@ -1,7 +1,7 @@
 //! Runtimes run a task somewhere: as a host process, inside the main container, or as a
 //! CRI container. They share one trait so the manager never knows which one it drives.
 
-pub mod child_setup; // the crate's only `unsafe`: fork licence, task spawn, fd hygiene
+pub mod child_setup; // the crate's only `unsafe`: the permission to fork, task spawn, fd hygiene
 #[forbid(unsafe_code)]
 pub mod container;
 #[forbid(unsafe_code)]

@@ -49,10 +49,10 @@ use crate::task::model::HookName;
 use crate::task::time::Time;
 
 /// Runs the shim for the launch with `nonce` (none from older agents); returns the shim's
-/// own exit code. `licence` lets it fork the reaper of a sidecar task.
-pub fn run(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> i32 {
+/// own exit code. `forker` lets it fork the reaper of a sidecar task.
+pub fn run(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> i32 {
     notify_agent(records::SHIM_HELLO.as_bytes());
-    match supervise(dir, nonce, licence) {
+    match supervise(dir, nonce, forker) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
@@ -87,7 +87,7 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
     })
 }
 
-fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Result<()> {
+fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result<()> {
     let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     let _shim_lock = lock(&records::shim_lock(dir), false)?;
@@ -150,7 +150,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
             containment::leave_and_remove(dir);
         }
     };
-    let place = match place(licence, &launch) {
+    let place = match place(forker, &launch) {
         Ok(p) => p,
         // Out of processes, memory or file descriptors before anything of the task ran
         // (the sidecar reaper is ours): the agent starts it again later.
@@ -266,7 +266,7 @@ fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
 /// places (host, or the main container through a reaper forked there). Every command is
 /// planned the same way, so hooks get what the main command gets (environment, working
 /// directory, identity).
-fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
+fn place(forker: &ForkServer, launch: &Launch) -> io::Result<Place> {
     let cwd = spawn::working_dir(launch.working_dir.as_deref())?;
     // The main container, if any command runs there (all of them enter the same one).
     let target = launch.target.as_ref().or_else(|| {
@@ -350,7 +350,7 @@ fn place(licence: &ForkServer, launch: &Launch) -> io::Result<Place> {
                     None => None,
                 });
             }
-            Some(ns_reaper::Reaper::start(licence, prepared.entry, plans)?)
+            Some(ns_reaper::Reaper::start(forker, prepared.entry, plans)?)
         }
     };
     Ok(Place::new(host, reaper, in_container))

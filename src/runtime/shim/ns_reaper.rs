@@ -100,7 +100,7 @@ impl Reaper {
     /// Forks the reaper into the container's PID namespace and waits until it has entered
     /// the container (or says why it could not). `jobs` are the commands it may start.
     pub fn start(
-        licence: &ForkServer,
+        forker: &ForkServer,
         entry: Entry,
         jobs: Vec<Option<ExecPlan>>,
     ) -> io::Result<Reaper> {
@@ -119,7 +119,7 @@ impl Reaper {
             entry,
             jobs,
         };
-        let forked = licence.fork_with(boot, serve);
+        let forked = forker.fork_with(boot, serve);
         setns(own.as_fd(), CloneFlags::CLONE_NEWPID)?;
         let mut reaper = Reaper {
             sock: ours,

@@ -57,12 +57,12 @@ pub fn serve(agent_only_env: Vec<String>) -> i32 {
             continue;
         };
         let mut notify = Some(notify);
-        let spawned = forker.spawn_detached(|licence| {
+        let spawned = forker.spawn_detached(|forker| {
             become_shim(
                 &dir,
                 nonce.as_deref(),
                 notify.take().expect("forked once"),
-                licence,
+                forker,
             )
         });
         if let Err(e) = spawned {
@@ -89,7 +89,7 @@ fn become_shim(
     dir: &std::path::Path,
     nonce: Option<&str>,
     notify: OwnedFd,
-    licence: &child_setup::ForkServer,
+    forker: &child_setup::ForkServer,
 ) -> i32 {
     let rewired = File::open("/dev/null").and_then(|null| {
         nix::unistd::dup2_stdin(null.as_fd())?;
@@ -101,5 +101,5 @@ fn become_shim(
         eprintln!("task-executor shim {}: {e}", dir.display());
         return 1;
     }
-    super::run(dir, nonce, licence)
+    super::run(dir, nonce, forker)
 }

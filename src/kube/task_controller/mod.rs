@@ -38,7 +38,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::crd::{POD_LABEL, Task, TaskCrStatus};
 use super::events::EventSink;
-use super::{KubeClient, KubeTimeouts, watching};
+use super::{KubeClient, KubeTimeouts, watch_stream};
 use crate::manager::Manager;
 
 /// Reasons the watcher itself gives in a Task's status (the manager gives all others).
@@ -60,7 +60,7 @@ const FINALIZED_MEMORY: Duration = Duration::from_secs(600);
 pub const FIELD_MANAGER: &str = "task-executor";
 
 /// Starts watching Tasks for `pod` in `namespace`, in the background, until the process ends.
-pub fn spawn(
+pub fn start(
     client: KubeClient,
     namespace: String,
     pod: String,
@@ -139,9 +139,9 @@ impl TaskWatcher {
     pub async fn run(self: Arc<Self>, timeouts: KubeTimeouts) {
         let changes = self.manager_changes();
         let (store, writer) = reflector::store();
-        let config = watching::config(timeouts).labels(&format!("{POD_LABEL}={}", self.pod));
+        let config = watch_stream::config(timeouts).labels(&format!("{POD_LABEL}={}", self.pod));
         let me = self.clone();
-        let tasks = watching::watch(self.api.clone(), config, "task")
+        let tasks = watch_stream::watch(self.api.clone(), config, "task")
             .then(move |ev| {
                 let me = me.clone();
                 async move {

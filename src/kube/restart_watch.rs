@@ -8,12 +8,12 @@ use k8s_openapi::api::core::v1::Pod;
 
 use super::KubeClient;
 use super::pod::{MainContainer, main_container};
-use super::watching::watch_one;
+use super::watch_stream::watch_one;
 
 /// Watches Pod `namespace/pod` and calls `on_replaced` each time its container `container`
 /// is replaced. Runs in the background until the process ends; a dead connection is
-/// noticed within the watch timeout plus 5 s (see `watching`).
-pub fn spawn_pod_watch<F>(
+/// noticed within the watch timeout plus 5 s (see `watch_stream`).
+pub fn start<F>(
     client: KubeClient,
     namespace: String,
     pod: String,

@@ -24,7 +24,7 @@ pub enum Stdin<'a> {
 
 /// Starts `exe` with `args`, the init's environment plus `env`, stdin as given, stdout
 /// /dev/null when `quiet` (else the init's), stderr the init's.
-pub fn spawn(
+pub fn start_child(
     exe: &Path,
     args: &[OsString],
     env: &[(&str, &str)],
