@@ -38,8 +38,9 @@ impl Supervisor<'_> {
         // From here on the hook may run: never again (durable before it is spawned).
         self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
         let argv0 = spec.argv.first().cloned().unwrap_or_default();
-        let failed = match &spec.place {
-            HookPlace::Unreachable(why) => Some((128, why.clone())),
+        // When it was spawned, or how it failed to be.
+        let spawned = match &spec.place {
+            HookPlace::Unreachable(why) => Err((128, why.clone())),
             HookPlace::Local | HookPlace::Remote(_) => {
                 let (r, w) = io::pipe()?;
                 let journal = self.running_lock.as_ref().map(|j| j.as_fd());
@@ -47,6 +48,7 @@ impl Supervisor<'_> {
                 drop(w); // only the hook holds the write end now
                 match spawned {
                     Ok(p) => {
+                        let now = Instant::now();
                         self.place.release_after(job);
                         h.process = Some(p);
                         h.started = Time::now();
@@ -57,24 +59,23 @@ impl Supervisor<'_> {
                             started_at: h.started,
                         };
                         self.journal(&Entry::HookStarted(rec), false)?;
-                        None
+                        Ok(now)
                     }
                     Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
-                    Err(e) => Some((
+                    Err(e) => Err((
                         exec_failure_code(&e.error),
                         spawn_failure(&argv0, &e, &spec.place, self.launch),
                     )),
                 }
             }
         };
-        let now = Instant::now();
         self.hook = Some(h);
-        Ok(match failed {
-            Some((code, why)) => {
+        Ok(match spawned {
+            Err((code, why)) => {
                 self.end_hook(Some(code), None, Some(why), false)?;
                 Event::HookStartFailed
             }
-            None => {
+            Ok(now) => {
                 notify_agent(format!("{}\n", name.as_str()).as_bytes());
                 Event::HookStarted { now }
             }

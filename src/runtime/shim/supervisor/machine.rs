@@ -19,31 +19,18 @@ use nix::sys::signal::Signal;
 
 use crate::task::model::HookName;
 
+mod events;
 #[cfg(test)]
 mod tests;
 
+use events::awaited;
+pub use events::{Action, Cmd, Config, Event, Exit, MainEnd, Marks};
+
 /// Between SIGKILL rounds while any process of the task (or of a hook) is left.
-pub const KILL_AGAIN: Duration = Duration::from_millis(100);
+const KILL_AGAIN: Duration = Duration::from_millis(100);
 
 /// How often a sidecar task's shim checks that the main container is still there.
-pub const TARGET_CHECK: Duration = Duration::from_secs(1);
-
-/// What the launch says the run is.
-#[derive(Clone, Debug, Default)]
-pub struct Config {
-    /// `Some`: the task has a `preStart` hook, with this timeout.
-    pub pre_start: Option<Option<Duration>>,
-    /// `Some`: the task has a `postStop` hook, with this timeout.
-    pub post_stop: Option<Option<Duration>>,
-    /// The main command's timeout.
-    pub timeout: Option<Duration>,
-    /// Between SIGTERM and SIGKILL.
-    pub grace: Duration,
-    /// A sidecar task: the main container it runs in is checked every `TARGET_CHECK`.
-    pub sidecar: bool,
-    /// `--end-task-with-main`: the main command's exit kills what it left running.
-    pub end_with_main: bool,
-}
+const TARGET_CHECK: Duration = Duration::from_secs(1);
 
 /// Which command of the run is current.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,131 +75,6 @@ enum Main {
     Ended,
 }
 
-/// Why the run ended as it did, as its exit line says.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Marks {
-    pub stop_requested: bool,
-    pub timed_out: bool,
-    /// The main container of a sidecar task is gone.
-    pub target_gone: bool,
-}
-
-/// A command of the run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cmd {
-    Main,
-    Hook(HookName),
-}
-
-/// How a command ended, as reaped (or reported by the reaper in the main container).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Exit {
-    pub cmd: Cmd,
-    pub code: Option<i32>,
-    pub signal: Option<i32>,
-}
-
-/// How the main command's run ended, for its exit line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum MainEnd {
-    Exited {
-        code: Option<i32>,
-        signal: Option<i32>,
-    },
-    /// Its reaper is gone without reporting its exit (see `Supervisor::main_lost`).
-    Lost,
-    /// The `preStart` hook failed (or was stopped): the main command never ran.
-    PreStartFailed,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Event {
-    // Inputs, from the driver.
-    /// The run begins with its first command.
-    Begin { now: Instant },
-    /// A round of reaping: the commands' exits, the commands whose reaper is gone without
-    /// reporting their exit, and (probed only with either) whether the main container of
-    /// a sidecar task is dead.
-    Reaped {
-        now: Instant,
-        exits: Vec<Exit>,
-        lost: Vec<Cmd>,
-        target_dead: bool,
-    },
-    /// A stop request (DELETE, or the init stopping the container).
-    StopRequested { now: Instant },
-    /// Timers are looked at; `target_alive` is the main container's check when it was
-    /// due (`target_check_due`).
-    Tick {
-        now: Instant,
-        target_alive: Option<bool>,
-    },
-
-    // Results of actions.
-    /// Of `StartHook`: spawned (and its `HookStarted` line written) at `now`.
-    HookStarted { now: Instant },
-    /// Of `StartHook`: it could not be started (its end is recorded).
-    HookStartFailed,
-    /// Of `StartMain`: spawned (and its `started` line written) at `now`.
-    MainStarted { now: Instant },
-    /// Of `StartMain`: it could not be started (recorded as the run's exit).
-    MainStartFailed,
-    /// Of `KillTaskRound`: how many processes of the task were left.
-    TaskLeft(usize),
-    /// Of `CountTask`.
-    TaskCounted(usize),
-    /// Of `KillHookRound`: how many processes of the hook were left.
-    HookLeft(usize),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Claim and start a hook; result `HookStarted` or `HookStartFailed`. `first`: out of
-    /// resources, nothing of the task ran, and the launch is given back.
-    StartHook { name: HookName, first: bool },
-    /// Start the main command; result `MainStarted` or `MainStartFailed`.
-    StartMain { first: bool },
-    /// Signal every process of the task.
-    SignalTask(Signal),
-    /// SIGKILL every process of the task; result `TaskLeft`.
-    KillTaskRound,
-    /// Count what is left of the task; result `TaskCounted`.
-    CountTask,
-    /// Signal the current hook's tree (`group`: its process group too, while unreaped).
-    SignalHook { sig: Signal, group: bool },
-    /// SIGKILL the current hook's tree; result `HookLeft`.
-    KillHookRound { group: bool },
-    /// SIGKILL the main command's process group (its leader is unreaped).
-    KillMainGroup,
-    /// Log what the command's pipes already hold, before its end is recorded.
-    Drain(Cmd),
-    /// Write the main command's exit line (durably).
-    RecordMain { end: MainEnd, marks: Marks },
-    /// Write the current hook's end (durably); `why` when it never ran or was lost.
-    RecordHook {
-        code: Option<i32>,
-        signal: Option<i32>,
-        why: Option<String>,
-        timed_out: bool,
-    },
-    /// The run is over: release the reaper, the journal's lock and the agent's pipe.
-    Finish,
-}
-
-impl Action {
-    /// Whether the driver feeds a result back.
-    fn has_result(&self) -> bool {
-        matches!(
-            self,
-            Action::StartHook { .. }
-                | Action::StartMain { .. }
-                | Action::KillTaskRound
-                | Action::CountTask
-                | Action::KillHookRound { .. }
-        )
-    }
-}
-
 /// The current (or last) hook.
 #[derive(Debug)]
 struct Hook {
@@ -251,7 +113,7 @@ pub struct Machine {
     /// Sidecar tasks: when to next check that the main container still runs.
     target_check: Option<Instant>,
     /// The time of the last input (results act at the time of the input they follow).
-    now: Option<Instant>,
+    now: Instant,
     /// Results still to come for the actions given out.
     awaiting: usize,
     /// The run is to move on once they are in.
@@ -259,7 +121,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn new(cfg: Config) -> Machine {
+    /// A run not begun yet, at `now`.
+    pub fn new(cfg: Config, now: Instant) -> Machine {
         Machine {
             cfg,
             phase: Phase::PreStart,
@@ -268,7 +131,7 @@ impl Machine {
             marks: Marks::default(),
             hook: None,
             target_check: None,
-            now: None,
+            now,
             awaiting: 0,
             advance_due: false,
         }
@@ -320,7 +183,7 @@ impl Machine {
         }
         match ev {
             Event::Begin { now } => {
-                self.now = Some(now);
+                self.now = now;
                 self.begin(&mut out);
             }
             Event::Reaped {
@@ -329,16 +192,16 @@ impl Machine {
                 lost,
                 target_dead,
             } => {
-                self.now = Some(now);
+                self.now = now;
                 self.reaped(now, &exits, &lost, target_dead, &mut out);
                 self.advance_due = true;
             }
             Event::StopRequested { now } => {
-                self.now = Some(now);
+                self.now = now;
                 self.request_stop(now, &mut out);
             }
             Event::Tick { now, target_alive } => {
-                self.now = Some(now);
+                self.now = now;
                 self.tick(now, target_alive, &mut out);
                 self.advance_due = true;
             }
@@ -363,7 +226,7 @@ impl Machine {
                 self.stopping = if left == 0 && self.main == Main::Ended {
                     Stopping::Done
                 } else {
-                    Stopping::Killing(self.now() + KILL_AGAIN)
+                    Stopping::Killing(self.now + KILL_AGAIN)
                 };
             }
             Event::TaskCounted(left) => {
@@ -372,7 +235,7 @@ impl Machine {
                 }
             }
             Event::HookLeft(left) => {
-                let now = self.now();
+                let now = self.now;
                 if let Some(h) = self.hook.as_mut() {
                     h.stop = if left == 0 && !h.running() {
                         Stopping::Done
@@ -390,10 +253,6 @@ impl Machine {
             self.advance_due = self.awaiting > 0;
         }
         out
-    }
-
-    fn now(&self) -> Instant {
-        self.now.expect("results follow an input with its time")
     }
 
     fn main_running(&self) -> bool {
@@ -483,7 +342,7 @@ impl Machine {
         self.phase = Phase::Done;
         out.push(Action::Finish);
         if self.marks.stop_requested {
-            self.begin_kill(self.now(), out);
+            self.begin_kill(self.now, out);
         }
     }
 
@@ -664,9 +523,4 @@ impl Machine {
             out.push(Action::KillHookRound { group: h.running() });
         }
     }
-}
-
-/// How many of these actions have a result to come.
-fn awaited(actions: &[Action]) -> usize {
-    actions.iter().filter(|a| a.has_result()).count()
 }

@@ -24,18 +24,18 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 mod hook_steps;
+mod journal;
 mod machine;
 
 pub use hook_steps::exec_failure_code;
-use machine::{Action, Cmd, Event, Exit, Machine, MainEnd, Marks, Phase};
+use machine::{Action, Cmd, Event, Exit, Machine, Phase};
 
 use super::hooks::{self, HookJob, Tail};
 use super::kill;
 use super::logs::{self, CappedLog};
 use super::place::{JobExit, MAIN, POST_STOP, PRE_START, Place, job_hook};
 use super::{notify_agent, release_agent};
-use crate::runtime::child_setup::{SpawnError, Step};
-use crate::runtime::records::{self, Entry, ExitRecord, Launch, ShimRecord, Unrecorded};
+use crate::runtime::records::{self, Entry, Launch, ShimRecord};
 use crate::sys::exhaustion::Exhaustion;
 use crate::sys::proc_handle;
 use crate::sys::procfs::ProcIdentity;
@@ -105,7 +105,7 @@ impl<'a> Supervisor<'a> {
         Ok(Supervisor {
             launch,
             place,
-            machine: Machine::new(config(launch)),
+            machine: Machine::new(config(launch), Instant::now()),
             shim,
             main: None,
             started: None,
@@ -132,35 +132,6 @@ impl<'a> Supervisor<'a> {
     pub fn with_cgroups(mut self, cgroups: Vec<std::path::PathBuf>) -> Self {
         self.cgroups = cgroups;
         self
-    }
-
-    /// Appends to the journal. A durable line (an exit) the disk refuses for want of
-    /// space or because it went read-only is kept and retried until it is written: the
-    /// shim holds on to the run (its locks, so the agent shows it running) rather than die
-    /// and leave its outcome unknown. A stop request still ends it (SIGKILL after the
-    /// grace period).
-    fn journal(&mut self, entry: &Entry, durable: bool) -> io::Result<()> {
-        let Some(j) = self.running_lock.as_mut() else {
-            return Ok(());
-        };
-        let mut pause = std::time::Duration::from_millis(50);
-        let mut told = false;
-        loop {
-            match records::append(j, entry, durable) {
-                Err(e) if durable && disk_refused(&e) => {
-                    if !told {
-                        eprintln!(
-                            "task-executor shim {}: the journal can't take a line ({e}); retrying until it can",
-                            std::process::id()
-                        );
-                        told = true;
-                    }
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
-                }
-                r => return r,
-            }
-        }
     }
 
     /// The journal's handle while the run lasts (for giving a launch back).
@@ -269,9 +240,9 @@ impl<'a> Supervisor<'a> {
                 return Ok(Event::MainStartFailed);
             }
         };
+        let now = Instant::now();
         self.place.release_after(MAIN);
         let started = Time::now();
-        let now = Instant::now();
         self.main = Some(main);
         self.started = Some(started);
         self.pipes[0] = Some(out_r);
@@ -286,22 +257,6 @@ impl<'a> Supervisor<'a> {
         self.journal(&Entry::Started(rec), false)?;
         notify_agent(b"started\n");
         Ok(Event::MainStarted { now })
-    }
-
-    fn main_start_failed(&mut self, e: SpawnError) -> io::Result<()> {
-        let launch = self.launch;
-        let mut what = format!("failed to start {:?}", launch.argv[0]);
-        if e.step == Step::Identity {
-            what.push_str(": taking the task's identity (securityContext, --task-uid-range, --task-run-as-user)");
-        }
-        if e.step == Step::WorkingDir {
-            match launch.working_dir.as_deref().filter(|d| !d.is_empty()) {
-                Some(d) => what.push_str(&format!(": working directory {d:?}")),
-                None => what.push_str(": the main container's working directory"),
-            }
-        }
-        let rec = super::start_error_record(&e.error, &what, launch);
-        self.record_main(rec)
     }
 
     pub fn run(&mut self, sigfd: &SignalFd) -> io::Result<()> {
@@ -490,50 +445,6 @@ impl<'a> Supervisor<'a> {
         self.place.signal_groups(None, sig);
         kill::signal_descendants(self.proc.as_fd(), self.me, self.place.spare(), sig)
     }
-
-    /// The main command's exit line as the machine says it ended.
-    fn exit_record(&self, end: MainEnd, marks: Marks) -> ExitRecord {
-        let ran = ExitRecord {
-            started_at: self.started,
-            finished_at: Some(Time::now()),
-            timed_out: marks.timed_out,
-            stop_requested: marks.stop_requested,
-            target_gone: marks.target_gone,
-            ..Default::default()
-        };
-        match end {
-            MainEnd::Exited { code, signal } => ExitRecord {
-                exit_code: code,
-                signal,
-                ..ran
-            },
-            // If the container went with its reaper, the kernel killed everything in its
-            // PID namespace; otherwise the exit is unknown.
-            MainEnd::Lost => ExitRecord {
-                signal: marks.target_gone.then_some(Signal::SIGKILL as i32),
-                unrecorded: (!marks.target_gone).then_some(Unrecorded::SupervisorLost),
-                ..ran
-            },
-            // The main command never runs.
-            MainEnd::PreStartFailed => ExitRecord {
-                exit_code: Some(1),
-                finished_at: Some(Time::now()),
-                stop_requested: marks.stop_requested,
-                pre_start_failed: true,
-                ..Default::default()
-            },
-        }
-    }
-
-    /// Writes the main command's exit line (durably); the run goes on with `postStop`.
-    fn record_main(&mut self, mut rec: ExitRecord) -> io::Result<()> {
-        if !self.cgroups.is_empty() {
-            // Read after the main command was reaped: an OOM kill of it is counted by then.
-            let dirs: Vec<&Path> = self.cgroups.iter().map(|d| d.as_path()).collect();
-            rec.usage = Some(crate::runtime::limits::usage(&dirs)).filter(|u| !u.is_empty());
-        }
-        self.journal(&Entry::Exit(rec), true)
-    }
 }
 
 /// What the launch makes of the run, for its machine.
@@ -551,12 +462,4 @@ fn config(launch: &Launch) -> machine::Config {
 
 fn cmd_of(job: usize) -> Cmd {
     job_hook(job).map_or(Cmd::Main, Cmd::Hook)
-}
-
-/// The disk refused a write for now (full, over quota, read-only): worth waiting out.
-fn disk_refused(e: &io::Error) -> bool {
-    matches!(
-        crate::sys::exhaustion::Exhaustion::of(e),
-        Some(crate::sys::exhaustion::Exhaustion::Disk)
-    ) || e.raw_os_error() == Some(nix::libc::EROFS)
 }

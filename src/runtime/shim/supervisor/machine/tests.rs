@@ -18,9 +18,10 @@ struct Run {
 
 impl Run {
     fn new(cfg: Config) -> Run {
+        let t0 = Instant::now();
         Run {
-            m: Machine::new(cfg),
-            t0: Instant::now(),
+            m: Machine::new(cfg, t0),
+            t0,
         }
     }
 
