@@ -196,34 +196,13 @@ mod tests {
         // This test process is not a subreaper: orphans would leave its tree, so the
         // daemons are grandchildren kept under a parent shell that waits.
         for use_scan in [false, true] {
-            let mut sh = std::process::Command::new("sh")
-                .args(["-c", "setsid sleep 31 & sh -c 'sleep 32 & wait' & wait"])
-                .spawn()
-                .unwrap();
-            let me = std::process::id() as i32;
-            let proc = std::fs::File::open("/proc").unwrap();
-            // Until both sleeps (and the inner shell) exist.
-            let t0 = std::time::Instant::now();
-            let mut found = 0;
-            while found < 4 && t0.elapsed() < std::time::Duration::from_secs(10) {
-                found = count(proc.as_fd(), me);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            let script = "setsid sleep 31 & sh -c 'sleep 32 & wait' & wait";
+            let (found, n) = kill_all_but_the_shell(script, 4, use_scan);
             assert!(found >= 4, "sh, sleep, sh, sleep: {found}");
-            let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
-            let source = if use_scan {
-                Children::scan(proc.as_fd())
-            } else {
-                Children::Files
-            };
-            let spare = Some(sh.id() as i32);
-            let n = walk(proc.as_fd(), h, spare, None, Some(Signal::SIGKILL), &source);
             assert_eq!(
                 n, 3,
                 "every descendant but the spared one (scan: {use_scan})"
             );
-            let _ = sh.kill();
-            sh.wait().unwrap();
         }
     }
 
@@ -234,36 +213,44 @@ mod tests {
         // before anything is signalled), whichever source lists the children. This process
         // is no subreaper, so a sleep whose parent died first would be out of reach for good.
         for use_scan in [false, true] {
-            let chain = "sh -c 'sleep 34 & wait' &";
-            let script = format!("{} wait", chain.repeat(8));
-            let mut sh = std::process::Command::new("sh")
-                .args(["-c", &script])
-                .spawn()
-                .unwrap();
-            let me = std::process::id() as i32;
-            let proc = std::fs::File::open("/proc").unwrap();
-            let t0 = std::time::Instant::now();
-            let mut found = 0;
-            while found < 17 && t0.elapsed() < std::time::Duration::from_secs(10) {
-                found = count(proc.as_fd(), me);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            let script = format!("{} wait", "sh -c 'sleep 34 & wait' &".repeat(8));
+            let (found, n) = kill_all_but_the_shell(&script, 17, use_scan);
             assert_eq!(found, 17, "sh and eight sh → sleep chains");
-            let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
-            let source = if use_scan {
-                Children::scan(proc.as_fd())
-            } else {
-                Children::Files
-            };
-            let spare = Some(sh.id() as i32);
-            let n = walk(proc.as_fd(), h, spare, None, Some(Signal::SIGKILL), &source);
-            let _ = sh.kill();
-            sh.wait().unwrap();
             assert_eq!(
                 n, 16,
                 "every descendant but the spared shell (scan: {use_scan})"
             );
         }
+    }
+
+    /// Starts `sh -c script` under this process, waits (10 s at most) until `want` of this
+    /// process's descendants live, then SIGKILLs all of them but that shell with one walk
+    /// (children from a /proc scan, or from `children` files). Returns how many were found
+    /// before, and how many the walk signalled.
+    fn kill_all_but_the_shell(script: &str, want: usize, use_scan: bool) -> (usize, usize) {
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", script])
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let proc = std::fs::File::open("/proc").unwrap();
+        let t0 = std::time::Instant::now();
+        let mut found = 0;
+        while found < want && t0.elapsed() < std::time::Duration::from_secs(10) {
+            found = count(proc.as_fd(), me);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
+        let source = if use_scan {
+            Children::scan(proc.as_fd())
+        } else {
+            Children::Files
+        };
+        let spare = Some(sh.id() as i32);
+        let n = walk(proc.as_fd(), h, spare, None, Some(Signal::SIGKILL), &source);
+        let _ = sh.kill();
+        sh.wait().unwrap();
+        (found, n)
     }
 
     fn count(proc: BorrowedFd<'_>, root: i32) -> usize {

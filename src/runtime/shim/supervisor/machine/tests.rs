@@ -56,6 +56,25 @@ impl Run {
         self.on(Event::StopRequested { now })
     }
 
+    /// Begins a run with a `preStart` hook (no timeout) and starts it at 0 ms.
+    fn pre_start_running(cfg: Config) -> Run {
+        let mut r = Run::new(Config {
+            pre_start: Some(None),
+            ..cfg
+        });
+        let now = r.at(0);
+        assert_eq!(
+            r.on(Event::Begin { now }),
+            [Action::StartHook {
+                name: PRE,
+                first: true
+            }]
+        );
+        assert_eq!(r.on(Event::HookStarted { now }), []);
+        assert_eq!(r.m.phase(), Phase::PreStart);
+        r
+    }
+
     /// Begins the run and starts its main command at 0 ms.
     fn main_running(cfg: Config) -> Run {
         let mut r = Run::new(cfg);
@@ -74,6 +93,22 @@ fn grace() -> Config {
     Config {
         grace: Duration::from_millis(1000),
         ..Config::default()
+    }
+}
+
+/// With a `postStop` hook (no timeout).
+fn with_post_stop() -> Config {
+    Config {
+        post_stop: Some(None),
+        ..grace()
+    }
+}
+
+/// A sidecar task (its main container is checked).
+fn sidecar() -> Config {
+    Config {
+        sidecar: true,
+        ..grace()
     }
 }
 
@@ -150,22 +185,7 @@ fn a_run_without_hooks_starts_main_records_its_exit_and_finishes() {
 
 #[test]
 fn hooks_run_in_order_around_main() {
-    let cfg = Config {
-        pre_start: Some(None),
-        post_stop: Some(None),
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    let t = r.at(0);
-    assert_eq!(
-        r.on(Event::Begin { now: t }),
-        [Action::StartHook {
-            name: PRE,
-            first: true
-        }]
-    );
-    assert_eq!(r.on(Event::HookStarted { now: t }), []);
-    assert_eq!(r.m.phase(), Phase::PreStart);
+    let mut r = Run::pre_start_running(with_post_stop());
     assert_eq!(
         r.reaped(1, &[exit(Cmd::Hook(PRE), 0)]),
         [
@@ -202,14 +222,8 @@ fn hooks_run_in_order_around_main() {
 
 #[test]
 fn a_failed_pre_start_means_main_never_runs_but_post_stop_does() {
-    let cfg = Config {
-        pre_start: Some(None),
-        post_stop: Some(None),
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    r.on(Event::Begin { now: r.at(0) });
-    r.on(Event::HookStarted { now: r.at(0) });
+    let cfg = with_post_stop();
+    let mut r = Run::pre_start_running(cfg);
     assert_eq!(
         r.reaped(1, &[exit(Cmd::Hook(PRE), 2)]),
         [
@@ -245,10 +259,7 @@ fn a_pre_start_that_cannot_start_fails_the_run_at_the_next_reap() {
 
 #[test]
 fn a_main_that_cannot_start_goes_on_to_post_stop() {
-    let cfg = Config {
-        post_stop: Some(None),
-        ..grace()
-    };
+    let cfg = with_post_stop();
     let mut r = Run::new(cfg);
     assert_eq!(
         r.on(Event::Begin { now: r.at(0) }),
@@ -298,10 +309,7 @@ fn a_stop_is_sigterm_then_sigkill_rounds_until_nothing_is_left() {
 
 #[test]
 fn main_exiting_within_the_grace_period_ends_the_stop_once_nothing_is_left() {
-    let cfg = Config {
-        post_stop: Some(None),
-        ..grace()
-    };
+    let cfg = with_post_stop();
     let mut r = Run::main_running(cfg);
     assert_eq!(r.stop(0), [Action::SignalTask(SIGTERM)]);
     assert_eq!(
@@ -326,10 +334,7 @@ fn main_exiting_within_the_grace_period_ends_the_stop_once_nothing_is_left() {
 
 #[test]
 fn a_stop_during_post_stop_waits_for_it_then_stops_what_is_left() {
-    let cfg = Config {
-        post_stop: Some(None),
-        ..grace()
-    };
+    let cfg = with_post_stop();
     let mut r = Run::main_running(cfg);
     r.reaped(10, &[exit(Cmd::Main, 0)]);
     r.on(Event::HookStarted { now: r.at(10) });
@@ -351,13 +356,7 @@ fn a_stop_during_post_stop_waits_for_it_then_stops_what_is_left() {
 
 #[test]
 fn a_stop_during_pre_start_stops_the_hook_and_main_never_runs() {
-    let cfg = Config {
-        pre_start: Some(None),
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    r.on(Event::Begin { now: r.at(0) });
-    r.on(Event::HookStarted { now: r.at(0) });
+    let mut r = Run::pre_start_running(grace());
     assert_eq!(
         r.stop(10),
         [Action::SignalHook {
@@ -390,13 +389,7 @@ fn a_stop_during_pre_start_stops_the_hook_and_main_never_runs() {
 
 #[test]
 fn a_succeeding_pre_start_after_a_stop_still_fails_the_run() {
-    let cfg = Config {
-        pre_start: Some(None),
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    r.on(Event::Begin { now: r.at(0) });
-    r.on(Event::HookStarted { now: r.at(0) });
+    let mut r = Run::pre_start_running(grace());
     r.stop(10);
     assert_eq!(
         r.reaped(20, &[exit(Cmd::Hook(PRE), 0)]),
@@ -496,12 +489,9 @@ fn end_with_main_kills_what_main_left_until_none_is_left() {
 
 #[test]
 fn a_lost_reaper_makes_main_exit_unknown_unless_the_container_went_with_it() {
-    let sidecar = Config {
-        sidecar: true,
-        ..grace()
-    };
+    let cfg = sidecar();
     for dead in [false, true] {
-        let mut r = Run::main_running(sidecar.clone());
+        let mut r = Run::main_running(cfg.clone());
         let mut want = vec![];
         if !dead {
             want.push(Action::KillMainGroup);
@@ -528,14 +518,8 @@ fn a_lost_reaper_makes_main_exit_unknown_unless_the_container_went_with_it() {
 
 #[test]
 fn a_lost_hook_ends_failed_with_why() {
-    let cfg = Config {
-        pre_start: Some(None),
-        sidecar: true,
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    r.on(Event::Begin { now: r.at(0) });
-    r.on(Event::HookStarted { now: r.at(0) });
+    let cfg = sidecar();
+    let mut r = Run::pre_start_running(cfg);
     let now = r.at(10);
     let got = r.on(Event::Reaped {
         now,
@@ -560,10 +544,7 @@ fn a_lost_hook_ends_failed_with_why() {
 
 #[test]
 fn a_sidecar_whose_container_is_gone_is_stopped_and_marked() {
-    let cfg = Config {
-        sidecar: true,
-        ..grace()
-    };
+    let cfg = sidecar();
     let mut r = Run::main_running(cfg);
     assert!(!r.m.target_check_due(r.at(999), false));
     assert!(r.m.target_check_due(r.at(1000), false));
@@ -605,14 +586,8 @@ fn a_sidecar_whose_container_is_gone_is_stopped_and_marked() {
 fn the_run_moves_on_only_once_every_round_of_a_tick_is_counted() {
     // A stopped preStart whose tree outlives it, and the task's own stop after the run:
     // one tick is due for both rounds.
-    let cfg = Config {
-        pre_start: Some(None),
-        post_stop: Some(None),
-        ..grace()
-    };
-    let mut r = Run::new(cfg);
-    r.on(Event::Begin { now: r.at(0) });
-    r.on(Event::HookStarted { now: r.at(0) });
+    let cfg = with_post_stop();
+    let mut r = Run::pre_start_running(cfg);
     r.stop(0);
     r.tick(1000);
     r.on(Event::HookLeft(1));
