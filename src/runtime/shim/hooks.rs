@@ -1,9 +1,8 @@
-//! A lifecycle hook as the shim runs it: its process, its deadline, its log (one file for
+//! A lifecycle hook as the shim runs it: its process, its log (one file for
 //! its stdout and stderr, `prestart.log` / `poststop.log`, with an output index of its
 //! own) and the tail of its output kept for the task's status.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use super::logs::{self, CappedLog};
 use crate::runtime::records::HookExit;
@@ -14,67 +13,27 @@ use crate::task::time::Time;
 /// How much of a hook's output its status keeps (the end of it).
 pub const TAIL_BYTES: usize = 4096;
 
-/// Between SIGKILL rounds while anything of a hook being stopped is left.
-pub const KILL_AGAIN: Duration = Duration::from_millis(100);
-
-/// Where stopping a hook stands.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum HookStop {
-    No,
-    /// SIGTERM sent (a stop request): SIGKILL at this time.
-    Grace(Instant),
-    /// SIGKILL sent (its timeout, or the grace is over): again at this time.
-    Killing(Instant),
-}
-
-/// A hook that was started (or failed to start).
+/// A hook that was started (or failed to start): what the driver holds of it (its
+/// timers and stop are the machine's, `supervisor::machine`).
 pub struct HookJob {
     pub name: HookName,
     pub job: usize,
     /// `None` when it could not be started.
     pub process: Option<ProcIdentity>,
     pub started: Time,
-    /// When its timeout runs out (`None`: no limit).
-    pub deadline: Option<Instant>,
-    pub timeout: Option<Duration>,
-    pub timed_out: bool,
-    pub stop: HookStop,
-    /// Recorded in the journal: the hook is over.
-    pub ended: bool,
-    /// It ended with exit code 0, in time.
-    pub succeeded: bool,
     /// The trees under the shim when it started (the main command's daemons): not its.
     pub before: Vec<(i32, u64)>,
 }
 
 impl HookJob {
-    pub fn new(name: HookName, job: usize, timeout: Option<Duration>) -> Self {
+    pub fn new(name: HookName, job: usize) -> Self {
         HookJob {
             name,
             job,
             process: None,
             started: Time::now(),
-            deadline: timeout.and_then(|t| Instant::now().checked_add(t)),
-            timeout,
-            timed_out: false,
-            stop: HookStop::No,
-            ended: false,
-            succeeded: false,
             before: Vec::new(),
         }
-    }
-
-    /// When this hook next needs attention (its deadline, a kill round).
-    pub fn next_timer(&self) -> Option<Instant> {
-        if self.ended && self.stop == HookStop::No {
-            return None;
-        }
-        let kill = match self.stop {
-            HookStop::Grace(t) | HookStop::Killing(t) => Some(t),
-            HookStop::No => None,
-        };
-        let deadline = self.deadline.filter(|_| !self.timed_out && !self.ended);
-        [kill, deadline].into_iter().flatten().min()
     }
 
     /// The line recording how the hook ended.
@@ -82,6 +41,7 @@ impl HookJob {
         &self,
         code: Option<i32>,
         signal: Option<i32>,
+        timed_out: bool,
         start_error: Option<String>,
         output: String,
     ) -> HookExit {
@@ -91,7 +51,7 @@ impl HookJob {
             signal,
             started_at: self.process.map(|_| self.started),
             finished_at: Time::now(),
-            timed_out: self.timed_out,
+            timed_out,
             start_error,
             output,
             unrecorded: None,

@@ -8,9 +8,11 @@
 //! The walk reads each process's `children` files through its handle, which costs in
 //! proportion to the task's tree, not to every process on the node (a node stopping
 //! thousands of tasks at once would otherwise read /proc thousands of times over).
-//! Without those files (a kernel built without CONFIG_PROC_CHILDREN) it scans /proc.
+//! Without those files (a kernel built without CONFIG_PROC_CHILDREN) it scans /proc once
+//! and walks the same way over what the scan found (`Children`): one walk, so both keep
+//! its guarantees (checked handles, the whole tree before any signal).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::BorrowedFd;
 
 use nix::sys::signal::Signal;
@@ -34,10 +36,8 @@ pub fn signal_descendants(
 /// whoever its parent is now: what a task's process started, after its shim died.
 /// Returns how many there were.
 pub fn signal_descendants_of(proc: BorrowedFd<'_>, root: ProcHandle, sig: Signal) -> usize {
-    match root.children() {
-        Some(_) => walk_children(proc, root, None, None, Some(sig)),
-        None => walk_scan(proc, root.pid, None, None, Some(sig)),
-    }
+    let source = Children::for_tree(proc, &root);
+    walk(proc, root, None, None, Some(sig), &source)
 }
 
 /// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
@@ -52,30 +52,23 @@ pub fn signal_subtrees(
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
 ) -> usize {
-    let Ok((root_handle, _)) = ProcHandle::open_at(proc, root) else {
+    let Ok((root, _)) = ProcHandle::open_at(proc, root) else {
         return 0;
     };
-    match root_handle.children() {
-        Some(_) => walk_children(proc, root_handle, spare, exclude, sig),
-        None => walk_scan(proc, root, spare, exclude, sig),
-    }
+    let source = Children::for_tree(proc, &root);
+    walk(proc, root, spare, exclude, sig, &source)
 }
 
 /// The tops of the trees under `root` now: its children and `spare`'s (pid, start time).
 pub fn tops(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
+    let mut source = None;
     for parent in std::iter::once(root).chain(spare) {
-        let kids = match ProcHandle::open_at(proc, parent) {
-            Ok((h, _)) => h.children(),
-            Err(_) => continue,
+        let Ok((h, _)) = ProcHandle::open_at(proc, parent) else {
+            continue;
         };
-        let kids = kids.unwrap_or_else(|| {
-            procfs::pids_at(proc)
-                .into_iter()
-                .filter(|p| procfs::stat_at(proc, *p).is_some_and(|s| s.ppid == parent))
-                .collect()
-        });
-        for pid in kids {
+        let source = source.get_or_insert_with(|| Children::for_tree(proc, &h));
+        for pid in source.of(&h) {
             if Some(pid) != spare
                 && let Some(st) = procfs::stat_at(proc, pid)
             {
@@ -84,6 +77,43 @@ pub fn tops(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>) -> Vec<(i32, u6
         }
     }
     out
+}
+
+/// Where a walk finds a process's children.
+enum Children {
+    /// Its `children` files, read through its handle.
+    Files,
+    /// One scan of every process's stat, by parent pid (a kernel without
+    /// CONFIG_PROC_CHILDREN).
+    Scan(HashMap<i32, Vec<i32>>),
+}
+
+impl Children {
+    /// The files if the kernel has them (as `root`'s show), else a scan.
+    fn for_tree(proc: BorrowedFd<'_>, root: &ProcHandle) -> Children {
+        match root.children() {
+            Some(_) => Children::Files,
+            None => Children::scan(proc),
+        }
+    }
+
+    fn scan(proc: BorrowedFd<'_>) -> Children {
+        let mut by_parent: HashMap<i32, Vec<i32>> = HashMap::new();
+        for pid in procfs::pids_at(proc) {
+            if let Some(s) = procfs::stat_at(proc, pid) {
+                by_parent.entry(s.ppid).or_default().push(pid);
+            }
+        }
+        Children::Scan(by_parent)
+    }
+
+    /// The pids listed as `parent`'s children (each to be checked: the list may be old).
+    fn of(&self, parent: &ProcHandle) -> Vec<i32> {
+        match self {
+            Children::Files => parent.children().unwrap_or_default(),
+            Children::Scan(by_parent) => by_parent.get(&parent.pid).cloned().unwrap_or_default(),
+        }
+    }
 }
 
 /// Whether a process is in the selected trees: a top (a child of the root or of the
@@ -102,34 +132,41 @@ fn selected(
     }
 }
 
-/// Through `children` files, breadth-first; a child counts when its own stat (read
-/// through its handle) names the parent it was listed under. The whole tree is found
-/// before anything is signalled: a parent that dies of the signal leaves its children to
-/// the subreaper, where this walk would no longer find them (they would miss a SIGTERM).
-fn walk_children(
+/// Breadth-first from `root`, children as `source` lists them; a child counts when its
+/// own stat (read through its handle) names the parent it was listed under, and each pid
+/// is taken once. The whole tree is found before anything is signalled, whichever the
+/// source (a scan's lists are checked the same way): a parent that dies of the signal leaves its children to the subreaper, where
+/// this walk would no longer find them (they would miss a SIGTERM).
+fn walk(
     proc: BorrowedFd<'_>,
     root: ProcHandle,
     spare: Option<i32>,
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
+    source: &Children,
 ) -> usize {
     let root_pid = root.pid;
+    let mut seen = HashSet::from([root_pid]);
     // Each process found, whether it is in the selected trees, and whether it is to be
     // signalled.
     let mut tree: Vec<(ProcHandle, bool, bool)> = vec![(root, false, false)];
     let mut next = 0;
     while let Some((parent, parent_selected, _)) = tree.get(next) {
-        let (parent_pid, kids) = (parent.pid, parent.children().unwrap_or_default());
+        let (parent_pid, kids) = (parent.pid, source.of(parent));
         let top = parent_pid == root_pid || Some(parent_pid) == spare;
         let parent_selected = *parent_selected;
         next += 1;
         for pid in kids {
+            if seen.contains(&pid) {
+                continue;
+            }
             let Ok((h, st)) = ProcHandle::open_at(proc, pid) else {
                 continue; // gone meanwhile
             };
             if st.ppid != parent_pid {
                 continue; // a reused pid, or re-parented meanwhile (a later round finds it)
             }
+            seen.insert(pid);
             if Some(pid) == spare {
                 tree.push((h, false, false));
                 continue;
@@ -148,52 +185,6 @@ fn walk_children(
     live
 }
 
-/// The same from one scan of every process's stat.
-fn walk_scan(
-    proc: BorrowedFd<'_>,
-    root: i32,
-    spare: Option<i32>,
-    exclude: Option<&[(i32, u64)]>,
-    sig: Option<Signal>,
-) -> usize {
-    let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
-    for pid in procfs::pids_at(proc) {
-        if let Some(s) = procfs::stat_at(proc, pid) {
-            children
-                .entry(s.ppid)
-                .or_default()
-                .push((pid, s.start_time));
-        }
-    }
-    let mut live = 0;
-    let mut stack = vec![(root, false)];
-    while let Some((parent, parent_selected)) = stack.pop() {
-        let top = parent == root || Some(parent) == spare;
-        for &(pid, start) in children.get(&parent).into_iter().flatten() {
-            if Some(pid) == spare || pid == root {
-                stack.push((pid, false));
-                continue;
-            }
-            let sel = selected(top, parent_selected, pid, start, exclude);
-            stack.push((pid, sel));
-            if !sel {
-                continue;
-            }
-            let Ok((h, now)) = ProcHandle::open_at(proc, pid) else {
-                continue; // gone meanwhile
-            };
-            if now.start_time != start || now.state == 'Z' {
-                continue; // a reused pid, or already dead
-            }
-            live += 1;
-            if let Some(sig) = sig {
-                let _ = h.signal(sig);
-            }
-        }
-    }
-    live
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd;
@@ -201,48 +192,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn both_walks_reach_setsid_and_double_forked_descendants() {
+    fn both_sources_reach_setsid_and_double_forked_descendants() {
         // This test process is not a subreaper: orphans would leave its tree, so the
         // daemons are grandchildren kept under a parent shell that waits.
         for use_scan in [false, true] {
-            let mut sh = std::process::Command::new("sh")
-                .args(["-c", "setsid sleep 31 & sh -c 'sleep 32 & wait' & wait"])
-                .spawn()
-                .unwrap();
-            let me = std::process::id() as i32;
-            let proc = std::fs::File::open("/proc").unwrap();
-            // Until both sleeps (and the inner shell) exist.
-            let t0 = std::time::Instant::now();
-            let mut found = 0;
-            while found < 4 && t0.elapsed() < std::time::Duration::from_secs(10) {
-                found = count(proc.as_fd(), me);
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+            let script = "setsid sleep 31 & sh -c 'sleep 32 & wait' & wait";
+            let (found, n) = kill_all_but_the_shell(script, 4, use_scan);
             assert!(found >= 4, "sh, sleep, sh, sleep: {found}");
-            let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
-            let n = if use_scan {
-                walk_scan(
-                    proc.as_fd(),
-                    me,
-                    Some(sh.id() as i32),
-                    None,
-                    Some(Signal::SIGKILL),
-                )
-            } else {
-                walk_children(
-                    proc.as_fd(),
-                    h,
-                    Some(sh.id() as i32),
-                    None,
-                    Some(Signal::SIGKILL),
-                )
-            };
             assert_eq!(
                 n, 3,
                 "every descendant but the spared one (scan: {use_scan})"
             );
-            let _ = sh.kill();
-            sh.wait().unwrap();
         }
     }
 
@@ -250,34 +210,47 @@ mod tests {
     fn a_parent_that_dies_of_the_signal_does_not_hide_its_children() {
         // Eight chains sh → sh → sleep under a spared shell: each inner shell dies of the
         // SIGKILL at once; its sleep must be found all the same (the whole tree is walked
-        // before anything is signalled). This process is no subreaper, so a sleep whose
-        // parent died first would be out of reach for good.
-        let chain = "sh -c 'sleep 34 & wait' &";
-        let script = format!("{} wait", chain.repeat(8));
+        // before anything is signalled), whichever source lists the children. This process
+        // is no subreaper, so a sleep whose parent died first would be out of reach for good.
+        for use_scan in [false, true] {
+            let script = format!("{} wait", "sh -c 'sleep 34 & wait' &".repeat(8));
+            let (found, n) = kill_all_but_the_shell(&script, 17, use_scan);
+            assert_eq!(found, 17, "sh and eight sh → sleep chains");
+            assert_eq!(
+                n, 16,
+                "every descendant but the spared shell (scan: {use_scan})"
+            );
+        }
+    }
+
+    /// Starts `sh -c script` under this process, waits (10 s at most) until `want` of this
+    /// process's descendants live, then SIGKILLs all of them but that shell with one walk
+    /// (children from a /proc scan, or from `children` files). Returns how many were found
+    /// before, and how many the walk signalled.
+    fn kill_all_but_the_shell(script: &str, want: usize, use_scan: bool) -> (usize, usize) {
         let mut sh = std::process::Command::new("sh")
-            .args(["-c", &script])
+            .args(["-c", script])
             .spawn()
             .unwrap();
         let me = std::process::id() as i32;
         let proc = std::fs::File::open("/proc").unwrap();
         let t0 = std::time::Instant::now();
         let mut found = 0;
-        while found < 17 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        while found < want && t0.elapsed() < std::time::Duration::from_secs(10) {
             found = count(proc.as_fd(), me);
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert_eq!(found, 17, "sh and eight sh → sleep chains");
         let (h, _) = ProcHandle::open_at(proc.as_fd(), me).unwrap();
-        let n = walk_children(
-            proc.as_fd(),
-            h,
-            Some(sh.id() as i32),
-            None,
-            Some(Signal::SIGKILL),
-        );
+        let source = if use_scan {
+            Children::scan(proc.as_fd())
+        } else {
+            Children::Files
+        };
+        let spare = Some(sh.id() as i32);
+        let n = walk(proc.as_fd(), h, spare, None, Some(Signal::SIGKILL), &source);
         let _ = sh.kill();
         sh.wait().unwrap();
-        assert_eq!(n, 16, "every descendant but the spared shell");
+        (found, n)
     }
 
     fn count(proc: BorrowedFd<'_>, root: i32) -> usize {

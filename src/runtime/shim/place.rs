@@ -33,7 +33,7 @@ pub fn hook_job(h: HookName) -> usize {
 }
 
 /// The hook a job number is (`None`: the main command).
-fn job_hook(job: usize) -> Option<HookName> {
+pub fn job_hook(job: usize) -> Option<HookName> {
     match job {
         PRE_START => Some(HookName::PreStart),
         POST_STOP => Some(HookName::PostStop),

@@ -1,18 +1,20 @@
 //! The shim's handling of a task's lifecycle hooks: claiming and starting one (in its
-//! place, with its own log), recording its end, its timeout and stop, and killing its
-//! tree (what it started, not what the main command left running).
+//! place, with its own log), recording its end, and killing its tree (what it started,
+//! not what the main command left running). When (its timeout, its stop) is the
+//! machine's.
 
 use std::io;
 use std::os::fd::AsFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 
-use super::super::hooks::{self, HookJob, HookStop};
+use super::super::hooks::HookJob;
 use super::super::kill;
 use super::super::notify_agent;
 use super::super::place::hook_job;
+use super::machine::Event;
 use super::{PRE_START_SLOT, Supervisor, slot_of};
 use crate::runtime::child_setup::{SpawnError, Step};
 use crate::runtime::records::{Entry, HookClaim, HookExit, HookPlace, HookStart, Launch};
@@ -23,18 +25,22 @@ use crate::task::time::Time;
 impl Supervisor<'_> {
     /// Claims and starts a hook. A hook that can't be started ends at once, failed
     /// (recorded), except for a first command out of resources (`give_back` then).
-    pub(super) fn start_hook(&mut self, name: HookName, first: bool) -> io::Result<()> {
+    pub(super) fn start_hook(&mut self, name: HookName, first: bool) -> io::Result<Event> {
         let Some(spec) = self.launch.hook(name) else {
-            return Ok(());
+            return Err(io::Error::other(format!(
+                "the launch has no {} hook",
+                name.as_str()
+            )));
         };
         let job = hook_job(name);
-        let mut h = HookJob::new(name, job, spec.timeout_ms.map(Duration::from_millis));
+        let mut h = HookJob::new(name, job);
         h.before = kill::tops(self.proc.as_fd(), self.me, self.place.spare());
         // From here on the hook may run: never again (durable before it is spawned).
         self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
         let argv0 = spec.argv.first().cloned().unwrap_or_default();
-        let failed = match &spec.place {
-            HookPlace::Unreachable(why) => Some((128, why.clone())),
+        // When it was spawned, or how it failed to be.
+        let spawned = match &spec.place {
+            HookPlace::Unreachable(why) => Err((128, why.clone())),
             HookPlace::Local | HookPlace::Remote(_) => {
                 let (r, w) = io::pipe()?;
                 let journal = self.running_lock.as_ref().map(|j| j.as_fd());
@@ -42,10 +48,10 @@ impl Supervisor<'_> {
                 drop(w); // only the hook holds the write end now
                 match spawned {
                     Ok(p) => {
+                        let now = Instant::now();
                         self.place.release_after(job);
                         h.process = Some(p);
                         h.started = Time::now();
-                        h.deadline = h.timeout.and_then(|t| Instant::now().checked_add(t));
                         self.pipes[slot_of(name)] = Some(r);
                         let rec = HookStart {
                             hook: name,
@@ -53,10 +59,10 @@ impl Supervisor<'_> {
                             started_at: h.started,
                         };
                         self.journal(&Entry::HookStarted(rec), false)?;
-                        None
+                        Ok(now)
                     }
                     Err(e) if first && Exhaustion::of(&e.error).is_some() => return Err(e.error),
-                    Err(e) => Some((
+                    Err(e) => Err((
                         exec_failure_code(&e.error),
                         spawn_failure(&argv0, &e, &spec.place, self.launch),
                     )),
@@ -64,11 +70,16 @@ impl Supervisor<'_> {
             }
         };
         self.hook = Some(h);
-        match failed {
-            Some((code, why)) => self.end_hook(Some(code), None, Some(why))?,
-            None => notify_agent(format!("{}\n", name.as_str()).as_bytes()),
-        }
-        Ok(())
+        Ok(match spawned {
+            Err((code, why)) => {
+                self.end_hook(Some(code), None, Some(why), false)?;
+                Event::HookStartFailed
+            }
+            Ok(now) => {
+                notify_agent(format!("{}\n", name.as_str()).as_bytes());
+                Event::HookStarted { now }
+            }
+        })
     }
 
     /// Records the current hook's end (durably).
@@ -77,26 +88,25 @@ impl Supervisor<'_> {
         code: Option<i32>,
         signal: Option<i32>,
         start_error: Option<String>,
+        timed_out: bool,
     ) -> io::Result<()> {
-        let Some(h) = self.hook.as_mut() else {
+        let Some(h) = self.hook.as_ref() else {
             return Ok(());
         };
-        h.ended = true;
         let output = self.tails[slot_of(h.name) - PRE_START_SLOT].text();
-        let rec: HookExit = h.exit_record(code, signal, start_error, output);
-        h.succeeded = rec.succeeded();
+        let rec: HookExit = h.exit_record(code, signal, timed_out, start_error, output);
         self.journal(&Entry::HookExit(rec), true)
     }
 
-    /// Signals the current hook's tree: its group while unreaped, and every tree under
-    /// the shim that was not there when it started (see `signal_subtrees`). Returns how
-    /// many are left.
-    pub(super) fn kill_hook(&self, sig: Signal) -> usize {
+    /// Signals the current hook's tree: its group while unreaped (`group`), and every tree
+    /// under the shim that was not there when it started (see `signal_subtrees`). Returns
+    /// how many are left.
+    pub(super) fn kill_hook(&self, sig: Signal, group: bool) -> usize {
         let Some(h) = &self.hook else { return 0 };
         if h.process.is_none() {
             return 0;
         }
-        if !h.ended {
+        if group {
             self.place.signal_groups(Some(h.job), sig);
         }
         kill::signal_subtrees(
@@ -106,32 +116,6 @@ impl Supervisor<'_> {
             Some(&h.before),
             Some(sig),
         )
-    }
-
-    pub(super) fn check_hook_timers(&mut self, now: Instant) {
-        let Some(h) = self.hook.as_mut() else { return };
-        if h.process.is_none() {
-            return;
-        }
-        if !h.ended && !h.timed_out && h.deadline.is_some_and(|d| now >= d) {
-            // Over its timeout: its whole tree is killed, and it counts as failed.
-            h.timed_out = true;
-            h.stop = HookStop::Killing(now + hooks::KILL_AGAIN);
-            self.kill_hook(Signal::SIGKILL);
-            return;
-        }
-        if let HookStop::Grace(t) | HookStop::Killing(t) = h.stop
-            && now >= t
-        {
-            let ended = h.ended;
-            let left = self.kill_hook(Signal::SIGKILL);
-            let h = self.hook.as_mut().expect("checked above");
-            h.stop = if left == 0 && ended {
-                HookStop::No
-            } else {
-                HookStop::Killing(now + hooks::KILL_AGAIN)
-            };
-        }
     }
 }
 
