@@ -699,7 +699,7 @@ fn ran_without_journal(dir: &Path) -> bool {
             || [
                 records::STDOUT,
                 records::STDERR,
-                super::tasklog::index::INDEX_FILE,
+                crate::task::layout::OUTPUT_INDEX,
             ]
             .iter()
             .any(|f| dir.join(f).exists()))

@@ -31,9 +31,9 @@ use crate::task::identity::RunAs;
 use crate::task::model::{EnvVar, HookName};
 use crate::task::time::Time;
 
-pub const RUN: &str = crate::task::store::RUN_JOURNAL;
-pub const STDOUT: &str = "stdout.log";
-pub const STDERR: &str = "stderr.log";
+pub const RUN: &str = crate::task::layout::RUN_JOURNAL;
+pub const STDOUT: &str = crate::task::layout::STDOUT;
+pub const STDERR: &str = crate::task::layout::STDERR;
 
 /// The journal's mark that a shim claimed a launch of it (the task may have run): its
 /// sticky bit, which means nothing on a regular file. A mode bit because it lives outside

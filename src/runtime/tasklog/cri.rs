@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::{MAX_LINE, Piece, Stream, Streams, inode, read_full_at, rotated};
+use super::{MAX_LINE, Piece, Stream, Streams, inode, read_full_at};
+use crate::task::layout::rotated;
 
 const READ_AHEAD: usize = 64 * 1024;
 
@@ -234,8 +235,9 @@ fn parse(line: &[u8]) -> Option<Entry<'_>> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{CONTAINER_LOG, LogSet};
+    use super::super::LogSet;
     use super::*;
+    use crate::task::layout::CONTAINER_LOG;
 
     fn all(r: &mut super::super::Reader, flush: bool) -> Vec<Piece> {
         let mut out = Vec::new();

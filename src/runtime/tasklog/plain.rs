@@ -18,7 +18,8 @@ use std::sync::Arc;
 use nix::fcntl::{Flock, FlockArg};
 
 use super::index::{self, Record};
-use super::{MAX_LINE, Piece, Stream, inode, read_full_at, rotated};
+use super::{MAX_LINE, Piece, Stream, inode, read_full_at};
+use crate::task::layout::rotated;
 
 const READ_AHEAD: usize = 64 * 1024;
 
@@ -322,10 +323,10 @@ fn take_line(st: &mut StreamLog) -> (u64, Piece) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::index::INDEX_FILE;
-    use super::super::{LogSet, Reader, STDERR, STDOUT, Streams};
+    use super::super::{LogSet, Reader, Streams};
     use super::*;
     use crate::runtime::shim::logs::{CappedLog, index};
+    use crate::task::layout::{OUTPUT_INDEX, STDERR, STDOUT};
 
     fn all(r: &mut Reader, flush: bool) -> Vec<Piece> {
         let mut out = Vec::new();
@@ -418,7 +419,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(STDOUT), "a\nb\n").unwrap();
         std::fs::write(d.path().join(STDERR), "c\n").unwrap();
-        assert!(!d.path().join(INDEX_FILE).exists());
+        assert!(!d.path().join(OUTPUT_INDEX).exists());
         let mut r = LogSet::of_task(d.path(), false).open(Streams::ALL).unwrap();
         assert_eq!(text(&all(&mut r, false)), "a\nb\nc\n");
     }
