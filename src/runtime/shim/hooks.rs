@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::logs::{self, CappedLog};
-use crate::runtime::records::HookExit;
+use crate::runtime::journal::HookExit;
 use crate::sys::procfs::ProcIdentity;
 use crate::task::layout::TaskDir;
 use crate::task::model::HookName;

@@ -30,10 +30,11 @@ use super::logs::{self, CappedLog};
 use super::place::{JobExit, MAIN, Place};
 use super::{notify_agent, release_agent};
 use crate::runtime::child_setup::{SpawnError, Step};
-use crate::runtime::records::{self, Entry, ExitRecord, Launch, ShimRecord, Unrecorded};
+use crate::runtime::journal::{self, Entry, ExitRecord, Launch, ShimRecord, Unrecorded};
 use crate::sys::exhaustion::Exhaustion;
 use crate::sys::proc_handle;
 use crate::sys::procfs::ProcIdentity;
+use crate::task::layout;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 
@@ -149,8 +150,8 @@ impl<'a> Supervisor<'a> {
             hook: None,
             running_lock: Some(running_lock),
             logs: [
-                CappedLog::new(dir.join(records::STDOUT), cap, 0, &index),
-                CappedLog::new(dir.join(records::STDERR), cap, 1, &index),
+                CappedLog::new(dir.join(layout::STDOUT), cap, 0, &index),
+                CappedLog::new(dir.join(layout::STDERR), cap, 1, &index),
                 hooks::log(dir, HookName::PreStart, cap),
                 hooks::log(dir, HookName::PostStop, cap),
             ],
@@ -178,7 +179,7 @@ impl<'a> Supervisor<'a> {
         let mut pause = std::time::Duration::from_millis(50);
         let mut told = false;
         loop {
-            match records::append(j, entry, durable) {
+            match journal::append(j, entry, durable) {
                 Err(e) if durable && disk_refused(&e) => {
                     if !told {
                         eprintln!(
