@@ -16,6 +16,7 @@
 //! written since.
 
 mod cri;
+mod cursor;
 pub mod index;
 mod plain;
 
@@ -170,10 +171,4 @@ pub(crate) fn read_full_at(f: &std::fs::File, buf: &mut [u8], mut off: u64) -> i
         }
     }
     Ok(n)
-}
-
-/// The inode of `path`, if it exists.
-pub(crate) fn inode(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.ino())
 }
