@@ -150,7 +150,7 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         "argv": ["true"], "env": [], "graceMs": 1, "maxLogBytes": 1, "nonce": "n2",
     }))
     .unwrap();
-    let journal = || std::fs::read(dir.join(layout::RUN_JOURNAL)).unwrap();
+    let journal_bytes = || std::fs::read(dir.join(layout::RUN_JOURNAL)).unwrap();
 
     // A shim holds the journal (it is claiming the launch): left alone.
     let held = nix::fcntl::Flock::lock(
@@ -161,9 +161,13 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         nix::fcntl::FlockArg::LockExclusiveNonblock,
     )
     .unwrap();
-    let before = journal();
+    let before = journal_bytes();
     assert!(!journal::write_launch(&dir, &again).unwrap());
-    assert_eq!(journal(), before, "the journal a shim holds was rewritten");
+    assert_eq!(
+        journal_bytes(),
+        before,
+        "the journal a shim holds was rewritten"
+    );
     drop(held);
 
     // Claimed, then ended: left alone too.
@@ -183,9 +187,9 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         false,
     )
     .unwrap();
-    let before = journal();
+    let before = journal_bytes();
     assert!(!journal::write_launch(&dir, &again).unwrap());
-    assert_eq!(journal(), before, "a claimed launch was rewritten");
+    assert_eq!(journal_bytes(), before, "a claimed launch was rewritten");
 
     // Given back (nothing of it was spawned): it may be launched again, and the claim's
     // mark goes with it.

@@ -167,7 +167,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
     };
     let mut sup = supervisor::Supervisor::new(dir, &launch, place, me, running_lock)?
         .with_cgroups(cgroup.iter().chain(&limit_cgroups).cloned().collect());
-    let journal = sup.journal_file().expect("held until the run ends");
+    let file = sup.journal_file().expect("held until the run ends");
     // From here on the task may run: the launch and the claim must survive a power loss,
     // so that neither a restarted agent nor a restarted node runs it a second time.
     CLAIM_STANDS.store(true, Ordering::Relaxed);
@@ -180,10 +180,10 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
     // Marked on the journal's inode too, durable with the claim (one fsync for both): an
     // emptied journal still says the task may have run (see `journal::set_claim_mark`).
     // A file system that refuses the mark leaves only the task's logs to say so.
-    let _ = journal::set_claim_mark(journal, true);
-    let claimed = journal::append(journal, &claim, false).and_then(|()| journal.sync_all());
+    let _ = journal::set_claim_mark(file, true);
+    let claimed = journal::append(file, &claim, false).and_then(|()| file.sync_all());
     if let Err(e) = claimed {
-        let e = give_back(dir, journal, e);
+        let e = give_back(dir, file, e);
         left(&cgroup);
         return Err(e);
     }
@@ -192,8 +192,8 @@ fn supervise(dir: &Path, nonce: Option<&str>, licence: &ForkServer) -> io::Resul
         // Out of processes, memory or file descriptors: nothing of the task ran, and the
         // agent starts it again later rather than failing it for good.
         Err(supervisor::FirstStart::Exhausted(e)) => {
-            let journal = sup.journal_file().expect("held until the run ends");
-            let e = give_back(dir, journal, e);
+            let file = sup.journal_file().expect("held until the run ends");
+            let e = give_back(dir, file, e);
             if !CLAIM_STANDS.load(Ordering::Relaxed) {
                 left(&cgroup);
             }
@@ -244,15 +244,15 @@ fn enter_limits(
 /// the launch may be tried again (by this agent, or by one restarted meanwhile) instead of
 /// being taken for a run a dead supervisor may have started. Not fsynced: after a power
 /// loss the launch is of an earlier boot, never started again anyway. Returns `e`.
-fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
+fn give_back(dir: &Path, file: &mut Flock<File>, e: io::Error) -> io::Error {
     let back = Entry::Unclaimed(Unclaim { why: e.to_string() });
-    let given_back = match journal::append(journal, &back, false) {
+    let given_back = match journal::append(file, &back, false) {
         Ok(()) => true,
         // A claim that never reached the journal needs no giving back.
         Err(_) => journal::read_run(dir).is_ok_and(|r| r.claimed.is_none()),
     };
     if given_back {
-        let _ = journal::set_claim_mark(journal, false);
+        let _ = journal::set_claim_mark(file, false);
         CLAIM_STANDS.store(false, Ordering::Relaxed);
     } else {
         eprintln!(
