@@ -341,7 +341,7 @@ impl Drop for StopShims {
 /// SIGTERMs the shim of every task under `data` (it stops its task and leaves) and waits
 /// until all are gone.
 fn stop_shims(data: &std::path::Path) {
-    use crate::runtime::{process::lock_held, records};
+    use crate::runtime::journal::{self, lock_held};
     use crate::sys::proc_handle::ProcHandle;
     let dirs: Vec<PathBuf> = std::fs::read_dir(data)
         .into_iter()
@@ -350,7 +350,7 @@ fn stop_shims(data: &std::path::Path) {
         .map(|e| e.path())
         .collect();
     for d in &dirs {
-        let shim = records::read_run(d)
+        let shim = journal::read_run(d)
             .ok()
             .and_then(|r| r.started)
             .map(|s| s.shim);
@@ -359,7 +359,7 @@ fn stop_shims(data: &std::path::Path) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while dirs.iter().any(|d| lock_held(&records::shim_lock(d))) && Instant::now() < deadline {
+    while dirs.iter().any(|d| lock_held(&journal::shim_lock(d))) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -71,12 +71,12 @@ impl Manager {
 /// The record says the task failed to start, yet its journal shows a shim took its
 /// launch (a `claimed` or an `exit` line of a run). Blocking; only such records are read.
 fn start_error_of_a_run(store: &crate::task::store::Store, rec: &TaskRecord) -> bool {
-    use crate::runtime::records;
+    use crate::runtime::journal;
     rec.final_status
         .as_ref()
         .is_some_and(|t| t.reason == reason::START_ERROR)
         && rec.spec.process.is_some()
-        && records::read_run(&store.dir(&rec.name)).is_ok_and(|r| {
+        && journal::read_run(&store.dir(&rec.name)).is_ok_and(|r| {
             r.claimed.is_some() && r.exit.as_ref().is_none_or(|x| x.start_error.is_none())
         })
 }

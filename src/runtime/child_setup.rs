@@ -863,7 +863,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::records::{self, Entry};
+    use crate::runtime::journal::{self, Entry};
     use crate::sys::procfs::ProcIdentity;
     use crate::task::model::HookName;
 
@@ -874,8 +874,8 @@ mod tests {
             b"4242 (a) b) 9) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 0 0\n";
         let mut out = [0u8; 256];
         for hook in [None, Some(HookName::PreStart), Some(HookName::PostStop)] {
-            let head = records::spawned_head(hook);
-            let n = announcement(stat, None, &head, records::SPAWNED_TAIL, &mut out).unwrap();
+            let head = journal::spawned_head(hook);
+            let n = announcement(stat, None, &head, journal::SPAWNED_TAIL, &mut out).unwrap();
             let (line, end) = out[..n].split_at(n - 1);
             assert_eq!(end, b"\n");
             match serde_json::from_slice::<Entry>(line).unwrap() {
@@ -886,8 +886,8 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        let head = records::spawned_head(None);
-        let tail = records::SPAWNED_TAIL;
+        let head = journal::spawned_head(None);
+        let tail = journal::SPAWNED_TAIL;
         assert_eq!(announcement(stat, None, &head, tail, &mut [0u8; 16]), None);
         assert_eq!(
             announcement(b"4242 (a) S 1", None, &head, tail, &mut out),

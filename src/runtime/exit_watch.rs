@@ -19,8 +19,8 @@ use tokio::io::AsyncReadExt;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
-use super::journal_watch::JournalWatch;
-use super::process::lock_held;
+use super::journal::lock_held;
+use super::journal::watch::JournalWatch;
 use crate::sys::proc_handle::PidFd;
 
 pub enum ExitWatch {

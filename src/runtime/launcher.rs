@@ -31,7 +31,7 @@ impl Launcher {
         }
     }
 
-    /// Starts the shim for `dir`, for the launch with `nonce` (see `records::Launch`);
+    /// Starts the shim for `dir`, for the launch with `nonce` (see `journal::Launch`);
     /// returns the read end of its notify pipe (its stdout).
     pub async fn launch(&self, dir: &Path, nonce: Option<&str>) -> io::Result<pipe::Receiver> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;

@@ -12,8 +12,8 @@ pub mod error;
 pub mod exit_watch;
 #[forbid(unsafe_code)]
 pub mod first_use;
-// One inotify instance for every adopted task's journal: no descriptor per task.
-pub mod journal_watch;
+#[forbid(unsafe_code)]
+pub mod journal; // a process task's run journal: its lines, their rules, following it
 #[forbid(unsafe_code)]
 pub mod launcher;
 #[forbid(unsafe_code)]
@@ -24,8 +24,6 @@ pub mod outcome;
 pub mod process;
 #[forbid(unsafe_code)]
 pub mod reaper;
-#[forbid(unsafe_code)]
-pub mod records;
 #[forbid(unsafe_code)]
 pub mod shim;
 #[forbid(unsafe_code)]

@@ -5,11 +5,12 @@
 
 use nix::sys::signal::Signal;
 
-use super::records::{self, ExitRecord, HookExit, Leftovers, Run, Unrecorded};
+use super::journal::{self, ExitRecord, HookExit, Leftovers, Run, Unrecorded};
 use super::shim::kill;
 use super::{Observed, TaskRef};
 use crate::sys::proc_handle::{ProcHandle, signal_group};
 use crate::sys::procfs::{self, ProcIdentity};
+use crate::task::layout::TaskDir;
 use crate::task::model::{
     HookName, HookStatuses, Running, TaskState, Terminated, Waiting, reason, signal_name,
 };
@@ -327,7 +328,7 @@ pub fn terminated_from(
             task.spec.effective_timeout().unwrap_or_default()
         ));
     } else if rec.target_gone
-        || (rec.stop_requested && task.dir.join(records::TARGET_RESTARTED).exists())
+        || (rec.stop_requested && TaskDir(&task.dir).target_restarted().exists())
     {
         t.reason = reason::TARGET_RESTARTED.into();
         t.message = Some("the main container restarted while the task ran".into());
@@ -367,7 +368,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
     };
     let wrote = match run.exit.as_ref() {
         Some(_) => false,
-        None => match records::record_outcome(&task.dir, &rec) {
+        None => match journal::record_outcome(&task.dir, &rec) {
             Ok((_, wrote)) => wrote,
             Err(e) => {
                 // Reported, but nothing is stopped on a judgement that could not be recorded.
@@ -396,7 +397,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
                 output: String::new(),
                 unrecorded: Some(why),
             };
-            match records::record_hook_outcome(&task.dir, &lost) {
+            match journal::record_hook_outcome(&task.dir, &lost) {
                 // Recorded here: whatever of it runs is ours to stop.
                 Ok(x) => hook_lost |= x == lost,
                 Err(e) => {
@@ -408,7 +409,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
     // Read again now that the journal's lock was taken: a process whose shim died while
     // it was being spawned may have named itself (`spawned`) after `run` was read; it
     // held the lock (it shares the journal's open file) until its exec.
-    let now = records::read_run(&task.dir).unwrap_or_else(|_| run.clone());
+    let now = journal::read_run(&task.dir).unwrap_or_else(|_| run.clone());
     if wrote || hook_lost {
         // Once per run: whoever records the outcome counts and stops it.
         match why {
@@ -419,7 +420,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
                 }
                 let known = stop_leftovers(task, run, &now);
                 tracing::info!(task = %task.name, leftovers = ?known, "stopped what the task's supervisor left");
-                if let Err(e) = records::record_leftovers(&task.dir, known) {
+                if let Err(e) = journal::record_leftovers(&task.dir, known) {
                     tracing::warn!(task = %task.name, error = %e, "could not record what stopping the task proved");
                 }
             }
@@ -428,7 +429,7 @@ pub fn settle(task: &TaskRef, why: Unrecorded, run: &Run) -> Observed {
             }
         }
     }
-    let now = records::read_run(&task.dir).unwrap_or_default();
+    let now = journal::read_run(&task.dir).unwrap_or_default();
     match now.exit.as_ref() {
         Some(x) => {
             let t = terminated_of(x, &now, task);
@@ -451,7 +452,7 @@ pub fn never_started(task: &TaskRef, why: &str) -> Terminated {
         start_error: Some(why.to_string()),
         ..Default::default()
     };
-    let (effective, _) = records::record_outcome(&task.dir, &rec).unwrap_or_else(|e| {
+    let (effective, _) = journal::record_outcome(&task.dir, &rec).unwrap_or_else(|e| {
         tracing::error!(task = %task.name, error = %e, "could not record the task's outcome");
         (rec, false)
     });

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
+use super::journal::{self, Target};
 use super::process::ProcessRuntime;
-use super::records::{self, Target};
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
 use crate::sys::proc_handle::ProcHandle;
 use crate::sys::procfs::ProcIdentity;
+use crate::task::layout::TaskDir;
 use crate::task::model::{ExecMode, TaskSpec};
 
 /// Finds the main container's init process. Implementations: Kubernetes Pod status and
@@ -213,7 +214,7 @@ impl Runtime for SidecarRuntime {
 /// finished task's shim that still lives (the task left processes running) is SIGTERMed
 /// too, without the marker. `None`: nothing of the task is left to watch.
 fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Option<bool> {
-    let run = records::read_run(dir).ok()?;
+    let run = journal::read_run(dir).ok()?;
     if !dir.exists() {
         return None;
     }
@@ -243,7 +244,7 @@ fn stop_if_stale(dir: &std::path::Path, current: Option<&ProcIdentity>) -> Optio
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(dir.join(records::TARGET_RESTARTED));
+        .open(TaskDir(dir).target_restarted());
     if let Err(e) = marked {
         tracing::warn!(dir = %dir.display(), error = %e, "cannot mark the task as target-restarted");
     }

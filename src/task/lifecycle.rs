@@ -68,22 +68,6 @@ impl HookName {
         }
     }
 
-    /// The hook's log file in the task's directory (its stdout and stderr, combined).
-    pub fn log_file(self) -> &'static str {
-        match self {
-            HookName::PreStart => "prestart.log",
-            HookName::PostStop => "poststop.log",
-        }
-    }
-
-    /// The hook log's output index (times of its chunks), beside the log.
-    pub fn index_file(self) -> &'static str {
-        match self {
-            HookName::PreStart => "prestart.idx",
-            HookName::PostStop => "poststop.idx",
-        }
-    }
-
     /// The reason a task (and the hook's status) shows when this hook failed.
     pub fn failed_reason(self) -> &'static str {
         match self {

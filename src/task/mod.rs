@@ -3,6 +3,7 @@
 
 pub mod fields;
 pub mod identity;
+pub mod layout;
 pub mod lifecycle;
 pub mod model;
 pub mod name;

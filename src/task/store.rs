@@ -11,27 +11,19 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::layout::{self, QUARANTINE, TaskDir};
 use super::model::{ExecMode, TaskSpec, Terminated};
 use super::name;
 use super::time::Time;
 use crate::sys::fsutil;
 use crate::sys::io_workers::IoWorkers;
 
-pub const TASK_FILE: &str = "task.json";
-/// The runtime's journal of the task's run (see `runtime::records`). Created empty with
-/// the record, so that the directory's one fsync at create time also makes the journal's
-/// name durable: appends to it later need only an fdatasync of the file.
-pub const RUN_JOURNAL: &str = "run.jsonl";
 /// Space kept for the journal from the task's create on (allocated past its end, its size
 /// unchanged), so that its lines (the launch, the claim, the exit, those of hooks) need no
 /// new block when the disk fills up later: the exit of a task that ran is never lost to a
 /// full disk. A create that can't get it fails (507) before anything is promised. A launch
 /// line longer than this (a task with a huge environment) grows the journal as before.
 pub const JOURNAL_RESERVE: u64 = 16 * 1024;
-/// Present once a deletion was requested; its mtime is the deletion timestamp. An empty
-/// file, not a rewrite of `task.json`: creating it needs an inode but no data block, so a
-/// task can still be deleted (and its logs' space freed) when its logs filled the disk.
-pub const DELETING: &str = "deleting";
 /// Threads for the store's blocking work; as many as the blocking pool used to have, so
 /// concurrent creates still share their data-dir fsyncs.
 const IO_THREADS: usize = 8;
@@ -147,15 +139,17 @@ impl Store {
     pub fn create(&self, rec: &TaskRecord) -> io::Result<PathBuf> {
         let dir = self.dir(&rec.name);
         fs::DirBuilder::new().mode(DIR_MODE).create(&dir)?;
-        let written = fsutil::write_new(&dir.join(TASK_FILE), rec, 0o600)
-            .and_then(|()| fsutil::create_reserved(&dir.join(RUN_JOURNAL), 0o600, JOURNAL_RESERVE))
+        let written = fsutil::write_new(&TaskDir(&dir).record(), rec, 0o600)
+            .and_then(|()| {
+                fsutil::create_reserved(&TaskDir(&dir).journal(), 0o600, JOURNAL_RESERVE)
+            })
             .and_then(|()| fsutil::sync_dir(&dir))
             .and_then(|()| self.root_sync.sync());
         if let Err(e) = written {
             // Undone by path, with no descriptor (out of them is one reason to be here): a
             // directory left behind would refuse its name with 409 until a restart.
-            let _ = fs::remove_file(dir.join(TASK_FILE));
-            let _ = fs::remove_file(dir.join(RUN_JOURNAL));
+            let _ = fs::remove_file(TaskDir(&dir).record());
+            let _ = fs::remove_file(TaskDir(&dir).journal());
             if let Err(rm) = fs::remove_dir(&dir) {
                 tracing::error!(task = %rec.name, error = %rm, "could not undo a failed create");
             }
@@ -168,13 +162,13 @@ impl Store {
     /// manager holds the task's lifecycle lock); concurrent ones would still each leave a
     /// whole record, the last one winning.
     pub fn update(&self, rec: &TaskRecord) -> io::Result<()> {
-        fsutil::write_json_atomic(&self.dir(&rec.name).join(TASK_FILE), rec, 0o600)
+        fsutil::write_json_atomic(&TaskDir(&self.dir(&rec.name)).record(), rec, 0o600)
     }
 
     /// Makes the deletion request durable; returns its time. Idempotent.
     pub fn mark_deleting(&self, name: &str) -> io::Result<Time> {
         let dir = self.dir(name);
-        let marker = dir.join(DELETING);
+        let marker = TaskDir(&dir).deleting();
         fsutil::create_or_keep(&marker, 0o600)?;
         fsutil::sync_dir(&dir)?;
         Ok(marker_time(&marker).unwrap_or_else(Time::now))
@@ -231,14 +225,14 @@ impl Store {
             if let Err(e) = restrict_task_dir(&entry.path()) {
                 tracing::warn!(task = n, error = %e, "cannot restrict the task directory's permissions");
             }
-            let path = entry.path().join(TASK_FILE);
+            let path = TaskDir(&entry.path()).record();
             match fsutil::read_json::<TaskRecord>(&path) {
                 Ok(Some(_)) if strange_journal(&entry.path()) => {
                     self.quarantine(n, &entry.path(), "its run.jsonl is not a regular file");
                 }
                 Ok(Some(mut rec)) if rec.name == n => {
                     if rec.deletion_timestamp.is_none() {
-                        rec.deletion_timestamp = marker_time(&entry.path().join(DELETING));
+                        rec.deletion_timestamp = marker_time(&TaskDir(&entry.path()).deleting());
                     }
                     out.push(rec)
                 }
@@ -270,9 +264,6 @@ impl Store {
         Ok(out)
     }
 }
-
-/// Where task directories the agent can't load are kept (see `Store::quarantine`).
-pub const QUARANTINE: &str = ".quarantine";
 
 /// The data dir and every task directory: the agent's alone (tasks running as another
 /// user can't list, read or write anything in them).
@@ -317,7 +308,7 @@ fn marker_time(marker: &Path) -> Option<Time> {
 /// The journal's place holds something else than a regular file (a FIFO, a symlink, a
 /// device): nothing the agent reads or writes. One `lstat`.
 fn strange_journal(dir: &Path) -> bool {
-    fs::symlink_metadata(dir.join(RUN_JOURNAL)).is_ok_and(|m| !m.file_type().is_file())
+    fs::symlink_metadata(TaskDir(dir).journal()).is_ok_and(|m| !m.file_type().is_file())
 }
 
 /// True when `dir` holds the record and at most an empty journal: nothing ever ran.
@@ -325,7 +316,8 @@ fn nothing_but_the_record(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|entries| {
         entries.flatten().all(|e| {
             let name = e.file_name();
-            name == TASK_FILE || (name == RUN_JOURNAL && e.metadata().is_ok_and(|m| m.len() == 0))
+            name == layout::TASK_FILE
+                || (name == layout::RUN_JOURNAL && e.metadata().is_ok_and(|m| m.len() == 0))
         })
     })
 }
@@ -386,10 +378,10 @@ mod tests {
         let rec = record("t");
         let dir = store.create(&rec).unwrap();
         assert_eq!(mode(&dir), 0o700);
-        assert_eq!(mode(&dir.join(TASK_FILE)), 0o600);
-        assert_eq!(mode(&dir.join(RUN_JOURNAL)), 0o600);
+        assert_eq!(mode(&TaskDir(&dir).record()), 0o600);
+        assert_eq!(mode(&TaskDir(&dir).journal()), 0o600);
         store.mark_deleting("t").unwrap();
-        assert_eq!(mode(&dir.join(DELETING)), 0o600);
+        assert_eq!(mode(&TaskDir(&dir).deleting()), 0o600);
     }
 
     #[test]
@@ -401,11 +393,11 @@ mod tests {
         fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
         let rec = record("old");
-        fsutil::write_new(&old.join(TASK_FILE), &rec, 0o600).unwrap();
+        fsutil::write_new(&old.join(layout::TASK_FILE), &rec, 0o600).unwrap();
         for (f, m) in [
-            ("stdout.log", 0o644),
-            ("output.idx", 0o666),
-            (RUN_JOURNAL, 0o600),
+            (layout::STDOUT, 0o644),
+            (layout::OUTPUT_INDEX, 0o666),
+            (layout::RUN_JOURNAL, 0o600),
         ] {
             fs::write(old.join(f), "x").unwrap();
             fs::set_permissions(old.join(f), fs::Permissions::from_mode(m)).unwrap();
@@ -414,10 +406,10 @@ mod tests {
         assert_eq!(store.load_all().unwrap(), [rec]);
         assert_eq!(mode(&root), 0o700);
         assert_eq!(mode(&old), 0o700);
-        assert_eq!(mode(&old.join("stdout.log")), 0o640);
-        assert_eq!(mode(&old.join("output.idx")), 0o640);
-        assert_eq!(mode(&old.join(RUN_JOURNAL)), 0o600);
-        assert_eq!(mode(&old.join(TASK_FILE)), 0o600);
+        assert_eq!(mode(&old.join(layout::STDOUT)), 0o640);
+        assert_eq!(mode(&old.join(layout::OUTPUT_INDEX)), 0o640);
+        assert_eq!(mode(&old.join(layout::RUN_JOURNAL)), 0o600);
+        assert_eq!(mode(&old.join(layout::TASK_FILE)), 0o600);
     }
 
     /// Every field of a task, upstream's newer ones included, comes back from the disk.

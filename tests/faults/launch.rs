@@ -13,7 +13,9 @@ use nix::sys::socket::{
     AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
 };
 use serde_json::json;
-use task_executor::runtime::records::{self, Entry, ExitRecord, Launch};
+use task_executor::runtime::journal::protocol;
+use task_executor::runtime::journal::{self, Entry, ExitRecord, Launch};
+use task_executor::task::layout;
 
 use super::support::agent::BIN;
 
@@ -81,10 +83,10 @@ fn task(nonce: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let launch: Launch = serde_json::from_value(json!({
         "argv": ["sh", "-c", format!("echo ran >> {}", marker.display())],
         "env": [], "graceMs": 1000, "maxLogBytes": 65536,
-        "bootId": records::boot_id(), "nonce": nonce,
+        "bootId": journal::boot_id(), "nonce": nonce,
     }))
     .unwrap();
-    assert!(records::write_launch(&dir, &launch).unwrap());
+    assert!(journal::write_launch(&dir, &launch).unwrap());
     (tmp, dir)
 }
 
@@ -100,12 +102,12 @@ fn a_shim_for_the_journals_launch_runs_it_once_and_claims_it_with_its_nonce() {
     let server = Server::start();
     let (_tmp, dir) = task("n1");
     let said = server.shim(&dir, Some("n1"));
-    assert!(said.starts_with(records::SHIM_HELLO), "{said}");
+    assert!(said.starts_with(protocol::SHIM_HELLO), "{said}");
     assert_eq!(runs(&dir), 1, "{said}");
-    let run = records::read_run(&dir).unwrap();
+    let run = journal::read_run(&dir).unwrap();
     assert_eq!(run.claimed.unwrap().nonce.as_deref(), Some("n1"));
     assert_eq!(run.exit.unwrap().exit_code, Some(0));
-    assert!(records::claim_marked(&dir), "the claim marks the journal");
+    assert!(journal::claim_marked(&dir), "the claim marks the journal");
     // A second shim for the same launch (a request the server had queued) runs nothing.
     let said = server.shim(&dir, Some("n1"));
     assert!(said.contains("error"), "{said}");
@@ -122,11 +124,11 @@ fn a_late_shim_runs_nothing_once_the_agent_gave_the_launch_up() {
         start_error: Some("no supervisor took the task".into()),
         ..Default::default()
     };
-    assert!(records::record_outcome(&dir, &gave_up).unwrap().1);
+    assert!(journal::record_outcome(&dir, &gave_up).unwrap().1);
     let said = server.shim(&dir, Some("n1"));
     assert!(said.contains("given up"), "{said}");
     assert_eq!(runs(&dir), 0, "the late shim ran the task");
-    let run = records::read_run(&dir).unwrap();
+    let run = journal::read_run(&dir).unwrap();
     assert!(run.claimed.is_none());
     assert_eq!(run.exit, Some(gave_up));
 }
@@ -138,7 +140,7 @@ fn a_shim_started_for_a_replaced_launch_runs_nothing() {
     let said = server.shim(&dir, Some("first"));
     assert!(said.contains("replaced"), "{said}");
     assert_eq!(runs(&dir), 0, "a shim ran a launch it was not started for");
-    assert!(records::read_run(&dir).unwrap().claimed.is_none());
+    assert!(journal::read_run(&dir).unwrap().claimed.is_none());
 }
 
 #[test]
@@ -148,31 +150,35 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         "argv": ["true"], "env": [], "graceMs": 1, "maxLogBytes": 1, "nonce": "n2",
     }))
     .unwrap();
-    let journal = || std::fs::read(dir.join(records::RUN)).unwrap();
+    let journal_bytes = || std::fs::read(dir.join(layout::RUN_JOURNAL)).unwrap();
 
     // A shim holds the journal (it is claiming the launch): left alone.
     let held = nix::fcntl::Flock::lock(
         std::fs::OpenOptions::new()
             .append(true)
-            .open(dir.join(records::RUN))
+            .open(dir.join(layout::RUN_JOURNAL))
             .unwrap(),
         nix::fcntl::FlockArg::LockExclusiveNonblock,
     )
     .unwrap();
-    let before = journal();
-    assert!(!records::write_launch(&dir, &again).unwrap());
-    assert_eq!(journal(), before, "the journal a shim holds was rewritten");
+    let before = journal_bytes();
+    assert!(!journal::write_launch(&dir, &again).unwrap());
+    assert_eq!(
+        journal_bytes(),
+        before,
+        "the journal a shim holds was rewritten"
+    );
     drop(held);
 
     // Claimed, then ended: left alone too.
     let mut f = std::fs::OpenOptions::new()
         .append(true)
-        .open(dir.join(records::RUN))
+        .open(dir.join(layout::RUN_JOURNAL))
         .unwrap();
     let me = task_executor::sys::procfs::ProcIdentity::without_inode(1, 1);
-    records::append(
+    journal::append(
         &mut f,
-        &Entry::Claimed(records::Claim {
+        &Entry::Claimed(journal::Claim {
             shim: me,
             nonce: Some("n1".into()),
             cgroup: None,
@@ -181,32 +187,32 @@ fn a_launch_is_never_rewritten_once_a_shim_holds_claimed_or_ended_it() {
         false,
     )
     .unwrap();
-    let before = journal();
-    assert!(!records::write_launch(&dir, &again).unwrap());
-    assert_eq!(journal(), before, "a claimed launch was rewritten");
+    let before = journal_bytes();
+    assert!(!journal::write_launch(&dir, &again).unwrap());
+    assert_eq!(journal_bytes(), before, "a claimed launch was rewritten");
 
     // Given back (nothing of it was spawned): it may be launched again, and the claim's
     // mark goes with it.
-    records::set_claim_mark(&f, true).unwrap();
-    records::append(
+    journal::set_claim_mark(&f, true).unwrap();
+    journal::append(
         &mut f,
-        &Entry::Unclaimed(records::Unclaim {
+        &Entry::Unclaimed(journal::Unclaim {
             why: "EAGAIN".into(),
         }),
         false,
     )
     .unwrap();
-    assert!(records::write_launch(&dir, &again).unwrap());
-    let run = records::read_run(&dir).unwrap();
+    assert!(journal::write_launch(&dir, &again).unwrap());
+    let run = journal::read_run(&dir).unwrap();
     assert_eq!(run.launch.unwrap().nonce.as_deref(), Some("n2"));
     assert!(run.claimed.is_none());
     assert!(
-        !records::claim_marked(&dir),
+        !journal::claim_marked(&dir),
         "a given-back claim's mark is cleared"
     );
     // An exit line (the agent gave the launch up) also closes it for good.
-    records::record_outcome(&dir, &ExitRecord::default()).unwrap();
-    assert!(!records::write_launch(&dir, &again).unwrap());
+    journal::record_outcome(&dir, &ExitRecord::default()).unwrap();
+    assert!(!journal::write_launch(&dir, &again).unwrap());
 }
 
 /// §5 of the launch's edges: a task that printed nothing leaves no logs, so only a mark
@@ -225,14 +231,14 @@ fn a_finished_task_without_output_whose_journal_was_emptied_is_not_run_again() {
     assert_eq!(done["exitCode"], 0, "{done}");
     a.kill9();
     let dir = data.join("quiet");
-    for f in [records::STDOUT, records::STDERR, "output.idx"] {
+    for f in [layout::STDOUT, layout::STDERR, layout::OUTPUT_INDEX] {
         assert!(!dir.join(f).exists(), "{f}: the task left no output");
     }
     // Emptied in place, as `truncate -s 0` or `: >` does.
     std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
-        .open(dir.join(records::RUN))
+        .open(dir.join(layout::RUN_JOURNAL))
         .unwrap();
     a.restart();
     let lost = a.wait_state("quiet", "terminated", t);

@@ -12,8 +12,9 @@ use std::time::Duration;
 use self::fake::{Answer, FakeRuntime};
 use super::{Manager, ManagerConfig, ManagerError, TaskView};
 use crate::runtime::Runtimes;
+use crate::task::layout::{DELETING, TaskDir};
 use crate::task::model::{ProcessSpec, TaskSpec, TaskState, reason};
-use crate::task::store::{DELETING, Store, TaskRecord};
+use crate::task::store::{Store, TaskRecord};
 use crate::task::time::Time;
 
 struct Setup {
@@ -642,7 +643,7 @@ async fn create_stored(
     let mgr = s.mgr.clone();
     let n = name.to_string();
     let create = tokio::spawn(async move { mgr.create(n, spec("true")).await });
-    let record = s.store.dir(name).join("task.json");
+    let record = TaskDir(&s.store.dir(name)).record();
     until("the record stored", || record.exists()).await;
     create
 }

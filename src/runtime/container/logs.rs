@@ -13,8 +13,7 @@ use std::path::Path;
 
 use jiff::Timestamp;
 
-pub const LOG_FILE: &str = "container.log";
-pub const ROTATED_FILE: &str = "container.log.1";
+use crate::task::layout::{CONTAINER_LOG, ROTATED_SUFFIX, TaskDir, rotated};
 
 fn marker(what: &str) -> String {
     format!("{} stderr F [task-executor] {what}\n", Timestamp::now())
@@ -27,11 +26,11 @@ fn size(path: &Path) -> u64 {
 /// Rotates a running container's log when it outgrew half of `max` bytes. Returns true
 /// when it did, and the runtime must then reopen the log (ReopenContainerLog).
 pub fn rotate_if_needed(dir: &Path, max: u64) -> io::Result<bool> {
-    let live = dir.join(LOG_FILE);
+    let live = TaskDir(dir).container_log();
     if max == 0 || size(&live) <= max / 2 {
         return Ok(false);
     }
-    fs::rename(&live, dir.join(ROTATED_FILE))?;
+    fs::rename(&live, rotated(&live))?;
     let mut f = OpenOptions::new()
         .create(true)
         .append(true)
@@ -39,7 +38,7 @@ pub fn rotate_if_needed(dir: &Path, max: u64) -> io::Result<bool> {
         .open(&live)?;
     f.write_all(
         marker(&format!(
-            "log rotated: earlier output is in {ROTATED_FILE}; older output was dropped (limit {max} bytes)"
+            "log rotated: earlier output is in {CONTAINER_LOG}{ROTATED_SUFFIX}; older output was dropped (limit {max} bytes)"
         ))
         .as_bytes(),
     )?;
@@ -51,8 +50,8 @@ pub fn enforce_budget(dir: &Path, max: u64) -> io::Result<()> {
     if max == 0 {
         return Ok(());
     }
-    let live = dir.join(LOG_FILE);
-    let rotated = dir.join(ROTATED_FILE);
+    let live = TaskDir(dir).container_log();
+    let rotated = rotated(&live);
     let (l, r) = (size(&live), size(&rotated));
     if l >= max {
         let _ = fs::remove_file(&rotated);
@@ -108,9 +107,9 @@ mod tests {
     #[test]
     fn exited_log_is_cut_to_the_budget_keeping_the_newest_lines() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join(LOG_FILE), lines(100)).unwrap();
+        fs::write(TaskDir(d.path()).container_log(), lines(100)).unwrap();
         enforce_budget(d.path(), 1000).unwrap();
-        let text = fs::read_to_string(d.path().join(LOG_FILE)).unwrap();
+        let text = fs::read_to_string(TaskDir(d.path()).container_log()).unwrap();
         assert!(text.len() <= 1000, "{}", text.len());
         assert!(text.lines().next().unwrap().contains("truncated"));
         assert!(text.ends_with("line 0099\n"));
@@ -120,10 +119,10 @@ mod tests {
     #[test]
     fn small_logs_are_left_alone() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join(LOG_FILE), lines(2)).unwrap();
+        fs::write(TaskDir(d.path()).container_log(), lines(2)).unwrap();
         enforce_budget(d.path(), 10_000).unwrap();
         assert_eq!(
-            fs::read_to_string(d.path().join(LOG_FILE)).unwrap(),
+            fs::read_to_string(TaskDir(d.path()).container_log()).unwrap(),
             lines(2)
         );
         assert!(!rotate_if_needed(d.path(), 10_000).unwrap());
@@ -132,22 +131,23 @@ mod tests {
     #[test]
     fn rotation_then_budget_trims_the_rotated_file_first() {
         let d = tempfile::tempdir().unwrap();
-        fs::write(d.path().join(LOG_FILE), lines(20)).unwrap();
+        fs::write(TaskDir(d.path()).container_log(), lines(20)).unwrap();
         assert!(rotate_if_needed(d.path(), 1000).unwrap());
-        assert!(d.path().join(ROTATED_FILE).exists());
-        let live = fs::read_to_string(d.path().join(LOG_FILE)).unwrap();
+        assert!(rotated(&TaskDir(d.path()).container_log()).exists());
+        let live = fs::read_to_string(TaskDir(d.path()).container_log()).unwrap();
         assert!(live.contains("log rotated"));
         fs::OpenOptions::new()
             .append(true)
-            .open(d.path().join(LOG_FILE))
+            .open(TaskDir(d.path()).container_log())
             .unwrap()
             .write_all(lines(3).as_bytes())
             .unwrap();
         enforce_budget(d.path(), 1000).unwrap();
-        let total = size(&d.path().join(LOG_FILE)) + size(&d.path().join(ROTATED_FILE));
+        let total = size(&TaskDir(d.path()).container_log())
+            + size(&rotated(&TaskDir(d.path()).container_log()));
         assert!(total <= 1000, "{total}");
         assert!(
-            fs::read_to_string(d.path().join(ROTATED_FILE))
+            fs::read_to_string(rotated(&TaskDir(d.path()).container_log()))
                 .unwrap()
                 .ends_with("line 0019\n")
         );

@@ -35,14 +35,10 @@ use self::sandbox::{SandboxMode, Sandboxes};
 use self::spec::{HostMount, Namespaces};
 use self::volumes::VolumeResolver;
 use super::{EventSink, Observed, Readiness, Runtime, RuntimeError, TaskRef};
+use crate::task::layout::TaskDir;
 use crate::task::model::{TaskSpec, Terminated, reason};
 use crate::task::template::{TemplateTask, VolumeSource};
 use crate::task::time::Time;
-
-/// Written to the task dir (empty) before CreateContainer and (with the id) after it, so a
-/// recovery can tell "never created" (start it) from "created, then removed behind our
-/// back" (report it lost), and a stop of a task that never got a container needs no CRI.
-const CONTAINER_ID_FILE: &str = "container.id";
 
 #[derive(Clone)]
 pub struct ContainerRuntime {
@@ -460,7 +456,7 @@ impl Inner {
 }
 
 fn read_container_id(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join(CONTAINER_ID_FILE))
+    std::fs::read_to_string(TaskDir(dir).container_id())
         .ok()
         .map(|s| s.trim().to_string())
 }
@@ -473,10 +469,10 @@ fn write_container_id(dir: &Path, id: &str) -> Result<(), RuntimeError> {
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(dir.join(CONTAINER_ID_FILE))
+        .open(TaskDir(dir).container_id())
         .and_then(|mut f| f.write_all(id.as_bytes()))
         .map_err(|source| RuntimeError::Record {
-            path: dir.join(CONTAINER_ID_FILE).display().to_string(),
+            path: TaskDir(dir).container_id().display().to_string(),
             source,
         })
 }

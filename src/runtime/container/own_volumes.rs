@@ -8,14 +8,12 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::runtime::RuntimeError;
+use crate::task::layout::TaskDir;
 use crate::task::template::{HostPathKind, TemplateVolume, VolumeSource};
-
-/// Under the task dir, beside its records and logs.
-const DIR: &str = "volumes";
 
 /// Where `emptyDir` volume `name` of the task in `task_dir` lives.
 pub fn empty_dir(task_dir: &Path, name: &str) -> PathBuf {
-    task_dir.join(DIR).join(name)
+    TaskDir(task_dir).volumes().join(name)
 }
 
 /// Creates the `emptyDir`s (world-writable, as kubelet makes them, for containers that

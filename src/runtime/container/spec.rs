@@ -11,8 +11,8 @@ use k8s_cri::v1::{
 
 use super::cri::image_spec;
 use super::labels;
-use super::logs::LOG_FILE;
 use crate::runtime::TaskRef;
+use crate::task::layout::CONTAINER_LOG;
 use crate::task::model::ContainerSpec;
 
 /// Namespaces a task container gets: network and IPC as its sandbox has them; its own PID
@@ -81,7 +81,7 @@ pub fn container_config(
             })
             .collect(),
         labels: labels_map,
-        log_path: LOG_FILE.into(),
+        log_path: CONTAINER_LOG.into(),
         linux: Some(LinuxContainerConfig {
             resources: linux_resources(c, node_cgroup_v2()),
             security_context: Some(LinuxContainerSecurityContext {
@@ -200,7 +200,7 @@ mod tests {
         assert_eq!(cfg.labels[labels::TASK], "t1");
         assert_eq!(cfg.labels[labels::UID], "u1");
         assert_eq!(cfg.labels[labels::AGENT], "agent1");
-        assert_eq!(cfg.log_path, LOG_FILE);
+        assert_eq!(cfg.log_path, CONTAINER_LOG);
         assert!(cfg.mounts[0].readonly);
         assert_eq!(cfg.mounts[0].host_path, "/srv/data");
         let nso = cfg

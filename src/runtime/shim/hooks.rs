@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use super::logs::{self, CappedLog};
-use crate::runtime::records::HookExit;
+use crate::runtime::journal::HookExit;
 use crate::sys::procfs::ProcIdentity;
+use crate::task::layout::TaskDir;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 
@@ -61,8 +62,8 @@ impl HookJob {
 
 /// A hook's log: capped like the task's, with its own output index.
 pub fn log(dir: &Path, name: HookName, cap: u64) -> CappedLog {
-    let index = logs::index_at(dir.join(name.index_file()), cap);
-    CappedLog::new(dir.join(name.log_file()), cap, 0, &index)
+    let index = logs::index_at(TaskDir(dir).hook_index(name), cap);
+    CappedLog::new(TaskDir(dir).hook_log(name), cap, 0, &index)
 }
 
 /// The last `TAIL_BYTES` of a hook's output.

@@ -20,7 +20,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use super::spawn::Identity;
 use crate::runtime::child_setup::{CapSets, Creds};
-use crate::runtime::records::Launch;
+use crate::runtime::journal::Launch;
 use crate::task::model::EnvVar;
 
 /// Variables a shell keeps about itself, never the task's.

@@ -1,5 +1,5 @@
 //! A size-capped log file: when the current file reaches half the budget it is rotated
-//! to `NAME.1` (replacing the older one), so a task's log never exceeds the cap. The file
+//! to `NAME.1` (`layout::rotated`, replacing the older one), so a task's log never exceeds the cap. The file
 //! is created on the first write: a silent task costs no file. The files hold exactly the
 //! bytes the task wrote (no markers): `NAME.1` then `NAME` is the newest part of its
 //! output, so `cat` and the logs endpoint both see it unaltered.
@@ -15,7 +15,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use crate::runtime::tasklog::index::{INDEX_FILE, IndexWriter};
+use crate::runtime::tasklog::index::IndexWriter;
+use crate::task::layout::{self, TaskDir};
 
 /// Task output: the agent (owner) writes and reads it, its group may read it (a log
 /// collector), nobody else: not other tasks, not the task itself when it runs as another
@@ -27,7 +28,7 @@ pub type SharedIndex = Rc<RefCell<IndexWriter>>;
 
 /// The output index of the task in `dir`; nothing is created until the first output.
 pub fn index(dir: &Path, cap: u64) -> SharedIndex {
-    index_at(dir.join(INDEX_FILE), cap)
+    index_at(TaskDir(dir).output_index(), cap)
 }
 
 /// An output index at `path` (a hook's log has one of its own).
@@ -95,9 +96,7 @@ impl CappedLog {
     fn rotate(&mut self) -> io::Result<()> {
         // Readers hold the lock shared while they pair files with generations.
         let _lock = self.index.borrow_mut().lock();
-        let mut old = self.path.clone().into_os_string();
-        old.push(".1");
-        fs::rename(&self.path, &old)?;
+        fs::rename(&self.path, layout::rotated(&self.path))?;
         let f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,11 +119,11 @@ mod tests {
     #[test]
     fn never_exceeds_the_cap_and_keeps_the_tail_unaltered() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("stdout.log");
+        let p = TaskDir(dir.path()).stdout();
         let idx = index(dir.path(), 1000);
         let mut log = CappedLog::new(p.clone(), 1000, 0, &idx);
         assert!(!p.exists(), "no file before the first write");
-        assert!(!dir.path().join(INDEX_FILE).exists(), "nor an index");
+        assert!(!TaskDir(dir.path()).output_index().exists(), "nor an index");
         let mut all = String::new();
         for i in 0..500 {
             let line = format!("line {i:04}\n");
@@ -132,14 +131,14 @@ mod tests {
             all.push_str(&line);
         }
         let cur = fs::read_to_string(&p).unwrap();
-        let old = fs::read_to_string(dir.path().join("stdout.log.1")).unwrap();
+        let old = fs::read_to_string(layout::rotated(&p)).unwrap();
         assert!(cur.len() + old.len() <= 1000);
         assert!(cur.ends_with("line 0499\n"));
         assert!(
             all.ends_with(&format!("{old}{cur}")),
             "the two files are the output's tail, byte for byte"
         );
-        let f = File::open(dir.path().join(INDEX_FILE)).unwrap();
+        let f = File::open(TaskDir(dir.path()).output_index()).unwrap();
         let (_, recs) = crate::runtime::tasklog::index::read_all(&f)
             .unwrap()
             .unwrap();

@@ -5,7 +5,7 @@
 //! single-threaded and synchronous: forking (the reaper) and joining namespaces require it.
 //!
 //! Protocol with the agent: the shim's stdout is a pipe the agent reads. The shim writes
-//! `records::SHIM_HELLO` before anything else (EOF without it: no shim ever took the task,
+//! `protocol::SHIM_HELLO` before anything else (EOF without it: no shim ever took the task,
 //! which may then be launched again), `started` once the journal (`run.jsonl`) names the
 //! running task (`preStart` / `postStop` when a lifecycle hook starts), or a start failure line (with an errno when nothing of the task was
 //! spawned and its claim was given back: out of processes is retried), and closes the pipe
@@ -41,8 +41,9 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use self::place::{MAIN, POST_STOP, PRE_START, Place};
 use super::child_setup::{Cwd, ForkServer};
 use super::containment;
+use super::journal::protocol;
+use super::journal::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
 use super::limits;
-use super::records::{self, Claim, Entry, ExitRecord, HookPlace, Launch, Unclaim};
 use crate::sys::exhaustion::Exhaustion;
 use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
@@ -51,14 +52,14 @@ use crate::task::time::Time;
 /// Runs the shim for the launch with `nonce` (none from older agents); returns the shim's
 /// own exit code. `forker` lets it fork the reaper of a sidecar task.
 pub fn run(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> i32 {
-    notify_agent(records::SHIM_HELLO.as_bytes());
+    notify_agent(protocol::SHIM_HELLO.as_bytes());
     match supervise(dir, nonce, forker) {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
             eprintln!("task-executor shim {}: {e}", dir.display());
             let nothing_started = !CLAIM_STANDS.load(Ordering::Relaxed);
-            notify_agent(records::start_failure_line(&e, nothing_started).as_bytes());
+            notify_agent(protocol::start_failure_line(&e, nothing_started).as_bytes());
             1
         }
     }
@@ -90,10 +91,10 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
 fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result<()> {
     let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
-    let _shim_lock = lock(&records::shim_lock(dir), false)?;
+    let _shim_lock = lock(&journal::shim_lock(dir), false)?;
     // Also the journal we append to: the lock is released by closing it after the exit line.
-    let running_lock = lock(&records::running_lock(dir), true)?;
-    let run = records::read_run(dir)?;
+    let running_lock = lock(&journal::running_lock(dir), true)?;
+    let run = journal::read_run(dir)?;
     let launch: Launch = run
         .launch
         .ok_or_else(|| io::Error::other("the run journal has no launch record"))?;
@@ -166,7 +167,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
     };
     let mut sup = supervisor::Supervisor::new(dir, &launch, place, me, running_lock)?
         .with_cgroups(cgroup.iter().chain(&limit_cgroups).cloned().collect());
-    let journal = sup.journal_file().expect("held until the run ends");
+    let file = sup.journal_file().expect("held until the run ends");
     // From here on the task may run: the launch and the claim must survive a power loss,
     // so that neither a restarted agent nor a restarted node runs it a second time.
     CLAIM_STANDS.store(true, Ordering::Relaxed);
@@ -177,12 +178,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
         limits: limit_cgroups.clone(),
     });
     // Marked on the journal's inode too, durable with the claim (one fsync for both): an
-    // emptied journal still says the task may have run (see `records::set_claim_mark`).
+    // emptied journal still says the task may have run (see `journal::set_claim_mark`).
     // A file system that refuses the mark leaves only the task's logs to say so.
-    let _ = records::set_claim_mark(journal, true);
-    let claimed = records::append(journal, &claim, false).and_then(|()| journal.sync_all());
+    let _ = journal::set_claim_mark(file, true);
+    let claimed = journal::append(file, &claim, false).and_then(|()| file.sync_all());
     if let Err(e) = claimed {
-        let e = give_back(dir, journal, e);
+        let e = give_back(dir, file, e);
         left(&cgroup);
         return Err(e);
     }
@@ -191,8 +192,8 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
         // Out of processes, memory or file descriptors: nothing of the task ran, and the
         // agent starts it again later rather than failing it for good.
         Err(supervisor::FirstStart::Exhausted(e)) => {
-            let journal = sup.journal_file().expect("held until the run ends");
-            let e = give_back(dir, journal, e);
+            let file = sup.journal_file().expect("held until the run ends");
+            let e = give_back(dir, file, e);
             if !CLAIM_STANDS.load(Ordering::Relaxed) {
                 left(&cgroup);
             }
@@ -243,15 +244,15 @@ fn enter_limits(
 /// the launch may be tried again (by this agent, or by one restarted meanwhile) instead of
 /// being taken for a run a dead supervisor may have started. Not fsynced: after a power
 /// loss the launch is of an earlier boot, never started again anyway. Returns `e`.
-fn give_back(dir: &Path, journal: &mut Flock<File>, e: io::Error) -> io::Error {
+fn give_back(dir: &Path, file: &mut Flock<File>, e: io::Error) -> io::Error {
     let back = Entry::Unclaimed(Unclaim { why: e.to_string() });
-    let given_back = match records::append(journal, &back, false) {
+    let given_back = match journal::append(file, &back, false) {
         Ok(()) => true,
         // A claim that never reached the journal needs no giving back.
-        Err(_) => records::read_run(dir).is_ok_and(|r| r.claimed.is_none()),
+        Err(_) => journal::read_run(dir).is_ok_and(|r| r.claimed.is_none()),
     };
     if given_back {
-        let _ = records::set_claim_mark(journal, false);
+        let _ = journal::set_claim_mark(file, false);
         CLAIM_STANDS.store(false, Ordering::Relaxed);
     } else {
         eprintln!(
@@ -392,7 +393,7 @@ fn finish_start_error(
     launch: &Launch,
 ) -> io::Result<()> {
     let rec = start_error_record(e, what, launch);
-    records::append(&mut running_lock, &Entry::Exit(rec), true)?;
+    journal::append(&mut running_lock, &Entry::Exit(rec), true)?;
     drop(running_lock);
     release_agent();
     Ok(())

@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 
 use super::ns_reaper::Reaper;
 use crate::runtime::child_setup::{self, Announce, ExecPlan, SpawnError, Step};
-use crate::runtime::records;
+use crate::runtime::journal;
 use crate::sys::procfs::ProcIdentity;
 use crate::task::model::HookName;
 
@@ -109,11 +109,11 @@ impl Place {
             .and_then(Option::as_ref)
             .ok_or_else(|| setup(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let null = File::open("/dev/null").map_err(setup)?;
-        let head = records::spawned_head(job_hook(job));
+        let head = journal::spawned_head(job_hook(job));
         let announce = journal.map(|journal| Announce {
             journal,
             head: &head,
-            tail: records::SPAWNED_TAIL,
+            tail: journal::SPAWNED_TAIL,
         });
         let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr], announce)?;
         self.live.push((pid, job));

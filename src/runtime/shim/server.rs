@@ -17,7 +17,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use crate::runtime::{child_setup, records};
+use crate::runtime::child_setup;
+use crate::runtime::journal::protocol;
 
 /// `agent_only_env`: variables of the agent's environment (which this server and its
 /// shims inherit) that host tasks must not see.
@@ -69,7 +70,7 @@ pub fn serve(agent_only_env: Vec<String>) -> i32 {
             // Tell the agent why (nothing started: it may try again later), then EOF.
             eprintln!("task-executor shim-server: fork for {}: {e}", dir.display());
             if let Some(n) = notify {
-                let line = records::start_failure_line(&e, true);
+                let line = protocol::start_failure_line(&e, true);
                 let _ = std::io::Write::write_all(&mut File::from(n), line.as_bytes());
             }
         }

@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::OnceLock;
 
 use crate::runtime::child_setup::{Creds, Cwd, ExecPlan};
-use crate::runtime::records::Launch;
+use crate::runtime::journal::Launch;
 use crate::task::model::EnvVar;
 
 /// The search path execvp uses when `PATH` is unset.

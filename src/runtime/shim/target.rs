@@ -12,7 +12,7 @@ use nix::sched::CloneFlags;
 use super::cgroup;
 use super::ns_reaper::Entry;
 use crate::runtime::child_setup::{CapSets, Creds, Cwd};
-use crate::runtime::records::Target;
+use crate::runtime::journal::Target;
 use crate::sys::procfs;
 
 pub struct Prepared {

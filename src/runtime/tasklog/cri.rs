@@ -10,84 +10,46 @@
 //! newest timestamp already handed out, which skips a rewritten copy's repeated lines.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::{MAX_LINE, Piece, Stream, Streams, inode, read_full_at, rotated};
-
-const READ_AHEAD: usize = 64 * 1024;
+use super::cursor::{Cursor, open_new};
+use super::{MAX_LINE, Piece, Stream, Streams};
 
 #[derive(Clone, Debug)]
 struct Seg {
-    file: Arc<File>,
-    ino: u64,
-    size: u64,
-    pos: u64,
-    buf: Vec<u8>,
-    buf_off: u64,
+    cur: Cursor,
     /// Entries at or before this time were handed out already (a rewritten copy).
     skip_until: Option<i64>,
 }
 
 impl Seg {
-    fn open(path: &std::path::Path, skip_until: Option<i64>) -> io::Result<Option<Seg>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let m = file.metadata()?;
-        Ok(Some(Seg {
-            ino: m.ino(),
-            size: m.len(),
-            file: Arc::new(file),
-            pos: 0,
-            buf: Vec::new(),
-            buf_off: 0,
-            skip_until,
-        }))
-    }
-
     /// The next whole line of the file (without its `\n`), or with `flush` a final line
     /// without one.
     fn next_entry(&mut self, flush: bool) -> io::Result<Option<Vec<u8>>> {
         let mut line = Vec::new();
-        let start = self.pos;
+        let start = self.cur.pos;
         loop {
-            if self.pos >= self.size {
+            let size = self.cur.size;
+            let avail = self.cur.available(size)?;
+            if avail.is_empty() {
                 if flush && !line.is_empty() {
                     return Ok(Some(line));
                 }
-                self.pos = start; // wait for the rest of the entry
+                self.cur.pos = start; // wait for the rest of the entry
                 return Ok(None);
             }
-            let buf_end = self.buf_off + self.buf.len() as u64;
-            if self.pos < self.buf_off || self.pos >= buf_end {
-                let want = (self.size - self.pos).min(READ_AHEAD as u64) as usize;
-                self.buf.resize(want, 0);
-                let got = read_full_at(&self.file, &mut self.buf, self.pos)?;
-                self.buf.truncate(got);
-                self.buf_off = self.pos;
-                if got == 0 {
-                    self.size = self.pos;
-                    continue;
-                }
-            }
-            let avail = &self.buf[(self.pos - self.buf_off) as usize..];
             match memchr::memchr(b'\n', avail) {
                 Some(i) => {
                     line.extend_from_slice(&avail[..i]);
-                    self.pos += i as u64 + 1;
+                    self.cur.pos += i as u64 + 1;
                     return Ok(Some(line));
                 }
                 None => {
                     line.extend_from_slice(avail);
-                    self.pos += avail.len() as u64;
+                    self.cur.pos += avail.len() as u64;
                 }
             }
         }
@@ -121,32 +83,17 @@ impl CriReader {
     }
 
     pub fn refresh(&mut self) -> io::Result<()> {
-        let old_path = rotated(&self.path);
-        let (cur, old) = (inode(&self.path), inode(&old_path));
-        let held = self.segs.back().map(|s| s.ino);
-        match held {
-            None => {
-                if let Some(s) = Seg::open(&old_path, None)? {
-                    self.segs.push_back(s);
-                }
-            }
-            Some(h) if Some(h) != cur && Some(h) != old => {
-                let skip = Some(self.newest);
-                if let Some(s) = Seg::open(&old_path, skip)? {
-                    self.segs.push_back(s);
-                }
-            }
-            _ => {}
-        }
-        let rewritten = held.is_some() && held != cur && held != old;
-        if cur.is_some()
-            && self.segs.back().map(|s| s.ino) != cur
-            && let Some(s) = Seg::open(&self.path, rewritten.then_some(self.newest))?
-        {
-            self.segs.push_back(s);
-        }
+        let found = open_new(&self.path, self.segs.back().map(|s| s.cur.ino))?;
+        // A file of a log rewritten since (or rotated away twice) repeats what was read.
+        let skip_until = found.lost.then_some(self.newest);
+        self.segs.extend(
+            found
+                .opened
+                .into_iter()
+                .map(|(cur, _)| Seg { cur, skip_until }),
+        );
         for s in &mut self.segs {
-            s.size = s.file.metadata()?.len();
+            s.cur.restat()?;
         }
         Ok(())
     }
@@ -234,8 +181,9 @@ fn parse(line: &[u8]) -> Option<Entry<'_>> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{CONTAINER_LOG, LogSet};
+    use super::super::LogSet;
     use super::*;
+    use crate::task::layout::CONTAINER_LOG;
 
     fn all(r: &mut super::super::Reader, flush: bool) -> Vec<Piece> {
         let mut out = Vec::new();

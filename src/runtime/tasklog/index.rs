@@ -23,9 +23,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 
-/// The index beside a task's plain logs.
-pub const INDEX_FILE: &str = "output.idx";
-
 const SLOT: u64 = 32;
 const MAGIC: u64 = 0x3178_6469_6c65_7474; // "ttelidx1"
 const END_BITS: u32 = 40;
@@ -270,7 +267,7 @@ mod tests {
     #[test]
     fn the_ring_keeps_the_newest_records_and_readers_catch_up() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join(INDEX_FILE);
+        let p = crate::task::layout::TaskDir(d.path()).output_index();
         let mut w = IndexWriter::new(p.clone(), 0); // 256 slots
         assert!(!p.exists(), "nothing is created before the first record");
         for i in 1..=100u64 {

@@ -1,7 +1,7 @@
 //! Reading a task's output back from its log files, for `GET /tasks/{name}/logs`.
 //!
 //! A task's output is a *log set*: capped files with one rotated predecessor each
-//! (`NAME.1` then `NAME`), in one of two formats:
+//! (`NAME.1` then `NAME`, see `task::layout`), in one of two formats:
 //! * plain (process and sidecar tasks, and any other capped log pair the shim writes):
 //!   one file per stream holding exactly the bytes written, plus the shim's output index
 //!   (`index`) for arrival order and times;
@@ -16,18 +16,17 @@
 //! written since.
 
 mod cri;
+mod cursor;
 pub mod index;
 mod plain;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::task::layout::TaskDir;
+
 /// Lines longer than this are passed on in parts (CRI runtimes split at 16 KiB).
 pub const MAX_LINE: usize = 64 * 1024;
-
-pub const STDOUT: &str = "stdout.log";
-pub const STDERR: &str = "stderr.log";
-pub const CONTAINER_LOG: &str = "container.log";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stream {
@@ -87,17 +86,18 @@ impl LogSet {
     /// The output of the task in `dir`: its CRI log for a container task, else the
     /// shim's stdout/stderr logs and index.
     pub fn of_task(dir: &Path, container: bool) -> LogSet {
+        let dir = TaskDir(dir);
         if container {
             LogSet::Cri {
-                file: dir.join(CONTAINER_LOG),
+                file: dir.container_log(),
             }
         } else {
             LogSet::Plain {
                 files: vec![
-                    (Stream::Stdout, dir.join(STDOUT)),
-                    (Stream::Stderr, dir.join(STDERR)),
+                    (Stream::Stdout, dir.stdout()),
+                    (Stream::Stderr, dir.stderr()),
                 ],
-                index: Some(dir.join(index::INDEX_FILE)),
+                index: Some(dir.output_index()),
             }
         }
     }
@@ -106,8 +106,8 @@ impl LogSet {
     /// combined) with an index of its own.
     pub fn of_hook(dir: &Path, hook: crate::task::model::HookName) -> LogSet {
         LogSet::Plain {
-            files: vec![(Stream::Stdout, dir.join(hook.log_file()))],
-            index: Some(dir.join(hook.index_file())),
+            files: vec![(Stream::Stdout, TaskDir(dir).hook_log(hook))],
+            index: Some(TaskDir(dir).hook_index(hook)),
         }
     }
 
@@ -171,17 +171,4 @@ pub(crate) fn read_full_at(f: &std::fs::File, buf: &mut [u8], mut off: u64) -> i
         }
     }
     Ok(n)
-}
-
-/// The inode of `path`, if it exists.
-pub(crate) fn inode(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.ino())
-}
-
-/// `path` with `.1` appended: the rotated predecessor.
-pub(crate) fn rotated(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".1");
-    PathBuf::from(p)
 }

@@ -9,7 +9,7 @@
 //! the next record that exists, else the reader's newest place and the file's mtime.
 
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
@@ -17,10 +17,9 @@ use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
 
+use super::cursor::{Cursor, open_new};
 use super::index::{self, Record};
-use super::{MAX_LINE, Piece, Stream, inode, read_full_at, rotated};
-
-const READ_AHEAD: usize = 64 * 1024;
+use super::{MAX_LINE, Piece, Stream};
 
 #[derive(Clone, Debug)]
 struct Chunk {
@@ -31,17 +30,10 @@ struct Chunk {
 
 #[derive(Clone, Debug)]
 struct Seg {
-    file: Arc<File>,
-    ino: u64,
+    cur: Cursor,
     generation: Option<u32>,
-    /// Size and mtime at the last refresh.
-    size: u64,
+    /// Mtime at the last refresh.
     mtime_ns: i64,
-    /// The next byte to hand out.
-    pos: u64,
-    /// Read-ahead: file bytes from `buf_off`.
-    buf: Vec<u8>,
-    buf_off: u64,
     /// Index records of this file not yet passed, ascending.
     chunks: VecDeque<Chunk>,
     /// The end of the newest record of this file.
@@ -49,26 +41,19 @@ struct Seg {
 }
 
 impl Seg {
-    fn open(path: &std::path::Path) -> io::Result<Option<Seg>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let m = file.metadata()?;
-        Ok(Some(Seg {
-            ino: m.ino(),
-            size: m.len(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            file: Arc::new(file),
+    fn new((cur, m): (Cursor, Metadata)) -> Seg {
+        Seg {
+            cur,
+            mtime_ns: mtime_ns(&m),
             generation: None,
-            pos: 0,
-            buf: Vec::new(),
-            buf_off: 0,
             chunks: VecDeque::new(),
             indexed: 0,
-        }))
+        }
     }
+}
+
+fn mtime_ns(m: &Metadata) -> i64 {
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
 }
 
 #[derive(Clone, Debug)]
@@ -151,7 +136,7 @@ impl PlainReader {
                     && r.end > seg.indexed
                 {
                     seg.indexed = r.end;
-                    if r.end > seg.pos {
+                    if r.end > seg.cur.pos {
                         seg.chunks.push_back(Chunk {
                             end: r.end,
                             seq: r.seq,
@@ -161,9 +146,7 @@ impl PlainReader {
                 }
             }
             for seg in &mut st.segs {
-                let m = seg.file.metadata()?;
-                seg.size = m.len();
-                seg.mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
+                seg.mtime_ns = mtime_ns(&seg.cur.restat()?);
             }
         }
         Ok(())
@@ -207,28 +190,13 @@ impl PlainReader {
 /// Opens the stream's files this reader does not hold yet, oldest first, and pairs them
 /// with generations. Runs under the index's shared lock when there is an index.
 fn resync(st: &mut StreamLog) -> io::Result<()> {
-    let old_path = rotated(&st.path);
-    let (cur, old) = (inode(&st.path), inode(&old_path));
-    let newest = st.segs.back().map(|s| s.ino);
-    if newest.is_none() || (newest != cur && newest != old) {
-        // Nothing held yet, or ours was rotated away twice: `.1` is new to us too.
-        if old.is_some()
-            && let Some(seg) = Seg::open(&old_path)?
-        {
-            st.segs.push_back(seg);
-        }
-    }
-    if cur.is_some()
-        && st.segs.back().map(|s| s.ino) != cur
-        && let Some(seg) = Seg::open(&st.path)?
-    {
-        st.segs.push_back(seg);
-    }
+    let found = open_new(&st.path, st.segs.back().map(|s| s.cur.ino))?;
+    st.segs.extend(found.opened.into_iter().map(Seg::new));
     if let Some(g) = st.newest_gen {
         for seg in &mut st.segs {
-            if Some(seg.ino) == cur {
+            if Some(seg.cur.ino) == found.current {
                 seg.generation = Some(g);
-            } else if Some(seg.ino) == old && seg.generation.is_none() {
+            } else if Some(seg.cur.ino) == found.rotated && seg.generation.is_none() {
                 seg.generation = g.checked_sub(1);
             }
         }
@@ -258,44 +226,33 @@ fn next_line(st: &mut StreamLog, flush: bool, last_seq: u64) -> io::Result<Optio
         };
         let newest = n == 1;
         let visible = if !newest || flush || seg.generation.is_none() {
-            seg.size
+            seg.cur.size
         } else {
-            seg.indexed.min(seg.size)
+            seg.indexed.min(seg.cur.size)
         };
-        if seg.pos >= visible {
-            if !newest && seg.pos >= seg.size {
+        if seg.cur.pos >= visible {
+            if !newest && seg.cur.pos >= seg.cur.size {
                 st.segs.pop_front();
                 continue;
             }
             break;
         }
-        let buf_end = seg.buf_off + seg.buf.len() as u64;
-        if seg.pos < seg.buf_off || seg.pos >= buf_end {
-            let want = (visible - seg.pos).min(READ_AHEAD as u64) as usize;
-            seg.buf.resize(want, 0);
-            let got = read_full_at(&seg.file, &mut seg.buf, seg.pos)?;
-            seg.buf.truncate(got);
-            seg.buf_off = seg.pos;
-            if got == 0 {
-                // Shorter than it was (cut by someone else): nothing more here.
-                seg.size = seg.pos;
-                continue;
-            }
+        let pos = seg.cur.pos;
+        let avail = seg.cur.available(visible)?;
+        if avail.is_empty() {
+            continue; // shorter than it was (cut by someone else): nothing more here
         }
-        let from = (seg.pos - seg.buf_off) as usize;
-        let to = (seg.buf.len() as u64).min(visible - seg.buf_off) as usize;
-        let avail = &seg.buf[from..to];
         let room = MAX_LINE - st.line.len();
         let (take, complete) = match memchr::memchr(b'\n', &avail[..avail.len().min(room)]) {
             Some(i) => (i + 1, true),
             None => (avail.len().min(room), false),
         };
         st.line.extend_from_slice(&avail[..take]);
-        let last_byte = seg.pos + take as u64 - 1;
-        seg.pos += take as u64;
+        let last_byte = pos + take as u64 - 1;
+        seg.cur.pos += take as u64;
         st.line_key = place(st, 0, last_byte, last_seq);
         let seg = &mut st.segs[0];
-        while seg.chunks.front().is_some_and(|c| c.end <= seg.pos) {
+        while seg.chunks.front().is_some_and(|c| c.end <= seg.cur.pos) {
             seg.chunks.pop_front();
         }
         if complete || st.line.len() >= MAX_LINE {
@@ -322,10 +279,10 @@ fn take_line(st: &mut StreamLog) -> (u64, Piece) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::index::INDEX_FILE;
-    use super::super::{LogSet, Reader, STDERR, STDOUT, Streams};
+    use super::super::{LogSet, Reader, Streams};
     use super::*;
     use crate::runtime::shim::logs::{CappedLog, index};
+    use crate::task::layout::{OUTPUT_INDEX, STDERR, STDOUT};
 
     fn all(r: &mut Reader, flush: bool) -> Vec<Piece> {
         let mut out = Vec::new();
@@ -418,7 +375,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join(STDOUT), "a\nb\n").unwrap();
         std::fs::write(d.path().join(STDERR), "c\n").unwrap();
-        assert!(!d.path().join(INDEX_FILE).exists());
+        assert!(!d.path().join(OUTPUT_INDEX).exists());
         let mut r = LogSet::of_task(d.path(), false).open(Streams::ALL).unwrap();
         assert_eq!(text(&all(&mut r, false)), "a\nb\nc\n");
     }

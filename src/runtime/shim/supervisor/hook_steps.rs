@@ -17,7 +17,7 @@ use super::super::place::hook_job;
 use super::machine::Event;
 use super::{PRE_START_SLOT, Supervisor, slot_of};
 use crate::runtime::child_setup::{SpawnError, Step};
-use crate::runtime::records::{Entry, HookClaim, HookExit, HookPlace, HookStart, Launch};
+use crate::runtime::journal::{Entry, HookClaim, HookExit, HookPlace, HookStart, Launch};
 use crate::sys::exhaustion::Exhaustion;
 use crate::task::model::HookName;
 use crate::task::time::Time;

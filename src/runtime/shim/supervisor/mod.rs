@@ -24,8 +24,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 mod hook_steps;
-mod journal;
 mod machine;
+mod recording;
 
 pub use hook_steps::exec_failure_code;
 use machine::{Action, Cmd, Event, Exit, Machine, Phase};
@@ -35,10 +35,11 @@ use super::kill;
 use super::logs::{self, CappedLog};
 use super::place::{JobExit, MAIN, POST_STOP, PRE_START, Place, job_hook};
 use super::{notify_agent, release_agent};
-use crate::runtime::records::{self, Entry, Launch, ShimRecord};
+use crate::runtime::journal::{Entry, Launch, ShimRecord};
 use crate::sys::exhaustion::Exhaustion;
 use crate::sys::proc_handle;
 use crate::sys::procfs::ProcIdentity;
+use crate::task::layout;
 use crate::task::model::HookName;
 use crate::task::time::Time;
 
@@ -116,8 +117,8 @@ impl<'a> Supervisor<'a> {
             hook: None,
             running_lock: Some(running_lock),
             logs: [
-                CappedLog::new(dir.join(records::STDOUT), cap, 0, &index),
-                CappedLog::new(dir.join(records::STDERR), cap, 1, &index),
+                CappedLog::new(dir.join(layout::STDOUT), cap, 0, &index),
+                CappedLog::new(dir.join(layout::STDERR), cap, 1, &index),
                 hooks::log(dir, HookName::PreStart, cap),
                 hooks::log(dir, HookName::PostStop, cap),
             ],

@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 use super::Supervisor;
 use super::machine::{MainEnd, Marks};
 use crate::runtime::child_setup::{SpawnError, Step};
-use crate::runtime::records::{self, Entry, ExitRecord, Unrecorded};
+use crate::runtime::journal::{self, Entry, ExitRecord, Unrecorded};
 use crate::task::time::Time;
 
 impl Supervisor<'_> {
@@ -25,7 +25,7 @@ impl Supervisor<'_> {
         let mut pause = std::time::Duration::from_millis(50);
         let mut told = false;
         loop {
-            match records::append(j, entry, durable) {
+            match journal::append(j, entry, durable) {
                 Err(e) if durable && disk_refused(&e) => {
                     if !told {
                         eprintln!(

@@ -144,7 +144,7 @@ mod tests {
     #[tokio::test]
     async fn the_release_of_a_journals_lock_wakes_its_watcher() {
         let d = tempfile::tempdir().unwrap();
-        let path = d.path().join("run.jsonl");
+        let path = crate::task::layout::TaskDir(d.path()).journal();
         std::fs::write(&path, b"").unwrap();
         let shim = nix::fcntl::Flock::lock(
             std::fs::OpenOptions::new()
@@ -158,13 +158,13 @@ mod tests {
         let mut w = JournalWatch::new(&path).unwrap();
         let mut again = JournalWatch::new(&path).unwrap();
         assert_eq!(w.wd, again.wd, "one watch per journal");
-        assert!(super::super::process::lock_held(&path));
+        assert!(super::super::lock_held(&path));
         drop(shim);
         for w in [&mut w, &mut again] {
             let woke = tokio::time::timeout(Duration::from_secs(10), w.changed()).await;
             assert_eq!(woke, Ok(true), "the release is seen");
         }
-        assert!(!super::super::process::lock_held(&path));
+        assert!(!super::super::lock_held(&path));
         let wd = w.wd;
         drop((w, again));
         assert!(!registry().unwrap().files().contains_key(&wd));
