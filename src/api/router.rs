@@ -55,8 +55,11 @@ pub fn routes(
                     let mut resp = dispatch(state, request, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
-                    // For the access log's line.
-                    resp.extensions_mut().insert(caller);
+                    // For the access log's line; only a name is worth the extensions'
+                    // allocation.
+                    if let Caller::User(_) = caller {
+                        resp.extensions_mut().insert(caller);
+                    }
                     Ok::<_, warp::Rejection>(resp)
                 }
             },
