@@ -1,8 +1,9 @@
-//! The router: every request passes the access log ([`super::access_log::logged`]), then
-//! the credential check ([`super::auth::caller`]), then `dispatch`, which matches the
+//! The router: every request passes the credential check ([`super::auth::caller`]),
+//! then `dispatch`, which matches the
 //! one parse of its path ([`Route`]) by hand: so every known path answers a wrong method
 //! with 405 + `Allow`, HEAD as GET, and every miss with a JSON 404. A rejection (a refused
-//! caller, a malformed header) becomes its JSON answer in `api::error::recover`.
+//! caller, a malformed header) becomes its JSON answer in `api::error::recover`. Each
+//! answer is logged and counted by the connection that serves it (`api::access_log`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use super::server::ClientGone;
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    let api = super::auth::caller(state.auth.clone())
+    super::auth::caller(state.auth.clone())
         .and(warp::method())
         .and(super::route::filter())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -65,8 +66,7 @@ pub fn routes(
             },
         )
         .recover(super::error::recover)
-        .unify();
-    super::access_log::logged(api)
+        .unify()
 }
 
 /// What `dispatch` needs of a request besides its body.

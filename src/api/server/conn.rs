@@ -374,8 +374,8 @@ fn raw_answer(status: u16, reason: &str, message: &str) -> Vec<u8> {
 }
 
 /// warp's service for one connection: marks the connection busy while a request is
-/// served, notes whether the exchange can leave the connection parked, and tags each
-/// request with the client's address.
+/// served, notes whether the exchange can leave the connection parked, tags each
+/// request with the client's address, and logs and counts each answer (`access_log`).
 #[derive(Clone)]
 struct ConnService<S> {
     inner: S,
@@ -395,7 +395,7 @@ where
         > + Clone
         + Send
         + 'static,
-    B: Send,
+    B: http_body::Body + Send,
 {
     type Response = Response<Tracked<B>>;
     type Error = Infallible;
@@ -405,6 +405,7 @@ where
         let keep = req.version() == Version::HTTP_11 && !says_close(req.headers());
         self.activity
             .request(keep, http_body::Body::is_end_stream(req.body()));
+        let entry = crate::api::access_log::Entry::start(req.method(), req.uri().path());
         let mut req = req.map(|body| ReqBody::new(body, self.activity.clone()));
         req.extensions_mut().insert(PeerAddr(self.peer));
         req.extensions_mut().insert(self.activity.proven.clone());
@@ -414,6 +415,7 @@ where
         let activity = self.activity.clone();
         Box::pin(async move {
             let resp = tower_service::Service::call(&mut inner, req).await?;
+            entry.finish(&resp);
             if says_close(resp.headers()) {
                 activity.closing();
             }
