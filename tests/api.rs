@@ -586,6 +586,55 @@ fn a_complete_request_is_carried_out_when_its_client_closes_and_answered_on_a_ha
     }
 }
 
+/// Every answer is in the access log and the request counter, whatever gave it: the
+/// router (404, 405), the body limit (413), or hyper itself, to a request head it can't
+/// parse (400) or that is past its buffer (431), where neither method nor route is known.
+#[test]
+fn refused_requests_are_logged_and_counted_like_any_other() {
+    let a = Agent::start(&["--max-body-bytes", "2048"]);
+    assert_eq!(a.request("PUT", "/tasks/x", None).status, 405);
+    assert_eq!(a.request("GET", "/nowhere", None).status, 404);
+    let big = "x".repeat(4096);
+    let r = http::request(a.addr, "POST", "/tasks", Some(big.as_bytes())).unwrap();
+    assert_eq!(r.status, 413);
+    let bad_length =
+        b"POST /tasks HTTP/1.1\r\nHost: t\r\nContent-Length: abc\r\nConnection: close\r\n\r\n";
+    assert_eq!(http::raw(a.addr, bad_length).unwrap().status, 400);
+    // hyper's buffer for a request head is about 400 KiB. It answers 431 and closes, so
+    // the client may see a reset while it is still sending.
+    let huge = format!(
+        "GET /getTasks HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(512 * 1024)
+    );
+    if let Ok(r) = http::raw(a.addr, huge.as_bytes()) {
+        assert_eq!(r.status, 431);
+    }
+
+    let answers = [
+        ("PUT", "/tasks/{name}", 405),
+        ("GET", "unmatched", 404),
+        ("POST", "/tasks", 413),
+        ("unknown", "unmatched", 400),
+        ("unknown", "unmatched", 431),
+    ];
+    support::wait_for(T, "an access line per answer", || {
+        let lines = support::access_lines(&a.log_text());
+        answers
+            .iter()
+            .all(|(m, route, s)| {
+                lines
+                    .iter()
+                    .any(|l| support::access_line_of(l, m, route, *s))
+            })
+            .then_some(())
+    });
+    let metrics = a.call("GET", "/metrics", None).text();
+    for (m, route, s) in answers {
+        let n = support::http_requests(&metrics, m, route, s);
+        assert_eq!(n, 1.0, "{m} {route} {s}: {metrics}");
+    }
+}
+
 #[test]
 fn a_long_poll_whose_client_closes_frees_its_connection() {
     use std::io::Write;

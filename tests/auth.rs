@@ -155,6 +155,36 @@ fn token_mode_refuses_without_the_token_and_serves_with_it() {
 }
 
 #[test]
+fn refusals_are_logged_and_counted_like_any_answer() {
+    let (agent, _dir, _file) = token_agent("the-only-token\n");
+    let a = agent.addr;
+    let r = call(a, "POST", "/tasks", None, Some(&task("x")));
+    assert_unauthorized(&r, "no token");
+    let r = call(a, "GET", "/tasks/x", Some("a-wrong-token-4711"), None);
+    assert_unauthorized(&r, "a wrong token");
+    let lines = wait_for(T, "the refusals' access lines", || {
+        let lines = support::access_lines(&agent.log_text());
+        let seen = |m, route| {
+            lines
+                .iter()
+                .any(|l| support::access_line_of(l, m, route, 401))
+        };
+        (seen("POST", "/tasks") && seen("GET", "/tasks/{name}")).then_some(lines)
+    });
+    assert!(
+        !agent.log_text().contains("a-wrong-token-4711"),
+        "a token reached the log: {lines:#?}"
+    );
+    let metrics = call(a, "GET", "/metrics", Some("the-only-token"), None);
+    assert_eq!(metrics.status, 200);
+    let metrics = metrics.text();
+    for (m, route) in [("POST", "/tasks"), ("GET", "/tasks/{name}")] {
+        let n = support::http_requests(&metrics, m, route, 401);
+        assert_eq!(n, 1.0, "{m} {route}: {metrics}");
+    }
+}
+
+#[test]
 fn tokens_rotate_without_a_restart() {
     let (agent, _dir, file) = token_agent("old-token\n");
     let pid = agent.pid();

@@ -225,6 +225,24 @@ fn callers_may_do_what_their_task_permissions_allow() {
         log.contains("request forbidden") && log.contains("jane"),
         "{log}"
     );
+    // Refusals are in the access log like any answer; an allowed one names its user.
+    let lines = support::access_lines(&log);
+    let seen = |method, route, status| {
+        lines
+            .iter()
+            .filter(|l| support::access_line_of(l, method, route, status))
+            .count()
+    };
+    assert_eq!(seen("POST", "/tasks", 403), 2, "{lines:#?}");
+    assert_eq!(seen("DELETE", "/tasks/{name}", 403), 1, "{lines:#?}");
+    assert_eq!(seen("GET", "/getTasks", 401), 2, "{lines:#?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| support::access_line_of(l, "POST", "/tasks", 201)
+                && l.contains(&format!("user=\"{CONTROLLER}\""))),
+        "{lines:#?}"
+    );
 }
 
 #[test]

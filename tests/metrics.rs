@@ -371,7 +371,7 @@ fn the_access_log_has_one_line_per_request_and_no_query_value() {
     let access = || -> Vec<String> {
         a.log_text()
             .lines()
-            .filter(|l| l.contains("task_executor::api::access"))
+            .filter(|l| l.contains("task_executor::api::access_log"))
             .map(str::to_string)
             .collect()
     };

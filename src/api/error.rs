@@ -1,5 +1,8 @@
 //! The single place where errors become HTTP answers: `{"code", "message"}` with the
-//! status text as `code`, as upstream's clients expect.
+//! status text as `code`, as upstream's clients expect. That includes the filters'
+//! rejections ([`recover`]): a refused caller, a header that does not parse.
+
+use std::convert::Infallible;
 
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
@@ -124,16 +127,26 @@ impl From<ManagerError> for ApiError {
     }
 }
 
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        let status = match &e {
+/// The answer to a request the filters rejected: the caller's refusal (`auth::caller`),
+/// or, for any other rejection, a header that did not parse (e.g. a bogus Content-Length).
+pub async fn recover(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    let err = match rejection.find::<AuthError>() {
+        Some(e) => ApiError::from(e),
+        None => ApiError::bad_request("malformed request headers"),
+    };
+    Ok(err.into_response())
+}
+
+impl From<&AuthError> for ApiError {
+    fn from(e: &AuthError) -> Self {
+        let status = match e {
             AuthError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             AuthError::Forbidden { .. } => StatusCode::FORBIDDEN,
             // Fail closed: the caller may retry once the API server answers.
             AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AuthError::Setup(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        let message = match &e {
+        let message = match e {
             // The caller is not authenticated yet: what the API server said (addresses,
             // its error text) is for the agent's log (`auth::refused`), not for it.
             AuthError::Unavailable(_) => {

@@ -22,7 +22,7 @@ use warp::reply::{Reply, Response};
 
 pub use query::{LogQuery, StreamParam};
 
-use super::access::StreamMeter;
+use super::access_log::StreamMeter;
 use super::error::ApiError;
 use super::handlers::AppState;
 use crate::runtime::tasklog::{LogSet, Piece, Reader, index::now_ns};

@@ -1,8 +1,18 @@
-//! The routes, parsed once from a request's path. The router, the access table
-//! (`auth::access`), the access log and the HTTP metrics all read a path through
-//! [`Route::parse`], so they always agree on which route a request is.
+//! The routes, parsed from a request's path. The router (`api::router`), the
+//! authorisation rules (`auth::rules`), the access log and the HTTP metrics
+//! (`api::access_log`) all read a path through [`Route::parse`] (as the [`filter`]), so
+//! they always agree on which route a request is.
+
+use std::convert::Infallible;
 
 use percent_encoding::percent_decode_str;
+use warp::Filter;
+use warp::path::FullPath;
+
+/// The request's route: [`Route::parse`] of its path, as a filter (never rejects).
+pub fn filter() -> impl Filter<Extract = (Route,), Error = Infallible> + Clone {
+    warp::path::full().map(|path: FullPath| Route::parse(path.as_str()))
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {

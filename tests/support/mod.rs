@@ -55,3 +55,33 @@ pub fn pids_with_cmdline(argv: &[&str]) -> Vec<i32> {
         .filter(|pid| pid_alive(*pid))
         .collect()
 }
+
+/// The access log's lines (one per answer, `api::access_log`) in an agent's log.
+pub fn access_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("task_executor::api::access_log"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether an access line answers `method` on `route` with `status`.
+pub fn access_line_of(line: &str, method: &str, route: &str, status: u16) -> bool {
+    line.contains(&format!("method=\"{method}\""))
+        && line.contains(&format!("route=\"{route}\""))
+        && line.contains(&format!("status={status} "))
+}
+
+/// The `http_requests` counter of one method, route template and status in a /metrics
+/// text (0 without that series).
+pub fn http_requests(metrics: &str, method: &str, route: &str, code: u16) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("task_executor_http_requests_total{"))
+        .filter(|l| {
+            l.contains(&format!("method=\"{method}\""))
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("code=\"{code}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::access::{Access, GROUP, RESOURCE};
 use super::cache::TtlCache;
+use super::rules::{GROUP, RESOURCE, Required};
 use super::{AuthError, digest};
 use crate::kube::review::{Attributes, Decision, Reviewer, User};
 
@@ -41,7 +41,8 @@ impl KubernetesAuth {
         }
     }
 
-    pub async fn check(&self, token: &str, access: &Access) -> Result<(), AuthError> {
+    /// The name of the token's user, once it may do what the route requires.
+    pub async fn check(&self, token: &str, required: &Required) -> Result<String, AuthError> {
         let key = digest(token);
         let user = match self.users.get(&key) {
             Some(user) => user,
@@ -57,7 +58,7 @@ impl KubernetesAuth {
             }
         };
         let user = user.ok_or(AuthError::Unauthenticated("invalid bearer token"))?;
-        for attrs in self.attributes(access) {
+        for attrs in self.attributes(required) {
             let cache_key = (key, attrs);
             let decision = match self.decisions.get(&cache_key) {
                 Some(d) => d,
@@ -76,14 +77,14 @@ impl KubernetesAuth {
                 });
             }
         }
-        Ok(())
+        Ok(user.username)
     }
 
     /// The reviews a route needs.
-    fn attributes(&self, access: &Access) -> Vec<Attributes> {
-        match access {
-            Access::Public | Access::Authenticated => Vec::new(),
-            Access::Tasks(rules) => rules
+    fn attributes(&self, required: &Required) -> Vec<Attributes> {
+        match required {
+            Required::Public | Required::Authenticated => Vec::new(),
+            Required::Tasks(rules) => rules
                 .iter()
                 .map(|r| Attributes::Resource {
                     namespace: self.namespace.clone(),
@@ -94,7 +95,7 @@ impl KubernetesAuth {
                     name: r.name.clone(),
                 })
                 .collect(),
-            Access::NonResource { verb, path } => vec![Attributes::NonResource {
+            Required::NonResource { verb, path } => vec![Attributes::NonResource {
                 verb: verb.clone(),
                 path: path.clone(),
             }],

@@ -3,12 +3,15 @@
 //! (TokenReview) and authorizes for the route's verb on `tasks` (SubjectAccessReview), as
 //! kubelet and kube-rbac-proxy guard their endpoints (`kubernetes`).
 //!
-//! The check runs before routing, so a refused request reads no body and changes nothing.
-//! Tokens are never logged, stored or compared as they are: only their SHA-256 digests.
+//! [`caller`] is the filter every request passes first: it yields the [`Caller`] or
+//! rejects with the [`AuthError`] (turned into the JSON answer by `api::error`), so a
+//! refused request reads no body and changes nothing. What each route requires is in
+//! [`rules`]. Tokens are never logged, stored or compared as they are: only their SHA-256
+//! digests.
 
-pub mod access;
 mod cache;
 mod kubernetes;
+pub mod rules;
 mod token;
 
 use std::sync::Arc;
@@ -17,11 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use sha2::{Digest, Sha256};
 use warp::Filter;
 use warp::http::{HeaderMap, Method, header};
-use warp::reply::Response;
+use warp::path::FullPath;
 
-use super::error::ApiError;
-pub use access::Access;
+use super::route::Route;
 pub use kubernetes::KubernetesAuth;
+pub use rules::Required;
 pub use token::TokenFile;
 
 /// Why a request was refused, or why the check could not be made.
@@ -45,6 +48,20 @@ pub enum AuthError {
     Setup(String),
 }
 
+/// A refusal travels as a rejection from [`caller`] to `api::error::recover`.
+impl warp::reject::Reject for AuthError {}
+
+/// Who made a request, once the credential check let it through.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// No credential was needed: `--auth-mode none`, or a public route (the probes).
+    Anonymous,
+    /// A holder of a listed token (a token file names no one).
+    TokenHolder,
+    /// The user the Kubernetes API authenticated the token as.
+    User(String),
+}
+
 /// The configured check. Cheap to clone.
 #[derive(Clone)]
 pub enum Authenticator {
@@ -59,34 +76,33 @@ impl Authenticator {
         !matches!(self, Authenticator::None)
     }
 
-    /// Checks a request's credential against what its route requires. `Ok(true)`: the
-    /// request carried a credential that passed; `Ok(false)`: it needed none.
+    /// Checks a request's credential against what its route requires.
     pub async fn check(
         &self,
         method: &Method,
-        path: &str,
+        route: &Route,
         headers: &HeaderMap,
-    ) -> Result<bool, AuthError> {
+    ) -> Result<Caller, AuthError> {
         if matches!(self, Authenticator::None) {
-            return Ok(false);
+            return Ok(Caller::Anonymous);
         }
-        let access = access::required(method, path);
-        if access == Access::Public {
-            return Ok(false);
+        let required = rules::required(method, route);
+        if required == Required::Public {
+            return Ok(Caller::Anonymous);
         }
         let token = bearer(headers).ok_or(AuthError::Unauthenticated(
             "missing bearer token (Authorization: Bearer <token>)",
         ))?;
         match self {
-            Authenticator::None => Ok(false),
+            Authenticator::None => Ok(Caller::Anonymous),
             Authenticator::Token(file) => {
                 if file.accepts(token) {
-                    Ok(true)
+                    Ok(Caller::TokenHolder)
                 } else {
                     Err(AuthError::Unauthenticated("invalid bearer token"))
                 }
             }
-            Authenticator::Kubernetes(k) => k.check(token, &access).await.map(|()| true),
+            Authenticator::Kubernetes(k) => k.check(token, &required).await.map(Caller::User),
         }
     }
 }
@@ -121,32 +137,36 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// The filter that answers a refused request itself and lets an allowed one through
-/// (it rejects, so the next filter of an `or` serves the request).
-pub fn guard(
+/// The filter every request passes first: yields the caller, or rejects with the
+/// [`AuthError`] (401, 403, or 503 when the authenticator can't be asked: fail closed).
+/// A connection on which a credential passed is marked [`Proven`].
+pub fn caller(
     auth: Authenticator,
-) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
+) -> impl Filter<Extract = (Caller,), Error = warp::Rejection> + Clone {
     warp::method()
         .and(warp::path::full())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<Proven>())
         .and_then(
-            move |method: Method,
-                  path: warp::path::FullPath,
-                  headers: HeaderMap,
-                  proven: Option<Proven>| {
+            move |method: Method, path: FullPath, headers: HeaderMap, proven: Option<Proven>| {
                 let auth = auth.clone();
                 async move {
-                    match auth.check(&method, path.as_str(), &headers).await {
-                        Ok(with_credential) => {
-                            if with_credential && let Some(p) = proven {
+                    if !auth.required() {
+                        return Ok(Caller::Anonymous);
+                    }
+                    let route = Route::parse(path.as_str());
+                    match auth.check(&method, &route, &headers).await {
+                        Ok(caller) => {
+                            if caller != Caller::Anonymous
+                                && let Some(p) = proven
+                            {
                                 p.set();
                             }
-                            Err(warp::reject())
+                            Ok(caller)
                         }
                         Err(e) => {
-                            refused(&method, path.as_str(), &e);
-                            Ok(ApiError::from(e).into_response())
+                            refused(&method, &route, &e);
+                            Err(warp::reject::custom(e))
                         }
                     }
                 }
@@ -154,16 +174,18 @@ pub fn guard(
         )
 }
 
-/// One line per refusal (never the token): who was refused matters for an audit.
-fn refused(method: &Method, path: &str, e: &AuthError) {
+/// One line per refusal, saying why (never the token): who was refused matters for an
+/// audit. The access log has the answer's line too (`api::access_log`).
+fn refused(method: &Method, route: &Route, e: &AuthError) {
+    let route = route.template();
     match e {
         AuthError::Forbidden { user, .. } => {
-            tracing::info!(%method, path, user = %user, error = %e, "request forbidden")
+            tracing::info!(%method, route, user = %user, error = %e, "request forbidden")
         }
         AuthError::Unavailable(_) => {
-            tracing::warn!(%method, path, error = %e, "request refused: credential not checked")
+            tracing::warn!(%method, route, error = %e, "request refused: credential not checked")
         }
-        _ => tracing::debug!(%method, path, error = %e, "request unauthenticated"),
+        _ => tracing::debug!(%method, route, error = %e, "request unauthenticated"),
     }
 }
 
@@ -195,7 +217,12 @@ mod tests {
         let auth = Authenticator::Token(Arc::new(TokenFile::open(&file).unwrap()));
         let none = HeaderMap::new();
         for path in ["/health", "/readyz"] {
-            assert!(auth.check(&Method::GET, path, &none).await.is_ok());
+            assert_eq!(
+                auth.check(&Method::GET, &Route::parse(path), &none)
+                    .await
+                    .unwrap(),
+                Caller::Anonymous
+            );
         }
         for (method, path) in [
             (Method::POST, "/tasks"),
@@ -203,21 +230,22 @@ mod tests {
             (Method::GET, "/nowhere"),
             (Method::PUT, "/tasks"),
         ] {
-            let e = auth.check(&method, path, &none).await.unwrap_err();
+            let route = Route::parse(path);
+            let e = auth.check(&method, &route, &none).await.unwrap_err();
             assert!(matches!(e, AuthError::Unauthenticated(_)), "{path}: {e}");
             let e = auth
-                .check(&method, path, &headers("Bearer secret-2"))
+                .check(&method, &route, &headers("Bearer secret-2"))
                 .await
                 .unwrap_err();
             assert!(matches!(e, AuthError::Unauthenticated(_)), "{path}: {e}");
-            auth.check(&method, path, &headers("Bearer secret-1"))
-                .await
-                .unwrap();
+            let with_token = headers("Bearer secret-1");
+            let caller = auth.check(&method, &route, &with_token).await.unwrap();
+            assert_eq!(caller, Caller::TokenHolder);
         }
         // Without authentication, everything is open.
         assert!(
             Authenticator::None
-                .check(&Method::POST, "/tasks", &none)
+                .check(&Method::POST, &Route::Tasks, &none)
                 .await
                 .is_ok()
         );

@@ -4,9 +4,20 @@
 //! The watchdog is ours, not hyper's `header_read_timeout`: hyper starts that timer
 //! whenever a kept-alive connection goes idle, so it can't close a header that trickles
 //! in after 10 s and still keep an idle connection for a minute, as a client pool
-//! expects (Go's `IdleConnTimeout` is 90 s). The phases are set from three places of the
-//! same task: a read (first byte of a request), the service call (request received), and
-//! the drop of the response body (response written).
+//! expects (Go's `IdleConnTimeout` is 90 s). hyper has one timer where Go and Envoy have
+//! two (a header read timeout and an idle timeout): a server idle timeout is still an
+//! open request (hyperium/hyper#1628, hyperium/hyper#2355); the header read timer's start
+//! was moved to the connection's opening (hyperium/hyper#3185, whose discussion names the
+//! missing idle timeout) and its restart between requests is still open
+//! (hyperium/hyper#3828). Idle connections are parked outside hyper (`park`) for the same
+//! reason, and because a graceful shutdown used to wait for a connection's first request
+//! (hyperium/hyper#2730). The phases are set from three places of the same task: a read
+//! (first byte of a request), the service call (request received), and the drop of the
+//! response body (response written).
+//!
+//! What hyper answers itself, to a request head it can't parse (400, 414, 431), never
+//! reaches the service: it is logged and counted here from hyper's error
+//! (`access_log::answered_by_hyper`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,15 +45,6 @@ use super::{ClientGone, ServerOptions};
 /// works on warp's own server).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
-
-/// The body type of warp's responses (its type is not exported by name).
-type WarpBody = <warp::reply::Response as BodyOf>::Body;
-trait BodyOf {
-    type Body;
-}
-impl<B> BodyOf for Response<B> {
-    type Body = B;
-}
 
 /// What serving a connection needs of warp's service.
 pub trait WarpService:
@@ -200,6 +202,8 @@ async fn exchange<IO: Park, S: WarpService>(
 ) -> Option<Parts<IO, S>> {
     let mut parking = false;
     let mut draining = false;
+    // The request hyper may answer itself began to arrive about now (see `io.ready`).
+    let since = std::time::Instant::now();
     loop {
         let deadline = activity.deadline(opts);
         tokio::select! {
@@ -218,6 +222,9 @@ async fn exchange<IO: Park, S: WarpService>(
             }
             result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
+                    if let Some(status) = answered_by_hyper(&e) {
+                        crate::api::access_log::answered_by_hyper(status, since);
+                    }
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                     return None;
                 }
@@ -250,6 +257,24 @@ async fn exchange<IO: Park, S: WarpService>(
                 draining = true;
             }
         }
+    }
+}
+
+/// The status hyper answered a request head it could not parse with (its `on_error`):
+/// 431 for a head past its buffer, 414 for a URI past its limit (both `is_parse_too_large`;
+/// hyper tells them apart only by its message), 400 for the rest but an HTTP/2 preface,
+/// which it closes unanswered.
+fn answered_by_hyper(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        Some(if e.to_string().contains("URI") {
+            414
+        } else {
+            431
+        })
+    } else if e.is_parse() && !e.is_parse_version_h2() {
+        Some(400)
+    } else {
+        None
     }
 }
 
@@ -349,8 +374,8 @@ fn raw_answer(status: u16, reason: &str, message: &str) -> Vec<u8> {
 }
 
 /// warp's service for one connection: marks the connection busy while a request is
-/// served, notes whether the exchange can leave the connection parked, and tags each
-/// request with the client's address.
+/// served, notes whether the exchange can leave the connection parked, tags each
+/// request with the client's address, and logs and counts each answer (`access_log`).
 #[derive(Clone)]
 struct ConnService<S> {
     inner: S,
@@ -360,8 +385,19 @@ struct ConnService<S> {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<S: WarpService> hyper::service::Service<Request<Incoming>> for ConnService<S> {
-    type Response = Response<Tracked>;
+impl<S, B> hyper::service::Service<Request<Incoming>> for ConnService<S>
+where
+    S: tower_service::Service<
+            Request<ReqBody>,
+            Response = Response<B>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static,
+    B: http_body::Body + Send,
+{
+    type Response = Response<Tracked<B>>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
 
@@ -369,6 +405,7 @@ impl<S: WarpService> hyper::service::Service<Request<Incoming>> for ConnService<
         let keep = req.version() == Version::HTTP_11 && !says_close(req.headers());
         self.activity
             .request(keep, http_body::Body::is_end_stream(req.body()));
+        let entry = crate::api::access_log::Entry::start(req.method(), req.uri().path());
         let mut req = req.map(|body| ReqBody::new(body, self.activity.clone()));
         req.extensions_mut().insert(PeerAddr(self.peer));
         req.extensions_mut().insert(self.activity.proven.clone());
@@ -378,6 +415,7 @@ impl<S: WarpService> hyper::service::Service<Request<Incoming>> for ConnService<
         let activity = self.activity.clone();
         Box::pin(async move {
             let resp = tower_service::Service::call(&mut inner, req).await?;
+            entry.finish(&resp);
             if says_close(resp.headers()) {
                 activity.closing();
             }
@@ -390,9 +428,11 @@ impl<S: WarpService> hyper::service::Service<Request<Incoming>> for ConnService<
 }
 
 /// A response body that marks the connection idle once hyper is done with it (written
-/// in full, or dropped for a HEAD request or a closed connection).
-pub struct Tracked {
-    body: WarpBody,
+/// in full, or dropped for a HEAD request or a closed connection). Generic over warp's
+/// body, whose type warp 0.4 does not export by name (`reply::Response` is an
+/// `http::Response` of a type in a private module).
+pub struct Tracked<B> {
+    body: B,
     _done: IdleOnDrop,
 }
 
@@ -403,14 +443,15 @@ impl Drop for IdleOnDrop {
         self.0.answered();
     }
 }
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = warp::Error;
+
+impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, warp::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
     }
 

@@ -1,5 +1,9 @@
-//! Routing. One filter takes method, path and body and dispatches by hand, so every
-//! path answers a wrong method with 405 + `Allow`, and every miss with a JSON 404.
+//! The router: every request passes the credential check ([`super::auth::caller`]),
+//! then `dispatch`, which matches the
+//! one parse of its path ([`Route`]) by hand: so every known path answers a wrong method
+//! with 405 + `Allow`, HEAD as GET, and every miss with a JSON 404. A rejection (a refused
+//! caller, a malformed header) becomes its JSON answer in `api::error::recover`. Each
+//! answer is logged and counted by the connection that serves it (`api::access_log`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,10 +12,11 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use percent_encoding::percent_decode_str;
 use tokio_util::sync::CancellationToken;
-use warp::http::{Method, StatusCode};
+use warp::http::{HeaderMap, Method, StatusCode};
 use warp::reply::Response;
 use warp::{Buf, Filter};
 
+use super::auth::Caller;
 use super::error::ApiError;
 use super::handlers::{self, AppState};
 use super::route::Route;
@@ -20,64 +25,57 @@ use super::server::ClientGone;
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    // Every request passes the credential check first; a refusal is the answer.
-    super::auth::guard(state.auth.clone())
-        .or(api_routes(state))
-        .unify()
-}
-
-fn api_routes(
-    state: Arc<AppState>,
-) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
-    warp::method()
-        .and(warp::path::full())
+    super::auth::caller(state.auth.clone())
+        .and(warp::method())
+        .and(super::route::filter())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        // A header that fails to parse (e.g. a bogus Content-Length) rejects: 400.
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<ClientGone>())
         .and(warp::body::stream())
         .and_then(
-            move |method,
-                  path: warp::path::FullPath,
+            move |caller: Caller,
+                  method,
+                  route,
                   query: String,
                   len,
-                  headers,
+                  headers: HeaderMap,
                   gone: Option<ClientGone>,
                   body| {
                 let state = state.clone();
                 async move {
-                    let access =
-                        super::access::Access::start(&method, &Route::parse(path.as_str()));
                     let request = Request {
                         method,
-                        path: path.as_str(),
+                        route,
                         query: &query,
                         len,
                         headers: &headers,
                         gone: gone.map(|g| g.0).unwrap_or_default(),
                     };
-                    let resp = dispatch(state, request, body)
+                    let mut resp = dispatch(state, request, body)
                         .await
                         .unwrap_or_else(ApiError::into_response);
-                    access.finish(&resp);
-                    Ok::<_, Infallible>(resp)
+                    // For the access log's line; only a name is worth the extensions'
+                    // allocation.
+                    if let Caller::User(_) = caller {
+                        resp.extensions_mut().insert(caller);
+                    }
+                    Ok::<_, warp::Rejection>(resp)
                 }
             },
         )
-        // A header that fails to parse (e.g. a bogus Content-Length) lands here.
-        .recover(|_| async {
-            Ok::<_, Infallible>(ApiError::bad_request("malformed request headers").into_response())
-        })
+        .recover(super::error::recover)
         .unify()
 }
 
 /// What `dispatch` needs of a request besides its body.
 struct Request<'a> {
     method: Method,
-    path: &'a str,
+    route: Route,
     query: &'a str,
     len: Option<u64>,
-    headers: &'a warp::http::HeaderMap,
+    headers: &'a HeaderMap,
     /// Cancelled once the client has closed its side (see `ClientGone`); never without a
     /// connection that reports it.
     gone: CancellationToken,
@@ -94,13 +92,12 @@ where
 {
     let Request {
         method,
-        path,
+        route,
         query,
         len,
         headers,
         gone,
     } = req;
-    let route = Route::parse(path);
     let get = method == Method::GET || method == Method::HEAD;
     match (&route, &method) {
         (Route::Health, _) if get => Ok(handlers::health()),
@@ -120,7 +117,7 @@ where
         },
         (Route::Task(name), &Method::DELETE) => handlers::delete(&state, name).await,
         (Route::TaskLogs(name), _) if get => super::logs::logs(&state, name, query, gone).await,
-        (Route::Unmatched(_), _) => Err(ApiError::new(
+        (Route::Unmatched(path), _) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no route for {path}"),
         )),

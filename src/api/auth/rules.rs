@@ -1,4 +1,5 @@
-//! What each route requires: the one table to extend when a route is added.
+//! What each route requires of its caller (the authorisation rules): the one table to
+//! extend when a route is added.
 //!
 //! A route names the verb on the `tasks` resource of group `task-executor.io` (and a
 //! subresource where it has one), so whoever may do that to a `Task` object in the pod's
@@ -23,7 +24,7 @@ pub struct Rule {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Access {
+pub enum Required {
     /// Anyone: liveness and readiness probes carry no credential.
     Public,
     /// Any authenticated caller (a wrong method on a known path, answered 405).
@@ -42,36 +43,38 @@ fn rule(verb: &'static str, name: Option<&str>) -> Rule {
     }
 }
 
-/// What a request with this method and path requires. Paths are split and decoded by
-/// the router's own function, so this table and the router always agree on the route.
-pub fn required(method: &Method, path: &str) -> Access {
+/// What a request with this method on this route requires. The route is the router's own
+/// parse of the path (`Route::parse`), so this table and the router always agree on it.
+pub fn required(method: &Method, route: &Route) -> Required {
     let read = method == Method::GET || method == Method::HEAD;
     let post = method == Method::POST;
     let delete = method == Method::DELETE;
-    match Route::parse(path) {
-        Route::Health | Route::Readyz => Access::Public,
-        Route::GetTasks if read => Access::Tasks(vec![rule("list", None)]),
+    match route {
+        Route::Health | Route::Readyz => Required::Public,
+        Route::GetTasks if read => Required::Tasks(vec![rule("list", None)]),
         // Sync creates the listed tasks and deletes the others.
-        Route::SetTasks if post => Access::Tasks(vec![rule("create", None), rule("delete", None)]),
-        Route::Tasks if post => Access::Tasks(vec![rule("create", None)]),
-        Route::Task(name) if read => Access::Tasks(vec![rule("get", Some(&name))]),
-        Route::Task(name) if delete => Access::Tasks(vec![rule("delete", Some(&name))]),
-        Route::TaskLogs(name) if read => Access::Tasks(vec![Rule {
+        Route::SetTasks if post => {
+            Required::Tasks(vec![rule("create", None), rule("delete", None)])
+        }
+        Route::Tasks if post => Required::Tasks(vec![rule("create", None)]),
+        Route::Task(name) if read => Required::Tasks(vec![rule("get", Some(name.as_str()))]),
+        Route::Task(name) if delete => Required::Tasks(vec![rule("delete", Some(name.as_str()))]),
+        Route::TaskLogs(name) if read => Required::Tasks(vec![Rule {
             subresource: Some("log"),
-            ..rule("get", Some(&name))
+            ..rule("get", Some(name.as_str()))
         }]),
         Route::GetTasks | Route::SetTasks | Route::Tasks | Route::Task(_) | Route::TaskLogs(_) => {
-            Access::Authenticated
+            Required::Authenticated
         }
         // Not task routes: checked as non-resource URLs, as kube-rbac-proxy does.
         Route::Metrics => non_resource(method, "/metrics"),
         Route::OpenApi => non_resource(method, "/openapi.json"),
-        Route::Unmatched(path) => non_resource(method, &path),
+        Route::Unmatched(path) => non_resource(method, path),
     }
 }
 
-fn non_resource(method: &Method, path: &str) -> Access {
-    Access::NonResource {
+fn non_resource(method: &Method, path: &str) -> Required {
+    Required::NonResource {
         verb: non_resource_verb(method),
         path: path.to_string(),
     }
@@ -89,15 +92,15 @@ fn non_resource_verb(method: &Method) -> String {
 mod tests {
     use super::*;
 
-    fn tasks(verb: &'static str, name: Option<&str>) -> Access {
-        Access::Tasks(vec![rule(verb, name)])
+    fn tasks(verb: &'static str, name: Option<&str>) -> Required {
+        Required::Tasks(vec![rule(verb, name)])
     }
 
     #[test]
     fn every_route_has_its_verb() {
         let cases = [
-            (Method::GET, "/health", Access::Public),
-            (Method::GET, "/readyz", Access::Public),
+            (Method::GET, "/health", Required::Public),
+            (Method::GET, "/readyz", Required::Public),
             (Method::GET, "/getTasks", tasks("list", None)),
             (Method::POST, "/tasks", tasks("create", None)),
             (Method::GET, "/tasks/a", tasks("get", Some("a"))),
@@ -106,23 +109,23 @@ mod tests {
             (
                 Method::POST,
                 "/setTasks",
-                Access::Tasks(vec![rule("create", None), rule("delete", None)]),
+                Required::Tasks(vec![rule("create", None), rule("delete", None)]),
             ),
             (
                 Method::GET,
                 "/tasks/a/logs",
-                Access::Tasks(vec![Rule {
+                Required::Tasks(vec![Rule {
                     verb: "get",
                     subresource: Some("log"),
                     name: Some("a".into()),
                 }]),
             ),
-            (Method::PUT, "/tasks", Access::Authenticated),
-            (Method::PATCH, "/tasks/a", Access::Authenticated),
+            (Method::PUT, "/tasks", Required::Authenticated),
+            (Method::PATCH, "/tasks/a", Required::Authenticated),
             (
                 Method::GET,
                 "/metrics",
-                Access::NonResource {
+                Required::NonResource {
                     verb: "get".into(),
                     path: "/metrics".into(),
                 },
@@ -130,7 +133,7 @@ mod tests {
             (
                 Method::POST,
                 "/tasks/a/b",
-                Access::NonResource {
+                Required::NonResource {
                     verb: "post".into(),
                     path: "/tasks/a/b".into(),
                 },
@@ -138,16 +141,23 @@ mod tests {
         ];
         for (method, path, want) in cases {
             let path = path.split('?').next().unwrap();
-            assert_eq!(required(&method, path), want, "{method} {path}");
+            assert_eq!(
+                required(&method, &Route::parse(path)),
+                want,
+                "{method} {path}"
+            );
         }
     }
 
     #[test]
     fn encoded_paths_are_checked_as_the_router_reads_them() {
         // "%74asks" is "tasks": the router serves it as POST /tasks, so it needs create.
-        assert_eq!(required(&Method::POST, "/%74asks"), tasks("create", None));
         assert_eq!(
-            required(&Method::DELETE, "//tasks/a%2Fb"),
+            required(&Method::POST, &Route::parse("/%74asks")),
+            tasks("create", None)
+        );
+        assert_eq!(
+            required(&Method::DELETE, &Route::parse("//tasks/a%2Fb")),
             tasks("delete", Some("a/b"))
         );
     }
