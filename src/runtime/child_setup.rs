@@ -3,7 +3,7 @@
 //! - `ForkServer`: the proof that this process may `fork` one that then runs Rust code, which is only
 //!   sound in a single-threaded process. The shim server checks it once; its shims (and a
 //!   shim's in-container reaper) are forked children of it and single-threaded too.
-//! - `spawn`: starting a task's process (the shim on the host, the reaper inside the main
+//! - `fork_exec`: starting a task's process (the shim on the host, the reaper inside the main
 //!   container) with a vfork-like `clone`. Hand-written for two measured reasons: glibc's
 //!   `posix_spawn` sets signals 32 and 33 to SIG_IGN in every child it starts (its child
 //!   code does so for its internal signals whatever the attributes say; checked with a
@@ -519,7 +519,7 @@ fn announcement(
 /// `announce`, the process first names itself there. Returns its pid; the caller reaps
 /// it. On failure nothing is left running (a child that failed after the clone is reaped
 /// here).
-pub fn spawn(
+pub fn fork_exec(
     plan: &ExecPlan,
     stdio: [BorrowedFd<'_>; 3],
     announce: Option<Announce<'_>>,
@@ -631,7 +631,7 @@ pub fn cloexec_inherited() -> io::Result<()> {
 /// the death signal stands for the check there.
 ///
 /// # Safety
-/// Raw system calls only, in the child of `spawn`.
+/// Raw system calls only, in the child of `fork_exec`.
 unsafe fn die_with_parent(parent: libc::pid_t) -> bool {
     // SAFETY: plain system calls with integer arguments.
     unsafe {
@@ -647,7 +647,7 @@ unsafe fn die_with_parent(parent: libc::pid_t) -> bool {
 /// `procfs::pidfs_inode`); `None` on older kernels or when it can't be had.
 ///
 /// # Safety
-/// Raw system calls only, in the child of `spawn`.
+/// Raw system calls only, in the child of `fork_exec`.
 unsafe fn own_pidfd_inode() -> Option<u64> {
     // SAFETY: plain system calls; the structs written into are on this stack.
     unsafe {
@@ -669,7 +669,7 @@ unsafe fn own_pidfd_inode() -> Option<u64> {
 /// The cloned child: set up and exec, or record why not and exit. Raw system calls only,
 /// no allocation, no lock, no panic: it shares the parent's memory.
 extern "C" fn child(arg: *mut c_void) -> c_int {
-    // SAFETY: `arg` points to the `ChildArgs` of `spawn`, alive while the parent waits.
+    // SAFETY: `arg` points to the `ChildArgs` of `fork_exec`, alive while the parent waits.
     let a = unsafe { &*(arg as *const ChildArgs<'_>) };
     let errno = || {
         io::Error::last_os_error()

@@ -242,7 +242,7 @@ fn spawn_exit_waiter(
         };
         let journal = running_lock(&task.dir);
         let waited = match (watch, hooks) {
-            // A task with hooks moves on in steps (preStart, main, postStop): each is told
+            // A task with hooks moves on in steps (preStart, main, postStop): each is reported
             // as its shim says it (on the pipe), or as its journal shows it (adopted).
             (ExitWatch::Pipe(p), true) => follow_pipe(p, &task, &send).await,
             (ExitWatch::Pids { shim, .. }, true) => follow_journal(shim, &task, &send, shown).await,
@@ -296,7 +296,7 @@ fn spawn_exit_waiter(
 }
 
 /// Reads the shim's pipe until EOF; every line it writes (a hook or the main command
-/// started) is a step, told as the journal then shows it.
+/// started) is a step, reported as the journal then shows it.
 async fn follow_pipe(
     mut pipe: pipe::Receiver,
     task: &TaskRef,
@@ -316,7 +316,7 @@ async fn follow_pipe(
 }
 
 /// An adopted task with hooks: its journal is read every little while (at most every
-/// 250 ms) until the run is over or its shim is gone, and every change is told. Tasks
+/// 250 ms) until the run is over or its shim is gone, and every change is reported. Tasks
 /// without hooks are watched without any polling (`ExitWatch`).
 async fn follow_journal(
     shim: Option<PidFd>,

@@ -1,7 +1,7 @@
 //! What a host task starts with besides its command, as a container runtime (runc,
 //! containerd) would give it rather than as the shell that started the agent left it:
 //!
-//! - its environment: the agent's (without its own variables, `spawn::host_base_env`),
+//! - its environment: the agent's (without its own variables, `exec_plan::host_base_env`),
 //!   without the launching shell's bookkeeping (`PWD`, `OLDPWD`, `SHLVL`, `_`), with
 //!   `HOME`, `USER` and `LOGNAME` of the user it runs as (from the agent's
 //!   `/etc/passwd`; an unknown uid gets `HOME=/` and neither name); then the task's own;
@@ -18,7 +18,7 @@ use std::io;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use super::spawn::Identity;
+use super::exec_plan::Identity;
 use crate::runtime::child_setup::{CapSets, Creds};
 use crate::runtime::journal::Launch;
 use crate::task::model::EnvVar;
@@ -36,7 +36,7 @@ pub fn host_env(uid: u32, overlay: &[EnvVar]) -> Vec<(OsString, OsString)> {
         .ok()
         .flatten();
     let replaced = ["HOME", "USER", "LOGNAME"];
-    let base = super::spawn::host_base_env()
+    let base = super::exec_plan::host_base_env()
         .filter(|(k, _)| !SHELL_VARS.iter().chain(&replaced).any(|v| k == v));
     let mut own: Vec<(OsString, OsString)> = Vec::new();
     match user {
@@ -47,7 +47,7 @@ pub fn host_env(uid: u32, overlay: &[EnvVar]) -> Vec<(OsString, OsString)> {
         }
         None => own.push(("HOME".into(), "/".into())),
     }
-    super::spawn::environment(base.chain(own), overlay)
+    super::exec_plan::environment(base.chain(own), overlay)
 }
 
 /// The environment and identity of a task's commands in the agent's container.

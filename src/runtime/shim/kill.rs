@@ -21,15 +21,15 @@ use crate::sys::proc_handle::ProcHandle;
 use crate::sys::procfs;
 
 /// Sends `sig` to every live descendant of `root` (pids as the /proc at `proc` shows
-/// them), except `spare` itself (its descendants are signalled). Returns how many live
-/// descendants there were besides `spare`.
+/// them), except `exempt` itself (its descendants are signalled). Returns how many live
+/// descendants there were besides `exempt`.
 pub fn signal_descendants(
     proc: BorrowedFd<'_>,
     root: i32,
-    spare: Option<i32>,
+    exempt: Option<i32>,
     sig: Signal,
 ) -> usize {
-    signal_subtrees(proc, root, spare, None, Some(sig))
+    signal_subtrees(proc, root, exempt, None, Some(sig))
 }
 
 /// Sends `sig` to every live descendant of the process `root` is a handle of (not to it),
@@ -41,14 +41,14 @@ pub fn signal_descendants_of(proc: BorrowedFd<'_>, root: ProcHandle, sig: Signal
 }
 
 /// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
-/// `spare`) is not in `exclude` (pid, start time). A hook's tree is that, with `exclude`
-/// the tops that were there when it started: every process the hook started is its
+/// `exempt`) is not in `exclude` (pid, start time). A hook's tree is that, with `exclude`
+/// the subtree roots that were there when it started: every process the hook started is its
 /// descendant, or an orphan adopted by the subreaper since, while what the main command
 /// left running (its daemons) was there before. With `sig` `None` it only counts them.
 pub fn signal_subtrees(
     proc: BorrowedFd<'_>,
     root: i32,
-    spare: Option<i32>,
+    exempt: Option<i32>,
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
 ) -> usize {
@@ -56,20 +56,20 @@ pub fn signal_subtrees(
         return 0;
     };
     let source = Children::for_tree(proc, &root);
-    walk(proc, root, spare, exclude, sig, &source)
+    walk(proc, root, exempt, exclude, sig, &source)
 }
 
-/// The tops of the trees under `root` now: its children and `spare`'s (pid, start time).
-pub fn tops(proc: BorrowedFd<'_>, root: i32, spare: Option<i32>) -> Vec<(i32, u64)> {
+/// The roots of the trees under `root` now: its children and `exempt`'s (pid, start time).
+pub fn subtree_roots(proc: BorrowedFd<'_>, root: i32, exempt: Option<i32>) -> Vec<(i32, u64)> {
     let mut out = Vec::new();
     let mut source = None;
-    for parent in std::iter::once(root).chain(spare) {
+    for parent in std::iter::once(root).chain(exempt) {
         let Ok((h, _)) = ProcHandle::open_at(proc, parent) else {
             continue;
         };
         let source = source.get_or_insert_with(|| Children::for_tree(proc, &h));
         for pid in source.of(&h) {
-            if Some(pid) != spare
+            if Some(pid) != exempt
                 && let Some(st) = procfs::stat_at(proc, pid)
             {
                 out.push((pid, st.start_time));
@@ -140,7 +140,7 @@ fn selected(
 fn walk(
     proc: BorrowedFd<'_>,
     root: ProcHandle,
-    spare: Option<i32>,
+    exempt: Option<i32>,
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
     source: &Children,
@@ -153,7 +153,7 @@ fn walk(
     let mut next = 0;
     while let Some((parent, parent_selected, _)) = tree.get(next) {
         let (parent_pid, kids) = (parent.pid, source.of(parent));
-        let top = parent_pid == root_pid || Some(parent_pid) == spare;
+        let top = parent_pid == root_pid || Some(parent_pid) == exempt;
         let parent_selected = *parent_selected;
         next += 1;
         for pid in kids {
@@ -167,7 +167,7 @@ fn walk(
                 continue; // a reused pid, or re-parented meanwhile (a later round finds it)
             }
             seen.insert(pid);
-            if Some(pid) == spare {
+            if Some(pid) == exempt {
                 tree.push((h, false, false));
                 continue;
             }
@@ -246,8 +246,15 @@ mod tests {
         } else {
             Children::Files
         };
-        let spare = Some(sh.id() as i32);
-        let n = walk(proc.as_fd(), h, spare, None, Some(Signal::SIGKILL), &source);
+        let exempt = Some(sh.id() as i32);
+        let n = walk(
+            proc.as_fd(),
+            h,
+            exempt,
+            None,
+            Some(Signal::SIGKILL),
+            &source,
+        );
         let _ = sh.kill();
         sh.wait().unwrap();
         (found, n)

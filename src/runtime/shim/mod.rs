@@ -16,6 +16,7 @@
 //! life. The kernel drops both locks and the pipe if the shim dies.
 
 mod cgroup;
+mod exec_plan;
 mod hooks;
 mod hygiene;
 pub(in crate::runtime) mod kill;
@@ -24,7 +25,6 @@ pub(crate) mod ns_reaper;
 mod place;
 mod seccomp;
 pub mod server;
-mod spawn;
 mod supervisor;
 mod target;
 
@@ -268,7 +268,7 @@ fn give_back(dir: &Path, file: &mut Flock<File>, e: io::Error) -> io::Error {
 /// planned the same way, so hooks get what the main command gets (environment, working
 /// directory, identity).
 fn place(forker: &ForkServer, launch: &Launch) -> io::Result<Place> {
-    let cwd = spawn::working_dir(launch.working_dir.as_deref())?;
+    let cwd = exec_plan::working_dir(launch.working_dir.as_deref())?;
     // The main container, if any command runs there (all of them enter the same one).
     let target = launch.target.as_ref().or_else(|| {
         [&launch.pre_start, &launch.post_stop]
@@ -319,7 +319,7 @@ fn place(forker: &ForkServer, launch: &Launch) -> io::Result<Place> {
     let mut host = Vec::new();
     for &job in &jobs {
         host.push(match argv(job).filter(|_| !inside(job)) {
-            Some(argv) => Some(spawn::plan(
+            Some(argv) => Some(exec_plan::plan(
                 argv,
                 &host_env,
                 dup(&cwd)?.unwrap_or(Cwd::Inherit),
@@ -332,8 +332,8 @@ fn place(forker: &ForkServer, launch: &Launch) -> io::Result<Place> {
         None => None,
         Some(t) => {
             let prepared = target::prepare(t)?;
-            let identity = spawn::Identity::of(launch, prepared.creds);
-            let env = spawn::environment(prepared.env.into_iter(), &launch.env);
+            let identity = exec_plan::Identity::of(launch, prepared.creds);
+            let env = exec_plan::environment(prepared.env.into_iter(), &launch.env);
             let mut plans = Vec::new();
             for &job in &jobs {
                 plans.push(match argv(job).filter(|_| inside(job)) {
@@ -346,7 +346,7 @@ fn place(forker: &ForkServer, launch: &Launch) -> io::Result<Place> {
                                 Cwd::Inherit => Cwd::Inherit,
                             },
                         };
-                        Some(spawn::plan(argv, &env, cwd, &identity)?)
+                        Some(exec_plan::plan(argv, &env, cwd, &identity)?)
                     }
                     None => None,
                 });

@@ -438,8 +438,11 @@ impl Served {
     fn start(&mut self, job: usize, fds: &[OwnedFd]) {
         let reply = match (self.jobs.get(job).and_then(Option::as_ref), fds) {
             (Some(plan), [out, err]) => {
-                match child_setup::spawn(plan, [self.null.as_fd(), out.as_fd(), err.as_fd()], None)
-                {
+                match child_setup::fork_exec(
+                    plan,
+                    [self.null.as_fd(), out.as_fd(), err.as_fd()],
+                    None,
+                ) {
                     Ok(pid) => {
                         self.live.insert(pid, job);
                         match self.identity(pid) {

@@ -1,7 +1,7 @@
 //! Where the shim starts a task's commands, and how it signals their process groups.
 //!
 //! The same `ExecPlan` starts one of two ways: on the host, as a child of the shim
-//! (`child_setup::spawn`), or inside the main container, as a child of the task's reaper
+//! (`child_setup::fork_exec`), or inside the main container, as a child of the task's reaper
 //! there (which starts it with the same call). Commands are numbered (`MAIN` is the
 //! task's own, `PRE_START` and `POST_STOP` its hooks); each starts in its own place.
 
@@ -115,7 +115,7 @@ impl Place {
             head: &head,
             tail: journal::SPAWNED_TAIL,
         });
-        let pid = child_setup::spawn(plan, [null.as_fd(), stdout, stderr], announce)?;
+        let pid = child_setup::fork_exec(plan, [null.as_fd(), stdout, stderr], announce)?;
         self.live.push((pid, job));
         // Our unreaped child: the pid is still its own.
         Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity::without_inode(pid, 0)))
@@ -153,7 +153,7 @@ impl Place {
     }
 
     /// A process of the shim's tree that must not be signalled with the task's: the reaper.
-    pub fn spare(&self) -> Option<i32> {
+    pub fn reaper_pid(&self) -> Option<i32> {
         self.reaper.as_ref().map(|r| r.pid)
     }
 

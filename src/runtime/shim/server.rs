@@ -23,7 +23,7 @@ use crate::runtime::journal::protocol;
 /// `agent_only_env`: variables of the agent's environment (which this server and its
 /// shims inherit) that host tasks must not see.
 pub fn serve(agent_only_env: Vec<String>) -> i32 {
-    super::spawn::hide_from_tasks(agent_only_env);
+    super::exec_plan::hide_from_tasks(agent_only_env);
     let forker = match child_setup::ForkServer::init() {
         Ok(f) => f,
         Err(e) => {

@@ -34,7 +34,7 @@ impl Supervisor<'_> {
         };
         let job = hook_job(name);
         let mut h = HookJob::new(name, job);
-        h.before = kill::tops(self.proc.as_fd(), self.me, self.place.spare());
+        h.before = kill::subtree_roots(self.proc.as_fd(), self.me, self.place.reaper_pid());
         // From here on the hook may run: never again (durable before it is spawned).
         self.journal(&Entry::HookClaimed(HookClaim { hook: name }), true)?;
         let argv0 = spec.argv.first().cloned().unwrap_or_default();
@@ -112,7 +112,7 @@ impl Supervisor<'_> {
         kill::signal_subtrees(
             self.proc.as_fd(),
             self.me,
-            self.place.spare(),
+            self.place.reaper_pid(),
             Some(&h.before),
             Some(sig),
         )

@@ -175,7 +175,7 @@ impl<'a> Supervisor<'a> {
             Action::CountTask => Some(Event::TaskCounted(kill::signal_subtrees(
                 self.proc.as_fd(),
                 self.me,
-                self.place.spare(),
+                self.place.reaper_pid(),
                 None,
                 None,
             ))),
@@ -334,7 +334,7 @@ impl<'a> Supervisor<'a> {
                 Err(e) => return Err(e.into()),
             };
             exits.extend(self.place.reaped(pid, code, signal));
-            self.reaper_gone |= Some(pid) == self.place.spare();
+            self.reaper_gone |= Some(pid) == self.place.reaper_pid();
         }
         // Read after reaping: whatever the reaper sent before it died is in the socket.
         exits.extend(self.place.reported_exits());
@@ -444,7 +444,7 @@ impl<'a> Supervisor<'a> {
     /// reaper excepted. Returns how many descendants were left.
     fn signal_tree(&self, sig: Signal) -> usize {
         self.place.signal_groups(None, sig);
-        kill::signal_descendants(self.proc.as_fd(), self.me, self.place.spare(), sig)
+        kill::signal_descendants(self.proc.as_fd(), self.me, self.place.reaper_pid(), sig)
     }
 }
 

@@ -23,16 +23,16 @@ impl Supervisor<'_> {
             return Ok(());
         };
         let mut pause = std::time::Duration::from_millis(50);
-        let mut told = false;
+        let mut reported = false;
         loop {
             match journal::append(j, entry, durable) {
                 Err(e) if durable && disk_refused(&e) => {
-                    if !told {
+                    if !reported {
                         eprintln!(
                             "task-executor shim {}: the journal can't take a line ({e}); retrying until it can",
                             std::process::id()
                         );
-                        told = true;
+                        reported = true;
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(std::time::Duration::from_secs(2));

@@ -1,4 +1,4 @@
-//! Turning a command of the task into an `ExecPlan` (`child_setup::spawn` starts it): its
+//! Turning a command of the task into an `ExecPlan` (`child_setup::fork_exec` starts it): its
 //! argv, its environment (a base overlaid with the task's variables), its program search
 //! (the task's `PATH`), working directory and identity.
 //!
@@ -174,7 +174,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::runtime::child_setup::{Step, spawn};
+    use crate::runtime::child_setup::{Step, fork_exec};
 
     fn var(name: &str, value: &str) -> EnvVar {
         EnvVar {
@@ -230,7 +230,7 @@ mod tests {
             null.try_clone().unwrap(),
             null.try_clone().unwrap(),
         );
-        match spawn(&plan, [a.as_fd(), b.as_fd(), c.as_fd()], None) {
+        match fork_exec(&plan, [a.as_fd(), b.as_fd(), c.as_fd()], None) {
             Ok(pid) => {
                 nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap();
                 Ok(())
