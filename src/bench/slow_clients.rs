@@ -1,6 +1,6 @@
 //! Slow and greedy clients: many idle kept-alive connections plus clients that send a
 //! request header one byte a second, while `/health` is asked on fresh connections.
-//! Shared by `task-executor bench` (which prints the figures) and tests/slow_clients.rs
+//! Shared by `task-executor bench` (which prints the figures) and tests/fast/slow_clients.rs
 //! (which checks the outcome: every probe answered, the agent's fds back to idle).
 
 use std::io::{Read, Write};

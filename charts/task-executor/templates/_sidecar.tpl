@@ -21,7 +21,7 @@ Every template here takes one dict:
   # its own token when it needs one); sidecar mode also:  shareProcessNamespace: true
 */ -}}
 
-{{/* Defaults of `executor`; values.yaml repeats them (tests/chart.rs checks they agree). */}}
+{{/* Defaults of `executor`; values.yaml repeats them (tests/tools/chart.rs checks they agree). */}}
 {{- define "task-executor.executorDefaults" -}}
 image:
   repository: task-executor
@@ -103,7 +103,7 @@ securityContext: {}
 {{- if ne .mode "sidecar" }}
 {{- /* Root owns the data dir (0700) and the credentials (0400), which tasks, running as
        `taskRunAsUser` or a uid of `taskUidRange`, can't read. Dropping to that user needs SETUID and SETGID, and
-       stopping its processes KILL; nothing else (tests/isolation.rs runs the agent with
+       stopping its processes KILL; nothing else (tests/root/isolation.rs runs the agent with
        exactly these). Container mode: the CRI socket is root:root 0660, so uid 0 connects
        as its owner with no capability, while a process task (as taskRunAsUser) can't. */}}
 {{- $caps := dict "drop" (list "ALL") }}

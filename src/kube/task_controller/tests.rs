@@ -1,6 +1,6 @@
 //! The Task watcher in process: its reconcile, its re-list handling and its status writes,
 //! against a scripted API server (tower-test mock) and a runtime that runs nothing. The
-//! end-to-end behaviour with the real binary is in tests/watch_tasks.rs.
+//! end-to-end behaviour with the real binary is in tests/fast/watch_tasks.rs.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,5 @@
 //! Error and recovery paths of the container runtime against a fake at the `Cri` trait.
-//! (The happy paths run against a real containerd in tests/container.rs.)
+//! (The happy paths run against a real containerd in tests/containerd/container.rs.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
