@@ -7,9 +7,11 @@
 //! - `fsutil`: whole-file replacement, directory syncs, the durable write path.
 //! - `io_workers` and `offload`: blocking file work kept off the async threads.
 //! - `exhaustion`: which errors mean "out of descriptors, memory or threads".
+//! - `inotify`: one instance and one event thread shared by many counted watches.
 
 pub mod exhaustion;
 pub mod fsutil;
+pub mod inotify;
 pub mod io_workers;
 pub mod offload;
 pub mod proc_handle;

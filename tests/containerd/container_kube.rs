@@ -6,10 +6,10 @@
 use std::fs;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::containerd::{self, BUSYBOX, KubeletPod};
 use crate::support::fake_apiserver::FakeApiServer;
+use serde_json::{Value, json};
 
 const NS: &str = "tests";
 const T: Duration = Duration::from_secs(30);

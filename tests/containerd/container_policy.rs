@@ -9,9 +9,9 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::containerd::{self, BUSYBOX};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 

@@ -23,15 +23,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_cri::v1::{
-    Capability, ContainerConfig, ContainerMetadata, ContainerState, Int64Value, KeyValue,
-    LinuxContainerConfig, LinuxContainerSecurityContext, Mount, NamespaceMode, NamespaceOption,
-};
 use crate::support::agent::{Agent, BIN, free_addr};
 use crate::support::containerd::{self, BUSYBOX, KubeletPod, host_binary_mounts};
 use crate::support::http;
 use crate::support::init::{argv, children_of, oom_score_adj, signal};
 use crate::support::wait_for;
+use k8s_cri::v1::{
+    Capability, ContainerConfig, ContainerMetadata, ContainerState, Int64Value, KeyValue,
+    LinuxContainerConfig, LinuxContainerSecurityContext, Mount, NamespaceMode, NamespaceOption,
+};
 use task_executor::runtime::container::cri::image_spec;
 
 const NS: &str = "tests";

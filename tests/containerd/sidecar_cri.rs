@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::containerd::{self, KubeletPod};
 use crate::support::fake_apiserver::FakeApiServer;
 use crate::support::wait_for;
+use serde_json::json;
 
 const NS: &str = "tests";
 const T: Duration = Duration::from_secs(30);

@@ -8,11 +8,11 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::fake_apiserver::FakeApiServer;
 use crate::support::standin::{MainContainer, Options, TestCgroup};
 use crate::support::wait_for;
+use serde_json::{Value, json};
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-7";
@@ -166,13 +166,19 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     // A finished task that left a process running in the first container.
     agent.run_sh("leaver", "sleep 4646 & exit 0");
     assert_eq!(agent.wait_state("leaver", "terminated", T)["exitCode"], 0);
-    assert_eq!(crate::support::pids_with_cmdline(&["sleep", "4646"]).len(), 1);
+    assert_eq!(
+        crate::support::pids_with_cmdline(&["sleep", "4646"]).len(),
+        1
+    );
 
     // A long task in the first container; then the container is replaced (new ID, one
     // restart) while the old process is still there, so only the Pod watch can tell.
     agent.run("long", &["sleep", "4545"]);
     agent.wait_state("long", "running", T);
-    assert_eq!(crate::support::pids_with_cmdline(&["sleep", "4545"]).len(), 1);
+    assert_eq!(
+        crate::support::pids_with_cmdline(&["sleep", "4545"]).len(),
+        1
+    );
     let watch = api.wait_for_request(T, "a watch of the own Pod", |r| {
         r.is_watch() && r.path == format!("/api/v1/namespaces/{NS}/pods")
     });

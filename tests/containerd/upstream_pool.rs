@@ -26,15 +26,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::containerd::{self, BUSYBOX, Image, KubeletPod, Layer};
+use crate::support::http;
+use crate::support::wait_for;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, Int64Value, KeyValue, LinuxContainerConfig,
     LinuxContainerSecurityContext, Mount, NamespaceMode, NamespaceOption,
 };
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Value, json};
-use crate::support::containerd::{self, BUSYBOX, Image, KubeletPod, Layer};
-use crate::support::http;
-use crate::support::wait_for;
 use task_executor::runtime::container::cri::image_spec;
 
 const NS: &str = "upstream";

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::{Agent, normalize_times};
 use crate::support::http;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(10);
 

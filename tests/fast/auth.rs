@@ -6,10 +6,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::{Agent, BIN, free_addr};
 use crate::support::http::{self, Response};
 use crate::support::wait_for;
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -8,11 +8,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde_json::{Value, json};
 use crate::support::agent::{Agent, free_addr};
 use crate::support::fake_apiserver::FakeApiServer;
 use crate::support::fake_reviews::{ACCESS_REVIEWS, TOKEN_REVIEWS};
 use crate::support::http::{self, Response};
+use serde_json::{Value, json};
 use warp::http::StatusCode;
 
 const NS: &str = "sandbox";

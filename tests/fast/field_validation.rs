@@ -3,8 +3,8 @@
 //! names each field, the agent logs it once per task), `Strict` (400 listing every
 //! unknown field, nothing changes), `Ignore` (silently dropped).
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
+use serde_json::{Value, json};
 
 fn warnings(r: &crate::support::http::Response) -> Vec<String> {
     r.headers

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::{pid_alive, wait_for};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(15);
 
@@ -301,9 +301,10 @@ fn times_of_a_lost_supervisor_never_change() {
     a.run("orphaned", &["sleep", "60"]);
     let started = a.wait_state("orphaned", "running", T)["startedAt"].clone();
     let main = a.main_pid("orphaned");
-    let shim = crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let shim =
+        crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+            .as_i64()
+            .unwrap() as i32;
     std::process::Command::new("kill")
         .args(["-KILL", &shim.to_string()])
         .status()
@@ -324,7 +325,8 @@ fn times_of_a_lost_supervisor_never_change() {
     // The same for a supervisor that died while the agent was down.
     a.run("orphaned-later", &["sleep", "60"]);
     let started = a.wait_state("orphaned-later", "running", T)["startedAt"].clone();
-    let shim = crate::support::agent::started_record(&a.task_dir("orphaned-later")).unwrap()["shim"]["pid"]
+    let shim = crate::support::agent::started_record(&a.task_dir("orphaned-later")).unwrap()["shim"]
+        ["pid"]
         .as_i64()
         .unwrap() as i32;
     a.kill9();

@@ -9,10 +9,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use crate::support::agent::{Agent, BIN, free_addr};
 use crate::support::http;
 use crate::support::wait_for;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use task_executor::bench::slow_clients::{self, Load, fd_count, percentile};
 
 /// This test process holds thousands of sockets too.

@@ -10,10 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, ServerName};
-use serde_json::{Value, json};
 use crate::support::agent::{BIN, free_addr};
 use crate::support::wait_for;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
 
 const TOKEN: &str = "tls-test-token";
 

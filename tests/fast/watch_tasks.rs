@@ -9,10 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::fake_apiserver::{FakeApiServer, Recorded};
 use crate::support::wait_for;
+use serde_json::{Value, json};
 
 const NS: &str = "sandbox";
 const POD: &str = "sandbox-pod-1";
@@ -246,7 +246,10 @@ fn runs_tasks_reports_status_ignores_updates_and_finalizes_deletes() {
     agent.wait_state("via-http", "terminated", T);
 
     // Deleting t2 stops its process before the finalizer goes, then the Task is gone.
-    assert_eq!(crate::support::pids_with_cmdline(&["sleep", "4242"]).len(), 1);
+    assert_eq!(
+        crate::support::pids_with_cmdline(&["sleep", "4242"]).len(),
+        1
+    );
     api.delete_task(NS, "t2");
     wait_for(T, "Task t2 to be removed", || {
         api.get_task(NS, "t2").is_none().then_some(())
@@ -404,7 +407,10 @@ fn a_restarted_agent_adopts_tasks_and_never_reruns_them() {
         api.get_task(NS, "long").is_some(),
         "the finalizer holds the Task"
     );
-    assert_eq!(crate::support::pids_with_cmdline(&["sleep", "4343"]).len(), 1);
+    assert_eq!(
+        crate::support::pids_with_cmdline(&["sleep", "4343"]).len(),
+        1
+    );
 
     agent.restart();
     wait_task(&api, "new", "Succeeded", |t| phase(t) == "Succeeded");

@@ -7,9 +7,9 @@
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::{pid_alive, pids_with_cmdline, wait_for};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -297,9 +297,10 @@ fn a_tasks_main_process_dies_with_its_supervisor_even_with_no_agent() {
     a.run("orphaned", &["sleep", "35051"]);
     a.wait_state("orphaned", "running", T);
     let pid = main.wait_running();
-    let shim = crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let shim =
+        crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+            .as_i64()
+            .unwrap() as i32;
     a.kill9();
     kill9(shim);
     assert!(main.gone_soon(), "main (pid {pid}) outlived its supervisor");

@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
 use crate::support::agent::{Agent, normalize_times};
+use serde_json::Value;
 
 const REQUEST: &str = include_str!("../../examples/controller-set-tasks-request.json");
 const RESPONSE: &str = include_str!("../../examples/controller-get-tasks-response.json");

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::standin::MainContainer;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
 

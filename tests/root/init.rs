@@ -212,9 +212,10 @@ fn orphans_are_reaped_and_a_dead_shim_server_is_replaced() {
     let go = a.data_dir.parent().unwrap().join("go");
     a.run_sh("orphaned", &wait_for_go(&go));
     a.wait_state("orphaned", "running", T);
-    let shim = crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
-        .as_i64()
-        .unwrap() as i32;
+    let shim =
+        crate::support::agent::started_record(&a.task_dir("orphaned")).unwrap()["shim"]["pid"]
+            .as_i64()
+            .unwrap() as i32;
 
     // Without its server, the shim is the init's child.
     let server = init.server_pid().unwrap();

@@ -13,11 +13,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::http::{self, Response};
 use crate::support::standin::{MainContainer, Options};
 use crate::support::wait_for;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "isolation-test-token-0123456789abcdef";

@@ -9,9 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::wait_for;
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 

@@ -9,9 +9,9 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::{pid_alive, pids_with_cmdline, wait_for};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 

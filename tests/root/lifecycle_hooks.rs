@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::standin::MainContainer;
 use crate::support::{pid_alive, wait_for};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 

@@ -9,9 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::Agent;
 use crate::support::{pids_with_cmdline, wait_for};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
 

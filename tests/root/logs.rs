@@ -7,11 +7,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::containerd::{self, BUSYBOX};
 use crate::support::standin::MainContainer;
 use crate::support::wait_for;
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 

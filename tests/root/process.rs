@@ -4,9 +4,9 @@ use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::{pid_alive, wait_for};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(15);
 

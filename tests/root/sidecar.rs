@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::Agent;
 use crate::support::pid_alive;
 use crate::support::standin::{MainContainer, Options, TestCgroup};
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(15);
 

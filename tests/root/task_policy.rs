@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use crate::support::agent::Agent;
+use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -6,5 +6,5 @@
 mod support;
 
 mod chart;
-mod openapi;
 mod metrics;
+mod openapi;

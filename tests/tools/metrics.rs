@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use crate::support::agent::{Agent, started_record};
 use crate::support::containerd::{self, BUSYBOX};
+use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 

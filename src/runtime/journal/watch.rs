@@ -6,130 +6,39 @@
 //! exactly when the last descriptor of that open file is closed: when the shim closes it
 //! after its exit line, or when the shim dies. That last close of a file opened for
 //! writing is an `IN_CLOSE_WRITE` event, so the event is the lock's release (other
-//! closes, the agent's own appends say, are merely a reason to look again). A thread of
-//! its own reads the events, as the log followers' watcher does, so nothing depends on
-//! which async runtime waits.
+//! closes, the agent's own appends say, are merely a reason to look again). The instance and
+//! its thread are `sys::inotify`'s, as the log followers' are.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use tokio::sync::watch;
+use nix::sys::inotify::AddWatchFlags;
 
-struct Watched {
-    refs: usize,
-    tx: watch::Sender<u64>,
-}
-
-struct Registry {
-    inotify: Inotify,
-    files: Mutex<HashMap<WatchDescriptor, Watched>>,
-}
-
-impl Registry {
-    fn files(&self) -> MutexGuard<'_, HashMap<WatchDescriptor, Watched>> {
-        // A map of counters: consistent between statements, whoever panicked.
-        self.files.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
+use crate::sys::inotify::{Registry, Shared, Watch};
 
 fn registry() -> io::Result<&'static Registry> {
-    static REGISTRY: OnceLock<Result<&'static Registry, nix::errno::Errno>> = OnceLock::new();
-    REGISTRY
-        .get_or_init(|| {
-            let reg: &'static Registry = Box::leak(Box::new(Registry {
-                inotify: Inotify::init(InitFlags::IN_CLOEXEC)?,
-                files: Mutex::new(HashMap::new()),
-            }));
-            std::thread::Builder::new()
-                .name("journal-watch".into())
-                .spawn(move || dispatch(reg))
-                .map_err(|e| nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-            Ok(reg)
-        })
-        .as_ref()
-        .map(|r| *r)
-        .map_err(|e| io::Error::from(*e))
-}
-
-fn dispatch(reg: &Registry) {
-    loop {
-        let events = match reg.inotify.read_events() {
-            Ok(ev) => ev,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                // Every waiter is woken for good and falls back to polling.
-                tracing::error!(error = %e, "reading journal events failed; adopted tasks are watched by polling");
-                reg.files().clear();
-                return;
-            }
-        };
-        let mut files = reg.files();
-        for ev in events {
-            if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                // Events were lost: everyone looks again.
-                for w in files.values() {
-                    w.tx.send_modify(|n| *n = n.wrapping_add(1));
-                }
-                continue;
-            }
-            if let Some(w) = files.get(&ev.wd) {
-                w.tx.send_modify(|n| *n = n.wrapping_add(1));
-            }
-            // The journal is gone (its task deleted): its watch went with it, and its
-            // waiters, their sender dropped, look again without waiting.
-            if ev.mask.contains(AddWatchFlags::IN_IGNORED) {
-                files.remove(&ev.wd);
-            }
-        }
-    }
+    static REGISTRY: Shared = Shared::new();
+    Registry::shared(
+        &REGISTRY,
+        "journal-watch",
+        "adopted tasks are watched by polling",
+    )
 }
 
 /// Closes of a journal after writing (and its removal). Dropping it releases the watch.
-pub struct JournalWatch {
-    wd: WatchDescriptor,
-    rx: watch::Receiver<u64>,
-}
+pub struct JournalWatch(Watch);
 
 impl JournalWatch {
     pub fn new(journal: &Path) -> io::Result<JournalWatch> {
-        let reg = registry()?;
-        let mut files = reg.files();
-        let wd = reg.inotify.add_watch(
-            journal,
-            AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE_SELF,
-        )?;
-        // One watch per inode: a second watcher of the same journal shares it.
-        let w = files.entry(wd).or_insert_with(|| Watched {
-            refs: 0,
-            tx: watch::channel(0).0,
-        });
-        w.refs += 1;
-        let rx = w.tx.subscribe();
-        Ok(JournalWatch { wd, rx })
+        let mask = AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_DELETE_SELF;
+        Ok(JournalWatch(registry()?.watch(journal, mask)?))
     }
 
     /// Resolves at the next event after the last call (at once if one is pending); `false`
     /// once the watch is gone (the journal removed, or the watcher failed): then the
     /// caller can only poll.
     pub async fn changed(&mut self) -> bool {
-        self.rx.changed().await.is_ok()
-    }
-}
-
-impl Drop for JournalWatch {
-    fn drop(&mut self) {
-        let Ok(reg) = registry() else { return };
-        let mut files = reg.files();
-        if let Some(w) = files.get_mut(&self.wd) {
-            w.refs -= 1;
-            if w.refs == 0 {
-                files.remove(&self.wd);
-                let _ = reg.inotify.rm_watch(self.wd);
-            }
-        }
+        self.0.changed().await
     }
 }
 
@@ -157,7 +66,7 @@ mod tests {
         .unwrap();
         let mut w = JournalWatch::new(&path).unwrap();
         let mut again = JournalWatch::new(&path).unwrap();
-        assert_eq!(w.wd, again.wd, "one watch per journal");
+        assert!(w.0.shares(&again.0), "one watch per journal");
         assert!(super::super::lock_held(&path));
         drop(shim);
         for w in [&mut w, &mut again] {
@@ -165,8 +74,5 @@ mod tests {
             assert_eq!(woke, Ok(true), "the release is seen");
         }
         assert!(!super::super::lock_held(&path));
-        let wd = w.wd;
-        drop((w, again));
-        assert!(!registry().unwrap().files().contains_key(&wd));
     }
 }
