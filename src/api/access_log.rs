@@ -9,7 +9,7 @@
 //! so refusals (401, 403, 503 from `auth::caller`), 404, 405, 408, 413 and malformed
 //! headers (400) are logged and counted like any answer; what hyper answers itself, to
 //! a request head it can't parse (400, 414, 431), the connection reports from hyper's
-//! error ([`answered_by_hyper`]). (A warp filter around the router did the same, but
+//! error ([`answered_unread`]). (A warp filter around the router did the same, but
 //! measured about 0.1 ms slower per `GET /getTasks` in a debug build.)
 //!
 //! A streamed answer (a log stream) is logged when its body ends, with its real size and
@@ -26,9 +26,11 @@ use warp::http::{Method, Response};
 use super::auth::Caller;
 use super::route::Route;
 
-/// An answer hyper wrote itself to a request head it could not parse, `since` the
-/// request began to arrive: neither method nor route is known.
-pub fn answered_by_hyper(status: u16, since: Instant) {
+/// An answer written without a request read, `since` the request began to arrive (or
+/// the connection was accepted): hyper's own to a head it could not parse, or the
+/// server's to a connection it refuses (the connection limit, no descriptors left) or
+/// that speaks plain HTTP to the TLS port. Neither method nor route is known.
+pub fn answered_unread(status: u16, since: Instant) {
     let entry = Entry {
         method: "unknown",
         route: Route::Unmatched(String::new()).template(),

@@ -200,6 +200,21 @@ fn connections_beyond_the_limit_are_refused_at_once() {
             .ok()
             .filter(|r| r.status == 200)
     });
+    // The refusal is an answer like any other: logged and counted.
+    if r.is_ok() {
+        let metrics = http::request(addr, "GET", "/metrics", None).unwrap().text();
+        assert!(
+            crate::support::http_requests(&metrics, "unknown", "unmatched", 503) >= 1.0,
+            "{metrics}"
+        );
+        assert!(
+            crate::support::access_lines(&agent.log_text())
+                .iter()
+                .any(|l| crate::support::access_line_of(l, "unknown", "unmatched", 503)),
+            "{}",
+            agent.log_text()
+        );
+    }
     drop(held);
 }
 

@@ -200,6 +200,14 @@ fn https_with_a_token_and_plain_http_refused() {
         !agent.data.join("in-clear-text").exists(),
         "a plain-HTTP request was served"
     );
+    // That answer is logged like any other (without the token the request carried).
+    assert!(
+        crate::support::access_lines(&agent.log_text())
+            .iter()
+            .any(|l| crate::support::access_line_of(l, "unknown", "unmatched", 400)),
+        "{}",
+        agent.log_text()
+    );
     // A client that trusts another certificate fails the handshake.
     let other = new_cert();
     let err = https(a, &other, "GET", "/health", None).unwrap_err();

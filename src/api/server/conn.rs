@@ -17,7 +17,7 @@
 //!
 //! What hyper answers itself, to a request head it can't parse (400, 414, 431), never
 //! reaches the service: it is logged and counted here from hyper's error
-//! (`access_log::answered_by_hyper`).
+//! (`access_log::answered_unread`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -222,8 +222,8 @@ async fn exchange<IO: Park, S: WarpService>(
             }
             result = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => {
                 if let Err(e) = result {
-                    if let Some(status) = answered_by_hyper(&e) {
-                        crate::api::access_log::answered_by_hyper(status, since);
+                    if let Some(status) = hyper_status(&e) {
+                        crate::api::access_log::answered_unread(status, since);
                     }
                     tracing::debug!(%peer, error = %e, "connection ended with an error");
                     return None;
@@ -264,7 +264,7 @@ async fn exchange<IO: Park, S: WarpService>(
 /// 431 for a head past its buffer, 414 for a URI past its limit (both `is_parse_too_large`;
 /// hyper tells them apart only by its message), 400 for the rest but an HTTP/2 preface,
 /// which it closes unanswered.
-fn answered_by_hyper(e: &hyper::Error) -> Option<u16> {
+fn hyper_status(e: &hyper::Error) -> Option<u16> {
     if e.is_parse_too_large() {
         Some(if e.to_string().contains("URI") {
             414
@@ -340,12 +340,14 @@ pub fn refuse(stream: &TcpStream, tls: bool, why: &str) {
         let mut buf = [0u8; 4096];
         let _ = stream.try_read(&mut buf);
         let _ = stream.try_write(&raw_answer(503, "Service Unavailable", why));
+        crate::api::access_log::answered_unread(503, std::time::Instant::now());
     }
 }
 
 /// Answers plain HTTP on the TLS port, then closes.
 async fn plain_http_on_tls_port(mut stream: TcpStream, peer: SocketAddr) {
     tracing::debug!(%peer, "plain HTTP on the TLS port");
+    crate::api::access_log::answered_unread(400, std::time::Instant::now());
     let answer = raw_answer(
         400,
         "Bad Request",
