@@ -39,12 +39,15 @@ impl Manager {
             };
             let deleting = rec.deletion_timestamp.is_some();
             let has_final = rec.final_status.is_some();
-            let entry = Entry::new(rec.clone(), state, Persisted::Yes);
+            let (name, host_uid) = (rec.name.clone(), rec.host_uid);
+            let kind = self.kind_for(&rec.spec, rec.exec_mode);
+            let entry = Entry::new(rec, state, Persisted::Yes, kind);
+            entry.seal();
             {
                 let mut tasks = self.write_tasks();
-                tasks.insert(rec.name.clone(), entry.clone());
+                tasks.insert(name, entry.clone());
                 // Its uid stays its own, and nobody else's, until it is forgotten.
-                if let (Some(uid), Some(mut pool)) = (rec.host_uid, self.uid_pool()) {
+                if let (Some(uid), Some(mut pool)) = (host_uid, self.uid_pool()) {
                     pool.hold(uid);
                 }
             }
