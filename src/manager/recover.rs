@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::entry::{Entry, Persisted};
 use super::{Manager, ManagerError};
@@ -57,15 +57,21 @@ impl Manager {
                 adopt.push(entry);
             }
         }
+        // Each adoption a task of its own: the runtime reads the journal partly in line,
+        // and one future polling them all would do those reads on one thread.
         futures::stream::iter(adopt)
-            .for_each_concurrent(ADOPT_CONCURRENCY, |entry| {
+            .map(|entry| {
                 let mgr = self.clone();
-                async move {
+                tokio::spawn(async move {
                     let life = entry.lifecycle.lock().await;
                     mgr.start_locked(&entry, life, true).await;
-                }
+                })
             })
-            .await;
+            .buffer_unordered(ADOPT_CONCURRENCY)
+            // A panic fails the recovery, as it did when the adoptions ran in line.
+            .map(|joined| joined.map_err(|e| ManagerError::Internal(e.to_string())))
+            .try_for_each(|()| async { Ok(()) })
+            .await?;
         tracing::info!(tasks = n, "recovered tasks from the data dir");
         Ok(n)
     }
