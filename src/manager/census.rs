@@ -16,13 +16,14 @@ impl Manager {
         let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
         let tasks = self.read_tasks();
         for e in tasks.values() {
-            let kind = self.kind_of(e);
+            let kind = e.kind();
             *counts.entry((kind, e.state().name())).or_default() += 1;
         }
         // A task removed before its end was applied leaves its start time behind.
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         if running.len() > tasks.len() {
-            let live: std::collections::HashSet<String> = tasks.values().map(|e| e.uid()).collect();
+            let live: std::collections::HashSet<String> =
+                tasks.values().map(|e| e.uid().to_string()).collect();
             running.retain(|uid, _| live.contains(uid));
         }
         drop((running, tasks));
@@ -38,18 +39,9 @@ impl Manager {
             .values()
             .filter_map(|e| {
                 let u = e.usage().as_deref().cloned()?;
-                Some((e.name(), u))
+                Some((e.name().to_string(), u))
             })
             .collect()
-    }
-
-    /// `host`, `sidecar` or `container`: the runtime the task runs on.
-    fn kind_of(&self, e: &Entry) -> &'static str {
-        match self.runtime_of(e).map(|rt| rt.kind()) {
-            Ok("process") => "host",
-            Ok(kind) => kind,
-            Err(_) => "container",
-        }
     }
 
     /// Counts a state change: a start (with its latency from creation, for tasks created
@@ -57,11 +49,8 @@ impl Manager {
     /// measured on the agent's clock as the changes are applied: the recorded times have
     /// the API's second precision.
     pub(super) fn record_metrics(&self, entry: &Entry, from: &TaskState, to: &TaskState) {
-        let kind = self.kind_of(entry);
-        let (created, uid) = {
-            let rec = entry.record();
-            (rec.created_at, rec.uid.clone())
-        };
+        let kind = entry.kind();
+        let (created, uid) = (entry.created_at(), entry.uid().to_string());
         let started = match to {
             TaskState::Running(_) => true,
             TaskState::Terminated(t) => t.started_at.is_some(),

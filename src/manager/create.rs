@@ -79,7 +79,8 @@ impl Manager {
             deletion_timestamp: None,
             final_status: None,
         };
-        let entry = Entry::new(rec, TaskState::initialized(), Persisted::Pending);
+        let kind = self.kind_for(&rec.spec, rec.exec_mode);
+        let entry = Entry::new(rec, TaskState::initialized(), Persisted::Pending, kind);
         tasks.insert(name.to_string(), entry.clone());
         Ok(entry)
     }
@@ -91,12 +92,14 @@ impl Manager {
         entry: Arc<Entry>,
     ) -> Result<TaskView, ManagerError> {
         let life = entry.lifecycle.lock().await;
-        let rec = entry.record().clone();
+        let rec = entry.record();
         if let Err(e) = self.store.io(move |s| s.create(&rec)).await {
             self.forget(&entry);
             entry.set_persisted(Persisted::No);
             return Err(match e.kind() {
-                std::io::ErrorKind::AlreadyExists => ManagerError::AlreadyExists(entry.name()),
+                std::io::ErrorKind::AlreadyExists => {
+                    ManagerError::AlreadyExists(entry.name().to_string())
+                }
                 _ => ManagerError::Store(e),
             });
         }

@@ -4,8 +4,13 @@
 //! Each entry keeps its answer as the API renders it (`Entry::rendered`), made once after
 //! each change and shared by every reader: `GET /getTasks` of 10,000 tasks copies cached
 //! bytes instead of serialising 10,000 tasks. Every change of what a view shows goes
-//! through a `Tracked` guard (`record`, `state`, `hooks`), whose mutable use drops the
-//! cached answer; a render that raced a change is never cached (`generation`).
+//! through a `Tracked` guard (`marks`, `state`, `hooks`, `usage`), whose mutable use drops
+//! the cached answer; a render that raced a change is never cached (`generation`).
+//!
+//! The record's parts that never change after the create (name, uid, times, where it
+//! runs) are plain fields. Its spec never changes either: once the task has finished it is
+//! kept only as its JSON (`seal`), read back on the rare paths that need it (a delete, a
+//! sync's answer, a view), so a finished task holds its cached answer and little else.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -14,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::task::model::{HookStatuses, ResourceUsage, TaskSpec, TaskState};
+use crate::task::model::{ExecMode, HookStatuses, ResourceUsage, TaskSpec, TaskState, Terminated};
 use crate::task::store::TaskRecord;
 use crate::task::time::Time;
 
@@ -45,7 +50,16 @@ pub(super) enum Persisted {
 }
 
 pub(super) struct Entry {
-    record: Mutex<TaskRecord>,
+    name: Box<str>,
+    uid: Box<str>,
+    created_at: Time,
+    exec_mode: Option<ExecMode>,
+    host_uid: Option<u32>,
+    /// `host`, `sidecar` or `container`: the runtime it runs on (fixed by its spec).
+    kind: &'static str,
+    spec: Mutex<Spec>,
+    /// The record's parts that change. Locked after `state` when both are.
+    marks: Mutex<Marks>,
     state: Mutex<TaskState>,
     /// Locked after `state` when both are. Boxed: most tasks have no hooks, and an
     /// unboxed pair of hook states made every entry 200 bytes larger.
@@ -67,6 +81,23 @@ pub(super) struct Entry {
     /// Bumped (under `rendered`'s lock) by every change of the view.
     generation: AtomicU64,
 }
+
+/// The record's parts that change after the create.
+#[derive(Default)]
+pub(super) struct Marks {
+    pub(super) deletion_timestamp: Option<Time>,
+    pub(super) final_status: Option<Box<Terminated>>,
+}
+
+/// The task's spec: as it was given while the task may run, its JSON once it finished.
+enum Spec {
+    Open(Box<TaskSpec>),
+    Sealed(Box<[u8]>),
+}
+
+/// Specs larger than this stay open when their task finishes: the JSON of a spec with a
+/// huge environment saves little, and reading it back would cost every view.
+const SEAL_MAX: usize = 16 * 1024;
 
 /// A lock guard of one part of an entry's view: using it mutably drops the entry's
 /// rendered answer when the guard goes (still under the lock, so no render in between
@@ -105,9 +136,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Entry {
-    pub(super) fn new(record: TaskRecord, state: TaskState, persisted: Persisted) -> Arc<Entry> {
+    pub(super) fn new(
+        record: TaskRecord,
+        state: TaskState,
+        persisted: Persisted,
+        kind: &'static str,
+    ) -> Arc<Entry> {
         Arc::new(Entry {
-            record: Mutex::new(record),
+            name: record.name.into(),
+            uid: record.uid.into(),
+            created_at: record.created_at,
+            exec_mode: record.exec_mode,
+            host_uid: record.host_uid,
+            kind,
+            spec: Mutex::new(Spec::Open(Box::new(record.spec))),
+            marks: Mutex::new(Marks {
+                deletion_timestamp: record.deletion_timestamp,
+                final_status: record.final_status.map(Box::new),
+            }),
             state: Mutex::new(state),
             hooks: Mutex::new(None),
             usage: Mutex::new(None),
@@ -128,9 +174,9 @@ impl Entry {
         }
     }
 
-    /// The record.
-    pub(super) fn record(&self) -> Tracked<'_, TaskRecord> {
-        self.tracked(&self.record)
+    /// The deletion mark and the recorded final status.
+    pub(super) fn marks(&self) -> Tracked<'_, Marks> {
+        self.tracked(&self.marks)
     }
 
     pub(super) fn state(&self) -> Tracked<'_, TaskState> {
@@ -145,6 +191,86 @@ impl Entry {
         self.tracked(&self.usage)
     }
 
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    pub(super) fn created_at(&self) -> Time {
+        self.created_at
+    }
+
+    pub(super) fn exec_mode(&self) -> Option<ExecMode> {
+        self.exec_mode
+    }
+
+    pub(super) fn host_uid(&self) -> Option<u32> {
+        self.host_uid
+    }
+
+    pub(super) fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// `f` of the spec (read back from its JSON if it is sealed).
+    pub(super) fn with_spec<R>(&self, f: impl FnOnce(&TaskSpec) -> R) -> R {
+        let spec = lock(&self.spec);
+        match &*spec {
+            Spec::Open(s) => f(s),
+            Spec::Sealed(json) => f(&unseal(json)),
+        }
+    }
+
+    /// A copy of the spec.
+    pub(super) fn spec(&self) -> TaskSpec {
+        let spec = lock(&self.spec);
+        match &*spec {
+            Spec::Open(s) => TaskSpec::clone(s),
+            Spec::Sealed(json) => unseal(json),
+        }
+    }
+
+    /// The record as the store keeps it.
+    pub(super) fn record(&self) -> TaskRecord {
+        let (deletion_timestamp, final_status) = {
+            let m = lock(&self.marks);
+            (m.deletion_timestamp, m.final_status.as_deref().cloned())
+        };
+        TaskRecord {
+            name: self.name.to_string(),
+            uid: self.uid.to_string(),
+            spec: self.spec(),
+            exec_mode: self.exec_mode,
+            host_uid: self.host_uid,
+            created_at: self.created_at,
+            deletion_timestamp,
+            final_status,
+        }
+    }
+
+    /// Keeps a finished task's spec as its JSON only (it can't change, and a finished
+    /// task is rarely asked for it). Kept open when its JSON would not read back as the
+    /// same spec (never seen: the store depends on the same round trip) or is large.
+    pub(super) fn seal(&self) {
+        if !lock(&self.state).is_terminated() {
+            return;
+        }
+        let mut spec = lock(&self.spec);
+        let Spec::Open(open) = &*spec else { return };
+        let Ok(json) = serde_json::to_vec(&**open) else {
+            return;
+        };
+        if json.len() > SEAL_MAX
+            || serde_json::from_slice::<TaskSpec>(&json).ok().as_ref() != Some(&**open)
+        {
+            return;
+        }
+        *spec = Spec::Sealed(json.into_boxed_slice());
+    }
+
     fn invalidate(&self) {
         let mut rendered = lock(&self.rendered);
         self.generation.fetch_add(1, Ordering::Relaxed);
@@ -152,20 +278,20 @@ impl Entry {
     }
 
     pub(super) fn view(&self) -> TaskView {
-        // State before record, the order `apply` takes them in: the opposite deadlocks.
-        let (state, hooks, usage) = {
+        let (state, hooks, usage, deletion_timestamp) = {
             let state = lock(&self.state);
             let hooks = lock(&self.hooks).as_deref().cloned();
-            (state.clone(), hooks, lock(&self.usage).as_deref().cloned())
+            let usage = lock(&self.usage).as_deref().cloned();
+            let deletion = lock(&self.marks).deletion_timestamp;
+            (state.clone(), hooks, usage, deletion)
         };
-        let rec = lock(&self.record);
         TaskView {
-            name: rec.name.clone(),
-            spec: rec.spec.clone(),
+            name: self.name.to_string(),
+            spec: self.spec(),
             state,
             hooks,
             usage,
-            deletion_timestamp: rec.deletion_timestamp,
+            deletion_timestamp,
         }
     }
 
@@ -179,7 +305,9 @@ impl Entry {
             }
             self.generation.load(Ordering::Relaxed)
         };
-        let bytes = render(self.view());
+        // Copied to its exact size: a rendered `Vec` carries up to as much spare capacity
+        // again, held as long as the answer is cached (a finished task's whole life).
+        let bytes = Bytes::copy_from_slice(&render(self.view()));
         let mut cached = lock(&self.rendered);
         if self.generation.load(Ordering::Relaxed) == generation {
             *cached = Some(bytes.clone());
@@ -187,17 +315,9 @@ impl Entry {
         bytes
     }
 
-    pub(super) fn name(&self) -> String {
-        lock(&self.record).name.clone()
-    }
-
-    pub(super) fn uid(&self) -> String {
-        lock(&self.record).uid.clone()
-    }
-
     /// A deletion was requested and is durable.
     pub(super) fn deletion_requested(&self) -> bool {
-        lock(&self.record).deletion_timestamp.is_some()
+        lock(&self.marks).deletion_timestamp.is_some()
     }
 
     /// Counts against `--max-concurrent-tasks`: neither deleted nor finished.
@@ -231,4 +351,9 @@ impl Entry {
             }
         }
     }
+}
+
+/// The spec a sealed JSON holds; `seal` checked that it reads back.
+fn unseal(json: &[u8]) -> TaskSpec {
+    serde_json::from_slice(json).expect("a sealed spec was read back when it was sealed")
 }

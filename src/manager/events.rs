@@ -72,8 +72,10 @@ impl Manager {
         }
         drop(state);
         if moves || changed {
-            self.changed(&name);
+            self.changed(name);
         }
+        // A finished task's spec is kept as its JSON from now on.
+        entry.seal();
     }
 
     fn on_event(&self, ev: RuntimeEvent) {

@@ -205,14 +205,11 @@ impl Manager {
     /// Drops `entry` from the map unless the name has been taken by a newer entry, and
     /// frees its uid (once: only the removal from the map does).
     fn forget(&self, entry: &Arc<Entry>) {
-        let (name, host_uid) = {
-            let rec = entry.record();
-            (rec.name.clone(), rec.host_uid)
-        };
+        let name = entry.name();
         let mut tasks = self.write_tasks();
-        if tasks.get(&name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
-            tasks.remove(&name);
-            if let (Some(uid), Some(mut pool)) = (host_uid, self.uid_pool()) {
+        if tasks.get(name).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            tasks.remove(name);
+            if let (Some(uid), Some(mut pool)) = (entry.host_uid(), self.uid_pool()) {
                 pool.release(uid);
             }
         }
@@ -227,22 +224,35 @@ impl Manager {
 
     /// The runtime the task was created for (see `Runtimes::for_task`).
     fn runtime_of(&self, entry: &Entry) -> Result<&Arc<dyn Runtime>, RuntimeError> {
-        let rec = entry.record();
-        self.runtimes.for_task(&rec.spec, rec.exec_mode)
+        entry.with_spec(|spec| self.runtimes.for_task(spec, entry.exec_mode()))
+    }
+
+    /// `host`, `sidecar` or `container`: the runtime a task of `spec` runs on (fixed for
+    /// the agent's life, so each entry keeps it).
+    fn kind_for(
+        &self,
+        spec: &TaskSpec,
+        exec_mode: Option<crate::task::model::ExecMode>,
+    ) -> &'static str {
+        match self.runtimes.for_task(spec, exec_mode).map(|rt| rt.kind()) {
+            Ok("process") => "host",
+            Ok(kind) => kind,
+            Err(_) => "container",
+        }
     }
 
     fn task_ref(&self, entry: &Entry) -> TaskRef {
-        let rec = entry.record();
+        let spec = entry.spec();
         TaskRef {
-            name: rec.name.clone(),
-            uid: rec.uid.clone(),
-            dir: self.store.dir(&rec.name),
-            spec: rec.spec.clone(),
-            exec_mode: rec
-                .exec_mode
-                .or_else(|| self.runtimes.exec_mode_for(&rec.spec))
+            name: entry.name().to_string(),
+            uid: entry.uid().to_string(),
+            dir: self.store.dir(entry.name()),
+            exec_mode: entry
+                .exec_mode()
+                .or_else(|| self.runtimes.exec_mode_for(&spec))
                 .unwrap_or(crate::task::model::ExecMode::Local),
-            host_uid: rec.host_uid,
+            spec,
+            host_uid: entry.host_uid(),
         }
     }
 

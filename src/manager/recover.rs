@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 
 use super::entry::{Entry, Persisted};
 use super::{Manager, ManagerError};
@@ -39,12 +39,15 @@ impl Manager {
             };
             let deleting = rec.deletion_timestamp.is_some();
             let has_final = rec.final_status.is_some();
-            let entry = Entry::new(rec.clone(), state, Persisted::Yes);
+            let (name, host_uid) = (rec.name.clone(), rec.host_uid);
+            let kind = self.kind_for(&rec.spec, rec.exec_mode);
+            let entry = Entry::new(rec, state, Persisted::Yes, kind);
+            entry.seal();
             {
                 let mut tasks = self.write_tasks();
-                tasks.insert(rec.name.clone(), entry.clone());
+                tasks.insert(name, entry.clone());
                 // Its uid stays its own, and nobody else's, until it is forgotten.
-                if let (Some(uid), Some(mut pool)) = (rec.host_uid, self.uid_pool()) {
+                if let (Some(uid), Some(mut pool)) = (host_uid, self.uid_pool()) {
                     pool.hold(uid);
                 }
             }
@@ -54,15 +57,21 @@ impl Manager {
                 adopt.push(entry);
             }
         }
+        // Each adoption a task of its own: the runtime reads the journal partly in line,
+        // and one future polling them all would do those reads on one thread.
         futures::stream::iter(adopt)
-            .for_each_concurrent(ADOPT_CONCURRENCY, |entry| {
+            .map(|entry| {
                 let mgr = self.clone();
-                async move {
+                tokio::spawn(async move {
                     let life = entry.lifecycle.lock().await;
                     mgr.start_locked(&entry, life, true).await;
-                }
+                })
             })
-            .await;
+            .buffer_unordered(ADOPT_CONCURRENCY)
+            // A panic fails the recovery, as it did when the adoptions ran in line.
+            .map(|joined| joined.map_err(|e| ManagerError::Internal(e.to_string())))
+            .try_for_each(|()| async { Ok(()) })
+            .await?;
         tracing::info!(tasks = n, "recovered tasks from the data dir");
         Ok(n)
     }

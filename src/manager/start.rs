@@ -197,7 +197,7 @@ impl Manager {
     fn still_wanted(&self, entry: &Arc<Entry>) -> bool {
         !entry.deletion_requested()
             && self
-                .entry(&entry.name())
+                .entry(entry.name())
                 .is_some_and(|e| Arc::ptr_eq(&e, entry))
     }
 
@@ -220,17 +220,14 @@ impl Manager {
             task = %name, error = %err, retry_in = ?retry_in, attempt,
             "task start ran out of resources; it waits and is retried"
         );
-        self.changed(&name);
+        self.changed(name);
     }
 
     /// The task could not be run: keep the reason, durably (retried in the background
     /// while the disk refuses it), and show it. The caller holds the lifecycle lock.
     pub(super) async fn fail_with(self: &Arc<Self>, entry: &Arc<Entry>, t: Terminated) {
-        let rec = {
-            let mut rec = entry.record();
-            rec.final_status = Some(t.clone());
-            rec.clone()
-        };
+        entry.marks().final_status = Some(Box::new(t.clone()));
+        let rec = entry.record();
         if let Err(e) = self.store.io(move |s| s.update(&rec)).await {
             tracing::error!(task = %entry.name(), error = %e, "could not persist the start failure; retrying");
             self.persist_later(entry.clone());
@@ -250,7 +247,7 @@ impl Manager {
                     if !mgr.still_wanted(&entry) {
                         return Ok(());
                     }
-                    let rec = entry.record().clone();
+                    let rec = entry.record();
                     mgr.store.io(move |s| s.update(&rec)).await?;
                     tracing::info!(task = %entry.name(), "start failure persisted");
                     Ok(())

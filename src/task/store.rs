@@ -213,8 +213,12 @@ impl Store {
     /// leaves (the request was never answered), so it is removed; one that holds more
     /// than an empty journal, or a record that can't be read (torn, empty, not a regular
     /// file), is quarantined (see `quarantine`).
+    ///
+    /// The directories are listed first, then loaded by a few threads at once (each
+    /// task's files are its own): 100,000 tasks are 400,000 file-system calls and as
+    /// many JSON documents, which one thread reads in seconds.
     pub fn load_all(&self) -> io::Result<Vec<TaskRecord>> {
-        let mut out = Vec::new();
+        let mut dirs = Vec::new();
         for entry in fs::read_dir(&self.root)? {
             let entry = entry?;
             let fname = entry.file_name();
@@ -222,6 +226,45 @@ impl Store {
             if !entry.file_type()?.is_dir() || name::invalid_reason(n).is_some() {
                 continue;
             }
+            dirs.push(entry);
+        }
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, LOAD_THREADS);
+        let per_thread = dirs.len().div_ceil(threads).max(LOAD_MIN_PER_THREAD);
+        std::thread::scope(|scope| {
+            let mut chunks = dirs.chunks(per_thread);
+            let first = chunks.next().unwrap_or_default();
+            let helpers: Vec<_> = chunks
+                .map(|chunk| {
+                    std::thread::Builder::new()
+                        .name("store-load".into())
+                        .stack_size(512 * 1024)
+                        .spawn_scoped(scope, || self.load_dirs(chunk))
+                        // No thread (a pids limit): this one loads the chunk too.
+                        .map_err(|_| chunk)
+                })
+                .collect();
+            let mut out = self.load_dirs(first)?;
+            for helper in helpers {
+                let loaded = match helper {
+                    Ok(h) => h
+                        .join()
+                        .unwrap_or_else(|_| Err(io::Error::other("loading task records panicked"))),
+                    Err(chunk) => self.load_dirs(chunk),
+                };
+                out.extend(loaded?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// `load_all` of some of the task directories.
+    fn load_dirs(&self, dirs: &[fs::DirEntry]) -> io::Result<Vec<TaskRecord>> {
+        let mut out = Vec::with_capacity(dirs.len());
+        for entry in dirs {
+            let fname = entry.file_name();
+            let Some(n) = fname.to_str() else { continue };
             if let Err(e) = restrict_task_dir(&entry.path()) {
                 tracing::warn!(task = n, error = %e, "cannot restrict the task directory's permissions");
             }
@@ -264,6 +307,11 @@ impl Store {
         Ok(out)
     }
 }
+
+/// Threads `load_all` reads the task directories with, at most (one a core).
+const LOAD_THREADS: usize = 4;
+/// Fewer directories than this are not worth a thread.
+const LOAD_MIN_PER_THREAD: usize = 1024;
 
 /// The data dir and every task directory: the agent's alone (tasks running as another
 /// user can't list, read or write anything in them).

@@ -647,3 +647,38 @@ async fn create_stored(
     until("the record stored", || record.exists()).await;
     create
 }
+
+/// A finished task keeps its spec only as JSON: all it was given still shows in its
+/// view, a listing and a sync's answer, and its delete still stops and removes it.
+#[tokio::test]
+async fn a_finished_task_shows_its_whole_spec() {
+    let s = setup();
+    let mut full = spec("true");
+    if let Some(p) = full.process.as_mut() {
+        p.args = vec!["-x".into()];
+        p.env = vec![crate::task::model::EnvVar {
+            name: "A".into(),
+            value: "b".into(),
+        }];
+        p.working_dir = Some("/w".into());
+    }
+    full.timeout_seconds = Some(7);
+    s.mgr.create("a".into(), full.clone()).await.unwrap();
+    s.rt.exit("a", 0);
+    until("terminated", || {
+        s.mgr.get("a").unwrap().state.is_terminated()
+    })
+    .await;
+    assert_eq!(s.mgr.get("a").unwrap().spec, full);
+    assert_eq!(s.mgr.list()[0].spec, full);
+    let synced = s.mgr.sync(vec![("a".into(), full.clone())]).await.unwrap();
+    assert_eq!(synced[0].spec, full);
+    assert!(
+        synced[0].state.is_terminated(),
+        "the sync left it as it was"
+    );
+    s.mgr.delete("a").await.unwrap();
+    until("deleted", || s.mgr.get("a").is_err()).await;
+    assert_eq!(s.rt.calls(), ["start a", "stop a"]);
+    assert!(s.stored().is_empty());
+}
