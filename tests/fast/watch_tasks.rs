@@ -321,7 +321,7 @@ fn watches_resume_after_they_end_and_relist_after_410_gone() {
     // The API server goes away; meanwhile a Task is created, one is removed without its
     // finalizer doing its work, and the history is compacted. Back up, the agent's watch
     // gets 410 Gone, it lists again, runs the new Task and deletes the vanished one's task.
-    api.create_task(task("v", POD, json!({"command": ["sleep", "4747"]})));
+    api.create_task(task("v", POD, json!({"command": ["sleep", "4758"]})));
     wait_task(&api, "v", "Running", |t| phase(t) == "Running");
     api.set_down(true);
     api.create_task(task("b", POD, json!({"command": ["sh", "-c", "exit 7"]})));
@@ -338,7 +338,7 @@ fn watches_resume_after_they_end_and_relist_after_410_gone() {
     wait_for(T, "task v to be deleted", || {
         agent.get("v").is_none().then_some(())
     });
-    assert!(crate::support::pids_with_cmdline(&["sleep", "4747"]).is_empty());
+    assert!(crate::support::pids_with_cmdline(&["sleep", "4758"]).is_empty());
     assert!(
         agent
             .log_text()
@@ -452,7 +452,9 @@ fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
         ],
     );
-    api.create_task(task("hold", POD, json!({"command": ["sleep", "4646"]})));
+    // A number no other test sleeps for: tests of other binaries run at the same time and
+    // the check below looks at every process of the machine.
+    api.create_task(task("hold", POD, json!({"command": ["sleep", "4657"]})));
     wait_task(&api, "hold", "Running", |t| phase(t) == "Running");
     api.create_task(task("queued", POD, json!({"command": ["true"]})));
     let q = wait_task(&api, "queued", "Waiting", |t| phase(t) == "Waiting");
@@ -465,7 +467,7 @@ fn a_full_agent_leaves_tasks_waiting_and_runs_them_later() {
     wait_for(T, "queued's events", || {
         (reasons(&api, "queued") == ["TooManyTasks", "Started", "Succeeded"]).then_some(())
     });
-    assert!(crate::support::pids_with_cmdline(&["sleep", "4646"]).is_empty());
+    assert!(crate::support::pids_with_cmdline(&["sleep", "4657"]).is_empty());
 }
 
 #[test]
