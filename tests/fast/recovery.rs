@@ -96,11 +96,7 @@ fn accepted_but_never_started_task_is_started_after_restart() {
     // exists without any shim record. The task was accepted, so it must run.
     let mut a = Agent::start(&[]);
     a.kill9();
-    let dir = a.data_dir.join("accepted");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
-                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
-    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    write_accepted(&a.data_dir);
     // A directory without a record (crash before the record was written) and one with
     // only a torn record (crash while writing it) are cleaned up: neither was answered.
     std::fs::create_dir_all(a.data_dir.join("never-accepted")).unwrap();
@@ -440,11 +436,7 @@ fn finished_tasks_read_the_same_after_a_restart_beside_those_still_followed() {
     a.run_sh("long", "sleep 3; exit 6");
     a.wait_state("long", "running", T);
     a.kill9();
-    let dir = a.data_dir.join("accepted");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
-                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
-    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    write_accepted(&a.data_dir);
     a.restart();
     for (n, was) in finished.iter().zip(&before) {
         assert_eq!(&a.get(n).unwrap(), was, "{n} reads as before");
@@ -462,4 +454,14 @@ fn finished_tasks_read_the_same_after_a_restart_beside_those_still_followed() {
     // A settled task is deleted as any other.
     a.delete("done-1");
     a.wait_gone("done-1", T);
+}
+
+/// The record of a task `accepted` (it exits 4) that no shim took: what a crash between
+/// its durable record and its launch leaves.
+fn write_accepted(data_dir: &std::path::Path) {
+    let dir = data_dir.join("accepted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
 }
