@@ -13,7 +13,7 @@ use crate::task::store::TaskRecord;
 const ADOPT_CONCURRENCY: usize = 32;
 /// Tasks whose end is read in one off-loaded job (`settle_finished`), and such jobs at once.
 const SETTLE_BATCH: usize = 256;
-const SETTLE_CONCURRENCY: usize = 4;
+const SETTLE_CONCURRENCY: usize = 2;
 
 impl Manager {
     pub(super) async fn recover_all(self: &Arc<Self>) -> Result<usize, ManagerError> {
@@ -90,7 +90,7 @@ impl Manager {
         while rest.peek().is_some() {
             batches.push(rest.by_ref().take(SETTLE_BATCH).collect::<Vec<_>>());
         }
-        let judged = futures::stream::iter(batches)
+        let mut judged = futures::stream::iter(batches)
             .map(|batch| {
                 let mgr = self.clone();
                 crate::sys::offload::offload(move || {
@@ -107,18 +107,19 @@ impl Manager {
                         .collect::<Vec<_>>()
                 })
             })
-            .buffer_unordered(SETTLE_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
+            .buffer_unordered(SETTLE_CONCURRENCY);
         let mut adopt = Vec::new();
-        for (entry, ended) in judged.into_iter().flatten() {
-            match ended {
-                Some(observed) => {
-                    // As an adoption applies what it found: under the task's lifecycle lock.
-                    let _life = entry.lifecycle.lock().await;
-                    self.apply(&entry, observed);
+        // Each batch applied as it comes: no batch's ends wait for all the others'.
+        while let Some(batch) = judged.next().await {
+            for (entry, ended) in batch {
+                match ended {
+                    Some(observed) => {
+                        // As an adoption applies what it found: under its lifecycle lock.
+                        let _life = entry.lifecycle.lock().await;
+                        self.apply(&entry, observed);
+                    }
+                    None => adopt.push(entry),
                 }
-                None => adopt.push(entry),
             }
         }
         adopt
