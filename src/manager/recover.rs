@@ -11,6 +11,9 @@ use crate::task::store::TaskRecord;
 
 /// Tasks re-attached at once.
 const ADOPT_CONCURRENCY: usize = 32;
+/// Tasks whose end is read in one off-loaded job (`settle_finished`), and such jobs at once.
+const SETTLE_BATCH: usize = 256;
+const SETTLE_CONCURRENCY: usize = 2;
 
 impl Manager {
     pub(super) async fn recover_all(self: &Arc<Self>) -> Result<usize, ManagerError> {
@@ -57,6 +60,7 @@ impl Manager {
                 adopt.push(entry);
             }
         }
+        let adopt = self.settle_finished(adopt).await;
         // Each adoption a task of its own: the runtime reads the journal partly in line,
         // and one future polling them all would do those reads on one thread.
         futures::stream::iter(adopt)
@@ -74,6 +78,51 @@ impl Manager {
             .await?;
         tracing::info!(tasks = n, "recovered tasks from the data dir");
         Ok(n)
+    }
+
+    /// Shows the end of each task whose own files say its run is over (most tasks of a
+    /// data dir, after a while), read in batches off the event loop: one job per batch
+    /// rather than a handoff (and a second read of its journal) per task. Returns the
+    /// others, to be adopted.
+    async fn settle_finished(self: &Arc<Self>, entries: Vec<Arc<Entry>>) -> Vec<Arc<Entry>> {
+        let mut batches = Vec::new();
+        let mut rest = entries.into_iter().peekable();
+        while rest.peek().is_some() {
+            batches.push(rest.by_ref().take(SETTLE_BATCH).collect::<Vec<_>>());
+        }
+        let mut judged = futures::stream::iter(batches)
+            .map(|batch| {
+                let mgr = self.clone();
+                crate::sys::offload::offload(move || {
+                    batch
+                        .into_iter()
+                        .map(|entry| {
+                            let ended = match mgr.runtime_of(&entry) {
+                                Ok(rt) => rt.finished(&mgr.task_ref(&entry)),
+                                // Its adoption reports why it has no runtime.
+                                Err(_) => None,
+                            };
+                            (entry, ended)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .buffer_unordered(SETTLE_CONCURRENCY);
+        let mut adopt = Vec::new();
+        // Each batch applied as it comes: no batch's ends wait for all the others'.
+        while let Some(batch) = judged.next().await {
+            for (entry, ended) in batch {
+                match ended {
+                    Some(observed) => {
+                        // As an adoption applies what it found: under its lifecycle lock.
+                        let _life = entry.lifecycle.lock().await;
+                        self.apply(&entry, observed);
+                    }
+                    None => adopt.push(entry),
+                }
+            }
+        }
+        adopt
     }
 }
 

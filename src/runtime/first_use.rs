@@ -65,6 +65,13 @@ impl Runtime for FirstUse {
         self.inner.stop(task, grace)
     }
 
+    fn finished(&self, task: &TaskRef) -> Option<Observed> {
+        // Settling a task is its adoption: the hook runs as `adopt` would run it.
+        let observed = self.inner.finished(task)?;
+        self.used();
+        Some(observed)
+    }
+
     fn readiness(&self) -> BoxFuture<'static, Readiness> {
         self.inner.readiness()
     }

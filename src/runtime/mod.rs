@@ -122,6 +122,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// Returns when nothing of it is left.
     fn stop(&self, task: TaskRef, grace: Duration) -> BoxFuture<'static, Result<(), RuntimeError>>;
 
+    /// How a task found after a restart ended, when its own files say its run is over
+    /// (nothing of it runs or is left to follow, so `adopt` would only read the same):
+    /// the caller shows this and adopts it no further. `None`: it is adopted. Blocking,
+    /// but never waits and writes nothing, so that a restart settles its finished tasks
+    /// in a few off-loaded jobs instead of one per task.
+    fn finished(&self, _task: &TaskRef) -> Option<Observed> {
+        None
+    }
+
     fn readiness(&self) -> BoxFuture<'static, Readiness> {
         Box::pin(async { Readiness::Ready })
     }

@@ -193,6 +193,14 @@ impl Runtime for SidecarRuntime {
         self.process.stop_task(task, grace)
     }
 
+    fn finished(&self, task: &TaskRef) -> Option<Observed> {
+        let observed = self.process.finished_run(task)?;
+        // Tracked as `adopt` would: what a finished task left running in a replaced main
+        // container is still stopped.
+        self.track(&task.dir, true);
+        Some(observed)
+    }
+
     fn readiness(&self) -> BoxFuture<'static, Readiness> {
         let rt = self.clone();
         Box::pin(async move {

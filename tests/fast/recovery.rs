@@ -96,11 +96,7 @@ fn accepted_but_never_started_task_is_started_after_restart() {
     // exists without any shim record. The task was accepted, so it must run.
     let mut a = Agent::start(&[]);
     a.kill9();
-    let dir = a.data_dir.join("accepted");
-    std::fs::create_dir_all(&dir).unwrap();
-    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
-                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
-    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
+    write_accepted(&a.data_dir);
     // A directory without a record (crash before the record was written) and one with
     // only a torn record (crash while writing it) are cleaned up: neither was answered.
     std::fs::create_dir_all(a.data_dir.join("never-accepted")).unwrap();
@@ -399,4 +395,73 @@ fn threads_of(pid: i32) -> usize {
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap()
+}
+
+#[test]
+fn finished_tasks_read_the_same_after_a_restart_beside_those_still_followed() {
+    // Finished tasks (more than one of the restart's batches of reads) of several ends,
+    // beside a running task and an accepted one that never started: after a restart each
+    // finished task shows exactly what it showed, the running one is still followed, the
+    // accepted one runs, nothing runs twice.
+    let mut a = Agent::start(&["--stop-grace-period", "1s"]);
+    let runs = a.data_dir.parent().unwrap().join("runs");
+    const N: usize = 300;
+    for i in 0..N {
+        a.run_sh(
+            &format!("done-{i}"),
+            &format!(
+                "echo {i} >> {}; echo out-{i}; exit {}",
+                runs.display(),
+                i % 4
+            ),
+        );
+    }
+    let r = a.create(json!({"name": "timed-out", "spec": {"process": {
+        "command": ["sleep", "100"], "timeoutSeconds": 1,
+        "lifecycle": {"postStop": {"exec": {"command": ["true"]}}}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let mut finished: Vec<String> = (0..N).map(|i| format!("done-{i}")).collect();
+    finished.push("timed-out".into());
+    let before: Vec<serde_json::Value> = finished
+        .iter()
+        .map(|n| {
+            a.wait_state(n, "terminated", T);
+            a.get(n).unwrap()
+        })
+        .collect();
+    assert_eq!(
+        before[N]["status"]["state"]["terminated"]["reason"],
+        "TaskTimeout"
+    );
+    a.run_sh("long", "sleep 3; exit 6");
+    a.wait_state("long", "running", T);
+    a.kill9();
+    write_accepted(&a.data_dir);
+    a.restart();
+    for (n, was) in finished.iter().zip(&before) {
+        assert_eq!(&a.get(n).unwrap(), was, "{n} reads as before");
+    }
+    assert_eq!(a.stdout("done-7"), "out-7\n");
+    assert_eq!(a.wait_state("long", "terminated", T)["exitCode"], 6);
+    assert_eq!(a.wait_state("accepted", "terminated", T)["exitCode"], 4);
+    let mut ran: Vec<usize> = std::fs::read_to_string(&runs)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(ran, (0..N).collect::<Vec<_>>(), "each ran once");
+    // A settled task is deleted as any other.
+    a.delete("done-1");
+    a.wait_gone("done-1", T);
+}
+
+/// The record of a task `accepted` (it exits 4) that no shim took: what a crash between
+/// its durable record and its launch leaves.
+fn write_accepted(data_dir: &std::path::Path) {
+    let dir = data_dir.join("accepted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let rec = json!({"name": "accepted", "uid": "test-1", "createdAt": "2026-01-01T00:00:00Z",
+                     "spec": {"process": {"command": ["sh", "-c", "exit 4"]}}});
+    std::fs::write(dir.join("task.json"), rec.to_string()).unwrap();
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use super::ProcessRuntime;
 use crate::runtime::journal::follow::{observe, settle_durably};
 use crate::runtime::journal::{self, Launch, Unrecorded, lock_held};
-use crate::runtime::{EventSink, Observed, RuntimeError, TaskRef};
+use crate::runtime::{EventSink, Observed, RuntimeError, TaskRef, outcome};
 use crate::task::layout::{self, TaskDir};
 
 impl ProcessRuntime {
@@ -42,6 +42,16 @@ impl ProcessRuntime {
                 source: io::Error::other("its supervisor is still starting it"),
             })),
         }
+    }
+}
+
+impl ProcessRuntime {
+    /// The task's end, when its journal holds it (see `Runtime::finished`): what `recover`
+    /// then reports, from one read of the journal. A journal that can't be read, or
+    /// names no finished run, says nothing here: `recover` judges it.
+    pub(crate) fn finished_run(&self, task: &TaskRef) -> Option<Observed> {
+        let run = journal::read_run(&task.dir).ok()?;
+        run.finished().then(|| outcome::observed(&run, task))
     }
 }
 

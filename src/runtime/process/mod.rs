@@ -358,6 +358,10 @@ impl Runtime for ProcessRuntime {
         self.stop_task(task, grace)
     }
 
+    fn finished(&self, task: &TaskRef) -> Option<Observed> {
+        self.finished_run(task)
+    }
+
     fn readiness(&self) -> BoxFuture<'static, super::Readiness> {
         let r = self.own_readiness();
         Box::pin(async move { r })
