@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +40,7 @@ use warp::http::{Request, Response, Version};
 
 use super::activity::{Activity, Watched};
 use super::park::{Park, ReqBody, Rewind, says_close};
+use super::slots::Slot;
 use super::{ClientGone, ServerOptions};
 
 /// The client's address, in each request's extensions (warp's `addr::remote()` only
@@ -55,6 +57,7 @@ pub trait WarpService:
         Future: Send + 'static,
     > + Clone
     + Send
+    + Sync
     + Unpin
     + 'static
 {
@@ -68,28 +71,38 @@ impl<S> WarpService for S where
             Future: Send + 'static,
         > + Clone
         + Send
+        + Sync
         + Unpin
         + 'static
 {
 }
 
 /// Serves one accepted connection until it ends, times out, is evicted for a newcomer
-/// (see `slots`), or shutdown drains it.
-pub async fn serve<S: WarpService>(
-    Accepted { stream, fin, peer }: Accepted,
-    service: S,
+/// (see `slots`), or shutdown drains it; its slot is given back then.
+///
+/// Not an `async fn`: the connection's task is `http`'s future itself, without another
+/// layer holding a second copy of its arguments.
+pub fn serve<S: WarpService>(
+    Accepted {
+        stream,
+        fin,
+        peer,
+        slot,
+    }: Accepted,
+    service: Arc<S>,
     tls: Option<TlsAcceptor>,
     activity: Arc<Activity>,
-    opts: &ServerOptions,
+    opts: Arc<ServerOptions>,
     stop: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let _ = stream.set_nodelay(true);
     let Some(acceptor) = tls else {
-        return http(stream, peer, service, activity, fin, opts, stop).await;
+        let held = Held { fin, _slot: slot };
+        return Either::Left(http(stream, peer, service, activity, held, opts, stop));
     };
     let evicted = activity.evicted.clone();
     // Boxed: a TLS stream is large, and inline it would size every connection's task.
-    Box::pin(async move {
+    Either::Right(Box::pin(async move {
         // A TLS connection starts with a handshake record (0x16); anything else is most
         // likely plain HTTP sent to the HTTPS port, which gets a plain answer saying so.
         let peeked = tokio::select! {
@@ -106,12 +119,14 @@ pub async fn serve<S: WarpService>(
             () = evicted.cancelled() => return,
         };
         match accepted {
-            Ok(Ok(tls)) => http(tls, peer, service, activity, fin, opts, stop).await,
+            Ok(Ok(tls)) => {
+                let held = Held { fin, _slot: slot };
+                http(tls, peer, service, activity, held, opts, stop).await
+            }
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
         }
-    })
-    .await
+    }))
 }
 
 /// The connection's HTTP/1: hyper while a request is on its way or served, and between
@@ -119,24 +134,19 @@ pub async fn serve<S: WarpService>(
 async fn http<IO: Park, S: WarpService>(
     io: IO,
     peer: SocketAddr,
-    service: S,
+    service: Arc<S>,
     activity: Arc<Activity>,
-    fin: Option<FinWatch>,
-    opts: &ServerOptions,
+    held: Held,
+    opts: Arc<ServerOptions>,
     stop: CancellationToken,
 ) {
-    let svc = ConnService {
-        inner: service,
-        activity: activity.clone(),
-        peer,
-    };
     let mut io = io;
     // Bytes a parked hyper had read past the last request (pipelined ones).
     let mut pre = Bytes::new();
     loop {
         if pre.is_empty() {
             loop {
-                let deadline = activity.deadline(opts);
+                let deadline = activity.deadline(&opts);
                 tokio::select! {
                     () = io.ready() => break,
                     // Between requests: closed now (a request that arrives is first seen
@@ -146,7 +156,7 @@ async fn http<IO: Park, S: WarpService>(
                         return;
                     }
                     () = sleep_until(deadline) => {
-                        if let Some(why) = activity.expired(opts) {
+                        if let Some(why) = activity.expired(&opts) {
                             tracing::debug!(%peer, why, "closing connection");
                             return;
                         }
@@ -167,21 +177,39 @@ async fn http<IO: Park, S: WarpService>(
             hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
                 .half_close(true)
-                .serve_connection(TokioIo::new(watched), svc.clone()),
+                .serve_connection(
+                    TokioIo::new(watched),
+                    ConnService {
+                        inner: service.clone(),
+                        activity: activity.clone(),
+                        peer,
+                    },
+                ),
         );
-        let Some(parts) = exchange(conn, peer, &activity, fin.as_ref(), opts, &stop).await else {
+        // Boxed too: its state (the watchdog's timer and waits) exists only during an
+        // exchange, and inline it would size every parked connection's task.
+        let exchange = Box::pin(exchange(
+            conn,
+            peer,
+            &activity,
+            held.fin.as_ref(),
+            &opts,
+            &stop,
+        ));
+        let Some(parts) = exchange.await else {
             return;
         };
         let rewind = parts.io.into_inner().inner;
         io = rewind.inner;
-        pre = match (parts.read_buf.is_empty(), rewind.pre.is_empty()) {
-            (_, true) => parts.read_buf,
-            (true, false) => rewind.pre,
-            (false, false) => {
-                let mut both = BytesMut::from(&parts.read_buf[..]);
-                both.extend_from_slice(&rewind.pre);
-                both.freeze()
-            }
+        // Copied, or nothing: a parked connection keeps none of hyper's read buffer
+        // (8 KiB), which even an empty `Bytes` frozen from it owns.
+        pre = if parts.read_buf.is_empty() && rewind.pre.is_empty() {
+            Bytes::new()
+        } else {
+            let mut both = BytesMut::with_capacity(parts.read_buf.len() + rewind.pre.len());
+            both.extend_from_slice(&parts.read_buf);
+            both.extend_from_slice(&rewind.pre);
+            both.freeze()
         };
     }
 }
@@ -189,6 +217,12 @@ async fn http<IO: Park, S: WarpService>(
 type Conn<IO, S> =
     hyper::server::conn::http1::Connection<TokioIo<Watched<Rewind<IO>>>, ConnService<S>>;
 type Parts<IO, S> = hyper::server::conn::http1::Parts<TokioIo<Watched<Rewind<IO>>>, ConnService<S>>;
+
+/// What a connection holds for its life besides its stream.
+struct Held {
+    fin: Option<FinWatch>,
+    _slot: Slot,
+}
 
 /// Runs hyper on the connection until it ends (`None`: closed) or, after a clean
 /// exchange, is idle (`Some`: its stream and any bytes it read ahead, to park).
@@ -278,11 +312,13 @@ fn hyper_status(e: &hyper::Error) -> Option<u16> {
     }
 }
 
-/// A connection the accept loop took, with its FIN watch (see `FinWatch::of`).
+/// A connection the accept loop took, with its FIN watch (see `FinWatch::of`) and its
+/// slot.
 pub struct Accepted {
     pub stream: TcpStream,
     pub fin: Option<FinWatch>,
     pub peer: SocketAddr,
+    pub slot: Slot,
 }
 
 /// Notices the client's FIN on the connection's socket (a duplicate of its descriptor,
@@ -378,9 +414,11 @@ fn raw_answer(status: u16, reason: &str, message: &str) -> Vec<u8> {
 /// warp's service for one connection: marks the connection busy while a request is
 /// served, notes whether the exchange can leave the connection parked, tags each
 /// request with the client's address, and logs and counts each answer (`access_log`).
+/// Made per exchange, around one copy of warp's service for all connections (cloned per
+/// request as before): a parked connection holds only a pointer to that copy.
 #[derive(Clone)]
 struct ConnService<S> {
-    inner: S,
+    inner: Arc<S>,
     activity: Arc<Activity>,
     peer: SocketAddr,
 }
@@ -413,7 +451,7 @@ where
         req.extensions_mut().insert(self.activity.proven.clone());
         req.extensions_mut()
             .insert(ClientGone(self.activity.client_gone.clone()));
-        let mut inner = self.inner.clone();
+        let mut inner = S::clone(&self.inner);
         let activity = self.activity.clone();
         Box::pin(async move {
             let resp = tower_service::Service::call(&mut inner, req).await?;

@@ -64,8 +64,11 @@ pub async fn serve<F>(
         + Unpin
         + 'static,
 {
-    let service = warp::service(filter);
+    // One copy of warp's service for all connections (see `conn::ConnService`).
+    let service = Arc::new(warp::service(filter));
     let slots = slots::Slots::new(opts.max_connections, opts.guarded);
+    // Shared by the connections.
+    let opts = Arc::new(opts);
     let connections = TaskTracker::new();
     let saturated = AtomicBool::new(false);
     // A descriptor kept for the moment the agent runs out of them (the classic accept
@@ -142,16 +145,24 @@ pub async fn serve<F>(
         // from the next connection on.
         let acceptor = tls.as_ref().map(|t| t.acceptor());
         let service = service.clone();
-        let opts = opts.clone();
         let stop = stop.clone();
         // Here, one connection at a time, so that no connection takes a descriptor the
         // accept loop just freed for its reserve.
         let fin = conn::FinWatch::of(&stream);
-        let accepted = conn::Accepted { stream, fin, peer };
-        connections.spawn(async move {
-            conn::serve(accepted, service, acceptor, activity, &opts, stop).await;
-            drop(slot);
-        });
+        let accepted = conn::Accepted {
+            stream,
+            fin,
+            peer,
+            slot,
+        };
+        connections.spawn(conn::serve(
+            accepted,
+            service,
+            acceptor,
+            activity,
+            opts.clone(),
+            stop,
+        ));
     }
     drop(listener);
     connections.close();
