@@ -166,10 +166,11 @@ fn tasks_run_in_the_pods_main_container_and_stop_when_it_is_replaced() {
     // A finished task that left a process running in the first container.
     agent.run_sh("leaver", "sleep 4646 & exit 0");
     assert_eq!(agent.wait_state("leaver", "terminated", T)["exitCode"], 0);
-    assert_eq!(
-        crate::support::pids_with_cmdline(&["sleep", "4646"]).len(),
-        1
-    );
+    // Its shell may exit before the backgrounded child has exec'd `sleep`: wait for it.
+    let left = wait_for(T, "the leftover sleep 4646", || {
+        Some(crate::support::pids_with_cmdline(&["sleep", "4646"])).filter(|p| !p.is_empty())
+    });
+    assert_eq!(left.len(), 1);
 
     // A long task in the first container; then the container is replaced (new ID, one
     // restart) while the old process is still there, so only the Pod watch can tell.
@@ -264,7 +265,10 @@ fn a_finished_tasks_leftovers_stop_when_its_container_process_dies_in_a_shared_p
     });
     agent.run_sh("leaver", "sleep 4747 & exit 0");
     assert_eq!(agent.wait_state("leaver", "terminated", T)["exitCode"], 0);
-    let left = crate::support::pids_with_cmdline(&["sleep", "4747"]);
+    // Its shell may exit before the backgrounded child has exec'd `sleep`: wait for it.
+    let left = wait_for(T, "the leftover sleep 4747", || {
+        Some(crate::support::pids_with_cmdline(&["sleep", "4747"])).filter(|p| !p.is_empty())
+    });
     assert_eq!(left.len(), 1);
     assert_eq!(ns_link(left[0], "pid"), main.ns("pid"));
 
