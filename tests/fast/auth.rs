@@ -7,31 +7,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::agent::{Agent, BIN, free_addr};
-use crate::support::http::{self, Response};
+use crate::support::http::{self, Response, with_token as call};
 use crate::support::wait_for;
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
-
-/// A request with an optional `Authorization: Bearer` token.
-fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Response {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    req.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
-    http::raw(addr, req.as_bytes()).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
 
 fn task(name: &str) -> String {
     json!({"name": name, "spec": {"process": {"command": ["true"]}}}).to_string()

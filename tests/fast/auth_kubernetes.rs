@@ -5,13 +5,12 @@
 //! `crate::support::fake_reviews`) answers the reviews with real Kubernetes JSON: tokens and
 //! RBAC-like grants are set by each test.
 
-use std::net::SocketAddr;
 use std::path::Path;
 
 use crate::support::agent::{Agent, free_addr};
 use crate::support::fake_apiserver::FakeApiServer;
 use crate::support::fake_reviews::{ACCESS_REVIEWS, TOKEN_REVIEWS};
-use crate::support::http::{self, Response};
+use crate::support::http::{Response, with_token as call};
 use serde_json::{Value, json};
 use warp::http::StatusCode;
 
@@ -20,25 +19,6 @@ const GROUP: &str = "task-executor.io";
 const CONTROLLER: &str = "system:serviceaccount:opensandbox-system:controller";
 const CONTROLLER_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.controller-sa-token";
 const VIEWER_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.viewer-token";
-
-fn call(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<&str>,
-) -> Response {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-    }
-    let body = body.unwrap_or("");
-    req.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    ));
-    http::raw(addr, req.as_bytes()).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
 
 fn task(name: &str) -> String {
     json!({"name": name, "spec": {"process": {"command": ["sleep", "30"]}}}).to_string()

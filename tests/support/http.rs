@@ -101,6 +101,27 @@ fn into_io(e: ureq::Error) -> std::io::Error {
     }
 }
 
+/// A request on a fresh connection (`Connection: close`) with an optional
+/// `Authorization: Bearer` token and a JSON body; panics if no answer comes.
+pub fn with_token(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Response {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    req.push_str(&format!(
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    raw(addr, req.as_bytes()).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
 /// Sends raw request bytes on a fresh connection and parses the answer (read to EOF).
 pub fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
