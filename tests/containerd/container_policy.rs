@@ -65,11 +65,9 @@ fn setup(extra: &[&str]) -> Env {
 }
 
 impl Env {
+    /// Deletes every task, stops the agent, and checks CRI holds nothing of ours.
     fn finish(mut self) {
-        self.agent.delete_all_and_stop();
-        let (containers, sandboxes) = containerd::leftovers(&self.socket, &self.agent_id);
-        assert!(containers.is_empty(), "containers left: {containers:?}");
-        assert!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
+        containerd::stop_and_expect_nothing_left(&mut self.agent, &self.socket, &self.agent_id);
     }
 
     /// A 400 naming `field` and the policy; nothing of the task exists afterwards.

@@ -450,6 +450,18 @@ fn oci_archive(images: &[Image]) -> Result<Vec<u8>, String> {
     Ok(archive.finish())
 }
 
+/// Deletes every task, stops the agent, and checks CRI holds nothing labelled `agent_id`.
+pub fn stop_and_expect_nothing_left(
+    agent: &mut crate::support::agent::Agent,
+    socket: &Path,
+    agent_id: &str,
+) {
+    agent.delete_all_and_stop();
+    let (containers, sandboxes) = leftovers(socket, agent_id);
+    assert!(containers.is_empty(), "containers left: {containers:?}");
+    assert!(sandboxes.is_empty(), "sandboxes left: {sandboxes:?}");
+}
+
 /// The containers and sandboxes carrying the agent label `agent_id`, read through CRI.
 pub fn leftovers(
     socket: &Path,
