@@ -124,6 +124,16 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     for i in 0..opts.latency_samples {
         lat.push(create_and_wait(&client, &format!("lat-{i}"))?);
     }
+    // One task at a time after a pause, as a controller that creates a task now and
+    // then: what back-to-back runs amortise (the RCU grace period a cgroup move waits
+    // for, warm caches) shows here. The raw spawn gets the same pauses.
+    let (mut isolated, mut raw_isolated) = (Vec::new(), Vec::new());
+    for i in 0..ISOLATED_SAMPLES {
+        std::thread::sleep(ISOLATED_PAUSE);
+        isolated.push(create_and_wait(&client, &format!("iso-{i}"))?);
+        std::thread::sleep(ISOLATED_PAUSE);
+        raw_isolated.extend(raw_spawn(1)?);
+    }
     let tput = throughput(agent.addr, opts.clients, opts.duration)?;
     let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -175,6 +185,14 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         ms(l99),
         ms(raw99),
         ratio(l99.as_secs_f64(), raw99.as_secs_f64())
+    ));
+    let (i50, ri50) = (pct(&isolated, 50.0), pct(&raw_isolated, 50.0));
+    out.push_str(&format!(
+        "| create→terminated p50, one task every {:?} (isolated) | {} | {} | {} |\n",
+        ISOLATED_PAUSE * 2,
+        ms(i50),
+        ms(ri50),
+        ratio(i50.as_secs_f64(), ri50.as_secs_f64())
     ));
     out.push_str(&format!(
         "| sustained tasks/s ({} clients, {:?}) | {:.0} | {:.0} | {:.0}% |\n",
@@ -476,6 +494,11 @@ fn wait_healthy(agent: &mut Agent) -> Result<(), BenchError> {
     }
     Ok(())
 }
+
+/// Isolated create→terminated samples, and the pause before each (and before each raw
+/// spawn beside it).
+const ISOLATED_SAMPLES: usize = 20;
+const ISOLATED_PAUSE: Duration = Duration::from_millis(250);
 
 fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
     let mut out = Vec::with_capacity(n);

@@ -17,6 +17,10 @@ pub struct Finished {
     /// From the start of the restarted agent until it answers (it loads every task before
     /// it listens).
     pub restart: Duration,
+    /// The same once more right after, and once with the kernel's caches dropped (`None`:
+    /// not root).
+    pub restart_warm: Duration,
+    pub restart_cold: Option<Duration>,
 }
 
 pub fn run(n: usize, clients: usize) -> Result<Finished, BenchError> {
@@ -57,6 +61,13 @@ pub fn run(n: usize, clients: usize) -> Result<Finished, BenchError> {
     }
     std::thread::sleep(Duration::from_secs(1));
     let rss_restarted = rss_kib(again.pid())?;
+    // Again at once (the files' pages cached), then with nothing cached, as after a
+    // node's reboot: what the restart waits on is the disk.
+    let restart_warm = restart_in(&mut again)?;
+    let restart_cold = match drop_caches() {
+        Ok(()) => Some(restart_in(&mut again)?),
+        Err(_) => None,
+    };
     Ok(Finished {
         tasks,
         rss,
@@ -64,7 +75,36 @@ pub fn run(n: usize, clients: usize) -> Result<Finished, BenchError> {
         list,
         list_bytes,
         restart,
+        restart_warm,
+        restart_cold,
     })
+}
+
+/// kill -9 of `agent`, then an agent on its data dir again (in its place); the time
+/// until it answers.
+fn restart_in(agent: &mut super::Agent) -> Result<Duration, BenchError> {
+    let dir = agent.dir.take();
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    let path = dir
+        .clone()
+        .ok_or_else(|| BenchError::Setup("the agent's data dir is gone".into()))?;
+    let t = Instant::now();
+    let mut again = spawn_agent(path, agent.addr)?;
+    wait_healthy(&mut again)?;
+    let took = t.elapsed();
+    again.dir = dir;
+    *agent = again;
+    Ok(took)
+}
+
+/// Writes back and drops the kernel's page, dentry and inode caches (root only).
+fn drop_caches() -> std::io::Result<()> {
+    let status = std::process::Command::new("sync").status()?;
+    if !status.success() {
+        return Err(std::io::Error::other("sync failed"));
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n")
 }
 
 impl Finished {
@@ -84,13 +124,20 @@ impl Finished {
             "| agent RSS with {n} finished tasks | {} | | |\n\
              | GET /getTasks with {n} tasks, p50 / p99 ({} KiB) | {} / {} | | |\n\
              | restart with {n} finished tasks after kill -9 (start → answering, all loaded) | {:.2} s | | |\n\
-             | agent RSS after that restart | {} | | |\n",
+             | agent RSS after that restart | {} | | |\n\
+             | the same restart again at once / with the kernel's caches dropped (as after a reboot) | {:.2} s / {} | | |\n",
             mib(self.rss),
             self.list_bytes / 1024,
             ms(pct(&self.list, 50.0)),
             ms(pct(&self.list, 99.0)),
             self.restart.as_secs_f64(),
             mib(self.rss_restarted),
+            self.restart_warm.as_secs_f64(),
+            self.restart_cold
+                .map_or("n/a (needs root)".to_string(), |d| format!(
+                    "{:.2} s",
+                    d.as_secs_f64()
+                )),
         )
     }
 }

@@ -222,9 +222,14 @@ impl Init {
                 killed,
             } => {
                 // Supervisors re-parented to us since the last look get their stop request
-                // too. A pid listed here is our unreaped child, so it can't be reused.
+                // too. A pid listed here is our unreaped child, so it can't be reused. A
+                // task's cgroup is found from its orphans, or from its shim's children (a
+                // shim may stay outside its task's cgroup, see `containment`).
                 let children = crate::sys::procfs::own_children();
-                for &c in &children {
+                let theirs = children
+                    .iter()
+                    .flat_map(|&c| crate::sys::procfs::children_of(c));
+                for c in children.iter().copied().chain(theirs) {
                     for cg in crate::runtime::containment::task_cgroups_of(c) {
                         if !self.task_cgroups.contains(&cg) {
                             self.task_cgroups.push(cg);

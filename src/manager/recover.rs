@@ -13,7 +13,8 @@ use crate::task::store::TaskRecord;
 const ADOPT_CONCURRENCY: usize = 32;
 /// Tasks whose end is read in one off-loaded job (`settle_finished`), and such jobs at once.
 const SETTLE_BATCH: usize = 256;
-const SETTLE_CONCURRENCY: usize = 2;
+/// More than the CPUs: with a cold data dir each job mostly waits on the disk.
+const SETTLE_CONCURRENCY: usize = 8;
 
 impl Manager {
     pub(super) async fn recover_all(self: &Arc<Self>) -> Result<usize, ManagerError> {

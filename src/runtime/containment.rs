@@ -1,14 +1,21 @@
 //! A cgroup per process task: everything a task starts (its main command, hooks, what
-//! they daemonise, its shim) is in it, so everything of it can be ended at once and
+//! they daemonise) is in it, so everything of it can be ended at once and
 //! proven gone, even after its shim died (a double-forked `setsid` child re-parented to
 //! a dead shim has no other trace).
 //!
 //! The agent picks the hierarchy once at start (`detect`): cgroup v2 where it has
 //! `cgroup.kill` (Linux 5.14), else the cgroup v1 freezer. Task cgroups live in a
 //! `task-executor` directory under the agent's own cgroup, so a pod's tasks stay within
-//! its limits. The shim creates its task's cgroup and moves itself in before it claims the
-//! launch (nothing of the task runs yet, and every process it forks is born inside); the
-//! path is journaled in the claim, so a restarted agent still finds it.
+//! its limits. The shim creates its task's cgroup before it claims the launch (nothing of
+//! the task runs yet); the path is journaled in the claim, so a restarted agent still
+//! finds it. With cgroup v2 the shim stays outside and its task's commands are created
+//! straight into the cgroup (`clone3` with `CLONE_INTO_CGROUP`, see `child_setup`): a
+//! move into a cgroup and out again cost a quarter of a short task's run. Where that
+//! can't be done (the v1 freezer, another architecture, a seccomp profile that refuses
+//! `clone3`), and for a task with commands in the main container (their reaper is
+//! forked by the shim), the shim moves itself in first, so every process it forks is
+//! born inside. Either way everything of the task is in the cgroup; where the shim stays
+//! out, its own memory and CPU are not counted as the task's.
 //!
 //! Ending (`kill`): v2 writes `cgroup.kill` and waits for `cgroup.events` to read
 //! `populated 0`; v1 freezes the cgroup (nothing in it can fork or exit meanwhile, so
@@ -122,33 +129,64 @@ fn mount_point(kind: Kind, mounts: &str) -> Option<PathBuf> {
         .map(|m| m.point)
 }
 
-/// Creates the task's cgroup `name` under `parent` and moves the calling process into
-/// it: everything it forks from now on is born there. Returns its path.
-pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
+/// Creates the task's cgroup `name` under `parent`; returns its path.
+pub fn create(parent: &Parent, name: &str) -> io::Result<PathBuf> {
     let dir = parent.dir.join(name);
     fs::create_dir(&dir)
         .map_err(|e| io::Error::new(e.kind(), format!("task cgroup {}: {e}", dir.display())))?;
-    if let Err(e) = fs::write(dir.join("cgroup.procs"), b"0") {
-        let _ = fs::remove_dir(&dir);
-        return Err(io::Error::new(
+    Ok(dir)
+}
+
+/// Moves the calling process into the cgroup `dir`: everything it forks from now on is
+/// born there.
+pub fn enter(dir: &Path) -> io::Result<()> {
+    fs::write(dir.join("cgroup.procs"), b"0").map_err(|e| {
+        io::Error::new(
             e.kind(),
             format!("entering task cgroup {}: {e}", dir.display()),
-        ));
+        )
+    })
+}
+
+/// `enter`, for a shim that planned to stay outside the cgroup v2 `dir` (and found it
+/// can't): its pids limit, written for the task alone, is raised by one first, so that
+/// the task keeps what it was given with the shim counted in.
+pub fn enter_late(dir: &Path) -> io::Result<()> {
+    let max = dir.join("pids.max");
+    if let Ok(Ok(n)) = fs::read_to_string(&max).map(|t| t.trim().parse::<u64>()) {
+        fs::write(&max, n.saturating_add(1).to_string())?;
+    }
+    enter(dir)
+}
+
+/// Creates the task's cgroup `name` under `parent` and moves the calling process into
+/// it: everything it forks from now on is born there. Returns its path.
+pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
+    let dir = create(parent, name)?;
+    if let Err(e) = enter(&dir) {
+        let _ = fs::remove_dir(&dir);
+        return Err(e);
     }
     Ok(dir)
 }
 
-/// Moves the calling process (the shim) out of the task's cgroup and removes it, if
-/// nothing else is left in it: a shim whose task never started, or one whose task's
-/// processes are all gone, so that no empty cgroup outlives its task. Out to the parent,
-/// else (cgroup v2 with controllers enabled there, which allows no process in it) to the
-/// agent's own cgroup above it. A cgroup still in use stays (EBUSY) for the stop to end.
+/// Moves the calling process (the shim) out of the task's cgroup, if it is in it, and
+/// removes the cgroup, if nothing else is left in it: a shim whose task never started,
+/// or one whose task's processes are all gone, so that no empty cgroup outlives its task.
+/// Out to the parent, else (cgroup v2 with controllers enabled there, which allows no
+/// process in it) to the agent's own cgroup above it. A cgroup still in use stays (EBUSY)
+/// for the stop to end. A shim that never entered (its task's processes were born in the
+/// cgroup) is not moved: a move is what costs (see `child_setup::clone3`).
 pub fn leave_and_remove(dir: &Path) {
-    let out = dir
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .any(|up| fs::write(up.join("cgroup.procs"), b"0").is_ok());
+    let me = std::process::id().to_string();
+    let inside = fs::read_to_string(dir.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim() == me));
+    let out = inside
+        && dir
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .any(|up| fs::write(up.join("cgroup.procs"), b"0").is_ok());
     match fs::remove_dir(dir) {
         Ok(()) => tracing::debug!(cgroup = %dir.display(), "task cgroup removed"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -158,8 +196,8 @@ pub fn leave_and_remove(dir: &Path) {
     }
 }
 
-/// The task cgroups (made by `create_and_enter`) process `pid` is in, as this process's
-/// mounts show them: how the init finds its tasks' cgroups from their shims and orphans.
+/// The task cgroups (made by `create`) process `pid` is in, as this process's mounts show
+/// them: how the init finds its tasks' cgroups from their processes and orphans.
 pub fn task_cgroups_of(pid: i32) -> Vec<PathBuf> {
     let (Ok(mounts), Ok(theirs)) = (procfs::own_mountinfo(), procfs::cgroups_text(Some(pid)))
     else {
@@ -321,6 +359,31 @@ mod tests {
         assert_eq!(
             mount_point(Kind::V2, "1 2 0:1 / / rw - ext4 /dev/x rw\n"),
             None
+        );
+    }
+
+    #[test]
+    fn a_shim_entering_late_raises_the_pids_limit_it_was_not_counted_in() {
+        // (A directory standing in for a cgroup v2 with pids: this machine's v2 has no
+        // pids controller; the files are what the kernel's are, written the same way.)
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("pids.max"), "10\n").unwrap();
+        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        enter_late(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("pids.max")).unwrap(),
+            "11"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cgroup.procs")).unwrap(),
+            "0"
+        );
+        // No limit ("max") stays none.
+        fs::write(dir.path().join("pids.max"), "max\n").unwrap();
+        enter_late(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("pids.max")).unwrap(),
+            "max\n"
         );
     }
 

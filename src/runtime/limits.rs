@@ -19,7 +19,9 @@
 //! v2 cgroup). The shim makes the task's cgroups, writes their limits and moves itself in
 //! before it claims the launch (`enter`), as it does for containment, and journals their
 //! paths in the claim. Its own process counts against the task's pids limit (the limit
-//! written is the task's plus its supervisors), its few pages against its memory limit.
+//! written is the task's plus its supervisors), its few pages against its memory limit,
+//! in each cgroup it is in: not in a cgroup v2 its task's commands are created into
+//! (`containment`), whose pids limit is the task's own.
 //!
 //! A task that asks for a limit this agent can't enforce is refused (a 400 saying why).
 //! Without a pids controller, a task with a uid of its own (`--task-uid-range`) gets its
@@ -95,6 +97,9 @@ pub struct TaskContext<'a> {
     pub default_pids: Option<u64>,
     /// Processes of the task's supervision in its cgroups (its shim, its reaper).
     pub supervisors: u64,
+    /// The shim stays outside the task's containment cgroup (see `containment`): a pids
+    /// limit there counts the task alone.
+    pub shim_outside: bool,
     /// Every command of the task runs as a uid of its own (`RLIMIT_NPROC` holds).
     pub own_uid: bool,
 }
@@ -190,8 +195,12 @@ impl Controllers {
         if let Some(n) = pids {
             match self.place(PIDS) {
                 Ok(p) => {
+                    let inside = match p {
+                        Place::Containment if cx.shim_outside => cx.supervisors - 1,
+                        _ => cx.supervisors,
+                    };
                     join(&mut out, p);
-                    out.pids_max = Some(n.saturating_add(cx.supervisors));
+                    out.pids_max = Some(n.saturating_add(inside));
                 }
                 Err(_) if cx.own_uid => out.nproc = Some(n),
                 // The agent's default holds where it can; a task's own limit must.
@@ -606,6 +615,7 @@ mod tests {
             at: "process.resources",
             default_pids,
             supervisors: 1,
+            shim_outside: false,
             own_uid,
         }
     }
@@ -653,6 +663,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(d.pids_max, Some(4097), "the agent's default");
+    }
+
+    #[test]
+    fn a_pids_limit_counts_the_shim_only_in_the_cgroups_it_is_in() {
+        // Pure cgroup v2: pids on the containment cgroup, which a shim without a reaper
+        // stays out of (its task is created into it): the limit is the task's alone.
+        let mut v2 = Controllers::default();
+        v2.found.insert(PIDS, Place::Containment);
+        let l = TaskLimits {
+            pids: Some(10),
+            ..Default::default()
+        };
+        let outside = TaskContext {
+            shim_outside: true,
+            ..cx(None, false)
+        };
+        assert_eq!(v2.plan(&l, outside).unwrap().unwrap().pids_max, Some(10));
+        assert_eq!(
+            v2.plan(&l, cx(None, false)).unwrap().unwrap().pids_max,
+            Some(11),
+            "a shim inside counts"
+        );
+        // v1 pids beside v2 containment: the shim is in the task's v1 cgroups.
+        let p = hybrid().plan(&l, outside).unwrap().unwrap();
+        assert_eq!(p.pids_max, Some(11));
     }
 
     #[test]

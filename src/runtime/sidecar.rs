@@ -161,7 +161,7 @@ impl Runtime for SidecarRuntime {
                     .into(),
             ));
         }
-        self.process.plan_limits(spec, 2, false).map(drop)
+        self.process.plan_limits(spec, (2, false), false).map(drop)
     }
 
     fn start(

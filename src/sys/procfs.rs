@@ -200,6 +200,18 @@ pub fn own_children() -> Vec<i32> {
     }
 }
 
+/// The children of process `pid`'s main thread (a shim is single-threaded); none when
+/// the kernel can't list them (no `CONFIG_PROC_CHILDREN`).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|l| {
+            l.split_ascii_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The NUL-separated environment a process was exec'ed with, as bytes.
 pub fn environ(pid: i32) -> io::Result<Vec<(OsString, OsString)>> {
     let raw = fs::read(format!("/proc/{pid}/environ"))?;

@@ -228,9 +228,9 @@ impl Store {
             }
             dirs.push(entry);
         }
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, LOAD_THREADS);
+        // Not bounded by the CPUs: reading a cold data dir (after a reboot, or once the
+        // kernel dropped its pages) waits on the disk, one read at a time per thread.
+        let threads = LOAD_THREADS;
         let per_thread = dirs.len().div_ceil(threads).max(LOAD_MIN_PER_THREAD);
         std::thread::scope(|scope| {
             let mut chunks = dirs.chunks(per_thread);
@@ -308,8 +308,9 @@ impl Store {
     }
 }
 
-/// Threads `load_all` reads the task directories with, at most (one a core).
-const LOAD_THREADS: usize = 4;
+/// Threads `load_all` reads the task directories with, at most: reads in flight when
+/// the data dir is cold (measured: see docs/benchmark.md).
+const LOAD_THREADS: usize = 16;
 /// Fewer directories than this are not worth a thread.
 const LOAD_MIN_PER_THREAD: usize = 1024;
 

@@ -306,38 +306,112 @@ fn a_tasks_main_process_dies_with_its_supervisor_even_with_no_agent() {
     assert!(main.gone_soon(), "main (pid {pid}) outlived its supervisor");
 }
 
-/// Runs the rest of its argv under a seccomp filter that answers EPERM to
-/// `pidfd_send_signal` (x86-64 syscall 424), as a profile older than the call does.
-const NO_PIDFD_SIGNAL: &str = r#"
+/// `python3 SCRIPT NR ERRNO argv...` runs argv under a seccomp filter that answers ERRNO
+/// to system call NR (x86-64 numbers), as a runtime's seccomp profile may: an agent as a
+/// pod confined by an older or stricter profile runs it.
+const REFUSE_SYSCALL: &str = r#"
 import ctypes, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
+nr, errno = int(sys.argv[1]), int(sys.argv[2])
 def ins(code, jt, jf, k): return struct.pack("HBBI", code, jt, jf, k)
 prog = b"".join([
-    ins(0x20, 0, 0, 0),            # ld [nr]
-    ins(0x15, 0, 1, 424),          # jeq pidfd_send_signal
-    ins(0x06, 0, 0, 0x00050001),   # ret ERRNO(EPERM)
-    ins(0x06, 0, 0, 0x7fff0000),   # ret ALLOW
+    ins(0x20, 0, 0, 0),                  # ld [nr]
+    ins(0x15, 0, 1, nr),                 # jeq NR
+    ins(0x06, 0, 0, 0x00050000 | errno), # ret ERRNO(errno)
+    ins(0x06, 0, 0, 0x7fff0000),         # ret ALLOW
 ])
 buf = ctypes.create_string_buffer(prog)
 fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
 fbuf = ctypes.create_string_buffer(fprog)
 assert libc.prctl(38, 1, 0, 0, 0) == 0                      # no_new_privs
 assert libc.prctl(22, 2, ctypes.c_void_p(ctypes.addressof(fbuf)), 0, 0) == 0  # filter
-os.execv(sys.argv[1], sys.argv[1:])
+os.execv(sys.argv[3], sys.argv[3:])
 "#;
 
-#[test]
-fn an_agent_that_cannot_signal_through_pidfds_is_not_ready_and_says_why() {
+/// An agent whose every process gets ERRNO for system call NR (x86-64).
+fn agent_refused(nr: &str, errno: &str, dir: &std::path::Path) -> Agent {
     assert_eq!(
         std::env::consts::ARCH,
         "x86_64",
-        "the filter's syscall number"
+        "the filter's syscall numbers"
     );
+    let script = dir.join("refuse_syscall.py");
+    std::fs::write(&script, REFUSE_SYSCALL).unwrap();
+    Agent::start_wrapped(&["python3", script.to_str().unwrap(), nr, errno], &[])
+}
+
+/// The pids in a cgroup.
+fn members(cg: &std::path::Path) -> Vec<i32> {
+    let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+    let mut pids: Vec<i32> = procs.lines().map(|l| l.parse().unwrap()).collect();
+    pids.sort();
+    pids
+}
+
+/// A task whose main command leaves a daemon: its cgroup holds exactly the task's
+/// processes (plus its shim when `shim_inside`), and a DELETE ends all of them and
+/// removes it.
+fn task_in_its_cgroup(a: &Agent, name: &str, n: &'static str, shim_inside: bool) {
+    let main = Sleep(n);
+    a.run_sh(name, &format!("(setsid sleep {n} &); exec sleep {n}"));
+    a.wait_state(name, "running", T);
+    let cg = std::path::PathBuf::from(claim(a, name)["cgroup"].as_str().expect("a cgroup"));
+    let shim = crate::support::agent::started_record(&a.task_dir(name)).unwrap()["shim"]["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    let mut want = wait_for(T, "main and its daemon running", || {
+        let p = main.pids();
+        (p.len() == 2).then_some(p)
+    });
+    if shim_inside {
+        want.push(shim);
+    }
+    want.sort();
+    assert_eq!(members(&cg), want, "{} (shim {shim})", cg.display());
+    a.delete(name);
+    a.wait_gone(name, T);
+    assert!(main.gone_soon(), "nothing of the task outlives its delete");
+    assert!(!cg.exists(), "{} removed", cg.display());
+}
+
+#[test]
+fn a_tasks_cgroup_holds_the_task_and_not_its_supervisor() {
+    // cgroup v2 here: the task's processes are created in its cgroup, so what the cgroup
+    // counts (its usage, its limits) is the task's alone.
+    let a = Agent::start(&[]);
+    task_in_its_cgroup(&a, "alone", "35091", false);
+}
+
+#[test]
+fn where_clone3_is_refused_the_supervisor_enters_the_tasks_cgroup() {
+    // As under Docker's or containerd's default seccomp profile (clone3: ENOSYS): the
+    // shim moves itself into the cgroup, and the task is contained all the same.
     let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("no_pidfd_signal.py");
-    std::fs::write(&script, NO_PIDFD_SIGNAL).unwrap();
-    let script = script.to_str().unwrap();
-    let a = Agent::start_wrapped(&["python3", script], &[]);
+    let a = agent_refused("435", "38", dir.path());
+    task_in_its_cgroup(&a, "entered", "35093", true);
+    // Hooks too: each command of a task is in it.
+    let r = a.create(json!({"name": "hooked", "spec": {"process": {
+        "command": ["sh", "-c", "cat /proc/self/cgroup"],
+        "lifecycle": {"preStart": {"exec": {"command": ["sh", "-c", "cat /proc/self/cgroup"]}}}}}}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let t = a.wait_state("hooked", "terminated", T);
+    assert_eq!(t["reason"], "Succeeded", "{t}");
+    let cg = claim(&a, "hooked")["cgroup"].as_str().unwrap().to_string();
+    let leaf = std::path::Path::new(&cg)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert!(a.stdout("hooked").contains(leaf), "main in {leaf}");
+    let r = a.call("GET", "/tasks/hooked/logs?hook=preStart", None);
+    assert!(r.text().contains(leaf), "preStart in {leaf}: {}", r.text());
+}
+
+#[test]
+fn an_agent_that_cannot_signal_through_pidfds_is_not_ready_and_says_why() {
+    // pidfd_send_signal: EPERM, as a profile older than the call answers.
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent_refused("424", "1", dir.path());
     let r = a.call("GET", "/readyz", None);
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.text().contains("pidfd_send_signal"), "{}", r.text());

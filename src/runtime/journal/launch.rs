@@ -72,6 +72,17 @@ impl Launch {
             HookName::PostStop => self.post_stop.as_ref(),
         }
     }
+
+    /// Whether a command of the task runs in the main container, so that its shim forks a
+    /// reaper there (and, for containment, moves itself into the task's cgroup first).
+    /// The agent plans the task's pids limit by it; the shim acts on it.
+    pub fn needs_reaper(&self) -> bool {
+        self.target.is_some()
+            || [&self.pre_start, &self.post_stop]
+                .into_iter()
+                .flatten()
+                .any(|h| matches!(h.place, HookPlace::Remote(_)))
+    }
 }
 
 /// A lifecycle hook as its shim runs it: with the task's environment and working

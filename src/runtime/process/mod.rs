@@ -91,12 +91,13 @@ impl ProcessRuntime {
 
     /// What the task's shim does for its `resources` (and the agent's pids default), or
     /// why they can't be enforced here (a 400). `supervisors`: its shim, and its reaper
-    /// when something of it runs in the main container; `own_uid`: all of its commands
-    /// run as a uid of its own.
+    /// when something of it runs in the main container, and whether the shim stays
+    /// outside its containment cgroup; `own_uid`: all of its commands run as a uid of
+    /// its own.
     pub(crate) fn plan_limits(
         &self,
         spec: &crate::task::model::TaskSpec,
-        supervisors: u64,
+        (supervisors, shim_outside): (u64, bool),
         own_uid: bool,
     ) -> Result<Option<limits::LaunchLimits>, RuntimeError> {
         let Some(p) = &spec.process else {
@@ -112,6 +113,7 @@ impl ProcessRuntime {
             at: "process.resources",
             default_pids: self.default_pids,
             supervisors,
+            shim_outside,
             own_uid,
         };
         self.controllers
@@ -254,17 +256,20 @@ impl ProcessRuntime {
             .into_iter()
             .flatten()
             .any(|h| !matches!(h.place, HookPlace::Local));
-        let supervisors = if launch.target.is_some() || remote_hook {
-            2
-        } else {
-            1
-        };
+        let reaper = launch.needs_reaper();
+        let supervisors = if reaper { 2 } else { 1 };
+        // A shim without a reaper stays outside a cgroup v2 it creates its task into.
+        let shim_outside = !reaper
+            && self
+                .containment
+                .as_ref()
+                .is_some_and(|c| c.kind == super::containment::Kind::V2);
         let own_uid = task.host_uid.is_some()
             && launch.target.is_none()
             && !remote_hook
             && launch.run_as.uid.is_none();
         let launch = Launch {
-            limits: self.plan_limits(&task.spec, supervisors, own_uid)?,
+            limits: self.plan_limits(&task.spec, (supervisors, shim_outside), own_uid)?,
             ..launch
         };
         let mut attempt = 1;
@@ -327,7 +332,7 @@ impl Runtime for ProcessRuntime {
 
     fn validate(&self, spec: &crate::task::model::TaskSpec) -> Result<(), RuntimeError> {
         // Tasks here run in the agent's container, all of their commands.
-        self.plan_limits(spec, 1, self.would_have_own_uid(spec))
+        self.plan_limits(spec, (1, false), self.would_have_own_uid(spec))
             .map(drop)
     }
 

@@ -135,7 +135,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
     // Before anything of the task (or its reaper) is forked: all of it is born inside.
-    let cgroup = enter_cgroup(&launch, &me)?;
+    let (cgroup, born_into) = make_cgroup(&launch, &me)?;
     let limit_cgroups = match enter_limits(&launch, cgroup.as_deref(), &me) {
         Ok(dirs) => dirs,
         Err(e) => {
@@ -152,7 +152,7 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
         }
     };
     let place = match place(forker, &launch) {
-        Ok(p) => p,
+        Ok(p) => p.born_into(born_into),
         // Out of processes, memory or file descriptors before anything of the task ran
         // (the sidecar reaper is ours): the agent starts it again later.
         Err(e) if Exhaustion::of(&e).is_some() => {
@@ -214,15 +214,34 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
     ran
 }
 
-/// Makes the task's cgroup (as the launch says) and moves the shim into it. Named after
-/// the shim's identity, unique on this boot. A cgroup that can't be made fails the start
-/// before anything of the task ran: the operator's containment is never silently lost.
-fn enter_cgroup(launch: &Launch, me: &ProcIdentity) -> io::Result<Option<std::path::PathBuf>> {
+/// Makes the task's cgroup (as the launch says): one cgroup v2 its commands are then
+/// created into (returned, opened), or one the shim moves itself into now (the v1
+/// freezer; a task with commands in the main container, whose reaper the shim forks).
+/// Named after the shim's identity, unique on this boot. A cgroup that can't be made
+/// fails the start before anything of the task ran: the operator's containment is never
+/// silently lost. See `containment`.
+fn make_cgroup(
+    launch: &Launch,
+    me: &ProcIdentity,
+) -> io::Result<(Option<std::path::PathBuf>, Option<place::IntoCgroup>)> {
     let Some(parent) = &launch.containment else {
-        return Ok(None);
+        return Ok((None, None));
     };
     let name = format!("task-{}-{}", me.pid, me.start_time);
-    containment::create_and_enter(parent, &name).map(Some)
+    if parent.kind == containment::Kind::V2 && !launch.needs_reaper() {
+        let dir = containment::create(parent, &name)?;
+        match place::IntoCgroup::open(&dir) {
+            Ok(into) => return Ok((Some(dir), Some(into))),
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("task cgroup {}: {e}", dir.display()),
+                ));
+            }
+        }
+    }
+    containment::create_and_enter(parent, &name).map(|dir| (Some(dir), None))
 }
 
 /// Makes the task's cgroups of its limits (as the launch says; named as its containment

@@ -60,6 +60,30 @@ pub struct Place {
     /// The reaper inside the main container, for the commands that run there.
     reaper: Option<Reaper>,
     in_container: Vec<bool>,
+    /// The task's cgroup (cgroup v2) host commands are born into, while the shim stays
+    /// outside it; `None` once the shim entered it itself (or the task has none there).
+    into: Option<IntoCgroup>,
+}
+
+/// A cgroup v2 directory host commands are created in (`child_setup::fork_exec_into`).
+pub struct IntoCgroup {
+    pub dir: std::path::PathBuf,
+    /// Opened `O_PATH`.
+    pub fd: std::os::fd::OwnedFd,
+}
+
+impl IntoCgroup {
+    pub fn open(dir: &std::path::Path) -> io::Result<IntoCgroup> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_PATH | nix::libc::O_DIRECTORY)
+            .open(dir)?;
+        Ok(IntoCgroup {
+            dir: dir.to_path_buf(),
+            fd: f.into(),
+        })
+    }
 }
 
 impl Place {
@@ -75,7 +99,14 @@ impl Place {
             live: Vec::new(),
             reaper,
             in_container,
+            into: None,
         }
+    }
+
+    /// Host commands are born in this cgroup (the shim is not in it).
+    pub fn born_into(mut self, cgroup: Option<IntoCgroup>) -> Place {
+        self.into = cgroup;
+        self
     }
 
     fn runs_in_container(&self, job: usize) -> bool {
@@ -110,12 +141,31 @@ impl Place {
             .ok_or_else(|| setup(io::Error::from(io::ErrorKind::InvalidInput)))?;
         let null = File::open("/dev/null").map_err(setup)?;
         let head = journal::spawned_head(job_hook(job));
-        let announce = journal.map(|journal| Announce {
-            journal,
-            head: &head,
-            tail: journal::SPAWNED_TAIL,
-        });
-        let pid = child_setup::fork_exec(plan, [null.as_fd(), stdout, stderr], announce)?;
+        let announce = || {
+            journal.map(|journal| Announce {
+                journal,
+                head: &head,
+                tail: journal::SPAWNED_TAIL,
+            })
+        };
+        let stdio = [null.as_fd(), stdout, stderr];
+        let born_into = self
+            .into
+            .as_ref()
+            .map(|cg| child_setup::fork_exec_into(plan, stdio, announce(), cg.fd.as_fd()));
+        let pid = match born_into {
+            None => child_setup::fork_exec(plan, stdio, announce())?,
+            Some(Ok(pid)) => pid,
+            Some(Err(e)) if child_setup::into_cgroup_unsupported(&e) => {
+                // Nothing was started: the shim enters the cgroup itself, and every
+                // command it starts from now on is born inside (see `containment`).
+                let cg = self.into.take().expect("matched above");
+                crate::runtime::containment::enter_late(&cg.dir).map_err(setup)?;
+                tracing::debug!(cgroup = %cg.dir.display(), error = %e.error, "cannot create into the task's cgroup; the supervisor entered it");
+                child_setup::fork_exec(plan, stdio, announce())?
+            }
+            Some(Err(e)) => return Err(e),
+        };
         self.live.push((pid, job));
         // Our unreaped child: the pid is still its own.
         Ok(ProcIdentity::of(pid).unwrap_or(ProcIdentity::without_inode(pid, 0)))

@@ -13,6 +13,8 @@
 //! - `recv_with_fds`, `close_all_but`: descriptor ownership and hygiene.
 #![allow(unsafe_code)]
 
+mod clone3;
+
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -524,6 +526,39 @@ pub fn fork_exec(
     stdio: [BorrowedFd<'_>; 3],
     announce: Option<Announce<'_>>,
 ) -> Result<i32, SpawnError> {
+    spawn(plan, stdio, announce, None)
+}
+
+/// `fork_exec`, with the process born in the cgroup v2 directory `cgroup` (opened
+/// `O_PATH`): nothing moves the caller in and out of it (see `clone3`). A `Step::Clone`
+/// error with ENOSYS, EPERM, E2BIG or EINVAL means this can't be done here (another
+/// architecture, a kernel before 5.7, a seccomp profile that refuses `clone3`): nothing
+/// was started, and the caller may enter the cgroup itself and use `fork_exec`.
+pub fn fork_exec_into(
+    plan: &ExecPlan,
+    stdio: [BorrowedFd<'_>; 3],
+    announce: Option<Announce<'_>>,
+    cgroup: BorrowedFd<'_>,
+) -> Result<i32, SpawnError> {
+    spawn(plan, stdio, announce, Some(cgroup.as_raw_fd()))
+}
+
+/// Whether a `fork_exec_into` failure says only that a process can't be created into a
+/// cgroup here (see there).
+pub fn into_cgroup_unsupported(e: &SpawnError) -> bool {
+    e.step == Step::Clone
+        && matches!(
+            e.error.raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM | libc::E2BIG | libc::EINVAL)
+        )
+}
+
+fn spawn(
+    plan: &ExecPlan,
+    stdio: [BorrowedFd<'_>; 3],
+    announce: Option<Announce<'_>>,
+    cgroup: Option<RawFd>,
+) -> Result<i32, SpawnError> {
     let fail = |step, error| SpawnError { step, error };
     // The child dup2's these onto 0..2: a source already there would keep its
     // close-on-exec flag, and a later dup2 could overwrite an earlier source.
@@ -568,28 +603,47 @@ pub fn fork_exec(
     };
     // Uninitialised: the child writes before it reads, as any stack is used.
     let mut stack = Box::<[std::mem::MaybeUninit<u8>]>::new_uninit_slice(CHILD_STACK);
+    let base = stack.as_mut_ptr() as *mut u8;
     // SAFETY: in bounds (one past the end is allowed); aligned down to 16 below, as both
     // x86-64 and arm64 require of a stack pointer.
-    let top = unsafe { stack.as_mut_ptr().add(CHILD_STACK) };
+    let top = unsafe { base.add(CHILD_STACK) };
     let top = (top as usize & !15) as *mut c_void;
 
     // No handler may run in the child while it shares our memory: block every signal
     // (the child starts with this mask and clears it just before exec).
     let old = set_mask(u64::MAX).map_err(|e| fail(Step::Clone, e))?;
-    // SAFETY: `child` only makes raw system calls on `args`, which outlives the call:
-    // with CLONE_VFORK this thread is suspended until the child execs or exits, so
-    // `args`, `plan` and `stack` stay valid and untouched meanwhile. Without CLONE_SIGHAND
-    // the child's signal actions are its own; without CLONE_THREAD it is a process of its
-    // own, reaped through SIGCHLD like any child.
-    let pid = unsafe {
-        libc::clone(
-            child,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &args as *const ChildArgs<'_> as *mut c_void,
-        )
+    let arg = &args as *const ChildArgs<'_> as *mut c_void;
+    let (pid, clone_error) = match cgroup {
+        None => {
+            // SAFETY: `child` only makes raw system calls on `args`, which outlives the
+            // call: with CLONE_VFORK this thread is suspended until the child execs or
+            // exits, so `args`, `plan` and `stack` stay valid and untouched meanwhile.
+            // Without CLONE_SIGHAND the child's signal actions are its own; without
+            // CLONE_THREAD it is a process of its own, reaped through SIGCHLD like any
+            // child.
+            let pid = unsafe {
+                libc::clone(
+                    child,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    arg,
+                )
+            };
+            (pid, io::Error::last_os_error())
+        }
+        Some(cg) => {
+            // SAFETY: as above; the stack is `base` up to `top` (the kernel starts the
+            // child at `base + size`), every signal is blocked.
+            let r = unsafe {
+                clone3::clone_into_cgroup(cg, base, top as usize - base as usize, child, arg)
+            };
+            if r < 0 {
+                (-1, io::Error::from_raw_os_error(-r as i32))
+            } else {
+                (r as libc::pid_t, io::Error::from_raw_os_error(0))
+            }
+        }
     };
-    let clone_error = io::Error::last_os_error();
     let _ = set_mask(old);
     drop(stack);
     if pid < 0 {
