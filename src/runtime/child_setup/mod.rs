@@ -10,6 +10,7 @@
 //!   spawned `grep SigIgn /proc/self/status`), which every non-glibc task then inherits;
 //!   and a `fork` would copy the supervisor's page tables and fault on each page it writes
 //!   afterwards. The child makes raw system calls only, on data prepared before the clone.
+//!   `fork_exec_into` does the same with the process born in a given cgroup v2 (`clone3`).
 //! - `recv_with_fds`, `close_all_but`: descriptor ownership and hygiene.
 #![allow(unsafe_code)]
 
