@@ -188,11 +188,7 @@ pub fn own_children() -> Vec<i32> {
             .collect()
     });
     match lists {
-        Some(lists) => lists
-            .iter()
-            .flat_map(|l| l.split_ascii_whitespace())
-            .filter_map(|p| p.parse().ok())
-            .collect(),
+        Some(lists) => lists.iter().flat_map(|l| pid_list(l)).collect(),
         None => pids()
             .into_iter()
             .filter(|&p| stat(p).is_some_and(|s| s.ppid == me))
@@ -204,12 +200,13 @@ pub fn own_children() -> Vec<i32> {
 /// the kernel can't list them (no `CONFIG_PROC_CHILDREN`).
 pub fn children_of(pid: i32) -> Vec<i32> {
     fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|l| {
-            l.split_ascii_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
+        .map(|l| pid_list(&l).collect())
         .unwrap_or_default()
+}
+
+/// The pids of a `children` file: space-separated.
+fn pid_list(text: &str) -> impl Iterator<Item = i32> + '_ {
+    text.split_ascii_whitespace().filter_map(|p| p.parse().ok())
 }
 
 /// The NUL-separated environment a process was exec'ed with, as bytes.
