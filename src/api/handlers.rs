@@ -236,16 +236,16 @@ impl Iterator for ListPieces {
             piece.put_u8(b'[');
         }
         while piece.len() < LIST_CHUNK {
-            let Some(task) = self.tasks.next() else {
+            if self.tasks.remaining() == 0 {
                 piece.extend_from_slice(b"]\n");
                 self.done = true;
                 break;
-            };
+            }
             if self.started {
                 piece.put_u8(b',');
             }
             self.started = true;
-            piece.extend_from_slice(&task);
+            self.tasks.next_into(&mut piece);
         }
         Some(piece.freeze())
     }

@@ -15,15 +15,15 @@ impl Manager {
     pub fn census(&self) -> Vec<(&'static str, &'static str, u64)> {
         let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
         let tasks = self.read_tasks();
-        for e in tasks.values() {
+        for e in tasks.entries() {
             let kind = e.kind();
-            *counts.entry((kind, e.state().name())).or_default() += 1;
+            *counts.entry((kind, e.parts().state.name())).or_default() += 1;
         }
         // A task removed before its end was applied leaves its start time behind.
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         if running.len() > tasks.len() {
             let live: std::collections::HashSet<String> =
-                tasks.values().map(|e| e.uid().to_string()).collect();
+                tasks.entries().map(|e| e.uid().to_string()).collect();
             running.retain(|uid, _| live.contains(uid));
         }
         drop((running, tasks));
@@ -36,9 +36,9 @@ impl Manager {
     pub fn usage_census(&self) -> Vec<(String, crate::task::model::ResourceUsage)> {
         let tasks = self.read_tasks();
         tasks
-            .values()
+            .entries()
             .filter_map(|e| {
-                let u = e.usage().as_deref().cloned()?;
+                let u = e.parts().usage.as_deref().cloned()?;
                 Some((e.name().to_string(), u))
             })
             .collect()

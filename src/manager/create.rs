@@ -40,12 +40,12 @@ impl Manager {
         freed: usize,
     ) -> Result<Arc<Entry>, ManagerError> {
         let mut tasks = self.write_tasks();
-        if tasks.contains_key(name) {
+        if tasks.contains(name) {
             return Err(ManagerError::AlreadyExists(name.to_string()));
         }
         if let Some(max) = self.cfg.max_concurrent
             && tasks
-                .values()
+                .entries()
                 .filter(|e| e.is_active())
                 .count()
                 .saturating_sub(freed)
@@ -81,7 +81,7 @@ impl Manager {
         };
         let kind = self.kind_for(&rec.spec, rec.exec_mode);
         let entry = Entry::new(rec, TaskState::initialized(), Persisted::Pending, kind);
-        tasks.insert(name.to_string(), entry.clone());
+        tasks.insert(entry.clone());
         Ok(entry)
     }
 
@@ -141,14 +141,17 @@ impl Manager {
                 return Err(ManagerError::BeingDeleted(n.clone()));
             }
             let del: Vec<String> = tasks
-                .keys()
-                .filter(|n| !names.contains(n.as_str()))
-                .cloned()
+                .entries()
+                .filter(|e| !names.contains(e.name()))
+                .map(|e| e.name().to_string())
                 .collect();
-            let freed = del.iter().filter(|n| tasks[*n].is_active()).count();
+            let freed = tasks
+                .entries()
+                .filter(|e| !names.contains(e.name()) && e.is_active())
+                .count();
             let new = wanted
                 .iter()
-                .filter(|(n, _)| !tasks.contains_key(n))
+                .filter(|(n, _)| !tasks.contains(n))
                 .cloned()
                 .collect();
             (del, new, freed)

@@ -29,7 +29,7 @@ impl Manager {
         }
         let n = name.to_string();
         let at = self.store.io(move |s| s.mark_deleting(&n)).await?;
-        entry.marks().deletion_timestamp = Some(at);
+        entry.parts().deletion_timestamp = Some(at);
         tracing::info!(task = name, "deletion requested");
         self.changed(name);
         self.spawn_finalize(entry.clone());

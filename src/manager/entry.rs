@@ -1,24 +1,25 @@
 //! One task as the manager holds it: its record, its observed state, and the locks that
 //! order what happens to it.
 //!
-//! Each entry keeps its answer as the API renders it (`Entry::rendered`), made once after
-//! each change and shared by every reader: `GET /getTasks` of 10,000 tasks copies cached
-//! bytes instead of serialising 10,000 tasks. Every change of what a view shows goes
-//! through a `Tracked` guard (`marks`, `state`, `hooks`, `usage`), whose mutable use drops
-//! the cached answer; a render that raced a change is never cached (`generation`).
+//! Each entry keeps its answer as the API renders it (`Entry::with_rendered`), made once
+//! after each change and copied by every reader: `GET /getTasks` of 10,000 tasks copies
+//! cached bytes instead of serialising 10,000 tasks. Every change of what a view shows
+//! goes through the `Tracked` guard of its `Parts`, whose mutable use drops the cached
+//! answer; a render that raced a change is never cached (`generation`).
 //!
 //! The record's parts that never change after the create (name, uid, times, where it
-//! runs) are plain fields. Its spec never changes either: once the task has finished it is
-//! kept only as its JSON (`seal`), read back on the rare paths that need it (a delete, a
-//! sync's answer, a view), so a finished task holds its cached answer and little else.
+//! runs) are plain fields. Its spec never changes either: it is kept as its JSON (`Spec`),
+//! read back on the few paths that need it (a start, a delete, a sync's answer, a view),
+//! so a finished task holds its cached answer and little else.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::turn::TurnLock;
 use crate::task::model::{ExecMode, HookStatuses, ResourceUsage, TaskSpec, TaskState, Terminated};
 use crate::task::store::TaskRecord;
 use crate::task::time::Time;
@@ -49,80 +50,131 @@ pub(super) enum Persisted {
     No = 2,
 }
 
+/// Wakes the waiters of every entry's `Persisted` (each looks at its own entry again). One
+/// for all: a `Notify` an entry cost every task 32 bytes for a flag that changes once, and
+/// its waiters are rare (a deletion racing its task's create).
+static PERSISTED_CHANGED: Notify = Notify::const_new();
+
+/// The runtime a task runs on (fixed by its spec), as metrics name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Host,
+    Sidecar,
+    Container,
+}
+
+impl Kind {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Kind::Host => "host",
+            Kind::Sidecar => "sidecar",
+            Kind::Container => "container",
+        }
+    }
+}
+
+/// One task. Its size is what every finished task costs beside its answer, so the parts
+/// that change share one lock and the rarely used ones are boxed.
 pub(super) struct Entry {
     name: Box<str>,
     uid: Box<str>,
     created_at: Time,
-    exec_mode: Option<ExecMode>,
     host_uid: Option<u32>,
-    /// `host`, `sidecar` or `container`: the runtime it runs on (fixed by its spec).
-    kind: &'static str,
-    spec: Mutex<Spec>,
-    /// The record's parts that change. Locked after `state` when both are.
-    marks: Mutex<Marks>,
-    state: Mutex<TaskState>,
-    /// Locked after `state` when both are. Boxed: most tasks have no hooks, and an
-    /// unboxed pair of hook states made every entry 200 bytes larger.
-    hooks: Mutex<Option<Box<HookStatuses>>>,
-    /// What the task used, once it ended. Locked after `hooks`; boxed as they are.
-    usage: Mutex<Option<Box<ResourceUsage>>>,
+    exec_mode: Option<ExecMode>,
+    kind: Kind,
+    /// A `Persisted`, its waiters woken by `PERSISTED_CHANGED`.
+    persisted: AtomicU8,
+    /// What changes: the view's parts and the record's. Locked before `rendered`.
+    parts: Mutex<Parts>,
     /// Held while the task starts, stops or its record is rewritten, so those never
     /// overlap: a delete waits for a start in flight, and two updates of `task.json` are
     /// never written at once.
-    pub(super) lifecycle: tokio::sync::Mutex<()>,
+    pub(super) lifecycle: TurnLock,
     /// Serialises deletion requests, so that exactly one makes the marker durable.
-    pub(super) deleting: tokio::sync::Mutex<()>,
-    /// A `Persisted`, and its waiters (no channel: a watch channel's shared state cost
-    /// every task about 400 bytes of heap for a flag that changes once).
-    persisted: AtomicU8,
-    persisted_changed: Notify,
+    pub(super) deleting: TurnLock,
     /// The rendered answer, until the view changes. Locked last.
-    rendered: Mutex<Option<Bytes>>,
-    /// Bumped (under `rendered`'s lock) by every change of the view.
-    generation: AtomicU64,
+    rendered: Mutex<Rendered>,
 }
 
-/// The record's parts that change after the create.
-#[derive(Default)]
-pub(super) struct Marks {
+/// The parts of a task that change after its create, under one lock (five locks, as
+/// there were, cost 32 bytes a task more). Changed through `Entry::parts`, whose guard
+/// drops the cached answer when it was used mutably.
+pub(super) struct Parts {
+    /// Private: it never changes.
+    spec: Spec,
     pub(super) deletion_timestamp: Option<Time>,
     pub(super) final_status: Option<Box<Terminated>>,
+    pub(super) state: TaskState,
+    /// How its hooks are or ended. Boxed: most tasks have no hooks, and an unboxed pair
+    /// of hook states made every entry 200 bytes larger.
+    pub(super) hooks: Option<Box<HookStatuses>>,
+    /// What the task used, once it ended; boxed as `hooks` is.
+    pub(super) usage: Option<Box<ResourceUsage>>,
 }
 
-/// The task's spec: as it was given while the task may run, its JSON once it finished.
+/// The cached answer, and the count of view changes that a render started before one
+/// of them must not be cached under.
+#[derive(Default)]
+struct Rendered {
+    /// Exactly its size, and never shared out: a `Bytes` shared by a listing grew a
+    /// 32-byte header of its own for every task that was listed once.
+    bytes: Option<Box<[u8]>>,
+    generation: u64,
+}
+
+/// The task's spec, as its JSON: a `TaskSpec` is 632 bytes before its strings, and the
+/// hole it left when it was dropped (as it was once the task finished) outlived it among
+/// the answers and entries around it. Reading it back costs a microsecond or two on the
+/// paths that need it, which are few and never a listing.
 enum Spec {
-    Open(Box<TaskSpec>),
     Sealed(Box<[u8]>),
+    /// Large (its JSON would be read back by each view of it), or its JSON would not read
+    /// back as the same spec (never seen: the store depends on the same round trip).
+    Open(Box<TaskSpec>),
 }
 
-/// Specs larger than this stay open when their task finishes: the JSON of a spec with a
-/// huge environment saves little, and reading it back would cost every view.
+/// Specs whose JSON is larger than this are kept open: a spec with a huge environment
+/// saves little as JSON, and reading it back would cost every view.
 const SEAL_MAX: usize = 16 * 1024;
 
-/// A lock guard of one part of an entry's view: using it mutably drops the entry's
-/// rendered answer when the guard goes (still under the lock, so no render in between
-/// can see the old value and cache it as new).
-pub(super) struct Tracked<'a, T> {
-    guard: MutexGuard<'a, T>,
+impl Spec {
+    fn of(spec: TaskSpec) -> Spec {
+        match serde_json::to_vec(&spec) {
+            Ok(json)
+                if json.len() <= SEAL_MAX
+                    && serde_json::from_slice::<TaskSpec>(&json).ok().as_ref() == Some(&spec) =>
+            {
+                Spec::Sealed(json.into_boxed_slice())
+            }
+            _ => Spec::Open(Box::new(spec)),
+        }
+    }
+}
+
+/// The guard of an entry's `Parts`: using it mutably drops the entry's rendered answer
+/// when the guard goes (still under the lock, so no render in between can see the old
+/// value and cache it as new).
+pub(super) struct Tracked<'a> {
+    guard: MutexGuard<'a, Parts>,
     entry: &'a Entry,
     dirty: bool,
 }
 
-impl<T> Deref for Tracked<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
+impl Deref for Tracked<'_> {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
         &self.guard
     }
 }
 
-impl<T> DerefMut for Tracked<'_, T> {
-    fn deref_mut(&mut self) -> &mut T {
+impl DerefMut for Tracked<'_> {
+    fn deref_mut(&mut self) -> &mut Parts {
         self.dirty = true;
         &mut self.guard
     }
 }
 
-impl<T> Drop for Tracked<'_, T> {
+impl Drop for Tracked<'_> {
     fn drop(&mut self) {
         if self.dirty {
             self.entry.invalidate();
@@ -140,55 +192,41 @@ impl Entry {
         record: TaskRecord,
         state: TaskState,
         persisted: Persisted,
-        kind: &'static str,
+        kind: Kind,
     ) -> Arc<Entry> {
         Arc::new(Entry {
-            name: record.name.into(),
-            uid: record.uid.into(),
+            // Copied, not converted: a record read by a loader thread would otherwise
+            // keep these strings for the task's life in that thread's malloc arena, among
+            // the holes its read left.
+            name: Box::from(record.name.as_str()),
+            uid: Box::from(record.uid.as_str()),
             created_at: record.created_at,
             exec_mode: record.exec_mode,
             host_uid: record.host_uid,
             kind,
-            spec: Mutex::new(Spec::Open(Box::new(record.spec))),
-            marks: Mutex::new(Marks {
+            persisted: AtomicU8::new(persisted as u8),
+            parts: Mutex::new(Parts {
+                spec: Spec::of(record.spec),
                 deletion_timestamp: record.deletion_timestamp,
                 final_status: record.final_status.map(Box::new),
+                state,
+                hooks: None,
+                usage: None,
             }),
-            state: Mutex::new(state),
-            hooks: Mutex::new(None),
-            usage: Mutex::new(None),
-            lifecycle: tokio::sync::Mutex::new(()),
-            deleting: tokio::sync::Mutex::new(()),
-            persisted: AtomicU8::new(persisted as u8),
-            persisted_changed: Notify::new(),
-            rendered: Mutex::new(None),
-            generation: AtomicU64::new(0),
+            lifecycle: TurnLock::default(),
+            deleting: TurnLock::default(),
+            rendered: Mutex::new(Rendered::default()),
         })
     }
 
-    fn tracked<'a, T>(&'a self, m: &'a Mutex<T>) -> Tracked<'a, T> {
+    /// The parts that change (state, hooks, usage, the deletion mark and the recorded
+    /// final status), locked.
+    pub(super) fn parts(&self) -> Tracked<'_> {
         Tracked {
-            guard: lock(m),
+            guard: lock(&self.parts),
             entry: self,
             dirty: false,
         }
-    }
-
-    /// The deletion mark and the recorded final status.
-    pub(super) fn marks(&self) -> Tracked<'_, Marks> {
-        self.tracked(&self.marks)
-    }
-
-    pub(super) fn state(&self) -> Tracked<'_, TaskState> {
-        self.tracked(&self.state)
-    }
-
-    pub(super) fn hooks(&self) -> Tracked<'_, Option<Box<HookStatuses>>> {
-        self.tracked(&self.hooks)
-    }
-
-    pub(super) fn usage(&self) -> Tracked<'_, Option<Box<ResourceUsage>>> {
-        self.tracked(&self.usage)
     }
 
     pub(super) fn name(&self) -> &str {
@@ -211,14 +249,15 @@ impl Entry {
         self.host_uid
     }
 
+    /// `host`, `sidecar` or `container`.
     pub(super) fn kind(&self) -> &'static str {
-        self.kind
+        self.kind.as_str()
     }
 
     /// `f` of the spec (read back from its JSON if it is sealed).
     pub(super) fn with_spec<R>(&self, f: impl FnOnce(&TaskSpec) -> R) -> R {
-        let spec = lock(&self.spec);
-        match &*spec {
+        let parts = lock(&self.parts);
+        match &parts.spec {
             Spec::Open(s) => f(s),
             Spec::Sealed(json) => f(&unseal(json)),
         }
@@ -226,108 +265,77 @@ impl Entry {
 
     /// A copy of the spec.
     pub(super) fn spec(&self) -> TaskSpec {
-        let spec = lock(&self.spec);
-        match &*spec {
-            Spec::Open(s) => TaskSpec::clone(s),
-            Spec::Sealed(json) => unseal(json),
-        }
+        spec_of(&lock(&self.parts))
     }
 
     /// The record as the store keeps it.
     pub(super) fn record(&self) -> TaskRecord {
-        let (deletion_timestamp, final_status) = {
-            let m = lock(&self.marks);
-            (m.deletion_timestamp, m.final_status.as_deref().cloned())
-        };
+        let parts = lock(&self.parts);
         TaskRecord {
             name: self.name.to_string(),
             uid: self.uid.to_string(),
-            spec: self.spec(),
+            spec: spec_of(&parts),
             exec_mode: self.exec_mode,
             host_uid: self.host_uid,
             created_at: self.created_at,
-            deletion_timestamp,
-            final_status,
+            deletion_timestamp: parts.deletion_timestamp,
+            final_status: parts.final_status.as_deref().cloned(),
         }
-    }
-
-    /// Keeps a finished task's spec as its JSON only (it can't change, and a finished
-    /// task is rarely asked for it). Kept open when its JSON would not read back as the
-    /// same spec (never seen: the store depends on the same round trip) or is large.
-    pub(super) fn seal(&self) {
-        if !lock(&self.state).is_terminated() {
-            return;
-        }
-        let mut spec = lock(&self.spec);
-        let Spec::Open(open) = &*spec else { return };
-        let Ok(json) = serde_json::to_vec(&**open) else {
-            return;
-        };
-        if json.len() > SEAL_MAX
-            || serde_json::from_slice::<TaskSpec>(&json).ok().as_ref() != Some(&**open)
-        {
-            return;
-        }
-        *spec = Spec::Sealed(json.into_boxed_slice());
     }
 
     fn invalidate(&self) {
         let mut rendered = lock(&self.rendered);
-        self.generation.fetch_add(1, Ordering::Relaxed);
-        *rendered = None;
+        rendered.generation += 1;
+        rendered.bytes = None;
     }
 
     pub(super) fn view(&self) -> TaskView {
-        let (state, hooks, usage, deletion_timestamp) = {
-            let state = lock(&self.state);
-            let hooks = lock(&self.hooks).as_deref().cloned();
-            let usage = lock(&self.usage).as_deref().cloned();
-            let deletion = lock(&self.marks).deletion_timestamp;
-            (state.clone(), hooks, usage, deletion)
-        };
+        let parts = lock(&self.parts);
         TaskView {
             name: self.name.to_string(),
-            spec: self.spec(),
-            state,
-            hooks,
-            usage,
-            deletion_timestamp,
+            spec: spec_of(&parts),
+            state: parts.state.clone(),
+            hooks: parts.hooks.as_deref().cloned(),
+            usage: parts.usage.as_deref().cloned(),
+            deletion_timestamp: parts.deletion_timestamp,
         }
     }
 
-    /// The task's answer: the cached bytes, or its view rendered now (and cached unless
-    /// the view changed meanwhile).
-    pub(super) fn rendered(&self, render: Render) -> Bytes {
+    /// `f` of the task's answer: the cached bytes, or its view rendered now (and cached
+    /// unless the view changed meanwhile).
+    pub(super) fn with_rendered<R>(&self, render: Render, f: impl FnOnce(&[u8]) -> R) -> R {
         let generation = {
             let cached = lock(&self.rendered);
-            if let Some(bytes) = cached.as_ref() {
-                return bytes.clone();
+            if let Some(bytes) = &cached.bytes {
+                return f(bytes);
             }
-            self.generation.load(Ordering::Relaxed)
+            cached.generation
         };
         // Copied to its exact size: a rendered `Vec` carries up to as much spare capacity
         // again, held as long as the answer is cached (a finished task's whole life).
-        let bytes = Bytes::copy_from_slice(&render(self.view()));
+        let bytes: Box<[u8]> = Box::from(&render(self.view())[..]);
         let mut cached = lock(&self.rendered);
-        if self.generation.load(Ordering::Relaxed) == generation {
-            *cached = Some(bytes.clone());
+        let out = f(&bytes);
+        if cached.generation == generation {
+            cached.bytes = Some(bytes);
         }
-        bytes
+        out
     }
 
     /// A deletion was requested and is durable.
     pub(super) fn deletion_requested(&self) -> bool {
-        lock(&self.marks).deletion_timestamp.is_some()
+        lock(&self.parts).deletion_timestamp.is_some()
     }
 
     /// Counts against `--max-concurrent-tasks`: neither deleted nor finished.
     pub(super) fn is_active(&self) -> bool {
-        !self.deletion_requested() && !lock(&self.state).is_terminated()
+        let parts = lock(&self.parts);
+        parts.deletion_timestamp.is_none() && !parts.state.is_terminated()
     }
 
     pub(super) fn set_persisted(&self, p: Persisted) {
         self.persisted.store(p as u8, Ordering::Release);
-        self.persisted_changed.notify_waiters();
+        PERSISTED_CHANGED.notify_waiters();
     }
 
     fn persisted(&self) -> Persisted {
@@ -342,7 +350,7 @@ impl Entry {
     pub(super) async fn wait_persisted(&self) -> bool {
         loop {
             // Registered before looking, so a change between the two wakes it.
-            let changed = self.persisted_changed.notified();
+            let changed = PERSISTED_CHANGED.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             match self.persisted() {
@@ -353,7 +361,14 @@ impl Entry {
     }
 }
 
-/// The spec a sealed JSON holds; `seal` checked that it reads back.
+fn spec_of(parts: &Parts) -> TaskSpec {
+    match &parts.spec {
+        Spec::Open(s) => TaskSpec::clone(s),
+        Spec::Sealed(json) => unseal(json),
+    }
+}
+
+/// The spec a sealed JSON holds; `Spec::of` checked that it reads back.
 fn unseal(json: &[u8]) -> TaskSpec {
     serde_json::from_slice(json).expect("a sealed spec was read back when it was sealed")
 }

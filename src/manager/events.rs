@@ -28,28 +28,28 @@ impl Manager {
             // Never nested otherwise.
             Observed::WithHooks(..) | Observed::WithUsage(..) => return,
         };
-        let mut state = entry.state();
+        let mut parts = entry.parts();
         let mut changed = false;
-        if let Some(u) = usage {
-            let mut mine = entry.usage();
-            if mine.as_deref() != Some(&u) {
-                *mine = Some(Box::new(u));
-                changed = true;
-            }
+        if let Some(u) = usage
+            && parts.usage.as_deref() != Some(&u)
+        {
+            parts.usage = Some(Box::new(u));
+            changed = true;
         }
         if let Some(h) = hooks {
-            let mut mine = entry.hooks();
+            let mine = &mut parts.hooks;
             let merged = mine.get_or_insert_with(Default::default);
             let before = merged.clone();
             merged.merge(&h);
-            changed = *merged != before;
+            changed |= *merged != before;
             if merged.is_empty() {
                 *mine = None;
             }
         }
+        let state = &parts.state;
         let moves = new.rank() > state.rank()
             || (matches!(
-                (&*state, &new),
+                (state, &new),
                 (TaskState::Waiting(_), TaskState::Waiting(_))
             ) && *state != new);
         let name = entry.name();
@@ -67,15 +67,13 @@ impl Manager {
                     tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
                 }
             }
-            self.record_metrics(entry, &state, &new);
-            *state = new;
+            self.record_metrics(entry, state, &new);
+            parts.state = new;
         }
-        drop(state);
+        drop(parts);
         if moves || changed {
             self.changed(name);
         }
-        // A finished task's spec is kept as its JSON from now on.
-        entry.seal();
     }
 
     fn on_event(&self, ev: RuntimeEvent) {

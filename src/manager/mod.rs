@@ -22,11 +22,12 @@ pub mod error;
 mod events;
 mod recover;
 mod start;
+mod tasks;
 #[cfg(test)]
 mod tests;
+mod turn;
 mod uids;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +39,8 @@ use tokio::sync::{broadcast, mpsc};
 pub use entry::{Render, TaskView};
 pub use error::ManagerError;
 
-use self::entry::Entry;
+use self::entry::{Entry, Kind};
+use self::tasks::Tasks;
 use crate::runtime::{EventSink, Readiness, Runtime, RuntimeError, Runtimes, TaskRef};
 use crate::task::identity::UidRange;
 use crate::task::model::TaskSpec;
@@ -68,8 +70,7 @@ pub struct Manager {
     store: Store,
     runtimes: Runtimes,
     cfg: ManagerConfig,
-    /// By name: kept sorted, so a list is a walk, never a sort.
-    tasks: RwLock<BTreeMap<String, Arc<Entry>>>,
+    tasks: RwLock<Tasks>,
     events: EventSink,
     uid_seq: AtomicU64,
     /// The task uids held, with `--task-uid-range` (locked after `tasks` when both are).
@@ -91,7 +92,7 @@ impl Manager {
             runtimes,
             cfg,
             host_uids,
-            tasks: RwLock::new(BTreeMap::new()),
+            tasks: RwLock::new(Tasks::default()),
             events: tx,
             uid_seq: AtomicU64::new(0),
             changes: broadcast::channel(1024).0,
@@ -127,7 +128,7 @@ impl Manager {
     /// changed since the last render. `render` is the agent's one answer shape.
     pub fn get_rendered(&self, name: &str, render: Render) -> Result<Bytes, ManagerError> {
         self.entry(name)
-            .map(|e| e.rendered(render))
+            .map(|e| e.with_rendered(render, Bytes::copy_from_slice))
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
@@ -147,7 +148,7 @@ impl Manager {
     }
 
     fn snapshot(&self) -> Vec<Arc<Entry>> {
-        self.read_tasks().values().cloned().collect()
+        self.read_tasks().entries().cloned().collect()
     }
 
     /// Creates the task: its record is durable and its start was tried when this returns.
@@ -229,15 +230,11 @@ impl Manager {
 
     /// `host`, `sidecar` or `container`: the runtime a task of `spec` runs on (fixed for
     /// the agent's life, so each entry keeps it).
-    fn kind_for(
-        &self,
-        spec: &TaskSpec,
-        exec_mode: Option<crate::task::model::ExecMode>,
-    ) -> &'static str {
+    fn kind_for(&self, spec: &TaskSpec, exec_mode: Option<crate::task::model::ExecMode>) -> Kind {
         match self.runtimes.for_task(spec, exec_mode).map(|rt| rt.kind()) {
-            Ok("process") => "host",
-            Ok(kind) => kind,
-            Err(_) => "container",
+            Ok("sidecar") => Kind::Sidecar,
+            Ok("container") | Err(_) => Kind::Container,
+            Ok(_) => Kind::Host,
         }
     }
 
@@ -256,11 +253,11 @@ impl Manager {
         }
     }
 
-    fn read_tasks(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Entry>>> {
+    fn read_tasks(&self) -> std::sync::RwLockReadGuard<'_, Tasks> {
         self.tasks.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_tasks(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Entry>>> {
+    fn write_tasks(&self) -> std::sync::RwLockWriteGuard<'_, Tasks> {
         self.tasks.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -276,17 +273,17 @@ impl Listing {
     pub fn remaining(&self) -> usize {
         self.entries.len()
     }
-}
 
-impl Iterator for Listing {
-    type Item = Bytes;
-
-    fn next(&mut self) -> Option<Bytes> {
-        self.entries.next().map(|e| e.rendered(self.render))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.entries.size_hint()
+    /// Appends the next task's answer to `out`; false when every task was reached. The
+    /// answer is copied from the task's cache under its lock, never shared out of it.
+    pub fn next_into(&mut self, out: &mut impl bytes::BufMut) -> bool {
+        match self.entries.next() {
+            Some(e) => {
+                e.with_rendered(self.render, |answer| out.put_slice(answer));
+                true
+            }
+            None => false,
+        }
     }
 }
 

@@ -43,13 +43,12 @@ impl Manager {
             };
             let deleting = rec.deletion_timestamp.is_some();
             let has_final = rec.final_status.is_some();
-            let (name, host_uid) = (rec.name.clone(), rec.host_uid);
+            let host_uid = rec.host_uid;
             let kind = self.kind_for(&rec.spec, rec.exec_mode);
             let entry = Entry::new(rec, state, Persisted::Yes, kind);
-            entry.seal();
             {
                 let mut tasks = self.write_tasks();
-                tasks.insert(name, entry.clone());
+                tasks.insert(entry.clone());
                 // Its uid stays its own, and nobody else's, until it is forgotten.
                 if let (Some(uid), Some(mut pool)) = (host_uid, self.uid_pool()) {
                     pool.hold(uid);

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::Retryable;
-use tokio::sync::MutexGuard;
 
 use super::entry::Entry;
 use super::{Manager, backoff};
@@ -63,7 +62,7 @@ impl Manager {
     pub(super) async fn start_locked(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
-        life: MutexGuard<'_, ()>,
+        life: super::turn::Turn<'_>,
         adopt: bool,
     ) {
         let outcome = self.attempt(entry, adopt).await;
@@ -204,11 +203,11 @@ impl Manager {
     fn show_backoff(&self, entry: &Entry, err: &RuntimeError, retry_in: Duration, attempt: u32) {
         let name = entry.name();
         {
-            let mut state = entry.state();
-            if !matches!(*state, TaskState::Waiting(_)) {
+            let mut parts = entry.parts();
+            if !matches!(parts.state, TaskState::Waiting(_)) {
                 return;
             }
-            *state = TaskState::Waiting(Waiting {
+            parts.state = TaskState::Waiting(Waiting {
                 reason: Some(model::reason::RESOURCES_EXHAUSTED.into()),
                 message: Some(format!(
                     "{err}; retrying in {} (attempt {attempt})",
@@ -226,7 +225,7 @@ impl Manager {
     /// The task could not be run: keep the reason, durably (retried in the background
     /// while the disk refuses it), and show it. The caller holds the lifecycle lock.
     pub(super) async fn fail_with(self: &Arc<Self>, entry: &Arc<Entry>, t: Terminated) {
-        entry.marks().final_status = Some(Box::new(t.clone()));
+        entry.parts().final_status = Some(Box::new(t.clone()));
         let rec = entry.record();
         if let Err(e) = self.store.io(move |s| s.update(&rec)).await {
             tracing::error!(task = %entry.name(), error = %e, "could not persist the start failure; retrying");

@@ -295,6 +295,37 @@ async fn delete_is_durable_before_it_answers_then_stops_and_removes_the_task() {
 }
 
 #[tokio::test]
+async fn deletion_requests_at_once_make_one_marker_and_one_stop() {
+    let s = setup();
+    s.rt.gate_stops();
+    s.mgr.create("a".into(), spec("true")).await.unwrap();
+    // Each request waits for the marker to be durable; only the first writes it.
+    let requests: Vec<_> = (0..16)
+        .map(|_| {
+            let mgr = s.mgr.clone();
+            tokio::spawn(async move { mgr.delete("a").await })
+        })
+        .collect();
+    for r in requests {
+        r.await.unwrap().unwrap();
+    }
+    let marked = s.mgr.get("a").unwrap().deletion_timestamp;
+    assert!(marked.is_some());
+    assert_eq!(
+        s.stored()[0].deletion_timestamp,
+        marked,
+        "one marker, shown as stored"
+    );
+    s.rt.stop_gate.add_permits(16);
+    until("a gone", || s.mgr.get("a").is_err()).await;
+    assert_eq!(
+        s.rt.count("stop a"),
+        1,
+        "one deletion carried out, not one a request"
+    );
+}
+
+#[tokio::test]
 async fn a_stop_that_fails_is_retried_until_the_task_is_gone() {
     let s = setup();
     s.rt.fail_next_stops(2);
