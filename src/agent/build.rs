@@ -124,6 +124,7 @@ pub(super) fn task_containment(config: &Config) -> Option<crate::runtime::contai
     match found {
         Ok(p) => {
             tracing::info!(mechanism = p.kind.as_str(), parent = %p.dir.display(), "process tasks get a cgroup each");
+            sweep_leftovers(&p.dir);
             crate::metrics::containment(p.kind.as_str());
             Some(p)
         }
@@ -147,7 +148,19 @@ pub(super) fn task_limits(
     };
     let c = crate::runtime::limits::detect(containment, why_none);
     tracing::info!(controllers = %c.summary(), pids_limit = config.task_pids_limit, "resource limits per process task");
+    for parent in c.v1_parents() {
+        sweep_leftovers(parent);
+    }
     c
+}
+
+/// Removes what dead shims left in `parent` (see `containment::sweep_leftovers`), once
+/// at start: before, each shim that died before its claim left a cgroup for good.
+fn sweep_leftovers(parent: &std::path::Path) {
+    let removed = crate::runtime::containment::sweep_leftovers(parent);
+    if removed > 0 {
+        tracing::info!(parent = %parent.display(), removed, "removed empty task cgroups left by dead shims");
+    }
 }
 
 pub(super) async fn build_runtimes(

@@ -170,6 +170,52 @@ pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
     Ok(dir)
 }
 
+/// The name of the task cgroups a shim makes (containment and limits alike): named after
+/// the shim, so that what is left of a dead one can be told from a live one's.
+pub fn task_cgroup_name(shim: &procfs::ProcIdentity) -> String {
+    format!("task-{}-{}", shim.pid, shim.start_time)
+}
+
+/// Removes the task cgroups in `parent` that nothing runs in and whose shim is gone: a
+/// shim that died before it claimed its launch left the cgroup it had made with no
+/// journal naming it, and an agent whose data dir was lost forgot its tasks' cgroups,
+/// so nothing else ever removes them. A cgroup whose shim is alive (this agent's, or
+/// another's that shares the parent) is kept, as is one anything runs in (its task's
+/// stop ends it). Blocking; returns how many were removed.
+pub fn sweep_leftovers(parent: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(shim) = name.to_str().and_then(shim_of) else {
+            continue;
+        };
+        let dir = entry.path();
+        // A live shim's cgroup may be empty yet: its task is about to be born in it.
+        if shim.is_alive() || !is_empty(&dir).unwrap_or(false) {
+            continue;
+        }
+        match fs::remove_dir(&dir) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::debug!(cgroup = %dir.display(), error = %e, "leftover task cgroup kept")
+            }
+        }
+    }
+    removed
+}
+
+/// The shim a task cgroup's name says made it (`task_cgroup_name`).
+fn shim_of(name: &str) -> Option<procfs::ProcIdentity> {
+    let (pid, start) = name.strip_prefix("task-")?.split_once('-')?;
+    Some(procfs::ProcIdentity::without_inode(
+        pid.parse().ok()?,
+        start.parse().ok()?,
+    ))
+}
+
 /// Moves the calling process (the shim) out of the task's cgroup, if it is in it, and
 /// removes the cgroup, if nothing else is left in it: a shim whose task never started,
 /// or one whose task's processes are all gone, so that no empty cgroup outlives its task.

@@ -127,6 +127,14 @@ impl Controllers {
         }
     }
 
+    /// The cgroup v1 directories task cgroups are made in.
+    pub fn v1_parents(&self) -> impl Iterator<Item = &Path> {
+        self.found.values().filter_map(|p| match p {
+            Place::V1(dir) => Some(dir.as_path()),
+            Place::Containment => None,
+        })
+    }
+
     /// One line for the start log: where each controller is.
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();

@@ -603,3 +603,76 @@ fn nothing_of_a_task_outlives_the_inits_stop() {
     );
     assert!(!cg.exists(), "{} outlived the init", cg.display());
 }
+
+#[test]
+fn empty_cgroups_left_by_dead_shims_are_removed_when_the_agent_starts() {
+    // A shim that died before its claim left the cgroups it had made, named in no journal:
+    // the agent's next start removes them, in every hierarchy it makes task cgroups in. A
+    // cgroup whose shim is alive (it may be about to start its task in it), or one that
+    // something runs in, stays.
+    let mut a = Agent::start(&[]);
+    a.run_sh("probe", "true");
+    a.wait_state("probe", "terminated", T);
+    let c = claim(&a, "probe");
+    let parent_of = |v: &serde_json::Value| {
+        std::path::Path::new(v.as_str().expect("a cgroup path"))
+            .parent()
+            .unwrap()
+            .to_path_buf()
+    };
+    let mut parents = vec![parent_of(&c["cgroup"])];
+    parents.extend(c["limits"].as_array().into_iter().flatten().map(parent_of));
+    let me = std::process::id();
+    let my_start = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let my_start = my_start
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap();
+    let leftover = "task-2147483000-1".to_string();
+    let live = format!("task-{me}-{my_start}");
+    let populated = "task-2147483001-1";
+    for p in &parents {
+        std::fs::create_dir(p.join(&leftover)).unwrap();
+        std::fs::create_dir(p.join(&live)).unwrap();
+    }
+    let busy = parents[0].join(populated);
+    std::fs::create_dir(&busy).unwrap();
+    let sleeper = Sleep("35111");
+    let mut sleep = std::process::Command::new("sleep")
+        .arg("35111")
+        .spawn()
+        .unwrap();
+    std::fs::write(busy.join("cgroup.procs"), sleep.id().to_string()).unwrap();
+
+    a.restart();
+    let after = parents
+        .iter()
+        .map(|p| (p.join(&leftover).exists(), p.join(&live).exists()));
+    let after: Vec<_> = after.collect();
+    let busy_kept = busy.exists();
+    // Clean up before asserting, so a failure leaves nothing behind.
+    let _ = sleep.kill();
+    let _ = sleep.wait();
+    drop(sleeper);
+    wait_for(T, "the sleeper's cgroup empty", || {
+        members(&busy).is_empty().then_some(())
+    });
+    for p in &parents {
+        let _ = std::fs::remove_dir(p.join(&leftover));
+        let _ = std::fs::remove_dir(p.join(&live));
+    }
+    let _ = std::fs::remove_dir(&busy);
+    for (p, (leftover_there, live_there)) in parents.iter().zip(after) {
+        assert!(
+            !leftover_there,
+            "{}: the dead shim's empty cgroup is removed\n{}",
+            p.display(),
+            a.log_tail()
+        );
+        assert!(live_there, "{}: a live shim's cgroup is kept", p.display());
+    }
+    assert!(busy_kept, "a cgroup something runs in is kept");
+}

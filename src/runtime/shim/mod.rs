@@ -227,7 +227,7 @@ fn make_cgroup(
     let Some(parent) = &launch.containment else {
         return Ok((None, None));
     };
-    let name = format!("task-{}-{}", me.pid, me.start_time);
+    let name = containment::task_cgroup_name(me);
     if parent.kind == containment::Kind::V2 && !launch.needs_reaper() {
         let dir = containment::create(parent, &name)?;
         match place::IntoCgroup::open(&dir) {
@@ -255,8 +255,7 @@ fn enter_limits(
     let Some(l) = &launch.limits else {
         return Ok(Vec::new());
     };
-    let name = format!("task-{}-{}", me.pid, me.start_time);
-    limits::enter(l, containment, &name)
+    limits::enter(l, containment, &containment::task_cgroup_name(me))
 }
 
 /// Nothing of the task was spawned after all: the claim is given back in the journal, so
