@@ -1,15 +1,19 @@
 //! The per-task async locks (`Entry::lifecycle`, `Entry::deleting`): one bit each, their
-//! waiters woken through one `Notify` shared by all. A `tokio::sync::Mutex` cost every
-//! task 40 bytes, twice, for locks that are seldom contended (a delete waiting for a
-//! start, a recovery step); 100,000 finished tasks held 7.6 MiB of them. A release wakes
-//! every waiter of every task, each of which tries its own lock again: waiters are few.
+//! waiters woken through `Notify`s shared by all. A `tokio::sync::Mutex` cost every task
+//! 40 bytes, twice, for locks that are seldom contended (a delete waiting for a start, a
+//! recovery step); 100,000 finished tasks held 7.6 MiB of them. A release wakes the
+//! waiters of every lock that shares its `Notify`, each of which tries its own lock
+//! again: spread over `STRIPES`, so that even thousands of waiters (a sync deleting
+//! tasks while they start) are woken a few dozen at a time, not all at each release.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
-/// Told when any turn ends.
-static ENDED: Notify = Notify::const_new();
+const STRIPES: usize = 64;
+
+/// Told when a turn of a lock of their stripe ends.
+static ENDED: [Notify; STRIPES] = [const { Notify::const_new() }; STRIPES];
 
 /// An async lock without a value.
 #[derive(Default)]
@@ -23,7 +27,7 @@ impl TurnLock {
     pub(super) async fn lock(&self) -> Turn<'_> {
         loop {
             // Registered before trying, so a release between the two wakes it.
-            let ended = ENDED.notified();
+            let ended = self.ended().notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
             if self
@@ -36,12 +40,18 @@ impl TurnLock {
             ended.await;
         }
     }
+
+    /// The `Notify` of this lock's stripe, by its address: a lock can't move while
+    /// anyone holds it or waits for it (both borrow it).
+    fn ended(&self) -> &'static Notify {
+        &ENDED[(std::ptr::from_ref(self) as usize >> 3) % STRIPES]
+    }
 }
 
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         self.0.0.store(false, Ordering::Release);
-        ENDED.notify_waiters();
+        self.0.ended().notify_waiters();
     }
 }
 
