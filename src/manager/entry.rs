@@ -348,16 +348,11 @@ impl Entry {
 
     /// Waits until the create that made this entry has stored it (true) or failed (false).
     pub(super) async fn wait_persisted(&self) -> bool {
-        loop {
-            // Registered before looking, so a change between the two wakes it.
-            let changed = PERSISTED_CHANGED.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            match self.persisted() {
-                Persisted::Pending => changed.await,
-                p => return p == Persisted::Yes,
-            }
-        }
+        super::turn::when(&PERSISTED_CHANGED, || match self.persisted() {
+            Persisted::Pending => None,
+            p => Some(p == Persisted::Yes),
+        })
+        .await
     }
 }
 

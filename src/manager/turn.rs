@@ -23,22 +23,30 @@ pub(super) struct TurnLock(AtomicBool);
 #[must_use]
 pub(super) struct Turn<'a>(&'a TurnLock);
 
+/// Waits until `ready` gives a value, looking again each time `told` is notified: the
+/// wait of a state kept in an atomic, its changes told through a `Notify` shared by many.
+pub(super) async fn when<T>(told: &Notify, mut ready: impl FnMut() -> Option<T>) -> T {
+    loop {
+        // Registered before looking, so a change between the two wakes it.
+        let notified = told.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(v) = ready() {
+            return v;
+        }
+        notified.await;
+    }
+}
+
 impl TurnLock {
     pub(super) async fn lock(&self) -> Turn<'_> {
-        loop {
-            // Registered before trying, so a release between the two wakes it.
-            let ended = self.ended().notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if self
-                .0
+        when(self.ended(), || {
+            self.0
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
-            {
-                return Turn(self);
-            }
-            ended.await;
-        }
+                .then(|| Turn(self)) // not `then_some`: a `Turn` made and dropped releases the lock
+        })
+        .await
     }
 
     /// The `Notify` of this lock's stripe, by its address: a lock can't move while
