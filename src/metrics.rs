@@ -10,12 +10,12 @@
 //! path forgets one.
 
 use std::fmt::Write as _;
-use std::sync::atomic::AtomicU64;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -76,11 +76,6 @@ struct CriLabels {
     method: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TaskLabels {
-    task: String,
-}
-
 /// What one task used, as its cgroups counted it: a running task's now, an ended one's at
 /// its end (`memory_bytes` only while it runs).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -105,12 +100,9 @@ struct Metrics {
     watch_restarts: Family<WatchLabels, Counter>,
     cri_duration: Family<CriLabels, Histogram>,
     containment: Family<ContainmentLabels, Gauge>,
-    task_cpu: Family<TaskLabels, Counter<f64, AtomicU64>>,
-    task_memory_peak: Family<TaskLabels, Gauge>,
-    task_memory: Family<TaskLabels, Gauge>,
-    task_oom_kills: Family<TaskLabels, Counter>,
-    /// Serialises scrapes: the task gauge (and the per-task usage) is reset and refilled
-    /// for each one.
+    /// What each task used, for the scrape being encoded (empty between scrapes).
+    usage: Arc<Mutex<Vec<TaskUsage>>>,
+    /// Serialises scrapes: the task gauge and the per-task usage are refilled for each.
     render: Mutex<()>,
 }
 
@@ -212,33 +204,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 for how process tasks are contained: cgroup-v2, cgroup-v1-freezer, or none",
         containment.clone(),
     );
-    let task_cpu = Family::<TaskLabels, Counter<f64, AtomicU64>>::default();
-    r.register_with_unit(
-        "task_cpu_usage",
-        "CPU time a process task's cgroup used (user and system), by task: now while it runs, at its main command's end after",
-        Unit::Seconds,
-        task_cpu.clone(),
-    );
-    let task_memory_peak = Family::<TaskLabels, Gauge>::default();
-    r.register_with_unit(
-        "task_memory_peak",
-        "The most memory a process task's cgroup held at once, by task",
-        Unit::Bytes,
-        task_memory_peak.clone(),
-    );
-    let task_memory = Family::<TaskLabels, Gauge>::default();
-    r.register_with_unit(
-        "task_memory_usage",
-        "Memory a running process task's cgroup holds now, by task",
-        Unit::Bytes,
-        task_memory.clone(),
-    );
-    let task_oom_kills = Family::<TaskLabels, Counter>::default();
-    r.register(
-        "task_oom_kills",
-        "Processes of a process task the kernel's OOM killer ended, by task",
-        task_oom_kills.clone(),
-    );
+    let usage = Arc::new(Mutex::new(Vec::new()));
+    r.register_collector(Box::new(UsageCollector(usage.clone())));
     // The process metrics keep their conventional names (no prefix).
     root.register_collector(Box::new(ProcessCollector));
     Metrics {
@@ -254,10 +221,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         watch_restarts,
         cri_duration,
         containment,
-        task_cpu,
-        task_memory_peak,
-        task_memory,
-        task_oom_kills,
+        usage,
         render: Mutex::new(()),
     }
 });
@@ -345,7 +309,7 @@ pub fn http_request(method: &str, route: &str, code: u16, took: Duration) {
 /// The exposition of every metric. `tasks` are the counts of the tasks held now, by
 /// (kind, state); `usage` what each task held now used; `openmetrics` chooses
 /// OpenMetrics text over Prometheus text 0.0.4.
-pub fn render(tasks: &[(&str, &str, u64)], usage: &[TaskUsage], openmetrics: bool) -> String {
+pub fn render(tasks: &[(&str, &str, u64)], usage: Vec<TaskUsage>, openmetrics: bool) -> String {
     let m = &*METRICS;
     let _one_at_a_time = m.render.lock().unwrap_or_else(|e| e.into_inner());
     m.tasks.clear();
@@ -357,40 +321,94 @@ pub fn render(tasks: &[(&str, &str, u64)], usage: &[TaskUsage], openmetrics: boo
             })
             .set(*n as i64);
     }
-    for f in [&m.task_memory_peak, &m.task_memory] {
-        f.clear();
-    }
-    m.task_cpu.clear();
-    m.task_oom_kills.clear();
-    for u in usage {
-        let l = TaskLabels {
-            task: u.task.clone(),
-        };
-        if let Some(c) = u.cpu_seconds {
-            m.task_cpu.get_or_create(&l).inc_by(c);
-        }
-        if let Some(b) = u.memory_peak_bytes {
-            m.task_memory_peak.get_or_create(&l).set(b as i64);
-        }
-        if let Some(b) = u.memory_bytes {
-            m.task_memory.get_or_create(&l).set(b as i64);
-        }
-        if let Some(n) = u.oom_kills {
-            m.task_oom_kills.get_or_create(&l).inc_by(n);
-        }
-    }
-    let mut out = String::with_capacity(16 * 1024);
+    // Three or four lines a task of ~50 bytes each, besides the rest: sized once, not
+    // doubled through the sizes on the way to a megabyte with 10,000 tasks.
+    let mut out = String::with_capacity(16 * 1024 + usage.len() * 200);
+    *lock(&m.usage) = usage;
     let encoded = if openmetrics {
         prometheus_client::encoding::text::encode(&mut out, &m.registry)
     } else {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry)
     };
+    lock(&m.usage).clear();
     if encoded.is_err() {
         // Writing to a String cannot fail; keep the answer well-formed regardless.
         out.clear();
         let _ = writeln!(out, "# encoding failed");
     }
     out
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The per-task usage families, encoded from the scrape's snapshot. Not a `Family` per
+/// metric: those keep a label set and a metric for every task ever scraped until cleared,
+/// and a cleared map keeps its capacity (measured: 30 scrapes with 10,000 tasks left
+/// 4 MiB more resident).
+#[derive(Debug)]
+struct UsageCollector(Arc<Mutex<Vec<TaskUsage>>>);
+
+impl Collector for UsageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let usage = lock(&self.0);
+        // Help texts end with a period, as `Registry::register` writes them.
+        family(
+            &mut encoder,
+            "task_cpu_usage",
+            "CPU time a process task's cgroup used (user and system), by task: now while it runs, at its main command's end after.",
+            Some(&Unit::Seconds),
+            &usage,
+            |u| u.cpu_seconds.map(ConstCounter::new),
+        )?;
+        family(
+            &mut encoder,
+            "task_memory_peak",
+            "The most memory a process task's cgroup held at once, by task.",
+            Some(&Unit::Bytes),
+            &usage,
+            |u| u.memory_peak_bytes.map(|b| ConstGauge::new(b as i64)),
+        )?;
+        family(
+            &mut encoder,
+            "task_memory_usage",
+            "Memory a running process task's cgroup holds now, by task.",
+            Some(&Unit::Bytes),
+            &usage,
+            |u| u.memory_bytes.map(|b| ConstGauge::new(b as i64)),
+        )?;
+        family(
+            &mut encoder,
+            "task_oom_kills",
+            "Processes of a process task the kernel's OOM killer ended, by task.",
+            None,
+            &usage,
+            |u| u.oom_kills.map(ConstCounter::new),
+        )
+    }
+}
+
+/// One per-task family: its descriptor and a sample for each task that has a value; left
+/// out when none has (as an empty `Family` is).
+fn family<M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    usage: &[TaskUsage],
+    value: impl Fn(&TaskUsage) -> Option<M>,
+) -> Result<(), std::fmt::Error> {
+    if !usage.iter().any(|u| value(u).is_some()) {
+        return Ok(());
+    }
+    let mut family = encoder.encode_descriptor(name, help, unit, M::TYPE)?;
+    for u in usage {
+        if let Some(v) = value(u) {
+            v.encode(family.encode_family(&[("task", u.task.as_str())])?)?;
+        }
+    }
+    Ok(())
 }
 
 /// When this process started (ms since the Unix epoch, 10 ms precision), from /proc.
@@ -491,20 +509,37 @@ mod tests {
             memory_bytes: None,
             oom_kills: Some(1),
         };
-        let text = render(&[("unit-test", "running", 2)], &[used], false);
+        let text = render(&[("unit-test", "running", 2)], vec![used], false);
         assert!(
             text.contains("task_executor_task_cpu_usage_seconds_total{task=\"unit-task\"} 1.5"),
             "{text}"
         );
         assert!(text.contains("task_executor_task_memory_peak_bytes{task=\"unit-task\"} 4096"));
         assert!(text.contains("task_executor_task_oom_kills_total{task=\"unit-task\"} 1"));
-        assert!(!text.contains("task_executor_task_memory_usage_bytes{"));
+        assert!(
+            !text.contains("task_executor_task_memory_usage_bytes"),
+            "a family no task has a value of is left out, descriptor and all: {text}"
+        );
         assert!(text.contains("task_executor_tasks{kind=\"unit-test\",state=\"running\"} 2"));
         assert!(text.contains("task_executor_tasks_started_total{kind=\"unit-test\"}"));
         assert!(text.contains("process_open_fds "));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(!text.contains("# EOF"));
-        let om = render(&[], &[], true);
+        let two = ["task-a", "task-b"].map(|task| TaskUsage {
+            task: task.into(),
+            memory_bytes: Some(8192),
+            ..Default::default()
+        });
+        let om = render(&[], two.to_vec(), true);
+        for task in ["task-a", "task-b"] {
+            let line = format!("task_executor_task_memory_usage_bytes{{task=\"{task}\"}} 8192\n");
+            assert_eq!(om.matches(&line).count(), 1, "{om}");
+        }
+        assert!(om.contains(
+            "# TYPE task_executor_task_memory_usage_bytes gauge\n# UNIT task_executor_task_memory_usage_bytes bytes\n"
+        ));
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        let om = render(&[], Vec::new(), true);
         assert!(om.ends_with("# EOF\n"), "{om}");
         assert!(
             !om.contains("state=\"running\""),

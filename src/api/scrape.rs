@@ -11,7 +11,7 @@ pub fn metrics(state: &AppState, headers: &HeaderMap) -> Response {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.contains("application/openmetrics-text"));
-    let body = crate::metrics::render(&state.manager.census(), &usage(state), openmetrics);
+    let body = crate::metrics::render(&state.manager.census(), usage(state), openmetrics);
     let mut resp = Response::new(body.into());
     let ct = if openmetrics {
         crate::metrics::OPENMETRICS_CONTENT_TYPE
@@ -37,7 +37,9 @@ fn usage(state: &AppState) -> Vec<crate::metrics::TaskUsage> {
         })
         .collect();
     let live: std::collections::HashSet<String> = out.iter().map(|o| o.task.clone()).collect();
-    for (task, u) in state.manager.usage_census() {
+    let ended = state.manager.usage_census();
+    out.reserve(ended.len());
+    for (task, u) in ended {
         if !live.contains(&task) {
             out.push(crate::metrics::TaskUsage {
                 task,
