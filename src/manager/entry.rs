@@ -3,7 +3,8 @@
 //!
 //! Each entry keeps its answer as the API renders it (`Entry::with_rendered`), made once
 //! after each change and copied by every reader: `GET /getTasks` of 10,000 tasks copies
-//! cached bytes instead of serialising 10,000 tasks. Every change of what a view shows
+//! cached bytes instead of serialising 10,000 tasks; the values the answer says twice are
+//! kept once (`Packed`). Every change of what a view shows
 //! goes through the `Tracked` guard of its `Parts`, whose mutable use drops the cached
 //! answer; a render that raced a change is never cached (`generation`).
 //!
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::packed::Packed;
 use super::turn::TurnLock;
 use crate::task::model::{ExecMode, HookStatuses, ResourceUsage, TaskSpec, TaskState, Terminated};
 use crate::task::store::TaskRecord;
@@ -118,7 +120,7 @@ pub(super) struct Parts {
 struct Rendered {
     /// Exactly its size, and never shared out: a `Bytes` shared by a listing grew a
     /// 32-byte header of its own for every task that was listed once.
-    bytes: Option<Box<[u8]>>,
+    bytes: Option<Packed>,
     generation: u64,
 }
 
@@ -303,7 +305,7 @@ impl Entry {
 
     /// `f` of the task's answer: the cached bytes, or its view rendered now (and cached
     /// unless the view changed meanwhile).
-    pub(super) fn with_rendered<R>(&self, render: Render, f: impl FnOnce(&[u8]) -> R) -> R {
+    pub(super) fn with_rendered<R>(&self, render: Render, f: impl FnOnce(&Packed) -> R) -> R {
         let generation = {
             let cached = lock(&self.rendered);
             if let Some(bytes) = &cached.bytes {
@@ -311,9 +313,9 @@ impl Entry {
             }
             cached.generation
         };
-        // Copied to its exact size: a rendered `Vec` carries up to as much spare capacity
+        // Packed to its exact size: a rendered `Vec` carries up to as much spare capacity
         // again, held as long as the answer is cached (a finished task's whole life).
-        let bytes: Box<[u8]> = Box::from(&render(self.view())[..]);
+        let bytes = Packed::of(&render(self.view()));
         let mut cached = lock(&self.rendered);
         let out = f(&bytes);
         if cached.generation == generation {

@@ -20,6 +20,7 @@ mod delete;
 mod entry;
 pub mod error;
 mod events;
+mod packed;
 mod recover;
 mod start;
 mod tasks;
@@ -128,7 +129,7 @@ impl Manager {
     /// changed since the last render. `render` is the agent's one answer shape.
     pub fn get_rendered(&self, name: &str, render: Render) -> Result<Bytes, ManagerError> {
         self.entry(name)
-            .map(|e| e.with_rendered(render, Bytes::copy_from_slice))
+            .map(|e| e.with_rendered(render, |answer| Bytes::from(answer.to_vec())))
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))
     }
 
@@ -279,7 +280,7 @@ impl Listing {
     pub fn next_into(&mut self, out: &mut impl bytes::BufMut) -> bool {
         match self.entries.next() {
             Some(e) => {
-                e.with_rendered(self.render, |answer| out.put_slice(answer));
+                e.with_rendered(self.render, |answer| answer.write_to(out));
                 true
             }
             None => false,
