@@ -23,13 +23,19 @@ use crate::sys::procfs;
 /// Sends `sig` to every live descendant of `root` (pids as the /proc at `proc` shows
 /// them), except `exempt` itself (its descendants are signalled). Returns how many live
 /// descendants there were besides `exempt`.
+///
+/// `signalled_groups` are process groups the caller has just sent `sig` to: their members
+/// are not sent it again (a SIGKILL excepted, which can't be handled twice). A process
+/// that handled the group's SIGTERM before the walk reached it would otherwise run its
+/// handler twice; one that joined such a group since is left to the grace period's end.
 pub fn signal_descendants(
     proc: BorrowedFd<'_>,
     root: i32,
     exempt: Option<i32>,
     sig: Signal,
+    signalled_groups: &[i32],
 ) -> usize {
-    signal_subtrees(proc, root, exempt, None, Some(sig))
+    signal_subtrees(proc, root, exempt, None, Some(sig), signalled_groups)
 }
 
 /// Sends `sig` to every live descendant of the process `root` is a handle of (not to it),
@@ -37,7 +43,7 @@ pub fn signal_descendants(
 /// Returns how many there were.
 pub fn signal_descendants_of(proc: BorrowedFd<'_>, root: ProcHandle, sig: Signal) -> usize {
     let source = Children::for_tree(proc, &root);
-    walk(proc, root, None, None, Some(sig), &source)
+    walk(proc, root, None, None, Some(sig), &source, &[])
 }
 
 /// As `signal_descendants`, for only the subtrees whose top (a child of `root` or of
@@ -51,12 +57,17 @@ pub fn signal_subtrees(
     exempt: Option<i32>,
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
+    signalled_groups: &[i32],
 ) -> usize {
     let Ok((root, _)) = ProcHandle::open_at(proc, root) else {
         return 0;
     };
     let source = Children::for_tree(proc, &root);
-    walk(proc, root, exempt, exclude, sig, &source)
+    let spared = match sig {
+        Some(Signal::SIGKILL) | None => &[][..],
+        Some(_) => signalled_groups,
+    };
+    walk(proc, root, exempt, exclude, sig, &source, spared)
 }
 
 /// The roots of the trees under `root` now: its children and `exempt`'s (pid, start time).
@@ -144,14 +155,15 @@ fn walk(
     exclude: Option<&[(i32, u64)]>,
     sig: Option<Signal>,
     source: &Children,
+    spared_groups: &[i32],
 ) -> usize {
     let root_pid = root.pid;
     let mut seen = HashSet::from([root_pid]);
-    // Each process found, whether it is in the selected trees, and whether it is to be
-    // signalled.
-    let mut tree: Vec<(ProcHandle, bool, bool)> = vec![(root, false, false)];
+    // Each process found, whether it is in the selected trees, whether it is to be
+    // counted (and signalled), and whether the caller's group signal reached it already.
+    let mut tree: Vec<(ProcHandle, bool, bool, bool)> = vec![(root, false, false, false)];
     let mut next = 0;
-    while let Some((parent, parent_selected, _)) = tree.get(next) {
+    while let Some((parent, parent_selected, _, _)) = tree.get(next) {
         let (parent_pid, kids) = (parent.pid, source.of(parent));
         let top = parent_pid == root_pid || Some(parent_pid) == exempt;
         let parent_selected = *parent_selected;
@@ -168,17 +180,18 @@ fn walk(
             }
             seen.insert(pid);
             if Some(pid) == exempt {
-                tree.push((h, false, false));
+                tree.push((h, false, false, false));
                 continue;
             }
             let sel = selected(top, parent_selected, pid, st.start_time, exclude);
-            tree.push((h, sel, sel && st.state != 'Z'));
+            let spared = spared_groups.contains(&st.pgrp);
+            tree.push((h, sel, sel && st.state != 'Z', spared));
         }
     }
     let mut live = 0;
-    for (h, _, _) in tree.iter().filter(|(_, _, signal)| *signal) {
+    for (h, _, _, spared) in tree.iter().filter(|(_, _, live, _)| *live) {
         live += 1;
-        if let Some(sig) = sig {
+        if let Some(sig) = sig.filter(|_| !spared) {
             let _ = h.signal(sig);
         }
     }
@@ -223,6 +236,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn members_of_a_group_just_signalled_are_not_sent_a_sigterm_twice_but_a_sigkill_is() {
+        use std::os::unix::process::CommandExt;
+        use std::time::{Duration, Instant};
+        // sh leads its own group; `sleep 35` is in it, the setsid'd `sleep 36` is not.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 35 & setsid sleep 36 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let root = sh.id() as i32;
+        let proc = std::fs::File::open("/proc").unwrap();
+        let until = |n: usize| {
+            let t0 = Instant::now();
+            while count(proc.as_fd(), root) != n && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            count(proc.as_fd(), root)
+        };
+        assert_eq!(until(2), 2, "both sleeps started");
+        let live = signal_descendants(proc.as_fd(), root, None, Signal::SIGTERM, &[root]);
+        assert_eq!(live, 2, "both are counted");
+        assert_eq!(until(1), 1, "the sleep outside the group got the SIGTERM");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            count(proc.as_fd(), root),
+            1,
+            "the sleep in the signalled group was not sent it again"
+        );
+        signal_descendants(proc.as_fd(), root, None, Signal::SIGKILL, &[root]);
+        assert_eq!(until(0), 0, "a SIGKILL reaches every member");
+        let _ = sh.kill();
+        sh.wait().unwrap();
+    }
+
     /// Starts `sh -c script` under this process, waits (10 s at most) until `want` of this
     /// process's descendants live, then SIGKILLs all of them but that shell with one walk
     /// (children from a /proc scan, or from `children` files). Returns how many were found
@@ -254,6 +302,7 @@ mod tests {
             None,
             Some(Signal::SIGKILL),
             &source,
+            &[],
         );
         let _ = sh.kill();
         sh.wait().unwrap();

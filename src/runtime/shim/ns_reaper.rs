@@ -498,7 +498,7 @@ impl Served {
             let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
         }
         if let Some(me) = self_pid(self.proc.as_fd()) {
-            kill::signal_descendants(self.proc.as_fd(), me, None, Signal::SIGKILL);
+            kill::signal_descendants(self.proc.as_fd(), me, None, Signal::SIGKILL, &[]);
         }
     }
 }

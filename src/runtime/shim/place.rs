@@ -173,11 +173,13 @@ impl Place {
 
     /// Signals the process group of every command not reaped yet (`job`: of that command
     /// only). A reaped command's group id may be someone else's by now, so it is left
-    /// alone (its processes are reached as descendants).
-    pub fn signal_groups(&self, job: Option<usize>, sig: Signal) {
+    /// alone (its processes are reached as descendants). Returns the host groups it
+    /// signalled.
+    pub fn signal_groups(&self, job: Option<usize>, sig: Signal) -> Vec<i32> {
+        let mut signalled = Vec::new();
         for (pid, j) in &self.live {
-            if job.is_none_or(|want| want == *j) {
-                let _ = killpg(Pid::from_raw(*pid), sig);
+            if job.is_none_or(|want| want == *j) && killpg(Pid::from_raw(*pid), sig).is_ok() {
+                signalled.push(*pid);
             }
         }
         if let Some(reaper) = &self.reaper
@@ -185,6 +187,7 @@ impl Place {
         {
             reaper.signal_groups(job, sig);
         }
+        signalled
     }
 
     /// A child of the shim was reaped: the command's exit, if it was a host command.

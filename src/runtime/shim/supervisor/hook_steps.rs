@@ -106,15 +106,18 @@ impl Supervisor<'_> {
         if h.process.is_none() {
             return 0;
         }
-        if group {
-            self.place.signal_groups(Some(h.job), sig);
-        }
+        let groups = if group {
+            self.place.signal_groups(Some(h.job), sig)
+        } else {
+            Vec::new()
+        };
         kill::signal_subtrees(
             self.proc.as_fd(),
             self.me,
             self.place.reaper_pid(),
             Some(&h.before),
             Some(sig),
+            &groups,
         )
     }
 }

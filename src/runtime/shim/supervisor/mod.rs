@@ -178,6 +178,7 @@ impl<'a> Supervisor<'a> {
                 self.place.reaper_pid(),
                 None,
                 None,
+                &[],
             ))),
             Action::SignalHook { sig, group } => {
                 self.kill_hook(sig, group);
@@ -442,9 +443,17 @@ impl<'a> Supervisor<'a> {
     /// Signals every process of the task that is provably still the task's: the groups of
     /// commands not reaped yet, and every descendant of the shim (through handles), the
     /// reaper excepted. Returns how many descendants were left.
+    /// `sig` to the task: each command's process group at once, then every descendant
+    /// the groups did not reach (setsid'd daemons, processes of reaped commands).
     fn signal_tree(&self, sig: Signal) -> usize {
-        self.place.signal_groups(None, sig);
-        kill::signal_descendants(self.proc.as_fd(), self.me, self.place.reaper_pid(), sig)
+        let groups = self.place.signal_groups(None, sig);
+        kill::signal_descendants(
+            self.proc.as_fd(),
+            self.me,
+            self.place.reaper_pid(),
+            sig,
+            &groups,
+        )
     }
 }
 
