@@ -256,6 +256,19 @@ mod tests {
             count(proc.as_fd(), root)
         };
         assert_eq!(until(2), 2, "both sleeps started");
+        // ... and the second is in its own group already (setsid(1) calls setsid, then
+        // execs sleep: seen before that, it would still be in sh's group).
+        let (sh_handle, _) = ProcHandle::open_at(proc.as_fd(), root).unwrap();
+        let t0 = Instant::now();
+        while !sh_handle
+            .children()
+            .unwrap_or_default()
+            .iter()
+            .any(|&pid| ProcHandle::open_at(proc.as_fd(), pid).is_ok_and(|(_, st)| st.pgrp == pid))
+        {
+            assert!(t0.elapsed() < Duration::from_secs(10), "setsid never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let live = signal_descendants(proc.as_fd(), root, None, Signal::SIGTERM, &[root]);
         assert_eq!(live, 2, "both are counted");
         assert_eq!(until(1), 1, "the sleep outside the group got the SIGTERM");
