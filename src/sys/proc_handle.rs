@@ -8,7 +8,7 @@
 //! readable once the process has exited.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::sys::signal::Signal;
@@ -66,9 +66,8 @@ impl ProcHandle {
             OFlags::RDONLY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        let mut text = String::new();
-        File::from(f).read_to_string(&mut text)?;
-        procfs::parse_stat(&text).ok_or_else(|| io::Error::other("unparsable stat"))
+        procfs::parse_stat(&procfs::read_text(f)?)
+            .ok_or_else(|| io::Error::other("unparsable stat"))
     }
 
     /// The pids of its children (as its /proc shows them), from each of its threads'
@@ -95,8 +94,7 @@ impl ProcHandle {
                 Err(rustix::io::Errno::NOENT) if tid == self.pid => return None,
                 Err(_) => continue, // a thread that just ended
             };
-            let mut text = String::new();
-            if File::from(f).read_to_string(&mut text).is_ok() {
+            if let Ok(text) = procfs::read_text(f) {
                 out.extend(
                     text.split_whitespace()
                         .filter_map(|p| p.parse::<i32>().ok()),
@@ -202,8 +200,7 @@ pub fn pidfd_pid_at(proc: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> Option<i32> {
         Mode::empty(),
     )
     .ok()?;
-    let mut info = String::new();
-    File::from(f).read_to_string(&mut info).ok()?;
+    let info = procfs::read_text(f).ok()?;
     let pid: i32 = info
         .lines()
         .find_map(|l| l.strip_prefix("Pid:"))?

@@ -97,10 +97,27 @@ pub fn pidfs_inode(fd: BorrowedFd<'_>) -> Option<u64> {
     Some(rustix::fs::fstat(fd).ok()?.st_ino as u64)
 }
 
+/// Reads a /proc file whole. Its size shows as 0, so `read_to_string` (an fstat, then
+/// reads of 32, 32, 64, ... bytes) took seven calls for a `stat`; with a page of room
+/// and no size to go by, it is one read and the one that finds the end. A shim reads
+/// several such files for each task it starts.
+pub fn read_text(f: impl Into<fs::File>) -> io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(4096);
+    // `take` hides the file, and with it the fstat of `File::read_to_string`.
+    f.into().take(u64::MAX).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// As `read_text`, by path.
+pub fn read_path(path: impl AsRef<std::path::Path>) -> io::Result<String> {
+    read_text(fs::File::open(path)?)
+}
+
 /// Whether the pidfd's process still has `pid` (is not reaped), by the pidfd's fdinfo.
 fn pidfd_holds(fd: BorrowedFd<'_>, pid: i32) -> bool {
     use std::os::fd::AsRawFd;
-    fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).is_ok_and(|info| {
+    read_path(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).is_ok_and(|info| {
         info.lines()
             .find_map(|l| l.strip_prefix("Pid:"))
             .and_then(|p| p.trim().parse::<i32>().ok())
@@ -126,7 +143,7 @@ pub fn stat(pid: i32) -> Option<Stat> {
     if pid <= 0 {
         return None;
     }
-    parse_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    parse_stat(&read_path(format!("/proc/{pid}/stat")).ok()?)
 }
 
 pub fn parse_stat(text: &str) -> Option<Stat> {
@@ -147,7 +164,6 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
 
 /// The stat of process `pid` of the /proc at `proc`.
 pub fn stat_at(proc: BorrowedFd<'_>, pid: i32) -> Option<Stat> {
-    use std::io::Read;
     let f = rustix::fs::openat(
         proc,
         format!("{pid}/stat"),
@@ -155,9 +171,7 @@ pub fn stat_at(proc: BorrowedFd<'_>, pid: i32) -> Option<Stat> {
         rustix::fs::Mode::empty(),
     )
     .ok()?;
-    let mut text = String::new();
-    fs::File::from(f).read_to_string(&mut text).ok()?;
-    parse_stat(&text)
+    parse_stat(&read_text(f).ok()?)
 }
 
 /// The pids the /proc at `proc` lists.
@@ -184,7 +198,7 @@ pub fn own_children() -> Vec<i32> {
     let me = std::process::id() as i32;
     let lists: Option<Vec<String>> = fs::read_dir("/proc/self/task").ok().and_then(|tasks| {
         tasks
-            .map(|t| fs::read_to_string(t.ok()?.path().join("children")).ok())
+            .map(|t| read_path(t.ok()?.path().join("children")).ok())
             .collect()
     });
     match lists {
@@ -199,7 +213,7 @@ pub fn own_children() -> Vec<i32> {
 /// The children of process `pid`'s main thread (a shim is single-threaded); none when
 /// the kernel can't list them (no `CONFIG_PROC_CHILDREN`).
 pub fn children_of(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+    read_path(format!("/proc/{pid}/task/{pid}/children"))
         .map(|l| pid_list(&l).collect())
         .unwrap_or_default()
 }
@@ -274,7 +288,7 @@ impl Status {
 
     fn read(of: &str) -> io::Result<Self> {
         Ok(Self {
-            text: fs::read_to_string(format!("/proc/{of}"))?,
+            text: read_path(format!("/proc/{of}"))?,
             of: of.to_string(),
         })
     }
@@ -396,8 +410,8 @@ pub fn cgroup_mounts(mountinfo: &str) -> impl Iterator<Item = CgroupMount> + '_ 
 /// `/proc/PID/cgroup` of `pid` (`None`: this process's own).
 pub fn cgroups_text(pid: Option<i32>) -> io::Result<String> {
     match pid {
-        Some(pid) => fs::read_to_string(format!("/proc/{pid}/cgroup")),
-        None => fs::read_to_string("/proc/self/cgroup"),
+        Some(pid) => read_path(format!("/proc/{pid}/cgroup")),
+        None => read_path("/proc/self/cgroup"),
     }
 }
 
@@ -430,6 +444,30 @@ pub fn cgroup_entries(text: &str) -> impl Iterator<Item = CgroupEntry<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_files_are_read_whole_short_or_longer_than_a_page() {
+        let stat = read_path("/proc/self/stat").unwrap();
+        assert!(
+            stat.starts_with(&format!("{} (", std::process::id())),
+            "{stat}"
+        );
+        assert!(stat.ends_with('\n'));
+        // smaps of a test binary runs to many pages; it must come whole (its last line
+        // is the last mapping's VmFlags), not cut at the first page.
+        let smaps = read_path("/proc/self/smaps").unwrap();
+        assert!(smaps.len() > 4096, "{}", smaps.len());
+        assert!(
+            smaps
+                .trim_end()
+                .lines()
+                .last()
+                .unwrap()
+                .starts_with("VmFlags:"),
+            "{smaps}"
+        );
+        assert!(read_path("/proc/self/no-such-file").is_err());
+    }
 
     #[test]
     fn parses_comm_with_parens() {
