@@ -145,7 +145,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let terminated = Family::<ReasonLabels, Counter>::default();
     r.register(
         "tasks_terminated",
-        "Tasks that terminated, by reason",
+        "Tasks that terminated while this agent process ran, by reason (not those it found ended at its start)",
         terminated.clone(),
     );
     let start_latency =

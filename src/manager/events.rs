@@ -55,6 +55,13 @@ impl Manager {
         let name = entry.name();
         if moves {
             match &new {
+                // One line each for 100,000 tasks at every restart would bury the rest.
+                TaskState::Terminated(t) if self.found_ended(entry, state, &new) => {
+                    tracing::debug!(
+                        task = %name, exit_code = t.exit_code, reason = %t.reason,
+                        "task found ended at start"
+                    )
+                }
                 TaskState::Terminated(t) => tracing::info!(
                     task = %name, from = state.name(), to = "terminated",
                     exit_code = t.exit_code, reason = %t.reason, "task state changed"

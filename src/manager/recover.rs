@@ -60,7 +60,9 @@ impl Manager {
                 adopt.push(entry);
             }
         }
+        let unsettled = adopt.len();
         let adopt = self.settle_finished(adopt).await;
+        let (ended, adopted) = (unsettled - adopt.len(), adopt.len());
         // Each adoption a task of its own: the runtime reads the journal partly in line,
         // and one future polling them all would do those reads on one thread.
         futures::stream::iter(adopt)
@@ -76,7 +78,12 @@ impl Manager {
             .map(|joined| joined.map_err(|e| ManagerError::Internal(e.to_string())))
             .try_for_each(|()| async { Ok(()) })
             .await?;
-        tracing::info!(tasks = n, "recovered tasks from the data dir");
+        tracing::info!(
+            tasks = n,
+            found_ended = ended,
+            adopted,
+            "recovered tasks from the data dir"
+        );
         Ok(n)
     }
 

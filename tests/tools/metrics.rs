@@ -201,6 +201,54 @@ fn counters_move_by_exactly_the_tasks_run() {
 }
 
 #[test]
+fn a_restart_counts_no_task_of_the_earlier_agent_again_but_an_adopted_tasks_end() {
+    let mut a = Agent::start(&[]);
+    for i in 0..3 {
+        a.run("t", &["true"]);
+        a.wait_state("t", "terminated", T);
+        a.delete("t");
+        a.wait_gone("t", T);
+        a.run(&format!("done{i}"), &["true"]);
+        a.wait_state(&format!("done{i}"), "terminated", T);
+    }
+    // Ends after the restart, under the next agent process.
+    a.run_sh("late", "sleep 2");
+    a.wait_state("late", "running", T);
+    let succeeded = |s: &Samples| {
+        value(
+            s,
+            "task_executor_tasks_terminated_total",
+            &[("kind", "host"), ("reason", "Succeeded")],
+        )
+    };
+    assert_eq!(succeeded(&scrape(&a)), 6.0);
+    a.restart();
+    a.wait_state("done2", "terminated", T);
+    let s = scrape(&a);
+    assert_eq!(
+        succeeded(&s),
+        0.0,
+        "the three tasks found ended at the start are no terminations of this process"
+    );
+    a.wait_state("late", "terminated", T);
+    assert_eq!(succeeded(&scrape(&a)), 1.0, "the adopted task's end is");
+    let whole = a.log_text();
+    // The restarted agent's lines: from its first.
+    let log = &whole[whole.rfind("process tasks get a cgroup each").unwrap()..];
+    assert!(
+        !log.contains("task state changed task=done0")
+            && log.contains(
+                "DEBUG task_executor::manager::events: task found ended at start task=done0"
+            ),
+        "a task found ended gets a line of its own at debug level only: {log}"
+    );
+    assert!(
+        log.contains("found_ended=3"),
+        "the recovery's line counts them: {log}"
+    );
+}
+
+#[test]
 fn openmetrics_when_the_scraper_asks_for_it() {
     let a = Agent::start(&[]);
     a.run("one", &["true"]);
