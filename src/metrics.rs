@@ -10,12 +10,11 @@
 //! path forgets one.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::TypedMetric;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
@@ -78,9 +77,8 @@ struct CriLabels {
 
 /// What one task used, as its cgroups counted it: a running task's now, an ended one's at
 /// its end (`memory_bytes` only while it runs).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TaskUsage {
-    pub task: String,
     pub cpu_seconds: Option<f64>,
     pub memory_peak_bytes: Option<u64>,
     pub memory_bytes: Option<u64>,
@@ -100,9 +98,7 @@ struct Metrics {
     watch_restarts: Family<WatchLabels, Counter>,
     cri_duration: Family<CriLabels, Histogram>,
     containment: Family<ContainmentLabels, Gauge>,
-    /// What each task used, for the scrape being encoded (empty between scrapes).
-    usage: Arc<Mutex<Vec<TaskUsage>>>,
-    /// Serialises scrapes: the task gauge and the per-task usage are refilled for each.
+    /// Serialises scrapes: the task gauge is refilled for each.
     render: Mutex<()>,
 }
 
@@ -204,8 +200,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "1 for how process tasks are contained: cgroup-v2, cgroup-v1-freezer, or none",
         containment.clone(),
     );
-    let usage = Arc::new(Mutex::new(Vec::new()));
-    r.register_collector(Box::new(UsageCollector(usage.clone())));
     // The process metrics keep their conventional names (no prefix).
     root.register_collector(Box::new(ProcessCollector));
     Metrics {
@@ -221,7 +215,6 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         watch_restarts,
         cri_duration,
         containment,
-        usage,
         render: Mutex::new(()),
     }
 });
@@ -306,10 +299,10 @@ pub fn http_request(method: &str, route: &str, code: u16, took: Duration) {
         .observe(took.as_secs_f64());
 }
 
-/// The exposition of every metric. `tasks` are the counts of the tasks held now, by
-/// (kind, state); `usage` what each task held now used; `openmetrics` chooses
-/// OpenMetrics text over Prometheus text 0.0.4.
-pub fn render(tasks: &[(&str, &str, u64)], usage: Vec<TaskUsage>, openmetrics: bool) -> String {
+/// The exposition of every metric but the per-task ones (see `TaskFamily`), and without
+/// OpenMetrics' closing `# EOF` (see `end`). `tasks` are the counts of the tasks held now,
+/// by (kind, state); `openmetrics` chooses OpenMetrics text over Prometheus text 0.0.4.
+pub fn render(tasks: &[(&str, &str, u64)], openmetrics: bool) -> String {
     let m = &*METRICS;
     let _one_at_a_time = m.render.lock().unwrap_or_else(|e| e.into_inner());
     m.tasks.clear();
@@ -321,94 +314,138 @@ pub fn render(tasks: &[(&str, &str, u64)], usage: Vec<TaskUsage>, openmetrics: b
             })
             .set(*n as i64);
     }
-    // Three or four lines a task of ~50 bytes each, besides the rest: sized once, not
-    // doubled through the sizes on the way to a megabyte with 10,000 tasks.
-    let mut out = String::with_capacity(16 * 1024 + usage.len() * 200);
-    *lock(&m.usage) = usage;
+    let mut out = String::with_capacity(16 * 1024);
     let encoded = if openmetrics {
         prometheus_client::encoding::text::encode(&mut out, &m.registry)
     } else {
         prometheus_client::encoding::prometheus_text::encode(&mut out, &m.registry)
     };
-    lock(&m.usage).clear();
     if encoded.is_err() {
         // Writing to a String cannot fail; keep the answer well-formed regardless.
         out.clear();
         let _ = writeln!(out, "# encoding failed");
     }
+    if let Some(body) = out.strip_suffix(EOF) {
+        out.truncate(body.len());
+    }
     out
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+const EOF: &str = "# EOF\n";
+
+/// What closes an exposition: OpenMetrics' `# EOF`, nothing for Prometheus text.
+pub fn end(openmetrics: bool) -> &'static str {
+    if openmetrics { EOF } else { "" }
 }
 
-/// The per-task usage families, encoded from the scrape's snapshot. Not a `Family` per
-/// metric: those keep a label set and a metric for every task ever scraped until cleared,
-/// and a cleared map keeps its capacity (measured: 30 scrapes with 10,000 tasks left
-/// 4 MiB more resident).
-#[derive(Debug)]
-struct UsageCollector(Arc<Mutex<Vec<TaskUsage>>>);
-
-impl Collector for UsageCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let usage = lock(&self.0);
-        // Help texts end with a period, as `Registry::register` writes them.
-        family(
-            &mut encoder,
-            "task_cpu_usage",
-            "CPU time a process task's cgroup used (user and system), by task: now while it runs, at its main command's end after.",
-            Some(&Unit::Seconds),
-            &usage,
-            |u| u.cpu_seconds.map(ConstCounter::new),
-        )?;
-        family(
-            &mut encoder,
-            "task_memory_peak",
-            "The most memory a process task's cgroup held at once, by task.",
-            Some(&Unit::Bytes),
-            &usage,
-            |u| u.memory_peak_bytes.map(|b| ConstGauge::new(b as i64)),
-        )?;
-        family(
-            &mut encoder,
-            "task_memory_usage",
-            "Memory a running process task's cgroup holds now, by task.",
-            Some(&Unit::Bytes),
-            &usage,
-            |u| u.memory_bytes.map(|b| ConstGauge::new(b as i64)),
-        )?;
-        family(
-            &mut encoder,
-            "task_oom_kills",
-            "Processes of a process task the kernel's OOM killer ended, by task.",
-            None,
-            &usage,
-            |u| u.oom_kills.map(ConstCounter::new),
-        )
-    }
+/// A per-task metric family, written here rather than by `prometheus-client`, a sample at
+/// a time: its encoder writes a family whole into one string, and with 10,000 tasks that
+/// was a 1.3 MB answer and an 800 kB vector of every task's usage per scrape, which glibc
+/// then kept (30 scrapes: 2 MiB more resident; its mmap threshold rises to the largest
+/// buffer freed). The format is the crate's, byte for byte (checked by a test against
+/// its encoder).
+#[derive(Clone, Copy, Debug)]
+pub struct TaskFamily {
+    /// With the prefix and the unit; a counter's samples add `_total`.
+    name: &'static str,
+    help: &'static str,
+    unit: Option<&'static str>,
+    counter: bool,
+    value: fn(&TaskUsage) -> Option<Sample>,
 }
 
-/// One per-task family: its descriptor and a sample for each task that has a value; left
-/// out when none has (as an empty `Family` is).
-fn family<M: EncodeMetric + TypedMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    usage: &[TaskUsage],
-    value: impl Fn(&TaskUsage) -> Option<M>,
-) -> Result<(), std::fmt::Error> {
-    if !usage.iter().any(|u| value(u).is_some()) {
-        return Ok(());
+#[derive(Clone, Copy, Debug)]
+enum Sample {
+    Float(f64),
+    Int(u64),
+}
+
+/// The per-task families, in the order they are written.
+pub const TASK_FAMILIES: [TaskFamily; 4] = [
+    TaskFamily {
+        name: "task_executor_task_cpu_usage_seconds",
+        help: "CPU time a process task's cgroup used (user and system), by task: now while it runs, at its main command's end after.",
+        unit: Some("seconds"),
+        counter: true,
+        value: |u| u.cpu_seconds.map(Sample::Float),
+    },
+    TaskFamily {
+        name: "task_executor_task_memory_peak_bytes",
+        help: "The most memory a process task's cgroup held at once, by task.",
+        unit: Some("bytes"),
+        counter: false,
+        value: |u| u.memory_peak_bytes.map(Sample::Int),
+    },
+    TaskFamily {
+        name: "task_executor_task_memory_usage_bytes",
+        help: "Memory a running process task's cgroup holds now, by task.",
+        unit: Some("bytes"),
+        counter: false,
+        value: |u| u.memory_bytes.map(Sample::Int),
+    },
+    TaskFamily {
+        name: "task_executor_task_oom_kills",
+        help: "Processes of a process task the kernel's OOM killer ended, by task.",
+        unit: None,
+        counter: true,
+        value: |u| u.oom_kills.map(Sample::Int),
+    },
+];
+
+impl TaskFamily {
+    /// Whether `usage` has a sample of this family.
+    pub fn has(&self, usage: &TaskUsage) -> bool {
+        (self.value)(usage).is_some()
     }
-    let mut family = encoder.encode_descriptor(name, help, unit, M::TYPE)?;
-    for u in usage {
-        if let Some(v) = value(u) {
-            v.encode(family.encode_family(&[("task", u.task.as_str())])?)?;
+
+    /// The family's descriptor, written before its first sample (a family without
+    /// samples is left out, as `prometheus-client` leaves out an empty one).
+    pub fn write_head(&self, out: &mut impl std::fmt::Write, openmetrics: bool) {
+        let kind = if self.counter { "counter" } else { "gauge" };
+        // Writing to memory cannot fail.
+        let _ = if openmetrics {
+            let unit = self
+                .unit
+                .map(|u| format!("# UNIT {} {u}\n", self.name))
+                .unwrap_or_default();
+            write!(
+                out,
+                "# HELP {n} {h}\n# TYPE {n} {kind}\n{unit}",
+                n = self.name,
+                h = self.help
+            )
+        } else {
+            // Prometheus text names a counter's family by its samples' name.
+            let total = if self.counter { "_total" } else { "" };
+            write!(
+                out,
+                "# HELP {n}{total} {h}\n# TYPE {n}{total} {kind}\n",
+                n = self.name,
+                h = self.help
+            )
+        };
+    }
+
+    /// The task's sample, if it has one.
+    pub fn write_sample(&self, out: &mut impl std::fmt::Write, task: &str, usage: &TaskUsage) {
+        let Some(v) = (self.value)(usage) else {
+            return;
+        };
+        let total = if self.counter { "_total" } else { "" };
+        let _ = write!(out, "{}{total}{{task=\"", self.name);
+        for c in task.chars() {
+            let _ = match c {
+                '\\' => out.write_str("\\\\"),
+                '"' => out.write_str("\\\""),
+                '\n' => out.write_str("\\n"),
+                c => out.write_char(c),
+            };
         }
+        let _ = match v {
+            Sample::Float(f) => writeln!(out, "\"}} {}", dtoa::Buffer::new().format(f)),
+            Sample::Int(i) => writeln!(out, "\"}} {i}"),
+        };
     }
-    Ok(())
 }
 
 /// When this process started (ms since the Unix epoch, 10 ms precision), from /proc.
@@ -496,20 +533,39 @@ impl ProcessStats {
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::metrics::MetricType;
+
     use super::*;
+
+    /// The whole exposition, as `GET /metrics` assembles it.
+    fn exposition(tasks: &[(&str, &str, u64)], usage: &[(&str, TaskUsage)], om: bool) -> String {
+        let mut out = render(tasks, om);
+        for family in TASK_FAMILIES {
+            if usage.iter().any(|(_, u)| family.has(u)) {
+                family.write_head(&mut out, om);
+            }
+            for (task, u) in usage {
+                family.write_sample(&mut out, task, u);
+            }
+        }
+        out + end(om)
+    }
 
     #[test]
     fn renders_both_formats_with_process_metrics() {
         task_started("unit-test", Some(Duration::from_millis(3)));
         task_terminated("unit-test", "Succeeded", Some(Duration::from_millis(20)));
         let used = TaskUsage {
-            task: "unit-task".into(),
             cpu_seconds: Some(1.5),
             memory_peak_bytes: Some(4096),
             memory_bytes: None,
             oom_kills: Some(1),
         };
-        let text = render(&[("unit-test", "running", 2)], vec![used], false);
+        let text = exposition(
+            &[("unit-test", "running", 2)],
+            &[("unit-task", used)],
+            false,
+        );
         assert!(
             text.contains("task_executor_task_cpu_usage_seconds_total{task=\"unit-task\"} 1.5"),
             "{text}"
@@ -525,26 +581,140 @@ mod tests {
         assert!(text.contains("process_open_fds "));
         assert!(text.contains("process_resident_memory_bytes "));
         assert!(!text.contains("# EOF"));
-        let two = ["task-a", "task-b"].map(|task| TaskUsage {
-            task: task.into(),
-            memory_bytes: Some(8192),
-            ..Default::default()
-        });
-        let om = render(&[], two.to_vec(), true);
-        for task in ["task-a", "task-b"] {
-            let line = format!("task_executor_task_memory_usage_bytes{{task=\"{task}\"}} 8192\n");
-            assert_eq!(om.matches(&line).count(), 1, "{om}");
-        }
-        assert!(om.contains(
-            "# TYPE task_executor_task_memory_usage_bytes gauge\n# UNIT task_executor_task_memory_usage_bytes bytes\n"
-        ));
-        assert!(om.ends_with("# EOF\n"), "{om}");
-        let om = render(&[], Vec::new(), true);
-        assert!(om.ends_with("# EOF\n"), "{om}");
+        let om = exposition(&[], &[], true);
+        assert!(
+            om.ends_with("# EOF\n") && om.matches("# EOF").count() == 1,
+            "{om}"
+        );
         assert!(
             !om.contains("state=\"running\""),
             "the gauge is refilled per scrape"
         );
-        assert!(!om.contains("unit-task"), "so is the usage");
+    }
+
+    /// The per-task families as `prometheus-client` encodes them, from a collector.
+    #[derive(Debug)]
+    struct Reference(Vec<(&'static str, TaskUsage)>);
+
+    impl Collector for Reference {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            type Metric = Box<dyn Fn(&TaskUsage) -> Option<Box<dyn EncodeMetric>>>;
+            let families: [(&str, &str, Option<Unit>, MetricType, Metric); 4] = [
+                (
+                    "task_cpu_usage",
+                    TASK_FAMILIES[0].help,
+                    Some(Unit::Seconds),
+                    MetricType::Counter,
+                    Box::new(|u| {
+                        u.cpu_seconds
+                            .map(|v| Box::new(ConstCounter::new(v)) as Box<dyn EncodeMetric>)
+                    }),
+                ),
+                (
+                    "task_memory_peak",
+                    TASK_FAMILIES[1].help,
+                    Some(Unit::Bytes),
+                    MetricType::Gauge,
+                    Box::new(|u| {
+                        u.memory_peak_bytes
+                            .map(|v| Box::new(ConstGauge::new(v as i64)) as Box<dyn EncodeMetric>)
+                    }),
+                ),
+                (
+                    "task_memory_usage",
+                    TASK_FAMILIES[2].help,
+                    Some(Unit::Bytes),
+                    MetricType::Gauge,
+                    Box::new(|u| {
+                        u.memory_bytes
+                            .map(|v| Box::new(ConstGauge::new(v as i64)) as Box<dyn EncodeMetric>)
+                    }),
+                ),
+                (
+                    "task_oom_kills",
+                    TASK_FAMILIES[3].help,
+                    None,
+                    MetricType::Counter,
+                    Box::new(|u| {
+                        u.oom_kills
+                            .map(|v| Box::new(ConstCounter::new(v)) as Box<dyn EncodeMetric>)
+                    }),
+                ),
+            ];
+            for (name, help, unit, kind, metric) in &families {
+                if !self.0.iter().any(|(_, u)| metric(u).is_some()) {
+                    continue;
+                }
+                let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), *kind)?;
+                for (task, u) in &self.0 {
+                    if let Some(m) = metric(u) {
+                        m.encode(family.encode_family(&[("task", *task)])?)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_per_task_families_are_written_as_prometheus_client_writes_them() {
+        let usage = vec![
+            (
+                "a",
+                TaskUsage {
+                    cpu_seconds: Some(0.000894),
+                    memory_peak_bytes: Some(524288),
+                    memory_bytes: Some(8192),
+                    oom_kills: Some(0),
+                },
+            ),
+            (
+                "b.with-dots-1",
+                TaskUsage {
+                    cpu_seconds: Some(1.0),
+                    memory_peak_bytes: Some(u64::from(u32::MAX) * 4),
+                    ..Default::default()
+                },
+            ),
+            (
+                "c",
+                TaskUsage {
+                    cpu_seconds: Some(1e-7),
+                    oom_kills: Some(3),
+                    ..Default::default()
+                },
+            ),
+            ("d", TaskUsage::default()),
+            (
+                "e",
+                TaskUsage {
+                    cpu_seconds: Some(12345.678),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for om in [false, true] {
+            let mut registry = Registry::default();
+            registry
+                .sub_registry_with_prefix("task_executor")
+                .register_collector(Box::new(Reference(usage.clone())));
+            let mut want = String::new();
+            if om {
+                prometheus_client::encoding::text::encode(&mut want, &registry).unwrap();
+            } else {
+                prometheus_client::encoding::prometheus_text::encode(&mut want, &registry).unwrap();
+            }
+            let mut got = String::new();
+            for family in TASK_FAMILIES {
+                if usage.iter().any(|(_, u)| family.has(u)) {
+                    family.write_head(&mut got, om);
+                }
+                for (task, u) in &usage {
+                    family.write_sample(&mut got, task, u);
+                }
+            }
+            got.push_str(end(om));
+            assert_eq!(got, want, "openmetrics: {om}");
+        }
     }
 }

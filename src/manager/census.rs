@@ -32,16 +32,10 @@ impl Manager {
         out
     }
 
-    /// What each task held that ended used (as its status shows it), by name.
-    pub fn usage_census(&self) -> Vec<(String, crate::task::model::ResourceUsage)> {
-        let tasks = self.read_tasks();
-        tasks
-            .entries()
-            .filter_map(|e| {
-                let u = e.parts().usage.as_deref().cloned()?;
-                Some((e.name().to_string(), u))
-            })
-            .collect()
+    /// Every task's recorded usage (an ended one's, as its status shows it), in name
+    /// order, read a task at a time as a scrape writes it.
+    pub fn usage_listing(&self) -> UsageListing {
+        UsageListing(self.read_tasks().entries().cloned().collect())
     }
 
     /// Whether the task was created since this agent process started (one created
@@ -101,3 +95,23 @@ impl Manager {
 
 /// When each running task was seen to start, by uid (removed when it terminates).
 static RUNNING: LazyLock<Mutex<HashMap<String, Instant>>> = LazyLock::new(Default::default);
+
+/// The tasks of one scrape (see `Manager::usage_listing`).
+pub struct UsageListing(Vec<std::sync::Arc<Entry>>);
+
+impl UsageListing {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The `i`th task's name, and what it used if it ended with a count of it.
+    pub fn get(&self, i: usize) -> Option<(&str, Option<crate::task::model::ResourceUsage>)> {
+        let e = self.0.get(i)?;
+        let usage = e.parts().usage.as_deref().cloned();
+        Some((e.name(), usage))
+    }
+}

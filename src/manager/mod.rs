@@ -37,6 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc};
 
+pub use census::UsageListing;
 pub use entry::{Render, TaskView};
 pub use error::ManagerError;
 
