@@ -533,6 +533,7 @@ impl ProcessStats {
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::encoding::EncodeCounterValue;
     use prometheus_client::metrics::MetricType;
 
     use super::*;
@@ -599,49 +600,44 @@ mod tests {
     impl Collector for Reference {
         fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
             type Metric = Box<dyn Fn(&TaskUsage) -> Option<Box<dyn EncodeMetric>>>;
-            let families: [(&str, &str, Option<Unit>, MetricType, Metric); 4] = [
+            fn counter<N: EncodeCounterValue + 'static>(
+                v: Option<N>,
+            ) -> Option<Box<dyn EncodeMetric>> {
+                v.map(|v| Box::new(ConstCounter::new(v)) as Box<dyn EncodeMetric>)
+            }
+            fn gauge(v: Option<u64>) -> Option<Box<dyn EncodeMetric>> {
+                v.map(|v| Box::new(ConstGauge::new(v as i64)) as Box<dyn EncodeMetric>)
+            }
+            let (seconds, bytes) = (Some(Unit::Seconds), Some(Unit::Bytes));
+            let (c, g) = (MetricType::Counter, MetricType::Gauge);
+            let families: [(&str, Option<Unit>, MetricType, Metric); 4] = [
                 (
                     "task_cpu_usage",
-                    TASK_FAMILIES[0].help,
-                    Some(Unit::Seconds),
-                    MetricType::Counter,
-                    Box::new(|u| {
-                        u.cpu_seconds
-                            .map(|v| Box::new(ConstCounter::new(v)) as Box<dyn EncodeMetric>)
-                    }),
+                    seconds,
+                    c,
+                    Box::new(|u| counter(u.cpu_seconds)),
                 ),
                 (
                     "task_memory_peak",
-                    TASK_FAMILIES[1].help,
-                    Some(Unit::Bytes),
-                    MetricType::Gauge,
-                    Box::new(|u| {
-                        u.memory_peak_bytes
-                            .map(|v| Box::new(ConstGauge::new(v as i64)) as Box<dyn EncodeMetric>)
-                    }),
+                    bytes.clone(),
+                    g,
+                    Box::new(|u| gauge(u.memory_peak_bytes)),
                 ),
                 (
                     "task_memory_usage",
-                    TASK_FAMILIES[2].help,
-                    Some(Unit::Bytes),
-                    MetricType::Gauge,
-                    Box::new(|u| {
-                        u.memory_bytes
-                            .map(|v| Box::new(ConstGauge::new(v as i64)) as Box<dyn EncodeMetric>)
-                    }),
+                    bytes,
+                    g,
+                    Box::new(|u| gauge(u.memory_bytes)),
                 ),
                 (
                     "task_oom_kills",
-                    TASK_FAMILIES[3].help,
                     None,
-                    MetricType::Counter,
-                    Box::new(|u| {
-                        u.oom_kills
-                            .map(|v| Box::new(ConstCounter::new(v)) as Box<dyn EncodeMetric>)
-                    }),
+                    c,
+                    Box::new(|u| counter(u.oom_kills)),
                 ),
             ];
-            for (name, help, unit, kind, metric) in &families {
+            for ((name, unit, kind, metric), ours) in families.iter().zip(TASK_FAMILIES) {
+                let help = ours.help;
                 if !self.0.iter().any(|(_, u)| metric(u).is_some()) {
                     continue;
                 }

@@ -12,6 +12,7 @@ use warp::reply::Response;
 use super::handlers::AppState;
 use crate::manager::UsageListing;
 use crate::metrics::{TASK_FAMILIES, TaskUsage};
+use crate::task::model::ResourceUsage;
 
 /// What one piece of a streamed answer holds at least (the last holds the rest): below
 /// glibc's mmap threshold, so no piece raises it (see `metrics::TaskFamily`).
@@ -58,16 +59,17 @@ pub fn metrics(state: &AppState, headers: &HeaderMap) -> Response {
 fn live_usage() -> HashMap<String, TaskUsage> {
     crate::runtime::limits::live_usage()
         .into_iter()
-        .map(|(task, u, now)| {
-            let usage = TaskUsage {
-                cpu_seconds: u.cpu_seconds,
-                memory_peak_bytes: u.memory_peak_bytes,
-                memory_bytes: now,
-                oom_kills: u.oom_kills,
-            };
-            (task, usage)
-        })
+        .map(|(task, u, now)| (task, task_usage(&u, now)))
         .collect()
+}
+
+fn task_usage(u: &ResourceUsage, memory_now: Option<u64>) -> TaskUsage {
+    TaskUsage {
+        cpu_seconds: u.cpu_seconds,
+        memory_peak_bytes: u.memory_peak_bytes,
+        memory_bytes: memory_now,
+        oom_kills: u.oom_kills,
+    }
 }
 
 /// The exposition: the registry's metrics, then each per-task family over every task
@@ -94,14 +96,7 @@ fn usage<'a>(
     if let Some(u) = live.get(name) {
         return Some((name, *u));
     }
-    let u = recorded?;
-    let usage = TaskUsage {
-        cpu_seconds: u.cpu_seconds,
-        memory_peak_bytes: u.memory_peak_bytes,
-        memory_bytes: None,
-        oom_kills: u.oom_kills,
-    };
-    Some((name, usage))
+    Some((name, task_usage(&recorded?, None)))
 }
 
 impl Iterator for Pieces {
