@@ -39,24 +39,14 @@ impl Manager {
     }
 
     /// Whether the task was created since this agent process started (one created
-    /// before it was re-adopted, or found ended, after a restart).
-    pub(super) fn created_here(&self, entry: &Entry) -> bool {
+    /// before was re-adopted after a restart).
+    fn created_here(&self, entry: &Entry) -> bool {
         crate::metrics::process_start_unix_ms()
             .is_none_or(|t| entry.created_at().unix_millis() >= t)
     }
 
-    /// Whether `from` → `to` is a task of an earlier agent process found ended: its end
-    /// was recorded before this process saw it run, so it is no event of this process
-    /// (a restart with 100,000 finished tasks would count, and log, each of them again).
-    pub(super) fn found_ended(&self, entry: &Entry, from: &TaskState, to: &TaskState) -> bool {
-        matches!(from, TaskState::Waiting(_))
-            && matches!(to, TaskState::Terminated(_))
-            && !self.created_here(entry)
-    }
-
     /// Counts a state change: a start (with its latency from creation, for tasks created
-    /// by this agent process) and an end (by reason, with the time it ran; not one found
-    /// ended at start-up). Durations are measured on the agent's clock as the changes are
+    /// by this agent process) and an end (by reason, with the time it ran). Durations are measured on the agent's clock as the changes are
     /// applied: the recorded times have the API's second precision.
     pub(super) fn record_metrics(&self, entry: &Entry, from: &TaskState, to: &TaskState) {
         let kind = entry.kind();
@@ -80,7 +70,6 @@ impl Manager {
             TaskState::Running(_) => {
                 running.insert(uid, Instant::now());
             }
-            TaskState::Terminated(_) if self.found_ended(entry, from, to) => {}
             TaskState::Terminated(t) => {
                 let ran = running.remove(&uid).map(|at| at.elapsed()).or_else(|| {
                     let (s, f) = (t.started_at?.unix_nanos(), t.finished_at.unix_nanos());

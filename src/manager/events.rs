@@ -9,10 +9,24 @@ use super::entry::Entry;
 use crate::runtime::{Observed, RuntimeEvent};
 use crate::task::model::{self, TaskState};
 
+/// When a state was seen: as it happened, or as an earlier agent process recorded it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Seen {
+    Now,
+    AtStart,
+}
+
 impl Manager {
     /// Moves the task's state forward (never back: a late "running" never hides an exit;
     /// a waiting task may show another reason), and its hooks' states with it.
     pub(super) fn apply(&self, entry: &Entry, observed: Observed) {
+        self.apply_seen(entry, observed, Seen::Now);
+    }
+
+    /// As `apply`; `Seen::AtStart` for an end an earlier agent process recorded, read at
+    /// this one's start: no event of this process, so neither counted in the metrics nor
+    /// logged as a state change (a restart with 100,000 finished tasks did both for each).
+    pub(super) fn apply_seen(&self, entry: &Entry, observed: Observed, seen: Seen) {
         let (observed, usage) = match observed {
             Observed::WithUsage(o, u) => (*o, Some(u)),
             o => (o, None),
@@ -55,8 +69,7 @@ impl Manager {
         let name = entry.name();
         if moves {
             match &new {
-                // One line each for 100,000 tasks at every restart would bury the rest.
-                TaskState::Terminated(t) if self.found_ended(entry, state, &new) => {
+                TaskState::Terminated(t) if seen == Seen::AtStart => {
                     tracing::debug!(
                         task = %name, exit_code = t.exit_code, reason = %t.reason,
                         "task found ended at start"
@@ -74,7 +87,9 @@ impl Manager {
                     tracing::info!(task = %name, from = state.name(), to = new.name(), "task state changed")
                 }
             }
-            self.record_metrics(entry, state, &new);
+            if seen == Seen::Now {
+                self.record_metrics(entry, state, &new);
+            }
             parts.state = new;
         }
         drop(parts);

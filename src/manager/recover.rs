@@ -5,6 +5,7 @@ use std::sync::Arc;
 use futures::{StreamExt, TryStreamExt};
 
 use super::entry::{Entry, Persisted};
+use super::events::Seen;
 use super::{Manager, ManagerError};
 use crate::task::model::{TaskState, reason};
 use crate::task::store::TaskRecord;
@@ -123,7 +124,7 @@ impl Manager {
                     Some(observed) => {
                         // As an adoption applies what it found: under its lifecycle lock.
                         let _life = entry.lifecycle.lock().await;
-                        self.apply(&entry, observed);
+                        self.apply_seen(&entry, observed, Seen::AtStart);
                     }
                     None => adopt.push(entry),
                 }
