@@ -442,9 +442,8 @@ impl<'a> Supervisor<'a> {
 
     /// Signals every process of the task that is provably still the task's: the groups of
     /// commands not reaped yet, and every descendant of the shim (through handles), the
-    /// reaper excepted. Returns how many descendants were left.
-    /// `sig` to the task: each command's process group at once, then every descendant
-    /// the groups did not reach (setsid'd daemons, processes of reaped commands).
+    /// reaper excepted; a member of a group just signalled is not signalled again (but
+    /// for SIGKILL). Returns how many descendants were left.
     fn signal_tree(&self, sig: Signal) -> usize {
         let groups = self.place.signal_groups(None, sig);
         kill::signal_descendants(
