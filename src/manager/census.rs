@@ -100,7 +100,7 @@ impl UsageListing {
     /// The `i`th task's name, and what it used if it ended with a count of it.
     pub fn get(&self, i: usize) -> Option<(&str, Option<crate::task::model::ResourceUsage>)> {
         let e = self.0.get(i)?;
-        let usage = e.parts().usage.as_deref().cloned();
+        let usage = e.parts().usage.get();
         Some((e.name(), usage))
     }
 }

@@ -9,9 +9,10 @@
 //! answer; a render that raced a change is never cached (`generation`).
 //!
 //! The record's parts that never change after the create (name, uid, times, where it
-//! runs) are plain fields. Its spec never changes either: it is kept as its JSON (`Spec`),
-//! read back on the few paths that need it (a start, a delete, a sync's answer, a view),
-//! so a finished task holds its cached answer and little else.
+//! runs) are plain fields. Its spec never changes either: it is kept as its JSON, read
+//! back on the few paths that need it (a start, a delete, a sync's answer, a view), so a
+//! finished task holds its cached answer and little else. The name, the uid and the
+//! spec's JSON share one allocation (`Fixed`).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -78,8 +79,7 @@ impl Kind {
 /// One task. Its size is what every finished task costs beside its answer, so the parts
 /// that change share one lock and the rarely used ones are boxed.
 pub(super) struct Entry {
-    name: Box<str>,
-    uid: Box<str>,
+    fixed: Fixed,
     created_at: Time,
     host_uid: Option<u32>,
     exec_mode: Option<ExecMode>,
@@ -102,16 +102,55 @@ pub(super) struct Entry {
 /// there were, cost 32 bytes a task more). Changed through `Entry::parts`, whose guard
 /// drops the cached answer when it was used mutably.
 pub(super) struct Parts {
-    /// Private: it never changes.
-    spec: Spec,
     pub(super) deletion_timestamp: Option<Time>,
     pub(super) final_status: Option<Box<Terminated>>,
     pub(super) state: TaskState,
     /// How its hooks are or ended. Boxed: most tasks have no hooks, and an unboxed pair
     /// of hook states made every entry 200 bytes larger.
     pub(super) hooks: Option<Box<HookStatuses>>,
-    /// What the task used, once it ended; boxed as `hooks` is.
-    pub(super) usage: Option<Box<ResourceUsage>>,
+    /// What the task used, once it ended.
+    pub(super) usage: Usage,
+}
+
+/// What a task used, inline: a boxed `ResourceUsage` cost every finished task a 64-byte
+/// allocation beside its pointer. Each value is kept with a bit that says it is known,
+/// and one more says that a count was reported at all (it may hold no value).
+#[derive(Clone, Copy, Default, PartialEq)]
+pub(super) struct Usage {
+    cpu_seconds: f64,
+    memory_peak_bytes: u64,
+    oom_kills: u64,
+    known: u8,
+}
+
+impl Usage {
+    const CPU: u8 = 1;
+    const PEAK: u8 = 2;
+    const OOM: u8 = 4;
+    const REPORTED: u8 = 8;
+
+    pub(super) fn of(u: &ResourceUsage) -> Usage {
+        let bit = |set: bool, b: u8| if set { b } else { 0 };
+        Usage {
+            cpu_seconds: u.cpu_seconds.unwrap_or_default(),
+            memory_peak_bytes: u.memory_peak_bytes.unwrap_or_default(),
+            oom_kills: u.oom_kills.unwrap_or_default(),
+            known: Self::REPORTED
+                | bit(u.cpu_seconds.is_some(), Self::CPU)
+                | bit(u.memory_peak_bytes.is_some(), Self::PEAK)
+                | bit(u.oom_kills.is_some(), Self::OOM),
+        }
+    }
+
+    /// `None` until a count of it was reported.
+    pub(super) fn get(&self) -> Option<ResourceUsage> {
+        let known = |b: u8| self.known & b != 0;
+        known(Self::REPORTED).then(|| ResourceUsage {
+            cpu_seconds: known(Self::CPU).then_some(self.cpu_seconds),
+            memory_peak_bytes: known(Self::PEAK).then_some(self.memory_peak_bytes),
+            oom_kills: known(Self::OOM).then_some(self.oom_kills),
+        })
+    }
 }
 
 /// The cached answer, and the count of view changes that a render started before one
@@ -124,32 +163,79 @@ struct Rendered {
     generation: u64,
 }
 
-/// The task's spec, as its JSON: a `TaskSpec` is 632 bytes before its strings, and the
-/// hole it left when it was dropped (as it was once the task finished) outlived it among
-/// the answers and entries around it. Reading it back costs a microsecond or two on the
-/// paths that need it, which are few and never a listing.
-enum Spec {
-    Sealed(Box<[u8]>),
-    /// Large (its JSON would be read back by each view of it), or its JSON would not read
-    /// back as the same spec (never seen: the store depends on the same round trip).
-    Open(Box<TaskSpec>),
+/// What never changes of a task: its name, its uid and its spec, the spec as its JSON (a
+/// `TaskSpec` is 632 bytes before its strings, and the hole it left when it was dropped,
+/// as it was once the task finished, outlived it among the answers and entries around
+/// it). One allocation for all three: three cost 60 bytes more a task. Reading the spec
+/// back costs a microsecond or two on the paths that need it, which are few and never a
+/// listing.
+struct Fixed {
+    /// The name, the spec's JSON (empty when it is open) and the uid, one after another.
+    text: Box<str>,
+    name_len: u16,
+    json_len: u16,
+    /// A spec kept as it is: large (its JSON would be read back by each view of it), or
+    /// one whose JSON would not read back as the same spec (never seen: the store depends
+    /// on the same round trip).
+    open: Option<Box<TaskSpec>>,
 }
 
 /// Specs whose JSON is larger than this are kept open: a spec with a huge environment
 /// saves little as JSON, and reading it back would cost every view.
 const SEAL_MAX: usize = 16 * 1024;
+const _: () = assert!(SEAL_MAX <= u16::MAX as usize);
 
-impl Spec {
-    fn of(spec: TaskSpec) -> Spec {
-        match serde_json::to_vec(&spec) {
+impl Fixed {
+    fn of(name: &str, uid: &str, spec: TaskSpec) -> Fixed {
+        let (json, open) = match serde_json::to_string(&spec) {
             Ok(json)
                 if json.len() <= SEAL_MAX
-                    && serde_json::from_slice::<TaskSpec>(&json).ok().as_ref() == Some(&spec) =>
+                    && serde_json::from_str::<TaskSpec>(&json).ok().as_ref() == Some(&spec) =>
             {
-                Spec::Sealed(json.into_boxed_slice())
+                (json, None)
             }
-            _ => Spec::Open(Box::new(spec)),
+            _ => (String::new(), Some(Box::new(spec))),
+        };
+        Fixed {
+            // Copied into one exact allocation: a record read by a loader thread would
+            // otherwise keep its strings for the task's life in that thread's malloc
+            // arena, among the holes its read left.
+            text: [name, json.as_str(), uid].concat().into_boxed_str(),
+            name_len: u16::try_from(name.len())
+                .expect("task names are checked to be at most 253 bytes"),
+            json_len: json.len() as u16,
+            open,
         }
+    }
+
+    fn name(&self) -> &str {
+        &self.text[..usize::from(self.name_len)]
+    }
+
+    fn uid(&self) -> &str {
+        &self.text[usize::from(self.name_len) + usize::from(self.json_len)..]
+    }
+
+    /// `f` of the spec (read back from its JSON if it is sealed).
+    fn with_spec<R>(&self, f: impl FnOnce(&TaskSpec) -> R) -> R {
+        match &self.open {
+            Some(s) => f(s),
+            None => f(&self.unseal()),
+        }
+    }
+
+    fn spec(&self) -> TaskSpec {
+        match &self.open {
+            Some(s) => TaskSpec::clone(s),
+            None => self.unseal(),
+        }
+    }
+
+    /// The spec the sealed JSON holds; `Fixed::of` checked that it reads back.
+    fn unseal(&self) -> TaskSpec {
+        let at = usize::from(self.name_len);
+        let json = &self.text[at..at + usize::from(self.json_len)];
+        serde_json::from_str(json).expect("a sealed spec was read back when it was sealed")
     }
 }
 
@@ -197,23 +283,18 @@ impl Entry {
         kind: Kind,
     ) -> Arc<Entry> {
         Arc::new(Entry {
-            // Copied, not converted: a record read by a loader thread would otherwise
-            // keep these strings for the task's life in that thread's malloc arena, among
-            // the holes its read left.
-            name: Box::from(record.name.as_str()),
-            uid: Box::from(record.uid.as_str()),
+            fixed: Fixed::of(&record.name, &record.uid, record.spec),
             created_at: record.created_at,
             exec_mode: record.exec_mode,
             host_uid: record.host_uid,
             kind,
             persisted: AtomicU8::new(persisted as u8),
             parts: Mutex::new(Parts {
-                spec: Spec::of(record.spec),
                 deletion_timestamp: record.deletion_timestamp,
                 final_status: record.final_status.map(Box::new),
                 state,
                 hooks: None,
-                usage: None,
+                usage: Usage::default(),
             }),
             lifecycle: TurnLock::default(),
             deleting: TurnLock::default(),
@@ -232,11 +313,11 @@ impl Entry {
     }
 
     pub(super) fn name(&self) -> &str {
-        &self.name
+        self.fixed.name()
     }
 
     pub(super) fn uid(&self) -> &str {
-        &self.uid
+        self.fixed.uid()
     }
 
     pub(super) fn created_at(&self) -> Time {
@@ -258,25 +339,21 @@ impl Entry {
 
     /// `f` of the spec (read back from its JSON if it is sealed).
     pub(super) fn with_spec<R>(&self, f: impl FnOnce(&TaskSpec) -> R) -> R {
-        let parts = lock(&self.parts);
-        match &parts.spec {
-            Spec::Open(s) => f(s),
-            Spec::Sealed(json) => f(&unseal(json)),
-        }
+        self.fixed.with_spec(f)
     }
 
     /// A copy of the spec.
     pub(super) fn spec(&self) -> TaskSpec {
-        spec_of(&lock(&self.parts))
+        self.fixed.spec()
     }
 
     /// The record as the store keeps it.
     pub(super) fn record(&self) -> TaskRecord {
         let parts = lock(&self.parts);
         TaskRecord {
-            name: self.name.to_string(),
-            uid: self.uid.to_string(),
-            spec: spec_of(&parts),
+            name: self.name().to_string(),
+            uid: self.uid().to_string(),
+            spec: self.spec(),
             exec_mode: self.exec_mode,
             host_uid: self.host_uid,
             created_at: self.created_at,
@@ -294,11 +371,11 @@ impl Entry {
     pub(super) fn view(&self) -> TaskView {
         let parts = lock(&self.parts);
         TaskView {
-            name: self.name.to_string(),
-            spec: spec_of(&parts),
+            name: self.name().to_string(),
+            spec: self.spec(),
             state: parts.state.clone(),
             hooks: parts.hooks.as_deref().cloned(),
-            usage: parts.usage.as_deref().cloned(),
+            usage: parts.usage.get(),
             deletion_timestamp: parts.deletion_timestamp,
         }
     }
@@ -358,14 +435,63 @@ impl Entry {
     }
 }
 
-fn spec_of(parts: &Parts) -> TaskSpec {
-    match &parts.spec {
-        Spec::Open(s) => TaskSpec::clone(s),
-        Spec::Sealed(json) => unseal(json),
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::model::{EnvVar, ProcessSpec};
 
-/// The spec a sealed JSON holds; `Spec::of` checked that it reads back.
-fn unseal(json: &[u8]) -> TaskSpec {
-    serde_json::from_slice(json).expect("a sealed spec was read back when it was sealed")
+    fn process(command: &str, env_bytes: usize) -> TaskSpec {
+        TaskSpec {
+            process: Some(ProcessSpec {
+                command: vec![command.into(), "ü".into()],
+                env: vec![EnvVar {
+                    name: "E".into(),
+                    value: "v".repeat(env_bytes),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_name_uid_and_spec_read_back_as_given_sealed_or_open() {
+        for (name, uid, spec, sealed) in [
+            ("a", "uid-1", process("/bin/true", 1), true),
+            (&*"n".repeat(253), "", process("/bin/sh", 0), true),
+            ("big", "ü-uid-ü", process("/bin/true", SEAL_MAX), false),
+            ("empty", "x", TaskSpec::default(), true),
+        ] {
+            let f = Fixed::of(name, uid, spec.clone());
+            assert_eq!((f.name(), f.uid()), (name, uid));
+            assert_eq!(f.spec(), spec);
+            assert_eq!(f.with_spec(|s| s.clone()), spec);
+            assert_eq!(f.open.is_none(), sealed, "{name}");
+        }
+    }
+
+    #[test]
+    fn usage_reads_back_as_it_was_reported() {
+        assert_eq!(Usage::default().get(), None, "nothing reported");
+        for u in [
+            ResourceUsage::default(),
+            ResourceUsage {
+                cpu_seconds: Some(0.001123),
+                memory_peak_bytes: Some(524_288),
+                oom_kills: None,
+            },
+            ResourceUsage {
+                cpu_seconds: Some(0.0),
+                memory_peak_bytes: None,
+                oom_kills: Some(0),
+            },
+            ResourceUsage {
+                cpu_seconds: None,
+                memory_peak_bytes: Some(u64::MAX),
+                oom_kills: Some(3),
+            },
+        ] {
+            assert_eq!(Usage::of(&u).get(), Some(u.clone()));
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::Weak;
 use tokio::sync::mpsc;
 
 use super::Manager;
-use super::entry::Entry;
+use super::entry::{Entry, Usage};
 use crate::runtime::{Observed, RuntimeEvent};
 use crate::task::model::{self, TaskState};
 
@@ -44,10 +44,10 @@ impl Manager {
         };
         let mut parts = entry.parts();
         let mut changed = false;
-        if let Some(u) = usage
-            && parts.usage.as_deref() != Some(&u)
+        if let Some(u) = usage.map(|u| Usage::of(&u))
+            && parts.usage != u
         {
-            parts.usage = Some(Box::new(u));
+            parts.usage = u;
             changed = true;
         }
         if let Some(h) = hooks {
