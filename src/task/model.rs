@@ -1,5 +1,7 @@
 //! The task model shared by the HTTP API, the store, the runtimes and the Task CRD.
 
+use std::borrow::Cow;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -138,7 +140,7 @@ pub struct Terminated {
     pub exit_code: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
-    pub reason: String,
+    pub reason: Reason,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// `null` when the task never started, as metav1.Time encodes a zero time.
@@ -185,6 +187,92 @@ pub mod reason {
     /// The kernel's OOM killer ended the task's process: its memory limit was reached
     /// (kubelet's word; exit code 137).
     pub const OOM_KILLED: &str = "OOMKilled";
+    /// Every reason above: the words a `Reason` keeps without an allocation.
+    pub const ALL: &[&str] = &[
+        INITIALIZED,
+        RESOURCES_EXHAUSTED,
+        SUCCEEDED,
+        FAILED,
+        TIMEOUT,
+        START_ERROR,
+        PROCESS_START_FAILED,
+        START_FAILED,
+        SUPERVISOR_LOST,
+        NODE_RESTARTED,
+        TARGET_RESTARTED,
+        TARGET_NOT_FOUND,
+        RUNTIME_ERROR,
+        IMAGE_PULL_ERROR,
+        PRE_START_HOOK_RUNNING,
+        PRE_START_HOOK_FAILED,
+        POST_STOP_HOOK_RUNNING,
+        POST_STOP_HOOK_FAILED,
+        OOM_KILLED,
+    ];
+}
+
+// A terminated state's reason: one of the agent's own words (`reason::ALL`), kept as a
+// `&'static str`, or another (a container runtime's) as a string of its own. Every
+// finished task keeps one, and "Succeeded" as a `String` cost each a 32-byte allocation.
+// (Not a doc comment: it would become the schema's description, in the CRD and the API
+// document, where the field's own says what a reason is.)
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(transparent)]
+pub struct Reason(Cow<'static, str>);
+
+impl Reason {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Reason {
+    fn from(s: &str) -> Self {
+        match reason::ALL.iter().find(|r| **r == s) {
+            Some(r) => Reason(Cow::Borrowed(r)),
+            None => Reason(Cow::Owned(s.to_owned())),
+        }
+    }
+}
+
+impl From<String> for Reason {
+    fn from(s: String) -> Self {
+        match reason::ALL.iter().find(|r| **r == s) {
+            Some(r) => Reason(Cow::Borrowed(r)),
+            None => Reason(Cow::Owned(s)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Reason {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Reason::from)
+    }
+}
+
+impl std::ops::Deref for Reason {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for Reason {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -509,6 +597,27 @@ fn check_dir(dir: Option<&str>, what: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agents_own_reasons_are_kept_without_an_allocation_and_read_as_written() {
+        for r in reason::ALL {
+            let parsed: Reason = serde_json::from_str(&format!("\"{r}\"")).unwrap();
+            assert!(matches!(parsed.0, Cow::Borrowed(_)), "{r}");
+            assert_eq!(parsed, *r);
+            assert_eq!(serde_json::to_string(&parsed).unwrap(), format!("\"{r}\""));
+        }
+        // Another's word (a container runtime's) is kept as it came.
+        let other = Reason::from("Completed");
+        assert!(matches!(other.0, Cow::Owned(_)));
+        assert_eq!(other.as_str(), "Completed");
+        assert_eq!(other.to_string(), "Completed");
+        assert_eq!(Reason::from(String::from("Succeeded")), reason::SUCCEEDED);
+        // Its schema is a string's, as it was.
+        assert_eq!(
+            serde_json::to_value(schemars::schema_for!(Reason)).unwrap()["type"],
+            "string"
+        );
+    }
 
     #[test]
     fn state_serializes_with_one_member() {
