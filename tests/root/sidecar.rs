@@ -77,6 +77,31 @@ fn delete_kills_a_term_ignoring_task_inside_the_container() {
 }
 
 #[test]
+fn a_stop_sends_each_process_inside_the_container_one_sigterm() {
+    // The reaper signals the commands' groups inside the container and the shim signals
+    // the tree from outside: a process both reached ran its TERM handler twice.
+    let name = unique("main-once");
+    let _main = MainContainer::start(&name, "once-host");
+    let a = sidecar_agent(&name, &["--stop-grace-period", "1s"]);
+    let tasks: Vec<String> = (0..2).map(|i| format!("once-{i}")).collect();
+    // A loop of builtins runs the trap right after each SIGTERM, so two are never merged
+    // into one; the trap doesn't exit, so each SIGTERM of the stop (timeout, then the
+    // grace period, then SIGKILL) is counted. The 300 sleeps make the shim's walk of the
+    // tree take milliseconds: a second SIGTERM would come long after the first.
+    let script = "for i in $(seq 300); do sleep 1000 & done; \
+                  trap 'echo got TERM' TERM; echo ready; while :; do :; done";
+    for t in &tasks {
+        a.create_ok(&json!({"name": t, "spec": {"process": {
+            "command": ["sh", "-c", script], "timeoutSeconds": 2}}}));
+    }
+    for t in &tasks {
+        let s = a.wait_state(t, "terminated", T);
+        assert_eq!(s["reason"], "TaskTimeout", "{s}");
+        assert_eq!(a.stdout(t), "ready\ngot TERM\n", "{t}: {s}");
+    }
+}
+
+#[test]
 fn agent_kill9_and_restart_readopts_a_sidecar_task() {
     let name = unique("main-adopt");
     let _main = MainContainer::start(&name, "adopt-host");

@@ -172,20 +172,20 @@ impl Place {
     }
 
     /// Signals the process group of every command not reaped yet (`job`: of that command
-    /// only). A reaped command's group id may be someone else's by now, so it is left
-    /// alone (its processes are reached as descendants). Returns the host groups it
-    /// signalled.
-    pub fn signal_groups(&self, job: Option<usize>, sig: Signal) -> Vec<i32> {
+    /// only), on the host and through the reaper inside the main container. A reaped
+    /// command's group id may be someone else's by now, so it is left alone (its
+    /// processes are reached as descendants). Returns the groups it signalled, as this
+    /// /proc shows them (for SIGKILL, the host's only).
+    pub fn signal_groups(&mut self, job: Option<usize>, sig: Signal) -> Vec<i32> {
         let mut signalled = Vec::new();
         for (pid, j) in &self.live {
             if job.is_none_or(|want| want == *j) && killpg(Pid::from_raw(*pid), sig).is_ok() {
                 signalled.push(*pid);
             }
         }
-        if let Some(reaper) = &self.reaper
-            && job.is_none_or(|j| self.runs_in_container(j))
-        {
-            reaper.signal_groups(job, sig);
+        let in_container = job.is_none_or(|j| self.runs_in_container(j));
+        if let Some(reaper) = self.reaper.as_mut().filter(|_| in_container) {
+            signalled.extend(reaper.signal_groups(job, sig));
         }
         signalled
     }

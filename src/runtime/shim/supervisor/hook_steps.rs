@@ -101,16 +101,21 @@ impl Supervisor<'_> {
     /// Signals the current hook's tree: its group while unreaped (`group`), and every tree
     /// under the shim that was not there when it started (see `signal_subtrees`). Returns
     /// how many are left.
-    pub(super) fn kill_hook(&self, sig: Signal, group: bool) -> usize {
-        let Some(h) = &self.hook else { return 0 };
-        if h.process.is_none() {
+    pub(super) fn kill_hook(&mut self, sig: Signal, group: bool) -> usize {
+        let Some(job) = self
+            .hook
+            .as_ref()
+            .filter(|h| h.process.is_some())
+            .map(|h| h.job)
+        else {
             return 0;
-        }
+        };
         let groups = if group {
-            self.place.signal_groups(Some(h.job), sig)
+            self.place.signal_groups(Some(job), sig)
         } else {
             Vec::new()
         };
+        let Some(h) = &self.hook else { return 0 };
         kill::signal_subtrees(
             self.proc.as_fd(),
             self.me,

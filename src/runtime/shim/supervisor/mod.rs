@@ -444,7 +444,7 @@ impl<'a> Supervisor<'a> {
     /// commands not reaped yet, and every descendant of the shim (through handles), the
     /// reaper excepted; a member of a group just signalled is not signalled again (but
     /// for SIGKILL). Returns how many descendants were left.
-    fn signal_tree(&self, sig: Signal) -> usize {
+    fn signal_tree(&mut self, sig: Signal) -> usize {
         let groups = self.place.signal_groups(None, sig);
         kill::signal_descendants(
             self.proc.as_fd(),
