@@ -205,6 +205,12 @@ impl Place {
         }
     }
 
+    /// The reaper's exit reports already read (while the shim waited for another answer of
+    /// its): its socket may not wake the loop for them.
+    pub fn exits_read(&self) -> bool {
+        self.reaper.as_ref().is_some_and(Reaper::exits_read)
+    }
+
     /// A process of the shim's tree that must not be signalled with the task's: the reaper.
     pub fn reaper_pid(&self) -> Option<i32> {
         self.reaper.as_ref().map(|r| r.pid)

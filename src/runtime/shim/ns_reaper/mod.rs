@@ -236,6 +236,11 @@ impl Reaper {
         let _ = send(self.sock.as_fd(), &ToReaper::Release, &[]);
     }
 
+    /// Whether exits were read and are waiting for `exits`.
+    pub fn exits_read(&self) -> bool {
+        !self.exits.is_empty()
+    }
+
     /// Exits the reaper reported so far (reads what is waiting, without blocking).
     pub fn exits(&mut self) -> Vec<JobExit> {
         while !self.gone {

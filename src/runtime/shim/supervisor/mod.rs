@@ -274,10 +274,11 @@ impl<'a> Supervisor<'a> {
                 }
             }
             // A timer may have ended a stop (or a hook): the run moves on, and the loop
-            // looks again before it sleeps.
+            // looks again before it sleeps; so it does for exits read while a signal's
+            // answer was awaited.
             let before = self.machine.phase();
             self.tick()?;
-            if self.machine.phase() != before {
+            if self.machine.phase() != before || self.place.exits_read() {
                 continue;
             }
 
