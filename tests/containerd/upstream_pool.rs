@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use crate::support::containerd::{self, BUSYBOX, Image, KubeletPod, Layer};
 use crate::support::http;
+use crate::support::shipped::shipped_binary;
 use crate::support::wait_for;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, Int64Value, KeyValue, LinuxContainerConfig,
@@ -50,33 +51,6 @@ const INSTALL: &str = "cp /workspace/server /opt/opensandbox/task-executor && \n
 /// Upstream's main container command, verbatim (its `- |` block).
 const START: &str =
     "/opt/opensandbox/task-executor -listen-addr=0.0.0.0:5758 >/tmp/task-executor.log 2>&1\n";
-
-/// The release binary the image ships: `TASK_EXECUTOR_SHIPPED_BIN`, else `target/dist`.
-fn shipped_binary() -> PathBuf {
-    let path = std::env::var_os("TASK_EXECUTOR_SHIPPED_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dist/task-executor"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "the shipped binary {}: {e}\nbuild it with `bash scripts/build-release target/dist` \
-             (scripts/test does) or point TASK_EXECUTOR_SHIPPED_BIN at it",
-            path.display()
-        )
-    });
-    // A binary with a dynamic loader would not run in the busybox or distroless image.
-    let out = std::process::Command::new("file")
-        .arg(&path)
-        .output()
-        .unwrap();
-    let kind = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        kind.contains("statically linked") || kind.contains("static-pie linked"),
-        "{} is not static: {kind}",
-        path.display()
-    );
-    assert!(bytes.len() > 1 << 20, "{} is too small", path.display());
-    path
-}
 
 /// Our image (the Dockerfile's runtime layout) and a distroless one, imported once per test.
 fn import_images() {

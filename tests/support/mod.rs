@@ -8,6 +8,7 @@ pub mod fake_reviews;
 pub mod http;
 pub mod init;
 pub mod jail;
+pub mod shipped;
 pub mod standin;
 
 use std::time::{Duration, Instant};
