@@ -12,9 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
-use nix::sys::socket::{
-    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
-};
+use nix::sys::socket::{ControlMessage, MsgFlags, SockType, sendmsg};
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
@@ -62,12 +60,7 @@ impl Launcher {
     }
 
     fn start_server(&self) -> io::Result<AsyncFd<OwnedFd>> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = crate::sys::socket::seqpacket_pair()?;
         Command::new(&self.exe)
             .arg("shim-server")
             // Tasks get the open-file limit the agent was started with, not its raised one.

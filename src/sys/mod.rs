@@ -8,6 +8,7 @@
 //! - `io_workers` and `offload`: blocking file work kept off the async threads.
 //! - `exhaustion`: which errors mean "out of descriptors, memory or threads".
 //! - `inotify`: one instance and one event thread shared by many counted watches.
+//! - `socket`: the socket pair between the agent's processes.
 
 pub mod exhaustion;
 pub mod fsutil;
@@ -16,3 +17,4 @@ pub mod io_workers;
 pub mod offload;
 pub mod proc_handle;
 pub mod procfs;
+pub mod socket;

@@ -25,9 +25,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::Signal;
-use nix::sys::socket::{
-    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
-};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use serde::{Deserialize, Serialize};
 
 use super::cgroup;
@@ -116,12 +114,7 @@ impl Reaper {
         entry: Entry,
         jobs: Vec<Option<ExecPlan>>,
     ) -> io::Result<Reaper> {
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = crate::sys::socket::seqpacket_pair()?;
         // Only children are born in a PID namespace joined with setns; the shim goes back
         // to its own right after, so commands it starts itself stay on the host.
         let own = File::open("/proc/self/ns/pid")?;
