@@ -171,9 +171,20 @@ pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
 }
 
 /// The name of the task cgroups a shim makes (containment and limits alike): named after
-/// the shim, so that what is left of a dead one can be told from a live one's.
+/// the shim, so that what is left of a dead one can be told from a live one's, and after
+/// its PID namespace (the inode of `/proc/self/ns/pid`), in which alone its pid means it:
+/// agents in other PID namespaces may share the parent cgroup.
 pub fn task_cgroup_name(shim: &procfs::ProcIdentity) -> String {
-    format!("task-{}-{}", shim.pid, shim.start_time)
+    match own_pid_namespace() {
+        Some(ns) => format!("task-{}-{}-{ns}", shim.pid, shim.start_time),
+        None => format!("task-{}-{}", shim.pid, shim.start_time),
+    }
+}
+
+/// The inode of this process's PID namespace.
+fn own_pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Removes the task cgroups in `parent` that nothing runs in and whose shim is gone: a
@@ -181,17 +192,23 @@ pub fn task_cgroup_name(shim: &procfs::ProcIdentity) -> String {
 /// journal naming it, and an agent whose data dir was lost forgot its tasks' cgroups,
 /// so nothing else ever removes them. A cgroup whose shim is alive (this agent's, or
 /// another's that shares the parent) is kept, as is one anything runs in (its task's
-/// stop ends it). Blocking; returns how many were removed.
+/// stop ends it), and one made in another PID namespace, whose pid says nothing here
+/// (a spare shim's waits empty for its launch). Blocking; returns how many were removed.
 pub fn sweep_leftovers(parent: &Path) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
+    let ours = own_pid_namespace();
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(shim) = name.to_str().and_then(shim_of) else {
+        let Some((shim, ns)) = name.to_str().and_then(shim_of) else {
             continue;
         };
+        // Names of earlier versions have no namespace: taken as this one's, as before.
+        if ns.is_some() && ns != ours {
+            continue;
+        }
         let dir = entry.path();
         // A live shim's cgroup may be empty yet: its task is about to be born in it.
         if shim.is_alive() || !is_empty(&dir).unwrap_or(false) {
@@ -207,13 +224,20 @@ pub fn sweep_leftovers(parent: &Path) -> usize {
     removed
 }
 
-/// The shim a task cgroup's name says made it (`task_cgroup_name`).
-fn shim_of(name: &str) -> Option<procfs::ProcIdentity> {
-    let (pid, start) = name.strip_prefix("task-")?.split_once('-')?;
-    Some(procfs::ProcIdentity::without_inode(
-        pid.parse().ok()?,
-        start.parse().ok()?,
-    ))
+/// The shim a task cgroup's name says made it (`task_cgroup_name`), and its PID
+/// namespace where the name has one.
+fn shim_of(name: &str) -> Option<(procfs::ProcIdentity, Option<u64>)> {
+    let mut parts = name.strip_prefix("task-")?.split('-');
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts.next()?.parse().ok()?;
+    let ns = match parts.next() {
+        Some(ns) => Some(ns.parse().ok()?),
+        None => None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((procfs::ProcIdentity::without_inode(pid, start), ns))
 }
 
 /// Moves the calling process (the shim) out of the task's cgroup, if it is in it, and
@@ -406,6 +430,27 @@ mod tests {
             mount_point(Kind::V2, "1 2 0:1 / / rw - ext4 /dev/x rw\n"),
             None
         );
+    }
+
+    #[test]
+    fn a_task_cgroups_name_says_its_shim_and_the_shims_pid_namespace() {
+        let me = procfs::ProcIdentity::of(std::process::id() as i32).unwrap();
+        let name = task_cgroup_name(&me);
+        let (shim, ns) = shim_of(&name).unwrap();
+        assert_eq!((shim.pid, shim.start_time), (me.pid, me.start_time));
+        assert_eq!(ns, own_pid_namespace());
+        assert!(ns.is_some(), "{name}");
+        // An earlier version's name has no namespace; anything else is no task cgroup.
+        assert!(matches!(shim_of("task-12-34"), Some((s, None)) if s.pid == 12));
+        for other in [
+            "task-12",
+            "task-12-x",
+            "task-12-34-5-6",
+            "probe-12",
+            "task-12-34-",
+        ] {
+            assert!(shim_of(other).is_none(), "{other}");
+        }
     }
 
     #[test]

@@ -67,6 +67,14 @@ fn a_task_its_supervisor_could_not_spawn_is_given_back_and_runs_after_an_agent_r
     let cg = TestCgroup::new(&format!("te-faults-claim-{}", std::process::id()));
     std::fs::write(cg.procs(), server.to_string()).unwrap();
     std::fs::write(cg.dir().join("pids.max"), "2").unwrap();
+    // The spare shim forked for "warm"'s successor was forked outside: one more task
+    // takes it, and the spare forked then is the cgroup's second process.
+    a.run("warm-2", &["true"]);
+    a.wait_state("warm-2", "terminated", T);
+    super::support::wait_for(T, "the next spare shim in the cgroup", || {
+        let n = std::fs::read_to_string(cg.dir().join("pids.current")).unwrap_or_default();
+        (n.trim() == "2").then_some(())
+    });
 
     create_late_and_see_it_wait(&a, &markers);
     // The shim got as far as claiming the launch (not a fork failure of the server, which

@@ -16,5 +16,6 @@ mod limits;
 mod logs;
 mod process;
 mod sidecar;
+mod spare;
 mod task_hygiene;
 mod task_policy;

@@ -213,6 +213,16 @@ impl Agent {
         self.child = Some(child);
         let addr = self.addr;
         let log_path = self.log.clone();
+        // Our agent's line, not only an answer on the address: tests run in processes of
+        // their own, and another's agent may have bound a port `free_addr` gave out here
+        // too (this one then fails to bind, and /health answers for the other).
+        let listening = |log: &str| {
+            let addr = addr.to_string();
+            log.lines()
+                .filter(|l| l.contains("task-executor listening") && l.contains(&addr))
+                .count()
+        };
+        let before = listening(&fs::read_to_string(&log_path).unwrap_or_default());
         wait_for(Duration::from_secs(20), "agent /health", || {
             if let Some(c) = self.child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
@@ -221,6 +231,9 @@ impl Agent {
                     "agent exited with {status}: {}",
                     fs::read_to_string(&log_path).unwrap_or_default()
                 );
+            }
+            if listening(&fs::read_to_string(&log_path).unwrap_or_default()) <= before {
+                return None;
             }
             http::request(addr, "GET", "/health", None)
                 .ok()

@@ -120,18 +120,36 @@ impl ForkServer {
         Ok(ForkServer(std::marker::PhantomData))
     }
 
-    /// Runs `f` in a forked child whose exit code is `f`'s return value. Children never
-    /// linger as zombies and need no wait (SIGCHLD is ignored); the child gets the default
-    /// SIGCHLD back before `f` runs, as a shim must reap its own children.
-    pub fn spawn_detached(&self, f: impl FnOnce(&ForkServer) -> i32) -> io::Result<()> {
-        self.fork(|forker| {
+    /// Runs `f(payload)` in a forked child whose exit code is `f`'s return value and that
+    /// keeps no descriptor but stdio and those `payload` owns (see `fork_with`): a shim or
+    /// a spare shim the server forks holds none of the server's others (another spare's
+    /// socket, say). Children never linger as zombies and need no wait (SIGCHLD is
+    /// ignored); the child gets the default SIGCHLD back before `f` runs, as a shim must
+    /// reap its own children. The fork failed: the error, and the payload back.
+    pub fn spawn_detached_with<P: OwnsFds>(
+        &self,
+        payload: P,
+        f: fn(&ForkServer, P) -> i32,
+    ) -> Result<(), (io::Error, P)> {
+        let mut slot = Some(payload);
+        let forked = self.fork(|forker| {
+            let Some(payload) = slot.take() else {
+                return 1;
+            };
+            // SAFETY: the child's live objects are `payload` (whose descriptors stay, see
+            // `OwnsFds`) and what `f`, a function capturing nothing, creates later.
+            unsafe { close_all_but(&payload.fds()) };
             // SAFETY: SIG_DFL installs no handler; we are the only thread.
             match unsafe { signal(Signal::SIGCHLD, SigHandler::SigDfl) } {
-                Ok(_) => f(forker),
+                Ok(_) => f(forker, payload),
                 Err(_) => 1,
             }
-        })
-        .map(drop)
+        });
+        match forked {
+            // The parent's copy (its descriptors) is the child's now: closed here.
+            Ok(_) => Ok(()),
+            Err(e) => Err((e, slot.take().expect("not forked, not taken"))),
+        }
     }
 
     /// Runs `f(payload)` in a forked child that keeps no descriptor but stdio and those
@@ -214,6 +232,21 @@ pub unsafe trait OwnsFds {
 // container's namespaces (cgroup namespace included) and each plan's working directory;
 // its other fields own none.
 unsafe impl OwnsFds for super::shim::ns_reaper::Boot {
+    fn fds(&self) -> Vec<RawFd> {
+        self.owned_fds()
+    }
+}
+
+// SAFETY: a spare's start owns one descriptor, its socket to the server; its shape none.
+unsafe impl OwnsFds for super::shim::server::SpareStart {
+    fn fds(&self) -> Vec<RawFd> {
+        self.owned_fds()
+    }
+}
+
+// SAFETY: a shim's request owns two descriptors, the agent's notify pipe and its socket
+// to the server; its directory and nonce none.
+unsafe impl OwnsFds for super::shim::server::Request {
     fn fds(&self) -> Vec<RawFd> {
         self.owned_fds()
     }

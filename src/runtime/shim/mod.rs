@@ -25,12 +25,13 @@ pub(crate) mod ns_reaper;
 mod place;
 mod seccomp;
 pub mod server;
+mod spare;
 mod supervisor;
 mod target;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -39,6 +40,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use self::place::{MAIN, POST_STOP, PRE_START, Place};
+use self::spare::Prepared;
 use super::child_setup::{Cwd, ForkServer};
 use super::containment;
 use super::journal::protocol;
@@ -50,10 +52,22 @@ use crate::task::model::HookName;
 use crate::task::time::Time;
 
 /// Runs the shim for the launch with `nonce` (none from older agents); returns the shim's
-/// own exit code. `forker` lets it fork the reaper of a sidecar task.
-pub fn run(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> i32 {
+/// own exit code. `forker` lets it fork the reaper of a sidecar task; `prepared`: the
+/// cgroups a spare shim made ahead (what the launch does not use is removed); `report`:
+/// the socket on which the server hears that the task started (see `server::wait`).
+fn run(
+    dir: &Path,
+    nonce: Option<&str>,
+    forker: &ForkServer,
+    mut prepared: Prepared,
+    report: OwnedFd,
+) -> i32 {
     notify_agent(protocol::SHIM_HELLO.as_bytes());
-    match supervise(dir, nonce, forker) {
+    let mut report = Some(report);
+    let supervised = supervise(dir, nonce, forker, &mut prepared, &mut report);
+    drop(prepared);
+    drop(report); // the server hears EOF: nothing of this launch starts any more
+    match supervised {
         Ok(()) => 0,
         Err(e) => {
             // stderr is the agent's log; stdout reaches the agent waiting for the start.
@@ -88,7 +102,13 @@ fn lock(path: &Path, append: bool) -> io::Result<Flock<File>> {
     })
 }
 
-fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result<()> {
+fn supervise(
+    dir: &Path,
+    nonce: Option<&str>,
+    forker: &ForkServer,
+    prepared: &mut Prepared,
+    report: &mut Option<OwnedFd>,
+) -> io::Result<()> {
     let dir = &std::path::absolute(dir)?;
     let _ = nix::unistd::setsid(); // own session: signals to the agent's group don't reach us
     let _shim_lock = lock(&journal::shim_lock(dir), false)?;
@@ -135,8 +155,8 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
     let sigfd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
 
     // Before anything of the task (or its reaper) is forked: all of it is born inside.
-    let (cgroup, born_into) = make_cgroup(&launch, &me)?;
-    let limit_cgroups = match enter_limits(&launch, cgroup.as_deref(), &me) {
+    let (cgroup, born_into) = make_cgroup(&launch, &me, prepared)?;
+    let limit_cgroups = match enter_limits(&launch, cgroup.as_deref(), &me, prepared) {
         Ok(dirs) => dirs,
         Err(e) => {
             if let Some(dir) = &cgroup {
@@ -187,7 +207,12 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
         left(&cgroup);
         return Err(e);
     }
-    match sup.start_first() {
+    let first = sup.start_first();
+    if let Some(sock) = report.take() {
+        // Started (or failed): the server may now make the next spare ready.
+        let _ = nix::unistd::write(&sock, b"s");
+    }
+    match first {
         Ok(()) => {}
         // Out of processes, memory or file descriptors: nothing of the task ran, and the
         // agent starts it again later rather than failing it for good.
@@ -217,19 +242,26 @@ fn supervise(dir: &Path, nonce: Option<&str>, forker: &ForkServer) -> io::Result
 /// Makes the task's cgroup (as the launch says): one cgroup v2 its commands are then
 /// created into (returned, opened), or one the shim moves itself into now (the v1
 /// freezer; a task with commands in the main container, whose reaper the shim forks).
-/// Named after the shim's identity, unique on this boot. A cgroup that can't be made
-/// fails the start before anything of the task ran: the operator's containment is never
-/// silently lost. See `containment`.
+/// Named after the shim's identity, unique on this boot (one a spare made ahead is
+/// taken as it is). A cgroup that can't be made fails the start before anything of the
+/// task ran: the operator's containment is never silently lost. See `containment`.
 fn make_cgroup(
     launch: &Launch,
     me: &ProcIdentity,
+    prepared: &mut Prepared,
 ) -> io::Result<(Option<std::path::PathBuf>, Option<place::IntoCgroup>)> {
     let Some(parent) = &launch.containment else {
+        prepared.take_containment(None, false);
         return Ok((None, None));
     };
     let name = containment::task_cgroup_name(me);
-    if parent.kind == containment::Kind::V2 && !launch.needs_reaper() {
-        let dir = containment::create(parent, &name)?;
+    let born_into = parent.kind == containment::Kind::V2 && !launch.needs_reaper();
+    let made = prepared.take_containment(Some(parent), !born_into);
+    if born_into {
+        let dir = match made {
+            Some(dir) => dir,
+            None => containment::create(parent, &name)?,
+        };
         match place::IntoCgroup::open(&dir) {
             Ok(into) => return Ok((Some(dir), Some(into))),
             Err(e) => {
@@ -241,20 +273,43 @@ fn make_cgroup(
             }
         }
     }
-    containment::create_and_enter(parent, &name).map(|dir| (Some(dir), None))
+    match made {
+        Some(dir) => Ok((Some(dir), None)),
+        None => containment::create_and_enter(parent, &name).map(|dir| (Some(dir), None)),
+    }
 }
 
 /// Makes the task's cgroups of its limits (as the launch says; named as its containment
 /// cgroup), writes its limits and moves the shim in, before anything of the task runs. A
-/// limit that can't be set fails the start: it is never silently unenforced.
+/// limit that can't be set fails the start: it is never silently unenforced. Those a
+/// spare made and joined ahead only get the limits written; where one is refused there
+/// (a memory limit below what the spare has used since it joined), they are left and
+/// made again the usual way, limits first.
 fn enter_limits(
     launch: &Launch,
     containment: Option<&Path>,
     me: &ProcIdentity,
+    prepared: &mut Prepared,
 ) -> io::Result<Vec<std::path::PathBuf>> {
     let Some(l) = &launch.limits else {
+        prepared.take_v1(&[]);
         return Ok(Vec::new());
     };
+    if let Some(made) = prepared.take_v1(&l.v1) {
+        let mut dirs: Vec<&Path> = made.iter().map(|d| d.as_path()).collect();
+        if l.on_containment {
+            dirs.extend(containment);
+        }
+        let written = if l.on_containment && containment.is_none() {
+            Err(io::Error::other("no containment cgroup"))
+        } else {
+            limits::write_limits(l, &dirs)
+        };
+        match written {
+            Ok(()) => return Ok(made),
+            Err(_) => limits::leave_and_remove(&made),
+        }
+    }
     limits::enter(l, containment, &containment::task_cgroup_name(me))
 }
 
