@@ -53,14 +53,6 @@ impl Drop for Sleep {
     }
 }
 
-fn claim(a: &Agent, name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(a.task_dir(name).join("run.jsonl")).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("claimed").cloned())
-        .unwrap_or_else(|| panic!("no claim: {text}"))
-}
-
 fn kill9(pid: i32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
@@ -89,7 +81,7 @@ fn a_task_that_kills_its_own_supervisor_leaves_nothing_running() {
     );
     // The cgroup is journaled with the claim, and removed once proven empty, before the
     // end is shown.
-    let cg = claim(&a, "selfkill")["cgroup"]
+    let cg = a.claim("selfkill")["cgroup"]
         .as_str()
         .expect("a cgroup in the claim")
         .to_string();
@@ -115,7 +107,7 @@ fn a_tasks_cgroup_is_removed_when_the_task_ends() {
     a.run_sh("ends", "echo done");
     let t = a.wait_state("ends", "terminated", T);
     assert_eq!(t["reason"], "Succeeded", "{t}");
-    let cg = std::path::PathBuf::from(claim(&a, "ends")["cgroup"].as_str().expect("a cgroup"));
+    let cg = std::path::PathBuf::from(a.claim("ends")["cgroup"].as_str().expect("a cgroup"));
     wait_for(T, "the task's cgroup removed by its supervisor", || {
         (!cg.exists()).then_some(())
     });
@@ -124,7 +116,7 @@ fn a_tasks_cgroup_is_removed_when_the_task_ends() {
     a.run_sh("leaves", "(setsid sleep 35081 &); echo done");
     a.wait_state("leaves", "terminated", T);
     daemon.wait_running();
-    let cg = std::path::PathBuf::from(claim(&a, "leaves")["cgroup"].as_str().unwrap());
+    let cg = std::path::PathBuf::from(a.claim("leaves")["cgroup"].as_str().unwrap());
     assert!(cg.exists());
     a.delete("leaves");
     a.wait_gone("leaves", T);
@@ -152,7 +144,7 @@ fn killing_a_shim_ends_its_tasks_daemons_after_an_agent_restart() {
     for (what, id) in [
         ("shim", &started["shim"]),
         ("main", &started["main"]),
-        ("claim", &claim(&a, "orphans")["shim"]),
+        ("claim", &a.claim("orphans")["shim"]),
     ] {
         assert!(id["pidfdIno"].as_u64().is_some(), "{what}: {journal}");
     }
@@ -355,7 +347,7 @@ fn task_in_its_cgroup(a: &Agent, name: &str, n: &'static str, shim_inside: bool)
     let main = Sleep(n);
     a.run_sh(name, &format!("(setsid sleep {n} &); exec sleep {n}"));
     a.wait_state(name, "running", T);
-    let cg = std::path::PathBuf::from(claim(a, name)["cgroup"].as_str().expect("a cgroup"));
+    let cg = std::path::PathBuf::from(a.claim(name)["cgroup"].as_str().expect("a cgroup"));
     let shim = crate::support::agent::started_record(&a.task_dir(name)).unwrap()["shim"]["pid"]
         .as_i64()
         .unwrap() as i32;
@@ -398,7 +390,7 @@ fn where_clone3_is_refused_the_supervisor_enters_the_tasks_cgroup() {
     assert_eq!(r.status, 201, "{}", r.text());
     let t = a.wait_state("hooked", "terminated", T);
     assert_eq!(t["reason"], "Succeeded", "{t}");
-    let cg = claim(&a, "hooked")["cgroup"].as_str().unwrap().to_string();
+    let cg = a.claim("hooked")["cgroup"].as_str().unwrap().to_string();
     let leaf = std::path::Path::new(&cg)
         .file_name()
         .unwrap()
@@ -572,7 +564,7 @@ fn a_timeout_ends_everything_of_the_task_and_its_cgroup() {
         a.log_tail()
     );
     assert!(main.gone_soon());
-    let cg = std::path::PathBuf::from(claim(&a, "late")["cgroup"].as_str().expect("a cgroup"));
+    let cg = std::path::PathBuf::from(a.claim("late")["cgroup"].as_str().expect("a cgroup"));
     wait_for(T, "the task's cgroup removed", || {
         (!cg.exists()).then_some(())
     });
@@ -593,7 +585,7 @@ fn nothing_of_a_task_outlives_the_inits_stop() {
     assert_eq!(r.status, 201, "{}", r.text());
     a.wait_state("lingers", "running", T);
     main.wait_running();
-    let cg = std::path::PathBuf::from(claim(a, "lingers")["cgroup"].as_str().expect("a cgroup"));
+    let cg = std::path::PathBuf::from(a.claim("lingers")["cgroup"].as_str().expect("a cgroup"));
     init.signal("TERM");
     let status = init.wait_exit(Duration::from_secs(60));
     assert!(status.code().is_some(), "{status:?}");
@@ -613,7 +605,7 @@ fn empty_cgroups_left_by_dead_shims_are_removed_when_the_agent_starts() {
     let mut a = Agent::start(&[]);
     a.run_sh("probe", "true");
     a.wait_state("probe", "terminated", T);
-    let c = claim(&a, "probe");
+    let c = a.claim("probe");
     let parent_of = |v: &serde_json::Value| {
         std::path::Path::new(v.as_str().expect("a cgroup path"))
             .parent()

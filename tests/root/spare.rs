@@ -13,12 +13,16 @@ use crate::support::wait_for;
 
 const T: Duration = Duration::from_secs(30);
 
-fn claim(a: &Agent, name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(a.task_dir(name).join("run.jsonl")).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find_map(|v| v.get("claimed").cloned())
-        .unwrap_or_else(|| panic!("no claim: {text}"))
+/// An agent that ran one task, and its spare shim once ready: its pid, and its cgroup
+/// under each parent of that task's cgroups (containment first).
+fn agent_with_a_spare() -> (Agent, i32, Vec<PathBuf>) {
+    let a = Agent::start(&[]);
+    a.run("first", &["true"]);
+    a.wait_state("first", "terminated", T);
+    let parents = parents_of(&a.claim("first"));
+    assert!(parents.len() >= 2, "v2 and v1 cgroups here: {parents:?}");
+    let (spare_pid, made) = spare(&a, &parents);
+    (a, spare_pid, made)
 }
 
 /// The agent's shim server (its child running `shim-server`).
@@ -84,12 +88,7 @@ fn cgroups_of(claim: &serde_json::Value) -> Vec<PathBuf> {
 
 #[test]
 fn the_next_task_runs_in_the_cgroups_its_spare_shim_made_before_it_was_asked_for() {
-    let a = Agent::start(&[]);
-    a.run("first", &["true"]);
-    a.wait_state("first", "terminated", T);
-    let parents = parents_of(&claim(&a, "first"));
-    assert!(parents.len() >= 2, "v2 and v1 cgroups here: {parents:?}");
-    let (spare_pid, made) = spare(&a, &parents);
+    let (a, spare_pid, made) = agent_with_a_spare();
     // The v1 ones are joined ahead (the move is what costs); the v2 one stays empty, as
     // the task's processes are created in it.
     let procs = |d: &Path| std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
@@ -105,7 +104,7 @@ fn the_next_task_runs_in_the_cgroups_its_spare_shim_made_before_it_was_asked_for
     a.run("second", &["sh", "-c", "cat /proc/self/cgroup"]);
     let t = a.wait_state("second", "terminated", T);
     assert_eq!(t["reason"], "Succeeded", "{t}");
-    let c = claim(&a, "second");
+    let c = a.claim("second");
     assert_eq!(c["shim"]["pid"], spare_pid, "{c}");
     assert_eq!(
         cgroups_of(&c),
@@ -124,11 +123,7 @@ fn the_next_task_runs_in_the_cgroups_its_spare_shim_made_before_it_was_asked_for
 fn an_agent_starting_in_another_pid_namespace_leaves_a_spares_cgroups_alone() {
     // Agents share the parent cgroup here; one in a PID namespace of its own can't tell
     // whether a pid of another namespace is alive, so it sweeps no cgroup named in one.
-    let a = Agent::start(&[]);
-    a.run("first", &["true"]);
-    a.wait_state("first", "terminated", T);
-    let parents = parents_of(&claim(&a, "first"));
-    let (spare_pid, made) = spare(&a, &parents);
+    let (a, spare_pid, made) = agent_with_a_spare();
 
     let other = Agent::start_in_pid_namespace(&[]);
     other.run("there", &["true"]);
@@ -148,16 +143,12 @@ fn an_agent_starting_in_another_pid_namespace_leaves_a_spares_cgroups_alone() {
     a.run("second", &["true"]);
     let t = a.wait_state("second", "terminated", T);
     assert_eq!(t["reason"], "Succeeded", "{t}");
-    assert_eq!(claim(&a, "second")["shim"]["pid"], spare_pid);
+    assert_eq!(a.claim("second")["shim"]["pid"], spare_pid);
 }
 
 #[test]
 fn a_spare_shim_ends_and_removes_its_cgroups_when_its_server_is_gone() {
-    let mut a = Agent::start(&[]);
-    a.run("first", &["true"]);
-    a.wait_state("first", "terminated", T);
-    let parents = parents_of(&claim(&a, "first"));
-    let (spare_pid, made) = spare(&a, &parents);
+    let (mut a, spare_pid, made) = agent_with_a_spare();
     // The agent stops (SIGTERM): its shim server sees its socket close and exits, and so
     // does the spare, which no launch will ever reach.
     a.sigterm();

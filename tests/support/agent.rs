@@ -394,6 +394,15 @@ impl Agent {
         });
     }
 
+    /// The shim's `claimed` line of task `name`'s run journal; panics without one.
+    pub fn claim(&self, name: &str) -> Value {
+        let text = fs::read_to_string(self.task_dir(name).join("run.jsonl")).unwrap();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find_map(|v| v.get("claimed").cloned())
+            .unwrap_or_else(|| panic!("no claim: {text}"))
+    }
+
     pub fn task_dir(&self, name: &str) -> PathBuf {
         self.data_dir.join(name)
     }
