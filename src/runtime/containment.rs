@@ -26,6 +26,7 @@
 //! Without cgroups, `kill_uid` is the fallback for a task with a uid of its own: every
 //! process with that uid is the task's.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -192,26 +193,34 @@ fn own_pid_namespace() -> Option<u64> {
 /// journal naming it, and an agent whose data dir was lost forgot its tasks' cgroups,
 /// so nothing else ever removes them. A cgroup whose shim is alive (this agent's, or
 /// another's that shares the parent) is kept, as is one anything runs in (its task's
-/// stop ends it), and one made in another PID namespace, whose pid says nothing here
-/// (a spare shim's waits empty for its launch). Blocking; returns how many were removed.
+/// stop ends it). A shim's pid means something only in its own PID namespace, which its
+/// cgroup's name says: one of another namespace is removed only when that namespace has
+/// no process left, which only an agent in the initial PID namespace can see (a spare
+/// shim's cgroup waits empty for its launch). Blocking; returns how many were removed.
 pub fn sweep_leftovers(parent: &Path) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
     let ours = own_pid_namespace();
+    let mut live_namespaces: Option<Option<HashSet<u64>>> = None;
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some((shim, ns)) = name.to_str().and_then(shim_of) else {
             continue;
         };
-        // Names of earlier versions have no namespace: taken as this one's, as before.
-        if ns.is_some() && ns != ours {
-            continue;
-        }
+        let shim_alive = match ns {
+            // Names of earlier versions have no namespace: taken as this one's, as before.
+            None => shim.is_alive(),
+            Some(ns) if Some(ns) == ours => shim.is_alive(),
+            Some(ns) => live_namespaces
+                .get_or_insert_with(live_pid_namespaces)
+                .as_ref()
+                .is_none_or(|live| live.contains(&ns)),
+        };
         let dir = entry.path();
         // A live shim's cgroup may be empty yet: its task is about to be born in it.
-        if shim.is_alive() || !is_empty(&dir).unwrap_or(false) {
+        if shim_alive || !is_empty(&dir).unwrap_or(false) {
             continue;
         }
         match fs::remove_dir(&dir) {
@@ -222,6 +231,36 @@ pub fn sweep_leftovers(parent: &Path) -> usize {
         }
     }
     removed
+}
+
+/// The PID namespaces that have a process, where this process sees every one: in the
+/// initial PID namespace, whose /proc lists every process of every namespace. `None`
+/// elsewhere, or when the namespace of a process in a nested one can't be read (no right
+/// to): then nothing tells a dead namespace from a live one. (A process of the initial
+/// namespace whose link can't be read, a protected init, needs none: its `NSpid` says
+/// where it is.)
+fn live_pid_namespaces() -> Option<HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    // The initial PID namespace's fixed inode (`PROC_PID_INIT_INO`).
+    const INITIAL: u64 = 0xEFFF_FFFC;
+    if own_pid_namespace()? != INITIAL {
+        return None;
+    }
+    let mut live = HashSet::new();
+    for pid in procfs::pids() {
+        match fs::metadata(format!("/proc/{pid}/ns/pid")) {
+            Ok(m) => {
+                live.insert(m.ino());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
+            Err(_) => match procfs::Status::of(pid).map(|s| s.ids("NSpid:").len()) {
+                Ok(1) => {}                                         // the initial one
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
+                _ => return None,
+            },
+        }
+    }
+    Some(live)
 }
 
 /// The shim a task cgroup's name says made it (`task_cgroup_name`), and its PID

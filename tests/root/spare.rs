@@ -160,3 +160,60 @@ fn a_spare_shim_ends_and_removes_its_cgroups_when_its_server_is_gone() {
         made.iter().all(|d| !d.exists()).then_some(())
     });
 }
+
+#[test]
+fn task_cgroups_of_a_pid_namespace_without_processes_are_removed_at_start_and_others_kept() {
+    // A spare killed with its PID namespace (a pod's, a test's `unshare`) leaves cgroups
+    // named in a namespace no agent of the initial one is in: once that namespace has no
+    // process left, nothing of it is alive, and the next start removes them. One whose
+    // namespace still has processes is kept: its pid can't be judged from here.
+    let (mut a, _, made) = agent_with_a_spare();
+    let parents: Vec<PathBuf> = made.iter().map(|d| d.parent().unwrap().into()).collect();
+    let mut other_ns = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--kill-child", "sleep", "35113"])
+        .spawn()
+        .unwrap();
+    let sleeper = wait_for(T, "sleep 35113 in its PID namespace", || {
+        crate::support::pids_with_cmdline(&["sleep", "35113"])
+            .first()
+            .copied()
+    });
+    let live_ns = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{sleeper}/ns/pid"))
+            .unwrap()
+            .ino()
+    };
+    // (No namespace has inode 1.)
+    let dead = "task-2147483003-1-1".to_string();
+    let live = format!("task-1-1-{live_ns}");
+    for p in &parents {
+        std::fs::create_dir(p.join(&dead)).unwrap();
+        std::fs::create_dir(p.join(&live)).unwrap();
+    }
+
+    a.restart();
+    let after: Vec<(bool, bool)> = parents
+        .iter()
+        .map(|p| (p.join(&dead).exists(), p.join(&live).exists()))
+        .collect();
+    // Clean up before asserting, so a failure leaves nothing behind.
+    let _ = other_ns.kill();
+    let _ = other_ns.wait();
+    for p in &parents {
+        let _ = std::fs::remove_dir(p.join(&dead));
+        let _ = std::fs::remove_dir(p.join(&live));
+    }
+    for (p, (dead_there, live_there)) in parents.iter().zip(after) {
+        assert!(
+            !dead_there,
+            "{}: a dead namespace's cgroup is removed",
+            p.display()
+        );
+        assert!(
+            live_there,
+            "{}: a live namespace's cgroup is kept",
+            p.display()
+        );
+    }
+}
