@@ -176,16 +176,10 @@ pub fn create_and_enter(parent: &Parent, name: &str) -> io::Result<PathBuf> {
 /// its PID namespace (the inode of `/proc/self/ns/pid`), in which alone its pid means it:
 /// agents in other PID namespaces may share the parent cgroup.
 pub fn task_cgroup_name(shim: &procfs::ProcIdentity) -> String {
-    match own_pid_namespace() {
+    match procfs::own_pid_namespace() {
         Some(ns) => format!("task-{}-{}-{ns}", shim.pid, shim.start_time),
         None => format!("task-{}-{}", shim.pid, shim.start_time),
     }
-}
-
-/// The inode of this process's PID namespace.
-fn own_pid_namespace() -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Removes the task cgroups in `parent` that nothing runs in and whose shim is gone: a
@@ -201,7 +195,7 @@ pub fn sweep_leftovers(parent: &Path) -> usize {
     let Ok(entries) = fs::read_dir(parent) else {
         return 0;
     };
-    let ours = own_pid_namespace();
+    let ours = procfs::own_pid_namespace();
     let mut live_namespaces: Option<Option<HashSet<u64>>> = None;
     let mut removed = 0;
     for entry in entries.flatten() {
@@ -214,7 +208,7 @@ pub fn sweep_leftovers(parent: &Path) -> usize {
             None => shim.is_alive(),
             Some(ns) if Some(ns) == ours => shim.is_alive(),
             Some(ns) => live_namespaces
-                .get_or_insert_with(live_pid_namespaces)
+                .get_or_insert_with(procfs::live_pid_namespaces)
                 .as_ref()
                 .is_none_or(|live| live.contains(&ns)),
         };
@@ -231,36 +225,6 @@ pub fn sweep_leftovers(parent: &Path) -> usize {
         }
     }
     removed
-}
-
-/// The PID namespaces that have a process, where this process sees every one: in the
-/// initial PID namespace, whose /proc lists every process of every namespace. `None`
-/// elsewhere, or when the namespace of a process in a nested one can't be read (no right
-/// to): then nothing tells a dead namespace from a live one. (A process of the initial
-/// namespace whose link can't be read, a protected init, needs none: its `NSpid` says
-/// where it is.)
-fn live_pid_namespaces() -> Option<HashSet<u64>> {
-    use std::os::unix::fs::MetadataExt;
-    // The initial PID namespace's fixed inode (`PROC_PID_INIT_INO`).
-    const INITIAL: u64 = 0xEFFF_FFFC;
-    if own_pid_namespace()? != INITIAL {
-        return None;
-    }
-    let mut live = HashSet::new();
-    for pid in procfs::pids() {
-        match fs::metadata(format!("/proc/{pid}/ns/pid")) {
-            Ok(m) => {
-                live.insert(m.ino());
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
-            Err(_) => match procfs::Status::of(pid).map(|s| s.ids("NSpid:").len()) {
-                Ok(1) => {}                                         // the initial one
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
-                _ => return None,
-            },
-        }
-    }
-    Some(live)
 }
 
 /// The shim a task cgroup's name says made it (`task_cgroup_name`), and its PID
@@ -477,7 +441,7 @@ mod tests {
         let name = task_cgroup_name(&me);
         let (shim, ns) = shim_of(&name).unwrap();
         assert_eq!((shim.pid, shim.start_time), (me.pid, me.start_time));
-        assert_eq!(ns, own_pid_namespace());
+        assert_eq!(ns, procfs::own_pid_namespace());
         assert!(ns.is_some(), "{name}");
         // An earlier version's name has no namespace; anything else is no task cgroup.
         assert!(matches!(shim_of("task-12-34"), Some((s, None)) if s.pid == 12));

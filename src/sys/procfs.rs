@@ -183,6 +183,42 @@ pub fn pids_at(proc: BorrowedFd<'_>) -> Vec<i32> {
         .collect()
 }
 
+/// The inode of this process's PID namespace.
+pub fn own_pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// The PID namespaces that have a process, where this process sees every one: in the
+/// initial PID namespace, whose /proc lists every process of every namespace. `None`
+/// elsewhere, or when the namespace of a process in a nested one can't be read (no right
+/// to): then nothing tells a dead namespace from a live one. (A process of the initial
+/// namespace whose link can't be read, a protected init, needs none: its `NSpid` says
+/// where it is.)
+pub fn live_pid_namespaces() -> Option<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    // The initial PID namespace's fixed inode (`PROC_PID_INIT_INO`).
+    const INITIAL: u64 = 0xEFFF_FFFC;
+    if own_pid_namespace()? != INITIAL {
+        return None;
+    }
+    let mut live = std::collections::HashSet::new();
+    for pid in pids() {
+        match fs::metadata(format!("/proc/{pid}/ns/pid")) {
+            Ok(m) => {
+                live.insert(m.ino());
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
+            Err(_) => match Status::of(pid).map(|s| s.ids("NSpid:").len()) {
+                Ok(1) => {}                                         // the initial one
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {} // exited meanwhile
+                _ => return None,
+            },
+        }
+    }
+    Some(live)
+}
+
 /// All live pids.
 pub fn pids() -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {

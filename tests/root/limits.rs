@@ -36,18 +36,9 @@ impl Drop for Sleeps {
     }
 }
 
-/// The task's `claimed` journal line.
-fn claim(a: &Agent, name: &str) -> Value {
-    let text = std::fs::read_to_string(a.task_dir(name).join("run.jsonl")).unwrap();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find_map(|v| v.get("claimed").cloned())
-        .unwrap_or_else(|| panic!("no claim: {text}"))
-}
-
 /// The task's v1 cgroup of `controller` (`/sys/fs/cgroup/<controller>/...`), from its claim.
 fn v1_cgroup(a: &Agent, name: &str, controller: &str) -> PathBuf {
-    let c = claim(a, name);
+    let c = a.claim(name);
     c["limits"]
         .as_array()
         .into_iter()
@@ -178,13 +169,13 @@ fn cpu_limits_and_requests_reach_the_cgroup() {
     a.run("nocpu", &["sleep", "36011"]);
     a.wait_state("nocpu", "running", T);
     assert!(
-        claim(&a, "nocpu")["limits"]
+        a.claim("nocpu")["limits"]
             .as_array()
             .unwrap()
             .iter()
             .all(|p| !p.as_str().unwrap().starts_with("/sys/fs/cgroup/cpu/")),
         "{}",
-        claim(&a, "nocpu")
+        a.claim("nocpu")
     );
     let cpu_dir = v1_cgroup(&a, "cpu", "cpu");
     a.delete_all_and_stop();
