@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::sys::procfs;
 
 mod finished;
+mod floor;
 pub mod slow_clients;
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +119,12 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
 
     let raw = raw_spawn(1000)?;
     let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
+    // Beside the agent's data dir (the same file system), removed with it at the end.
+    let floor_dir = agent
+        .dir
+        .as_ref()
+        .map_or_else(std::env::temp_dir, |d| d.join("floor"));
+    let floor = floor::measure(&floor_dir, FLOOR_SAMPLES, opts.clients, FLOOR_DURATION)?;
 
     let mut lat = Vec::with_capacity(opts.latency_samples);
     let client = Client::new(agent.addr);
@@ -201,6 +208,21 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         tput,
         raw_rate,
         100.0 * tput / raw_rate
+    ));
+    let f50 = pct(&floor.one, 50.0);
+    out.push_str(&format!(
+        "| durability floor p50: one task's record, claim and exit with their fsyncs, no process (the store's create, two journal appends) | {} | | |\n",
+        ms(f50)
+    ));
+    out.push_str(&format!(
+        "| create→terminated p50 against raw spawn + durability floor | {} | {} | {} |\n",
+        ms(l50),
+        ms(raw50 + f50),
+        ratio(l50.as_secs_f64(), (raw50 + f50).as_secs_f64())
+    ));
+    out.push_str(&format!(
+        "| durability floor, {} threads: tasks' file work a second | {:.0} | | |\n",
+        floor.threads, floor.rate
     ));
     out.push_str(&format!(
         "| GET /getTasks with {filled} tasks, p50 / p99 ({} KiB) | {} / {} | | |\n",
@@ -498,6 +520,9 @@ fn wait_healthy(agent: &mut Agent) -> Result<(), BenchError> {
 /// Isolated create→terminated samples, and the pause before each (and before each raw
 /// spawn beside it).
 const ISOLATED_SAMPLES: usize = 20;
+/// The durability floor's one-at-a-time samples, and how long its threads run.
+const FLOOR_SAMPLES: usize = 200;
+const FLOOR_DURATION: Duration = Duration::from_secs(3);
 const ISOLATED_PAUSE: Duration = Duration::from_millis(250);
 
 fn raw_spawn(n: usize) -> Result<Vec<Duration>, BenchError> {
