@@ -557,17 +557,29 @@ fn create_and_wait(client: &Client, name: &str) -> Result<Duration, BenchError> 
 }
 
 fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, BenchError> {
+    rate(clients, dur, move |c| {
+        let client = Client::new(addr);
+        move |i| create_and_wait(&client, &format!("tp-{c}-{i}")).map(drop)
+    })
+}
+
+/// Runs `threads` threads for `dur`, each doing its work over and over (`each(thread)`
+/// makes a thread's work; it is called with 0, 1, 2, … and stops the run on an error);
+/// returns how many were done a second.
+fn rate<W>(threads: usize, dur: Duration, each: impl Fn(usize) -> W) -> Result<f64, BenchError>
+where
+    W: FnMut(usize) -> Result<(), BenchError> + Send + 'static,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let t = Instant::now();
-    let workers: Vec<_> = (0..clients)
+    let workers: Vec<_> = (0..threads)
         .map(|c| {
-            let (stop, done) = (stop.clone(), done.clone());
+            let (stop, done, mut work) = (stop.clone(), done.clone(), each(c));
             std::thread::spawn(move || -> Result<(), String> {
                 let mut i = 0;
-                let client = Client::new(addr);
                 while !stop.load(Ordering::Relaxed) {
-                    create_and_wait(&client, &format!("tp-{c}-{i}")).map_err(|e| e.to_string())?;
+                    work(i).map_err(|e| e.to_string())?;
                     done.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -579,7 +591,7 @@ fn throughput(addr: SocketAddr, clients: usize, dur: Duration) -> Result<f64, Be
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join()
-            .map_err(|_| BenchError::Setup("client panicked".into()))?
+            .map_err(|_| BenchError::Setup("a bench thread panicked".into()))?
             .map_err(BenchError::Setup)?;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64())

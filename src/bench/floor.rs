@@ -13,10 +13,9 @@
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::BenchError;
 use crate::runtime::journal;
 use crate::task::layout::TaskDir;
 use crate::task::model::TaskSpec;
@@ -42,7 +41,12 @@ pub struct Floor {
 /// in a store opened at `dir` (which stays: the caller removes it with the agent's, after
 /// the other phases, since removing thousands of inodes slows the allocation of new ones
 /// for a while on some file systems).
-pub fn measure(dir: &Path, samples: usize, threads: usize, dur: Duration) -> io::Result<Floor> {
+pub fn measure(
+    dir: &Path,
+    samples: usize,
+    threads: usize,
+    dur: Duration,
+) -> Result<Floor, BenchError> {
     let store = Store::open(dir)?;
     let spec: TaskSpec = serde_json::from_value(serde_json::json!({
         "process": {"command": ["/bin/true"]}
@@ -55,31 +59,10 @@ pub fn measure(dir: &Path, samples: usize, threads: usize, dur: Duration) -> io:
             Ok(t.elapsed())
         })
         .collect::<io::Result<Vec<_>>>()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
-    let t = Instant::now();
-    let workers: Vec<_> = (0..threads)
-        .map(|c| {
-            let (store, spec, stop, done) =
-                (store.clone(), spec.clone(), stop.clone(), done.clone());
-            std::thread::spawn(move || -> io::Result<()> {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    one_task(&store, &spec, &format!("floor-{c}-{i}"))?;
-                    done.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-                Ok(())
-            })
-        })
-        .collect();
-    std::thread::sleep(dur);
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join()
-            .map_err(|_| io::Error::other("a floor thread panicked"))??;
-    }
-    let rate = done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    let rate = super::rate(threads, dur, |c| {
+        let (store, spec) = (store.clone(), spec.clone());
+        move |i| Ok(one_task(&store, &spec, &format!("floor-{c}-{i}"))?)
+    })?;
     Ok(Floor { one, rate, threads })
 }
 
