@@ -14,6 +14,7 @@ use crate::sys::procfs;
 
 mod finished;
 mod floor;
+mod readoption;
 pub mod slow_clients;
 
 #[derive(Debug, thiserror::Error)]
@@ -285,152 +286,9 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         out.push_str(&finished::run(opts.finished_tasks, opts.clients)?.rows());
     }
     if opts.adopted_tasks > 0 {
-        let r = readoption(opts.adopted_tasks, opts.clients)?;
-        out.push_str(&format!(
-            "| re-adoption of {} running tasks after kill -9 (start → all running) | {:.2} s | | |\n",
-            r.tasks,
-            r.took.as_secs_f64()
-        ));
-        out.push_str(&format!(
-            "| agent threads / open fds with {} re-adopted tasks | {} / {} | | |\n",
-            r.tasks, r.threads, r.fds
-        ));
+        out.push_str(&readoption::run(opts.adopted_tasks, opts.clients)?.rows());
     }
     Ok(out)
-}
-
-struct Readoption {
-    tasks: usize,
-    took: Duration,
-    threads: u64,
-    fds: usize,
-}
-
-/// Starts `n` long-running tasks, kills the agent (-9), starts it again on the same data
-/// dir and times until every task is reported running again; then the agent's threads
-/// and descriptors. Deletes the tasks afterwards.
-fn readoption(n: usize, clients: usize) -> Result<Readoption, BenchError> {
-    let dir =
-        std::env::temp_dir().join(format!("task-executor-bench-adopt-{}", std::process::id()));
-    let _cleanup = StopShims(dir.clone());
-    let mut agent = start_agent_in(dir.clone())?;
-    agent.dir = None; // `_cleanup` removes it once the shims are gone
-    let names: Vec<String> = (0..n).map(|i| format!("adopt-{i}")).collect();
-    let next = Arc::new(AtomicUsize::new(0));
-    let names = Arc::new(names);
-    let addr = agent.addr;
-    let workers: Vec<_> = (0..clients)
-        .map(|_| {
-            let (next, names) = (next.clone(), names.clone());
-            std::thread::spawn(move || -> Result<(), String> {
-                let client = Client::new(addr);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(name) = names.get(i) else {
-                        return Ok(());
-                    };
-                    let body =
-                        json!({"name": name, "spec": {"process": {"command": ["sleep", "3600"]}}})
-                            .to_string();
-                    let (status, answer) =
-                        client.post("/tasks", &body).map_err(|e| e.to_string())?;
-                    if status != 201 {
-                        return Err(format!("create: {status} {}", text(&answer)));
-                    }
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join()
-            .map_err(|_| BenchError::Setup("client panicked".into()))?
-            .map_err(BenchError::Setup)?;
-    }
-    wait_all(addr, n, "running")?;
-    // The shims outlive the agent; the next agent finds them through the data dir.
-    let _ = agent.child.kill();
-    let _ = agent.child.wait();
-    let t = Instant::now();
-    let mut again = spawn_agent(dir.clone(), addr)?;
-    again.dir = None;
-    wait_healthy(&mut again)?;
-    wait_all(addr, n, "running")?;
-    let took = t.elapsed();
-    let threads = status_field(again.pid(), "Threads:")?;
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", again.pid()))?.count();
-    Ok(Readoption {
-        tasks: n,
-        took,
-        threads,
-        fds,
-    })
-}
-
-/// Clean-up of the re-adoption run, also when it fails half-way: without 5,000 deletions
-/// through the API (each one durable), each shim is asked to stop its task, as a deletion
-/// would; then the data dir goes.
-struct StopShims(PathBuf);
-
-impl Drop for StopShims {
-    fn drop(&mut self) {
-        stop_shims(&self.0.join("data"));
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// SIGTERMs the shim of every task under `data` (it stops its task and leaves) and waits
-/// until all are gone.
-fn stop_shims(data: &std::path::Path) {
-    use crate::runtime::journal::{self, lock_held};
-    use crate::sys::proc_handle::ProcHandle;
-    let dirs: Vec<PathBuf> = std::fs::read_dir(data)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    for d in &dirs {
-        let shim = journal::read_run(d)
-            .ok()
-            .and_then(|r| r.started)
-            .map(|s| s.shim);
-        if let Some(h) = shim.as_ref().and_then(ProcHandle::of) {
-            let _ = h.signal(nix::sys::signal::Signal::SIGTERM);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while dirs.iter().any(|d| lock_held(&journal::shim_lock(d))) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Waits until the agent holds `n` tasks, all in `state`.
-fn wait_all(addr: SocketAddr, n: usize, state: &str) -> Result<(), BenchError> {
-    let client = Client::new(addr);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let list = list_json(&client)?;
-        let arr = list.as_array().cloned().unwrap_or_default();
-        let ready = arr
-            .iter()
-            .filter(|t| t["status"]["state"].get(state).is_some())
-            .count();
-        if arr.len() == n && ready == n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Setup(format!(
-                "only {ready} of {n} tasks {state} after 10 minutes"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn status_field(pid: u32, name: &str) -> Result<u64, BenchError> {
-    procfs::Status::of(pid as i32)?
-        .number(name)
-        .ok_or_else(|| BenchError::Setup(format!("no {name} in /proc/{pid}/status")))
 }
 
 /// CPU ticks the agent uses in 5 s while `n` clients follow the logs of 10 idle tasks.
@@ -601,31 +459,7 @@ where
 fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError> {
     let client = Client::new(addr);
     let held = list_json(&client)?.as_array().map_or(0, |a| a.len());
-    let next = Arc::new(AtomicUsize::new(held));
-    let workers: Vec<_> = (0..clients)
-        .map(|_| {
-            let next = next.clone();
-            std::thread::spawn(move || -> Result<(), String> {
-                let client = Client::new(addr);
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n {
-                        return Ok(());
-                    }
-                    let body = json!({"name": format!("held-{i}"), "spec": {"process": {"command": ["/bin/true"]}}}).to_string();
-                    let (status, answer) = client.post("/tasks", &body).map_err(|e| e.to_string())?;
-                    if status != 201 {
-                        return Err(format!("create: {status} {}", text(&answer)));
-                    }
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join()
-            .map_err(|_| BenchError::Setup("client panicked".into()))?
-            .map_err(BenchError::Setup)?;
-    }
+    create_tasks(addr, "held", &["/bin/true"], held..n, clients)?;
     // Wait until all are terminated so the memory figure is for finished tasks.
     loop {
         let list = list_json(&client)?;
@@ -638,6 +472,47 @@ fn fill(addr: SocketAddr, n: usize, clients: usize) -> Result<usize, BenchError>
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Creates the tasks `{prefix}-{i}` for each `i` in `range`, running `command`, from
+/// `clients` threads at once; each create must be answered `201`.
+fn create_tasks(
+    addr: SocketAddr,
+    prefix: &str,
+    command: &[&str],
+    range: std::ops::Range<usize>,
+    clients: usize,
+) -> Result<(), BenchError> {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let (prefix, command) = (Arc::new(prefix.to_string()), json!(command));
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, prefix, command, end) =
+                (next.clone(), prefix.clone(), command.clone(), range.end);
+            std::thread::spawn(move || -> Result<(), String> {
+                let client = Client::new(addr);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        return Ok(());
+                    }
+                    let body = json!({"name": format!("{prefix}-{i}"), "spec": {"process": {"command": command}}});
+                    let (status, answer) = client
+                        .post("/tasks", &body.to_string())
+                        .map_err(|e| e.to_string())?;
+                    if status != 201 {
+                        return Err(format!("create: {status} {}", text(&answer)));
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join()
+            .map_err(|_| BenchError::Setup("client panicked".into()))?
+            .map_err(BenchError::Setup)?;
+    }
+    Ok(())
 }
 
 fn list_json(client: &Client) -> Result<serde_json::Value, BenchError> {
