@@ -124,7 +124,8 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     let floor_dir = agent
         .dir
         .as_ref()
-        .map_or_else(std::env::temp_dir, |d| d.join("floor"));
+        .ok_or_else(|| BenchError::Setup("the bench's agent has no temp dir".into()))?
+        .join("floor");
     let floor = floor::measure(&floor_dir, FLOOR_SAMPLES, opts.clients, FLOOR_DURATION)?;
 
     let mut lat = Vec::with_capacity(opts.latency_samples);
