@@ -12,6 +12,7 @@ use serde_json::json;
 
 use crate::sys::procfs;
 
+mod cpu;
 mod finished;
 mod floor;
 mod readoption;
@@ -118,7 +119,7 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
     std::thread::sleep(Duration::from_secs(1));
     let idle_rss = rss_kib(agent.child.id())?;
 
-    let raw = raw_spawn(1000)?;
+    let (raw, raw_cpu) = cpu::measured(|| raw_spawn(1000))?;
     let raw_rate = 1000.0 / raw.iter().sum::<Duration>().as_secs_f64();
     // Beside the agent's data dir (the same file system), removed with it at the end.
     let floor_dir = agent
@@ -143,7 +144,7 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         std::thread::sleep(ISOLATED_PAUSE);
         raw_isolated.extend(raw_spawn(1)?);
     }
-    let tput = throughput(agent.addr, opts.clients, opts.duration)?;
+    let (tput, tput_cpu) = cpu::measured(|| throughput(agent.addr, opts.clients, opts.duration))?;
     let filled = fill(agent.addr, opts.held_tasks, opts.clients)?;
     std::thread::sleep(Duration::from_secs(1));
     let mut list = Vec::new();
@@ -210,6 +211,13 @@ pub fn run(opts: &BenchOptions) -> Result<String, BenchError> {
         tput,
         raw_rate,
         100.0 * tput / raw_rate
+    ));
+    let (cpu_task, cpu_raw) = (tput_cpu.per(tput * tput_cpu.wall_secs), raw_cpu.per(1000.0));
+    out.push_str(&format!(
+        "| machine CPU per task in those runs (every process: the bench's clients, the agent, shims, tasks), and CPUs busy | {cpu_task:.2} ms, {:.0}% busy | {cpu_raw:.2} ms, {:.0}% busy | {} |\n",
+        100.0 * tput_cpu.busy_share,
+        100.0 * raw_cpu.busy_share,
+        ratio(cpu_task, cpu_raw)
     ));
     let f50 = pct(&floor.one, 50.0);
     out.push_str(&format!(
